@@ -1,0 +1,25 @@
+"""Turn a stage's Outcome into the next message. Actors are looked up by name, so the three
+actor modules need not import each other."""
+
+from __future__ import annotations
+
+import dramatiq
+
+from actors.stages import Next, Outcome
+
+
+def dispatch(task_id: str, outcome: Outcome) -> None:
+    broker = dramatiq.get_broker()
+    if outcome.next is Next.DOWNLOAD:
+        broker.get_actor("download").send(task_id, outcome.token)
+    elif outcome.next is Next.FINALIZE:
+        broker.get_actor("finalize").send(task_id, outcome.token)
+    elif outcome.next is Next.RETRY:
+        broker.get_actor("claim").send_with_options(args=(task_id,), delay=int(outcome.delay_seconds * 1000))
+    elif outcome.next is Next.NOTIFY:
+        broker.get_actor("notify_failed").send(task_id)
+
+
+def enqueue_claim(task_id: str) -> None:
+    """Ask a worker to pick the task up (used by submit and operator commands)."""
+    dramatiq.get_broker().get_actor("claim").send(task_id)

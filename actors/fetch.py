@@ -1,0 +1,350 @@
+"""The HTTP download engine: one file from an origin into a ``.part`` file, resumably.
+
+Bytes stream through one reused buffer straight to disk, so memory stays flat whatever the
+file size. A ``.part`` survives every failure; the next attempt asks for the rest with
+``Range`` + ``If-Range`` (strong ETag, else Last-Modified), and keeps the bytes only when the
+origin proves the file is unchanged by answering 206 for exactly the offset asked. Anything
+else (200, another ETag, no validator) restarts the file from zero, so old and new bytes are
+never spliced together. The caller decides when a finished ``.part`` becomes the file.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+
+import requests
+import urllib3
+
+from actors.errors import (
+    ChecksumMismatch,
+    OriginRejected,
+    OriginUnavailable,
+    StorageUnavailable,
+    TooLarge,
+)
+from actors.netguard import DestinationPolicy
+from actors.task import FileSpec
+
+log = logging.getLogger(__name__)
+
+#: Bytes read from the socket and written to disk per step; one buffer per download.
+CHUNK_BYTES = 1024 * 1024
+#: Redirect hops followed before giving up.
+MAX_REDIRECTS = 10
+#: Statuses that mean "try again later"; every other 4xx is the origin's final word.
+RETRYABLE_4XX = frozenset({408, 425, 429})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+@dataclass(frozen=True)
+class Validator:
+    """What identifies the version of a file a ``.part`` holds bytes of."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @property
+    def if_range(self) -> str | None:
+        """The ``If-Range`` value, or None when nothing reliable identifies the version."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+    @classmethod
+    def of(cls, response: requests.Response) -> Validator:
+        return cls(etag=response.headers.get("ETag"), last_modified=response.headers.get("Last-Modified"))
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A complete ``.part``: its size and, when asked for, its sha256."""
+
+    size: int
+    sha256: str | None
+    served_bytes: int
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class Fetcher:
+    """Downloads files over one pooled ``requests.Session`` (per worker thread or process)."""
+
+    def __init__(
+        self,
+        policy: DestinationPolicy,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.policy = policy
+        self.timeout = (connect_timeout, read_timeout)
+        self.session = session or requests.Session()
+
+    def fetch(
+        self,
+        spec: FileSpec,
+        part: Path,
+        *,
+        task_id: str,
+        on_progress: Callable[[int], None],
+        on_total: Callable[[int], None] | None = None,
+    ) -> Fetched:
+        """Bring ``part`` to the complete file, resuming what it already holds.
+
+        ``on_progress(position)`` gets the bytes the ``.part`` holds after every chunk (it may
+        drop to 0 when the file restarts); ``on_total(size)`` the file's size once known.
+        Raises haul errors only.
+        """
+        where = f"task {task_id}, file {spec.path!r} from {spec.url}"
+        meta_path = part.with_suffix(part.suffix + ".json")
+        offset, validator = self._resume_point(part, meta_path)
+        headers = {"Accept-Encoding": "identity"}
+        if offset and validator.if_range:
+            headers["Range"] = f"bytes={offset}-"
+            headers["If-Range"] = validator.if_range
+        response = self._get(spec.url, headers, where)
+        try:
+            offset, total = self._start_point(response, offset, validator, where)
+            if total is not None:
+                if spec.size is not None and total != spec.size:
+                    raise ChecksumMismatch(
+                        f"{where}: the origin serves {total} bytes but the task says size {spec.size}; "
+                        "check the task's size or the URL"
+                    )
+                if on_total is not None:
+                    on_total(total)
+            self._write_meta(meta_path, Validator.of(response), where)
+            on_progress(offset)
+            if offset == 0:
+                hasher = hashlib.sha256() if spec.sha256 else None
+            else:
+                hasher = _hash_file(part, offset) if spec.sha256 else None
+            served = self._stream(response, part, offset, hasher, on_progress, where)
+        finally:
+            response.close()
+        size = offset + served
+        if total is not None and size != total:
+            raise OriginUnavailable(f"{where}: the connection ended after {size} of {total} bytes; will resume")
+        if spec.size is not None and size != spec.size:
+            raise ChecksumMismatch(f"{where}: got {size} bytes but the task says size {spec.size}")
+        digest = hasher.hexdigest() if hasher else None
+        if spec.sha256 and digest != spec.sha256:
+            raise ChecksumMismatch(
+                f"{where}: sha256 is {digest} but the task says {spec.sha256}; "
+                "the origin serves other bytes than the task expects"
+            )
+        return Fetched(size=size, sha256=digest, served_bytes=served)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _resume_point(part: Path, meta_path: Path) -> tuple[int, Validator]:
+        """How many bytes of ``part`` can be kept, given what is known of their version."""
+        try:
+            size = part.stat().st_size
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return 0, Validator()
+        validator = Validator(etag=meta.get("etag"), last_modified=meta.get("last_modified"))
+        return (size, validator) if validator.if_range else (0, validator)
+
+    @staticmethod
+    def _start_point(
+        response: requests.Response, offset: int, validator: Validator, where: str
+    ) -> tuple[int, int | None]:
+        """Where writing starts (``offset`` to resume, 0 to restart) and the full size if known."""
+        length = _int_header(response, "Content-Length")
+        if response.status_code == 206:
+            match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+            if not offset or not match or int(match.group(1)) != offset:
+                raise OriginUnavailable(
+                    f"{where}: the origin answered 206 with Content-Range "
+                    f"{response.headers.get('Content-Range')!r} to a request from byte {offset}"
+                )
+            same_version = Validator.of(response).if_range in (None, validator.if_range)
+            if not same_version:
+                raise _Restart(f"{where}: the file changed on the origin (new validator)")
+            total = None if match.group(3) == "*" else int(match.group(3))
+            return offset, total
+        if offset:
+            log.info("%s: the origin sent the whole file instead of the rest; restarting it", where)
+        return 0, length
+
+    @staticmethod
+    def _write_meta(meta_path: Path, validator: Validator, where: str) -> None:
+        try:
+            meta_path.write_text(json.dumps({"etag": validator.etag, "last_modified": validator.last_modified}))
+        except OSError as exc:
+            raise StorageUnavailable(f"{where}: cannot write to staging ({exc.strerror})") from exc
+
+    def _stream(
+        self,
+        response: requests.Response,
+        part: Path,
+        offset: int,
+        hasher: Any,
+        on_progress: Callable[[int], None],
+        where: str,
+    ) -> int:
+        """Copy the body into ``part`` from ``offset``; return the bytes received."""
+        buffer = bytearray(CHUNK_BYTES)
+        view = memoryview(buffer)
+        raw = response.raw
+        received = 0
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StorageUnavailable(f"{where}: cannot open {part} in staging ({exc.strerror})") from exc
+        try:
+            os.ftruncate(fd, offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+            while True:
+                try:
+                    n = raw.readinto(buffer)
+                except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                    raise OriginUnavailable(f"{where}: the transfer broke after {offset + received} bytes ({exc})") from exc
+                if not n:
+                    break
+                chunk = view[:n]
+                try:
+                    written = 0
+                    while written < n:
+                        written += os.write(fd, chunk[written:])
+                except OSError as exc:
+                    raise StorageUnavailable(
+                        f"{where}: writing to staging failed after {offset + received} bytes ({exc.strerror}); "
+                        "free space in HAUL_STAGING_DIR, the bytes so far are kept"
+                    ) from exc
+                if hasher is not None:
+                    hasher.update(chunk)
+                received += n
+                on_progress(offset + received)
+            os.fsync(fd)
+        except OSError as exc:
+            raise StorageUnavailable(f"{where}: syncing {part} failed ({exc.strerror})") from exc
+        finally:
+            os.close(fd)
+        return received
+
+    def _get(self, url: str, headers: dict[str, str], where: str) -> requests.Response:
+        """GET with redirects followed by hand, so that every hop passes the policy."""
+        seen: set[str] = set()
+        for _ in range(MAX_REDIRECTS + 1):
+            if url in seen:
+                raise OriginRejected(f"{where}: redirect loop back to {url}; fix the URL", status=310)
+            seen.add(url)
+            self.policy.check(url, purpose=where)
+            try:
+                response = self.session.get(
+                    url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False
+                )
+            except requests.RequestException as exc:
+                raise OriginUnavailable(f"{where}: request to {url} failed ({_reason(exc)})") from exc
+            if response.status_code in REDIRECT_STATUSES and "Location" in response.headers:
+                response.close()
+                url = urljoin(url, response.headers["Location"])
+                continue
+            _check_status(response, url, where)
+            return response
+        raise OriginRejected(f"{where}: more than {MAX_REDIRECTS} redirects; fix the URL", status=310)
+
+
+class _Restart(OriginUnavailable):
+    """The ``.part`` cannot be continued (other version, range refused): start from zero."""
+
+
+def fetch_file(fetcher: Fetcher, spec: FileSpec, part: Path, **kwargs: Any) -> Fetched:
+    """:meth:`Fetcher.fetch`, starting over once from zero when the ``.part`` cannot be kept.
+
+    That covers a file that changed on the origin, a refused range, and a size or sha256
+    mismatch (a corrupt ``.part`` must not fail a task); the same mismatch from zero is final.
+    """
+    try:
+        return fetcher.fetch(spec, part, **kwargs)
+    except (_Restart, ChecksumMismatch) as exc:
+        log.warning("%s; downloading the file again from zero", exc)
+        discard_part(part)
+        return fetcher.fetch(spec, part, **kwargs)
+
+
+def discard_part(part: Path) -> None:
+    """Forget a ``.part`` and what identified its version."""
+    for path in (part, part.with_suffix(part.suffix + ".json")):
+        path.unlink(missing_ok=True)
+
+
+def _check_status(response: requests.Response, url: str, where: str) -> None:
+    status = response.status_code
+    if status in (200, 206):
+        return
+    response.close()
+    if status == 416:
+        raise _Restart(f"{where}: the origin refused the resume range (416)")
+    if status in RETRYABLE_4XX or status >= 500:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        raise OriginUnavailable(
+            f"{where}: the origin answered {status} {response.reason}; will retry", retry_after=retry_after
+        )
+    if status == 413:
+        raise TooLarge(f"{where}: the origin answered 413 {response.reason}")
+    raise OriginRejected(
+        f"{where}: the origin answered {status} {response.reason} at {url}; "
+        "check that the URL is right and still valid (signed URLs expire)",
+        status=status,
+    )
+
+
+def _int_header(response: requests.Response, name: str) -> int | None:
+    value = response.headers.get(name)
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def _hash_file(path: Path, size: int) -> Any:
+    """sha256 over the first ``size`` bytes already on disk (to continue a resumed file)."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        remaining = size
+        while remaining:
+            chunk = handle.read(min(CHUNK_BYTES, remaining))
+            if not chunk:
+                break
+            hasher.update(chunk)
+            remaining -= len(chunk)
+    return hasher
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason for a requests error, without the URL's query string repeated."""
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection failed or was reset"
+    return type(exc).__name__

@@ -1,0 +1,20 @@
+-- Move a task between active states, for the holder of its current token only.
+-- KEYS[1]  $prefix task:$id
+-- KEYS[2]  $prefix leases
+-- ARGV[1]  prefix
+-- ARGV[2]  task id
+-- ARGV[3]  fencing token
+-- ARGV[4]  expected current state
+-- ARGV[5]  new state (active)
+-- ARGV[6]  now (seconds)
+-- ARGV[7]  lease length (seconds)
+-- Returns {'ok'} | {'stale', current state or ''}
+local id, now, lease = ARGV[2], tonumber(ARGV[6]), tonumber(ARGV[7])
+local t = redis.call('HMGET', KEYS[1], 'state', 'token')
+if t[2] ~= ARGV[3] or t[1] ~= ARGV[4] then
+  return {'stale', t[1] or ''}
+end
+set_state(KEYS[1], id, t[1], ARGV[5], now)
+redis.call('HSET', KEYS[1], 'lease_until', now + lease)
+redis.call('ZADD', KEYS[2], now + lease, id)
+return {'ok'}

@@ -1,0 +1,20 @@
+-- An operator stops a task; the token moves on so its worker's later writes are refused.
+-- KEYS[1]  $prefix task:$id
+-- KEYS[2]  $prefix leases
+-- ARGV[1]  prefix
+-- ARGV[2]  task id
+-- ARGV[3]  now (seconds)
+-- Returns {'ok'} | {'missing'} | {'final', state}
+local id, now = ARGV[2], tonumber(ARGV[3])
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then
+  return {'missing'}
+end
+if is_final(state) then
+  return {'final', state}
+end
+redis.call('HINCRBY', KEYS[1], 'token', 1)
+set_state(KEYS[1], id, state, 'canceled', now)
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', 'canceled by an operator')
+redis.call('ZREM', KEYS[2], id)
+return {'ok'}

@@ -1,0 +1,24 @@
+-- End the current run of a task, for the holder of its current token only.
+-- KEYS[1]  $prefix task:$id
+-- KEYS[2]  $prefix leases
+-- ARGV[1]  prefix
+-- ARGV[2]  task id
+-- ARGV[3]  fencing token
+-- ARGV[4]  target: queued (retry later) | done | failed | dead
+-- ARGV[5]  now (seconds)
+-- ARGV[6]  error text ('' for none)
+-- ARGV[7]  not before (seconds; for queued)
+-- ARGV[8]  max attempts (queued becomes dead once they are used)
+-- Returns {'ok', state reached} | {'stale', current state or ''}
+local id, target, now = ARGV[2], ARGV[4], tonumber(ARGV[5])
+local t = redis.call('HMGET', KEYS[1], 'state', 'token', 'attempts')
+if t[2] ~= ARGV[3] or not is_active(t[1]) then
+  return {'stale', t[1] or ''}
+end
+if target == 'queued' and tonumber(t[3] or '0') >= tonumber(ARGV[8]) then
+  target = 'dead'
+end
+set_state(KEYS[1], id, t[1], target, now)
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', ARGV[6], 'not_before', (target == 'queued') and ARGV[7] or 0)
+redis.call('ZREM', KEYS[2], id)
+return {'ok', target}

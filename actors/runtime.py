@@ -1,0 +1,94 @@
+"""What a worker process holds for its actors: settings and the domain objects built from them.
+
+Dramatiq calls actors with message arguments only, so the actors reach these through
+:func:`current`. The process builds one :class:`Runtime` from its Settings the first time an
+actor runs (or a test installs its own); HTTP sessions are per thread, since a
+``requests.Session`` is not meant to be shared between threads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from actors.fetch import Fetcher
+from actors.netguard import DestinationPolicy
+from actors.settings import Settings
+from actors.storage import LocalStorage
+from actors.store import TaskStore
+from actors.webhook import WebhookSender
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: TaskStore
+    storage: LocalStorage
+    policy: DestinationPolicy
+    worker_id: str
+    clock: Callable[[], float] = time.time
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    @classmethod
+    def build(cls, settings: Settings, store: TaskStore | None = None) -> Runtime:
+        return cls(
+            settings=settings,
+            store=store or TaskStore.from_url(settings.redis_url),
+            storage=LocalStorage(settings.storage_dir),
+            policy=DestinationPolicy(settings.allow_private_networks),
+            worker_id=f"{socket.gethostname()}:{os.getpid()}",
+        )
+
+    @property
+    def fetcher(self) -> Fetcher:
+        fetcher: Fetcher | None = getattr(self._local, "fetcher", None)
+        if fetcher is None:
+            fetcher = Fetcher(
+                self.policy,
+                connect_timeout=self.settings.connect_timeout_seconds,
+                read_timeout=self.settings.read_timeout_seconds,
+            )
+            self._local.fetcher = fetcher
+        return fetcher
+
+    @property
+    def webhooks(self) -> WebhookSender:
+        sender: WebhookSender | None = getattr(self._local, "webhooks", None)
+        if sender is None:
+            sender = WebhookSender(
+                self.settings.webhook_secrets,
+                self.policy,
+                timeout=(self.settings.connect_timeout_seconds, self.settings.read_timeout_seconds),
+            )
+            self._local.webhooks = sender
+        return sender
+
+
+_lock = threading.Lock()
+_current: Runtime | None = None
+_settings: Settings | None = None
+
+
+def configure(settings: Settings) -> None:
+    """Say which settings this process's runtime is built from (done by the broker set-up)."""
+    global _settings
+    _settings = settings
+
+
+def install(runtime: Runtime | None) -> None:
+    """Use ``runtime`` for every actor call in this process (tests, embedding)."""
+    global _current
+    with _lock:
+        _current = runtime
+
+
+def current() -> Runtime:
+    global _current
+    with _lock:
+        if _current is None:
+            _current = Runtime.build(_settings or Settings.from_env())
+        return _current

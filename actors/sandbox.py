@@ -1,0 +1,89 @@
+"""A task's private staging folder: ``<HAUL_STAGING_DIR>/<task id>/``.
+
+One folder per task, so workers never touch each other's files and cleaning one task up can
+never delete another's. Layout::
+
+    <task id>/files/<path>      finished, verified files (renamed in only when complete)
+    <task id>/.parts/<n>.part   bytes of file number n so far (kept across attempts)
+    <task id>/.parts/<n>.part.json   what identifies the version those bytes belong to
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from actors.errors import StorageUnavailable, UnsafePath
+from actors.paths import fsync_dir, inside
+from actors.task import FileSpec
+
+_TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def check_task_id(task_id: str) -> str:
+    """Task ids become folder names; only the ids haul itself makes are accepted."""
+    if not _TASK_ID.match(task_id):
+        raise UnsafePath(f"{task_id!r} is not a haul task id (32 lowercase hex characters)")
+    return task_id
+
+
+class Sandbox:
+    """The staging folder of one task."""
+
+    def __init__(self, staging_dir: Path, task_id: str) -> None:
+        self.task_id = check_task_id(task_id)
+        self.root = staging_dir / task_id
+        self.files_dir = self.root / "files"
+        self.parts_dir = self.root / ".parts"
+
+    def prepare(self) -> None:
+        try:
+            self.files_dir.mkdir(parents=True, exist_ok=True)
+            self.parts_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(
+                f"task {self.task_id}: cannot create its staging folder {self.root} ({exc.strerror}); "
+                "check HAUL_STAGING_DIR exists and is writable"
+            ) from exc
+
+    def file(self, spec: FileSpec) -> Path:
+        return inside(self.files_dir, spec.path, what=f"task {self.task_id}")
+
+    def part(self, index: int) -> Path:
+        return self.parts_dir / f"{index}.part"
+
+    def finished_size(self, spec: FileSpec) -> int | None:
+        """Size of the finished copy of ``spec``, or None when it still needs downloading.
+
+        A file only gets its final name after its size and sha256 were verified and it was
+        fsync'd, so a file under that name with the expected size is complete.
+        """
+        try:
+            size = self.file(spec).stat().st_size
+        except FileNotFoundError:
+            return None
+        if spec.size is not None and size != spec.size:
+            return None
+        return size
+
+    def promote(self, part: Path, spec: FileSpec) -> None:
+        """Give a complete ``.part`` its final name, durably."""
+        final = self.file(spec)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(part, final)
+            fsync_dir(final.parent)
+            part.with_suffix(part.suffix + ".json").unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(
+                f"task {self.task_id}: cannot move {spec.path!r} into place in staging ({exc.strerror})"
+            ) from exc
+
+    def exists(self) -> bool:
+        return self.root.exists()
+
+    def remove(self) -> None:
+        """Delete the folder; only ever called once storage and webhook both succeeded."""
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,189 @@
+"""haul's configuration: one frozen object read from ``HAUL_*`` environment variables.
+
+Entry points build it once with :meth:`Settings.from_env` and pass it down; nothing else in
+haul reads the environment. Every value is validated here, so a typo fails at start with the
+variable's name instead of surfacing as a stuck task an hour later. Secrets may come from
+``<NAME>_FILE`` (systemd credentials, Docker secrets) and never appear in ``repr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from standardwebhooks import Webhook
+
+#: Where workers and the CLI find Redis unless told otherwise.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: How long a claimed task stays owned without a heartbeat, in seconds.
+DEFAULT_LEASE_SECONDS = 60
+#: Runs a task gets (lease expiries included) before it is dead.
+DEFAULT_MAX_ATTEMPTS = 5
+#: Backoff bounds between two runs of a task, in seconds.
+DEFAULT_RETRY_MIN_SECONDS = 5.0
+DEFAULT_RETRY_MAX_SECONDS = 600.0
+#: Socket timeouts towards origins and webhook receivers, in seconds.
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
+DEFAULT_READ_TIMEOUT_SECONDS = 60.0
+#: Worker process layout used by ``haul worker`` and ``haul up``.
+DEFAULT_WORKER_PROCESSES = 2
+DEFAULT_WORKER_THREADS = 8
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A ``HAUL_*`` variable has a value haul cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a haul process needs to know, validated."""
+
+    redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
+    staging_dir: Path = Path(".haul/staging").absolute()
+    storage_dir: Path = Path(".haul/storage").absolute()
+    webhook_url: str | None = None
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_min_seconds: float = DEFAULT_RETRY_MIN_SECONDS
+    retry_max_seconds: float = DEFAULT_RETRY_MAX_SECONDS
+    allow_private_networks: bool = False
+    connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
+    worker_processes: int = DEFAULT_WORKER_PROCESSES
+    worker_threads: int = DEFAULT_WORKER_THREADS
+
+    def __post_init__(self) -> None:
+        if self.retry_min_seconds > self.retry_max_seconds:
+            raise SettingsError(
+                f"HAUL_RETRY_MIN_SECONDS ({self.retry_min_seconds}) is larger than "
+                f"HAUL_RETRY_MAX_SECONDS ({self.retry_max_seconds}); set the minimum below the maximum"
+            )
+        if self.webhook_url and not self.webhook_secrets:
+            raise SettingsError(
+                "HAUL_WEBHOOK_URL is set but HAUL_WEBHOOK_SECRET (or HAUL_WEBHOOK_SECRET_FILE) is not: "
+                "webhooks are always signed; generate a secret with `haul webhook new-secret`"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every ``HAUL_*`` variable; raise :class:`SettingsError` naming the bad one."""
+        env = os.environ if environ is None else environ
+        secret_text = _secret(env, "HAUL_WEBHOOK_SECRET")
+        webhook_url = env.get("HAUL_WEBHOOK_URL") or None
+        if webhook_url is not None:
+            _http_url(webhook_url, "HAUL_WEBHOOK_URL")
+        return cls(
+            redis_url=_redis_url(env.get("HAUL_REDIS_URL", DEFAULT_REDIS_URL)),
+            staging_dir=_directory(env, "HAUL_STAGING_DIR", cls.staging_dir),
+            storage_dir=_directory(env, "HAUL_STORAGE_DIR", cls.storage_dir),
+            webhook_url=webhook_url,
+            webhook_secrets=_webhook_secrets(secret_text),
+            lease_seconds=_number(env, "HAUL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=1),
+            max_attempts=int(_number(env, "HAUL_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, minimum=1, integer=True)),
+            retry_min_seconds=_number(env, "HAUL_RETRY_MIN_SECONDS", DEFAULT_RETRY_MIN_SECONDS, minimum=0),
+            retry_max_seconds=_number(env, "HAUL_RETRY_MAX_SECONDS", DEFAULT_RETRY_MAX_SECONDS, minimum=0),
+            allow_private_networks=_flag(env, "HAUL_ALLOW_PRIVATE_NETWORKS", False),
+            connect_timeout_seconds=_number(
+                env, "HAUL_CONNECT_TIMEOUT_SECONDS", DEFAULT_CONNECT_TIMEOUT_SECONDS, minimum=0.1
+            ),
+            read_timeout_seconds=_number(env, "HAUL_READ_TIMEOUT_SECONDS", DEFAULT_READ_TIMEOUT_SECONDS, minimum=0.1),
+            worker_processes=int(
+                _number(env, "HAUL_WORKER_PROCESSES", DEFAULT_WORKER_PROCESSES, minimum=1, integer=True)
+            ),
+            worker_threads=int(_number(env, "HAUL_WORKER_THREADS", DEFAULT_WORKER_THREADS, minimum=1, integer=True)),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _secret(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name, "")
+    path = env.get(f"{name}_FILE", "")
+    if value and path:
+        raise SettingsError(f"both {name} and {name}_FILE are set; keep one")
+    if path:
+        try:
+            return Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(f"{name}_FILE={path} cannot be read ({exc.strerror})") from None
+    return value.strip()
+
+
+def _webhook_secrets(text: str) -> tuple[str, ...]:
+    """Split a rotation list (whitespace or commas) and check each is a usable secret."""
+    secrets = tuple(part for part in text.replace(",", " ").split() if part)
+    for index, secret in enumerate(secrets, start=1):
+        if not secret.startswith("whsec_"):
+            raise SettingsError(
+                f"HAUL_WEBHOOK_SECRET: secret #{index} does not start with 'whsec_'; "
+                "use a Standard Webhooks secret (`haul webhook new-secret` makes one)"
+            )
+        try:
+            Webhook(secret)
+        except Exception:
+            raise SettingsError(f"HAUL_WEBHOOK_SECRET: secret #{index} is not valid base64 after 'whsec_'") from None
+    return secrets
+
+
+def _redis_url(value: str) -> str:
+    scheme = urlsplit(value).scheme
+    if scheme not in {"redis", "rediss", "unix"}:
+        raise SettingsError(
+            f"HAUL_REDIS_URL must start with redis://, rediss:// or unix:// (got scheme {scheme!r})"
+        )
+    return value
+
+
+def _http_url(value: str, name: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise SettingsError(f"{name} must be an http:// or https:// URL with a host (got {value!r})")
+    return value
+
+
+def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SettingsError(f"{name}={value} exists and is not a directory")
+    return path.absolute()
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False
+) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise SettingsError(f"{name} must be {kind} (got {raw!r})") from None
+    if value < minimum or value != value:
+        raise SettingsError(f"{name} must be at least {minimum:g} (got {raw!r})")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be one of 1/0, true/false, yes/no, on/off (got {raw!r})")

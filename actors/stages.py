@@ -1,0 +1,273 @@
+"""The three stages of a task's run, as plain functions over the domain (no Dramatiq here).
+
+Each stage checks the fencing token first, does its work, and returns an :class:`Outcome`
+that tells the actor glue which message to send next. Errors end the run in one place,
+:func:`_end_run`: permanent ones fail the task, transient ones queue it again with backoff
+(``dead`` once attempts are used), a lost lease stops quietly.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass
+
+import redis
+
+from actors.errors import HaulError, LeaseLost, PermanentError, TransientError
+from actors.fetch import fetch_file
+from actors.runtime import Runtime
+from actors.sandbox import Sandbox
+from actors.task import State, Task, backoff_seconds
+from actors.webhook import COMPLETED, FAILED, make_event
+
+log = logging.getLogger(__name__)
+
+#: Progress and lease are written at most this often (seconds) ...
+PROGRESS_INTERVAL_SECONDS = 1.0
+#: ... or after this many new bytes, whichever comes first.
+PROGRESS_BYTES = 64 * 1024 * 1024
+
+
+class Next(enum.Enum):
+    DOWNLOAD = "download"
+    FINALIZE = "finalize"
+    RETRY = "retry"
+    NOTIFY = "notify"
+    NOTHING = "nothing"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    next: Next
+    token: int = 0
+    delay_seconds: float = 0.0
+
+
+NOTHING = Outcome(Next.NOTHING)
+
+
+def claim_task(rt: Runtime, task_id: str) -> Outcome:
+    """Gate every run: only a queued task (or one whose lease ran out) is taken."""
+    s = rt.settings
+    now = rt.clock()
+    claim = rt.store.claim(
+        task_id, worker=rt.worker_id, now=now, lease_seconds=s.lease_seconds, max_attempts=s.max_attempts
+    )
+    if claim.ok:
+        log.info("task %s: claimed (attempt %d, token %d)", task_id, claim.attempts, claim.token)
+        return Outcome(Next.DOWNLOAD, token=claim.token)
+    if claim.outcome == "dead":
+        log.error("task %s: lease expired and all %d attempts are used; task is dead", task_id, s.max_attempts)
+        return Outcome(Next.NOTIFY)
+    if claim.outcome == "wait":
+        # An early duplicate (the backoff has not passed): make sure a message comes then.
+        return Outcome(Next.RETRY, delay_seconds=max(0.0, float(claim.detail) - now))
+    log.info("task %s: nothing to do (%s %s)", task_id, claim.outcome, claim.detail)
+    return NOTHING
+
+
+def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
+    """Bring every file of the task into its sandbox, resuming whatever earlier runs left."""
+    s = rt.settings
+    if not rt.store.advance(
+        task_id, token, State.CLAIMED, State.DOWNLOADING, now=rt.clock(), lease_seconds=s.lease_seconds
+    ):
+        log.info("task %s: download message with stale token %d ignored", task_id, token)
+        return NOTHING
+    task = rt.store.get(task_id)
+    if task is None:
+        return NOTHING
+    try:
+        sandbox = Sandbox(s.staging_dir, task_id)
+        sandbox.prepare()
+        progress = Progress(rt, task, token)
+        for index, spec in enumerate(task.spec.files):
+            size = sandbox.finished_size(spec)
+            if size is None:
+                part = sandbox.part(index)
+                progress.start_file(index)
+                fetched = fetch_file(
+                    rt.fetcher,
+                    spec,
+                    part,
+                    task_id=task_id,
+                    on_progress=progress.on_progress,
+                    on_total=progress.on_total,
+                )
+                sandbox.promote(part, spec)
+                size = fetched.size
+                log.info("task %s: %s complete (%d bytes)", task_id, spec.path, size)
+            progress.file_done(index, size)
+        progress.write(force=True)
+        if not rt.store.advance(
+            task_id, token, State.DOWNLOADING, State.FINALIZING, now=rt.clock(), lease_seconds=s.lease_seconds
+        ):
+            raise LeaseLost(f"task {task_id}: lease lost as the download finished")
+        return Outcome(Next.FINALIZE, token=token)
+    except Exception as exc:
+        return _end_run(rt, task, token, exc)
+
+
+def finalize_task(rt: Runtime, task_id: str, token: int) -> Outcome:
+    """Store, announce, mark done, clean up: in that order, so nothing is lost on a crash."""
+    task = rt.store.get(task_id)
+    if task is None:
+        return NOTHING
+    sandbox = Sandbox(rt.settings.staging_dir, task_id)
+    if task.state is State.DONE:
+        sandbox.remove()  # a crash between done and clean-up left it behind
+        return NOTHING
+    if task.state is not State.FINALIZING or task.token != token:
+        log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
+        return NOTHING
+    try:
+        stored = rt.storage.commit(sandbox, task.spec.files)
+        _renew(rt, task, token)
+        url = task.spec.webhook or rt.settings.webhook_url
+        if url:
+            rt.webhooks.deliver(url, make_event(task, COMPLETED, stored, None, rt.clock()), now=rt.clock(), task_id=task_id)
+        else:
+            log.warning("task %s: no webhook URL (task or HAUL_WEBHOOK_URL); nobody is told it is done", task_id)
+        reached = rt.store.release(
+            task_id, token, State.DONE, now=rt.clock(), max_attempts=rt.settings.max_attempts
+        )
+        if reached is None:
+            raise LeaseLost(f"task {task_id}: lease lost before it could be marked done")
+    except Exception as exc:
+        return _end_run(rt, task, token, exc)
+    sandbox.remove()
+    log.info("task %s: done, %d file(s) in %s", task_id, len(stored), rt.storage.task_dir(task_id))
+    return NOTHING
+
+
+def notify_failed(rt: Runtime, task_id: str) -> None:
+    """Deliver ``task.failed`` for a failed or dead task (raises WebhookUndelivered to retry)."""
+    task = rt.store.get(task_id)
+    if task is None or task.state not in (State.FAILED, State.DEAD):
+        rt.store.notified(task_id)
+        return
+    url = task.spec.webhook or rt.settings.webhook_url
+    if url:
+        files = [f.to_json() for f in task.spec.files]
+        event = make_event(task, FAILED, files, task.error, task.updated_at)
+        rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id)
+    rt.store.notified(task_id)
+
+
+class Progress:
+    """Writes progress and renews the lease, at most once a second or every 64 MiB.
+
+    Called on every chunk, so the common path is two comparisons. When Redis is briefly
+    unreachable the download goes on; it stops only once the lease could have expired.
+    """
+
+    def __init__(self, rt: Runtime, task: Task, token: int) -> None:
+        self.rt = rt
+        self.task = task
+        self.token = token
+        self.sizes = [f.size for f in task.spec.files]
+        self.done = [0] * len(task.spec.files)
+        self.finished = 0
+        self.current: int | None = None
+        self.last_write = time.monotonic()
+        self.last_renewed = self.last_write
+        self.bytes_at_write = 0
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(self.done)
+
+    def start_file(self, index: int) -> None:
+        self.current = index
+
+    def on_total(self, size: int) -> None:
+        if self.current is not None:
+            self.sizes[self.current] = size
+
+    def on_progress(self, position: int) -> None:
+        if self.current is not None:
+            self.done[self.current] = position
+        now = time.monotonic()
+        if now - self.last_write >= PROGRESS_INTERVAL_SECONDS:
+            self.write(now=now)
+        elif position - self.bytes_at_write >= PROGRESS_BYTES:
+            self.write(now=now)
+
+    def file_done(self, index: int, size: int) -> None:
+        self.sizes[index] = size
+        self.done[index] = size
+        self.finished += 1
+        self.current = None
+
+    def write(self, *, force: bool = False, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.last_write = now
+        self.bytes_at_write = self.done[self.current] if self.current is not None else 0
+        s = self.rt.settings
+        try:
+            written = self.rt.store.heartbeat(
+                self.task.id,
+                self.token,
+                now=self.rt.clock(),
+                lease_seconds=s.lease_seconds,
+                bytes_done=self.bytes_done,
+                bytes_total=sum(size or 0 for size in self.sizes),
+                files_done=self.finished,
+            )
+        except redis.RedisError as exc:
+            if force or now - self.last_renewed > s.lease_seconds * 0.8:
+                raise LeaseLost(f"task {self.task.id}: cannot renew its lease, Redis unreachable ({exc})") from exc
+            log.warning("task %s: progress not written, Redis unreachable (%s); going on", self.task.id, exc)
+            return
+        if not written:
+            raise LeaseLost(f"task {self.task.id}: another worker or an operator took it over; stopping")
+        self.last_renewed = now
+
+
+def _renew(rt: Runtime, task: Task, token: int) -> None:
+    if not rt.store.heartbeat(
+        task.id,
+        token,
+        now=rt.clock(),
+        lease_seconds=rt.settings.lease_seconds,
+        bytes_done=task.bytes_total,
+        bytes_total=task.bytes_total,
+        files_done=task.files_total,
+    ):
+        raise LeaseLost(f"task {task.id}: lease lost during finalize")
+
+
+def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
+    """Record how this run ended and say what comes next."""
+    s = rt.settings
+    now = rt.clock()
+    if isinstance(exc, LeaseLost):
+        log.warning("%s", exc)
+        return NOTHING
+    if isinstance(exc, PermanentError):
+        log.error("task %s: failed: %s", task.id, exc)
+        reached = rt.store.release(task.id, token, State.FAILED, now=now, error=str(exc), max_attempts=s.max_attempts)
+        return Outcome(Next.NOTIFY) if reached else NOTHING
+    if isinstance(exc, HaulError):
+        message = str(exc)
+        retry_after = exc.retry_after if isinstance(exc, TransientError) else None
+    else:
+        log.exception("task %s: unexpected error; treated as transient", task.id)
+        message = f"task {task.id}: internal error {type(exc).__name__}: {exc} (see the worker log)"
+        retry_after = None
+    attempt = task.attempts
+    delay = backoff_seconds(attempt, s.retry_min_seconds, s.retry_max_seconds)
+    if retry_after is not None:
+        delay = min(s.retry_max_seconds, max(delay, retry_after))
+    reached = rt.store.release(
+        task.id, token, State.QUEUED, now=now, error=message, not_before=now + delay, max_attempts=s.max_attempts
+    )
+    if reached is State.QUEUED:
+        log.warning("task %s: attempt %d failed, retrying in %.1fs: %s", task.id, attempt, delay, message)
+        return Outcome(Next.RETRY, delay_seconds=delay)
+    if reached is State.DEAD:
+        log.error("task %s: dead after %d attempts: %s", task.id, attempt, message)
+        return Outcome(Next.NOTIFY)
+    return NOTHING

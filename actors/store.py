@@ -1,0 +1,247 @@
+"""TaskStore: haul's tasks in Redis, with every state change atomic and fenced.
+
+Each operation that reads then writes is one Lua script in ``actors/lua/`` (its header lists
+KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
+
+    haul:task:<id>       hash: the task (spec, state, attempts, token, lease, progress, ...)
+    haul:key:<key>       string: idempotency key -> task id
+    haul:state:<state>   sorted set: task ids in that state, by time of entry
+    haul:leases          sorted set: task ids holding a lease, by deadline
+    haul:notify          sorted set: failed/dead tasks whose task.failed webhook is owed
+
+Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis
+
+from actors.task import State, Task, TaskSpec, files_from_json
+
+DEFAULT_PREFIX = "haul:"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a claim attempt found: ``ok`` (token and attempts set) or why it did nothing."""
+
+    outcome: str
+    token: int = 0
+    attempts: int = 0
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+def _load_script(name: str) -> str:
+    folder = resources.files("actors") / "lua"
+    return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class TaskStore:
+    """Typed operations on tasks; the only code that knows haul's Redis keys."""
+
+    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._scripts = {
+            name: client.register_script(_load_script(name))
+            for name in ("create", "claim", "advance", "heartbeat", "release", "cancel", "retry")
+        }
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> TaskStore:
+        return cls(redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True), prefix)
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def task_key(self, task_id: str) -> str:
+        return f"{self.prefix}task:{task_id}"
+
+    def state_key(self, state: State) -> str:
+        return f"{self.prefix}state:{state.value}"
+
+    @property
+    def leases_key(self) -> str:
+        return f"{self.prefix}leases"
+
+    @property
+    def notify_key(self) -> str:
+        return f"{self.prefix}notify"
+
+    def _call(self, name: str, keys: list[str], *args: Any) -> Any:
+        return self._scripts[name](keys=keys, args=[self.prefix, *args])
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def create(self, spec: TaskSpec, now: float, task_id: str | None = None) -> tuple[str, bool]:
+        """Store a new ``queued`` task; with ``spec.key`` seen before, return that task instead.
+
+        Returns ``(task id, created)``.
+        """
+        task_id = task_id or uuid.uuid4().hex
+        fields: dict[str, Any] = {
+            "id": task_id,
+            "name": spec.name,
+            "key": spec.key or "",
+            "webhook": spec.webhook or "",
+            "files": spec.files_json(),
+            "bytes_total": sum(f.size or 0 for f in spec.files),
+            "bytes_done": 0,
+            "files_done": 0,
+            "attempts": 0,
+            "token": 0,
+            "run": 0,
+            "created_at": now,
+        }
+        keys = [self.task_key(task_id)]
+        if spec.key:
+            keys.append(f"{self.prefix}key:{spec.key}")
+        flat = [item for pair in fields.items() for item in pair]
+        found, created = self._call("create", keys, task_id, now, *flat)
+        return _text(found), bool(created)
+
+    def claim(self, task_id: str, *, worker: str, now: float, lease_seconds: float, max_attempts: int) -> Claim:
+        """Take the task for one run (attempt + 1, new token, lease) if it is free to take."""
+        reply = self._call(
+            "claim", [self.task_key(task_id), self.leases_key], task_id, now, lease_seconds, worker, max_attempts
+        )
+        outcome = _text(reply[0])
+        if outcome == "ok":
+            return Claim(outcome, token=int(reply[1]), attempts=int(reply[2]))
+        return Claim(outcome, detail=_text(reply[1]) if len(reply) > 1 else "")
+
+    def advance(
+        self, task_id: str, token: int, source: State, target: State, *, now: float, lease_seconds: float
+    ) -> bool:
+        """Move from ``source`` to ``target`` (both active) and renew the lease; False if stale."""
+        reply = self._call(
+            "advance",
+            [self.task_key(task_id), self.leases_key],
+            task_id,
+            token,
+            source.value,
+            target.value,
+            now,
+            lease_seconds,
+        )
+        return _text(reply[0]) == "ok"
+
+    def heartbeat(
+        self,
+        task_id: str,
+        token: int,
+        *,
+        now: float,
+        lease_seconds: float,
+        bytes_done: int,
+        bytes_total: int,
+        files_done: int,
+    ) -> bool:
+        """Renew the lease and record progress; False when the token is stale (stop working)."""
+        written = self._call(
+            "heartbeat",
+            [self.task_key(task_id), self.leases_key],
+            task_id,
+            token,
+            now,
+            lease_seconds,
+            bytes_done,
+            bytes_total,
+            files_done,
+        )
+        return bool(written)
+
+    def release(
+        self,
+        task_id: str,
+        token: int,
+        target: State,
+        *,
+        now: float,
+        error: str = "",
+        not_before: float = 0.0,
+        max_attempts: int,
+    ) -> State | None:
+        """End the current run in ``target``; ``queued`` turns ``dead`` once attempts are used.
+
+        Returns the state reached, or None when the token is stale (someone else owns the task).
+        """
+        reply = self._call(
+            "release",
+            [self.task_key(task_id), self.leases_key],
+            task_id,
+            token,
+            target.value,
+            now,
+            error,
+            not_before,
+            max_attempts,
+        )
+        return State(_text(reply[1])) if _text(reply[0]) == "ok" else None
+
+    def cancel(self, task_id: str, now: float) -> str:
+        """Cancel a task that has not ended; returns ``ok``, ``missing`` or ``final``."""
+        return _text(self._call("cancel", [self.task_key(task_id), self.leases_key], task_id, now)[0])
+
+    def retry(self, task_id: str, now: float) -> str:
+        """Give an ended (failed/dead/canceled) task fresh attempts; ``ok``, ``missing`` or ``not_ended``."""
+        return _text(self._call("retry", [self.task_key(task_id)], task_id, now)[0])
+
+    def notified(self, task_id: str) -> None:
+        """The task.failed webhook of this task was delivered."""
+        self.client.zrem(self.notify_key, task_id)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task | None:
+        raw = self.client.hgetall(self.task_key(task_id))
+        if not raw:
+            return None
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        spec = TaskSpec(
+            files=files_from_json(data["files"]),
+            name=data.get("name", ""),
+            key=data.get("key") or None,
+            webhook=data.get("webhook") or None,
+        )
+        return Task(
+            id=data["id"],
+            spec=spec,
+            state=State(data["state"]),
+            attempts=int(data.get("attempts", 0)),
+            token=int(data.get("token", 0)),
+            run=int(data.get("run", 0)),
+            lease_until=float(data.get("lease_until", 0)),
+            not_before=float(data.get("not_before", 0)),
+            worker=data.get("worker", ""),
+            error=data.get("error", ""),
+            bytes_done=int(data.get("bytes_done", 0)),
+            bytes_total=int(data.get("bytes_total", 0)),
+            files_done=int(data.get("files_done", 0)),
+            created_at=float(data.get("created_at", 0)),
+            updated_at=float(data.get("updated_at", 0)),
+        )
+
+    def counts(self) -> dict[State, int]:
+        """Tasks per state, from the per-state sets (one pipelined round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for state in State:
+            pipe.zcard(self.state_key(state))
+        return dict(zip(State, (int(n) for n in pipe.execute())))
+
+    def ids(self, state: State, limit: int = 100) -> list[str]:
+        """The most recent task ids in ``state``, newest first."""
+        return [_text(v) for v in self.client.zrevrange(self.state_key(state), 0, limit - 1)]

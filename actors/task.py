@@ -1,0 +1,325 @@
+"""The task model: what a task is, which states it moves through, and the rules between them.
+
+Pure: no I/O, no clock, no randomness that a test cannot pass in. The store enforces the same
+transitions atomically in Lua; this module is the readable statement of them and the place that
+validates what a caller submits.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import posixpath
+import random
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pathvalidate import sanitize_filename
+
+from actors.errors import InvalidTask
+
+#: Longest file path (in characters) a task may name, and longest single component.
+MAX_PATH_CHARS = 1024
+MAX_NAME_CHARS = 200
+#: Longest task name and idempotency key.
+MAX_LABEL_CHARS = 500
+#: Most files one task may hold.
+MAX_FILES = 10_000
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+
+
+class State(str, enum.Enum):
+    """Where a task is in its life."""
+
+    #: Waiting for a worker (new, retried, or handed back).
+    QUEUED = "queued"
+    #: A worker holds the lease; the download has not started yet.
+    CLAIMED = "claimed"
+    #: Files are streaming into the task's sandbox.
+    DOWNLOADING = "downloading"
+    #: Files are complete; storage and the webhook are next.
+    FINALIZING = "finalizing"
+    #: Stored and announced; final.
+    DONE = "done"
+    #: Failed for a reason retrying cannot fix; final.
+    FAILED = "failed"
+    #: Transient failures used every attempt; final (the dead-letter).
+    DEAD = "dead"
+    #: Stopped by an operator; final.
+    CANCELED = "canceled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+    @property
+    def active(self) -> bool:
+        """A worker holds a lease in this state."""
+        return self in ACTIVE_STATES
+
+
+FINAL_STATES = frozenset({State.DONE, State.FAILED, State.DEAD, State.CANCELED})
+ACTIVE_STATES = frozenset({State.CLAIMED, State.DOWNLOADING, State.FINALIZING})
+
+#: Every legal move. Active states may always fall back to queued (lease expired, transient
+#: error, graceful stop) or end failed/dead; any non-final state may be canceled.
+TRANSITIONS: Mapping[State, frozenset[State]] = {
+    State.QUEUED: frozenset({State.CLAIMED, State.CANCELED}),
+    State.CLAIMED: frozenset({State.DOWNLOADING, State.QUEUED, State.FAILED, State.DEAD, State.CANCELED}),
+    State.DOWNLOADING: frozenset({State.FINALIZING, State.QUEUED, State.FAILED, State.DEAD, State.CANCELED}),
+    State.FINALIZING: frozenset({State.DONE, State.QUEUED, State.FAILED, State.DEAD, State.CANCELED}),
+    State.DONE: frozenset(),
+    State.FAILED: frozenset({State.QUEUED}),  # operator retry
+    State.DEAD: frozenset({State.QUEUED}),  # operator retry
+    State.CANCELED: frozenset({State.QUEUED}),  # operator retry
+}
+
+
+def can_move(source: State, target: State) -> bool:
+    return target in TRANSITIONS[source]
+
+
+def backoff_seconds(attempt: int, minimum: float, maximum: float, rng: random.Random | None = None) -> float:
+    """Delay before run ``attempt + 1``: exponential from ``minimum``, capped, with full jitter.
+
+    Full jitter (a uniform draw below the exponential bound, never under ``minimum``) spreads
+    the retries of many tasks that failed together, e.g. when one origin had an outage.
+    """
+    bound = min(maximum, minimum * (2 ** max(0, attempt - 1)))
+    draw = (rng or random).uniform(minimum, max(minimum, bound))
+    return float(draw)
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One file of a task: where it comes from, where it goes inside the task's folder."""
+
+    url: str
+    path: str
+    size: int | None = None
+    sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"url": self.url, "path": self.path}
+        if self.size is not None:
+            data["size"] = self.size
+        if self.sha256 is not None:
+            data["sha256"] = self.sha256
+        return data
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a caller asks for: validated, immutable once stored."""
+
+    files: tuple[FileSpec, ...]
+    name: str = ""
+    key: str | None = None
+    webhook: str | None = None
+
+    def files_json(self) -> str:
+        return json.dumps([f.to_json() for f in self.files], separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Task:
+    """A stored task as read back from the store."""
+
+    id: str
+    spec: TaskSpec
+    state: State
+    attempts: int = 0
+    token: int = 0
+    run: int = 0
+    lease_until: float = 0.0
+    not_before: float = 0.0
+    worker: str = ""
+    error: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def files_total(self) -> int:
+        return len(self.spec.files)
+
+    def as_status(self) -> dict[str, Any]:
+        """The public shape of ``haul status ID --json``."""
+        return {
+            "id": self.id,
+            "name": self.spec.name,
+            "key": self.spec.key,
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "files_total": self.files_total,
+            "files_done": self.files_done,
+            "bytes_total": self.bytes_total,
+            "bytes_done": self.bytes_done,
+            "error": self.error or None,
+            "worker": self.worker or None,
+            "webhook": self.spec.webhook,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "files": [f.to_json() for f in self.spec.files],
+        }
+
+
+def check_relative_path(path: object, where: str) -> str:
+    """Refuse a caller-given path that could escape the task's folder; return it normalised.
+
+    The caller made the mistake, so this raises :class:`InvalidTask` naming the path rather
+    than silently rewriting it into something the backend does not expect.
+    """
+    if not isinstance(path, str) or path == "":
+        raise InvalidTask(f"{where}: path must be a non-empty string")
+    if len(path) > MAX_PATH_CHARS:
+        raise InvalidTask(f"{where}: path is {len(path)} characters long; at most {MAX_PATH_CHARS} are allowed")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
+        raise InvalidTask(f"{where}: path {path!r} holds NUL or control characters")
+    if "\\" in path:
+        raise InvalidTask(f"{where}: path {path!r} uses a backslash; separate folders with '/'")
+    if path.startswith("/"):
+        raise InvalidTask(f"{where}: path {path!r} is absolute; give a path relative to the task's folder")
+    parts = path.split("/")
+    for part in parts:
+        if part in {"", ".", ".."}:
+            raise InvalidTask(
+                f"{where}: path {path!r} has an empty, '.' or '..' component; "
+                "give a plain relative path such as 'lesson-01/video.mp4'"
+            )
+        if len(part) > MAX_NAME_CHARS:
+            raise InvalidTask(f"{where}: path {path!r} has a component longer than {MAX_NAME_CHARS} characters")
+        if _WINDOWS_RESERVED.match(part):
+            raise InvalidTask(f"{where}: path {path!r} uses the reserved name {part!r}")
+    return posixpath.normpath(path)
+
+
+def check_url(url: object, where: str) -> str:
+    if not isinstance(url, str) or not url:
+        raise InvalidTask(f"{where}: url must be a non-empty string")
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"}:
+        raise InvalidTask(f"{where}: {url!r} is not an http:// or https:// URL")
+    if not parts.hostname:
+        raise InvalidTask(f"{where}: {url!r} has no host")
+    if any(ord(ch) < 33 for ch in url):
+        raise InvalidTask(f"{where}: {url!r} holds spaces or control characters; percent-encode them")
+    return url
+
+
+def name_from_url(url: str) -> str:
+    """A safe file name for a URL given without a path: its last segment, sanitized."""
+    segment = unquote(posixpath.basename(urlsplit(url).path))
+    name = sanitize_filename(segment, replacement_text="_", max_len=MAX_NAME_CHARS).strip(" .")
+    return name or "download"
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    """Make derived names unique: ``a.mp4``, ``a-2.mp4``, ... (only for names haul chose)."""
+    seen: set[str] = set()
+    result: list[str] = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in seen:
+            n += 1
+            stem, dot, ext = name.rpartition(".")
+            candidate = f"{stem}-{n}.{ext}" if dot and stem else f"{name}-{n}"
+        seen.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def spec_from_urls(
+    urls: Sequence[str], *, name: str = "", key: str | None = None, webhook: str | None = None
+) -> TaskSpec:
+    """A task for plain URLs: each file is named after its URL's last segment."""
+    checked = [check_url(url, f"url #{i}") for i, url in enumerate(urls, start=1)]
+    if not checked:
+        raise InvalidTask("a task needs at least one URL")
+    files = tuple(FileSpec(url=u, path=p) for u, p in zip(checked, _unique(name_from_url(u) for u in checked)))
+    return spec_from_manifest({"name": name, "key": key, "webhook": webhook, "files": [f.to_json() for f in files]})
+
+
+def spec_from_manifest(data: object) -> TaskSpec:
+    """Validate a manifest (``{"name", "key", "webhook", "files": [{"url", "path", "size"?, "sha256"?}]}``)."""
+    if not isinstance(data, dict):
+        raise InvalidTask("manifest: must be a JSON object with a 'files' list")
+    unknown = set(data) - {"name", "key", "webhook", "files"}
+    if unknown:
+        raise InvalidTask(f"manifest: unknown field(s) {sorted(unknown)}; allowed are name, key, webhook, files")
+    name = _optional_str(data.get("name"), "manifest.name") or ""
+    key = _optional_str(data.get("key"), "manifest.key")
+    webhook = _optional_str(data.get("webhook"), "manifest.webhook")
+    if webhook is not None:
+        check_url(webhook, "manifest.webhook")
+    raw_files = data.get("files")
+    if not isinstance(raw_files, list) or not raw_files:
+        raise InvalidTask("manifest.files: must be a non-empty list of {url, path, size?, sha256?}")
+    if len(raw_files) > MAX_FILES:
+        raise InvalidTask(f"manifest.files: {len(raw_files)} files; one task holds at most {MAX_FILES}")
+    files: list[FileSpec] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(raw_files):
+        where = f"manifest.files[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidTask(f"{where}: must be an object with url and path")
+        extra = set(item) - {"url", "path", "size", "sha256"}
+        if extra:
+            raise InvalidTask(f"{where}: unknown field(s) {sorted(extra)}")
+        url = check_url(item.get("url"), f"{where}.url")
+        path = check_relative_path(item.get("path"), f"{where}.path")
+        folded = path.casefold()
+        if folded in seen:
+            raise InvalidTask(f"{where}.path: {path!r} is also the path of files[{seen[folded]}]; paths must be unique")
+        seen[folded] = index
+        size = item.get("size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise InvalidTask(f"{where}.size: must be a whole number of bytes >= 0 (got {size!r})")
+        sha = item.get("sha256")
+        if sha is not None:
+            if not isinstance(sha, str) or not _SHA256.match(sha.lower()):
+                raise InvalidTask(f"{where}.sha256: must be 64 hexadecimal characters (got {sha!r})")
+            sha = sha.lower()
+        files.append(FileSpec(url=url, path=path, size=size, sha256=sha))
+    _check_no_prefix_clash(files)
+    return TaskSpec(files=tuple(files), name=name, key=key, webhook=webhook)
+
+
+def _check_no_prefix_clash(files: Sequence[FileSpec]) -> None:
+    """``a`` and ``a/b`` cannot both be files: one would have to be a folder."""
+    paths = {f.path.casefold() for f in files}
+    for f in files:
+        parent = posixpath.dirname(f.path)
+        while parent:
+            if parent.casefold() in paths:
+                raise InvalidTask(f"manifest.files: {parent!r} is a file but {f.path!r} needs it to be a folder")
+            parent = posixpath.dirname(parent)
+
+
+def _optional_str(value: object, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidTask(f"{where}: must be a string (got {type(value).__name__})")
+    if len(value) > MAX_LABEL_CHARS:
+        raise InvalidTask(f"{where}: {len(value)} characters; at most {MAX_LABEL_CHARS}")
+    if any(ord(ch) < 32 for ch in value):
+        raise InvalidTask(f"{where}: holds control characters")
+    return value
+
+
+def files_from_json(text: str) -> tuple[FileSpec, ...]:
+    return tuple(
+        FileSpec(url=f["url"], path=f["path"], size=f.get("size"), sha256=f.get("sha256")) for f in json.loads(text)
+    )

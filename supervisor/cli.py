@@ -1,0 +1,228 @@
+"""The ``haul`` command: submit and inspect tasks, run workers, run a local stack.
+
+Exit codes: 0 success, 1 the operation failed (Redis unreachable, task missing), 2 bad input or
+configuration (nothing was changed then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from actors.errors import InvalidTask
+from actors.settings import Settings, SettingsError
+from actors.task import State, TaskSpec, spec_from_manifest, spec_from_urls
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class CommandFailed(Exception):
+    """An operation could not be done; the message says why (exit 1)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haul", description="Move media from HTTP origins into storage, reliably.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser("submit", help="create a task from URLs or a manifest; prints its id last")
+    submit.add_argument("urls", nargs="*", metavar="URL")
+    submit.add_argument("--manifest", type=Path, help='JSON file {"name", "key", "webhook", "files": [...]}')
+    submit.add_argument("--name", default="")
+    submit.add_argument("--key", help="idempotency key: the same key again returns the same task")
+    submit.add_argument("--webhook", help="receiver for this task's events (default HAUL_WEBHOOK_URL)")
+
+    status = commands.add_parser("status", help="one task, or counts by state")
+    status.add_argument("task_id", nargs="?")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--state", choices=[s.value for s in State], help="list the tasks in this state")
+    status.add_argument("--limit", type=int, default=50, help="most tasks listed with --state")
+
+    retry = commands.add_parser("retry", help="give a failed, dead or canceled task fresh attempts")
+    retry.add_argument("task_id")
+    cancel = commands.add_parser("cancel", help="stop a task that has not ended")
+    cancel.add_argument("task_id")
+
+    worker = commands.add_parser("worker", help="run Dramatiq workers for every stage (extra args go to dramatiq)")
+    worker.add_argument("dramatiq_args", nargs=argparse.REMAINDER)
+
+    commands.add_parser("up", help="a local stack for a first run: redis-server if none answers, plus workers")
+
+    webhook = commands.add_parser("webhook", help="webhook helpers")
+    webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)
+    webhook_commands.add_parser("new-secret", help="print a new Standard Webhooks secret (whsec_...)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "webhook":
+            print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+            return 0
+        if args.command == "up":
+            from supervisor.local import run_local_stack
+
+            return run_local_stack(os.environ)
+        settings = Settings.from_env()
+        if args.command == "worker":
+            return run_worker(settings, args.dramatiq_args)
+        handler = {"submit": cmd_submit, "status": cmd_status, "retry": cmd_retry, "cancel": cmd_cancel}
+        return handler[args.command](settings, args)
+    except (SettingsError, InvalidTask) as exc:
+        print(f"haul: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CommandFailed as exc:
+        print(f"haul: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except redis.RedisError as exc:
+        print(f"haul: Redis at HAUL_REDIS_URL did not answer ({exc}); is redis-server running?", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _store(settings: Settings) -> Any:
+    from actors.store import TaskStore
+
+    return TaskStore.from_url(settings.redis_url)
+
+
+def read_spec(args: argparse.Namespace) -> TaskSpec:
+    if args.manifest is not None:
+        if args.urls:
+            raise InvalidTask("give either URLs or --manifest, not both")
+        try:
+            data = json.loads(args.manifest.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InvalidTask(f"manifest {args.manifest}: cannot be read ({exc.strerror})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidTask(f"manifest {args.manifest}: not valid JSON ({exc})") from None
+        if isinstance(data, dict):
+            for field, value in (("name", args.name or None), ("key", args.key), ("webhook", args.webhook)):
+                if value is not None:
+                    data[field] = value
+        return spec_from_manifest(data)
+    if not args.urls:
+        raise InvalidTask("nothing to download: give one or more URLs, or --manifest FILE.json")
+    return spec_from_urls(args.urls, name=args.name, key=args.key, webhook=args.webhook)
+
+
+def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
+    spec = read_spec(args)  # validated before anything touches Redis
+    from actors.submit import submit_spec
+
+    task_id = submit_spec(spec, _store(settings))
+    print(task_id)
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    store = _store(settings)
+    if args.task_id:
+        task = store.get(args.task_id)
+        if task is None:
+            raise CommandFailed(f"no task {args.task_id!r} in Redis (finished tasks are pruned after a while)")
+        status = task.as_status()
+        print(json.dumps(status, indent=2) if args.json else _format_task(status))
+        return 0
+    if args.state:
+        tasks = [t for t in (store.get(i) for i in store.ids(State(args.state), args.limit)) if t is not None]
+        rows = [t.as_status() for t in tasks]
+        print(json.dumps(rows, indent=2) if args.json else _format_rows(rows))
+        return 0
+    counts = {state.value: n for state, n in store.counts().items()}
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        width = max(len(s) for s in counts)
+        print("\n".join(f"{state:<{width}}  {n}" for state, n in counts.items()))
+    return 0
+
+
+def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from actors.dispatch import enqueue_claim
+
+    result = _store(settings).retry(args.task_id, time.time())
+    if result == "missing":
+        raise CommandFailed(f"no task {args.task_id!r}")
+    if result == "not_ended":
+        raise CommandFailed(f"task {args.task_id} has not ended; only failed, dead or canceled tasks are retried")
+    enqueue_claim(args.task_id)
+    print(f"task {args.task_id}: queued again")
+    return 0
+
+
+def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    result = _store(settings).cancel(args.task_id, time.time())
+    if result == "missing":
+        raise CommandFailed(f"no task {args.task_id!r}")
+    if result == "final":
+        raise CommandFailed(f"task {args.task_id} has already ended")
+    print(f"task {args.task_id}: canceled")
+    return 0
+
+
+def worker_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
+    """The Dramatiq command line ``haul worker`` runs."""
+    command = [sys.executable, "-m", "dramatiq", "actors"]
+    if "--processes" not in extra and "-p" not in extra:
+        command += ["--processes", str(settings.worker_processes)]
+    if "--threads" not in extra and "-t" not in extra:
+        command += ["--threads", str(settings.worker_threads)]
+    return command + list(extra)
+
+
+def run_worker(settings: Settings, extra: Sequence[str]) -> int:
+    command = worker_command(settings, extra)
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+def _format_task(status: dict[str, Any]) -> str:
+    lines = [
+        f"task      {status['id']}",
+        f"name      {status['name']}",
+        f"state     {status['state']}",
+        f"attempts  {status['attempts']}",
+        f"files     {status['files_done']}/{status['files_total']}",
+        f"bytes     {_size(status['bytes_done'])} of {_size(status['bytes_total'])}",
+    ]
+    if status.get("key"):
+        lines.append(f"key       {status['key']}")
+    if status.get("error"):
+        lines.append(f"error     {status['error']}")
+    return "\n".join(lines)
+
+
+def _format_rows(rows: list[dict[str, Any]]) -> str:
+    header = f"{'ID':<32}  {'STATE':<11}  {'TRIES':>5}  {'FILES':>9}  {'BYTES':>10}  NAME / ERROR"
+    lines = [header]
+    for r in rows:
+        note = r["name"] + (f"  [{r['error']}]" if r.get("error") else "")
+        files = f"{r['files_done']}/{r['files_total']}"
+        lines.append(
+            f"{r['id']:<32}  {r['state']:<11}  {r['attempts']:>5}  {files:>9}  {_size(r['bytes_done']):>10}  {note}"
+        )
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Shared fixtures: a real redis-server on a free port (started before any haul module is
+imported, since ``import actors`` builds the broker from HAUL_REDIS_URL), real HTTP peers,
+test settings, and an in-process Dramatiq worker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.servers import Origin, Receiver
+
+#: A fixed test secret (Standard Webhooks format); never a real one.
+WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A throwaway redis-server in a temporary folder."""
+
+    def __init__(self, folder: Path, *, appendonly: bool = False) -> None:
+        self.folder = folder
+        self.appendonly = appendonly
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed; run ops/setup (apt-get install redis-server)")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                server, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+            ],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+_SESSION: dict[str, Any] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="haul-test-redis-"))
+    server = RedisServer(folder)
+    server.start()
+    _SESSION["redis"] = server
+    os.environ["HAUL_REDIS_URL"] = server.url
+    for name in [n for n in os.environ if n.startswith("HAUL_") and n != "HAUL_REDIS_URL"]:
+        del os.environ[name]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = _SESSION.pop("redis", None)
+    if server is not None:
+        server.stop()
+        shutil.rmtree(server.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return str(_SESSION["redis"].url)
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis) -> Any:
+    from actors.store import TaskStore
+
+    return TaskStore(redis_client)
+
+
+@pytest.fixture
+def origin() -> Iterator[Origin]:
+    server = Origin()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    server = Receiver(WEBHOOK_SECRET)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, receiver: Receiver) -> Any:
+    from actors.settings import Settings
+
+    return Settings(
+        redis_url=redis_url,
+        staging_dir=tmp_path / "staging",
+        storage_dir=tmp_path / "storage",
+        webhook_url=receiver.url,
+        webhook_secrets=(WEBHOOK_SECRET,),
+        lease_seconds=10,
+        max_attempts=5,
+        retry_min_seconds=0.05,
+        retry_max_seconds=0.2,
+        allow_private_networks=True,
+        connect_timeout_seconds=2,
+        read_timeout_seconds=5,
+    )
+
+
+@pytest.fixture
+def runtime(settings: Any, store: Any) -> Iterator[Any]:
+    from actors import runtime as runtime_module
+
+    rt = runtime_module.Runtime.build(settings, store=store)
+    runtime_module.install(rt)
+    yield rt
+    runtime_module.install(None)
+
+
+@pytest.fixture
+def worker(runtime: Any) -> Iterator[Any]:
+    """An in-process Dramatiq worker on the real Redis broker, serving every stage."""
+    import dramatiq
+
+    broker = dramatiq.get_broker()
+    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=50)
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+def wait_for(store: Any, task_id: str, states: set[str] | None = None, timeout: float = 20.0) -> Any:
+    """Poll until the task reaches one of ``states`` (default: any final state)."""
+    wanted = states or {"done", "failed", "dead", "canceled"}
+    deadline = time.monotonic() + timeout
+    while True:
+        task = store.get(task_id)
+        if task is not None and task.state.value in wanted:
+            return task
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task {task_id} did not reach {sorted(wanted)} in {timeout}s: {task}")
+        time.sleep(0.02)

@@ -1,0 +1,219 @@
+"""Real HTTP peers on 127.0.0.1 for tests: an origin with Range/ETag/If-Range and scripted
+faults, and a webhook receiver that verifies signatures with the standardwebhooks library."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from standardwebhooks import Webhook
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Quiet(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Running:
+    """Runs a server on a free 127.0.0.1 port in a thread."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = _Server(("127.0.0.1", 0), handler)
+        self.server.owner = self  # type: ignore[attr-defined]
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def etag_of(data: bytes) -> str:
+    return '"' + hashlib.sha256(data).hexdigest()[:20] + '"'
+
+
+@dataclass
+class Fault:
+    """One scripted answer. kind: 'status' (code, retry_after), 'drop' (after n body bytes),
+    'html' (a 200 login page); ``then`` runs after the answer was sent."""
+
+    kind: str
+    code: int = 0
+    after: int = 0
+    retry_after: str | None = None
+    then: Callable[[], None] | None = None
+
+
+@dataclass
+class Request:
+    path: str
+    headers: dict[str, str]
+
+
+class Origin(_Running):
+    """Files by path, with strong ETags; honours Range and If-Range like nginx does."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.faults: dict[str, deque[Fault]] = defaultdict(deque)
+        self.served: Counter[str] = Counter()
+        self.requests: list[Request] = []
+        self.lock = threading.Lock()
+        super().__init__(_OriginHandler)
+
+    def put(self, path: str, data: bytes) -> str:
+        with self.lock:
+            self.files[path] = data
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def fault(self, path: str, *faults: Fault) -> None:
+        with self.lock:
+            self.faults[path].extend(faults)
+
+    def requests_for(self, path: str) -> list[Request]:
+        with self.lock:
+            return [r for r in self.requests if r.path == path]
+
+
+class _OriginHandler(_Quiet):
+    def do_GET(self) -> None:
+        origin: Origin = self.server.owner  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0]
+        with origin.lock:
+            origin.requests.append(Request(path, dict(self.headers.items())))
+            fault = origin.faults[path].popleft() if origin.faults[path] else None
+            data = origin.files.get(path)
+        if fault is not None and fault.kind == "status":
+            self._status(fault.code, fault.retry_after)
+        elif data is None:
+            self._status(404)
+        elif fault is not None and fault.kind == "html":
+            page = b"<html><body>Please log in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+        else:
+            self._file(origin, path, data, fault)
+        if fault is not None and fault.then is not None:
+            fault.then()
+
+    def _status(self, code: int, retry_after: str | None = None) -> None:
+        body = f"status {code}".encode()
+        self.send_response(code)
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _file(self, origin: Origin, path: str, data: bytes, fault: Fault | None) -> None:
+        etag = etag_of(data)
+        start, status = 0, 200
+        wanted = self.headers.get("Range")
+        condition = self.headers.get("If-Range")
+        if wanted and wanted.startswith("bytes=") and wanted.endswith("-") and condition in (None, etag):
+            start = int(wanted[6:-1])
+            if start >= len(data):
+                self._status(416)
+                return
+            status = 206
+        body = data[start:]
+        self.send_response(status)
+        self.send_header("Content-Type", "video/mp4")
+        self.send_header("ETag", etag)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(body)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if fault is not None and fault.kind == "drop":
+            body = body[: fault.after]
+        view = memoryview(body)
+        for offset in range(0, len(view), 256 * 1024):
+            chunk = view[offset : offset + 256 * 1024]
+            self.wfile.write(chunk)
+            with origin.lock:
+                origin.served[path] += len(chunk)
+        if fault is not None and fault.kind == "drop":
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+    verified: bool
+    answered: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.headers["webhook-id"]
+
+    @property
+    def event(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.body)
+        return data
+
+
+class Receiver(_Running):
+    """A backend's webhook endpoint: verifies each delivery, answers scripted statuses."""
+
+    def __init__(self, secret: str) -> None:
+        self.webhook = Webhook(secret)
+        self.deliveries: list[Delivery] = []
+        self.statuses: deque[int] = deque()
+        self.on_delivery: Callable[[Delivery], None] | None = None
+        self.lock = threading.Lock()
+        super().__init__(_ReceiverHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/haul"
+
+    def accepted(self) -> list[Delivery]:
+        with self.lock:
+            return [d for d in self.deliveries if d.verified and 200 <= d.answered < 300]
+
+
+class _ReceiverHandler(_Quiet):
+    def do_POST(self) -> None:
+        receiver: Receiver = self.server.owner  # type: ignore[attr-defined]
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
+            receiver.webhook.verify(body, headers)
+            verified = True
+        except Exception:
+            verified = False
+        with receiver.lock:
+            answer = receiver.statuses.popleft() if receiver.statuses else (204 if verified else 401)
+        delivery = Delivery(headers, body, verified, answer)
+        if receiver.on_delivery is not None:
+            receiver.on_delivery(delivery)
+        with receiver.lock:
+            receiver.deliveries.append(delivery)
+        self.send_response(answer)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
