@@ -20,7 +20,7 @@ from actors.netguard import DestinationPolicy
 from actors.settings import Settings
 from actors.storage import LocalStorage
 from actors.store import TaskStore
-from actors.webhook import WebhookSender
+from actors.webhook import DEFAULT_DELIVERY_BACKOFF_SECONDS, WebhookSender
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Runtime:
                 self.settings.webhook_secrets,
                 self.policy,
                 timeout=(self.settings.connect_timeout_seconds, self.settings.read_timeout_seconds),
+                backoff_factor=min(DEFAULT_DELIVERY_BACKOFF_SECONDS, self.settings.retry_min_seconds),
             )
             self._local.webhooks = sender
         return sender

@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 COMPLETED = "task.completed"
 FAILED = "task.failed"
 
-#: Deliveries tried within one run before the task is retried later with backoff.
+#: Deliveries retried within one run before the task is retried later with backoff, and the
+#: first pause between them (doubling; never longer than HAUL_RETRY_MIN_SECONDS).
 DEFAULT_DELIVERY_RETRIES = 4
+DEFAULT_DELIVERY_BACKOFF_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class WebhookSender:
         *,
         timeout: tuple[float, float],
         retries: int = DEFAULT_DELIVERY_RETRIES,
-        backoff_factor: float = 0.5,
+        backoff_factor: float = DEFAULT_DELIVERY_BACKOFF_SECONDS,
     ) -> None:
         self._secrets = tuple(secrets)
         self.policy = policy

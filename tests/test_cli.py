@@ -1,0 +1,119 @@
+"""The ``haul`` command as scripts use it: exit codes, output shapes, nothing enqueued on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from actors.store import TaskStore
+
+
+def haul(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def queued_messages(client: redis.Redis) -> int:
+    return sum(int(client.llen(key)) for key in client.keys("dramatiq:*") if client.type(key) == b"list")
+
+
+def test_the_console_script_is_installed() -> None:
+    assert (Path(sys.executable).parent / "haul").exists()
+
+
+def test_submit_prints_the_id_last_and_the_same_key_gives_the_same_task(store: TaskStore) -> None:
+    first = haul("submit", "https://cdn.example.com/a.mp4", "--name", "A", "--key", "order-5")
+    assert first.returncode == 0, first.stderr
+    task_id = first.stdout.strip().splitlines()[-1]
+    again = haul("submit", "https://cdn.example.com/a.mp4", "--key", "order-5")
+    assert again.stdout.strip().splitlines()[-1] == task_id
+    status = json.loads(haul("status", task_id, "--json").stdout)
+    assert {"id", "name", "state", "attempts", "files_total", "files_done", "bytes_total", "bytes_done", "error"} <= set(
+        status
+    )
+    assert status["id"] == task_id and status["state"] == "queued" and status["name"] == "A"
+    counts = json.loads(haul("status", "--json").stdout)
+    assert counts["queued"] == 1 and counts["done"] == 0
+    assert "queued" in haul("status", task_id).stdout
+
+
+def test_submit_from_a_manifest(store: TaskStore, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.json"
+    manifest.write_text(
+        json.dumps({"name": "C", "key": "k", "files": [{"url": "https://x.example/1.mp4", "path": "a/1.mp4", "size": 3}]})
+    )
+    result = haul("submit", "--manifest", str(manifest))
+    task = store.get(result.stdout.strip().splitlines()[-1])
+    assert task is not None and task.spec.files[0].path == "a/1.mp4" and task.bytes_total == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "content", "message"),
+    [
+        ((), None, "nothing to download"),
+        (("ftp://example.com/a",), None, "not an http"),
+        (("--manifest", "{m}"), "{not json", "not valid JSON"),
+        (("--manifest", "{m}"), json.dumps({"files": []}), "non-empty list"),
+        (("--manifest", "{m}"), json.dumps({"files": [{"url": "https://x/a", "path": "../../etc/passwd"}]}), "'..'"),
+        (
+            ("--manifest", "{m}"),
+            json.dumps({"files": [{"url": "https://x/a", "path": "a"}, {"url": "https://x/b", "path": "a"}]}),
+            "unique",
+        ),
+        (("--manifest", "{missing}"), None, "cannot be read"),
+    ],
+)
+def test_bad_input_exits_2_and_enqueues_nothing(
+    store: TaskStore, tmp_path: Path, args: tuple[str, ...], content: str | None, message: str
+) -> None:
+    path = tmp_path / "m.json"
+    if content is not None:
+        path.write_text(content)
+    argv = [a.format(m=path, missing=tmp_path / "missing.json") for a in args]
+    result = haul("submit", *argv)
+    assert result.returncode == 2 and message in result.stderr and result.stdout == ""
+    assert sum(store.counts().values()) == 0 and queued_messages(store.client) == 0
+
+
+def test_invalid_settings_exit_2_naming_the_variable() -> None:
+    result = haul("status", env={"HAUL_LEASE_SECONDS": "-3"})
+    assert result.returncode == 2 and "HAUL_LEASE_SECONDS" in result.stderr
+
+
+def test_unknown_task_and_unreachable_redis_exit_1(store: TaskStore) -> None:
+    assert haul("status", "0" * 32).returncode == 1
+    from tests.conftest import free_port
+
+    result = haul("status", env={"HAUL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert result.returncode == 1 and "redis-server" in result.stderr
+
+
+def test_cancel_then_retry_and_list_by_state(store: TaskStore) -> None:
+    task_id = haul("submit", "https://cdn.example.com/a.mp4").stdout.strip()
+    assert haul("cancel", task_id).returncode == 0
+    assert haul("cancel", task_id).returncode == 1
+    listed: list[dict[str, Any]] = json.loads(haul("status", "--state", "canceled", "--json").stdout)
+    assert [row["id"] for row in listed] == [task_id]
+    assert haul("retry", task_id).returncode == 0
+    task = store.get(task_id)
+    assert task is not None and task.state.value == "queued"
+    assert haul("retry", task_id).returncode == 1
+
+
+def test_new_webhook_secret_is_usable() -> None:
+    from actors.settings import Settings
+
+    secret = haul("webhook", "new-secret").stdout.strip()
+    assert Settings.from_env({"HAUL_WEBHOOK_SECRET": secret}).webhook_secrets == (secret,)

@@ -1,0 +1,83 @@
+"""End to end with real processes: ``dramatiq actors`` as the worker, ``haul submit`` as the
+client, a real origin and a webhook receiver that verifies every signature."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.store import TaskStore
+from tests.conftest import WEBHOOK_SECRET, wait_for
+from tests.servers import Fault, Origin, Receiver
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def stack_env(tmp_path: Path, redis_url: str, receiver: Receiver) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAUL_")}
+    env.update(
+        HAUL_REDIS_URL=redis_url,
+        HAUL_STAGING_DIR=str(tmp_path / "staging"),
+        HAUL_STORAGE_DIR=str(tmp_path / "storage"),
+        HAUL_WEBHOOK_URL=receiver.url,
+        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        HAUL_ALLOW_PRIVATE_NETWORKS="1",
+        HAUL_RETRY_MIN_SECONDS="0.1",
+        HAUL_RETRY_MAX_SECONDS="0.5",
+    )
+    return env
+
+
+@pytest.fixture
+def worker_process(stack_env: dict[str, str], store: TaskStore, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = (tmp_path / "worker.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dramatiq", "actors", "--processes", "1", "--threads", "2"],
+        cwd=REPO,
+        env=stack_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    yield process
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    log.close()
+
+
+def haul(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args], capture_output=True, text=True, env=env, timeout=60, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_submit_through_dramatiq_worker_process_to_storage_and_signed_webhook(
+    worker_process: Any, stack_env: dict[str, str], store: TaskStore, origin: Origin, receiver: Receiver
+) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    url = origin.put("/course/lesson-1.mp4", data)
+    origin.fault("/course/lesson-1.mp4", Fault("status", code=503), Fault("drop", after=1024 * 1024))
+    task_id = haul(stack_env, "submit", url, "--name", "Course 1", "--key", "order-e2e")
+    assert haul(stack_env, "submit", url, "--key", "order-e2e") == task_id
+    task = wait_for(store, task_id, timeout=60)
+    assert task.state.value == "done", task.error
+    assert task.attempts == 3
+    assert (Path(stack_env["HAUL_STORAGE_DIR"]) / task_id / "lesson-1.mp4").read_bytes() == data
+    [delivery] = receiver.accepted()
+    assert delivery.verified and delivery.event["data"]["id"] == task_id
+    assert origin.served["/course/lesson-1.mp4"] <= len(data) * 1.02
+    assert not (Path(stack_env["HAUL_STAGING_DIR"]) / task_id).exists()

@@ -1,0 +1,138 @@
+"""The download engine against a real origin on 127.0.0.1: resume, restarts, classification."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from actors.errors import ChecksumMismatch, ForbiddenDestination, OriginRejected, OriginUnavailable
+from actors.fetch import Fetcher, fetch_file, parse_retry_after
+from actors.netguard import DestinationPolicy
+from actors.task import FileSpec
+from tests.conftest import free_port
+from tests.servers import Fault, Origin, _Quiet, _Running
+
+MIB = 1024 * 1024
+
+
+def make_fetcher(allow_private: bool = True) -> Fetcher:
+    return Fetcher(DestinationPolicy(allow_private), connect_timeout=2, read_timeout=5)
+
+
+def fetch(fetcher: Fetcher, spec: FileSpec, part: Path) -> int:
+    positions: list[int] = []
+    result = fetch_file(fetcher, spec, part, task_id="t" * 32, on_progress=positions.append)
+    return result.size
+
+
+def test_a_dropped_body_resumes_with_range_and_if_range(origin: Origin, tmp_path: Path) -> None:
+    data = os.urandom(5 * MIB)
+    url = origin.put("/v.mp4", data)
+    origin.fault("/v.mp4", Fault("drop", after=2 * MIB))
+    fetcher, part = make_fetcher(), tmp_path / "0.part"
+    spec = FileSpec(url=url, path="v.mp4", sha256=hashlib.sha256(data).hexdigest())
+    # Given a connection cut after 2 MiB, the first attempt fails transiently and keeps its bytes
+    with pytest.raises(OriginUnavailable):
+        fetch(fetcher, spec, part)
+    assert part.stat().st_size == 2 * MIB
+    # When it is tried again, only the rest is asked for
+    assert fetch(fetcher, spec, part) == len(data)
+    second = origin.requests_for("/v.mp4")[1]
+    assert second.headers["Range"] == f"bytes={2 * MIB}-" and second.headers["If-Range"].startswith('"')
+    assert part.read_bytes() == data
+    assert origin.served["/v.mp4"] == len(data)
+
+
+def test_a_changed_file_restarts_instead_of_splicing(origin: Origin, tmp_path: Path) -> None:
+    old, new = os.urandom(3 * MIB), os.urandom(3 * MIB)
+    url = origin.put("/v.mp4", old)
+    origin.fault("/v.mp4", Fault("drop", after=MIB, then=lambda: origin.put("/v.mp4", new)))
+    fetcher, part = make_fetcher(), tmp_path / "0.part"
+    spec = FileSpec(url=url, path="v.mp4")
+    with pytest.raises(OriginUnavailable):
+        fetch(fetcher, spec, part)
+    # The origin's If-Range check fails, it sends the whole new file with 200
+    assert fetch(fetcher, spec, part) == len(new)
+    assert part.read_bytes() == new
+
+
+def test_an_origin_ignoring_range_restarts_the_file(origin: Origin, tmp_path: Path) -> None:
+    data = os.urandom(MIB)
+    url = origin.put("/v.mp4", data)
+    part = tmp_path / "0.part"
+    part.write_bytes(b"x" * 1000)
+    part.with_suffix(".part.json").write_text('{"etag": "\\"stale\\"", "last_modified": null}')
+    assert fetch(make_fetcher(), FileSpec(url=url, path="v.mp4"), part) == len(data)
+    assert part.read_bytes() == data
+
+
+def test_a_sha256_mismatch_is_retried_once_from_zero_then_final(origin: Origin, tmp_path: Path) -> None:
+    url = origin.put("/v.mp4", b"real bytes")
+    spec = FileSpec(url=url, path="v.mp4", sha256="0" * 64)
+    with pytest.raises(ChecksumMismatch, match="sha256"):
+        fetch(make_fetcher(), spec, tmp_path / "0.part")
+    assert len(origin.requests_for("/v.mp4")) == 2
+
+
+def test_a_size_mismatch_is_refused_before_reading(origin: Origin, tmp_path: Path) -> None:
+    url = origin.put("/v.mp4", b"12345")
+    with pytest.raises(ChecksumMismatch, match="size 9"):
+        fetch(make_fetcher(), FileSpec(url=url, path="v.mp4", size=9), tmp_path / "0.part")
+
+
+@pytest.mark.parametrize(("code", "error"), [(404, OriginRejected), (410, OriginRejected), (403, OriginRejected)])
+def test_final_statuses_are_permanent(origin: Origin, tmp_path: Path, code: int, error: type) -> None:
+    origin.put("/v.mp4", b"x")
+    origin.fault("/v.mp4", Fault("status", code=code))
+    with pytest.raises(error, match=str(code)) as info:
+        fetch(make_fetcher(), FileSpec(url=origin.url("/v.mp4"), path="v.mp4"), tmp_path / "0.part")
+    assert origin.url("/v.mp4") in str(info.value)
+
+
+@pytest.mark.parametrize("code", [500, 503, 429, 408])
+def test_busy_statuses_are_transient_and_carry_retry_after(origin: Origin, tmp_path: Path, code: int) -> None:
+    origin.put("/v.mp4", b"x")
+    origin.fault("/v.mp4", Fault("status", code=code, retry_after="7"))
+    with pytest.raises(OriginUnavailable) as info:
+        fetch(make_fetcher(), FileSpec(url=origin.url("/v.mp4"), path="v.mp4"), tmp_path / "0.part")
+    assert info.value.retry_after == 7
+
+
+def test_retry_after_as_http_date() -> None:
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert parse_retry_after("soon") is None
+
+
+def test_a_connection_refused_is_transient(tmp_path: Path) -> None:
+    with pytest.raises(OriginUnavailable, match="request to"):
+        fetch(make_fetcher(), FileSpec(url=f"http://127.0.0.1:{free_port()}/v", path="v"), tmp_path / "0.part")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x", "http://169.254.169.254/latest/meta-data/", "http://localhost/"])
+def test_private_destinations_are_refused_by_default(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ForbiddenDestination, match="not a public address"):
+        fetch(make_fetcher(allow_private=False), FileSpec(url=url, path="x"), tmp_path / "0.part")
+
+
+def test_redirects_are_rechecked_and_loops_end(origin: Origin, tmp_path: Path) -> None:
+    origin.put("/final.mp4", b"payload")
+
+    class Handler(_Quiet):
+        def do_GET(self) -> None:
+            target = {"/a": "/b", "/b": "/a", "/out": origin.url("/final.mp4")}[self.path]
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    hops = _Running(Handler)
+    try:
+        base = f"http://127.0.0.1:{hops.port}"
+        with pytest.raises(OriginRejected, match="redirect loop"):
+            fetch(make_fetcher(), FileSpec(url=base + "/a", path="x"), tmp_path / "0.part")
+        assert fetch(make_fetcher(), FileSpec(url=base + "/out", path="x"), tmp_path / "1.part") == 7
+    finally:
+        hops.close()
