@@ -8,7 +8,8 @@ the process here, with exit status 2 and a message naming the variable.
 import sys as _sys
 
 from actors import broker as _broker
-from actors.settings import Settings as _Settings, SettingsError as _SettingsError
+from actors.settings import Settings as _Settings
+from actors.settings import SettingsError as _SettingsError
 
 try:
     _broker.setup(_Settings.from_env())

@@ -19,7 +19,7 @@ QUEUES = ("claim", "download", "finalize")
 def setup(settings: Settings) -> RedisBroker:
     """Create the Redis broker for ``settings``, make it Dramatiq's current one, and remember
     ``settings`` for the actors' runtime."""
-    broker = RedisBroker(url=settings.redis_url)
+    broker = RedisBroker(url=settings.redis_url)  # type: ignore[no-untyped-call]
     dramatiq.set_broker(broker)
     runtime.configure(settings)
     return broker

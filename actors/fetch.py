@@ -228,7 +228,9 @@ class Fetcher:
                 try:
                     n = raw.readinto(buffer)
                 except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-                    raise OriginUnavailable(f"{where}: the transfer broke after {offset + received} bytes ({exc})") from exc
+                    raise OriginUnavailable(
+                        f"{where}: the transfer broke after {offset + received} bytes ({exc})"
+                    ) from exc
                 if not n:
                     break
                 chunk = view[:n]

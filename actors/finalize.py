@@ -6,7 +6,8 @@ import dramatiq
 
 from actors.dispatch import dispatch
 from actors.runtime import current
-from actors.stages import finalize_task, notify_failed as notify_failed_task
+from actors.stages import finalize_task
+from actors.stages import notify_failed as notify_failed_task
 
 #: Storage moves are links or copies of staged files; an hour covers a large copy.
 FINALIZE_TIME_LIMIT_MS = 3600 * 1000

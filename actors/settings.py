@@ -138,9 +138,7 @@ def _webhook_secrets(text: str) -> tuple[str, ...]:
 def _redis_url(value: str) -> str:
     scheme = urlsplit(value).scheme
     if scheme not in {"redis", "rediss", "unix"}:
-        raise SettingsError(
-            f"HAUL_REDIS_URL must start with redis://, rediss:// or unix:// (got scheme {scheme!r})"
-        )
+        raise SettingsError(f"HAUL_REDIS_URL must start with redis://, rediss:// or unix:// (got scheme {scheme!r})")
     return value
 
 
@@ -161,9 +159,7 @@ def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
     return path.absolute()
 
 
-def _number(
-    env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False
-) -> float:
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default

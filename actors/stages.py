@@ -127,12 +127,11 @@ def finalize_task(rt: Runtime, task_id: str, token: int) -> Outcome:
         _renew(rt, task, token)
         url = task.spec.webhook or rt.settings.webhook_url
         if url:
-            rt.webhooks.deliver(url, make_event(task, COMPLETED, stored, None, rt.clock()), now=rt.clock(), task_id=task_id)
+            event = make_event(task, COMPLETED, stored, None, rt.clock())
+            rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id)
         else:
             log.warning("task %s: no webhook URL (task or HAUL_WEBHOOK_URL); nobody is told it is done", task_id)
-        reached = rt.store.release(
-            task_id, token, State.DONE, now=rt.clock(), max_attempts=rt.settings.max_attempts
-        )
+        reached = rt.store.release(task_id, token, State.DONE, now=rt.clock(), max_attempts=rt.settings.max_attempts)
         if reached is None:
             raise LeaseLost(f"task {task_id}: lease lost before it could be marked done")
     except Exception as exc:

@@ -14,7 +14,6 @@ Every call that depends on time takes ``now`` (seconds since the epoch) as a par
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from importlib import resources
@@ -240,7 +239,7 @@ class TaskStore:
         pipe = self.client.pipeline(transaction=False)
         for state in State:
             pipe.zcard(self.state_key(state))
-        return dict(zip(State, (int(n) for n in pipe.execute())))
+        return dict(zip(State, (int(n) for n in pipe.execute()), strict=True))
 
     def ids(self, state: State, limit: int = 100) -> list[str]:
         """The most recent task ids in ``state``, newest first."""

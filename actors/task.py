@@ -33,7 +33,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
 
 
-class State(str, enum.Enum):
+class State(enum.StrEnum):
     """Where a task is in its life."""
 
     #: Waiting for a worker (new, retried, or handed back).
@@ -247,7 +247,9 @@ def spec_from_urls(
     checked = [check_url(url, f"url #{i}") for i, url in enumerate(urls, start=1)]
     if not checked:
         raise InvalidTask("a task needs at least one URL")
-    files = tuple(FileSpec(url=u, path=p) for u, p in zip(checked, _unique(name_from_url(u) for u in checked)))
+    files = tuple(
+        FileSpec(url=u, path=p) for u, p in zip(checked, _unique(name_from_url(u) for u in checked), strict=True)
+    )
     return spec_from_manifest({"name": name, "key": key, "webhook": webhook, "files": [f.to_json() for f in files]})
 
 

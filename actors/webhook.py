@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -54,7 +54,7 @@ def make_event(task: Task, event_type: str, files: Sequence[dict[str, Any]], err
     }
     body = {
         "type": event_type,
-        "timestamp": datetime.fromtimestamp(now, tz=timezone.utc).isoformat().replace("+00:00", "Z"),
+        "timestamp": datetime.fromtimestamp(now, tz=UTC).isoformat().replace("+00:00", "Z"),
         "data": data,
     }
     return Event(
@@ -106,7 +106,7 @@ class WebhookSender:
                 f"{where}: no signing secret is configured; set HAUL_WEBHOOK_SECRET or HAUL_WEBHOOK_SECRET_FILE"
             )
         self.policy.check(url, purpose=where)
-        timestamp = datetime.fromtimestamp(int(now), tz=timezone.utc)
+        timestamp = datetime.fromtimestamp(int(now), tz=UTC)
         headers = {
             "content-type": "application/json",
             "webhook-id": event.id,

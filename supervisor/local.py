@@ -74,13 +74,13 @@ def run_local_stack(environ: Mapping[str, str]) -> int:
     home = Path(environ.get("HAUL_HOME", ".haul")).absolute()
     env = local_environment(environ, home)
     settings = Settings.from_env(env)
-    children: list[subprocess.Popen[bytes]] = []
+    children: list[tuple[str, subprocess.Popen[bytes]]] = []
     if not redis_answers(settings.redis_url):
-        children.append(start_redis(settings.redis_url, home))
+        children.append(("redis-server", start_redis(settings.redis_url, home)))
         print(f"haul up: redis-server started in {home / 'redis'}", flush=True)
     from supervisor.cli import worker_command
 
-    children.append(subprocess.Popen(worker_command(settings), env=env))
+    children.append(("workers", subprocess.Popen(worker_command(settings), env=env)))
     print(
         f"haul up: workers running; files land in {settings.storage_dir}\n"
         "haul up: in another shell: haul submit URL, then haul status ID. Ctrl-C stops everything.",
@@ -96,12 +96,12 @@ def run_local_stack(environ: Mapping[str, str]) -> int:
     signal.signal(signal.SIGINT, _stop)
     status = 0
     while not stop:
-        for child in children:
+        for name, child in children:
             if child.poll() is not None:
-                print(f"haul up: {child.args[0]} exited with {child.returncode}; stopping", file=sys.stderr)
+                print(f"haul up: {name} exited with {child.returncode}; stopping", file=sys.stderr)
                 status, stop = 1, True
         time.sleep(0.5)
-    for child in reversed(children):  # workers first, Redis last
+    for _, child in reversed(children):  # workers first, Redis last
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
             try:

@@ -40,9 +40,8 @@ def test_submit_prints_the_id_last_and_the_same_key_gives_the_same_task(store: T
     again = haul("submit", "https://cdn.example.com/a.mp4", "--key", "order-5")
     assert again.stdout.strip().splitlines()[-1] == task_id
     status = json.loads(haul("status", task_id, "--json").stdout)
-    assert {"id", "name", "state", "attempts", "files_total", "files_done", "bytes_total", "bytes_done", "error"} <= set(
-        status
-    )
+    fields = {"id", "name", "state", "attempts", "files_total", "files_done", "bytes_total", "bytes_done", "error"}
+    assert fields <= set(status)
     assert status["id"] == task_id and status["state"] == "queued" and status["name"] == "A"
     counts = json.loads(haul("status", "--json").stdout)
     assert counts["queued"] == 1 and counts["done"] == 0
@@ -51,9 +50,8 @@ def test_submit_prints_the_id_last_and_the_same_key_gives_the_same_task(store: T
 
 def test_submit_from_a_manifest(store: TaskStore, tmp_path: Path) -> None:
     manifest = tmp_path / "m.json"
-    manifest.write_text(
-        json.dumps({"name": "C", "key": "k", "files": [{"url": "https://x.example/1.mp4", "path": "a/1.mp4", "size": 3}]})
-    )
+    files = [{"url": "https://x.example/1.mp4", "path": "a/1.mp4", "size": 3}]
+    manifest.write_text(json.dumps({"name": "C", "key": "k", "files": files}))
     result = haul("submit", "--manifest", str(manifest))
     task = store.get(result.stdout.strip().splitlines()[-1])
     assert task is not None and task.spec.files[0].path == "a/1.mp4" and task.bytes_total == 3

@@ -111,7 +111,9 @@ def test_a_connection_refused_is_transient(tmp_path: Path) -> None:
         fetch(make_fetcher(), FileSpec(url=f"http://127.0.0.1:{free_port()}/v", path="v"), tmp_path / "0.part")
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x", "http://169.254.169.254/latest/meta-data/", "http://localhost/"])
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/x", "http://169.254.169.254/latest/meta-data/", "http://localhost/"]
+)
 def test_private_destinations_are_refused_by_default(tmp_path: Path, url: str) -> None:
     with pytest.raises(ForbiddenDestination, match="not a public address"):
         fetch(make_fetcher(allow_private=False), FileSpec(url=url, path="x"), tmp_path / "0.part")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import dramatiq
@@ -71,9 +70,7 @@ def test_a_file_changed_between_attempts_ends_as_the_new_file(
     assert hashlib.sha256(stored(settings, task_id, "v.mp4")).digest() == hashlib.sha256(new).digest()
 
 
-def test_a_404_fails_at_once_and_tells_the_backend(
-    worker: Any, store: Any, origin: Origin, receiver: Receiver
-) -> None:
+def test_a_404_fails_at_once_and_tells_the_backend(worker: Any, store: Any, origin: Origin, receiver: Receiver) -> None:
     spec = spec_from_manifest({"files": [{"url": origin.url("/gone.mp4"), "path": "gone.mp4"}], "key": "k404"})
     task_id = submit_spec(spec, store)
     task = wait_for(store, task_id)
