@@ -10,6 +10,8 @@ import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 
 from actors import runtime
+from actors.lifecycle import Lifecycle
+from actors.sentry import init_sentry
 from actors.settings import Settings
 
 #: Dramatiq queue of each stage; ``haul worker`` consumes all of them by default.
@@ -19,7 +21,9 @@ QUEUES = ("claim", "download", "finalize")
 def setup(settings: Settings) -> RedisBroker:
     """Create the Redis broker for ``settings``, make it Dramatiq's current one, and remember
     ``settings`` for the actors' runtime."""
+    init_sentry(settings, component="worker")
     broker = RedisBroker(url=settings.redis_url)  # type: ignore[no-untyped-call]
+    broker.add_middleware(Lifecycle())
     dramatiq.set_broker(broker)
     runtime.configure(settings)
     return broker

@@ -16,6 +16,7 @@
         ChecksumMismatch        size or sha256 differ from the task's (after a retry from zero)
         InvalidTask             the submitted task itself is malformed
       LeaseLost                 another worker owns the task now: stop quietly
+      Stopping                  the worker is shutting down: hand the task back at once
 
 Library exceptions are converted at the boundary (``raise OriginUnavailable(...) from exc``)
 so callers only ever see these. Every message says what happened, to which task and URL, and
@@ -90,3 +91,7 @@ class InvalidTask(PermanentError):
 
 class LeaseLost(HaulError):
     """The task's fencing token moved on: another worker (or an operator) owns it now."""
+
+
+class Stopping(HaulError):
+    """The worker process is stopping; the task goes back to the queue, bytes kept."""

@@ -18,6 +18,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,12 +115,14 @@ class Fetcher:
         task_id: str,
         on_progress: Callable[[int], None],
         on_total: Callable[[int], None] | None = None,
+        guard: Callable[[Any], AbstractContextManager[None]] | None = None,
     ) -> Fetched:
         """Bring ``part`` to the complete file, resuming what it already holds.
 
         ``on_progress(position)`` gets the bytes the ``.part`` holds after every chunk (it may
-        drop to 0 when the file restarts); ``on_total(size)`` the file's size once known.
-        Raises haul errors only.
+        drop to 0 when the file restarts); ``on_total(size)`` the file's size once known;
+        ``guard(response)`` wraps the transfer (a graceful stop closes the response to wake a
+        blocked read). Raises haul errors only.
         """
         where = f"task {task_id}, file {spec.path!r} from {spec.url}"
         meta_path = part.with_suffix(part.suffix + ".json")
@@ -145,7 +148,8 @@ class Fetcher:
                 hasher = hashlib.sha256() if spec.sha256 else None
             else:
                 hasher = _hash_file(part, offset) if spec.sha256 else None
-            served = self._stream(response, part, offset, hasher, on_progress, where)
+            with guard(response) if guard is not None else nullcontext():
+                served = self._stream(response, part, offset, hasher, on_progress, where)
         finally:
             response.close()
         size = offset + served

@@ -12,8 +12,10 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from actors.fetch import Fetcher
 from actors.netguard import DestinationPolicy
@@ -21,6 +23,44 @@ from actors.settings import Settings
 from actors.storage import LocalStorage
 from actors.store import TaskStore
 from actors.webhook import DEFAULT_DELIVERY_BACKOFF_SECONDS, WebhookSender
+
+
+class Stopper:
+    """Tells running downloads that the process is stopping, and unblocks their sockets.
+
+    Checking the flag costs one attribute read per chunk; closing the registered responses
+    wakes a thread blocked on a silent origin, so a stop never waits for a read timeout.
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._open: set[Any] = set()
+        self._lock = threading.Lock()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    @contextmanager
+    def guard(self, closeable: Any) -> Iterator[None]:
+        with self._lock:
+            self._open.add(closeable)
+        if self.event.is_set():
+            closeable.close()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open.discard(closeable)
+
+    def stop(self) -> None:
+        self.event.set()
+        with self._lock:
+            pending = list(self._open)
+        for closeable in pending:
+            try:
+                closeable.close()
+            except Exception:  # a half-closed socket may complain; it is closed either way
+                pass
 
 
 @dataclass
@@ -31,6 +71,7 @@ class Runtime:
     policy: DestinationPolicy
     worker_id: str
     clock: Callable[[], float] = time.time
+    stopper: Stopper = field(default_factory=Stopper)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @classmethod

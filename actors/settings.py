@@ -29,6 +29,12 @@ DEFAULT_RETRY_MAX_SECONDS = 600.0
 #: Socket timeouts towards origins and webhook receivers, in seconds.
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 DEFAULT_READ_TIMEOUT_SECONDS = 60.0
+#: Seconds between two supervisor sweeps.
+DEFAULT_SWEEP_SECONDS = 10.0
+#: Port of the supervisor's /healthz and /metrics.
+DEFAULT_SUPERVISOR_PORT = 9310
+#: How long finished task records (and failed tasks' sandboxes) are kept, in seconds.
+DEFAULT_RETAIN_SECONDS = 7 * 24 * 3600
 #: Worker process layout used by ``haul worker`` and ``haul up``.
 DEFAULT_WORKER_PROCESSES = 2
 DEFAULT_WORKER_THREADS = 8
@@ -59,6 +65,11 @@ class Settings:
     read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
     worker_processes: int = DEFAULT_WORKER_PROCESSES
     worker_threads: int = DEFAULT_WORKER_THREADS
+    sweep_seconds: float = DEFAULT_SWEEP_SECONDS
+    supervisor_port: int = DEFAULT_SUPERVISOR_PORT
+    retain_seconds: float = DEFAULT_RETAIN_SECONDS
+    sentry_dsn: str | None = field(default=None, repr=False)
+    sentry_environment: str | None = None
 
     def __post_init__(self) -> None:
         if self.retry_min_seconds > self.retry_max_seconds:
@@ -99,6 +110,13 @@ class Settings:
                 _number(env, "HAUL_WORKER_PROCESSES", DEFAULT_WORKER_PROCESSES, minimum=1, integer=True)
             ),
             worker_threads=int(_number(env, "HAUL_WORKER_THREADS", DEFAULT_WORKER_THREADS, minimum=1, integer=True)),
+            sweep_seconds=_number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
+            supervisor_port=int(
+                _number(env, "HAUL_SUPERVISOR_PORT", DEFAULT_SUPERVISOR_PORT, minimum=0, integer=True)
+            ),
+            retain_seconds=_number(env, "HAUL_RETAIN_SECONDS", DEFAULT_RETAIN_SECONDS, minimum=0),
+            sentry_dsn=_secret(env, "HAUL_SENTRY_DSN") or None,
+            sentry_environment=env.get("HAUL_SENTRY_ENVIRONMENT") or None,
         )
 
     def replace(self, **changes: object) -> Settings:

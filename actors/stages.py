@@ -12,13 +12,15 @@ import enum
 import logging
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import redis
 
-from actors.errors import HaulError, LeaseLost, PermanentError, TransientError
+from actors.errors import HaulError, LeaseLost, PermanentError, Stopping, TransientError
 from actors.fetch import fetch_file
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
+from actors.sentry import report_task
 from actors.task import State, Task, backoff_seconds
 from actors.webhook import COMPLETED, FAILED, make_event
 
@@ -59,7 +61,9 @@ def claim_task(rt: Runtime, task_id: str) -> Outcome:
         log.info("task %s: claimed (attempt %d, token %d)", task_id, claim.attempts, claim.token)
         return Outcome(Next.DOWNLOAD, token=claim.token)
     if claim.outcome == "dead":
-        log.error("task %s: lease expired and all %d attempts are used; task is dead", task_id, s.max_attempts)
+        message = f"task {task_id}: lease expired and all {s.max_attempts} attempts are used; the task is dead"
+        log.error("%s", message)
+        report_task(message, kind="dead", task_id=task_id, stage="claim", attempt=int(claim.detail))
         return Outcome(Next.NOTIFY)
     if claim.outcome == "wait":
         # An early duplicate (the backoff has not passed): make sure a message comes then.
@@ -95,6 +99,7 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
                     task_id=task_id,
                     on_progress=progress.on_progress,
                     on_total=progress.on_total,
+                    guard=rt.stopper.guard,
                 )
                 sandbox.promote(part, spec)
                 size = fetched.size
@@ -188,6 +193,8 @@ class Progress:
     def on_progress(self, position: int) -> None:
         if self.current is not None:
             self.done[self.current] = position
+        if self.rt.stopper.is_set():
+            raise Stopping(f"task {self.task.id}: the worker is stopping; handing the task back")
         now = time.monotonic()
         if now - self.last_write >= PROGRESS_INTERVAL_SECONDS:
             self.write(now=now)
@@ -245,10 +252,24 @@ def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
     if isinstance(exc, LeaseLost):
         log.warning("%s", exc)
         return NOTHING
+    if rt.stopper.is_set() and isinstance(exc, Stopping | TransientError):
+        # A graceful stop: the bytes stay in the sandbox, the attempt is given back, and the
+        # task is queued at once for another worker (the message goes out before we exit).
+        reached = rt.store.release(
+            task.id, token, State.QUEUED, now=now, error="handed back: worker stopping",
+            max_attempts=s.max_attempts, refund=True,
+        )  # fmt: skip
+        log.info("task %s: handed back (worker stopping), %s", task.id, reached)
+        return Outcome(Next.RETRY) if reached is State.QUEUED else NOTHING
+    stage = task.state.value if task.state.active else "download"
     if isinstance(exc, PermanentError):
         log.error("task %s: failed: %s", task.id, exc)
         reached = rt.store.release(task.id, token, State.FAILED, now=now, error=str(exc), max_attempts=s.max_attempts)
-        return Outcome(Next.NOTIFY) if reached else NOTHING
+        if reached is None:
+            return NOTHING
+        report_task(str(exc), kind=type(exc).__name__, task_id=task.id, stage=stage, attempt=task.attempts,
+                    origin_host=_origin_host(task))  # fmt: skip
+        return Outcome(Next.NOTIFY)
     if isinstance(exc, HaulError):
         message = str(exc)
         retry_after = exc.retry_after if isinstance(exc, TransientError) else None
@@ -268,5 +289,11 @@ def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
         return Outcome(Next.RETRY, delay_seconds=delay)
     if reached is State.DEAD:
         log.error("task %s: dead after %d attempts: %s", task.id, attempt, message)
+        report_task(f"task {task.id} is dead after {attempt} attempts: {message}", kind="dead", task_id=task.id,
+                    stage=stage, attempt=attempt, origin_host=_origin_host(task))  # fmt: skip
         return Outcome(Next.NOTIFY)
     return NOTHING
+
+
+def _origin_host(task: Task) -> str | None:
+    return urlsplit(task.spec.files[0].url).hostname if task.spec.files else None

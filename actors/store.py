@@ -8,6 +8,7 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:state:<state>   sorted set: task ids in that state, by time of entry
     haul:leases          sorted set: task ids holding a lease, by deadline
     haul:notify          sorted set: failed/dead tasks whose task.failed webhook is owed
+    haul:supervisor:leader  string with TTL: the supervisor replica that runs the sweeps
 
 Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter.
 """
@@ -57,7 +58,9 @@ class TaskStore:
         self.prefix = prefix
         self._scripts = {
             name: client.register_script(_load_script(name))
-            for name in ("create", "claim", "advance", "heartbeat", "release", "cancel", "retry")
+            for name in (
+                "create", "claim", "advance", "heartbeat", "release", "cancel", "retry", "requeue", "leader", "resign"
+            )  # fmt: skip
         }
 
     @classmethod
@@ -79,6 +82,10 @@ class TaskStore:
     @property
     def notify_key(self) -> str:
         return f"{self.prefix}notify"
+
+    @property
+    def leader_key(self) -> str:
+        return f"{self.prefix}supervisor:leader"
 
     def _call(self, name: str, keys: list[str], *args: Any) -> Any:
         return self._scripts[name](keys=keys, args=[self.prefix, *args])
@@ -173,10 +180,12 @@ class TaskStore:
         error: str = "",
         not_before: float = 0.0,
         max_attempts: int,
+        refund: bool = False,
     ) -> State | None:
         """End the current run in ``target``; ``queued`` turns ``dead`` once attempts are used.
 
-        Returns the state reached, or None when the token is stale (someone else owns the task).
+        ``refund`` gives the attempt back (a graceful stop handed the task over). Returns the
+        state reached, or None when the token is stale (someone else owns the task).
         """
         reply = self._call(
             "release",
@@ -188,8 +197,25 @@ class TaskStore:
             error,
             not_before,
             max_attempts,
+            "1" if refund else "0",
         )
         return State(_text(reply[1])) if _text(reply[0]) == "ok" else None
+
+    def requeue_expired(self, task_id: str, *, now: float, max_attempts: int) -> str:
+        """Take back a task whose lease ran out: ``queued``, ``dead``, or ``skip`` (renewed, ended)."""
+        reply = self._call("requeue", [self.task_key(task_id), self.leases_key], task_id, now, max_attempts)
+        return _text(reply[0])
+
+    def hold_leadership(self, candidate: str, ttl_seconds: float) -> bool:
+        """Renew or take the supervisor leader lock; True while ``candidate`` holds it."""
+        return bool(self._call("leader", [self.leader_key], candidate, int(ttl_seconds * 1000)))
+
+    def resign(self, candidate: str) -> None:
+        self._call("resign", [self.leader_key], candidate)
+
+    def leader(self) -> str | None:
+        value = self.client.get(self.leader_key)
+        return _text(value) if value is not None else None
 
     def cancel(self, task_id: str, now: float) -> str:
         """Cancel a task that has not ended; returns ``ok``, ``missing`` or ``final``."""
@@ -240,6 +266,14 @@ class TaskStore:
         for state in State:
             pipe.zcard(self.state_key(state))
         return dict(zip(State, (int(n) for n in pipe.execute()), strict=True))
+
+    def expired(self, now: float, limit: int = 1000) -> list[str]:
+        """Tasks whose lease deadline is past, oldest first: O(log n + found), never a scan."""
+        return [_text(v) for v in self.client.zrangebyscore(self.leases_key, "-inf", now, start=0, num=limit)]
+
+    def owed_notifications(self, before: float, limit: int = 1000) -> list[str]:
+        """Failed/dead tasks whose task.failed is still owed, recorded before ``before``."""
+        return [_text(v) for v in self.client.zrangebyscore(self.notify_key, "-inf", before, start=0, num=limit)]
 
     def ids(self, state: State, limit: int = 100) -> list[str]:
         """The most recent task ids in ``state``, newest first."""

@@ -9,13 +9,16 @@
 -- ARGV[6]  error text ('' for none)
 -- ARGV[7]  not before (seconds; for queued)
 -- ARGV[8]  max attempts (queued becomes dead once they are used)
+-- ARGV[9]  '1' to give the attempt back (a graceful stop handed the task over; not its fault)
 -- Returns {'ok', state reached} | {'stale', current state or ''}
 local id, target, now = ARGV[2], ARGV[4], tonumber(ARGV[5])
 local t = redis.call('HMGET', KEYS[1], 'state', 'token', 'attempts')
 if t[2] ~= ARGV[3] or not is_active(t[1]) then
   return {'stale', t[1] or ''}
 end
-if target == 'queued' and tonumber(t[3] or '0') >= tonumber(ARGV[8]) then
+if target == 'queued' and ARGV[9] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+elseif target == 'queued' and tonumber(t[3] or '0') >= tonumber(ARGV[8]) then
   target = 'dead'
 end
 set_state(KEYS[1], id, t[1], target, now)

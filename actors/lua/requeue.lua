@@ -1,0 +1,31 @@
+-- Take back a task whose lease ran out (worker killed, host gone, thread hung).
+-- KEYS[1]  $prefix task:$id
+-- KEYS[2]  $prefix leases
+-- ARGV[1]  prefix
+-- ARGV[2]  task id
+-- ARGV[3]  now (seconds)
+-- ARGV[4]  max attempts
+-- Returns {'queued', attempts} | {'dead', attempts} | {'skip', state}
+-- The token moves on either way, so the old holder's late writes are refused.
+local id, now, max_attempts = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local t = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'attempts', 'worker')
+local state = t[1]
+if not state or not is_active(state) then
+  redis.call('ZREM', KEYS[2], id)  -- a leftover entry: nothing holds a lease
+  return {'skip', state or ''}
+end
+if tonumber(t[2] or '0') > now then
+  return {'skip', state}  -- renewed since it was listed
+end
+local attempts = tonumber(t[3] or '0')
+local reason = 'lease expired during ' .. state .. ' on worker ' .. (t[4] or '?') .. ' (stopped, killed or hung)'
+redis.call('HINCRBY', KEYS[1], 'token', 1)
+redis.call('ZREM', KEYS[2], id)
+if attempts >= max_attempts then
+  set_state(KEYS[1], id, state, 'dead', now)
+  redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', reason .. '; all ' .. max_attempts .. ' attempts are used')
+  return {'dead', attempts}
+end
+set_state(KEYS[1], id, state, 'queued', now)
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'not_before', 0, 'error', reason)
+return {'queued', attempts}
