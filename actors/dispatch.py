@@ -17,9 +17,14 @@ def dispatch(task_id: str, outcome: Outcome) -> None:
     elif outcome.next is Next.RETRY:
         broker.get_actor("claim").send_with_options(args=(task_id,), delay=int(outcome.delay_seconds * 1000))
     elif outcome.next is Next.NOTIFY:
-        broker.get_actor("notify_failed").send(task_id)
+        enqueue_notify(task_id)
 
 
 def enqueue_claim(task_id: str) -> None:
-    """Ask a worker to pick the task up (used by submit and operator commands)."""
+    """Ask a worker to pick the task up (used by submit, operator commands, the supervisor)."""
     dramatiq.get_broker().get_actor("claim").send(task_id)
+
+
+def enqueue_notify(task_id: str) -> None:
+    """Ask a worker to deliver task.failed for a failed or dead task."""
+    dramatiq.get_broker().get_actor("notify_failed").send(task_id)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from typing import Any
 
+import redis
 import sentry_sdk
 from dramatiq import Broker, Middleware
 
 from actors import runtime
+from actors.registry import Heartbeat, WorkerInfo, WorkerRegistry, queues_of
 
 log = logging.getLogger(__name__)
 
@@ -16,13 +20,35 @@ log = logging.getLogger(__name__)
 SENTRY_FLUSH_SECONDS = 2.0
 
 
-class Lifecycle(Middleware):  # type: ignore[misc]
-    """On SIGTERM, tell in-flight downloads to hand their tasks back before threads are joined;
-    at exit, flush Sentry, since Dramatiq ends worker processes with ``os._exit``."""
+class Lifecycle(Middleware):
+    """Registers the worker process (with a heartbeat) when it boots; on SIGTERM tells in-flight
+    downloads to hand their tasks back before threads are joined; at exit unregisters and
+    flushes Sentry, since Dramatiq ends worker processes with ``os._exit``."""
+
+    def __init__(self) -> None:
+        self.heartbeat: Heartbeat | None = None
+
+    def after_worker_boot(self, broker: Broker, worker: Any) -> None:
+        rt = runtime.current()
+        self.heartbeat = Heartbeat(WorkerRegistry(rt.store.client, rt.store.prefix), rt.worker_id, rt.clock)
+        info = WorkerInfo(
+            id=rt.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            queues=queues_of(worker.consumer_whitelist, sorted(broker.get_declared_queues())),
+            threads=worker.worker_threads,
+            started=rt.clock(),
+        )
+        try:
+            self.heartbeat.start(info)
+        except redis.RedisError as exc:
+            log.warning("could not register worker %s (%s); the supervisor will not see it", rt.worker_id, exc)
 
     def before_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         log.info("worker stopping: in-flight downloads hand their tasks back")
         runtime.current().stopper.stop()
 
     def after_worker_shutdown(self, broker: Broker, worker: Any) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         sentry_sdk.flush(SENTRY_FLUSH_SECONDS)

@@ -66,6 +66,7 @@ class Settings:
     worker_processes: int = DEFAULT_WORKER_PROCESSES
     worker_threads: int = DEFAULT_WORKER_THREADS
     sweep_seconds: float = DEFAULT_SWEEP_SECONDS
+    supervisor_host: str = "127.0.0.1"
     supervisor_port: int = DEFAULT_SUPERVISOR_PORT
     retain_seconds: float = DEFAULT_RETAIN_SECONDS
     sentry_dsn: str | None = field(default=None, repr=False)
@@ -111,9 +112,8 @@ class Settings:
             ),
             worker_threads=int(_number(env, "HAUL_WORKER_THREADS", DEFAULT_WORKER_THREADS, minimum=1, integer=True)),
             sweep_seconds=_number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
-            supervisor_port=int(
-                _number(env, "HAUL_SUPERVISOR_PORT", DEFAULT_SUPERVISOR_PORT, minimum=0, integer=True)
-            ),
+            supervisor_host=env.get("HAUL_SUPERVISOR_HOST") or "127.0.0.1",
+            supervisor_port=int(_number(env, "HAUL_SUPERVISOR_PORT", DEFAULT_SUPERVISOR_PORT, minimum=0, integer=True)),
             retain_seconds=_number(env, "HAUL_RETAIN_SECONDS", DEFAULT_RETAIN_SECONDS, minimum=0),
             sentry_dsn=_secret(env, "HAUL_SENTRY_DSN") or None,
             sentry_environment=env.get("HAUL_SENTRY_ENVIRONMENT") or None,

@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from actors.task import State, Task, TaskSpec, files_from_json
+from actors.task import FINAL_STATES, State, Task, TaskSpec, files_from_json
 
 DEFAULT_PREFIX = "haul:"
 
@@ -59,7 +59,18 @@ class TaskStore:
         self._scripts = {
             name: client.register_script(_load_script(name))
             for name in (
-                "create", "claim", "advance", "heartbeat", "release", "cancel", "retry", "requeue", "leader", "resign"
+                "create",
+                "claim",
+                "advance",
+                "heartbeat",
+                "release",
+                "cancel",
+                "retry",
+                "requeue",
+                "rescue",
+                "prune",
+                "leader",
+                "resign",
             )  # fmt: skip
         }
 
@@ -205,6 +216,28 @@ class TaskStore:
         """Take back a task whose lease ran out: ``queued``, ``dead``, or ``skip`` (renewed, ended)."""
         reply = self._call("requeue", [self.task_key(task_id), self.leases_key], task_id, now, max_attempts)
         return _text(reply[0])
+
+    def rescue_candidates(self, *, now: float, grace_seconds: float, limit: int = 1000) -> list[str]:
+        """Queued tasks past their not-before time by ``grace_seconds``: maybe their message is lost.
+
+        Each is returned at most once per grace period, so a long backlog is not flooded.
+        """
+        reply = self._call("rescue", [self.state_key(State.QUEUED)], now, grace_seconds, limit)
+        return [_text(v) for v in reply]
+
+    def prune_ended(self, *, cutoff: float, limit: int = 1000) -> list[tuple[str, State]]:
+        """Delete records of tasks that ended before ``cutoff``; return (id, state) of each."""
+        pruned: list[tuple[str, State]] = []
+        for state in FINAL_STATES:
+            for task_id in self.client.zrangebyscore(self.state_key(state), "-inf", cutoff, start=0, num=limit):
+                tid = _text(task_id)
+                gone = _text(self._call("prune", [self.task_key(tid)], tid, cutoff))
+                if gone:
+                    pruned.append((tid, State(gone)))
+        return pruned
+
+    def exists(self, task_id: str) -> bool:
+        return bool(self.client.exists(self.task_key(task_id)))
 
     def hold_leadership(self, candidate: str, ttl_seconds: float) -> bool:
         """Renew or take the supervisor leader lock; True while ``candidate`` holds it."""

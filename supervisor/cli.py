@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import logging
 import os
 import secrets
 import sys
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run Dramatiq workers for every stage (extra args go to dramatiq)")
     worker.add_argument("dramatiq_args", nargs=argparse.REMAINDER)
 
+    commands.add_parser("supervisor", help="run the supervisor daemon (sweeps, alerts, /healthz, /metrics)")
     commands.add_parser("up", help="a local stack for a first run: redis-server if none answers, plus workers")
 
     webhook = commands.add_parser("webhook", help="webhook helpers")
@@ -77,6 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.command == "worker":
             return run_worker(settings, args.dramatiq_args)
+        if args.command == "supervisor":
+            from supervisor.daemon import run
+
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            return run(settings)
         handler = {"submit": cmd_submit, "status": cmd_status, "retry": cmd_retry, "cancel": cmd_cancel}
         return handler[args.command](settings, args)
     except (SettingsError, InvalidTask) as exc:

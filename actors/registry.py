@@ -1,0 +1,128 @@
+"""Worker processes announce themselves, so the supervisor can tell a vanished one from an idle
+one and check that limits match the threads that serve each stage.
+
+    haul:workers        hash: worker id -> JSON {host, pid, queues, threads, started}
+    haul:workers:seen   sorted set: worker id by its last heartbeat (seconds)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two heartbeats of a worker process.
+HEARTBEAT_SECONDS = 5.0
+#: Heartbeats missed before the supervisor calls a worker vanished.
+MISSED_HEARTBEATS = 3
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    threads: int
+    started: float
+    seen: float = 0.0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class WorkerRegistry:
+    def __init__(self, client: redis.Redis, prefix: str = "haul:") -> None:
+        self.client = client
+        self.workers_key = f"{prefix}workers"
+        self.seen_key = f"{prefix}workers:seen"
+
+    def register(self, info: WorkerInfo, now: float) -> None:
+        data = {"host": info.host, "pid": info.pid, "queues": list(info.queues), "threads": info.threads}
+        pipe = self.client.pipeline()
+        pipe.hset(self.workers_key, info.id, json.dumps({**data, "started": info.started}))
+        pipe.zadd(self.seen_key, {info.id: now})
+        pipe.execute()
+
+    def beat(self, worker_id: str, now: float) -> None:
+        self.client.zadd(self.seen_key, {worker_id: now}, xx=True)
+
+    def unregister(self, worker_id: str) -> None:
+        pipe = self.client.pipeline()
+        pipe.hdel(self.workers_key, worker_id)
+        pipe.zrem(self.seen_key, worker_id)
+        pipe.execute()
+
+    def workers(self) -> list[WorkerInfo]:
+        pairs: Any = self.client.zrange(self.seen_key, 0, -1, withscores=True)
+        seen = {_text(k): float(score) for k, score in pairs}
+        entries: Any = self.client.hgetall(self.workers_key)
+        result = []
+        for key, raw in entries.items():
+            worker_id = _text(key)
+            data = json.loads(raw)
+            result.append(
+                WorkerInfo(
+                    id=worker_id,
+                    host=data["host"],
+                    pid=int(data["pid"]),
+                    queues=tuple(data["queues"]),
+                    threads=int(data["threads"]),
+                    started=float(data["started"]),
+                    seen=seen.get(worker_id, 0.0),
+                )
+            )
+        return result
+
+    def vanished(self, now: float) -> list[WorkerInfo]:
+        """Workers whose heartbeats stopped (killed, OOM, host gone); removed from the registry."""
+        cutoff = now - HEARTBEAT_SECONDS * MISSED_HEARTBEATS
+        found: Any = self.client.zrangebyscore(self.seen_key, "-inf", cutoff)
+        stale = {_text(v) for v in found}
+        gone = [w for w in self.workers() if w.id in stale]
+        for worker in gone:
+            self.unregister(worker.id)
+        for orphan in stale - {w.id for w in gone}:
+            self.client.zrem(self.seen_key, orphan)
+        return gone
+
+
+class Heartbeat:
+    """A daemon thread that keeps one worker's registration fresh until stopped."""
+
+    def __init__(self, registry: WorkerRegistry, worker_id: str, clock: Callable[[], float]) -> None:
+        self.registry = registry
+        self.worker_id = worker_id
+        self.clock = clock
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="haul-heartbeat", daemon=True)
+
+    def start(self, info: WorkerInfo) -> None:
+        self.registry.register(info, self.clock())
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        try:
+            self.registry.unregister(self.worker_id)
+        except redis.RedisError as exc:
+            log.warning("could not unregister worker %s (%s)", self.worker_id, exc)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            try:
+                self.registry.beat(self.worker_id, self.clock())
+            except redis.RedisError as exc:
+                log.warning("worker heartbeat failed (%s); retrying", exc)
+
+
+def queues_of(consumer_whitelist: Sequence[str] | None, declared: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted(consumer_whitelist or declared))

@@ -1,0 +1,43 @@
+"""Checks that limits, worker threads, lease and timing settings agree, and says what does not.
+
+A mismatch does not break anything at once, it quietly wastes or starves capacity (a
+semaphore of 5 in front of a third-party limit of 3 leaves threads blocked; a lease shorter
+than a few heartbeats loses healthy tasks), so it is reported at start and on every sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from actors.broker import QUEUES
+from actors.registry import WorkerInfo
+from actors.settings import Settings
+from actors.stages import PROGRESS_INTERVAL_SECONDS
+
+#: A lease must outlast this many progress heartbeats, so one slow Redis call never loses it.
+MIN_HEARTBEATS_PER_LEASE = 3
+
+
+def check(settings: Settings, workers: Sequence[WorkerInfo]) -> list[str]:
+    """Every problem found, each a sentence naming the settings involved and what to change."""
+    problems: list[str] = []
+    if settings.lease_seconds < MIN_HEARTBEATS_PER_LEASE * PROGRESS_INTERVAL_SECONDS:
+        problems.append(
+            f"HAUL_LEASE_SECONDS={settings.lease_seconds:g} is shorter than {MIN_HEARTBEATS_PER_LEASE} progress "
+            f"heartbeats ({PROGRESS_INTERVAL_SECONDS:g}s each); raise it to at least "
+            f"{MIN_HEARTBEATS_PER_LEASE * PROGRESS_INTERVAL_SECONDS:g}"
+        )
+    if settings.sweep_seconds > settings.lease_seconds:
+        problems.append(
+            f"HAUL_SWEEP_SECONDS={settings.sweep_seconds:g} is longer than HAUL_LEASE_SECONDS="
+            f"{settings.lease_seconds:g}: a killed worker's task waits a whole sweep; lower the sweep interval"
+        )
+    if workers:
+        served = {queue: sum(w.threads for w in workers if queue in w.queues) for queue in QUEUES}
+        for queue, threads in served.items():
+            if threads == 0:
+                problems.append(
+                    f"no registered worker consumes the {queue!r} queue; tasks will wait there forever "
+                    f"(run `haul worker` without --queues, or add {queue!r})"
+                )
+    return problems

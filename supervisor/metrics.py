@@ -1,0 +1,58 @@
+"""The supervisor's Prometheus metrics, in a registry of its own (never the global one)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from actors.registry import WorkerRegistry
+from actors.store import TaskStore
+
+
+class _Live(Collector):
+    """Figures read from Redis at scrape time: tasks by state, workers, last sweep age."""
+
+    def __init__(self, store: TaskStore, workers: WorkerRegistry, last_sweep: Callable[[], float | None]) -> None:
+        self.store = store
+        self.workers = workers
+        self.last_sweep = last_sweep
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        tasks = GaugeMetricFamily("haul_tasks", "Tasks by state", labels=["state"])
+        for state, count in self.store.counts().items():
+            tasks.add_metric([state.value], count)
+        yield tasks
+        workers = self.workers.workers()
+        yield GaugeMetricFamily("haul_workers", "Registered worker processes", value=len(workers))
+        yield GaugeMetricFamily(
+            "haul_worker_threads", "Worker threads across registered processes", value=sum(w.threads for w in workers)
+        )
+        last = self.last_sweep()
+        age = GaugeMetricFamily("haul_last_sweep_age_seconds", "Seconds since this replica last finished a sweep")
+        age.add_metric([], time.time() - last if last is not None else float("inf"))
+        yield age
+
+
+class Metrics:
+    def __init__(self, store: TaskStore, workers: WorkerRegistry, last_sweep: Callable[[], float | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.requeues = Counter("haul_requeues", "Tasks sent back to the queue", ["reason"], registry=self.registry)
+        self.dead = Counter("haul_dead_tasks", "Tasks that became dead in a sweep", registry=self.registry)
+        self.sweep_errors = Counter("haul_sweep_errors", "Sweep jobs that raised", ["job"], registry=self.registry)
+        self.vanished = Counter("haul_vanished_workers", "Workers that stopped heartbeating", registry=self.registry)
+        self.config_problems = Gauge(
+            "haul_config_problems", "Problems found in limits and timing settings", registry=self.registry
+        )
+        self.sweep_seconds = Histogram(
+            "haul_sweep_duration_seconds",
+            "Duration of each sweep job",
+            ["job"],
+            buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 1, 5, 30),
+            registry=self.registry,
+        )
+        self.leader = Gauge("haul_supervisor_leader", "1 while this replica holds the lock", registry=self.registry)
+        self.registry.register(_Live(store, workers, last_sweep))

@@ -1,0 +1,118 @@
+"""The supervisor's sweeps: plain functions over the store that return what they did.
+
+Each is bounded (``limit``), costs O(what it finds) through sorted sets scored by time, and is
+safe to run twice at once (every change is a guarded Lua script), so a leader hand-over that
+briefly overlaps does no harm. Sending messages and reporting are callbacks, so these functions
+know nothing of Dramatiq or Sentry.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from actors.registry import WorkerInfo, WorkerRegistry
+from actors.sandbox import Sandbox
+from actors.store import TaskStore
+
+log = logging.getLogger(__name__)
+
+#: Most tasks one sweep acts on; the rest wait for the next sweep.
+DEFAULT_SWEEP_LIMIT = 1000
+#: A queued task waiting this long past its not-before time gets its claim message again.
+DEFAULT_ORPHAN_SECONDS = 300.0
+#: A sandbox with no task record is left alone for this long (a task may be being created).
+ORPHAN_SANDBOX_GRACE_SECONDS = 3600.0
+
+SendTask = Callable[[str], None]
+
+
+def requeue_stuck(
+    store: TaskStore,
+    now: float,
+    *,
+    max_attempts: int,
+    send_claim: SendTask,
+    on_dead: SendTask,
+    limit: int = DEFAULT_SWEEP_LIMIT,
+) -> Counter[str]:
+    """Tasks whose lease deadline passed go back to ``queued`` (new token, new claim message),
+    or to ``dead`` when their attempts are used (``on_dead`` sends task.failed and reports)."""
+    outcome: Counter[str] = Counter()
+    for task_id in store.expired(now, limit):
+        result = store.requeue_expired(task_id, now=now, max_attempts=max_attempts)
+        outcome[result] += 1
+        if result == "queued":
+            log.warning("task %s: lease expired; queued again", task_id)
+            send_claim(task_id)
+        elif result == "dead":
+            log.error("task %s: lease expired and attempts are used; dead", task_id)
+            on_dead(task_id)
+    return outcome
+
+
+def rescue_orphans(
+    store: TaskStore,
+    now: float,
+    *,
+    send_claim: SendTask,
+    grace_seconds: float = DEFAULT_ORPHAN_SECONDS,
+    limit: int = DEFAULT_SWEEP_LIMIT,
+) -> int:
+    """Re-send the claim of queued tasks that waited far too long: their message may be lost
+    (Redis restarted without persistence). A duplicate costs one claim call."""
+    found = store.rescue_candidates(now=now, grace_seconds=grace_seconds, limit=limit)
+    for task_id in found:
+        log.warning("task %s: queued for over %.0fs past its time; sending its claim again", task_id, grace_seconds)
+        send_claim(task_id)
+    return len(found)
+
+
+def resend_notifications(
+    store: TaskStore, now: float, *, send_notify: SendTask, grace_seconds: float, limit: int = DEFAULT_SWEEP_LIMIT
+) -> int:
+    """task.failed events still owed well after the task ended (their message was lost)."""
+    owed = store.owed_notifications(before=now - grace_seconds, limit=limit)
+    for task_id in owed:
+        store.client.zadd(store.notify_key, {task_id: now})  # next look after another grace period
+        send_notify(task_id)
+    return len(owed)
+
+
+def vanished_workers(registry: WorkerRegistry, now: float, *, on_vanished: Callable[[WorkerInfo], None]) -> int:
+    gone = registry.vanished(now)
+    for worker in gone:
+        log.error("worker %s (host %s, pid %d) stopped sending heartbeats", worker.id, worker.host, worker.pid)
+        on_vanished(worker)
+    return len(gone)
+
+
+def prune(
+    store: TaskStore, staging_dir: Path, now: float, *, retain_seconds: float, limit: int = DEFAULT_SWEEP_LIMIT
+) -> Counter[str]:
+    """Delete ended task records older than the retention period, the sandboxes failed tasks
+    kept for inspection, and sandboxes whose task no longer exists. Never a live task's files,
+    never storage."""
+    outcome: Counter[str] = Counter()
+    for task_id, state in store.prune_ended(cutoff=now - retain_seconds, limit=limit):
+        outcome[f"records_{state.value}"] += 1
+        sandbox = Sandbox(staging_dir, task_id)
+        if sandbox.exists():
+            sandbox.remove()
+            outcome["sandboxes"] += 1
+    if staging_dir.is_dir():
+        for entry in list(staging_dir.iterdir())[:limit]:
+            if not entry.is_dir() or len(entry.name) != 32 or store.exists(entry.name):
+                continue
+            try:
+                age = now - entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age > max(retain_seconds, ORPHAN_SANDBOX_GRACE_SECONDS):
+                log.info("removing sandbox %s: its task no longer exists", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                outcome["orphan_sandboxes"] += 1
+    return outcome
