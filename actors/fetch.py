@@ -39,7 +39,7 @@ from actors.task import FileSpec
 
 log = logging.getLogger(__name__)
 
-#: Bytes read from the socket and written to disk per step; one buffer per download.
+#: Most bytes read from the socket and written to disk per step.
 CHUNK_BYTES = 1024 * 1024
 #: Redirect hops followed before giving up.
 MAX_REDIRECTS = 10
@@ -119,8 +119,9 @@ class Fetcher:
     ) -> Fetched:
         """Bring ``part`` to the complete file, resuming what it already holds.
 
-        ``on_progress(position)`` gets the bytes the ``.part`` holds after every chunk (it may
-        drop to 0 when the file restarts); ``on_total(size)`` the file's size once known;
+        ``on_progress(position)`` is called before every chunk is written, with the bytes the
+        ``.part`` holds so far (0 when the file restarts), and once at the end; raising there
+        stops the transfer before another byte is written; ``on_total(size)`` the file's size once known;
         ``guard(response)`` wraps the transfer (a graceful stop closes the response to wake a
         blocked read). Raises haul errors only.
         """
@@ -216,9 +217,11 @@ class Fetcher:
         on_progress: Callable[[int], None],
         where: str,
     ) -> int:
-        """Copy the body into ``part`` from ``offset``; return the bytes received."""
-        buffer = bytearray(CHUNK_BYTES)
-        view = memoryview(buffer)
+        """Copy the body into ``part`` from ``offset``; return the bytes received.
+
+        ``read1`` returns as soon as some bytes arrived (at most a chunk), so a slow origin
+        still reports progress, and renews the lease, often enough.
+        """
         raw = response.raw
         received = 0
         try:
@@ -230,18 +233,19 @@ class Fetcher:
             os.lseek(fd, offset, os.SEEK_SET)
             while True:
                 try:
-                    n = raw.readinto(buffer)
+                    chunk = raw.read1(CHUNK_BYTES)
                 except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
                     raise OriginUnavailable(
                         f"{where}: the transfer broke after {offset + received} bytes ({exc})"
                     ) from exc
+                n = len(chunk)
                 if not n:
                     break
-                chunk = view[:n]
+                on_progress(offset + received)  # may raise: a stale holder must not write
                 try:
                     written = 0
                     while written < n:
-                        written += os.write(fd, chunk[written:])
+                        written += os.write(fd, chunk[written:] if written else chunk)
                 except OSError as exc:
                     raise StorageUnavailable(
                         f"{where}: writing to staging failed after {offset + received} bytes ({exc.strerror}); "
@@ -250,7 +254,7 @@ class Fetcher:
                 if hasher is not None:
                     hasher.update(chunk)
                 received += n
-                on_progress(offset + received)
+            on_progress(offset + received)
             os.fsync(fd)
         except OSError as exc:
             raise StorageUnavailable(f"{where}: syncing {part} failed ({exc.strerror})") from exc

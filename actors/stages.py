@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_SECONDS = 1.0
 #: ... or after this many new bytes, whichever comes first.
 PROGRESS_BYTES = 64 * 1024 * 1024
+#: A holder stops writing once this share of its lease has passed since its last renewal;
+#: the rest absorbs clock drift between hosts (keep them NTP-synced).
+LEASE_SAFETY = 0.8
 
 
 class Next(enum.Enum):
@@ -101,6 +104,7 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
                     on_total=progress.on_total,
                     guard=rt.stopper.guard,
                 )
+                progress.check()
                 sandbox.promote(part, spec)
                 size = fetched.size
                 log.info("task %s: %s complete (%d bytes)", task_id, spec.path, size)
@@ -163,8 +167,12 @@ def notify_failed(rt: Runtime, task_id: str) -> None:
 class Progress:
     """Writes progress and renews the lease, at most once a second or every 64 MiB.
 
-    Called on every chunk, so the common path is two comparisons. When Redis is briefly
-    unreachable the download goes on; it stops only once the lease could have expired.
+    Called before every chunk is written, so the common path is a few comparisons. It also
+    keeps the fence on the filesystem: Redis refuses a stale token's writes, but not its
+    file writes, so a thread that wakes up after its lease could have expired (a hung read, a
+    long GC pause) stops before writing, judged by its own clock against the last renewal
+    (with a margin, see LEASE_SAFETY). When Redis is briefly unreachable the download goes on
+    until that same deadline.
     """
 
     def __init__(self, rt: Runtime, task: Task, token: int) -> None:
@@ -176,7 +184,7 @@ class Progress:
         self.finished = 0
         self.current: int | None = None
         self.last_write = time.monotonic()
-        self.last_renewed = self.last_write
+        self.renewed_at = self.last_write
         self.bytes_at_write = 0
 
     @property
@@ -196,10 +204,18 @@ class Progress:
         if self.rt.stopper.is_set():
             raise Stopping(f"task {self.task.id}: the worker is stopping; handing the task back")
         now = time.monotonic()
-        if now - self.last_write >= PROGRESS_INTERVAL_SECONDS:
+        self.check(now)
+        if now - self.last_write >= PROGRESS_INTERVAL_SECONDS or position - self.bytes_at_write >= PROGRESS_BYTES:
             self.write(now=now)
-        elif position - self.bytes_at_write >= PROGRESS_BYTES:
-            self.write(now=now)
+
+    def check(self, now: float | None = None) -> None:
+        """Raise LeaseLost when this holder can no longer be sure it still owns the task."""
+        now = time.monotonic() if now is None else now
+        if now > self.renewed_at + self.rt.settings.lease_seconds * LEASE_SAFETY:
+            raise LeaseLost(
+                f"task {self.task.id}: lease not renewed for {now - self.renewed_at:.1f}s (hung read or Redis "
+                "unreachable); stopping before another byte is written"
+            )
 
     def file_done(self, index: int, size: int) -> None:
         self.sizes[index] = size
@@ -208,6 +224,7 @@ class Progress:
         self.current = None
 
     def write(self, *, force: bool = False, now: float | None = None) -> None:
+        """Renew the lease and write progress; raise LeaseLost when the token moved on."""
         now = time.monotonic() if now is None else now
         self.last_write = now
         self.bytes_at_write = self.done[self.current] if self.current is not None else 0
@@ -223,13 +240,13 @@ class Progress:
                 files_done=self.finished,
             )
         except redis.RedisError as exc:
-            if force or now - self.last_renewed > s.lease_seconds * 0.8:
+            if force:
                 raise LeaseLost(f"task {self.task.id}: cannot renew its lease, Redis unreachable ({exc})") from exc
             log.warning("task %s: progress not written, Redis unreachable (%s); going on", self.task.id, exc)
             return
         if not written:
             raise LeaseLost(f"task {self.task.id}: another worker or an operator took it over; stopping")
-        self.last_renewed = now
+        self.renewed_at = now
 
 
 def _renew(rt: Runtime, task: Task, token: int) -> None:

@@ -227,6 +227,7 @@ def run(settings: Settings) -> int:
         log.info("supervisor %s: stopping", supervisor.node_id)
         supervisor.stop()
         server.shutdown()
+        server.server_close()
         return 0
 
     return alerts.crash(_run)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,11 +53,13 @@ def etag_of(data: bytes) -> str:
 @dataclass
 class Fault:
     """One scripted answer. kind: 'status' (code, retry_after), 'drop' (after n body bytes),
-    'html' (a 200 login page); ``then`` runs after the answer was sent."""
+    'stall' (after n body bytes, pause ``seconds``, then go on), 'html' (a 200 login page);
+    ``then`` runs after the answer was sent."""
 
     kind: str
     code: int = 0
     after: int = 0
+    seconds: float = 0.0
     retry_after: str | None = None
     then: Callable[[], None] | None = None
 
@@ -76,6 +79,8 @@ class Origin(_Running):
         self.served: Counter[str] = Counter()
         self.requests: list[Request] = []
         self.lock = threading.Lock()
+        #: Bytes per second each response is throttled to (None: as fast as possible).
+        self.rate: float | None = None
         super().__init__(_OriginHandler)
 
     def put(self, path: str, data: bytes) -> str:
@@ -151,11 +156,19 @@ class _OriginHandler(_Quiet):
         if fault is not None and fault.kind == "drop":
             body = body[: fault.after]
         view = memoryview(body)
-        for offset in range(0, len(view), 256 * 1024):
-            chunk = view[offset : offset + 256 * 1024]
-            self.wfile.write(chunk)
+        step = 64 * 1024 if origin.rate else 256 * 1024
+        for offset in range(0, len(view), step):
+            if fault is not None and fault.kind == "stall" and offset <= fault.after < offset + step:
+                time.sleep(fault.seconds)
+            chunk = view[offset : offset + step]
+            try:
+                self.wfile.write(chunk)
+            except OSError:
+                return  # the client went away (killed, or gave up)
             with origin.lock:
                 origin.served[path] += len(chunk)
+            if origin.rate:
+                time.sleep(len(chunk) / origin.rate)
         if fault is not None and fault.kind == "drop":
             self.wfile.flush()
             self.close_connection = True

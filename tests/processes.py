@@ -1,0 +1,96 @@
+"""Real haul processes for end-to-end and fault tests: workers, supervisors, the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def base_env(**haul: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAUL_")}
+    env.update(haul)
+    return env
+
+
+class Process:
+    """A child started in its own session, so the whole group (Dramatiq forks) can be killed."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.log_path = log
+        self.log = log.open("ab")
+        self.popen = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def kill(self) -> None:
+        """SIGKILL every process of the group: what the OOM killer or a lost host does."""
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.popen.wait(10)
+
+    def terminate(self, timeout: float = 30) -> float:
+        """SIGTERM the group leader as systemd does (KillMode=mixed); return seconds to exit."""
+        started = time.monotonic()
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        finally:
+            if self.popen.poll() is None:
+                self.kill()
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.kill()
+        self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def worker(env: dict[str, str], log: Path, threads: int = 2) -> Process:
+    return Process(
+        [sys.executable, "-m", "dramatiq", "actors", "--processes", "1", "--threads", str(threads)], env, log
+    )
+
+
+def supervisor(env: dict[str, str], log: Path) -> Process:
+    return Process([sys.executable, "-m", "supervisor"], env, log)
+
+
+@contextmanager
+def running(*processes: Process) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.close()
+
+
+def health(port: int) -> dict[str, object] | None:
+    try:
+        response = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+    except requests.RequestException:
+        return None
+    body: dict[str, object] = response.json()
+    return body
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)

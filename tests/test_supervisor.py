@@ -1,0 +1,139 @@
+"""The supervisor in-process with a real Dramatiq worker: a hung thread loses its task and its
+late writes are refused; /healthz and /metrics; configuration checks; leader election."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from actors.dispatch import enqueue_claim, enqueue_notify
+from actors.registry import WorkerInfo, WorkerRegistry
+from actors.submit import submit_spec
+from actors.task import spec_from_manifest
+from supervisor import limits
+from supervisor.daemon import Supervisor
+from supervisor.http import create_server, serve_in_background
+from tests.conftest import wait_for
+from tests.servers import Fault, Origin, Receiver
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def fast(settings: Any) -> Any:
+    return settings.replace(lease_seconds=2, sweep_seconds=0.2)
+
+
+@pytest.fixture
+def supervisor(fast: Any, store: Any) -> Iterator[Supervisor]:
+    sup = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, node_id="test-sup")
+    yield sup
+    if sup.scheduler.running:
+        sup.stop()
+
+
+@pytest.fixture
+def fast_runtime(fast: Any, store: Any) -> Iterator[Any]:
+    from actors import runtime as runtime_module
+
+    rt = runtime_module.Runtime.build(fast, store=store)
+    runtime_module.install(rt)
+    yield rt
+    runtime_module.install(None)
+
+
+def test_a_hung_thread_loses_its_task_and_cannot_write_late(
+    fast_runtime: Any,
+    supervisor: Supervisor,
+    store: Any,
+    origin: Origin,
+    receiver: Receiver,
+    fast: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import dramatiq
+
+    data = os.urandom(4 * MIB)
+    url = origin.put("/v.mp4", data)
+    # Given an origin that stops sending after 1 MiB for longer than the lease ...
+    origin.fault("/v.mp4", Fault("stall", after=MIB, seconds=4))
+    worker = dramatiq.Worker(dramatiq.get_broker(), worker_threads=2, worker_timeout=50)
+    worker.start()
+    try:
+        supervisor.start()
+        task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store)
+        # ... the supervisor requeues the task and the other thread finishes it, resuming
+        task = wait_for(store, task_id, timeout=30)
+        assert task.state.value == "done" and task.attempts == 2
+        stored = fast.storage_dir / task_id / "v.mp4"
+        assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(data).digest()
+        # When the hung thread wakes up, it stops before writing a byte
+        deadline = time.monotonic() + 10
+        while "lease not renewed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "lease not renewed" in caplog.text
+        time.sleep(0.3)
+        assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(data).digest()
+        assert store.get(task_id).state.value == "done"
+        assert supervisor.metrics.requeues.labels("lease_expired")._value.get() == 1
+    finally:
+        worker.stop()
+
+
+def test_healthz_and_metrics(supervisor: Supervisor, store: Any) -> None:
+    server = create_server("127.0.0.1", 0, supervisor.metrics.registry, supervisor.health)
+    serve_in_background(server)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        supervisor.start()
+        health = requests.get(f"{base}/healthz", timeout=5)
+        assert health.status_code == 200
+        body = health.json()
+        assert body["role"] == "leader" and body["redis"] == "ok" and body["last_sweep_age_seconds"] < 5
+        text = requests.get(f"{base}/metrics", timeout=5).text
+        for name in (
+            'haul_tasks{state="queued"}', "haul_supervisor_leader 1.0", "haul_last_sweep_age_seconds",
+            "haul_sweep_duration_seconds_bucket", "haul_workers", "haul_config_problems",
+        ):  # fmt: skip
+            assert name in text, name
+        assert requests.get(f"{base}/nope", timeout=5).status_code == 404
+        # A leader whose sweeps stopped is unhealthy
+        supervisor.last_sweep = time.time() - 3600
+        assert requests.get(f"{base}/healthz", timeout=5).status_code == 503
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_only_one_of_two_supervisors_leads_and_the_other_takes_over(fast: Any, store: Any) -> None:
+    first = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, node_id="a")
+    second = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, node_id="b")
+    first.elect()
+    second.elect()
+    assert first.is_leader and not second.is_leader and store.leader() == "a"
+    # When the leader dies without resigning, the lock expires and the standby takes over
+    deadline = time.monotonic() + first.lock_seconds + 1
+    while not second.is_leader and time.monotonic() < deadline:
+        time.sleep(0.1)
+        second.elect()
+    assert second.is_leader and store.leader() == "b"
+
+
+def test_config_mismatches_are_named(fast: Any, store: Any, caplog: pytest.LogCaptureFixture) -> None:
+    registry = WorkerRegistry(store.client)
+    registry.register(WorkerInfo("w1", "h", 1, ("claim", "download"), 8, 0.0), now=time.time())
+    problems = limits.check(fast.replace(lease_seconds=2, sweep_seconds=5), registry.workers())
+    text = json.dumps(problems)
+    assert "HAUL_LEASE_SECONDS=2" in text and "HAUL_SWEEP_SECONDS=5" in text and "'finalize' queue" in text
+    sup = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify)
+    with caplog.at_level(logging.ERROR):
+        assert sup.check_config()
+    assert sup.metrics.config_problems._value.get() == len(sup.check_config())

@@ -1,0 +1,92 @@
+"""Supervisor sweeps as plain functions over a real Redis: requeue, rescue, prune, workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from actors.registry import HEARTBEAT_SECONDS, WorkerInfo, WorkerRegistry
+from actors.store import TaskStore
+from actors.task import State, spec_from_urls
+from supervisor import sweeps
+
+NOW = 1_700_000_000.0
+
+
+def new_task(store: TaskStore, key: str | None = None) -> str:
+    return store.create(spec_from_urls(["https://cdn.example.com/v.mp4"], key=key), now=NOW)[0]
+
+
+def test_requeue_stuck_takes_back_expired_leases_only(store: TaskStore) -> None:
+    live, stuck, last_try = new_task(store), new_task(store), new_task(store)
+    store.claim(live, worker="w", now=NOW, lease_seconds=100, max_attempts=2)
+    old = store.claim(stuck, worker="w", now=NOW, lease_seconds=10, max_attempts=2)
+    for started in (NOW - 50, NOW - 30):  # the second run took over the first's expired lease
+        store.claim(last_try, worker="w", now=started, lease_seconds=10, max_attempts=2)
+    claims: list[str] = []
+    dead: list[str] = []
+    outcome = sweeps.requeue_stuck(store, NOW + 20, max_attempts=2, send_claim=claims.append, on_dead=dead.append)
+    assert outcome == {"queued": 1, "dead": 1}
+    assert claims == [stuck] and dead == [last_try]
+    task = store.get(stuck)
+    assert task is not None and task.state is State.QUEUED and task.token == old.token + 1
+    assert "lease expired during claimed on worker w" in task.error
+    assert store.get(live).state is State.CLAIMED  # type: ignore[union-attr]
+    # A second sweep finds nothing: the leases set only holds live leases now
+    assert sweeps.requeue_stuck(store, NOW + 21, max_attempts=2, send_claim=claims.append, on_dead=dead.append) == {}
+
+
+def test_requeue_stuck_costs_what_it_finds_not_what_is_stored(store: TaskStore) -> None:
+    pipe_ids = [new_task(store) for _ in range(2000)]
+    for task_id in pipe_ids:
+        store.claim(task_id, worker="w", now=NOW, lease_seconds=1000, max_attempts=5)
+    started = time.perf_counter()
+    assert sweeps.requeue_stuck(store, NOW + 10, max_attempts=5, send_claim=print, on_dead=print) == {}
+    # One ZRANGEBYSCORE on the leases set; 2,000 live leases are not read one by one.
+    assert time.perf_counter() - started < 1.0
+
+
+def test_rescue_orphans_resends_once_per_grace_period(store: TaskStore) -> None:
+    waiting = new_task(store)
+    sent: list[str] = []
+    assert sweeps.rescue_orphans(store, NOW + 10, send_claim=sent.append, grace_seconds=60) == 0
+    assert sweeps.rescue_orphans(store, NOW + 61, send_claim=sent.append, grace_seconds=60) == 1
+    assert sweeps.rescue_orphans(store, NOW + 62, send_claim=sent.append, grace_seconds=60) == 0
+    assert sweeps.rescue_orphans(store, NOW + 122, send_claim=sent.append, grace_seconds=60) == 1
+    assert sent == [waiting, waiting]
+
+
+def test_prune_deletes_old_records_and_failed_sandboxes_never_live_files(store: TaskStore, tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    done, failed, live = new_task(store, key="order-1"), new_task(store), new_task(store)
+    for task_id, target in ((done, State.DONE), (failed, State.FAILED)):
+        claim = store.claim(task_id, worker="w", now=NOW, lease_seconds=10, max_attempts=3)
+        store.release(task_id, claim.token, target, now=NOW + 1, max_attempts=3)
+    store.claim(live, worker="w", now=NOW, lease_seconds=10, max_attempts=3)
+    for task_id in (failed, live):
+        (staging / task_id / "files").mkdir(parents=True)
+    orphan = staging / ("f" * 32)
+    orphan.mkdir()
+    os.utime(orphan, (NOW - 10 * 3600, NOW - 10 * 3600))
+    fresh_orphan = staging / ("e" * 32)
+    fresh_orphan.mkdir()
+    os.utime(fresh_orphan, (NOW + 7000, NOW + 7000))
+    # Before the retention period nothing goes
+    assert sweeps.prune(store, staging, NOW + 100, retain_seconds=3600) == {"orphan_sandboxes": 1}
+    outcome = sweeps.prune(store, staging, NOW + 7200, retain_seconds=3600)
+    assert outcome == {"records_done": 1, "records_failed": 1, "sandboxes": 1}
+    assert store.get(done) is None and store.get(failed) is None and store.get(live) is not None
+    assert not (staging / failed).exists() and (staging / live / "files").is_dir() and fresh_orphan.exists()
+    # The idempotency key is free again once its task is pruned
+    assert new_task(store, key="order-1") != done
+
+
+def test_vanished_workers_are_reported_once(store: TaskStore) -> None:
+    registry = WorkerRegistry(store.client)
+    for name, seen in (("alive", NOW), ("gone", NOW - 10 * HEARTBEAT_SECONDS)):
+        registry.register(WorkerInfo(name, "host", 1, ("claim",), 8, NOW), now=seen)
+    reported: list[str] = []
+    assert sweeps.vanished_workers(registry, NOW, on_vanished=lambda w: reported.append(w.id)) == 1
+    assert sweeps.vanished_workers(registry, NOW, on_vanished=lambda w: reported.append(w.id)) == 0
+    assert reported == ["gone"] and [w.id for w in registry.workers()] == ["alive"]
