@@ -35,6 +35,7 @@ from actors.errors import (
     TooLarge,
 )
 from actors.netguard import DestinationPolicy
+from actors.redact import display_url
 from actors.task import FileSpec
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class Fetcher:
         ``guard(response)`` wraps the transfer (a graceful stop closes the response to wake a
         blocked read). Raises haul errors only.
         """
-        where = f"task {task_id}, file {spec.path!r} from {spec.url}"
+        where = f"task {task_id}, file {spec.path!r} from {display_url(spec.url)}"
         meta_path = part.with_suffix(part.suffix + ".json")
         offset, validator = self._resume_point(part, meta_path)
         headers = {"Accept-Encoding": "identity"}
@@ -267,7 +268,7 @@ class Fetcher:
         seen: set[str] = set()
         for _ in range(MAX_REDIRECTS + 1):
             if url in seen:
-                raise OriginRejected(f"{where}: redirect loop back to {url}; fix the URL", status=310)
+                raise OriginRejected(f"{where}: redirect loop back to {display_url(url)}; fix the URL", status=310)
             seen.add(url)
             self.policy.check(url, purpose=where)
             try:
@@ -275,7 +276,7 @@ class Fetcher:
                     url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False
                 )
             except requests.RequestException as exc:
-                raise OriginUnavailable(f"{where}: request to {url} failed ({_reason(exc)})") from exc
+                raise OriginUnavailable(f"{where}: request to {display_url(url)} failed ({_reason(exc)})") from exc
             if response.status_code in REDIRECT_STATUSES and "Location" in response.headers:
                 response.close()
                 url = urljoin(url, response.headers["Location"])
@@ -324,7 +325,7 @@ def _check_status(response: requests.Response, url: str, where: str) -> None:
     if status == 413:
         raise TooLarge(f"{where}: the origin answered 413 {response.reason}")
     raise OriginRejected(
-        f"{where}: the origin answered {status} {response.reason} at {url}; "
+        f"{where}: the origin answered {status} {response.reason} at {display_url(url)}; "
         "check that the URL is right and still valid (signed URLs expire)",
         status=status,
     )

@@ -11,42 +11,20 @@ origin URLs) wherever they appear, including the Dramatiq message the integratio
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 import sentry_sdk
 from sentry_sdk.integrations.dramatiq import DramatiqIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 
 from actors.errors import TransientError
+from actors.redact import REDACTED, redact_text, secrets_of
 from actors.settings import Settings
 
-REDACTED = "[redacted]"
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
-_URL_QUERY = re.compile(r"(?P<base>https?://[^\s?#\"']+)\?[^\s#\"']*", re.I)
-
-
-def secrets_of(settings: Settings) -> list[str]:
-    """Every value that must never leave the process."""
-    values = list(settings.webhook_secrets)
-    for secret in settings.webhook_secrets:
-        values.append(secret.removeprefix("whsec_"))
-    password = urlsplit(settings.redis_url).password
-    if password:
-        values.append(password)
-    if settings.sentry_dsn:
-        values.append(settings.sentry_dsn)
-    return [v for v in values if len(v) >= 4]
-
-
-def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove secrets, URL passwords (``user:***@``) and query strings from ``text``."""
-    for secret in secrets:
-        text = text.replace(secret, REDACTED)
-    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
-    return _URL_QUERY.sub(lambda m: f"{m['base']}?{REDACTED}", text)
+#: Fields whose whole value is secret wherever they appear in an event (breadcrumbs of the
+#: HTTP integrations keep the query string apart from the URL, for one).
+SECRET_KEYS = frozenset({"http.query", "query_string", "authorization", "cookie", "cookies", "set-cookie"})
 
 
 def scrub(value: Any, secrets: Iterable[str]) -> Any:
@@ -55,7 +33,10 @@ def scrub(value: Any, secrets: Iterable[str]) -> Any:
     if isinstance(value, str):
         return redact_text(value, secrets)
     if isinstance(value, dict):
-        return {scrub(k, secrets): scrub(v, secrets) for k, v in value.items()}
+        return {
+            scrub(k, secrets): REDACTED if str(k).lower() in SECRET_KEYS else scrub(v, secrets)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [scrub(v, secrets) for v in value]
     return value

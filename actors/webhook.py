@@ -23,6 +23,7 @@ from urllib3.util.retry import Retry
 
 from actors.errors import WebhookUndelivered
 from actors.netguard import DestinationPolicy
+from actors.redact import display_url
 from actors.task import Task
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class WebhookSender:
 
     def deliver(self, url: str, event: Event, *, now: float, task_id: str) -> None:
         """Deliver ``event`` to ``url`` or raise :class:`WebhookUndelivered` saying why."""
-        where = f"task {task_id}: webhook {event.type} (id {event.id}) to {url}"
+        where = f"task {task_id}: webhook {event.type} (id {event.id}) to {display_url(url)}"
         if not self._secrets:
             raise WebhookUndelivered(
                 f"{where}: no signing secret is configured; set HAUL_WEBHOOK_SECRET or HAUL_WEBHOOK_SECRET_FILE"

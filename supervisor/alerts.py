@@ -21,6 +21,13 @@ def dead_task(task_id: str, attempts: int, error: str) -> None:
     report_task(f"task {task_id} is dead: {error}", kind="dead", task_id=task_id, stage="lease", attempt=attempts)
 
 
+def bad_record(task_id: str, exc: Exception) -> None:
+    with sentry_sdk.new_scope() as scope:
+        scope.set_tag("task_id", task_id)
+        scope.fingerprint = ["haul", "bad-record"]
+        sentry_sdk.capture_exception(exc)
+
+
 def vanished_worker(worker: WorkerInfo) -> None:
     with sentry_sdk.new_scope() as scope:
         scope.set_tag("worker", worker.id)

@@ -89,6 +89,7 @@ class Supervisor:
                 max_attempts=self.settings.max_attempts,
                 send_claim=self.send_claim,
                 on_dead=self._dead,
+                on_error=alerts.bad_record,
             )
             self.metrics.requeues.labels("lease_expired").inc(outcome["queued"])
             orphans = sweeps.rescue_orphans(

@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import redis
+
 from actors.registry import WorkerInfo, WorkerRegistry
 from actors.sandbox import Sandbox
 from actors.store import TaskStore
@@ -37,13 +39,25 @@ def requeue_stuck(
     max_attempts: int,
     send_claim: SendTask,
     on_dead: SendTask,
+    on_error: Callable[[str, Exception], None] | None = None,
     limit: int = DEFAULT_SWEEP_LIMIT,
 ) -> Counter[str]:
     """Tasks whose lease deadline passed go back to ``queued`` (new token, new claim message),
-    or to ``dead`` when their attempts are used (``on_dead`` sends task.failed and reports)."""
+    or to ``dead`` when their attempts are used (``on_dead`` sends task.failed and reports).
+
+    A record the script cannot read (corrupted by hand, say) is reported through ``on_error``
+    and skipped, so one bad record never stops the recovery of the others.
+    """
     outcome: Counter[str] = Counter()
     for task_id in store.expired(now, limit):
-        result = store.requeue_expired(task_id, now=now, max_attempts=max_attempts)
+        try:
+            result = store.requeue_expired(task_id, now=now, max_attempts=max_attempts)
+        except redis.ResponseError as exc:
+            log.error("task %s: cannot requeue, its record is unreadable (%s)", task_id, exc)
+            outcome["error"] += 1
+            if on_error is not None:
+                on_error(task_id, exc)
+            continue
         outcome[result] += 1
         if result == "queued":
             log.warning("task %s: lease expired; queued again", task_id)

@@ -90,3 +90,17 @@ def test_vanished_workers_are_reported_once(store: TaskStore) -> None:
     assert sweeps.vanished_workers(registry, NOW, on_vanished=lambda w: reported.append(w.id)) == 1
     assert sweeps.vanished_workers(registry, NOW, on_vanished=lambda w: reported.append(w.id)) == 0
     assert reported == ["gone"] and [w.id for w in registry.workers()] == ["alive"]
+
+
+def test_an_unreadable_record_is_reported_and_skipped(store: TaskStore) -> None:
+    broken, fine = new_task(store), new_task(store)
+    for task_id in (broken, fine):
+        store.claim(task_id, worker="w", now=NOW, lease_seconds=10, max_attempts=3)
+    store.client.hset(store.task_key(broken), "lease_until", "garbage")
+    errors: list[str] = []
+    claims: list[str] = []
+    outcome = sweeps.requeue_stuck(
+        store, NOW + 20, max_attempts=3, send_claim=claims.append, on_dead=print,
+        on_error=lambda task_id, exc: errors.append(task_id),
+    )  # fmt: skip
+    assert outcome == {"error": 1, "queued": 1} and errors == [broken] and claims == [fine]

@@ -1,0 +1,118 @@
+"""Sentry with a real local endpoint: a worker's permanent failure and the supervisor's dead
+task, vanished worker and failing sweep arrive as events with haul's tags, and no secret is in
+any envelope."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.store import TaskStore
+from actors.task import spec_from_urls
+from tests import processes
+from tests.conftest import WEBHOOK_SECRET, RedisServer, free_port
+from tests.processes import running, wait_until
+from tests.sentry_sink import SentrySink
+from tests.servers import Origin, Receiver
+
+pytestmark = pytest.mark.e2e
+
+SIGNED = "TOPSECRETSIGNATURE"
+URL_PASSWORD = "s3cretpass"
+REDIS_PASSWORD = "hunter2redispass"
+
+
+@pytest.fixture
+def sink() -> Any:
+    server = SentrySink()
+    yield server
+    server.close()
+
+
+def assert_no_secret(sink: SentrySink) -> None:
+    raw = sink.all_bytes()
+    for secret in (WEBHOOK_SECRET, WEBHOOK_SECRET.removeprefix("whsec_"), SIGNED, URL_PASSWORD, REDIS_PASSWORD):
+        at = raw.find(secret.encode())
+        assert at < 0, (secret, raw[max(0, at - 300) : at + 50])
+
+
+def test_worker_reports_a_permanent_failure_with_tags_and_no_secrets(
+    tmp_path: Path, redis_url: str, store: TaskStore, origin: Origin, receiver: Receiver, sink: SentrySink
+) -> None:
+    env = processes.base_env(
+        HAUL_REDIS_URL=redis_url,
+        HAUL_STAGING_DIR=str(tmp_path / "staging"),
+        HAUL_STORAGE_DIR=str(tmp_path / "storage"),
+        HAUL_WEBHOOK_URL=receiver.url,
+        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        HAUL_ALLOW_PRIVATE_NETWORKS="1",
+        HAUL_SENTRY_DSN=sink.dsn,
+    )
+    url = f"http://user:{URL_PASSWORD}@127.0.0.1:{origin.port}/missing.mp4?sig={SIGNED}"
+    worker = processes.worker(env, tmp_path / "worker.log")
+    with running(worker):
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor.cli", "submit", url], env=env, capture_output=True, text=True
+        )
+        task_id = result.stdout.strip().splitlines()[-1]
+        wait_until(lambda: store.get(task_id).state.value == "failed", 30, "the task to fail")  # type: ignore[union-attr]
+        wait_until(lambda: sink.events(), 15, "a Sentry event")
+        worker.terminate()
+    [event] = sink.events()
+    tags = dict(event["tags"]) if isinstance(event["tags"], dict) else {k: v for k, v in event["tags"]}
+    assert tags["task_id"] == task_id and tags["stage"] == "downloading" and tags["attempt"] == "1"
+    assert tags["origin_host"] == "127.0.0.1"
+    assert "404" in json.dumps(event)
+    task = store.get(task_id)
+    assert task is not None and URL_PASSWORD not in task.error and SIGNED not in task.error
+    assert_no_secret(sink)
+    assert URL_PASSWORD not in worker.output() and SIGNED not in worker.output()
+
+
+def test_supervisor_reports_dead_tasks_failing_sweeps_and_checks_in(
+    tmp_path: Path, sink: SentrySink, receiver: Receiver
+) -> None:
+    server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
+    server.start()
+    port = free_port()
+    env = processes.base_env(
+        HAUL_REDIS_URL=server.url,
+        HAUL_STAGING_DIR=str(tmp_path / "staging"),
+        HAUL_WEBHOOK_URL=receiver.url,
+        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        HAUL_MAX_ATTEMPTS="1",
+        HAUL_LEASE_SECONDS="3",
+        HAUL_SWEEP_SECONDS="0.3",
+        HAUL_SUPERVISOR_PORT=str(port),
+        HAUL_SENTRY_DSN=sink.dsn,
+    )
+    store = TaskStore.from_url(server.url)
+    try:
+        # Given a task whose only attempt's worker vanished long ago
+        task_id, _ = store.create(spec_from_urls(["https://cdn.example.com/v.mp4"]), now=time.time())
+        store.claim(task_id, worker="gone:1", now=time.time() - 60, lease_seconds=3, max_attempts=1)
+        sup = processes.supervisor(env, tmp_path / "sup.log")
+        with running(sup):
+            wait_until(lambda: any(task_id in json.dumps(e) for e in sink.events()), 20, "the dead-task event")
+            assert store.get(task_id).state.value == "dead"  # type: ignore[union-attr]
+            # When Redis goes away, the sweeps raise and each failure is an event
+            server.stop()
+            wait_until(
+                lambda: any("ConnectionError" in json.dumps(e) for e in sink.events()), 20, "a sweep-error event"
+            )
+            wait_until(lambda: (processes.health(port) or {}).get("redis", "").startswith("unreachable"), 10, "503")
+            sup.terminate()
+        dead = next(e for e in sink.events() if task_id in json.dumps(e))
+        assert f"task {task_id} is dead" in dead["message"] or task_id in json.dumps(dead.get("logentry", {}))
+        slugs = {c["monitor_slug"] for c in sink.check_ins()}
+        assert "haul-requeue-stuck" in slugs
+        assert {c["status"] for c in sink.check_ins()} >= {"in_progress", "ok"}
+        assert_no_secret(sink)
+    finally:
+        server.stop()
