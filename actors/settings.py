@@ -69,6 +69,10 @@ class Settings:
     supervisor_host: str = "127.0.0.1"
     supervisor_port: int = DEFAULT_SUPERVISOR_PORT
     retain_seconds: float = DEFAULT_RETAIN_SECONDS
+    download_concurrency: int = 0
+    download_per_host: int = 0
+    finalize_concurrency: int = 0
+    staging_max_bytes: int = 0
     sentry_dsn: str | None = field(default=None, repr=False)
     sentry_environment: str | None = None
 
@@ -115,6 +119,10 @@ class Settings:
             supervisor_host=env.get("HAUL_SUPERVISOR_HOST") or "127.0.0.1",
             supervisor_port=int(_number(env, "HAUL_SUPERVISOR_PORT", DEFAULT_SUPERVISOR_PORT, minimum=0, integer=True)),
             retain_seconds=_number(env, "HAUL_RETAIN_SECONDS", DEFAULT_RETAIN_SECONDS, minimum=0),
+            download_concurrency=_limit(env, "HAUL_DOWNLOAD_CONCURRENCY"),
+            download_per_host=_limit(env, "HAUL_DOWNLOAD_PER_HOST"),
+            finalize_concurrency=_limit(env, "HAUL_FINALIZE_CONCURRENCY"),
+            staging_max_bytes=_limit(env, "HAUL_STAGING_MAX_BYTES"),
             sentry_dsn=_secret(env, "HAUL_SENTRY_DSN") or None,
             sentry_environment=env.get("HAUL_SENTRY_ENVIRONMENT") or None,
         )
@@ -189,6 +197,11 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     if value < minimum or value != value:
         raise SettingsError(f"{name} must be at least {minimum:g} (got {raw!r})")
     return value
+
+
+def _limit(env: Mapping[str, str], name: str) -> int:
+    """A stage limit: a whole number, 0 (the default) meaning no limit."""
+    return int(_number(env, name, 0, minimum=0, integer=True))
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

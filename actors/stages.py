@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -21,6 +22,7 @@ from actors.fetch import fetch_file
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
 from actors.sentry import report_task
+from actors.store import StageLimits
 from actors.task import State, Task, backoff_seconds
 from actors.webhook import COMPLETED, FAILED, make_event
 
@@ -30,6 +32,16 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_SECONDS = 1.0
 #: ... or after this many new bytes, whichever comes first.
 PROGRESS_BYTES = 64 * 1024 * 1024
+#: Claims pause while this many times HAUL_FINALIZE_CONCURRENCY tasks wait to be finalized.
+FINALIZE_BACKLOG_FACTOR = 2
+#: A task that found its stage full asks again after a random pause in this range (seconds).
+SLOT_WAIT_SECONDS = (0.5, 2.0)
+
+
+def slot_wait() -> float:
+    return random.uniform(*SLOT_WAIT_SECONDS)
+
+
 #: A holder stops writing once this share of its lease has passed since its last renewal;
 #: the rest absorbs clock drift between hosts (keep them NTP-synced).
 LEASE_SAFETY = 0.8
@@ -58,7 +70,17 @@ def claim_task(rt: Runtime, task_id: str) -> Outcome:
     s = rt.settings
     now = rt.clock()
     claim = rt.store.claim(
-        task_id, worker=rt.worker_id, now=now, lease_seconds=s.lease_seconds, max_attempts=s.max_attempts
+        task_id,
+        worker=rt.worker_id,
+        now=now,
+        lease_seconds=s.lease_seconds,
+        max_attempts=s.max_attempts,
+        limits=StageLimits(
+            downloads=s.download_concurrency,
+            downloads_per_host=s.download_per_host,
+            staging_max_bytes=s.staging_max_bytes,
+            finalize_backlog=FINALIZE_BACKLOG_FACTOR * s.finalize_concurrency,
+        ),
     )
     if claim.ok:
         log.info("task %s: claimed (attempt %d, token %d)", task_id, claim.attempts, claim.token)
@@ -68,6 +90,10 @@ def claim_task(rt: Runtime, task_id: str) -> Outcome:
         log.error("%s", message)
         report_task(message, kind="dead", task_id=task_id, stage="claim", attempt=int(claim.detail))
         return Outcome(Next.NOTIFY)
+    if claim.outcome == "full":
+        # No slot (or backpressure): stay queued without holding a thread; ask again soon.
+        log.debug("task %s: waiting, %s is full", task_id, claim.detail)
+        return Outcome(Next.RETRY, delay_seconds=slot_wait())
     if claim.outcome == "wait":
         # An early duplicate (the backoff has not passed): make sure a message comes then.
         return Outcome(Next.RETRY, delay_seconds=max(0.0, float(claim.detail) - now))
@@ -128,7 +154,12 @@ def finalize_task(rt: Runtime, task_id: str, token: int) -> Outcome:
     if task.state is State.DONE:
         sandbox.remove()  # a crash between done and clean-up left it behind
         return NOTHING
-    if task.state is not State.FINALIZING or task.token != token:
+    entry = rt.store.enter_finalize(
+        task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds, limit=rt.settings.finalize_concurrency
+    )
+    if entry == "full":
+        return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait())
+    if entry != "ok":
         log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
         return NOTHING
     try:

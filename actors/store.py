@@ -9,6 +9,8 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:leases          sorted set: task ids holding a lease, by deadline
     haul:notify          sorted set: failed/dead tasks whose task.failed webhook is owed
     haul:supervisor:leader  string with TTL: the supervisor replica that runs the sweeps
+    haul:slots:<stage>   sorted sets: stage slots, by the lease deadline of their holder
+    haul:staged          hash: bytes each sandbox holds (and haul:staged:total, their sum)
 
 Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter.
 """
@@ -19,12 +21,26 @@ import uuid
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
 from actors.task import FINAL_STATES, State, Task, TaskSpec, files_from_json
 
 DEFAULT_PREFIX = "haul:"
+
+
+@dataclass(frozen=True)
+class StageLimits:
+    """What a claim must respect; 0 means no limit. See HAUL_DOWNLOAD_CONCURRENCY and friends."""
+
+    downloads: int = 0
+    downloads_per_host: int = 0
+    staging_max_bytes: int = 0
+    finalize_backlog: int = 0
+
+
+NO_LIMITS = StageLimits()
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,7 @@ class TaskStore:
                 "prune",
                 "leader",
                 "resign",
+                "enter_finalize",
             )  # fmt: skip
         }
 
@@ -115,6 +132,7 @@ class TaskStore:
             "key": spec.key or "",
             "webhook": spec.webhook or "",
             "files": spec.files_json(),
+            "hosts": " ".join(sorted({urlsplit(f.url).hostname or "" for f in spec.files})),
             "bytes_total": sum(f.size or 0 for f in spec.files),
             "bytes_done": 0,
             "files_done": 0,
@@ -130,10 +148,30 @@ class TaskStore:
         found, created = self._call("create", keys, task_id, now, *flat)
         return _text(found), bool(created)
 
-    def claim(self, task_id: str, *, worker: str, now: float, lease_seconds: float, max_attempts: int) -> Claim:
-        """Take the task for one run (attempt + 1, new token, lease) if it is free to take."""
+    def claim(
+        self,
+        task_id: str,
+        *,
+        worker: str,
+        now: float,
+        lease_seconds: float,
+        max_attempts: int,
+        limits: StageLimits = NO_LIMITS,
+    ) -> Claim:
+        """Take the task for one run (attempt + 1, new token, lease, download slots) if it is
+        free to take and the limits allow; ``full`` leaves it queued, untouched."""
         reply = self._call(
-            "claim", [self.task_key(task_id), self.leases_key], task_id, now, lease_seconds, worker, max_attempts
+            "claim",
+            [self.task_key(task_id), self.leases_key],
+            task_id,
+            now,
+            lease_seconds,
+            worker,
+            max_attempts,
+            limits.downloads,
+            limits.downloads_per_host,
+            limits.staging_max_bytes,
+            limits.finalize_backlog,
         )
         outcome = _text(reply[0])
         if outcome == "ok":
@@ -249,6 +287,24 @@ class TaskStore:
     def leader(self) -> str | None:
         value = self.client.get(self.leader_key)
         return _text(value) if value is not None else None
+
+    def enter_finalize(self, task_id: str, token: int, *, now: float, lease_seconds: float, limit: int) -> str:
+        """Take a finalize slot (``ok``), or learn the stage is ``full`` (lease renewed), or ``stale``."""
+        reply = self._call(
+            "enter_finalize", [self.task_key(task_id), self.leases_key], task_id, token, now, lease_seconds, limit
+        )
+        return _text(reply[0])
+
+    def slots_in_use(self, now: float) -> dict[str, int]:
+        """Live slots per slot set (download, finalize, each host)."""
+        keys = [_text(k) for k in self.client.scan_iter(match=f"{self.prefix}slots:*", count=1000)]
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.zcount(key, now, "+inf")
+        return {key.removeprefix(f"{self.prefix}slots:"): int(n) for key, n in zip(keys, pipe.execute(), strict=True)}
+
+    def staged_bytes(self) -> int:
+        return int(self.client.get(f"{self.prefix}staged:total") or 0)
 
     def cancel(self, task_id: str, now: float) -> str:
         """Cancel a task that has not ended; returns ``ok``, ``missing`` or ``final``."""

@@ -60,7 +60,17 @@ class Supervisor:
         self.is_leader = False
         self.last_sweep: float | None = None
         self.lock_seconds = max(LOCK_SWEEPS * settings.sweep_seconds, MIN_LOCK_SECONDS)
-        self.metrics = Metrics(store, self.registry, lambda: self.last_sweep)
+        self.metrics = Metrics(
+            store,
+            self.registry,
+            lambda: self.last_sweep,
+            {
+                "download": settings.download_concurrency,
+                "download_per_host": settings.download_per_host,
+                "finalize": settings.finalize_concurrency,
+                "staging_bytes": settings.staging_max_bytes,
+            },
+        )
         self.scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})
         self.scheduler.add_listener(self._job_failed, EVENT_JOB_ERROR)
         self._reported_problems: set[str] = set()

@@ -32,8 +32,24 @@ def check(settings: Settings, workers: Sequence[WorkerInfo]) -> list[str]:
             f"HAUL_SWEEP_SECONDS={settings.sweep_seconds:g} is longer than HAUL_LEASE_SECONDS="
             f"{settings.lease_seconds:g}: a killed worker's task waits a whole sweep; lower the sweep interval"
         )
+    if 0 < settings.download_concurrency < settings.download_per_host:
+        problems.append(
+            f"HAUL_DOWNLOAD_PER_HOST={settings.download_per_host} is above HAUL_DOWNLOAD_CONCURRENCY="
+            f"{settings.download_concurrency}: the per-host limit can never be reached; lower it"
+        )
     if workers:
         served = {queue: sum(w.threads for w in workers if queue in w.queues) for queue in QUEUES}
+        for name, limit, queue in (
+            ("HAUL_DOWNLOAD_CONCURRENCY", settings.download_concurrency, "download"),
+            ("HAUL_DOWNLOAD_PER_HOST", settings.download_per_host, "download"),
+            ("HAUL_FINALIZE_CONCURRENCY", settings.finalize_concurrency, "finalize"),
+        ):
+            if served[queue] and limit > served[queue]:
+                problems.append(
+                    f"{name}={limit} is above the {served[queue]} worker threads that consume the {queue!r} "
+                    f"queue: the limit is never reached and tasks queue behind busy threads instead; "
+                    f"lower it to {served[queue]} or add workers"
+                )
         for queue, threads in served.items():
             if threads == 0:
                 problems.append(

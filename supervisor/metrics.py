@@ -16,10 +16,17 @@ from actors.store import TaskStore
 class _Live(Collector):
     """Figures read from Redis at scrape time: tasks by state, workers, last sweep age."""
 
-    def __init__(self, store: TaskStore, workers: WorkerRegistry, last_sweep: Callable[[], float | None]) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        workers: WorkerRegistry,
+        last_sweep: Callable[[], float | None],
+        limits: dict[str, int],
+    ) -> None:
         self.store = store
         self.workers = workers
         self.last_sweep = last_sweep
+        self.limits = limits
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         tasks = GaugeMetricFamily("haul_tasks", "Tasks by state", labels=["state"])
@@ -31,6 +38,15 @@ class _Live(Collector):
         yield GaugeMetricFamily(
             "haul_worker_threads", "Worker threads across registered processes", value=sum(w.threads for w in workers)
         )
+        in_use = GaugeMetricFamily("haul_stage_slots_in_use", "Live stage slots", labels=["slots"])
+        for name, count in self.store.slots_in_use(time.time()).items():
+            in_use.add_metric([name], count)
+        yield in_use
+        limit = GaugeMetricFamily("haul_stage_limit", "Configured stage limits (0: none)", labels=["stage"])
+        for stage, value in self.limits.items():
+            limit.add_metric([stage], value)
+        yield limit
+        yield GaugeMetricFamily("haul_staged_bytes", "Bytes held in staging sandboxes", value=self.store.staged_bytes())
         last = self.last_sweep()
         age = GaugeMetricFamily("haul_last_sweep_age_seconds", "Seconds since this replica last finished a sweep")
         age.add_metric([], time.time() - last if last is not None else float("inf"))
@@ -38,7 +54,13 @@ class _Live(Collector):
 
 
 class Metrics:
-    def __init__(self, store: TaskStore, workers: WorkerRegistry, last_sweep: Callable[[], float | None]) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        workers: WorkerRegistry,
+        last_sweep: Callable[[], float | None],
+        limits: dict[str, int],
+    ) -> None:
         self.registry = CollectorRegistry()
         self.requeues = Counter("haul_requeues", "Tasks sent back to the queue", ["reason"], registry=self.registry)
         self.dead = Counter("haul_dead_tasks", "Tasks that became dead in a sweep", registry=self.registry)
@@ -55,4 +77,4 @@ class Metrics:
             registry=self.registry,
         )
         self.leader = Gauge("haul_supervisor_leader", "1 while this replica holds the lock", registry=self.registry)
-        self.registry.register(_Live(store, workers, last_sweep))
+        self.registry.register(_Live(store, workers, last_sweep, limits))

@@ -183,6 +183,16 @@ def worker(runtime: Any) -> Iterator[Any]:
     worker.stop()
 
 
+def eventually_gone(path: Path, timeout: float = 5.0) -> bool:
+    """True once ``path`` no longer exists (a sandbox is removed just after the task is done)."""
+    deadline = time.monotonic() + timeout
+    while path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def wait_for(store: Any, task_id: str, states: set[str] | None = None, timeout: float = 20.0) -> Any:
     """Poll until the task reaches one of ``states`` (default: any final state)."""
     wanted = states or {"done", "failed", "dead", "canceled"}

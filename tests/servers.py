@@ -81,6 +81,9 @@ class Origin(_Running):
         self.lock = threading.Lock()
         #: Bytes per second each response is throttled to (None: as fast as possible).
         self.rate: float | None = None
+        #: Bodies being sent right now, and the most at any one time.
+        self.active = 0
+        self.max_active = 0
         super().__init__(_OriginHandler)
 
     def put(self, path: str, data: bytes) -> str:
@@ -155,6 +158,16 @@ class _OriginHandler(_Quiet):
         self.end_headers()
         if fault is not None and fault.kind == "drop":
             body = body[: fault.after]
+        with origin.lock:
+            origin.active += 1
+            origin.max_active = max(origin.max_active, origin.active)
+        try:
+            self._send_body(origin, path, body, fault)
+        finally:
+            with origin.lock:
+                origin.active -= 1
+
+    def _send_body(self, origin: Origin, path: str, body: bytes, fault: Fault | None) -> None:
         view = memoryview(body)
         step = 64 * 1024 if origin.rate else 256 * 1024
         for offset in range(0, len(view), step):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from actors.store import TaskStore
-from tests.conftest import WEBHOOK_SECRET, wait_for
+from tests.conftest import WEBHOOK_SECRET, eventually_gone, wait_for
 from tests.servers import Fault, Origin, Receiver
 
 pytestmark = pytest.mark.e2e
@@ -80,4 +80,4 @@ def test_submit_through_dramatiq_worker_process_to_storage_and_signed_webhook(
     [delivery] = receiver.accepted()
     assert delivery.verified and delivery.event["data"]["id"] == task_id
     assert origin.served["/course/lesson-1.mp4"] <= len(data) * 1.02
-    assert not (Path(stack_env["HAUL_STAGING_DIR"]) / task_id).exists()
+    assert eventually_gone(Path(stack_env["HAUL_STAGING_DIR"]) / task_id)

@@ -12,7 +12,7 @@ import dramatiq
 
 from actors.submit import submit_spec
 from actors.task import spec_from_manifest
-from tests.conftest import wait_for
+from tests.conftest import eventually_gone, wait_for
 from tests.servers import Delivery, Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -42,7 +42,7 @@ def test_a_course_is_downloaded_stored_and_announced(
     assert event["type"] == "task.completed" and event["data"]["id"] == task_id
     assert event["data"]["name"] == "Course 12" and event["data"]["key"] == "order-1"
     assert sorted(f["path"] for f in event["data"]["files"]) == sorted(files)
-    assert not (settings.staging_dir / task_id).exists()
+    assert eventually_gone(settings.staging_dir / task_id)
 
 
 def test_a_dropped_connection_resumes_and_the_origin_serves_the_file_about_once(
@@ -144,7 +144,7 @@ def test_a_webhook_answering_500_twice_is_retried_with_the_same_id_and_staging_k
     assert [answer.answered for answer in receiver.deliveries] == [500, 500, 204]
     assert len({event_id for event_id, _, _ in seen}) == 1
     assert all(staged and in_storage for _, staged, in_storage in seen)
-    assert not (settings.staging_dir / task_id).exists()
+    assert eventually_gone(settings.staging_dir / task_id)
 
 
 def test_a_webhook_outage_keeps_the_task_out_of_done_until_delivered(

@@ -4,6 +4,10 @@
 --   $prefix state:$state   sorted set, task id scored by the time it entered $state
 --   $prefix leases         sorted set, task id scored by its lease deadline (seconds)
 --   $prefix notify         sorted set, task id of a failed/dead task whose task.failed is owed
+--   $prefix slots:download, $prefix slots:host:$host, $prefix slots:finalize
+--                          sorted sets, task id scored by the lease deadline of the task holding
+--                          a slot: a slot whose lease ran out is free again (a dead worker's too)
+--   $prefix staged         hash, task id -> bytes its sandbox holds; $prefix staged:total their sum
 
 local prefix = ARGV[1]
 
@@ -13,6 +17,47 @@ end
 
 local function is_active(state)
   return state == 'claimed' or state == 'downloading' or state == 'finalizing'
+end
+
+-- Drop the slots a task holds (listed in its 'slots' field).
+local function free_slots(task_key, id)
+  local held = redis.call('HGET', task_key, 'slots')
+  if held and held ~= '' then
+    for key in string.gmatch(held, '[^ ]+') do
+      redis.call('ZREM', key, id)
+    end
+  end
+  redis.call('HSET', task_key, 'slots', '')
+end
+
+-- Move every slot the task holds to the new lease deadline.
+local function renew_slots(task_key, id, deadline)
+  local held = redis.call('HGET', task_key, 'slots')
+  if held and held ~= '' then
+    for key in string.gmatch(held, '[^ ]+') do
+      redis.call('ZADD', key, 'XX', deadline, id)
+    end
+  end
+end
+
+-- Take one slot in `key` unless `limit` (0: none) slots are held by live leases.
+local function slot_free(key, id, limit, now)
+  if limit <= 0 then
+    return true
+  end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  return redis.call('ZSCORE', key, id) or redis.call('ZCARD', key) < limit
+end
+
+-- Record how many bytes a task's sandbox holds, keeping the running total.
+local function set_staged(id, bytes)
+  local old = tonumber(redis.call('HGET', prefix .. 'staged', id) or '0')
+  if bytes > 0 then
+    redis.call('HSET', prefix .. 'staged', id, bytes)
+  else
+    redis.call('HDEL', prefix .. 'staged', id)
+  end
+  redis.call('INCRBY', prefix .. 'staged:total', bytes - old)
 end
 
 -- Move task `id` from state `old` (false for a new task) to `new` at time `now`.

@@ -14,7 +14,11 @@ local t = redis.call('HMGET', KEYS[1], 'state', 'token')
 if t[2] ~= ARGV[3] or t[1] ~= ARGV[4] then
   return {'stale', t[1] or ''}
 end
+if ARGV[5] == 'finalizing' then
+  free_slots(KEYS[1], id)  -- the download stage is over
+end
 set_state(KEYS[1], id, t[1], ARGV[5], now)
 redis.call('HSET', KEYS[1], 'lease_until', now + lease)
+renew_slots(KEYS[1], id, now + lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 return {'ok'}

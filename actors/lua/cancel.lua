@@ -14,6 +14,7 @@ if is_final(state) then
   return {'final', state}
 end
 redis.call('HINCRBY', KEYS[1], 'token', 1)
+free_slots(KEYS[1], id)
 set_state(KEYS[1], id, state, 'canceled', now)
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', 'canceled by an operator')
 redis.call('ZREM', KEYS[2], id)

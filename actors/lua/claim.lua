@@ -7,8 +7,13 @@
 -- ARGV[4]  lease length (seconds)
 -- ARGV[5]  worker id
 -- ARGV[6]  max attempts
+-- ARGV[7]  download slots in all (0: no limit)
+-- ARGV[8]  download slots per origin host (0: no limit)
+-- ARGV[9]  staging byte budget (0: none): past it, only tasks with bytes staged already start
+-- ARGV[10] finalize backlog (0: none): with this many tasks finalizing, claims pause
 -- Returns {'ok', token, attempts} | {'missing'} | {'final', state} | {'busy', lease_until}
---       | {'wait', not_before} | {'dead', attempts}
+--       | {'wait', not_before} | {'dead', attempts} | {'full', what is full}
+-- A 'full' claim changes nothing: the task stays queued and is offered again later.
 local id, now, lease, worker, max_attempts = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local t = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'not_before', 'attempts')
 local state = t[1]
@@ -36,6 +41,35 @@ elseif is_active(state) then
     return {'dead', attempts}
   end
 end
+local download_limit, host_limit = tonumber(ARGV[7]), tonumber(ARGV[8])
+local staging_max, backlog = tonumber(ARGV[9]), tonumber(ARGV[10])
+local wanted = {}
+if download_limit > 0 then
+  table.insert(wanted, {prefix .. 'slots:download', download_limit})
+end
+if host_limit > 0 then
+  for host in string.gmatch(redis.call('HGET', KEYS[1], 'hosts') or '', '[^ ]+') do
+    table.insert(wanted, {prefix .. 'slots:host:' .. host, host_limit})
+  end
+end
+for _, slot in ipairs(wanted) do
+  if not slot_free(slot[1], id, slot[2], now) then
+    return {'full', slot[1]}
+  end
+end
+if staging_max > 0 and not redis.call('HGET', prefix .. 'staged', id)
+    and tonumber(redis.call('GET', prefix .. 'staged:total') or '0') >= staging_max then
+  return {'full', 'staging byte budget'}
+end
+if backlog > 0 and redis.call('ZCARD', prefix .. 'state:finalizing') >= backlog then
+  return {'full', 'finalize backlog'}
+end
+local held = {}
+for _, slot in ipairs(wanted) do
+  redis.call('ZADD', slot[1], now + lease, id)
+  table.insert(held, slot[1])
+end
+redis.call('HSET', KEYS[1], 'slots', table.concat(held, ' '))
 local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
 attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 set_state(KEYS[1], id, state, 'claimed', now)

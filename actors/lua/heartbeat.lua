@@ -18,4 +18,6 @@ end
 redis.call('HSET', KEYS[1], 'lease_until', now + lease, 'bytes_done', ARGV[6], 'bytes_total', ARGV[7],
   'files_done', ARGV[8], 'updated_at', now)
 redis.call('ZADD', KEYS[2], now + lease, ARGV[2])
+renew_slots(KEYS[1], ARGV[2], now + lease)
+set_staged(ARGV[2], tonumber(ARGV[6]))
 return 1

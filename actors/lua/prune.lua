@@ -20,6 +20,7 @@ if t[3] and t[3] ~= '' and redis.call('GET', prefix .. 'key:' .. t[3]) == id the
   redis.call('DEL', prefix .. 'key:' .. t[3])
 end
 redis.call('DEL', KEYS[1])
+set_staged(id, 0)
 redis.call('ZREM', prefix .. 'state:' .. state, id)
 redis.call('ZREM', prefix .. 'notify', id)
 return state

@@ -21,6 +21,10 @@ if target == 'queued' and ARGV[9] == '1' then
 elseif target == 'queued' and tonumber(t[3] or '0') >= tonumber(ARGV[8]) then
   target = 'dead'
 end
+free_slots(KEYS[1], id)
+if target == 'done' then
+  set_staged(id, 0)  -- the sandbox is removed right after
+end
 set_state(KEYS[1], id, t[1], target, now)
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', ARGV[6], 'not_before', (target == 'queued') and ARGV[7] or 0)
 redis.call('ZREM', KEYS[2], id)

@@ -21,6 +21,7 @@ local attempts = tonumber(t[3] or '0')
 local reason = 'lease expired during ' .. state .. ' on worker ' .. (t[4] or '?') .. ' (stopped, killed or hung)'
 redis.call('HINCRBY', KEYS[1], 'token', 1)
 redis.call('ZREM', KEYS[2], id)
+free_slots(KEYS[1], id)
 if attempts >= max_attempts then
   set_state(KEYS[1], id, state, 'dead', now)
   redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', reason .. '; all ' .. max_attempts .. ' attempts are used')

@@ -1,0 +1,27 @@
+-- Take a finalize slot for the holder of the current token, or say the stage is full.
+-- KEYS[1]  $prefix task:$id
+-- KEYS[2]  $prefix leases
+-- ARGV[1]  prefix
+-- ARGV[2]  task id
+-- ARGV[3]  fencing token
+-- ARGV[4]  now (seconds)
+-- ARGV[5]  lease length (seconds)
+-- ARGV[6]  finalize slots (0: no limit)
+-- Returns {'ok'} | {'full'} | {'stale', state}. The lease is renewed either way, so a task
+-- waiting for a slot keeps its place (and its files) without holding a worker thread.
+local id, now, lease, limit = ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local t = redis.call('HMGET', KEYS[1], 'state', 'token')
+if t[2] ~= ARGV[3] or t[1] ~= 'finalizing' then
+  return {'stale', t[1] or ''}
+end
+redis.call('HSET', KEYS[1], 'lease_until', now + lease)
+redis.call('ZADD', KEYS[2], now + lease, id)
+local key = prefix .. 'slots:finalize'
+if limit > 0 then
+  if not slot_free(key, id, limit, now) then
+    return {'full'}
+  end
+  redis.call('ZADD', key, now + lease, id)
+  redis.call('HSET', KEYS[1], 'slots', key)
+end
+return {'ok'}

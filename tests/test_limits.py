@@ -1,0 +1,118 @@
+"""Stage limits: slots bound to leases, per-host limits counted at a real origin, backpressure."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pytest
+
+from actors.store import StageLimits, TaskStore
+from actors.submit import submit_spec
+from actors.task import State, spec_from_manifest, spec_from_urls
+from tests.conftest import wait_for
+from tests.servers import Origin, Receiver
+
+NOW = 1_700_000_000.0
+MIB = 1024 * 1024
+
+
+def task_on(store: TaskStore, host: str) -> str:
+    return store.create(spec_from_urls([f"https://{host}/v.mp4"]), now=NOW)[0]
+
+
+def claim(store: TaskStore, task_id: str, now: float = NOW, **limits: int) -> Any:
+    return store.claim(task_id, worker="w", now=now, lease_seconds=30, max_attempts=5, limits=StageLimits(**limits))
+
+
+def test_per_host_slots_are_bound_to_the_lease(store: TaskStore) -> None:
+    a, b, other = task_on(store, "cdn.one"), task_on(store, "cdn.one"), task_on(store, "cdn.two")
+    assert claim(store, a, downloads_per_host=1).ok
+    # Given one slot for cdn.one, a second task for it waits queued, untouched
+    full = claim(store, b, downloads_per_host=1)
+    assert full.outcome == "full" and "cdn.one" in full.detail
+    assert store.get(b).state is State.QUEUED and store.get(b).attempts == 0  # type: ignore[union-attr]
+    assert claim(store, other, downloads_per_host=1).ok
+    # When a's worker dies, its slot frees itself once its lease has run out
+    assert claim(store, b, now=NOW + 29, downloads_per_host=1).outcome == "full"
+    assert claim(store, b, now=NOW + 31, downloads_per_host=1).ok
+
+
+def test_slots_are_released_when_a_run_ends(store: TaskStore) -> None:
+    a, b = task_on(store, "cdn.one"), task_on(store, "cdn.one")
+    first = claim(store, a, downloads=1)
+    store.release(a, first.token, State.QUEUED, now=NOW + 1, max_attempts=5)
+    assert claim(store, b, now=NOW + 2, downloads=1).ok
+    assert store.slots_in_use(NOW + 2) == {"download": 1}
+
+
+def test_download_slots_move_to_finalize_and_finalize_is_limited(store: TaskStore) -> None:
+    a, b = task_on(store, "cdn.one"), task_on(store, "cdn.one")
+    tokens = {}
+    for task_id in (a, b):
+        c = claim(store, task_id, downloads=1, now=NOW if task_id == a else NOW + 1)
+        assert c.ok, c
+        tokens[task_id] = c.token
+        store.advance(task_id, c.token, State.CLAIMED, State.DOWNLOADING, now=NOW + 1, lease_seconds=30)
+        store.advance(task_id, c.token, State.DOWNLOADING, State.FINALIZING, now=NOW + 1, lease_seconds=30)
+    assert store.enter_finalize(a, tokens[a], now=NOW + 2, lease_seconds=30, limit=1) == "ok"
+    assert store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1) == "full"
+    assert store.enter_finalize(b, tokens[b] - 1, now=NOW + 2, lease_seconds=30, limit=1) == "stale"
+    store.release(a, tokens[a], State.DONE, now=NOW + 3, max_attempts=5)
+    assert store.enter_finalize(b, tokens[b], now=NOW + 4, lease_seconds=30, limit=1) == "ok"
+
+
+def test_staging_budget_pauses_new_claims_but_not_resumes(store: TaskStore) -> None:
+    a, b = task_on(store, "cdn.one"), task_on(store, "cdn.one")
+    first = claim(store, a, staging_max_bytes=100)
+    store.heartbeat(a, first.token, now=NOW + 1, lease_seconds=30, bytes_done=150, bytes_total=300, files_done=0)
+    assert store.staged_bytes() == 150
+    assert claim(store, b, now=NOW + 2, staging_max_bytes=100).outcome == "full"
+    # a, handed back with bytes staged, may always continue: it frees space by finishing
+    store.release(a, first.token, State.QUEUED, now=NOW + 2, max_attempts=5)
+    again = claim(store, a, now=NOW + 3, staging_max_bytes=100)
+    assert again.ok
+    store.release(a, again.token, State.DONE, now=NOW + 4, max_attempts=5)
+    assert store.staged_bytes() == 0
+    assert claim(store, b, now=NOW + 5, staging_max_bytes=100).ok
+
+
+def test_finalize_backlog_pauses_claims(store: TaskStore) -> None:
+    a, b = task_on(store, "cdn.one"), task_on(store, "cdn.one")
+    c = claim(store, a)
+    store.advance(a, c.token, State.CLAIMED, State.DOWNLOADING, now=NOW, lease_seconds=30)
+    store.advance(a, c.token, State.DOWNLOADING, State.FINALIZING, now=NOW, lease_seconds=30)
+    assert claim(store, b, finalize_backlog=1).outcome == "full"
+
+
+@pytest.fixture
+def limited(settings: Any, store: TaskStore) -> Iterator[Any]:
+    from actors import runtime as runtime_module
+
+    rt = runtime_module.Runtime.build(settings.replace(download_per_host=2, finalize_concurrency=1), store=store)
+    runtime_module.install(rt)
+    yield rt
+    runtime_module.install(None)
+
+
+def test_per_host_limit_holds_at_the_origin_under_load(
+    limited: Any, store: TaskStore, origin: Origin, receiver: Receiver
+) -> None:
+    origin.rate = 4 * MIB
+    data = os.urandom(MIB)
+    ids = []
+    for n in range(8):
+        url = origin.put(f"/v{n}.mp4", data)
+        ids.append(submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store))
+    worker = dramatiq.Worker(dramatiq.get_broker(), worker_threads=8, worker_timeout=50)
+    worker.start()
+    try:
+        for task_id in ids:
+            assert wait_for(store, task_id, timeout=60).state is State.DONE
+    finally:
+        worker.stop()
+    # 8 threads were free, yet the origin never saw more than 2 bodies at once
+    assert origin.max_active == 2
+    assert all(store.get(i).attempts == 1 for i in ids)  # type: ignore[union-attr]
