@@ -6,7 +6,10 @@ configured) is initialised before the broker is created, then the broker is made
 
 from __future__ import annotations
 
+import os
+
 import dramatiq
+from dramatiq import Middleware
 from dramatiq.brokers.redis import RedisBroker
 
 from actors import runtime
@@ -18,12 +21,36 @@ from actors.settings import Settings
 QUEUES = ("claim", "download", "finalize")
 
 
+def prometheus_environment(settings: Settings) -> dict[str, str]:
+    """What Dramatiq's Prometheus middleware reads from the environment, at import time."""
+    return {
+        "dramatiq_prom_db": str(settings.metrics_dir),
+        "dramatiq_prom_port": str(settings.worker_metrics_port),
+        "dramatiq_prom_host": settings.supervisor_host,
+        "PROMETHEUS_MULTIPROC_DIR": str(settings.metrics_dir),
+    }
+
+
+def prometheus_middleware(settings: Settings) -> Middleware:
+    """Dramatiq's (opt-in) Prometheus middleware, configured before prometheus_client loads.
+
+    ``haul worker`` wipes the folder before the processes start: a SIGKILLed process leaves
+    its live gauges behind there.
+    """
+    os.environ.update(prometheus_environment(settings))
+    from dramatiq.middleware.prometheus import Prometheus
+
+    return Prometheus()
+
+
 def setup(settings: Settings) -> RedisBroker:
     """Create the Redis broker for ``settings``, make it Dramatiq's current one, and remember
     ``settings`` for the actors' runtime."""
     init_sentry(settings, component="worker")
     broker = RedisBroker(url=settings.redis_url)  # type: ignore[no-untyped-call]
     broker.add_middleware(Lifecycle())
+    if settings.worker_metrics_port:
+        broker.add_middleware(prometheus_middleware(settings))
     dramatiq.set_broker(broker)
     runtime.configure(settings)
     return broker

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,8 @@ class Settings:
     supervisor_host: str = "127.0.0.1"
     supervisor_port: int = DEFAULT_SUPERVISOR_PORT
     retain_seconds: float = DEFAULT_RETAIN_SECONDS
+    worker_metrics_port: int = 0
+    worker_metrics_dir: Path | None = None
     download_concurrency: int = 0
     download_per_host: int = 0
     finalize_concurrency: int = 0
@@ -98,8 +101,8 @@ class Settings:
             _http_url(webhook_url, "HAUL_WEBHOOK_URL")
         return cls(
             redis_url=_redis_url(env.get("HAUL_REDIS_URL", DEFAULT_REDIS_URL)),
-            staging_dir=_directory(env, "HAUL_STAGING_DIR", cls.staging_dir),
-            storage_dir=_directory(env, "HAUL_STORAGE_DIR", cls.storage_dir),
+            staging_dir=_directory(env, "HAUL_STAGING_DIR", cls.staging_dir) or cls.staging_dir,
+            storage_dir=_directory(env, "HAUL_STORAGE_DIR", cls.storage_dir) or cls.storage_dir,
             webhook_url=webhook_url,
             webhook_secrets=_webhook_secrets(secret_text),
             lease_seconds=_number(env, "HAUL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=1),
@@ -119,12 +122,21 @@ class Settings:
             supervisor_host=env.get("HAUL_SUPERVISOR_HOST") or "127.0.0.1",
             supervisor_port=int(_number(env, "HAUL_SUPERVISOR_PORT", DEFAULT_SUPERVISOR_PORT, minimum=0, integer=True)),
             retain_seconds=_number(env, "HAUL_RETAIN_SECONDS", DEFAULT_RETAIN_SECONDS, minimum=0),
+            worker_metrics_port=_limit(env, "HAUL_WORKER_METRICS_PORT"),
+            worker_metrics_dir=_directory(env, "HAUL_WORKER_METRICS_DIR", None),
             download_concurrency=_limit(env, "HAUL_DOWNLOAD_CONCURRENCY"),
             download_per_host=_limit(env, "HAUL_DOWNLOAD_PER_HOST"),
             finalize_concurrency=_limit(env, "HAUL_FINALIZE_CONCURRENCY"),
             staging_max_bytes=_limit(env, "HAUL_STAGING_MAX_BYTES"),
             sentry_dsn=_secret(env, "HAUL_SENTRY_DSN") or None,
             sentry_environment=env.get("HAUL_SENTRY_ENVIRONMENT") or None,
+        )
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where the worker processes of one ``haul worker`` share their Prometheus files."""
+        return (
+            self.worker_metrics_dir or Path(tempfile.gettempdir()) / f"haul-worker-metrics-{self.worker_metrics_port}"
         )
 
     def replace(self, **changes: object) -> Settings:
@@ -175,7 +187,7 @@ def _http_url(value: str, name: str) -> str:
     return value
 
 
-def _directory(env: Mapping[str, str], name: str, default: Path) -> Path:
+def _directory(env: Mapping[str, str], name: str, default: Path | None) -> Path | None:
     value = env.get(name)
     if value is None or value == "":
         return default

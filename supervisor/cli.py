@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -54,11 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="stop a task that has not ended")
     cancel.add_argument("task_id")
 
-    worker = commands.add_parser("worker", help="run Dramatiq workers for every stage (extra args go to dramatiq)")
-    worker.add_argument("dramatiq_args", nargs=argparse.REMAINDER)
+    commands.add_parser("worker", help="run Dramatiq workers for every stage (other options go to dramatiq)")
 
     commands.add_parser("supervisor", help="run the supervisor daemon (sweeps, alerts, /healthz, /metrics)")
-    commands.add_parser("up", help="a local stack for a first run: redis-server if none answers, plus workers")
+    commands.add_parser("up", help="a local stack for a first run: redis-server if none answers, workers, supervisor")
 
     webhook = commands.add_parser("webhook", help="webhook helpers")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)
@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, passed_on = parser.parse_known_args(argv)
+    if passed_on and args.command != "worker":
+        parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
     try:
         if args.command == "webhook":
             print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
@@ -78,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_local_stack(os.environ)
         settings = Settings.from_env()
         if args.command == "worker":
-            return run_worker(settings, args.dramatiq_args)
+            return run_worker(settings, passed_on)
         if args.command == "supervisor":
             from supervisor.daemon import run
 
@@ -189,6 +192,13 @@ def worker_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
 
 
 def run_worker(settings: Settings, extra: Sequence[str]) -> int:
+    """Exec Dramatiq; with worker metrics on, start from an empty metrics folder."""
+    if settings.worker_metrics_port:
+        from actors.broker import prometheus_environment
+
+        shutil.rmtree(settings.metrics_dir, ignore_errors=True)
+        settings.metrics_dir.mkdir(parents=True)
+        os.environ.update(prometheus_environment(settings))
     command = worker_command(settings, extra)
     os.execv(command[0], command)
     return 0  # not reached

@@ -1,7 +1,8 @@
 """``haul up``: a whole haul on one machine for a first run, in the current folder.
 
 Starts a redis-server in ``.haul/redis`` (append-only file on, so a restart loses nothing)
-unless one already answers at ``HAUL_REDIS_URL``, then the workers, and stops them all on
+unless one already answers at ``HAUL_REDIS_URL``, then the workers and the supervisor, and
+stops them all on
 Ctrl-C or SIGTERM. Private networks are allowed by default here, since a first run usually
 downloads from a server on the same machine.
 """
@@ -81,8 +82,10 @@ def run_local_stack(environ: Mapping[str, str]) -> int:
     from supervisor.cli import worker_command
 
     children.append(("workers", subprocess.Popen(worker_command(settings), env=env)))
+    children.append(("supervisor", subprocess.Popen([sys.executable, "-m", "supervisor"], env=env)))
     print(
-        f"haul up: workers running; files land in {settings.storage_dir}\n"
+        f"haul up: workers and supervisor running; files land in {settings.storage_dir}; "
+        f"health and metrics on http://{settings.supervisor_host}:{settings.supervisor_port}/healthz\n"
         "haul up: in another shell: haul submit URL, then haul status ID. Ctrl-C stops everything.",
         flush=True,
     )
@@ -101,7 +104,7 @@ def run_local_stack(environ: Mapping[str, str]) -> int:
                 print(f"haul up: {name} exited with {child.returncode}; stopping", file=sys.stderr)
                 status, stop = 1, True
         time.sleep(0.5)
-    for _, child in reversed(children):  # workers first, Redis last
+    for _, child in reversed(children):  # supervisor and workers first, Redis last
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
             try:
