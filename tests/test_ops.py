@@ -1,0 +1,77 @@
+"""ops/: alert rules and dashboards refer to metrics haul really exports; rules and config pass
+promtool when it is installed; the systemd units keep the settings graceful stop depends on."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from actors.store import TaskStore
+from supervisor.daemon import Supervisor
+
+OPS = Path(__file__).resolve().parent.parent / "ops"
+METRIC = re.compile(r"\b(haul_[a-z_]+)")
+
+
+@pytest.fixture
+def exported(settings: Any, store: TaskStore) -> str:
+    sup = Supervisor(settings, store, send_claim=print, send_notify=print)
+    sup.metrics.requeues.labels("lease_expired").inc(0)
+    sup.metrics.sweep_errors.labels("requeue_stuck").inc(0)
+    sup.metrics.sweep_seconds.labels("requeue_stuck").observe(0.001)
+    store.client.zadd(store.prefix + "slots:download", {"x": 1e12})
+    return generate_latest(sup.metrics.registry).decode()
+
+
+def names_in(text: str) -> set[str]:
+    return set(METRIC.findall(text))
+
+
+def test_alert_rules_use_exported_metrics(exported: str) -> None:
+    rules = yaml.safe_load((OPS / "prometheus" / "alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    assert {"HaulNoWorker", "HaulTasksStuck", "HaulDeadTasksRising", "HaulLastSweepTooOld"} <= {
+        rule["alert"] for group in rules["groups"] for rule in group["rules"]
+    }
+    missing = names_in(" ".join(exprs)) - names_in(exported)
+    assert not missing, missing
+
+
+def test_dashboard_uses_exported_metrics(exported: str) -> None:
+    dashboard = json.loads((OPS / "grafana" / "haul-dashboard.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    missing = names_in(" ".join(exprs)) - names_in(exported)
+    assert not missing, missing
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
+def test_promtool_accepts_rules_and_config() -> None:
+    for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"]):
+        result = subprocess.run(["promtool", *args], cwd=OPS / "prometheus", capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("unit", ["haul-worker@.service", "haul-supervisor.service"])
+def test_systemd_units_stop_gracefully_and_keep_secrets_out_of_the_environment(unit: str) -> None:
+    text = (OPS / "systemd" / unit).read_text()
+    settings = dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
+    )
+    assert settings["KillSignal"] == "SIGTERM" and settings["KillMode"] == "mixed"
+    assert settings["Restart"] == "always" and int(settings["TimeoutStopSec"]) <= 120
+    assert "LoadCredential" in settings and "HAUL_WEBHOOK_SECRET=" not in text
+
+
+def test_compose_keeps_redis_persistent_and_secrets_in_files() -> None:
+    compose = yaml.safe_load((OPS / "docker" / "docker-compose.yml").read_text())
+    assert "--appendonly" in compose["services"]["redis"]["command"]
+    assert set(compose["secrets"]) == {"webhook-secret", "sentry-dsn"}
+    assert all("healthcheck" in compose["services"][name] for name in ("redis", "worker", "supervisor"))
