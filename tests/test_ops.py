@@ -62,9 +62,7 @@ def test_promtool_accepts_rules_and_config() -> None:
 @pytest.mark.parametrize("unit", ["haul-worker@.service", "haul-supervisor.service"])
 def test_systemd_units_stop_gracefully_and_keep_secrets_out_of_the_environment(unit: str) -> None:
     text = (OPS / "systemd" / unit).read_text()
-    settings = dict(
-        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
-    )
+    settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
     assert settings["KillSignal"] == "SIGTERM" and settings["KillMode"] == "mixed"
     assert settings["Restart"] == "always" and int(settings["TimeoutStopSec"]) <= 120
     assert "LoadCredential" in settings and "HAUL_WEBHOOK_SECRET=" not in text
