@@ -29,12 +29,14 @@ import urllib3
 
 from actors.errors import (
     ChecksumMismatch,
+    ForbiddenDestination,
     OriginRejected,
     OriginUnavailable,
     StorageUnavailable,
     TooLarge,
+    UnexpectedContent,
 )
-from actors.netguard import DestinationPolicy
+from actors.netguard import DestinationPolicy, refused_at_connect
 from actors.redact import display_url
 from actors.task import FileSpec
 
@@ -68,6 +70,30 @@ class Validator:
     @classmethod
     def of(cls, response: requests.Response) -> Validator:
         return cls(etag=response.headers.get("ETag"), last_modified=response.headers.get("Last-Modified"))
+
+
+@dataclass(frozen=True)
+class FetchRules:
+    """What a download must respect (from the task and the settings)."""
+
+    #: Refuse or cut a file larger than this (0: no limit).
+    max_bytes: int = 0
+    #: Content types accepted (``video/*`` style patterns); a missing Content-Type passes.
+    accept: tuple[str, ...] = ("*/*",)
+    #: Cut a transfer slower than this many bytes a second over ``lowest_speed_seconds``.
+    lowest_speed_bytes: int = 0
+    lowest_speed_seconds: float = 60.0
+
+
+def content_type_accepted(content_type: str | None, accept: tuple[str, ...]) -> bool:
+    if not content_type:
+        return True
+    kind = content_type.split(";", 1)[0].strip().lower()
+    for pattern in accept:
+        pattern = pattern.lower()
+        if pattern == "*/*" or pattern == kind or (pattern.endswith("/*") and kind.startswith(pattern[:-1])):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -106,7 +132,7 @@ class Fetcher:
     ) -> None:
         self.policy = policy
         self.timeout = (connect_timeout, read_timeout)
-        self.session = session or requests.Session()
+        self.session = session or policy.session()
 
     def fetch(
         self,
@@ -117,6 +143,7 @@ class Fetcher:
         on_progress: Callable[[int], None],
         on_total: Callable[[int], None] | None = None,
         guard: Callable[[Any], AbstractContextManager[None]] | None = None,
+        rules: FetchRules = FetchRules(),
     ) -> Fetched:
         """Bring ``part`` to the complete file, resuming what it already holds.
 
@@ -124,7 +151,7 @@ class Fetcher:
         ``.part`` holds so far (0 when the file restarts), and once at the end; raising there
         stops the transfer before another byte is written; ``on_total(size)`` the file's size once known;
         ``guard(response)`` wraps the transfer (a graceful stop closes the response to wake a
-        blocked read). Raises haul errors only.
+        blocked read); ``rules`` the size, type and speed limits. Raises haul errors only.
         """
         where = f"task {task_id}, file {spec.path!r} from {display_url(spec.url)}"
         meta_path = part.with_suffix(part.suffix + ".json")
@@ -136,6 +163,18 @@ class Fetcher:
         response = self._get(spec.url, headers, where)
         try:
             offset, total = self._start_point(response, offset, validator, where)
+            content_type = response.headers.get("Content-Type")
+            if not content_type_accepted(content_type, rules.accept):
+                raise UnexpectedContent(
+                    f"{where}: the origin answered {response.status_code} with {content_type!r} where "
+                    f"{', '.join(rules.accept)} was expected; that is usually a login, error or 'access "
+                    "denied' page: check that the URL is still valid (or widen the task's accept list)"
+                )
+            if total is not None and rules.max_bytes and total > rules.max_bytes:
+                raise TooLarge(
+                    f"{where}: the file is {total} bytes, above the limit of {rules.max_bytes} "
+                    "(HAUL_MAX_FILE_BYTES / HAUL_MAX_TASK_BYTES); nothing was downloaded"
+                )
             if total is not None:
                 if spec.size is not None and total != spec.size:
                     raise ChecksumMismatch(
@@ -151,7 +190,7 @@ class Fetcher:
             else:
                 hasher = _hash_file(part, offset) if spec.sha256 else None
             with guard(response) if guard is not None else nullcontext():
-                served = self._stream(response, part, offset, hasher, on_progress, where)
+                served = self._stream(response, part, offset, hasher, on_progress, rules, where)
         finally:
             response.close()
         size = offset + served
@@ -216,6 +255,7 @@ class Fetcher:
         offset: int,
         hasher: Any,
         on_progress: Callable[[int], None],
+        rules: FetchRules,
         where: str,
     ) -> int:
         """Copy the body into ``part`` from ``offset``; return the bytes received.
@@ -225,6 +265,7 @@ class Fetcher:
         """
         raw = response.raw
         received = 0
+        window_start, window_bytes = time.monotonic(), 0
         try:
             fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -243,6 +284,20 @@ class Fetcher:
                 if not n:
                     break
                 on_progress(offset + received)  # may raise: a stale holder must not write
+                if rules.max_bytes and offset + received + n > rules.max_bytes:
+                    raise TooLarge(
+                        f"{where}: the body grew past the limit of {rules.max_bytes} bytes; cut there "
+                        "(HAUL_MAX_FILE_BYTES / HAUL_MAX_TASK_BYTES)"
+                    )
+                window_bytes += n
+                if rules.lowest_speed_bytes and time.monotonic() - window_start >= rules.lowest_speed_seconds:
+                    speed = window_bytes / (time.monotonic() - window_start)
+                    if speed < rules.lowest_speed_bytes:
+                        raise OriginUnavailable(
+                            f"{where}: the origin sent {speed:.0f} bytes/s over {rules.lowest_speed_seconds:g}s, "
+                            f"below HAUL_LOWEST_SPEED_BYTES={rules.lowest_speed_bytes}; cut, will resume later"
+                        )
+                    window_start, window_bytes = time.monotonic(), 0
                 try:
                     written = 0
                     while written < n:
@@ -276,6 +331,10 @@ class Fetcher:
                     url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False
                 )
             except requests.RequestException as exc:
+                if refused_at_connect(exc):
+                    raise ForbiddenDestination(
+                        f"{where}: {display_url(url)} resolved to a non-public address at connect time; refused"
+                    ) from exc
                 raise OriginUnavailable(f"{where}: request to {display_url(url)} failed ({_reason(exc)})") from exc
             if response.status_code in REDIRECT_STATUSES and "Location" in response.headers:
                 response.close()

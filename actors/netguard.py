@@ -2,20 +2,38 @@
 
 haul runs next to Redis and, in clouds, next to metadata services (169.254.169.254) that hand
 out credentials. A URL from a customer's order must not reach them. By default only public
-addresses are allowed; ``HAUL_ALLOW_PRIVATE_NETWORKS`` lifts that for local stacks and tests.
-The check resolves the host name and judges every address it resolves to, so a name that
-points inward is refused like the address itself, and it runs again on every redirect hop.
+addresses are allowed; ``HAUL_ALLOW_PRIVATE_NETWORKS`` lifts that on trusted networks, and
+``HAUL_ALLOW_HOSTS`` lets exact ``host:port`` destinations through (an internal origin).
+
+Two checks, both on every redirect hop:
+
+- before the request, :meth:`DestinationPolicy.check` judges the scheme, the name
+  (``localhost`` and ``*.localhost`` by name) and every address the name resolves to, for a
+  clear, permanent error;
+- at connect time, :class:`GuardedAdapter` (requests-hardened's IP filter) resolves once more,
+  refuses a private address and pins the connection to the address it checked, so a DNS
+  answer that changes between the two (rebinding) cannot switch the destination.
+
+Odd spellings (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``[::ffff:127.0.0.1]``) resolve to
+the address they denote and are judged as such.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from requests_hardened.ip_filter import InvalidIPAddress
+from requests_hardened.ip_filter_adapter import IPFilterAdapter
 
 from actors.errors import ForbiddenDestination
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -32,37 +50,63 @@ def is_public(address: Address) -> bool:
     return address.is_global and not address.is_multicast and not address.is_reserved
 
 
+def host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
+
+
 class DestinationPolicy:
     """Decides whether a URL may be contacted, and says why not."""
 
-    def __init__(self, allow_private_networks: bool) -> None:
+    def __init__(self, allow_private_networks: bool, allow_hosts: frozenset[str] = frozenset()) -> None:
         self.allow_private_networks = allow_private_networks
+        self.allow_hosts = allow_hosts
+
+    def trusts(self, host: str, port: int) -> bool:
+        """Destinations that skip the address check: private networks allowed, or allowlisted."""
+        entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self.allow_private_networks or entry.lower() in self.allow_hosts
 
     def check(self, url: str, *, purpose: str) -> None:
         """Raise :class:`ForbiddenDestination` unless ``url`` may be contacted.
 
-        ``purpose`` ("origin of task 3f2a...", "webhook of task ...") goes into the message.
+        ``purpose`` ("task 3f2a..., file 'a.mp4' from https://...") goes into the message.
         """
         parts = urlsplit(url)
         if parts.scheme not in ALLOWED_SCHEMES:
             raise ForbiddenDestination(f"{purpose}: {parts.scheme!r} URLs are not fetched; use http or https")
-        host = parts.hostname
+        host, port = host_port(url)
         if not host:
             raise ForbiddenDestination(f"{purpose}: the URL has no host")
-        if self.allow_private_networks:
+        if self.trusts(host, port):
             return
-        for address in self._resolve(host, parts.port, purpose):
+        if host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost"):
+            raise self._refused(purpose, host, "loopback (by name)")
+        for address in self._resolve(host, port, purpose):
             if not is_public(address):
-                raise ForbiddenDestination(
-                    f"{purpose}: {host} resolves to {address}, which is not a public address; "
-                    "haul refuses loopback, private, link-local and metadata destinations "
-                    "(set HAUL_ALLOW_PRIVATE_NETWORKS=1 only on a trusted network)"
-                )
+                raise self._refused(purpose, host, str(address))
+
+    def session(self, proxy: str | None = None) -> requests.Session:
+        """A requests session whose connections pass the connect-time check."""
+        session = requests.Session()
+        session.mount("http://", GuardedAdapter(self, https=False))
+        session.mount("https://", GuardedAdapter(self, https=True))
+        if proxy:
+            session.proxies = {"http": proxy, "https": proxy}
+        return session
 
     @staticmethod
-    def _resolve(host: str, port: int | None, purpose: str) -> list[Address]:
+    def _refused(purpose: str, host: str, address: str) -> ForbiddenDestination:
+        return ForbiddenDestination(
+            f"{purpose}: {host} is {address}, which is not a public address; haul refuses loopback, "
+            "private, link-local and metadata destinations (list an internal origin in HAUL_ALLOW_HOSTS, "
+            "or set HAUL_ALLOW_PRIVATE_NETWORKS=1 only on a trusted network)"
+        )
+
+    @staticmethod
+    def _resolve(host: str, port: int, purpose: str) -> list[Address]:
         try:
-            infos = socket.getaddrinfo(host, port or 443, proto=socket.IPPROTO_TCP)
+            infos = socket.getaddrinfo(host.strip("[]"), port, proto=socket.IPPROTO_TCP)
         except socket.gaierror:
             # Unresolvable names fail later as a connection error, which is transient: DNS
             # outages pass. A name that never resolves uses up its attempts and ends dead.
@@ -75,3 +119,23 @@ class DestinationPolicy:
             except ValueError:
                 raise ForbiddenDestination(f"{purpose}: {host} resolved to an unreadable address {raw!r}") from None
         return addresses
+
+
+class GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
+    """requests-hardened's pinning IP filter, skipped for destinations the policy trusts."""
+
+    def __init__(self, policy: DestinationPolicy, *, https: bool) -> None:
+        super().__init__(is_https_proto=https, allow_loopback=False)
+        self.policy = policy
+
+    def build_connection_pool_key_attributes(
+        self, request: requests.PreparedRequest, verify: Any, cert: Any = None
+    ) -> Any:
+        if self.policy.trusts(*host_port(request.url or "")):
+            return HTTPAdapter.build_connection_pool_key_attributes(self, request, verify, cert)
+        return super().build_connection_pool_key_attributes(request, verify, cert)
+
+
+def refused_at_connect(exc: BaseException) -> bool:
+    """True when a requests error is the connect-time guard refusing an address."""
+    return isinstance(exc, InvalidIPAddress)

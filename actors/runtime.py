@@ -80,7 +80,7 @@ class Runtime:
             settings=settings,
             store=store or TaskStore.from_url(settings.redis_url),
             storage=LocalStorage(settings.storage_dir),
-            policy=DestinationPolicy(settings.allow_private_networks),
+            policy=DestinationPolicy(settings.allow_private_networks, settings.allow_hosts),
             worker_id=f"{socket.gethostname()}:{os.getpid()}",
         )
 
@@ -92,6 +92,7 @@ class Runtime:
                 self.policy,
                 connect_timeout=self.settings.connect_timeout_seconds,
                 read_timeout=self.settings.read_timeout_seconds,
+                session=self.policy.session(self.settings.proxy),
             )
             self._local.fetcher = fetcher
         return fetcher

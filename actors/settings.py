@@ -36,6 +36,10 @@ DEFAULT_SWEEP_SECONDS = 10.0
 DEFAULT_SUPERVISOR_PORT = 9310
 #: How long finished task records (and failed tasks' sandboxes) are kept, in seconds.
 DEFAULT_RETAIN_SECONDS = 7 * 24 * 3600
+#: A transfer slower than this many bytes a second over the window below is cut and retried
+#: (as aria2's --lowest-speed-limit): an origin trickling bytes must not hold a slot for hours.
+DEFAULT_LOWEST_SPEED_BYTES = 1024
+DEFAULT_LOWEST_SPEED_SECONDS = 60.0
 #: Worker process layout used by ``haul worker`` and ``haul up``.
 DEFAULT_WORKER_PROCESSES = 2
 DEFAULT_WORKER_THREADS = 8
@@ -62,6 +66,12 @@ class Settings:
     retry_min_seconds: float = DEFAULT_RETRY_MIN_SECONDS
     retry_max_seconds: float = DEFAULT_RETRY_MAX_SECONDS
     allow_private_networks: bool = False
+    allow_hosts: frozenset[str] = frozenset()
+    proxy: str | None = field(default=None, repr=False)
+    max_file_bytes: int = 0
+    max_task_bytes: int = 0
+    lowest_speed_bytes: int = DEFAULT_LOWEST_SPEED_BYTES
+    lowest_speed_seconds: float = DEFAULT_LOWEST_SPEED_SECONDS
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
     worker_processes: int = DEFAULT_WORKER_PROCESSES
@@ -110,6 +120,12 @@ class Settings:
             retry_min_seconds=_number(env, "HAUL_RETRY_MIN_SECONDS", DEFAULT_RETRY_MIN_SECONDS, minimum=0),
             retry_max_seconds=_number(env, "HAUL_RETRY_MAX_SECONDS", DEFAULT_RETRY_MAX_SECONDS, minimum=0),
             allow_private_networks=_flag(env, "HAUL_ALLOW_PRIVATE_NETWORKS", False),
+            allow_hosts=_host_ports(env.get("HAUL_ALLOW_HOSTS", "")),
+            proxy=_proxy(_secret(env, "HAUL_PROXY")),
+            max_file_bytes=_limit(env, "HAUL_MAX_FILE_BYTES"),
+            max_task_bytes=_limit(env, "HAUL_MAX_TASK_BYTES"),
+            lowest_speed_bytes=_limit(env, "HAUL_LOWEST_SPEED_BYTES", DEFAULT_LOWEST_SPEED_BYTES),
+            lowest_speed_seconds=_number(env, "HAUL_LOWEST_SPEED_SECONDS", DEFAULT_LOWEST_SPEED_SECONDS, minimum=1),
             connect_timeout_seconds=_number(
                 env, "HAUL_CONNECT_TIMEOUT_SECONDS", DEFAULT_CONNECT_TIMEOUT_SECONDS, minimum=0.1
             ),
@@ -211,9 +227,34 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     return value
 
 
-def _limit(env: Mapping[str, str], name: str) -> int:
-    """A stage limit: a whole number, 0 (the default) meaning no limit."""
-    return int(_number(env, name, 0, minimum=0, integer=True))
+def _limit(env: Mapping[str, str], name: str, default: int = 0) -> int:
+    """A limit: a whole number, 0 meaning no limit."""
+    return int(_number(env, name, default, minimum=0, integer=True))
+
+
+def _host_ports(text: str) -> frozenset[str]:
+    """``HAUL_ALLOW_HOSTS``: comma-separated ``host:port`` entries, matched exactly."""
+    entries = set()
+    for raw in text.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise SettingsError(
+                f"HAUL_ALLOW_HOSTS: {raw.strip()!r} is not host:port (e.g. cdn.internal:8080 or [::1]:9000)"
+            )
+        entries.add(entry)
+    return frozenset(entries)
+
+
+def _proxy(value: str) -> str | None:
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https", "socks5", "socks5h"} or not parts.hostname:
+        raise SettingsError("HAUL_PROXY must be a proxy URL such as http://proxy.internal:3128")
+    return value
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

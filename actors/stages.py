@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import redis
 
-from actors.errors import HaulError, LeaseLost, PermanentError, Stopping, TransientError
-from actors.fetch import fetch_file
+from actors.errors import HaulError, LeaseLost, PermanentError, Stopping, TooLarge, TransientError
+from actors.fetch import FetchRules, fetch_file
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
 from actors.sentry import report_task
@@ -116,6 +116,11 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
         sandbox = Sandbox(s.staging_dir, task_id)
         sandbox.prepare()
         progress = Progress(rt, task, token)
+        known = sum(f.size or 0 for f in task.spec.files)
+        if s.max_task_bytes and known > s.max_task_bytes:
+            raise TooLarge(
+                f"task {task_id}: its files add up to {known} bytes, above HAUL_MAX_TASK_BYTES={s.max_task_bytes}"
+            )
         for index, spec in enumerate(task.spec.files):
             size = sandbox.finished_size(spec)
             if size is None:
@@ -129,6 +134,7 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
                     on_progress=progress.on_progress,
                     on_total=progress.on_total,
                     guard=rt.stopper.guard,
+                    rules=_rules(rt, task, progress.bytes_done),
                 )
                 progress.check()
                 sandbox.promote(part, spec)
@@ -191,7 +197,10 @@ def notify_failed(rt: Runtime, task_id: str) -> None:
     if url:
         files = [f.to_json() for f in task.spec.files]
         event = make_event(task, FAILED, files, task.error, task.updated_at)
-        rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id)
+        try:
+            rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id)
+        except PermanentError as exc:  # a forbidden receiver: retrying cannot help
+            log.error("task %s: task.failed cannot be delivered: %s", task_id, exc)
     rt.store.notified(task_id)
 
 
@@ -341,6 +350,20 @@ def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
                     stage=stage, attempt=attempt, origin_host=_origin_host(task))  # fmt: skip
         return Outcome(Next.NOTIFY)
     return NOTHING
+
+
+def _rules(rt: Runtime, task: Task, task_bytes_so_far: int) -> FetchRules:
+    """The limits for the next file: the file limit, or what is left of the task's budget."""
+    s = rt.settings
+    limits = [s.max_file_bytes] if s.max_file_bytes else []
+    if s.max_task_bytes:
+        limits.append(max(1, s.max_task_bytes - task_bytes_so_far))
+    return FetchRules(
+        max_bytes=min(limits) if limits else 0,
+        accept=task.spec.accept,
+        lowest_speed_bytes=s.lowest_speed_bytes,
+        lowest_speed_seconds=s.lowest_speed_seconds,
+    )
 
 
 def _origin_host(task: Task) -> str | None:

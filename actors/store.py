@@ -17,6 +17,7 @@ Every call that depends on time takes ``now`` (seconds since the epoch) as a par
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from actors.task import FINAL_STATES, State, Task, TaskSpec, files_from_json
+from actors.task import DEFAULT_ACCEPT, FINAL_STATES, State, Task, TaskSpec, files_from_json
 
 DEFAULT_PREFIX = "haul:"
 
@@ -133,6 +134,7 @@ class TaskStore:
             "webhook": spec.webhook or "",
             "files": spec.files_json(),
             "hosts": " ".join(sorted({urlsplit(f.url).hostname or "" for f in spec.files})),
+            "accept": json.dumps(list(spec.accept)),
             "bytes_total": sum(f.size or 0 for f in spec.files),
             "bytes_done": 0,
             "files_done": 0,
@@ -330,6 +332,7 @@ class TaskStore:
             name=data.get("name", ""),
             key=data.get("key") or None,
             webhook=data.get("webhook") or None,
+            accept=tuple(json.loads(data["accept"])) if data.get("accept") else DEFAULT_ACCEPT,
         )
         return Task(
             id=data["id"],

@@ -28,6 +28,11 @@ MAX_NAME_CHARS = 200
 MAX_LABEL_CHARS = 500
 #: Most files one task may hold.
 MAX_FILES = 10_000
+#: Content types a task accepts unless it says otherwise: media, and "just bytes".
+DEFAULT_ACCEPT = (
+    "video/*", "audio/*", "image/*", "application/octet-stream", "binary/octet-stream", "application/mp4",
+)  # fmt: skip
+_CONTENT_PATTERN = re.compile(r"^(\*/\*|[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*))$")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
@@ -121,6 +126,7 @@ class TaskSpec:
     name: str = ""
     key: str | None = None
     webhook: str | None = None
+    accept: tuple[str, ...] = DEFAULT_ACCEPT
 
     def files_json(self) -> str:
         return json.dumps([f.to_json() for f in self.files], separators=(",", ":"))
@@ -257,9 +263,12 @@ def spec_from_manifest(data: object) -> TaskSpec:
     """Validate a manifest (``{"name", "key", "webhook", "files": [{"url", "path", "size"?, "sha256"?}]}``)."""
     if not isinstance(data, dict):
         raise InvalidTask("manifest: must be a JSON object with a 'files' list")
-    unknown = set(data) - {"name", "key", "webhook", "files"}
+    unknown = set(data) - {"name", "key", "webhook", "files", "accept"}
     if unknown:
-        raise InvalidTask(f"manifest: unknown field(s) {sorted(unknown)}; allowed are name, key, webhook, files")
+        raise InvalidTask(
+            f"manifest: unknown field(s) {sorted(unknown)}; allowed are name, key, webhook, files, accept"
+        )
+    accept = _accept(data.get("accept"))
     name = _optional_str(data.get("name"), "manifest.name") or ""
     key = _optional_str(data.get("key"), "manifest.key")
     webhook = _optional_str(data.get("webhook"), "manifest.webhook")
@@ -295,7 +304,22 @@ def spec_from_manifest(data: object) -> TaskSpec:
             sha = sha.lower()
         files.append(FileSpec(url=url, path=path, size=size, sha256=sha))
     _check_no_prefix_clash(files)
-    return TaskSpec(files=tuple(files), name=name, key=key, webhook=webhook)
+    return TaskSpec(files=tuple(files), name=name, key=key, webhook=webhook, accept=accept)
+
+
+def _accept(value: object) -> tuple[str, ...]:
+    if value is None:
+        return DEFAULT_ACCEPT
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise InvalidTask(
+            'manifest.accept: must be a non-empty list of content types, e.g. ["video/*", "application/pdf"]'
+        )
+    for pattern in value:
+        if not _CONTENT_PATTERN.match(pattern.lower()):
+            raise InvalidTask(
+                f"manifest.accept: {pattern!r} is not a content type pattern (type/subtype, type/* or */*)"
+            )
+    return tuple(v.lower() for v in value)
 
 
 def _check_no_prefix_clash(files: Sequence[FileSpec]) -> None:

@@ -17,12 +17,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 from standardwebhooks import Webhook
 from urllib3.util.retry import Retry
 
-from actors.errors import WebhookUndelivered
-from actors.netguard import DestinationPolicy
+from actors.errors import ForbiddenDestination, WebhookUndelivered
+from actors.netguard import DestinationPolicy, refused_at_connect
 from actors.redact import display_url
 from actors.task import Task
 
@@ -85,7 +84,6 @@ class WebhookSender:
         self._secrets = tuple(secrets)
         self.policy = policy
         self.timeout = timeout
-        self.session = requests.Session()
         retry = Retry(
             total=retries,
             backoff_factor=backoff_factor,
@@ -95,9 +93,9 @@ class WebhookSender:
             raise_on_status=False,
             redirect=0,
         )
-        adapter = HTTPAdapter(max_retries=retry)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.session = policy.session()
+        for adapter in self.session.adapters.values():
+            adapter.max_retries = retry  # type: ignore[attr-defined]
 
     def deliver(self, url: str, event: Event, *, now: float, task_id: str) -> None:
         """Deliver ``event`` to ``url`` or raise :class:`WebhookUndelivered` saying why."""
@@ -120,6 +118,8 @@ class WebhookSender:
                 url, data=event.body.encode(), headers=headers, timeout=self.timeout, allow_redirects=False
             )
         except requests.RequestException as exc:
+            if refused_at_connect(exc):
+                raise ForbiddenDestination(f"{where}: resolved to a non-public address at connect time") from exc
             raise WebhookUndelivered(f"{where}: delivery failed ({type(exc).__name__})") from exc
         with response:
             if not 200 <= response.status_code < 300:
