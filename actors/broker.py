@@ -14,6 +14,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from actors import runtime
 from actors.lifecycle import Lifecycle
+from actors.redact import install_log_redaction, secrets_of
 from actors.sentry import init_sentry
 from actors.settings import Settings
 
@@ -46,6 +47,7 @@ def prometheus_middleware(settings: Settings) -> Middleware:
 def setup(settings: Settings) -> RedisBroker:
     """Create the Redis broker for ``settings``, make it Dramatiq's current one, and remember
     ``settings`` for the actors' runtime."""
+    install_log_redaction(secrets_of(settings))
     init_sentry(settings, component="worker")
     broker = RedisBroker(url=settings.redis_url)  # type: ignore[no-untyped-call]
     broker.add_middleware(Lifecycle())

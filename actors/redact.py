@@ -6,6 +6,7 @@ Origin URLs often carry credentials (``https://user:pass@host``) or signed query
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -41,3 +42,32 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
 def display_url(url: str) -> str:
     """``url`` as it may appear in messages: no password, no query string."""
     return redact_text(url)
+
+
+def install_log_redaction(secrets: Iterable[str]) -> None:
+    """Redact every log record of this process at creation: message, arguments and traceback.
+
+    A record factory applies to every logger and handler (Dramatiq's, urllib3's, ours), where a
+    handler filter would miss handlers added later.
+    """
+    values = tuple(secrets)
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "haul_redacting", False):
+        previous = previous.wrapped  # type: ignore[attr-defined]
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string is logging's to report, not ours
+            return record
+        cleaned = redact_text(message, values)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = redact_text(logging.Formatter().formatException(record.exc_info), values)
+        return record
+
+    factory.haul_redacting = True  # type: ignore[attr-defined]
+    factory.wrapped = previous  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)

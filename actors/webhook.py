@@ -44,12 +44,16 @@ class Event:
 
 
 def make_event(task: Task, event_type: str, files: Sequence[dict[str, Any]], error: str | None, now: float) -> Event:
-    """The event for ``task``; its id depends only on the task, the type and the operator run."""
+    """The event for ``task``; its id depends only on the task, the type and the operator run.
+
+    File URLs go out without credentials or query strings (signed URLs are secrets too); the
+    backend matches files by ``path``.
+    """
     data = {
         "id": task.id,
         "name": task.spec.name,
         "key": task.spec.key,
-        "files": list(files),
+        "files": [{**f, "url": display_url(f["url"])} if "url" in f else dict(f) for f in files],
         "error": error,
     }
     body = {

@@ -63,6 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     webhook = commands.add_parser("webhook", help="webhook helpers")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)
     webhook_commands.add_parser("new-secret", help="print a new Standard Webhooks secret (whsec_...)")
+    verify = webhook_commands.add_parser(
+        "verify", help="check a delivery's signature against HAUL_WEBHOOK_SECRET (for debugging receivers)"
+    )
+    verify.add_argument("--body", type=Path, required=True, help="file with the raw body as received ('-': stdin)")
+    verify.add_argument(
+        "--header", action="append", default=[], metavar="'NAME: VALUE'", help="a received header (repeat)"
+    )
+    verify.add_argument("--headers", type=Path, help="file of received headers, one 'Name: value' per line")
     return parser
 
 
@@ -72,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if passed_on and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(passed_on)}")
     try:
-        if args.command == "webhook":
+        if args.command == "webhook" and args.webhook_command == "new-secret":
             print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
             return 0
         if args.command == "up":
@@ -80,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_local_stack(os.environ)
         settings = Settings.from_env()
+        if args.command == "webhook":
+            return cmd_webhook_verify(settings, args)
         if args.command == "worker":
             return run_worker(settings, passed_on)
         if args.command == "supervisor":
@@ -179,6 +189,42 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
         raise CommandFailed(f"task {args.task_id} has already ended")
     print(f"task {args.task_id}: canceled")
     return 0
+
+
+def cmd_webhook_verify(settings: Settings, args: argparse.Namespace) -> int:
+    """Say whether a delivery verifies with any configured secret, and if not, why."""
+    from standardwebhooks import Webhook, WebhookVerificationError
+
+    if not settings.webhook_secrets:
+        raise InvalidTask("set HAUL_WEBHOOK_SECRET (or HAUL_WEBHOOK_SECRET_FILE) to the receiver's secret(s)")
+    body = sys.stdin.buffer.read() if str(args.body) == "-" else _read_input(args.body, "body")
+    lines = list(args.header)
+    if args.headers is not None:
+        lines += _read_input(args.headers, "headers").decode("utf-8", "replace").splitlines()
+    headers = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise InvalidTask(f"header {line!r} is not 'Name: value'")
+        headers[name.strip().lower()] = value.strip()
+    reasons = []
+    for index, secret in enumerate(settings.webhook_secrets, start=1):
+        try:
+            Webhook(secret).verify(body, headers)
+        except WebhookVerificationError as exc:
+            reasons.append(f"secret #{index}: {exc}")
+            continue
+        print(f"valid: webhook-id {headers.get('webhook-id')} verifies with secret #{index}")
+        return 0
+    print("invalid: " + "; ".join(reasons), file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _read_input(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InvalidTask(f"{what} file {path}: cannot be read ({exc.strerror})") from None
 
 
 def worker_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:

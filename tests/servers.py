@@ -53,7 +53,8 @@ def etag_of(data: bytes) -> str:
 @dataclass
 class Fault:
     """One scripted answer. kind: 'status' (code, retry_after), 'drop' (after n body bytes),
-    'stall' (after n body bytes, pause ``seconds``, then go on), 'html' (a 200 login page);
+    'stall' (after n body bytes, pause ``seconds``, then go on), 'html' (a 200 login page),
+    'nolength' (the body without Content-Length, ended by closing the connection);
     ``then`` runs after the answer was sent."""
 
     kind: str
@@ -75,6 +76,7 @@ class Origin(_Running):
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
         self.faults: dict[str, deque[Fault]] = defaultdict(deque)
         self.served: Counter[str] = Counter()
         self.requests: list[Request] = []
@@ -111,7 +113,12 @@ class _OriginHandler(_Quiet):
             origin.requests.append(Request(path, dict(self.headers.items())))
             fault = origin.faults[path].popleft() if origin.faults[path] else None
             data = origin.files.get(path)
-        if fault is not None and fault.kind == "status":
+        if path in origin.redirects:
+            self.send_response(302)
+            self.send_header("Location", origin.redirects[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif fault is not None and fault.kind == "status":
             self._status(fault.code, fault.retry_after)
         elif data is None:
             self._status(404)
@@ -152,7 +159,10 @@ class _OriginHandler(_Quiet):
         self.send_header("Content-Type", "video/mp4")
         self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(body)))
+        if fault is not None and fault.kind == "nolength":
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body)))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()

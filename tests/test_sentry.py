@@ -116,3 +116,76 @@ def test_supervisor_reports_dead_tasks_failing_sweeps_and_checks_in(
         assert_no_secret(sink)
     finally:
         server.stop()
+
+
+def test_no_secret_in_logs_webhooks_metrics_or_sentry(
+    tmp_path: Path, origin: Origin, receiver: Receiver, sink: SentrySink
+) -> None:
+    import requests
+
+    server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
+    server.start()
+    sup_port, metrics_port = free_port(), free_port()
+    env = processes.base_env(
+        HAUL_REDIS_URL=server.url,
+        HAUL_STAGING_DIR=str(tmp_path / "staging"),
+        HAUL_STORAGE_DIR=str(tmp_path / "storage"),
+        HAUL_WEBHOOK_URL=receiver.url,
+        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        HAUL_ALLOW_PRIVATE_NETWORKS="1",
+        HAUL_SENTRY_DSN=sink.dsn,
+        HAUL_SWEEP_SECONDS="0.3",
+        HAUL_SUPERVISOR_PORT=str(sup_port),
+        HAUL_WORKER_METRICS_PORT=str(metrics_port),
+        HAUL_WORKER_METRICS_DIR=str(tmp_path / "metrics"),
+        HAUL_RETRY_MIN_SECONDS="0.1",
+        HAUL_RETRY_MAX_SECONDS="0.3",
+    )
+    worker = processes.Process(
+        [sys.executable, "-m", "supervisor.cli", "worker", "--processes", "1", "--threads", "2"],
+        env,
+        tmp_path / "worker.log",
+    )
+    sup = processes.supervisor(env, tmp_path / "sup.log")
+    try:
+        with running(worker, sup):
+            good = f"http://user:{URL_PASSWORD}@127.0.0.1:{origin.port}/ok.mp4?sig={SIGNED}"
+            origin.put("/ok.mp4", b"fine")
+            bad = f"http://user:{URL_PASSWORD}@127.0.0.1:{origin.port}/gone.mp4?sig={SIGNED}"
+            ids = []
+            for url in (good, bad):
+                result = subprocess.run(
+                    [sys.executable, "-m", "supervisor.cli", "submit", url], env=env, capture_output=True, text=True
+                )
+                assert result.returncode == 0, result.stderr
+                ids.append(result.stdout.strip().splitlines()[-1])
+            wait_until(lambda: len(receiver.accepted()) == 2, 30, "both webhooks")
+            wait_until(lambda: sink.events(), 15, "the failure's Sentry event")
+            texts = [
+                requests.get(f"http://127.0.0.1:{sup_port}/metrics", timeout=5).text,
+                requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text,
+            ]
+            texts.append(all_command_lines())  # what `ps` shows
+            worker.terminate()
+            sup.terminate()
+        texts += [worker.output(), sup.output()]
+        texts += [repr(d.headers) + d.body.decode() for d in receiver.deliveries]
+        assert {d.event["type"] for d in receiver.accepted()} == {"task.completed", "task.failed"}
+        assert "haul_tasks" in texts[0] and "dramatiq_messages_total" in texts[1]
+        assert ids[0] in worker.output()  # the worker log does talk about the tasks
+        for text in texts:
+            for secret in (WEBHOOK_SECRET, WEBHOOK_SECRET.removeprefix("whsec_"), SIGNED, URL_PASSWORD, REDIS_PASSWORD):
+                assert secret not in text, (secret, text[max(0, text.find(secret) - 200) : text.find(secret) + 50])
+        assert_no_secret(sink)
+    finally:
+        server.stop()
+
+
+def all_command_lines() -> str:
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return "\n".join(lines)

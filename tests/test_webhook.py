@@ -1,0 +1,84 @@
+"""Webhook signing and delivery against a real receiver: rotation, stable ids, the verify command."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from actors.errors import ForbiddenDestination, WebhookUndelivered
+from actors.netguard import DestinationPolicy
+from actors.store import TaskStore
+from actors.task import spec_from_urls
+from actors.webhook import COMPLETED, WebhookSender, make_event
+from tests.conftest import WEBHOOK_SECRET
+from tests.servers import Receiver
+
+NEW_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
+
+
+def event_for(store: TaskStore) -> tuple[str, object]:
+    task_id, _ = store.create(spec_from_urls(["https://cdn.example.com/a.mp4"], name="A"), now=time.time())
+    task = store.get(task_id)
+    assert task is not None
+    return task_id, make_event(task, COMPLETED, [], None, time.time())
+
+
+def test_rotation_signs_with_every_secret_so_either_verifies(store: TaskStore) -> None:
+    task_id, event = event_for(store)
+    for receiver_secret in (WEBHOOK_SECRET, NEW_SECRET):
+        receiver = Receiver(receiver_secret)
+        try:
+            sender = WebhookSender((WEBHOOK_SECRET, NEW_SECRET), DestinationPolicy(True), timeout=(2, 5))
+            sender.deliver(receiver.url, event, now=time.time(), task_id=task_id)  # type: ignore[arg-type]
+            [delivery] = receiver.accepted()
+            assert len(delivery.headers["webhook-signature"].split(" ")) == 2
+            assert WEBHOOK_SECRET not in repr(delivery.headers) + delivery.body.decode()
+        finally:
+            receiver.close()
+
+
+def test_retries_keep_the_id_and_give_up_with_a_clear_error(store: TaskStore, receiver: Receiver) -> None:
+    task_id, event = event_for(store)
+    receiver.statuses.extend([500] * 10)
+    sender = WebhookSender((WEBHOOK_SECRET,), DestinationPolicy(True), timeout=(2, 5), backoff_factor=0.01)
+    with pytest.raises(WebhookUndelivered, match="answered 500") as info:
+        sender.deliver(receiver.url, event, now=time.time(), task_id=task_id)  # type: ignore[arg-type]
+    assert len(receiver.deliveries) == 5 and len({d.id for d in receiver.deliveries}) == 1
+    assert WEBHOOK_SECRET not in str(info.value)
+
+
+def test_a_webhook_to_a_private_address_is_refused(store: TaskStore) -> None:
+    task_id, event = event_for(store)
+    sender = WebhookSender((WEBHOOK_SECRET,), DestinationPolicy(False), timeout=(2, 5))
+    with pytest.raises(ForbiddenDestination):
+        sender.deliver("http://169.254.169.254/hook", event, now=time.time(), task_id=task_id)  # type: ignore[arg-type]
+
+
+def test_haul_webhook_verify(store: TaskStore, receiver: Receiver, tmp_path: Path) -> None:
+    task_id, event = event_for(store)
+    sender = WebhookSender((WEBHOOK_SECRET,), DestinationPolicy(True), timeout=(2, 5))
+    sender.deliver(receiver.url, event, now=time.time(), task_id=task_id)  # type: ignore[arg-type]
+    [delivery] = receiver.deliveries
+    body = tmp_path / "body.json"
+    body.write_bytes(delivery.body)
+    headers = [f"{k}: {delivery.headers[k]}" for k in ("webhook-id", "webhook-timestamp", "webhook-signature")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAUL_WEBHOOK")}
+
+    def verify(secret: str, body_path: Path) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "supervisor.cli", "webhook", "verify", "--body", str(body_path)]
+        for header in headers:
+            argv += ["--header", header]
+        return subprocess.run(argv, env={**env, "HAUL_WEBHOOK_SECRET": secret}, capture_output=True, text=True)
+
+    good = verify(f"{NEW_SECRET} {WEBHOOK_SECRET}", body)
+    assert good.returncode == 0 and "secret #2" in good.stdout
+    tampered = tmp_path / "tampered.json"
+    tampered.write_bytes(delivery.body.replace(b'"A"', b'"B"'))
+    bad = verify(WEBHOOK_SECRET, tampered)
+    assert bad.returncode == 1 and "No matching signature" in bad.stderr
+    assert WEBHOOK_SECRET not in bad.stderr + good.stdout
