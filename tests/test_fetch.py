@@ -138,3 +138,34 @@ def test_redirects_are_rechecked_and_loops_end(origin: Origin, tmp_path: Path) -
         assert fetch(make_fetcher(), FileSpec(url=base + "/out", path="x"), tmp_path / "1.part") == 7
     finally:
         hops.close()
+
+
+def test_downloads_go_through_a_configured_proxy(origin: Origin, tmp_path: Path) -> None:
+    import urllib.request
+
+    seen: list[str] = []
+
+    class Proxy(_Quiet):
+        def do_GET(self) -> None:  # a forward proxy for http:// URLs
+            seen.append(self.path)
+            with urllib.request.urlopen(self.path) as upstream:  # noqa: S310 - test proxy to 127.0.0.1
+                body = upstream.read()
+                self.send_response(upstream.status)
+                for name in ("Content-Type", "ETag"):
+                    if upstream.headers.get(name):
+                        self.send_header(name, upstream.headers[name])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    proxy = _Running(Proxy)
+    try:
+        url = origin.put("/via-proxy.mp4", b"proxied bytes")
+        policy = DestinationPolicy(True)
+        fetcher = Fetcher(
+            policy, connect_timeout=2, read_timeout=5, session=policy.session(f"http://127.0.0.1:{proxy.port}")
+        )
+        assert fetch(fetcher, FileSpec(url=url, path="v.mp4"), tmp_path / "0.part") == len(b"proxied bytes")
+        assert seen == [url]
+    finally:
+        proxy.close()

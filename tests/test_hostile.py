@@ -105,6 +105,20 @@ def test_a_trickling_origin_is_cut_and_retried(hostile: Any, store: TaskStore, o
     assert "below HAUL_LOWEST_SPEED_BYTES" in task.error
 
 
+def test_a_task_larger_than_its_budget_fails_before_filling_the_disk(
+    hostile: Any, store: TaskStore, origin: Origin
+) -> None:
+    from actors import runtime as runtime_module
+
+    runtime_module.current().settings = hostile.replace(max_task_bytes=5 * MIB)
+    files = [{"url": origin.put(f"/part{n}.mp4", os.urandom(3 * MIB)), "path": f"part{n}.mp4"} for n in (1, 2)]
+    task_id = submit_spec(spec_from_manifest({"files": files}), store)
+    task = wait_for(store, task_id)
+    assert task.state.value == "failed" and "above the limit of 2097152" in task.error
+    part = hostile.staging_dir / task_id / ".parts" / "1.part"
+    assert not part.exists() or part.stat().st_size == 0  # refused on its Content-Length
+
+
 def test_a_symlink_planted_in_the_sandbox_cannot_lead_outside(
     hostile: Any, store: TaskStore, origin: Origin, tmp_path: Path
 ) -> None:
