@@ -14,7 +14,7 @@ def dispatch(task_id: str, outcome: Outcome) -> None:
         broker.get_actor("download").send(task_id, outcome.token)
     elif outcome.next is Next.FINALIZE:
         broker.get_actor("finalize").send_with_options(
-            args=(task_id, outcome.token), delay=int(outcome.delay_seconds * 1000) or None
+            args=(task_id, outcome.token, outcome.failing_since), delay=int(outcome.delay_seconds * 1000) or None
         )
     elif outcome.next is Next.RETRY:
         broker.get_actor("claim").send_with_options(args=(task_id,), delay=int(outcome.delay_seconds * 1000))

@@ -18,9 +18,9 @@ NOTIFY_MAX_BACKOFF_MS = 3600 * 1000
 
 
 @dramatiq.actor(queue_name="finalize", max_retries=0, time_limit=FINALIZE_TIME_LIMIT_MS)
-def finalize(task_id: str, token: int) -> None:
+def finalize(task_id: str, token: int, failing_since: float = 0.0) -> None:
     """Move the files into storage, send task.completed, mark the task done, clean up."""
-    dispatch(task_id, finalize_task(current(), task_id, token))
+    dispatch(task_id, finalize_task(current(), task_id, token, failing_since))
 
 
 @dramatiq.actor(

@@ -40,6 +40,8 @@ DEFAULT_RETAIN_SECONDS = 7 * 24 * 3600
 #: (as aria2's --lowest-speed-limit): an origin trickling bytes must not hold a slot for hours.
 DEFAULT_LOWEST_SPEED_BYTES = 1024
 DEFAULT_LOWEST_SPEED_SECONDS = 60.0
+#: How long a finished task keeps retrying storage and its webhook before it is dead, in seconds.
+DEFAULT_FINALIZE_GIVE_UP_SECONDS = 24 * 3600.0
 #: Worker process layout used by ``haul worker`` and ``haul up``.
 DEFAULT_WORKER_PROCESSES = 2
 DEFAULT_WORKER_THREADS = 8
@@ -72,6 +74,7 @@ class Settings:
     max_task_bytes: int = 0
     lowest_speed_bytes: int = DEFAULT_LOWEST_SPEED_BYTES
     lowest_speed_seconds: float = DEFAULT_LOWEST_SPEED_SECONDS
+    finalize_give_up_seconds: float = DEFAULT_FINALIZE_GIVE_UP_SECONDS
     connect_timeout_seconds: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
     worker_processes: int = DEFAULT_WORKER_PROCESSES
@@ -125,6 +128,9 @@ class Settings:
             max_file_bytes=_limit(env, "HAUL_MAX_FILE_BYTES"),
             max_task_bytes=_limit(env, "HAUL_MAX_TASK_BYTES"),
             lowest_speed_bytes=_limit(env, "HAUL_LOWEST_SPEED_BYTES", DEFAULT_LOWEST_SPEED_BYTES),
+            finalize_give_up_seconds=_number(
+                env, "HAUL_FINALIZE_GIVE_UP_SECONDS", DEFAULT_FINALIZE_GIVE_UP_SECONDS, minimum=0
+            ),
             lowest_speed_seconds=_number(env, "HAUL_LOWEST_SPEED_SECONDS", DEFAULT_LOWEST_SPEED_SECONDS, minimum=1),
             connect_timeout_seconds=_number(
                 env, "HAUL_CONNECT_TIMEOUT_SECONDS", DEFAULT_CONNECT_TIMEOUT_SECONDS, minimum=0.1

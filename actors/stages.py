@@ -17,7 +17,16 @@ from urllib.parse import urlsplit
 
 import redis
 
-from actors.errors import HaulError, LeaseLost, PermanentError, Stopping, TooLarge, TransientError
+from actors.errors import (
+    HaulError,
+    LeaseLost,
+    PermanentError,
+    Stopping,
+    StorageUnavailable,
+    TooLarge,
+    TransientError,
+    WebhookUndelivered,
+)
 from actors.fetch import FetchRules, fetch_file
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
@@ -60,6 +69,8 @@ class Outcome:
     next: Next
     token: int = 0
     delay_seconds: float = 0.0
+    #: For a finalize that is being retried: when its storage or webhook began to fail.
+    failing_since: float = 0.0
 
 
 NOTHING = Outcome(Next.NOTHING)
@@ -151,8 +162,13 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
         return _end_run(rt, task, token, exc)
 
 
-def finalize_task(rt: Runtime, task_id: str, token: int) -> Outcome:
-    """Store, announce, mark done, clean up: in that order, so nothing is lost on a crash."""
+def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 0.0) -> Outcome:
+    """Store, announce, mark done, clean up: in that order, so nothing is lost on a crash.
+
+    When storage or the webhook receiver is down, the task stays ``finalizing`` with its files
+    safe in staging and tries again later (``failing_since`` says since when), without using
+    up its download attempts: a receiver outage of an hour must not kill a finished course.
+    """
     task = rt.store.get(task_id)
     if task is None:
         return NOTHING
@@ -164,7 +180,7 @@ def finalize_task(rt: Runtime, task_id: str, token: int) -> Outcome:
         task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds, limit=rt.settings.finalize_concurrency
     )
     if entry == "full":
-        return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait())
+        return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait(), failing_since=failing_since)
     if entry != "ok":
         log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
         return NOTHING
@@ -180,11 +196,35 @@ def finalize_task(rt: Runtime, task_id: str, token: int) -> Outcome:
         reached = rt.store.release(task_id, token, State.DONE, now=rt.clock(), max_attempts=rt.settings.max_attempts)
         if reached is None:
             raise LeaseLost(f"task {task_id}: lease lost before it could be marked done")
+    except (StorageUnavailable, WebhookUndelivered) as exc:
+        return _park(rt, task, token, exc, failing_since or rt.clock())
     except Exception as exc:
         return _end_run(rt, task, token, exc)
     sandbox.remove()
     log.info("task %s: done, %d file(s) in %s", task_id, len(stored), rt.storage.task_dir(task_id))
     return NOTHING
+
+
+def _park(rt: Runtime, task: Task, token: int, exc: TransientError, failing_since: float) -> Outcome:
+    """Keep a finished task ``finalizing`` and try again after a pause that grows with the outage."""
+    s = rt.settings
+    now = rt.clock()
+    if now - failing_since > s.finalize_give_up_seconds:
+        message = f"{exc}; failing for {now - failing_since:.0f}s (HAUL_FINALIZE_GIVE_UP_SECONDS), giving up"
+        reached = rt.store.release(task.id, token, State.DEAD, now=now, error=message, max_attempts=s.max_attempts)
+        log.error("task %s: dead: %s", task.id, message)
+        if reached is None:
+            return NOTHING
+        report_task(message, kind="dead", task_id=task.id, stage="finalizing", attempt=task.attempts)
+        return Outcome(Next.NOTIFY)
+    delay = min(s.retry_max_seconds, max(s.retry_min_seconds, now - failing_since)) * random.uniform(1.0, 1.5)
+    # The lease covers the pause, so the supervisor does not take the task back meanwhile.
+    if not rt.store.advance(
+        task.id, token, State.FINALIZING, State.FINALIZING, now=now, lease_seconds=delay + s.lease_seconds
+    ):
+        return NOTHING
+    log.warning("task %s: finalize will try again in %.1fs: %s", task.id, delay, exc)
+    return Outcome(Next.FINALIZE, token=token, delay_seconds=delay, failing_since=failing_since)
 
 
 def notify_failed(rt: Runtime, task_id: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,7 +69,9 @@ class LocalStorage:
         if not source.exists() and target.exists():
             return  # committed earlier, and staging was already cleaned
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.haul-tmp")
+        # A fixed name: a run killed half-way leaves at most this one, which the next run reuses.
+        temporary = target.with_name(f".{target.name}.haul-tmp")
+        temporary.unlink(missing_ok=True)
         try:
             try:
                 os.link(source, temporary)

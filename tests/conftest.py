@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -171,16 +172,26 @@ def runtime(settings: Any, store: Any) -> Iterator[Any]:
     runtime_module.install(None)
 
 
-@pytest.fixture
-def worker(runtime: Any) -> Iterator[Any]:
-    """An in-process Dramatiq worker on the real Redis broker, serving every stage."""
+@contextmanager
+def in_process_worker(threads: int = 4) -> Iterator[Any]:
+    """A Dramatiq worker in this process on the real Redis broker, serving every stage."""
     import dramatiq
 
     broker = dramatiq.get_broker()
-    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=50)
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=50)
     worker.start()
-    yield worker
-    worker.stop()
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        # Dramatiq leaves each worker's middleware on the broker; the next test's would pile up.
+        broker.middleware = [m for m in broker.middleware if getattr(m, "worker", None) is not worker]
+
+
+@pytest.fixture
+def worker(runtime: Any) -> Iterator[Any]:
+    with in_process_worker() as worker:
+        yield worker
 
 
 def eventually_gone(path: Path, timeout: float = 5.0) -> bool:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dramatiq
 import pytest
 
 from actors.dispatch import enqueue_claim
@@ -17,7 +16,7 @@ from actors.errors import InvalidTask
 from actors.store import TaskStore
 from actors.submit import submit_spec
 from actors.task import spec_from_manifest
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, in_process_worker, wait_for
 from tests.servers import Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -37,10 +36,8 @@ def hostile(settings: Any, store: TaskStore, origin: Origin, receiver: Receiver)
     )
     rt = runtime_module.Runtime.build(strict, store=store)
     runtime_module.install(rt)
-    worker = dramatiq.Worker(dramatiq.get_broker(), worker_threads=6, worker_timeout=50)
-    worker.start()
-    yield strict
-    worker.stop()
+    with in_process_worker(threads=6):
+        yield strict
     runtime_module.install(None)
 
 

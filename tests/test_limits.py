@@ -6,13 +6,12 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import dramatiq
 import pytest
 
 from actors.store import StageLimits, TaskStore
 from actors.submit import submit_spec
 from actors.task import State, spec_from_manifest, spec_from_urls
-from tests.conftest import wait_for
+from tests.conftest import in_process_worker, wait_for
 from tests.servers import Origin, Receiver
 
 NOW = 1_700_000_000.0
@@ -106,13 +105,9 @@ def test_per_host_limit_holds_at_the_origin_under_load(
     for n in range(8):
         url = origin.put(f"/v{n}.mp4", data)
         ids.append(submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store))
-    worker = dramatiq.Worker(dramatiq.get_broker(), worker_threads=8, worker_timeout=50)
-    worker.start()
-    try:
+    with in_process_worker(threads=8):
         for task_id in ids:
             assert wait_for(store, task_id, timeout=60).state is State.DONE
-    finally:
-        worker.stop()
     # 8 threads were free, yet the origin never saw more than 2 bodies at once
     assert origin.max_active == 2
     assert all(store.get(i).attempts == 1 for i in ids)  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ from actors.task import spec_from_manifest
 from supervisor import limits
 from supervisor.daemon import Supervisor
 from supervisor.http import create_server, serve_in_background
-from tests.conftest import wait_for
+from tests.conftest import in_process_worker, wait_for
 from tests.servers import Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -59,15 +59,12 @@ def test_a_hung_thread_loses_its_task_and_cannot_write_late(
     fast: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import dramatiq
 
     data = os.urandom(4 * MIB)
     url = origin.put("/v.mp4", data)
     # Given an origin that stops sending after 1 MiB for longer than the lease ...
     origin.fault("/v.mp4", Fault("stall", after=MIB, seconds=4))
-    worker = dramatiq.Worker(dramatiq.get_broker(), worker_threads=2, worker_timeout=50)
-    worker.start()
-    try:
+    with in_process_worker(threads=2):
         supervisor.start()
         task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store)
         # ... the supervisor requeues the task and the other thread finishes it, resuming
@@ -84,8 +81,6 @@ def test_a_hung_thread_loses_its_task_and_cannot_write_late(
         assert hashlib.sha256(stored.read_bytes()).digest() == hashlib.sha256(data).digest()
         assert store.get(task_id).state.value == "done"
         assert supervisor.metrics.requeues.labels("lease_expired")._value.get() == 1
-    finally:
-        worker.stop()
 
 
 def test_healthz_and_metrics(supervisor: Supervisor, store: Any) -> None:
