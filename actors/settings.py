@@ -32,6 +32,8 @@ DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 DEFAULT_READ_TIMEOUT_SECONDS = 60.0
 #: Seconds between two supervisor sweeps.
 DEFAULT_SWEEP_SECONDS = 10.0
+#: A queued task waiting this long past its time gets its claim message again (it may be lost).
+DEFAULT_ORPHAN_SECONDS = 300.0
 #: Port of the supervisor's /healthz and /metrics.
 DEFAULT_SUPERVISOR_PORT = 9310
 #: How long finished task records (and failed tasks' sandboxes) are kept, in seconds.
@@ -80,6 +82,7 @@ class Settings:
     worker_processes: int = DEFAULT_WORKER_PROCESSES
     worker_threads: int = DEFAULT_WORKER_THREADS
     sweep_seconds: float = DEFAULT_SWEEP_SECONDS
+    orphan_seconds: float = DEFAULT_ORPHAN_SECONDS
     supervisor_host: str = "127.0.0.1"
     supervisor_port: int = DEFAULT_SUPERVISOR_PORT
     retain_seconds: float = DEFAULT_RETAIN_SECONDS
@@ -141,6 +144,7 @@ class Settings:
             ),
             worker_threads=int(_number(env, "HAUL_WORKER_THREADS", DEFAULT_WORKER_THREADS, minimum=1, integer=True)),
             sweep_seconds=_number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
+            orphan_seconds=_number(env, "HAUL_ORPHAN_SECONDS", DEFAULT_ORPHAN_SECONDS, minimum=1),
             supervisor_host=env.get("HAUL_SUPERVISOR_HOST") or "127.0.0.1",
             supervisor_port=int(_number(env, "HAUL_SUPERVISOR_PORT", DEFAULT_SUPERVISOR_PORT, minimum=0, integer=True)),
             retain_seconds=_number(env, "HAUL_RETAIN_SECONDS", DEFAULT_RETAIN_SECONDS, minimum=0),

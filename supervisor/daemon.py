@@ -130,7 +130,7 @@ class Supervisor:
                 log.info("pruned: %s", dict(outcome))
 
     def check_config(self) -> list[str]:
-        problems = limits.check(self.settings, self.registry.workers())
+        problems = limits.check(self.settings, self.registry.workers()) + limits.check_redis(self.store.client)
         self.metrics.config_problems.set(len(problems))
         for problem in problems:
             if problem not in self._reported_problems:
@@ -178,7 +178,7 @@ class Supervisor:
     # -- helpers ----------------------------------------------------------------------------
 
     def _orphan_seconds(self) -> float:
-        return max(sweeps.DEFAULT_ORPHAN_SECONDS, 3 * self.settings.sweep_seconds)
+        return max(self.settings.orphan_seconds, 3 * self.settings.sweep_seconds)
 
     def _dead(self, task_id: str) -> None:
         task = self.store.get(task_id)

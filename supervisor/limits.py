@@ -8,6 +8,9 @@ than a few heartbeats loses healthy tasks), so it is reported at start and on ev
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+import redis
 
 from actors.broker import QUEUES
 from actors.registry import WorkerInfo
@@ -57,3 +60,18 @@ def check(settings: Settings, workers: Sequence[WorkerInfo]) -> list[str]:
                     f"(run `haul worker` without --queues, or add {queue!r})"
                 )
     return problems
+
+
+def check_redis(client: redis.Redis) -> list[str]:
+    """Redis must keep what it is told across a restart, or tasks vanish without a trace."""
+    try:
+        config: Any = client.config_get("appendonly")
+        config.update(client.config_get("save"))
+    except redis.ResponseError:
+        return []  # CONFIG is disabled (managed Redis): the provider's persistence applies
+    if config.get("appendonly") == "no" and not config.get("save"):
+        return [
+            "Redis runs without persistence (appendonly no, no save points): a Redis restart loses every "
+            "queued task and message; set appendonly yes (ops/ and haul up do)"
+        ]
+    return []

@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 #: Most tasks one sweep acts on; the rest wait for the next sweep.
 DEFAULT_SWEEP_LIMIT = 1000
-#: A queued task waiting this long past its not-before time gets its claim message again.
-DEFAULT_ORPHAN_SECONDS = 300.0
 #: A sandbox with no task record is left alone for this long (a task may be being created).
 ORPHAN_SANDBOX_GRACE_SECONDS = 3600.0
 
@@ -73,7 +71,7 @@ def rescue_orphans(
     now: float,
     *,
     send_claim: SendTask,
-    grace_seconds: float = DEFAULT_ORPHAN_SECONDS,
+    grace_seconds: float,
     limit: int = DEFAULT_SWEEP_LIMIT,
 ) -> int:
     """Re-send the claim of queued tasks that waited far too long: their message may be lost

@@ -139,3 +139,12 @@ def test_config_mismatches_are_named(fast: Any, store: Any, caplog: pytest.LogCa
     with caplog.at_level(logging.ERROR):
         assert sup.check_config()
     assert sup.metrics.config_problems._value.get() == len(sup.check_config())
+
+
+def test_redis_without_persistence_is_reported(store: Any) -> None:
+    assert "without persistence" in " ".join(limits.check_redis(store.client))
+    store.client.config_set("appendonly", "yes")
+    try:
+        assert limits.check_redis(store.client) == []
+    finally:
+        store.client.config_set("appendonly", "no")
