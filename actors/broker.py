@@ -18,8 +18,10 @@ from actors.redact import install_log_redaction, secrets_of
 from actors.sentry import init_sentry
 from actors.settings import Settings
 
-#: Dramatiq queue of each stage; ``haul worker`` consumes all of them by default.
-QUEUES = ("claim", "download", "finalize")
+#: Dramatiq queues: ``claim`` runs a task (claim, download, finalize in one thread), ``finalize``
+#: resumes finalizing tasks that waited for a slot or an outage, and sends task.failed.
+#: ``haul worker`` consumes both.
+QUEUES = ("claim", "finalize")
 
 
 def prometheus_environment(settings: Settings) -> dict[str, str]:

@@ -10,9 +10,7 @@ from actors.stages import Next, Outcome
 
 def dispatch(task_id: str, outcome: Outcome) -> None:
     broker = dramatiq.get_broker()
-    if outcome.next is Next.DOWNLOAD:
-        broker.get_actor("download").send(task_id, outcome.token)
-    elif outcome.next is Next.FINALIZE:
+    if outcome.next is Next.FINALIZE:
         broker.get_actor("finalize").send_with_options(
             args=(task_id, outcome.token, outcome.failing_since), delay=int(outcome.delay_seconds * 1000) or None
         )

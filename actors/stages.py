@@ -76,6 +76,16 @@ class Outcome:
 NOTHING = Outcome(Next.NOTHING)
 
 
+def run_task(rt: Runtime, task_id: str) -> Outcome:
+    """One run of a task: claim, download, finalize, chained while nothing has to wait."""
+    outcome = claim_task(rt, task_id)
+    if outcome.next is Next.DOWNLOAD:
+        outcome = download_task(rt, task_id, outcome.token)
+    if outcome.next is Next.FINALIZE and not outcome.delay_seconds:
+        outcome = finalize_task(rt, task_id, outcome.token)
+    return outcome
+
+
 def claim_task(rt: Runtime, task_id: str) -> Outcome:
     """Gate every run: only a queued task (or one whose lease ran out) is taken."""
     s = rt.settings
@@ -118,7 +128,7 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
     if not rt.store.advance(
         task_id, token, State.CLAIMED, State.DOWNLOADING, now=rt.clock(), lease_seconds=s.lease_seconds
     ):
-        log.info("task %s: download message with stale token %d ignored", task_id, token)
+        log.info("task %s: download with stale token %d skipped", task_id, token)
         return NOTHING
     task = rt.store.get(task_id)
     if task is None:

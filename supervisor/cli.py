@@ -96,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from supervisor.daemon import run
 
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per job run is noise
             return run(settings)
         handler = {"submit": cmd_submit, "status": cmd_status, "retry": cmd_retry, "cancel": cmd_cancel}
         return handler[args.command](settings, args)
@@ -237,8 +238,20 @@ def worker_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
     return command + list(extra)
 
 
+def worker_environment(settings: Settings, extra: Sequence[str] = ()) -> dict[str, str]:
+    """Dramatiq's prefetch, set to the thread count: by default a process takes twice as many
+    messages as it has threads, and the extra ones wait behind hour-long downloads while other
+    workers idle."""
+    threads = str(settings.worker_threads)
+    for flag in ("--threads", "-t"):
+        if flag in extra and extra.index(flag) + 1 < len(extra):
+            threads = extra[extra.index(flag) + 1]
+    return {"dramatiq_queue_prefetch": threads}
+
+
 def run_worker(settings: Settings, extra: Sequence[str]) -> int:
     """Exec Dramatiq; with worker metrics on, start from an empty metrics folder."""
+    os.environ.update(worker_environment(settings, extra))
     if settings.worker_metrics_port:
         from actors.broker import prometheus_environment
 

@@ -43,9 +43,9 @@ def check(settings: Settings, workers: Sequence[WorkerInfo]) -> list[str]:
     if workers:
         served = {queue: sum(w.threads for w in workers if queue in w.queues) for queue in QUEUES}
         for name, limit, queue in (
-            ("HAUL_DOWNLOAD_CONCURRENCY", settings.download_concurrency, "download"),
-            ("HAUL_DOWNLOAD_PER_HOST", settings.download_per_host, "download"),
-            ("HAUL_FINALIZE_CONCURRENCY", settings.finalize_concurrency, "finalize"),
+            ("HAUL_DOWNLOAD_CONCURRENCY", settings.download_concurrency, "claim"),
+            ("HAUL_DOWNLOAD_PER_HOST", settings.download_per_host, "claim"),
+            ("HAUL_FINALIZE_CONCURRENCY", settings.finalize_concurrency, "claim"),
         ):
             if served[queue] and limit > served[queue]:
                 problems.append(

@@ -58,7 +58,7 @@ def start_redis(url: str, home: Path) -> subprocess.Popen[bytes]:
         "--port", str(parts.port or 6379),
         "--dir", str(folder),
         "--appendonly", "yes",
-        "--appendfsync", "everysec",
+        "--appendfsync", "always",  # a task acknowledged to the caller survives a crash of Redis
         "--protected-mode", "yes",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=(folder / "redis.log").open("ab"), stderr=subprocess.STDOUT)
@@ -79,9 +79,10 @@ def run_local_stack(environ: Mapping[str, str]) -> int:
     if not redis_answers(settings.redis_url):
         children.append(("redis-server", start_redis(settings.redis_url, home)))
         print(f"haul up: redis-server started in {home / 'redis'}", flush=True)
-    from supervisor.cli import worker_command
+    from supervisor.cli import worker_command, worker_environment
 
-    children.append(("workers", subprocess.Popen(worker_command(settings), env=env)))
+    workers = subprocess.Popen(worker_command(settings), env={**env, **worker_environment(settings)})
+    children.append(("workers", workers))
     children.append(("supervisor", subprocess.Popen([sys.executable, "-m", "supervisor"], env=env)))
     print(
         f"haul up: workers and supervisor running; files land in {settings.storage_dir}; "

@@ -63,6 +63,8 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",
                 *(["--requirepass", self.password] if self.password else []),
             ],  # fmt: skip
             stdout=subprocess.DEVNULL,
@@ -87,8 +89,19 @@ class RedisServer:
             self.process.wait(10)
             self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save; only what the append-only file already holds survives."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
 
 _SESSION: dict[str, Any] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak-tasks", type=int, default=60, help="tasks in the fault soak (300 or more for a long run)")
 
 
 def pytest_configure(config: pytest.Config) -> None:

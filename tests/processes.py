@@ -61,8 +61,9 @@ class Process:
 
 
 def worker(env: dict[str, str], log: Path, threads: int = 2) -> Process:
+    """``haul worker`` with one process: Dramatiq under haul's prefetch setting."""
     return Process(
-        [sys.executable, "-m", "dramatiq", "actors", "--processes", "1", "--threads", str(threads)], env, log
+        [sys.executable, "-m", "supervisor.cli", "worker", "--processes", "1", "--threads", str(threads)], env, log
     )
 
 

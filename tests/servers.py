@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -86,6 +87,9 @@ class Origin(_Running):
         #: Bodies being sent right now, and the most at any one time.
         self.active = 0
         self.max_active = 0
+        #: Random trouble for every file request: (share cut mid-body, share 503, share 429).
+        self.chaos: tuple[float, float, float] | None = None
+        self.rng = random.Random(7)
         super().__init__(_OriginHandler)
 
     def put(self, path: str, data: bytes) -> str:
@@ -100,6 +104,19 @@ class Origin(_Running):
         with self.lock:
             self.faults[path].extend(faults)
 
+    def random_fault(self, size: int) -> Fault | None:
+        """Draw this request's trouble from ``chaos`` (called with the lock held)."""
+        assert self.chaos is not None
+        cut, unavailable, throttled = self.chaos
+        draw = self.rng.random()
+        if draw < cut:
+            return Fault("drop", after=self.rng.randrange(0, max(1, size)))
+        if draw < cut + unavailable:
+            return Fault("status", code=503)
+        if draw < cut + unavailable + throttled:
+            return Fault("status", code=429, retry_after="1")
+        return None
+
     def requests_for(self, path: str) -> list[Request]:
         with self.lock:
             return [r for r in self.requests if r.path == path]
@@ -113,6 +130,8 @@ class _OriginHandler(_Quiet):
             origin.requests.append(Request(path, dict(self.headers.items())))
             fault = origin.faults[path].popleft() if origin.faults[path] else None
             data = origin.files.get(path)
+            if fault is None and origin.chaos is not None and data is not None:
+                fault = origin.random_fault(len(data))
         if path in origin.redirects:
             self.send_response(302)
             self.send_header("Location", origin.redirects[path])
@@ -204,7 +223,7 @@ class Delivery:
     body: bytes
     verified: bool
     answered: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
 
     @property
     def id(self) -> str:
@@ -224,6 +243,10 @@ class Receiver(_Running):
         self.deliveries: list[Delivery] = []
         self.statuses: deque[int] = deque()
         self.on_delivery: Callable[[Delivery], None] | None = None
+        #: Random 500s (share of deliveries), and an outage: 503 until this time.
+        self.fail_share = 0.0
+        self.down_until = 0.0
+        self.rng = random.Random(11)
         self.lock = threading.Lock()
         super().__init__(_ReceiverHandler)
 
@@ -247,7 +270,16 @@ class _ReceiverHandler(_Quiet):
         except Exception:
             verified = False
         with receiver.lock:
-            answer = receiver.statuses.popleft() if receiver.statuses else (204 if verified else 401)
+            if receiver.statuses:
+                answer = receiver.statuses.popleft()
+            elif not verified:
+                answer = 401
+            elif time.time() < receiver.down_until:
+                answer = 503
+            elif receiver.rng.random() < receiver.fail_share:
+                answer = 500
+            else:
+                answer = 204
         delivery = Delivery(headers, body, verified, answer)
         if receiver.on_delivery is not None:
             receiver.on_delivery(delivery)

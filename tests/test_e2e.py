@@ -111,7 +111,7 @@ def test_worker_metrics_through_dramatiq_prometheus_middleware(
             except requests.RequestException:
                 return ""
 
-        wait_until(lambda: 'actor_name="finalize"' in scraped(), 20, "worker metrics")
+        wait_until(lambda: 'dramatiq_messages_total{actor_name="claim"' in scraped(), 20, "worker metrics")
         text = scraped()
         assert 'dramatiq_messages_total{actor_name="claim",queue_name="claim"}' in text
         assert not (metrics_dir / "gauge_livesum_99999.db").exists()

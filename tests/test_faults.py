@@ -1,0 +1,291 @@
+"""The fault suite: real worker processes, a real supervisor, a real redis-server with the
+append-only file on (as ops/ configures it), real origins and receivers on 127.0.0.1, broken
+on purpose. Every byte is checked afterwards. (SIGKILL and SIGTERM mid-download, and supervisor
+takeover, are in test_recovery.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.store import TaskStore
+from tests import processes
+from tests.conftest import WEBHOOK_SECRET, RedisServer, wait_for
+from tests.processes import Process, running, wait_until
+from tests.servers import Delivery, Fault, Origin, Receiver
+
+pytestmark = pytest.mark.e2e
+KIB, MIB = 1024, 1024 * 1024
+
+
+class Stack:
+    """A persistent redis-server of its own, and the environment workers and supervisors get."""
+
+    def __init__(self, tmp_path: Path, receiver: Receiver, **overrides: str) -> None:
+        self.tmp_path = tmp_path
+        self.redis = RedisServer(tmp_path / "redis", appendonly=True)
+        self.redis.start()
+        self.env = processes.base_env(
+            HAUL_REDIS_URL=self.redis.url,
+            HAUL_STAGING_DIR=str(tmp_path / "staging"),
+            HAUL_STORAGE_DIR=str(tmp_path / "storage"),
+            HAUL_WEBHOOK_URL=receiver.url,
+            HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
+            HAUL_ALLOW_PRIVATE_NETWORKS="1",
+            HAUL_LEASE_SECONDS="3",
+            HAUL_SWEEP_SECONDS="0.5",
+            HAUL_ORPHAN_SECONDS="5",
+            HAUL_RETRY_MIN_SECONDS="0.2",
+            HAUL_RETRY_MAX_SECONDS="2",
+            HAUL_SUPERVISOR_PORT="0",
+        )
+        self.env.update(overrides)
+        self.store = TaskStore.from_url(self.redis.url)
+        self.count = 0
+
+    @property
+    def storage(self) -> Path:
+        return Path(self.env["HAUL_STORAGE_DIR"])
+
+    def worker(self, threads: int = 2) -> Process:
+        self.count += 1
+        return processes.worker(self.env, self.tmp_path / f"worker{self.count}.log", threads=threads)
+
+    def supervisor(self) -> Process:
+        return processes.supervisor(self.env, self.tmp_path / "supervisor.log")
+
+    def submit(self, origin: Origin, files: dict[str, bytes]) -> str:
+        import json
+
+        entries = [{"url": origin.put(f"/{name}", data), "path": name} for name, data in files.items()]
+        manifest = self.tmp_path / f"m{self.count}-{random.random()}.json"
+        manifest.write_text(json.dumps({"files": entries}))
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor.cli", "submit", "--manifest", str(manifest)],
+            env=self.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    def submit_many(self, origin: Origin, tasks: list[dict[str, bytes]]) -> list[str]:
+        """Submit through the Python API path (store + claim message), faster than the CLI."""
+        from dramatiq import Message
+        from dramatiq.brokers.redis import RedisBroker
+
+        from actors.task import spec_from_manifest
+
+        broker = RedisBroker(url=self.redis.url)  # type: ignore[no-untyped-call]
+        ids = []
+        for files in tasks:
+            entries = [{"url": origin.put(f"/{name}", data), "path": name} for name, data in files.items()]
+            task_id, _ = self.store.create(spec_from_manifest({"files": entries}), now=time.time())
+            broker.enqueue(Message(queue_name="claim", actor_name="claim", args=(task_id,), kwargs={}, options={}))
+            ids.append(task_id)
+        broker.close()
+        return ids
+
+    def close(self) -> None:
+        self.store.client.close()
+        self.redis.stop()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, receiver: Receiver) -> Iterator[Stack]:
+    s = Stack(tmp_path, receiver)
+    yield s
+    s.close()
+
+
+def stored_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("moment", ["after the storage move", "after the webhook, before done"])
+def test_sigkill_during_finalize(stack: Stack, origin: Origin, receiver: Receiver, moment: str) -> None:
+    data = os.urandom(MIB)
+    first = stack.worker(threads=1)
+    sup = stack.supervisor()
+    killed: list[float] = []
+
+    def on_delivery(delivery: Delivery) -> None:
+        if killed:
+            return
+        if moment == "after the storage move":
+            time.sleep(2)  # the test kills the worker while this webhook is in flight
+        else:
+            first.kill()  # the receiver has the event; the worker dies before hearing back
+            killed.append(time.monotonic())
+
+    receiver.on_delivery = on_delivery
+    with running(first, sup):
+        task_id = stack.submit(origin, {"lesson.mp4": data})
+        if moment == "after the storage move":
+            wait_until(lambda: (stack.storage / task_id / "lesson.mp4").exists(), 30, "the storage move")
+            first.kill()
+            killed.append(time.monotonic())
+        wait_until(lambda: bool(killed), 30, "the kill")
+        second = stack.worker(threads=1)
+        with running(second):
+            task = wait_for(stack.store, task_id, timeout=60)
+    assert task.state.value == "done"
+    assert stored_files(stack.storage) == {f"{task_id}/lesson.mp4": data}  # one copy, nothing stray
+    assert len(receiver.deliveries) >= 2 and len({d.id for d in receiver.deliveries}) == 1
+    assert receiver.accepted()
+
+
+def test_redis_killed_and_restarted_with_tasks_queued_and_running(
+    stack: Stack, origin: Origin, receiver: Receiver
+) -> None:
+    origin.rate = 2 * MIB
+    files = {f"t{n}.mp4": os.urandom(512 * KIB) for n in range(16)}
+    workers = [stack.worker(), stack.worker()]
+    sup = stack.supervisor()
+    with running(*workers, sup):
+        ids = {name: stack.submit(origin, {name: data}) for name, data in files.items()}
+        wait_until(lambda: stack.store.counts()["done"] >= 2, 60, "some tasks to finish")
+        stack.redis.kill()
+        time.sleep(2)
+        stack.redis.start()
+        tasks = {name: wait_for(stack.store, task_id, timeout=120) for name, task_id in ids.items()}
+    assert {t.state.value for t in tasks.values()} == {"done"}, {n: t.error for n, t in tasks.items()}
+    for name, task_id in ids.items():
+        assert (stack.storage / task_id / name).read_bytes() == files[name]
+    delivered = {d.event["data"]["id"] for d in receiver.accepted() if d.event["type"] == "task.completed"}
+    assert delivered == set(ids.values())
+
+
+def test_flaky_origin_and_flaky_receiver_with_an_outage(stack: Stack, origin: Origin, receiver: Receiver) -> None:
+    origin.chaos = (0.10, 0.05, 0.05)
+    receiver.fail_share = 0.2
+    files = {f"f{n}.mp4": os.urandom(random.randrange(64 * KIB, MIB)) for n in range(30)}
+    workers = [stack.worker(threads=4), stack.worker(threads=4)]
+    sup = stack.supervisor()
+    with running(*workers, sup):
+        receiver.down_until = time.time() + 30
+        ids = {name: stack.submit(origin, {name: data}) for name, data in files.items()}
+        tasks = {name: wait_for(stack.store, task_id, timeout=120) for name, task_id in ids.items()}
+    assert {t.state.value for t in tasks.values()} == {"done"}, {n: t.error for n, t in tasks.items()}
+    accepted = {d.event["data"]["id"]: d.at for d in receiver.accepted() if d.event["type"] == "task.completed"}
+    for name, task in tasks.items():
+        assert (stack.storage / task.id / name).read_bytes() == files[name]
+        assert task.id in accepted and accepted[task.id] <= task.updated_at, "done before its webhook succeeded"
+    assert any(d.answered == 503 for d in receiver.deliveries)  # the outage really happened
+
+
+def test_a_hung_worker_thread_loses_its_task_and_its_late_writes_are_refused(
+    stack: Stack, origin: Origin, receiver: Receiver
+) -> None:
+    data = os.urandom(3 * MIB)
+    origin.put("/hang.mp4", data)
+    origin.fault("/hang.mp4", Fault("stall", after=MIB, seconds=8))
+    first = stack.worker(threads=1)
+    sup = stack.supervisor()
+    with running(first, sup):
+        task_id = stack.submit(origin, {"hang.mp4": data})
+        wait_until(lambda: len(origin.requests_for("/hang.mp4")) == 1, 30, "the first request")
+        second = stack.worker(threads=1)
+        with running(second):
+            task = wait_for(stack.store, task_id, timeout=60)
+            assert task.state.value == "done" and task.attempts == 2
+            wait_until(lambda: "lease not renewed" in first.output(), 20, "the hung thread to wake up and stop")
+            time.sleep(0.5)
+    assert (stack.storage / task_id / "hang.mp4").read_bytes() == data
+    assert stack.store.get(task_id).state.value == "done"  # type: ignore[union-attr]
+
+
+def test_full_staging_disk_fails_transiently_and_completes_once_space_is_back(
+    tmp_path: Path, origin: Origin, receiver: Receiver
+) -> None:
+    staging = tmp_path / "small-staging"
+    staging.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(staging)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    stack = Stack(tmp_path, receiver, HAUL_STAGING_DIR=str(staging), HAUL_MAX_ATTEMPTS="100")
+    try:
+        data = os.urandom(5 * MIB)
+        worker = stack.worker(threads=1)
+        with running(worker):
+            task_id = stack.submit(origin, {"big.mp4": data})
+            wait_until(
+                lambda: "free space in HAUL_STAGING_DIR" in (stack.store.get(task_id).error or ""),  # type: ignore[union-attr]
+                30,
+                "the disk-full error",
+            )
+            assert stack.store.get(task_id).state.value in {"queued", "claimed", "downloading"}  # type: ignore[union-attr]
+            subprocess.run(["mount", "-o", "remount,size=64m", str(staging)], check=True)
+            task = wait_for(stack.store, task_id, timeout=60)
+        assert task.state.value == "done"
+        assert (stack.storage / task_id / "big.mp4").read_bytes() == data
+    finally:
+        stack.close()
+        subprocess.run(["umount", "-l", str(staging)])
+
+
+def test_soak(stack: Stack, origin: Origin, receiver: Receiver, request: pytest.FixtureRequest) -> None:
+    """Workers SIGKILLed and restarted every few seconds, Redis restarted once: nothing lost,
+    corrupted, duplicated or left unannounced."""
+    count = int(request.config.getoption("--soak-tasks"))
+    rng = random.Random(3)
+    origin.rate = 256 * KIB  # per response: downloads are still running when workers die
+    expected: dict[str, dict[str, bytes]] = {}
+    workers = [stack.worker(), stack.worker()]
+    sup = stack.supervisor()
+    started = time.monotonic()
+    try:
+        batch = []
+        for n in range(count):
+            sizes = [rng.randrange(16 * KIB, 256 * KIB) for _ in range(rng.randint(1, 3))]
+            batch.append({f"t{n}/part{k}.bin": rng.randbytes(size) for k, size in enumerate(sizes)})
+        expected = dict(zip(stack.submit_many(origin, batch), batch, strict=True))
+        redis_restarted = False
+        deadline = time.monotonic() + 60 + count
+        while time.monotonic() < deadline:
+            counts = stack.store.counts()
+            if sum(counts[s] for s in counts if s.final) == count:
+                break
+            time.sleep(rng.uniform(2, 4))
+            victim = rng.randrange(len(workers))
+            workers[victim].kill()
+            workers[victim].close()
+            workers[victim] = stack.worker()
+            if not redis_restarted and counts["done"] >= count // 3:
+                stack.redis.kill()
+                time.sleep(1)
+                stack.redis.start()
+                redis_restarted = True
+        # Let the last requeues settle with live workers
+        tasks = {task_id: wait_for(stack.store, task_id, timeout=120) for task_id in expected}
+    finally:
+        for w in workers:
+            w.close()
+        sup.close()
+    lost = [t for t in tasks.values() if t.state.value != "done"]
+    corrupted = duplicated = 0
+    present = stored_files(stack.storage)
+    wanted = {f"{task_id}/{name}": data for task_id, files in expected.items() for name, data in files.items()}
+    for path, data in wanted.items():
+        if path in present and hashlib.sha256(present[path]).digest() != hashlib.sha256(data).digest():
+            corrupted += 1
+    duplicated = len(set(present) - set(wanted))
+    delivered = {d.event["data"]["id"] for d in receiver.accepted() if d.event["type"] == "task.completed"}
+    undelivered = len([t for t in tasks.values() if t.state.value == "done" and t.id not in delivered])
+    missing = len(set(wanted) - set(present))
+    summary = (
+        f"faults: {count} tasks, done {count - len(lost)}, lost {len(lost)}, corrupted {corrupted}, "
+        f"duplicated {duplicated}, undelivered {undelivered} ({time.monotonic() - started:.0f}s, redis restarted "
+        f"{'once' if redis_restarted else 'never'})"
+    )
+    print("\n" + summary)
+    assert (len(lost), corrupted, duplicated, undelivered, missing) == (0, 0, 0, 0, 0), (
+        summary,
+        [t.error for t in lost],
+    )
+    assert redis_restarted
