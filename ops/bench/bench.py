@@ -1,0 +1,625 @@
+"""haul's benchmarks, side by side with plain tools, in one run. See ops/bench/run.
+
+Each figure is a median of several runs; each comparison is a ratio measured in the same run
+with the two sides alternating. Prints a table and writes ops/bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import redis
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+MIB, GIB = 1 << 20, 1 << 30
+SECRET = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1rZXktMzItYnl0ZXMhIQ=="
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class Receiver:
+    """A webhook endpoint that answers 204 (and counts)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                owner.count += 1
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+class Bench:
+    """Redis, nginx and a receiver on 127.0.0.1, in a scratch folder."""
+
+    def __init__(self, runs: int) -> None:
+        self.runs = runs
+        self.root = Path(tempfile.mkdtemp(prefix="haul-bench-", dir=os.environ.get("HAUL_BENCH_DIR")))
+        self.www = self.root / "www"
+        self.www.mkdir()
+        self.redis_port, self.nginx_port = free_port(), free_port()
+        (self.root / "redis").mkdir()
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(self.root / "redis"),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_port(self.redis_port)
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.client = redis.Redis(port=self.redis_port)
+        conf = self.root / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 2;
+pid {self.root}/nginx.pid;
+error_log {self.root}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+  log_format bench '$msec $request_uri $status $body_bytes_sent';
+  access_log {self.root}/access.log bench;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 100000;
+  default_type application/octet-stream;
+  server {{
+    listen 127.0.0.1:{self.nginx_port};
+    root {self.www};
+    location /slow/ {{ alias {self.www}/; limit_rate 150m; }}
+  }}
+}}
+""")
+        subprocess.run([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf)], check=True)
+        wait_port(self.nginx_port)
+        self.receiver = Receiver()
+
+    def url(self, name: str, slow: bool = False) -> str:
+        return f"http://127.0.0.1:{self.nginx_port}/{'slow/' if slow else ''}{name}"
+
+    def file(self, name: str, size: int) -> str:
+        path = self.www / name
+        if not path.exists() or path.stat().st_size != size:
+            with path.open("wb") as handle:
+                for _ in range(size // MIB):
+                    handle.write(os.urandom(MIB))
+                handle.write(os.urandom(size % MIB))
+        return self.url(name)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HAUL_")}
+        env.update(
+            HAUL_REDIS_URL=self.redis_url,
+            HAUL_STAGING_DIR=str(self.root / "staging"),
+            HAUL_STORAGE_DIR=str(self.root / "storage"),
+            HAUL_WEBHOOK_URL=self.receiver.url,
+            HAUL_WEBHOOK_SECRET=SECRET,
+            HAUL_ALLOW_PRIVATE_NETWORKS="1",
+            HAUL_SUPERVISOR_PORT="0",
+            HAUL_RETRY_MIN_SECONDS="0.2",
+            HAUL_RETRY_MAX_SECONDS="2",
+        )
+        env.update(extra)
+        return env
+
+    def served(self, uri: str) -> int:
+        """Bytes nginx sent for ``uri`` so far (from its access log)."""
+        total = 0
+        for line in (self.root / "access.log").read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 4 and parts[1] == uri:
+                total += int(parts[3])
+        return total
+
+    def close(self) -> None:
+        subprocess.run(["/usr/sbin/nginx", "-c", str(self.root / "nginx.conf"), "-s", "stop"], check=False)
+        self.redis.terminate()
+        self.redis.wait(10)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Worker:
+    """``haul worker`` in its own process group."""
+
+    def __init__(self, bench: Bench, threads: int = 2, **extra: str) -> None:
+        self.log = (bench.root / f"worker-{time.monotonic_ns()}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "worker", "--processes", "1", "--threads", str(threads)],
+            env=bench.env(**extra), cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not self.child_pids():
+            if time.monotonic() > deadline:
+                raise RuntimeError("worker did not start")
+            time.sleep(0.05)
+        time.sleep(1.0)  # imports done, consumers polling
+
+    def child_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(p) for p in children.read_text().split()]
+        except OSError:
+            return []
+
+    def peak_rss_kib(self) -> int:
+        """Peak resident memory (VmHWM) of the Dramatiq worker process (not the forks)."""
+        best = 0
+        for pid in self.child_pids():
+            status = Path(f"/proc/{pid}/status").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"multiprocessing" in cmd or b"dramatiq" in cmd:
+                best = max(best, int(status.split("VmHWM:")[1].split()[0]))
+        return best
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+def submit(bench: Bench, url: str, path: str = "file.bin", sha256: str | None = None) -> str:
+    from actors.dispatch import enqueue_claim
+    from actors.store import TaskStore
+    from actors.task import spec_from_manifest
+
+    entry: dict[str, Any] = {"url": url, "path": path}
+    if sha256:
+        entry["sha256"] = sha256
+    store = TaskStore(bench.client)
+    task_id, _ = store.create(spec_from_manifest({"files": [entry], "accept": ["*/*"]}), now=time.time())
+    enqueue_claim(task_id)
+    return task_id
+
+
+def wait_done(bench: Bench, task_id: str, timeout: float = 300, poll: float = 0.005) -> float:
+    key = f"haul:task:{task_id}"
+    deadline = time.monotonic() + timeout
+    while True:
+        state = bench.client.hget(key, "state")
+        if state in (b"done", b"failed", b"dead"):
+            if state != b"done":
+                raise RuntimeError(f"task {task_id} ended {state!r}: {bench.client.hget(key, 'error')!r}")
+            return time.time()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"task {task_id} not done after {timeout}s")
+        time.sleep(poll)
+
+
+def curl(url: str, dest: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(["curl", "-s", "-f", "-o", dest, url], check=True)
+    return time.perf_counter() - started
+
+
+def ratio_runs(runs: int, sides: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Run every side once per round, rotating the order, ``runs`` rounds; seconds per side."""
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for round_ in range(runs):
+        order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for name in order:
+            times[name].append(sides[name]())
+    return times
+
+
+def sha256_of(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(MIB):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def med(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+# -- the benchmarks -------------------------------------------------------------------------
+
+
+def bench_download(bench: Bench) -> dict[str, Any]:
+    """1 and 2a: the download stage alone (warm process) vs curl, with and without sha256."""
+    from actors.fetch import Fetcher, FetchRules, discard_part
+    from actors.netguard import DestinationPolicy
+    from actors.task import FileSpec
+
+    url = bench.file("big.bin", GIB)
+    digest = sha256_of(bench.www / "big.bin").hex()
+    fetcher = Fetcher(DestinationPolicy(True), connect_timeout=5, read_timeout=60)
+    out = bench.root / "out"
+    out.mkdir(exist_ok=True)
+
+    def haul(sha: bool) -> Callable[[], float]:
+        def run() -> float:
+            part = out / "0.part"
+            discard_part(part)
+            spec = FileSpec(url=url, path="big.bin", sha256=digest if sha else None)
+            started = time.perf_counter()
+            fetcher.fetch(spec, part, task_id="bench", on_progress=lambda _: None, rules=FetchRules())
+            took = time.perf_counter() - started
+            discard_part(part)
+            return took
+
+        return run
+
+    def curl_disk() -> float:
+        took = curl(url, str(out / "curl.bin"))
+        (out / "curl.bin").unlink()
+        return took
+
+    haul(False)()  # warm up: connection pool, page cache of the source file
+    times = ratio_runs(
+        bench.runs,
+        {"haul": haul(False), "haul_sha256": haul(True), "curl_disk": curl_disk,
+         "curl_null": lambda: curl(url, "/dev/null")},
+    )  # fmt: skip
+    gbps = {name: GIB / med(t) / 1e9 for name, t in times.items()}
+    vs_curl = [c / h for h, c in zip(times["haul"], times["curl_disk"], strict=True)]
+    vs_ceiling = [c / h for h, c in zip(times["haul"], times["curl_null"], strict=True)]
+    sha_vs_curl = [c / h for h, c in zip(times["haul_sha256"], times["curl_disk"], strict=True)]
+    return {
+        "GB/s": {k: round(v, 2) for k, v in gbps.items()},
+        "haul / curl to disk": round(med(vs_curl), 2),
+        "haul / ceiling": round(med(vs_ceiling), 2),
+        "haul with sha256 / curl to disk": round(med(sha_vs_curl), 2),
+    }
+
+
+def bench_end_to_end(bench: Bench) -> dict[str, Any]:
+    """2b: haul submit to done (storage on the same filesystem, webhook included) vs curl."""
+    url = bench.file("big.bin", GIB)
+    worker = Worker(bench, threads=2)
+    out = bench.root / "out"
+    out.mkdir(exist_ok=True)
+
+    def haul() -> float:
+        started = time.time()
+        task_id = submit(bench, url)
+        took = wait_done(bench, task_id) - started
+        shutil.rmtree(bench.root / "storage" / task_id, ignore_errors=True)
+        return took
+
+    def curl_disk() -> float:
+        took = curl(url, str(out / "curl.bin"))
+        (out / "curl.bin").unlink()
+        return took
+
+    try:
+        haul()
+        times = ratio_runs(bench.runs, {"haul": haul, "curl_disk": curl_disk})
+    finally:
+        worker.stop()
+    return {
+        "haul end to end s": round(med(times["haul"]), 2),
+        "curl to disk s": round(med(times["curl_disk"]), 2),
+        "haul end to end / curl to disk": round(
+            med([c / h for h, c in zip(times["haul"], times["curl_disk"], strict=True)]), 2
+        ),
+    }
+
+
+def bench_rss(bench: Bench) -> dict[str, Any]:
+    """3: peak RSS of a worker process downloading 64 MiB, and 1 GiB."""
+    result = {}
+    for name, size in (("64MiB", 64 * MIB), ("1GiB", GIB)):
+        url = bench.file(f"rss-{name}.bin", size)
+        worker = Worker(bench, threads=1)
+        try:
+            wait_done(bench, submit(bench, url))
+            result[f"peak RSS {name} MiB"] = round(worker.peak_rss_kib() / 1024, 1)
+        finally:
+            worker.stop()
+    result["difference MiB"] = round(result["peak RSS 1GiB MiB"] - result["peak RSS 64MiB MiB"], 1)
+    return result
+
+
+def bench_throughput(bench: Bench, tasks: int = 2000) -> dict[str, Any]:
+    """4: tasks/s for 64 KiB files, 1 process x 8 threads, haul vs a bare Dramatiq actor."""
+    from dramatiq import Message
+    from dramatiq.brokers.redis import RedisBroker
+
+    url = bench.file("small.bin", 64 * 1024)
+
+    def haul() -> float:
+        worker = Worker(bench, threads=8)
+        try:
+            started = time.time()
+            ids = [submit(bench, f"{url}?n={n}") for n in range(tasks)]
+            for task_id in ids:
+                wait_done(bench, task_id, poll=0.01)
+            return tasks / (time.time() - started)
+        finally:
+            worker.stop()
+
+    def bare() -> float:
+        env = {**os.environ, "BARE_REDIS_URL": bench.redis_url}
+        log = (bench.root / "bare.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "ops.bench.bare", "--processes", "1", "--threads", "8"],
+            env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            time.sleep(2.0)
+            broker = RedisBroker(url=bench.redis_url, namespace="bare")  # type: ignore[no-untyped-call]
+            bench.client.delete("bare:done")
+            (bench.root / "bare").mkdir(exist_ok=True)
+            started = time.time()
+            for n in range(tasks):
+                path = str(bench.root / "bare" / f"{n}.bin")
+                broker.enqueue(
+                    Message(queue_name="bare", actor_name="fetch", args=(f"{url}?n={n}", path, bench.receiver.url),
+                            kwargs={}, options={})
+                )  # fmt: skip
+            while int(bench.client.get("bare:done") or 0) < tasks:
+                time.sleep(0.01)
+            return tasks / (time.time() - started)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+            log.close()
+
+    rates = ratio_runs(max(1, bench.runs // 2), {"haul": haul, "bare": bare})
+    return {
+        "haul tasks/s": round(med(rates["haul"]), 1),
+        "bare actor tasks/s": round(med(rates["bare"]), 1),
+        "haul / bare": round(med([h / b for h, b in zip(rates["haul"], rates["bare"], strict=True)]), 2),
+    }
+
+
+def bench_pickup(bench: Bench, count: int = 100) -> dict[str, Any]:
+    """5: idle pickup, submit to the first byte requested at the origin."""
+    url = bench.file("tiny.bin", 1024)
+    worker = Worker(bench, threads=2)
+    latencies = []
+    try:
+        for n in range(count):
+            time.sleep(0.3)  # idle between tasks
+            submitted = time.time()
+            task_id = submit(bench, f"{url}?pickup={n}")
+            wait_done(bench, task_id)
+            for line in (bench.root / "access.log").read_text().splitlines():
+                if f"pickup={n} " in line + " ":
+                    latencies.append(float(line.split()[0]) - submitted)
+                    break
+    finally:
+        worker.stop()
+    latencies.sort()
+    return {
+        "p50 ms": round(latencies[len(latencies) // 2] * 1000, 1),
+        "p99 ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 1),
+        "samples": len(latencies),
+    }
+
+
+def bench_recovery_and_resume(bench: Bench) -> dict[str, Any]:
+    """6 and 7: SIGKILL mid-download; time until bytes flow on another worker; bytes served;
+    and the same with the file changed on the origin in between."""
+    result: dict[str, Any] = {}
+    extra = {"HAUL_LEASE_SECONDS": "10", "HAUL_SWEEP_SECONDS": "2"}
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "supervisor"], env=bench.env(**extra), cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for changed in (False, True):
+            name = f"resume-{int(changed)}.bin"
+            bench.file(name, GIB)
+            url = bench.url(name, slow=True)
+            first, second = Worker(bench, threads=1, **extra), None
+            try:
+                task_id = submit(bench, url)
+                key = f"haul:task:{task_id}"
+                while int(bench.client.hget(key, "bytes_done") or 0) < GIB // 2:
+                    time.sleep(0.02)
+                first.kill()
+                killed = time.time()
+                at_kill = int(bench.client.hget(key, "bytes_done") or 0)
+                if changed:
+                    new = bench.www / name
+                    with new.open("r+b") as handle:
+                        handle.seek(GIB // 4)
+                        handle.write(os.urandom(MIB))
+                    os.utime(new, (time.time() + 5, time.time() + 5))
+                second = Worker(bench, threads=1, **extra)
+                flowing = None
+                while True:
+                    worker_id = (bench.client.hget(key, "worker") or b"").decode()
+                    if (
+                        flowing is None
+                        and worker_id.endswith(f":{second.child_pids()[0]}")
+                        and int(bench.client.hget(key, "bytes_done") or 0) > (0 if changed else at_kill)
+                    ):
+                        flowing = time.time() - killed
+                    if bench.client.hget(key, "state") == b"done":
+                        break
+                    time.sleep(0.02)
+                stored = bench.root / "storage" / task_id / "file.bin"
+                same = (
+                    hashlib.sha256(stored.read_bytes()).digest()
+                    == hashlib.sha256((bench.www / name).read_bytes()).digest()
+                )
+                if changed:
+                    result["changed file: result is the new file, intact"] = same
+                else:
+                    result["recovery s (lease 10 s, sweep 2 s)"] = round(flowing or -1, 1)
+                    result["resume: bytes served / size"] = round(bench.served(f"/slow/{name}") / GIB, 4)
+                    result["resume: file intact"] = same
+            finally:
+                first.kill()
+                if second is not None:
+                    second.stop()
+    finally:
+        os.killpg(supervisor.pid, signal.SIGTERM)
+        supervisor.wait(30)
+    return result
+
+
+def bench_sweep(bench: Bench, tasks: int = 100_000, expired: int = 1000) -> dict[str, Any]:
+    """8: supervisor sweep with 100,000 stored tasks, none expired and 1,000 expired."""
+    from actors.store import TaskStore
+    from actors.task import spec_from_urls
+    from supervisor import sweeps
+
+    client = redis.Redis(port=bench.redis_port, db=1)
+    store = TaskStore(client)
+    spec = spec_from_urls(["https://cdn.example.com/v.mp4"])
+    now = time.time()
+    ids = [store.create(spec, now=now)[0] for _ in range(tasks)]
+    for i, task_id in enumerate(ids):
+        store.claim(task_id, worker="bench", now=now, lease_seconds=10 if i < expired else 10_000, max_attempts=5)
+
+    def sweep(at: float) -> float:
+        started = time.perf_counter()
+        sweeps.requeue_stuck(store, at, max_attempts=5, send_claim=lambda _: None, on_dead=lambda _: None)
+        return time.perf_counter() - started
+
+    idle = med([sweep(now + 5) for _ in range(7)])
+    busy = sweep(now + 20)
+    client.flushdb()
+    return {"none expired ms": round(idle * 1000, 2), f"{expired} expired ms": round(busy * 1000, 1)}
+
+
+def bench_redis(bench: Bench, tasks: int = 10_000, idle_seconds: float = 10) -> dict[str, Any]:
+    """9: Redis memory per finished task; Redis commands per second of idle processes."""
+    from actors.store import TaskStore
+    from actors.task import State, spec_from_manifest
+
+    client = redis.Redis(port=bench.redis_port, db=2)
+    store = TaskStore(client)
+    spec = spec_from_manifest(
+        {"name": "Course 12 - lesson", "key": "order", "files": [{"url": "https://cdn.example.com/c/12/lesson-01.mp4",
+                                                                   "path": "lesson-01.mp4", "size": 73400320}]}
+    )  # fmt: skip
+    before = int(client.info("memory")["used_memory"])
+    for n in range(tasks):
+        task_id, _ = store.create(spec.__class__(files=spec.files, name=spec.name, key=f"order-{n}"), now=time.time())
+        c = store.claim(task_id, worker="bench:1", now=time.time(), lease_seconds=60, max_attempts=5)
+        store.advance(task_id, c.token, State.CLAIMED, State.DOWNLOADING, now=time.time(), lease_seconds=60)
+        store.advance(task_id, c.token, State.DOWNLOADING, State.FINALIZING, now=time.time(), lease_seconds=60)
+        store.release(task_id, c.token, State.DONE, now=time.time(), max_attempts=5)
+    per_task = (int(client.info("memory")["used_memory"]) - before) / tasks
+    client.flushdb()
+
+    def commands_per_second(start: Callable[[], Callable[[], None]]) -> float:
+        stop = start()
+        time.sleep(3)
+        first = int(bench.client.info("stats")["total_commands_processed"])
+        time.sleep(idle_seconds)
+        last = int(bench.client.info("stats")["total_commands_processed"])
+        stop()
+        return (last - first - 1) / idle_seconds
+
+    def worker() -> Callable[[], None]:
+        w = Worker(bench, threads=8)
+        return w.stop
+
+    def supervisor() -> Callable[[], None]:
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor"], env=bench.env(), cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        return lambda: (proc.terminate(), proc.wait(30)) and None
+
+    return {
+        "bytes per finished task": round(per_task),
+        "idle worker process (8 threads) commands/s": round(commands_per_second(worker), 1),
+        "idle supervisor commands/s": round(commands_per_second(supervisor), 1),
+    }
+
+
+BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
+    "download": bench_download,
+    "end_to_end": bench_end_to_end,
+    "rss": bench_rss,
+    "throughput": bench_throughput,
+    "pickup": bench_pickup,
+    "recovery_resume": bench_recovery_and_resume,
+    "sweep": bench_sweep,
+    "redis": bench_redis,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run just these")
+    parser.add_argument("--runs", type=int, default=5, help="rounds per comparison (median reported)")
+    args = parser.parse_args()
+    bench = Bench(args.runs)
+    os.environ["HAUL_REDIS_URL"] = bench.redis_url  # the broker `import actors` builds, for submit()
+    import actors  # noqa: F401
+
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "runs": args.runs,
+    }
+    try:
+        for name in args.only or list(BENCHMARKS):
+            started = time.monotonic()
+            results[name] = BENCHMARKS[name](bench)
+            print(f"{name} ({time.monotonic() - started:.0f}s)", flush=True)
+            for key, value in results[name].items():
+                print(f"  {key}: {value}", flush=True)
+    finally:
+        bench.close()
+        (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written {HERE / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
