@@ -185,10 +185,7 @@ class Fetcher:
                     on_total(total)
             self._write_meta(meta_path, Validator.of(response), where)
             on_progress(offset)
-            if offset == 0:
-                hasher = hashlib.sha256() if spec.sha256 else None
-            else:
-                hasher = _hash_file(part, offset) if spec.sha256 else None
+            hasher = _hash_file(part, offset) if spec.sha256 else None
             with guard(response) if guard is not None else nullcontext():
                 served = self._stream(response, part, offset, hasher, on_progress, rules, where)
         finally:
@@ -400,6 +397,8 @@ def _int_header(response: requests.Response, name: str) -> int | None:
 def _hash_file(path: Path, size: int) -> Any:
     """sha256 over the first ``size`` bytes already on disk (to continue a resumed file)."""
     hasher = hashlib.sha256()
+    if size == 0:
+        return hasher
     with path.open("rb") as handle:
         remaining = size
         while remaining:

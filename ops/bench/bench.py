@@ -84,6 +84,7 @@ class Bench:
     def __init__(self, runs: int) -> None:
         self.runs = runs
         self.root = Path(tempfile.mkdtemp(prefix="haul-bench-", dir=os.environ.get("HAUL_BENCH_DIR")))
+        self.root.chmod(0o755)  # nginx workers run as another user
         self.www = self.root / "www"
         self.www.mkdir()
         self.redis_port, self.nginx_port = free_port(), free_port()
