@@ -47,6 +47,10 @@ DEFAULT_FINALIZE_GIVE_UP_SECONDS = 24 * 3600.0
 #: Worker process layout used by ``haul worker`` and ``haul up``.
 DEFAULT_WORKER_PROCESSES = 2
 DEFAULT_WORKER_THREADS = 8
+#: Longest pause, in ms, between two polls of an idle queue: Dramatiq's Redis broker polls (it
+#: has no blocking fetch), and its default of 1000 ms makes an idle worker pick a task up after
+#: up to a second. 80 ms costs an idle process a few dozen Redis commands a second.
+DEFAULT_WORKER_POLL_MS = 80
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -81,6 +85,7 @@ class Settings:
     read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
     worker_processes: int = DEFAULT_WORKER_PROCESSES
     worker_threads: int = DEFAULT_WORKER_THREADS
+    worker_poll_ms: int = DEFAULT_WORKER_POLL_MS
     sweep_seconds: float = DEFAULT_SWEEP_SECONDS
     orphan_seconds: float = DEFAULT_ORPHAN_SECONDS
     supervisor_host: str = "127.0.0.1"
@@ -143,6 +148,7 @@ class Settings:
                 _number(env, "HAUL_WORKER_PROCESSES", DEFAULT_WORKER_PROCESSES, minimum=1, integer=True)
             ),
             worker_threads=int(_number(env, "HAUL_WORKER_THREADS", DEFAULT_WORKER_THREADS, minimum=1, integer=True)),
+            worker_poll_ms=int(_number(env, "HAUL_WORKER_POLL_MS", DEFAULT_WORKER_POLL_MS, minimum=10, integer=True)),
             sweep_seconds=_number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
             orphan_seconds=_number(env, "HAUL_ORPHAN_SECONDS", DEFAULT_ORPHAN_SECONDS, minimum=1),
             supervisor_host=env.get("HAUL_SUPERVISOR_HOST") or "127.0.0.1",

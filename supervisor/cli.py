@@ -239,14 +239,17 @@ def worker_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
 
 
 def worker_environment(settings: Settings, extra: Sequence[str] = ()) -> dict[str, str]:
-    """Dramatiq's prefetch, set to the thread count: by default a process takes twice as many
-    messages as it has threads, and the extra ones wait behind hour-long downloads while other
-    workers idle."""
+    """Dramatiq's tuning for haul, read from the environment when Dramatiq is imported.
+
+    Prefetch is set to the thread count: by default a process takes twice as many messages as
+    it has threads, and the extra ones wait behind hour-long downloads while other workers
+    idle. The poll pause is HAUL_WORKER_POLL_MS instead of a second.
+    """
     threads = str(settings.worker_threads)
     for flag in ("--threads", "-t"):
         if flag in extra and extra.index(flag) + 1 < len(extra):
             threads = extra[extra.index(flag) + 1]
-    return {"dramatiq_queue_prefetch": threads}
+    return {"dramatiq_queue_prefetch": threads, "dramatiq_worker_timeout": str(settings.worker_poll_ms)}
 
 
 def run_worker(settings: Settings, extra: Sequence[str]) -> int:
