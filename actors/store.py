@@ -3,7 +3,8 @@
 Each operation that reads then writes is one Lua script in ``actors/lua/`` (its header lists
 KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
 
-    haul:task:<id>       hash: the task (spec, state, attempts, token, lease, progress, ...)
+    haul:task:<id>       hash: the task's state, attempts, token, lease, progress, ...
+    haul:spec:<id>       string: what it asks for (JSON: files, name, webhook, accept)
     haul:key:<key>       string: idempotency key -> task id
     haul:state:<state>   sorted set: task ids in that state, by time of entry
     haul:leases          sorted set: task ids holding a lease, by deadline
@@ -101,6 +102,11 @@ class TaskStore:
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}task:{task_id}"
 
+    def spec_key(self, task_id: str) -> str:
+        """What the task asks for (files, name, webhook), apart from the hash: a long value would
+        turn the whole hash from Redis's compact encoding into a hash table (3x the memory)."""
+        return f"{self.prefix}spec:{task_id}"
+
     def state_key(self, state: State) -> str:
         return f"{self.prefix}state:{state.value}"
 
@@ -117,7 +123,9 @@ class TaskStore:
         return f"{self.prefix}supervisor:leader"
 
     def _call(self, name: str, keys: list[str], *args: Any) -> Any:
-        return self._scripts[name](keys=keys, args=[self.prefix, *args])
+        """Run a script; times (floats) go as milliseconds-precise text, which is all we need."""
+        texts = [f"{a:.3f}" if isinstance(a, float) else a for a in args]
+        return self._scripts[name](keys=keys, args=[self.prefix, *texts])
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -127,14 +135,16 @@ class TaskStore:
         Returns ``(task id, created)``.
         """
         task_id = task_id or uuid.uuid4().hex
+        described: dict[str, Any] = {"files": [f.to_json() for f in spec.files]}
+        if spec.name:
+            described["name"] = spec.name
+        if spec.webhook:
+            described["webhook"] = spec.webhook
+        if spec.accept != DEFAULT_ACCEPT:
+            described["accept"] = list(spec.accept)
         fields: dict[str, Any] = {
-            "id": task_id,
-            "name": spec.name,
             "key": spec.key or "",
-            "webhook": spec.webhook or "",
-            "files": spec.files_json(),
             "hosts": " ".join(sorted({urlsplit(f.url).hostname or "" for f in spec.files})),
-            "accept": json.dumps(list(spec.accept)),
             "bytes_total": sum(f.size or 0 for f in spec.files),
             "bytes_done": 0,
             "files_done": 0,
@@ -143,11 +153,12 @@ class TaskStore:
             "run": 0,
             "created_at": now,
         }
-        keys = [self.task_key(task_id)]
+        keys = [self.task_key(task_id), self.spec_key(task_id)]
         if spec.key:
             keys.append(f"{self.prefix}key:{spec.key}")
         flat = [item for pair in fields.items() for item in pair]
-        found, created = self._call("create", keys, task_id, now, *flat)
+        spec_json = json.dumps(described, separators=(",", ":"))
+        found, created = self._call("create", keys, task_id, now, spec_json, *flat)
         return _text(found), bool(created)
 
     def claim(
@@ -323,19 +334,23 @@ class TaskStore:
     # -- reads ------------------------------------------------------------------------------
 
     def get(self, task_id: str) -> Task | None:
-        raw = self.client.hgetall(self.task_key(task_id))
-        if not raw:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.task_key(task_id))
+        pipe.get(self.spec_key(task_id))
+        raw, described_json = pipe.execute()
+        if not raw or described_json is None:
             return None
         data = {_text(k): _text(v) for k, v in raw.items()}
+        described = json.loads(described_json)
         spec = TaskSpec(
-            files=files_from_json(data["files"]),
-            name=data.get("name", ""),
+            files=files_from_json(described["files"]),
+            name=described.get("name", ""),
             key=data.get("key") or None,
-            webhook=data.get("webhook") or None,
-            accept=tuple(json.loads(data["accept"])) if data.get("accept") else DEFAULT_ACCEPT,
+            webhook=described.get("webhook"),
+            accept=tuple(described.get("accept", DEFAULT_ACCEPT)),
         )
         return Task(
-            id=data["id"],
+            id=task_id,
             spec=spec,
             state=State(data["state"]),
             attempts=int(data.get("attempts", 0)),

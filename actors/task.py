@@ -8,7 +8,6 @@ validates what a caller submits.
 from __future__ import annotations
 
 import enum
-import json
 import posixpath
 import random
 import re
@@ -127,9 +126,6 @@ class TaskSpec:
     key: str | None = None
     webhook: str | None = None
     accept: tuple[str, ...] = DEFAULT_ACCEPT
-
-    def files_json(self) -> str:
-        return json.dumps([f.to_json() for f in self.files], separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -345,7 +341,5 @@ def _optional_str(value: object, where: str) -> str | None:
     return value
 
 
-def files_from_json(text: str) -> tuple[FileSpec, ...]:
-    return tuple(
-        FileSpec(url=f["url"], path=f["path"], size=f.get("size"), sha256=f.get("sha256")) for f in json.loads(text)
-    )
+def files_from_json(items: Sequence[Mapping[str, Any]]) -> tuple[FileSpec, ...]:
+    return tuple(FileSpec(url=f["url"], path=f["path"], size=f.get("size"), sha256=f.get("sha256")) for f in items)

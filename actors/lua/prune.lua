@@ -19,7 +19,7 @@ end
 if t[3] and t[3] ~= '' and redis.call('GET', prefix .. 'key:' .. t[3]) == id then
   redis.call('DEL', prefix .. 'key:' .. t[3])
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], prefix .. 'spec:' .. id)
 set_staged(id, 0)
 redis.call('ZREM', prefix .. 'state:' .. state, id)
 redis.call('ZREM', prefix .. 'notify', id)
