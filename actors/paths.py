@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -16,11 +17,17 @@ def inside(root: Path, relative: str, *, what: str) -> Path:
     """
     if os.path.isabs(relative) or "\x00" in relative:
         raise UnsafePath(f"{what}: path {relative!r} is absolute or holds NUL")
-    base = root.resolve()
-    target = (base / relative).resolve()
+    base = _resolved(root)
+    target = Path(os.path.realpath(base / relative))
     if target == base or not target.is_relative_to(base):
         raise UnsafePath(f"{what}: path {relative!r} would land outside {root}")
     return target
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolved(root: Path) -> Path:
+    """Roots (storage, a sandbox) are resolved once: haul creates them and never relinks them."""
+    return root.resolve()
 
 
 def fsync_dir(path: Path) -> None:

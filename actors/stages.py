@@ -71,6 +71,8 @@ class Outcome:
     delay_seconds: float = 0.0
     #: For a finalize that is being retried: when its storage or webhook began to fail.
     failing_since: float = 0.0
+    #: The task as the stage that produced this outcome read it (to spare a read in the next).
+    task: Task | None = None
 
 
 NOTHING = Outcome(Next.NOTHING)
@@ -82,7 +84,7 @@ def run_task(rt: Runtime, task_id: str) -> Outcome:
     if outcome.next is Next.DOWNLOAD:
         outcome = download_task(rt, task_id, outcome.token)
     if outcome.next is Next.FINALIZE and not outcome.delay_seconds:
-        outcome = finalize_task(rt, task_id, outcome.token)
+        outcome = finalize_task(rt, task_id, outcome.token, task=outcome.task)
     return outcome
 
 
@@ -160,32 +162,40 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
                 progress.check()
                 sandbox.promote(part, spec)
                 size = fetched.size
-                log.info("task %s: %s complete (%d bytes)", task_id, spec.path, size)
+                log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
             progress.file_done(index, size)
-        progress.write(force=True)
         if not rt.store.advance(
-            task_id, token, State.DOWNLOADING, State.FINALIZING, now=rt.clock(), lease_seconds=s.lease_seconds
+            task_id,
+            token,
+            State.DOWNLOADING,
+            State.FINALIZING,
+            now=rt.clock(),
+            lease_seconds=s.lease_seconds,
+            progress=progress.figures(),
         ):
             raise LeaseLost(f"task {task_id}: lease lost as the download finished")
-        return Outcome(Next.FINALIZE, token=token)
+        return Outcome(Next.FINALIZE, token=token, task=task)
     except Exception as exc:
         return _end_run(rt, task, token, exc)
 
 
-def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 0.0) -> Outcome:
+def finalize_task(
+    rt: Runtime, task_id: str, token: int, failing_since: float = 0.0, task: Task | None = None
+) -> Outcome:
     """Store, announce, mark done, clean up: in that order, so nothing is lost on a crash.
 
     When storage or the webhook receiver is down, the task stays ``finalizing`` with its files
     safe in staging and tries again later (``failing_since`` says since when), without using
     up its download attempts: a receiver outage of an hour must not kill a finished course.
+    ``task`` saves reading it again when the download just ran in this thread.
     """
-    task = rt.store.get(task_id)
+    task = task or rt.store.get(task_id)
     if task is None:
         return NOTHING
     sandbox = Sandbox(rt.settings.staging_dir, task_id)
     if task.state is State.DONE:
         sandbox.remove()  # a crash between done and clean-up left it behind
-        return NOTHING
+        return NOTHING  # (enter_finalize below checks state and token in Redis, not this copy)
     entry = rt.store.enter_finalize(
         task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds, limit=rt.settings.finalize_concurrency
     )
@@ -196,7 +206,6 @@ def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 
         return NOTHING
     try:
         stored = rt.storage.commit(sandbox, task.spec.files)
-        _renew(rt, task, token)
         url = task.spec.webhook or rt.settings.webhook_url
         if url:
             event = make_event(task, COMPLETED, stored, None, rt.clock())
@@ -211,7 +220,10 @@ def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 
     except Exception as exc:
         return _end_run(rt, task, token, exc)
     sandbox.remove()
-    log.info("task %s: done, %d file(s) in %s", task_id, len(stored), rt.storage.task_dir(task_id))
+    log.info(
+        "task %s: done, %d file(s), %d bytes in %s, announced: %s",
+        task_id, len(stored), sum(f["size"] for f in stored), rt.storage.task_dir(task_id), bool(url),
+    )  # fmt: skip
     return NOTHING
 
 
@@ -281,6 +293,10 @@ class Progress:
     def bytes_done(self) -> int:
         return sum(self.done)
 
+    def figures(self) -> tuple[int, int, int]:
+        """(bytes done, bytes total, files done), as the store records them."""
+        return self.bytes_done, sum(size or 0 for size in self.sizes), self.finished
+
     def start_file(self, index: int) -> None:
         self.current = index
 
@@ -320,14 +336,15 @@ class Progress:
         self.bytes_at_write = self.done[self.current] if self.current is not None else 0
         s = self.rt.settings
         try:
+            bytes_done, bytes_total, files_done = self.figures()
             written = self.rt.store.heartbeat(
                 self.task.id,
                 self.token,
                 now=self.rt.clock(),
                 lease_seconds=s.lease_seconds,
-                bytes_done=self.bytes_done,
-                bytes_total=sum(size or 0 for size in self.sizes),
-                files_done=self.finished,
+                bytes_done=bytes_done,
+                bytes_total=bytes_total,
+                files_done=files_done,
             )
         except redis.RedisError as exc:
             if force:
@@ -337,19 +354,6 @@ class Progress:
         if not written:
             raise LeaseLost(f"task {self.task.id}: another worker or an operator took it over; stopping")
         self.renewed_at = now
-
-
-def _renew(rt: Runtime, task: Task, token: int) -> None:
-    if not rt.store.heartbeat(
-        task.id,
-        token,
-        now=rt.clock(),
-        lease_seconds=rt.settings.lease_seconds,
-        bytes_done=task.bytes_total,
-        bytes_total=task.bytes_total,
-        files_done=task.files_total,
-    ):
-        raise LeaseLost(f"task {task.id}: lease lost during finalize")
 
 
 def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:

@@ -192,9 +192,20 @@ class TaskStore:
         return Claim(outcome, detail=_text(reply[1]) if len(reply) > 1 else "")
 
     def advance(
-        self, task_id: str, token: int, source: State, target: State, *, now: float, lease_seconds: float
+        self,
+        task_id: str,
+        token: int,
+        source: State,
+        target: State,
+        *,
+        now: float,
+        lease_seconds: float,
+        progress: tuple[int, int, int] | None = None,
     ) -> bool:
-        """Move from ``source`` to ``target`` (both active) and renew the lease; False if stale."""
+        """Move from ``source`` to ``target`` (both active) and renew the lease; False if stale.
+
+        ``progress`` (bytes done, bytes total, files done) is written in the same step.
+        """
         reply = self._call(
             "advance",
             [self.task_key(task_id), self.leases_key],
@@ -204,6 +215,7 @@ class TaskStore:
             target.value,
             now,
             lease_seconds,
+            *(progress or ()),
         )
         return _text(reply[0]) == "ok"
 

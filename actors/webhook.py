@@ -131,4 +131,4 @@ class WebhookSender:
                     f"{where}: the receiver answered {response.status_code} {response.reason}; "
                     "it must answer 2xx once it has stored the event"
                 )
-        log.info("%s: delivered", where)
+        log.debug("%s: delivered", where)

@@ -25,6 +25,8 @@ from actors.errors import InvalidTask
 from actors.settings import Settings, SettingsError
 from actors.task import State, TaskSpec, spec_from_manifest, spec_from_urls
 
+#: Messages a worker process takes beyond one per thread (see worker_environment).
+PREFETCH_SPARE = 2
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -241,15 +243,20 @@ def worker_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
 def worker_environment(settings: Settings, extra: Sequence[str] = ()) -> dict[str, str]:
     """Dramatiq's tuning for haul, read from the environment when Dramatiq is imported.
 
-    Prefetch is set to the thread count: by default a process takes twice as many messages as
-    it has threads, and the extra ones wait behind hour-long downloads while other workers
-    idle. The poll pause is HAUL_WORKER_POLL_MS instead of a second.
+    Prefetch is the thread count plus PREFETCH_SPARE: by default a process takes twice as many
+    messages as it has threads, and the extra ones wait behind hour-long downloads while other
+    workers idle; with none spare, a thread that finishes waits for the next poll. (A message
+    that does wait is re-sent by the supervisor after HAUL_ORPHAN_SECONDS.) The poll pause is
+    HAUL_WORKER_POLL_MS instead of a second.
     """
-    threads = str(settings.worker_threads)
+    threads = settings.worker_threads
     for flag in ("--threads", "-t"):
         if flag in extra and extra.index(flag) + 1 < len(extra):
-            threads = extra[extra.index(flag) + 1]
-    return {"dramatiq_queue_prefetch": threads, "dramatiq_worker_timeout": str(settings.worker_poll_ms)}
+            threads = int(extra[extra.index(flag) + 1])
+    return {
+        "dramatiq_queue_prefetch": str(threads + PREFETCH_SPARE),
+        "dramatiq_worker_timeout": str(settings.worker_poll_ms),
+    }
 
 
 def run_worker(settings: Settings, extra: Sequence[str]) -> int:

@@ -91,7 +91,7 @@ class Bench:
         (self.root / "redis").mkdir()
         self.redis = subprocess.Popen(
             ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir", str(self.root / "redis"),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+             "--appendonly", "yes", "--appendfsync", os.environ.get("HAUL_BENCH_APPENDFSYNC", "always"), "--save", ""],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         wait_port(self.redis_port)
