@@ -22,6 +22,25 @@ def base_env(**haul: str) -> dict[str, str]:
     return env
 
 
+def stack_env(tmp_path: Path, redis_url: str, webhook_url: str, **overrides: str) -> dict[str, str]:
+    """The environment of a test stack's processes: its Redis, folders, receiver, quick retries."""
+    from tests.conftest import WEBHOOK_SECRET
+
+    env = base_env(
+        HAUL_REDIS_URL=redis_url,
+        HAUL_STAGING_DIR=str(tmp_path / "staging"),
+        HAUL_STORAGE_DIR=str(tmp_path / "storage"),
+        HAUL_WEBHOOK_URL=webhook_url,
+        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        HAUL_ALLOW_PRIVATE_NETWORKS="1",
+        HAUL_RETRY_MIN_SECONDS="0.1",
+        HAUL_RETRY_MAX_SECONDS="0.5",
+        HAUL_SUPERVISOR_PORT="0",
+    )
+    env.update(overrides)
+    return env
+
+
 class Process:
     """A child started in its own session, so the whole group (Dramatiq forks) can be killed."""
 

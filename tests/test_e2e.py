@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from actors.store import TaskStore
-from tests.conftest import WEBHOOK_SECRET, eventually_gone, wait_for
+from tests.conftest import eventually_gone, wait_for
 from tests.servers import Fault, Origin, Receiver
 
 pytestmark = pytest.mark.e2e
@@ -23,18 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def stack_env(tmp_path: Path, redis_url: str, receiver: Receiver) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HAUL_")}
-    env.update(
-        HAUL_REDIS_URL=redis_url,
-        HAUL_STAGING_DIR=str(tmp_path / "staging"),
-        HAUL_STORAGE_DIR=str(tmp_path / "storage"),
-        HAUL_WEBHOOK_URL=receiver.url,
-        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        HAUL_ALLOW_PRIVATE_NETWORKS="1",
-        HAUL_RETRY_MIN_SECONDS="0.1",
-        HAUL_RETRY_MAX_SECONDS="0.5",
-    )
-    return env
+    from tests.processes import stack_env as make
+
+    return make(tmp_path, redis_url, receiver.url)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from actors.store import TaskStore
 from tests import processes
-from tests.conftest import WEBHOOK_SECRET, free_port, wait_for
+from tests.conftest import free_port, wait_for
 from tests.processes import running, wait_until
 from tests.servers import Origin, Receiver
 
@@ -24,19 +24,7 @@ MIB = 1024 * 1024
 
 @pytest.fixture
 def env(tmp_path: Path, redis_url: str, receiver: Receiver) -> dict[str, str]:
-    return processes.base_env(
-        HAUL_REDIS_URL=redis_url,
-        HAUL_STAGING_DIR=str(tmp_path / "staging"),
-        HAUL_STORAGE_DIR=str(tmp_path / "storage"),
-        HAUL_WEBHOOK_URL=receiver.url,
-        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        HAUL_ALLOW_PRIVATE_NETWORKS="1",
-        HAUL_LEASE_SECONDS="3",
-        HAUL_SWEEP_SECONDS="0.5",
-        HAUL_RETRY_MIN_SECONDS="0.1",
-        HAUL_RETRY_MAX_SECONDS="0.5",
-        HAUL_SUPERVISOR_PORT="0",
-    )
+    return processes.stack_env(tmp_path, redis_url, receiver.url, HAUL_LEASE_SECONDS="3", HAUL_SWEEP_SECONDS="0.5")
 
 
 def submit(env: dict[str, str], url: str) -> str:

@@ -45,15 +45,7 @@ def assert_no_secret(sink: SentrySink) -> None:
 def test_worker_reports_a_permanent_failure_with_tags_and_no_secrets(
     tmp_path: Path, redis_url: str, store: TaskStore, origin: Origin, receiver: Receiver, sink: SentrySink
 ) -> None:
-    env = processes.base_env(
-        HAUL_REDIS_URL=redis_url,
-        HAUL_STAGING_DIR=str(tmp_path / "staging"),
-        HAUL_STORAGE_DIR=str(tmp_path / "storage"),
-        HAUL_WEBHOOK_URL=receiver.url,
-        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        HAUL_ALLOW_PRIVATE_NETWORKS="1",
-        HAUL_SENTRY_DSN=sink.dsn,
-    )
+    env = processes.stack_env(tmp_path, redis_url, receiver.url, HAUL_SENTRY_DSN=sink.dsn)
     url = f"http://user:{URL_PASSWORD}@127.0.0.1:{origin.port}/missing.mp4?sig={SIGNED}"
     worker = processes.worker(env, tmp_path / "worker.log")
     with running(worker):
@@ -81,17 +73,11 @@ def test_supervisor_reports_dead_tasks_failing_sweeps_and_checks_in(
     server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
     server.start()
     port = free_port()
-    env = processes.base_env(
-        HAUL_REDIS_URL=server.url,
-        HAUL_STAGING_DIR=str(tmp_path / "staging"),
-        HAUL_WEBHOOK_URL=receiver.url,
-        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        HAUL_MAX_ATTEMPTS="1",
-        HAUL_LEASE_SECONDS="3",
-        HAUL_SWEEP_SECONDS="0.3",
-        HAUL_SUPERVISOR_PORT=str(port),
-        HAUL_SENTRY_DSN=sink.dsn,
-    )
+    env = processes.stack_env(
+        tmp_path, server.url, receiver.url,
+        HAUL_MAX_ATTEMPTS="1", HAUL_LEASE_SECONDS="3", HAUL_SWEEP_SECONDS="0.3",
+        HAUL_SUPERVISOR_PORT=str(port), HAUL_SENTRY_DSN=sink.dsn,
+    )  # fmt: skip
     store = TaskStore.from_url(server.url)
     try:
         # Given a task whose only attempt's worker vanished long ago
@@ -126,21 +112,11 @@ def test_no_secret_in_logs_webhooks_metrics_or_sentry(
     server = RedisServer(tmp_path / "redis", password=REDIS_PASSWORD)
     server.start()
     sup_port, metrics_port = free_port(), free_port()
-    env = processes.base_env(
-        HAUL_REDIS_URL=server.url,
-        HAUL_STAGING_DIR=str(tmp_path / "staging"),
-        HAUL_STORAGE_DIR=str(tmp_path / "storage"),
-        HAUL_WEBHOOK_URL=receiver.url,
-        HAUL_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        HAUL_ALLOW_PRIVATE_NETWORKS="1",
-        HAUL_SENTRY_DSN=sink.dsn,
-        HAUL_SWEEP_SECONDS="0.3",
-        HAUL_SUPERVISOR_PORT=str(sup_port),
-        HAUL_WORKER_METRICS_PORT=str(metrics_port),
-        HAUL_WORKER_METRICS_DIR=str(tmp_path / "metrics"),
-        HAUL_RETRY_MIN_SECONDS="0.1",
-        HAUL_RETRY_MAX_SECONDS="0.3",
-    )
+    env = processes.stack_env(
+        tmp_path, server.url, receiver.url,
+        HAUL_SENTRY_DSN=sink.dsn, HAUL_SWEEP_SECONDS="0.3", HAUL_SUPERVISOR_PORT=str(sup_port),
+        HAUL_WORKER_METRICS_PORT=str(metrics_port), HAUL_WORKER_METRICS_DIR=str(tmp_path / "metrics"),
+    )  # fmt: skip
     worker = processes.Process(
         [sys.executable, "-m", "supervisor.cli", "worker", "--processes", "1", "--threads", "2"],
         env,
