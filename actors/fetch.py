@@ -96,15 +96,6 @@ def content_type_accepted(content_type: str | None, accept: tuple[str, ...]) -> 
     return False
 
 
-@dataclass(frozen=True)
-class Fetched:
-    """A complete ``.part``: its size and, when asked for, its sha256."""
-
-    size: int
-    sha256: str | None
-    served_bytes: int
-
-
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
     if not value:
@@ -144,8 +135,8 @@ class Fetcher:
         on_total: Callable[[int], None] | None = None,
         guard: Callable[[Any], AbstractContextManager[None]] | None = None,
         rules: FetchRules = FetchRules(),
-    ) -> Fetched:
-        """Bring ``part`` to the complete file, resuming what it already holds.
+    ) -> int:
+        """Bring ``part`` to the complete file (returning its size), resuming what it already holds.
 
         ``on_progress(position)`` is called before every chunk is written, with the bytes the
         ``.part`` holds so far (0 when the file restarts), and once at the end; raising there
@@ -201,7 +192,7 @@ class Fetcher:
                 f"{where}: sha256 is {digest} but the task says {spec.sha256}; "
                 "the origin serves other bytes than the task expects"
             )
-        return Fetched(size=size, sha256=digest, served_bytes=served)
+        return size
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -346,7 +337,7 @@ class _Restart(OriginUnavailable):
     """The ``.part`` cannot be continued (other version, range refused): start from zero."""
 
 
-def fetch_file(fetcher: Fetcher, spec: FileSpec, part: Path, **kwargs: Any) -> Fetched:
+def fetch_file(fetcher: Fetcher, spec: FileSpec, part: Path, **kwargs: Any) -> int:
     """:meth:`Fetcher.fetch`, starting over once from zero when the ``.part`` cannot be kept.
 
     That covers a file that changed on the origin, a refused range, and a size or sha256

@@ -149,7 +149,7 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
             if size is None:
                 part = sandbox.part(index)
                 progress.start_file(index)
-                fetched = fetch_file(
+                size = fetch_file(
                     rt.fetcher,
                     spec,
                     part,
@@ -161,7 +161,6 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
                 )
                 progress.check()
                 sandbox.promote(part, spec)
-                size = fetched.size
                 log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
             progress.file_done(index, size)
         if not rt.store.advance(

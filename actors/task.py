@@ -170,6 +170,8 @@ class Task:
             "bytes_done": self.bytes_done,
             "error": self.error or None,
             "worker": self.worker or None,
+            "lease_until": self.lease_until or None,
+            "not_before": self.not_before or None,
             "webhook": self.spec.webhook,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
