@@ -32,7 +32,6 @@ class Stack:
     def __init__(self, tmp_path: Path, receiver: Receiver, **overrides: str) -> None:
         self.tmp_path = tmp_path
         self.redis = RedisServer(tmp_path / "redis", appendonly=True)
-        self.redis.start()
         self.env = processes.stack_env(
             tmp_path, self.redis.url, receiver.url,
             HAUL_LEASE_SECONDS="3", HAUL_SWEEP_SECONDS="0.5", HAUL_ORPHAN_SECONDS="5",
@@ -41,6 +40,7 @@ class Stack:
         self.env.update(overrides)
         self.store = TaskStore.from_url(self.redis.url)
         self.count = 0
+        self.redis.start()  # last: nothing after it can fail and leave the server running
 
     @property
     def storage(self) -> Path:
@@ -202,8 +202,9 @@ def test_full_staging_disk_fails_transiently_and_completes_once_space_is_back(
     staging.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(staging)]).returncode != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    stack = Stack(tmp_path, receiver, HAUL_STAGING_DIR=str(staging), HAUL_MAX_ATTEMPTS="100")
+    stack: Stack | None = None
     try:
+        stack = Stack(tmp_path, receiver, HAUL_STAGING_DIR=str(staging), HAUL_MAX_ATTEMPTS="100")
         data = os.urandom(5 * MIB)
         worker = stack.worker(threads=1)
         with running(worker):
@@ -219,7 +220,8 @@ def test_full_staging_disk_fails_transiently_and_completes_once_space_is_back(
         assert task.state.value == "done"
         assert (stack.storage / task_id / "big.mp4").read_bytes() == data
     finally:
-        stack.close()
+        if stack is not None:
+            stack.close()
         subprocess.run(["umount", "-l", str(staging)])
 
 
