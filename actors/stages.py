@@ -8,6 +8,7 @@ that tells the actor glue which message to send next. Errors end the run in one 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import random
@@ -191,10 +192,12 @@ def finalize_task(
     task = task or rt.store.get(task_id)
     if task is None:
         return NOTHING
+    if task.state is State.DOWNLOADING:  # the copy the download stage read: it has moved on since
+        task = dataclasses.replace(task, state=State.FINALIZING)
     sandbox = Sandbox(rt.settings.staging_dir, task_id)
     if task.state is State.DONE:
         sandbox.remove()  # a crash between done and clean-up left it behind
-        return NOTHING  # (enter_finalize below checks state and token in Redis, not this copy)
+        return NOTHING
     entry = rt.store.enter_finalize(
         task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds, limit=rt.settings.finalize_concurrency
     )
