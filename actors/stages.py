@@ -314,7 +314,7 @@ class Progress:
         now = time.monotonic()
         self.check(now)
         if now - self.last_write >= PROGRESS_INTERVAL_SECONDS or position - self.bytes_at_write >= PROGRESS_BYTES:
-            self.write(now=now)
+            self.write(now)
 
     def check(self, now: float | None = None) -> None:
         """Raise LeaseLost when this holder can no longer be sure it still owns the task."""
@@ -331,9 +331,8 @@ class Progress:
         self.finished += 1
         self.current = None
 
-    def write(self, *, force: bool = False, now: float | None = None) -> None:
+    def write(self, now: float) -> None:
         """Renew the lease and write progress; raise LeaseLost when the token moved on."""
-        now = time.monotonic() if now is None else now
         self.last_write = now
         self.bytes_at_write = self.done[self.current] if self.current is not None else 0
         s = self.rt.settings
@@ -348,9 +347,7 @@ class Progress:
                 bytes_total=bytes_total,
                 files_done=files_done,
             )
-        except redis.RedisError as exc:
-            if force:
-                raise LeaseLost(f"task {self.task.id}: cannot renew its lease, Redis unreachable ({exc})") from exc
+        except redis.RedisError as exc:  # check() stops the download if this lasts
             log.warning("task %s: progress not written, Redis unreachable (%s); going on", self.task.id, exc)
             return
         if not written:
