@@ -175,14 +175,23 @@ def settings(tmp_path: Path, redis_url: str, receiver: Receiver) -> Any:
     )
 
 
-@pytest.fixture
-def runtime(settings: Any, store: Any) -> Iterator[Any]:
+@contextmanager
+def installed_runtime(settings: Any, store: Any) -> Iterator[Any]:
+    """The actors of this process run with ``settings`` (and the test's store) meanwhile."""
     from actors import runtime as runtime_module
 
     rt = runtime_module.Runtime.build(settings, store=store)
     runtime_module.install(rt)
-    yield rt
-    runtime_module.install(None)
+    try:
+        yield rt
+    finally:
+        runtime_module.install(None)
+
+
+@pytest.fixture
+def runtime(settings: Any, store: Any) -> Iterator[Any]:
+    with installed_runtime(settings, store) as rt:
+        yield rt
 
 
 @contextmanager

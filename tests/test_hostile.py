@@ -16,7 +16,7 @@ from actors.errors import InvalidTask
 from actors.store import TaskStore
 from actors.submit import submit_spec
 from actors.task import spec_from_manifest
-from tests.conftest import free_port, in_process_worker, wait_for
+from tests.conftest import free_port, in_process_worker, installed_runtime, wait_for
 from tests.servers import Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -24,8 +24,6 @@ MIB = 1024 * 1024
 
 @pytest.fixture
 def hostile(settings: Any, store: TaskStore, origin: Origin, receiver: Receiver) -> Iterator[Any]:
-    from actors import runtime as runtime_module
-
     strict = settings.replace(
         allow_private_networks=False,
         allow_hosts=frozenset({f"127.0.0.1:{origin.port}", f"127.0.0.1:{receiver.port}"}),
@@ -34,11 +32,8 @@ def hostile(settings: Any, store: TaskStore, origin: Origin, receiver: Receiver)
         lowest_speed_bytes=200_000,
         lowest_speed_seconds=1,
     )
-    rt = runtime_module.Runtime.build(strict, store=store)
-    runtime_module.install(rt)
-    with in_process_worker(threads=6):
+    with installed_runtime(strict, store), in_process_worker(threads=6):
         yield strict
-    runtime_module.install(None)
 
 
 def submit(store: TaskStore, url: str, path: str = "v.mp4", **extra: Any) -> str:

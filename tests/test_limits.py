@@ -11,7 +11,7 @@ import pytest
 from actors.store import StageLimits, TaskStore
 from actors.submit import submit_spec
 from actors.task import State, spec_from_manifest, spec_from_urls
-from tests.conftest import in_process_worker, wait_for
+from tests.conftest import in_process_worker, installed_runtime, wait_for
 from tests.servers import Origin, Receiver
 
 NOW = 1_700_000_000.0
@@ -88,12 +88,8 @@ def test_finalize_backlog_pauses_claims(store: TaskStore) -> None:
 
 @pytest.fixture
 def limited(settings: Any, store: TaskStore) -> Iterator[Any]:
-    from actors import runtime as runtime_module
-
-    rt = runtime_module.Runtime.build(settings.replace(download_per_host=2, finalize_concurrency=1), store=store)
-    runtime_module.install(rt)
-    yield rt
-    runtime_module.install(None)
+    with installed_runtime(settings.replace(download_per_host=2, finalize_concurrency=1), store) as rt:
+        yield rt
 
 
 def test_per_host_limit_holds_at_the_origin_under_load(

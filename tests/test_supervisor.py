@@ -21,7 +21,7 @@ from actors.task import spec_from_manifest
 from supervisor import limits
 from supervisor.daemon import Supervisor
 from supervisor.http import create_server, serve_in_background
-from tests.conftest import in_process_worker, wait_for
+from tests.conftest import in_process_worker, installed_runtime, wait_for
 from tests.servers import Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -42,12 +42,8 @@ def supervisor(fast: Any, store: Any) -> Iterator[Supervisor]:
 
 @pytest.fixture
 def fast_runtime(fast: Any, store: Any) -> Iterator[Any]:
-    from actors import runtime as runtime_module
-
-    rt = runtime_module.Runtime.build(fast, store=store)
-    runtime_module.install(rt)
-    yield rt
-    runtime_module.install(None)
+    with installed_runtime(fast, store) as rt:
+        yield rt
 
 
 def test_a_hung_thread_loses_its_task_and_cannot_write_late(
