@@ -203,14 +203,14 @@ class _OriginHandler(_Quiet):
             if fault is not None and fault.kind == "stall" and offset <= fault.after < offset + step:
                 time.sleep(fault.seconds)
             chunk = view[offset : offset + step]
+            if origin.rate:  # pause before, not after, the chunk: the body ends with its last byte
+                time.sleep(len(chunk) / origin.rate)
             try:
                 self.wfile.write(chunk)
             except OSError:
                 return  # the client went away (killed, or gave up)
             with origin.lock:
                 origin.served[path] += len(chunk)
-            if origin.rate:
-                time.sleep(len(chunk) / origin.rate)
         if fault is not None and fault.kind == "drop":
             self.wfile.flush()
             self.close_connection = True
