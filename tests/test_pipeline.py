@@ -172,3 +172,18 @@ def test_a_bad_task_does_not_stop_its_neighbours(
     assert wait_for(store, good).state.value == "done"
     assert stored(settings, good, "good.mp4") == b"good"
     assert (settings.staging_dir / bad).exists()  # kept for inspection
+
+
+def test_a_receiver_down_past_the_give_up_time_ends_the_task_dead(
+    settings: Any, store: Any, origin: Origin, receiver: Receiver
+) -> None:
+    from tests.conftest import in_process_worker, installed_runtime
+
+    receiver.statuses.extend([503] * 1000)
+    with installed_runtime(settings.replace(finalize_give_up_seconds=1.0), store), in_process_worker():
+        task_id = submit(store, origin, {"v.mp4": b"video"})
+        task = wait_for(store, task_id)
+    assert task.state.value == "dead" and task.attempts == 1
+    assert "HAUL_FINALIZE_GIVE_UP_SECONDS" in task.error and "503" in task.error
+    # The files stay where the outage found them: stored, and still staged for inspection
+    assert stored(settings, task_id, "v.mp4") == b"video"
