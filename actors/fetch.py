@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -177,7 +178,7 @@ class Fetcher:
             self._write_meta(meta_path, Validator.of(response), where)
             on_progress(offset)
             hasher = _hash_file(part, offset) if spec.sha256 else None
-            with guard(response) if guard is not None else nullcontext():
+            with guard(_Interruptible(response)) if guard is not None else nullcontext():
                 served = self._stream(response, part, offset, hasher, on_progress, rules, where)
         finally:
             response.close()
@@ -331,6 +332,27 @@ class Fetcher:
             _check_status(response, url, where)
             return response
         raise OriginRejected(f"{where}: more than {MAX_REDIRECTS} redirects; fix the URL", status=310)
+
+
+class _Interruptible:
+    """A response whose ``close()`` wakes a thread blocked reading it.
+
+    Closing a socket does not interrupt a ``recv`` already waiting on it in another thread;
+    shutting it down does, so a graceful stop never waits for a silent origin's read timeout.
+    The reading thread then sees the end of the body and closes the response itself (closing
+    it from here too would race with http.client's own clean-up).
+    """
+
+    def __init__(self, response: requests.Response) -> None:
+        self.response = response
+
+    def close(self) -> None:
+        sock = getattr(getattr(self.response.raw, "connection", None), "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
 
 
 class _Restart(OriginUnavailable):

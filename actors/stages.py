@@ -362,9 +362,10 @@ def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
     if isinstance(exc, LeaseLost):
         log.warning("%s", exc)
         return NOTHING
-    if rt.stopper.is_set() and isinstance(exc, Stopping | TransientError):
-        # A graceful stop: the bytes stay in the sandbox, the attempt is given back, and the
-        # task is queued at once for another worker (the message goes out before we exit).
+    if rt.stopper.is_set() and not isinstance(exc, PermanentError):
+        # A graceful stop (whatever error it caused in the transfer): the bytes stay in the
+        # sandbox, the attempt is given back, and the task is queued at once for another
+        # worker (the message goes out before we exit).
         reached = rt.store.release(
             task.id, token, State.QUEUED, now=now, error="handed back: worker stopping",
             max_attempts=s.max_attempts, refund=True,

@@ -144,3 +144,26 @@ def test_redis_without_persistence_is_reported(store: Any) -> None:
         assert limits.check_redis(store.client) == []
     finally:
         store.client.config_set("appendonly", "no")
+
+
+def test_a_graceful_stop_wakes_a_download_blocked_on_a_silent_origin(
+    runtime: Any, store: Any, origin: Origin, receiver: Receiver, settings: Any
+) -> None:
+    data = os.urandom(3 * MIB)
+    url = origin.put("/silent.mp4", data)
+    # Given an origin that goes silent for longer than the read timeout (5 s here) ...
+    origin.fault("/silent.mp4", Fault("stall", after=MIB, seconds=20))
+    with in_process_worker(threads=1) as worker:
+        task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store)
+        part = settings.staging_dir / task_id / ".parts" / "0.part"
+        deadline = time.monotonic() + 10
+        while (part.stat().st_size if part.exists() else 0) < MIB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # ... a stop does not wait for it: the blocked read is woken and the task handed back
+        started = time.monotonic()
+        worker.stop()
+        took = time.monotonic() - started
+    task = store.get(task_id)
+    assert took < 3, f"stop took {took:.1f}s"
+    assert task.state.value == "queued" and task.attempts == 0 and "handed back" in task.error
+    assert part.stat().st_size >= MIB  # the bytes so far are kept for whoever resumes
