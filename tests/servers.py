@@ -3,6 +3,7 @@ faults, and a webhook receiver that verifies signatures with the standardwebhook
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -55,7 +56,8 @@ def etag_of(data: bytes) -> str:
 class Fault:
     """One scripted answer. kind: 'status' (code, retry_after), 'drop' (after n body bytes),
     'stall' (after n body bytes, pause ``seconds``, then go on), 'html' (a 200 login page),
-    'nolength' (the body without Content-Length, ended by closing the connection);
+    'nolength' (the body without Content-Length, ended by closing the connection),
+    'gzip' (the body gzip-coded although the client asked for identity);
     ``then`` runs after the answer was sent."""
 
     kind: str
@@ -174,10 +176,14 @@ class _OriginHandler(_Quiet):
                 return
             status = 206
         body = data[start:]
+        if fault is not None and fault.kind == "gzip":
+            body = gzip.compress(body)
         self.send_response(status)
         self.send_header("Content-Type", "video/mp4")
         self.send_header("ETag", etag)
         self.send_header("Accept-Ranges", "bytes")
+        if fault is not None and fault.kind == "gzip":
+            self.send_header("Content-Encoding", "gzip")
         if fault is not None and fault.kind == "nolength":
             self.close_connection = True
         else:
