@@ -248,8 +248,13 @@ class Fetcher:
 
     @staticmethod
     def _write_meta(meta_path: Path, validator: Validator, where: str) -> None:
+        data = json.dumps({"etag": validator.etag, "last_modified": validator.last_modified}).encode()
         try:
-            meta_path.write_text(json.dumps({"etag": validator.etag, "last_modified": validator.last_modified}))
+            fd = os.open(meta_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise StorageUnavailable(f"{where}: cannot write to staging ({exc.strerror})") from exc
 

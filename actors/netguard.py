@@ -21,7 +21,9 @@ the address they denote and are judged as such.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -90,12 +92,21 @@ class DestinationPolicy:
                 raise self._refused(purpose, host, str(address))
 
     def session(self, proxy: str | None = None) -> requests.Session:
-        """A requests session whose connections pass the connect-time check."""
+        """A requests session whose connections pass the connect-time check.
+
+        requests looks at the environment on every request (proxy variables, a CA bundle,
+        ``~/.netrc``: three file lookups and a scan of the variables). When none of the proxy
+        or CA variables is set at start-up, that is switched off, which also means origins
+        never get ``~/.netrc`` credentials: haul's credentials travel in task URLs.
+        """
         session = requests.Session()
         session.mount("http://", GuardedAdapter(self, https=False))
         session.mount("https://", GuardedAdapter(self, https=True))
         if proxy:
             session.proxies = {"http": proxy, "https": proxy}
+        session.trust_env = bool(urllib.request.getproxies()) or any(
+            os.environ.get(name) for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+        )
         return session
 
     @staticmethod

@@ -82,15 +82,16 @@ NOTHING = Outcome(Next.NOTHING)
 def run_task(rt: Runtime, task_id: str) -> Outcome:
     """One run of a task: claim, download, finalize, chained while nothing has to wait."""
     outcome = claim_task(rt, task_id)
-    if outcome.next is Next.DOWNLOAD:
-        outcome = download_task(rt, task_id, outcome.token)
+    if outcome.next is Next.DOWNLOAD and outcome.task is not None:
+        outcome = download_task(rt, outcome.task, outcome.token)
     if outcome.next is Next.FINALIZE and not outcome.delay_seconds:
-        outcome = finalize_task(rt, task_id, outcome.token, task=outcome.task)
+        outcome = finalize_task(rt, task_id, outcome.token, task=outcome.task, slot_held=True)
     return outcome
 
 
 def claim_task(rt: Runtime, task_id: str) -> Outcome:
-    """Gate every run: only a queued task (or one whose lease ran out) is taken."""
+    """Gate every run: only a queued task (or one whose lease ran out) is taken, straight into
+    ``downloading`` (the download goes on in this thread)."""
     s = rt.settings
     now = rt.clock()
     claim = rt.store.claim(
@@ -105,10 +106,11 @@ def claim_task(rt: Runtime, task_id: str) -> Outcome:
             staging_max_bytes=s.staging_max_bytes,
             finalize_backlog=FINALIZE_BACKLOG_FACTOR * s.finalize_concurrency,
         ),
+        start=State.DOWNLOADING,
     )
     if claim.ok:
-        log.info("task %s: claimed (attempt %d, token %d)", task_id, claim.attempts, claim.token)
-        return Outcome(Next.DOWNLOAD, token=claim.token)
+        log.debug("task %s: claimed (attempt %d, token %d)", task_id, claim.attempts, claim.token)
+        return Outcome(Next.DOWNLOAD, token=claim.token, task=claim.task)
     if claim.outcome == "dead":
         message = f"task {task_id}: lease expired and all {s.max_attempts} attempts are used; the task is dead"
         log.error("%s", message)
@@ -125,17 +127,10 @@ def claim_task(rt: Runtime, task_id: str) -> Outcome:
     return NOTHING
 
 
-def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
+def download_task(rt: Runtime, task: Task, token: int) -> Outcome:
     """Bring every file of the task into its sandbox, resuming whatever earlier runs left."""
     s = rt.settings
-    if not rt.store.advance(
-        task_id, token, State.CLAIMED, State.DOWNLOADING, now=rt.clock(), lease_seconds=s.lease_seconds
-    ):
-        log.info("task %s: download with stale token %d skipped", task_id, token)
-        return NOTHING
-    task = rt.store.get(task_id)
-    if task is None:
-        return NOTHING
+    task_id = task.id
     try:
         sandbox = Sandbox(s.staging_dir, task_id)
         sandbox.prepare()
@@ -164,48 +159,57 @@ def download_task(rt: Runtime, task_id: str, token: int) -> Outcome:
                 sandbox.promote(part, spec)
                 log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
             progress.file_done(index, size)
-        if not rt.store.advance(
+        entry = rt.store.finish_download(
             task_id,
             token,
-            State.DOWNLOADING,
-            State.FINALIZING,
             now=rt.clock(),
             lease_seconds=s.lease_seconds,
             progress=progress.figures(),
-        ):
+            finalize_limit=s.finalize_concurrency,
+        )
+        if entry == "stale":
             raise LeaseLost(f"task {task_id}: lease lost as the download finished")
-        return Outcome(Next.FINALIZE, token=token, task=task)
+        finalizing = dataclasses.replace(task, state=State.FINALIZING)
+        if entry == "full":
+            return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait(), task=finalizing)
+        return Outcome(Next.FINALIZE, token=token, task=finalizing)
     except Exception as exc:
         return _end_run(rt, task, token, exc)
 
 
 def finalize_task(
-    rt: Runtime, task_id: str, token: int, failing_since: float = 0.0, task: Task | None = None
+    rt: Runtime,
+    task_id: str,
+    token: int,
+    failing_since: float = 0.0,
+    task: Task | None = None,
+    slot_held: bool = False,
 ) -> Outcome:
     """Store, announce, mark done, clean up: in that order, so nothing is lost on a crash.
 
     When storage or the webhook receiver is down, the task stays ``finalizing`` with its files
     safe in staging and tries again later (``failing_since`` says since when), without using
     up its download attempts: a receiver outage of an hour must not kill a finished course.
-    ``task`` saves reading it again when the download just ran in this thread.
+    ``task`` and ``slot_held`` come from a download that just finished in this thread (which
+    took the finalize slot as it ended): they save two round trips.
     """
     task = task or rt.store.get(task_id)
     if task is None:
         return NOTHING
-    if task.state is State.DOWNLOADING:  # the copy the download stage read: it has moved on since
-        task = dataclasses.replace(task, state=State.FINALIZING)
     sandbox = Sandbox(rt.settings.staging_dir, task_id)
     if task.state is State.DONE:
-        sandbox.remove()  # a crash between done and clean-up left it behind
+        sandbox.remove(task.spec.files)  # a crash between done and clean-up left it behind
         return NOTHING
-    entry = rt.store.enter_finalize(
-        task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds, limit=rt.settings.finalize_concurrency
-    )
-    if entry == "full":
-        return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait(), failing_since=failing_since)
-    if entry != "ok":
-        log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
-        return NOTHING
+    if not slot_held:
+        entry = rt.store.enter_finalize(
+            task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds,
+            limit=rt.settings.finalize_concurrency,
+        )  # fmt: skip
+        if entry == "full":
+            return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait(), failing_since=failing_since)
+        if entry != "ok":
+            log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
+            return NOTHING
     try:
         stored = rt.storage.commit(sandbox, task.spec.files)
         url = task.spec.webhook or rt.settings.webhook_url
@@ -221,7 +225,7 @@ def finalize_task(
         return _park(rt, task, token, exc, failing_since or rt.clock())
     except Exception as exc:
         return _end_run(rt, task, token, exc)
-    sandbox.remove()
+    sandbox.remove(task.spec.files)
     log.info(
         "task %s: done, %d file(s), %d bytes in %s, announced: %s",
         task_id, len(stored), sum(f["size"] for f in stored), rt.storage.task_dir(task_id), bool(url),

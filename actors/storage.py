@@ -43,10 +43,9 @@ class LocalStorage:
         stored = []
         for spec in files:
             source = sandbox.file(spec)
-            target = inside(target_root, spec.path, what=f"task {task_id}")
+            target = inside(self.root, spec.path, under=task_id, what=f"task {task_id}")
             try:
-                self._place(source, target)
-                size = target.stat().st_size
+                size = self._place(source, target, target_root)
             except FileNotFoundError as exc:
                 raise TransientError(
                     f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
@@ -63,18 +62,20 @@ class LocalStorage:
         return stored
 
     @staticmethod
-    def _place(source: Path, target: Path) -> None:
-        if target.exists() and source.exists() and os.path.samefile(source, target):
-            return  # committed by an earlier run
-        if not source.exists() and target.exists():
-            return  # committed earlier, and staging was already cleaned
-        target.parent.mkdir(parents=True, exist_ok=True)
+    def _place(source: Path, target: Path, target_root: Path) -> int:
+        """Make ``target`` the finished ``source`` (unless an earlier run did); return its size."""
+        placed, staged = _stat(target), _stat(source)
+        if placed is not None and (staged is None or os.path.samestat(placed, staged)):
+            return placed.st_size  # committed by an earlier run (and maybe staging cleaned since)
+        if staged is None:
+            raise FileNotFoundError(errno.ENOENT, "missing from staging", str(source))
+        if target.parent != target_root:
+            target.parent.mkdir(parents=True, exist_ok=True)
         # A fixed name: a run killed half-way leaves at most this one, which the next run reuses.
         temporary = target.with_name(f".{target.name}.haul-tmp")
-        temporary.unlink(missing_ok=True)
         try:
             try:
-                os.link(source, temporary)
+                _link_over(source, temporary)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):  # no hard links here
                     raise
@@ -82,6 +83,24 @@ class LocalStorage:
                 with temporary.open("rb+") as handle:
                     os.fsync(handle.fileno())
             os.replace(temporary, target)
-        finally:
+        except BaseException:
             temporary.unlink(missing_ok=True)
+            raise
         fsync_dir(target.parent)
+        return staged.st_size
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _link_over(source: Path, link: Path) -> None:
+    """Hard-link ``source`` as ``link``, replacing a stray left there by a killed run."""
+    try:
+        os.link(source, link)
+    except FileExistsError:
+        link.unlink()
+        os.link(source, link)

@@ -47,12 +47,14 @@ NO_LIMITS = StageLimits()
 
 @dataclass(frozen=True)
 class Claim:
-    """What a claim attempt found: ``ok`` (token and attempts set) or why it did nothing."""
+    """What a claim attempt found: ``ok`` (token, attempts and the task as claimed) or why it
+    did nothing (``detail``)."""
 
     outcome: str
     token: int = 0
     attempts: int = 0
     detail: str = ""
+    task: Task | None = None
 
     @property
     def ok(self) -> bool:
@@ -170,12 +172,17 @@ class TaskStore:
         lease_seconds: float,
         max_attempts: int,
         limits: StageLimits = NO_LIMITS,
+        start: State = State.CLAIMED,
     ) -> Claim:
         """Take the task for one run (attempt + 1, new token, lease, download slots) if it is
-        free to take and the limits allow; ``full`` leaves it queued, untouched."""
+        free to take and the limits allow; ``full`` leaves it queued, untouched.
+
+        ``start=DOWNLOADING`` enters the download at once, for a caller that goes on with it in
+        the same thread; the claim returns the task either way (one round trip for all three).
+        """
         reply = self._call(
             "claim",
-            [self.task_key(task_id), self.leases_key],
+            [self.task_key(task_id), self.leases_key, self.spec_key(task_id)],
             task_id,
             now,
             lease_seconds,
@@ -185,10 +192,13 @@ class TaskStore:
             limits.downloads_per_host,
             limits.staging_max_bytes,
             limits.finalize_backlog,
+            start.value,
         )
         outcome = _text(reply[0])
         if outcome == "ok":
-            return Claim(outcome, token=int(reply[1]), attempts=int(reply[2]))
+            fields = dict(zip(reply[4][::2], reply[4][1::2], strict=True))
+            task = _task_from(task_id, fields, reply[3])
+            return Claim(outcome, token=int(reply[1]), attempts=int(reply[2]), task=task)
         return Claim(outcome, detail=_text(reply[1]) if len(reply) > 1 else "")
 
     def advance(
@@ -206,6 +216,35 @@ class TaskStore:
 
         ``progress`` (bytes done, bytes total, files done) is written in the same step.
         """
+        return self._advance(task_id, token, source, target, now, lease_seconds, 0, progress) == "ok"
+
+    def finish_download(
+        self,
+        task_id: str,
+        token: int,
+        *,
+        now: float,
+        lease_seconds: float,
+        progress: tuple[int, int, int],
+        finalize_limit: int,
+    ) -> str:
+        """``downloading`` -> ``finalizing`` with the final progress, taking a finalize slot in
+        the same step: ``ok`` (slot held), ``full`` (finalizing, waiting for a slot) or ``stale``."""
+        return self._advance(
+            task_id, token, State.DOWNLOADING, State.FINALIZING, now, lease_seconds, finalize_limit, progress
+        )
+
+    def _advance(
+        self,
+        task_id: str,
+        token: int,
+        source: State,
+        target: State,
+        now: float,
+        lease_seconds: float,
+        finalize_limit: int,
+        progress: tuple[int, int, int] | None,
+    ) -> str:
         reply = self._call(
             "advance",
             [self.task_key(task_id), self.leases_key],
@@ -215,9 +254,10 @@ class TaskStore:
             target.value,
             now,
             lease_seconds,
+            finalize_limit,
             *(progress or ()),
         )
-        return _text(reply[0]) == "ok"
+        return _text(reply[0])
 
     def heartbeat(
         self,
@@ -352,32 +392,7 @@ class TaskStore:
         raw, described_json = pipe.execute()
         if not raw or described_json is None:
             return None
-        data = {_text(k): _text(v) for k, v in raw.items()}
-        described = json.loads(described_json)
-        spec = TaskSpec(
-            files=files_from_json(described["files"]),
-            name=described.get("name", ""),
-            key=data.get("key") or None,
-            webhook=described.get("webhook"),
-            accept=tuple(described.get("accept", DEFAULT_ACCEPT)),
-        )
-        return Task(
-            id=task_id,
-            spec=spec,
-            state=State(data["state"]),
-            attempts=int(data.get("attempts", 0)),
-            token=int(data.get("token", 0)),
-            run=int(data.get("run", 0)),
-            lease_until=float(data.get("lease_until", 0)),
-            not_before=float(data.get("not_before", 0)),
-            worker=data.get("worker", ""),
-            error=data.get("error", ""),
-            bytes_done=int(data.get("bytes_done", 0)),
-            bytes_total=int(data.get("bytes_total", 0)),
-            files_done=int(data.get("files_done", 0)),
-            created_at=float(data.get("created_at", 0)),
-            updated_at=float(data.get("updated_at", 0)),
-        )
+        return _task_from(task_id, raw, described_json)
 
     def counts(self) -> dict[State, int]:
         """Tasks per state, from the per-state sets (one pipelined round trip)."""
@@ -397,3 +412,33 @@ class TaskStore:
     def ids(self, state: State, limit: int = 100) -> list[str]:
         """The most recent task ids in ``state``, newest first."""
         return [_text(v) for v in self.client.zrevrange(self.state_key(state), 0, limit - 1)]
+
+
+def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str) -> Task:
+    """A Task from its hash fields and its spec JSON, as stored."""
+    data = {_text(k): _text(v) for k, v in raw.items()}
+    described = json.loads(described_json)
+    spec = TaskSpec(
+        files=files_from_json(described["files"]),
+        name=described.get("name", ""),
+        key=data.get("key") or None,
+        webhook=described.get("webhook"),
+        accept=tuple(described.get("accept", DEFAULT_ACCEPT)),
+    )
+    return Task(
+        id=task_id,
+        spec=spec,
+        state=State(data["state"]),
+        attempts=int(data.get("attempts", 0)),
+        token=int(data.get("token", 0)),
+        run=int(data.get("run", 0)),
+        lease_until=float(data.get("lease_until", 0)),
+        not_before=float(data.get("not_before", 0)),
+        worker=data.get("worker", ""),
+        error=data.get("error", ""),
+        bytes_done=int(data.get("bytes_done", 0)),
+        bytes_total=int(data.get("bytes_total", 0)),
+        files_done=int(data.get("files_done", 0)),
+        created_at=float(data.get("created_at", 0)),
+        updated_at=float(data.get("updated_at", 0)),
+    )

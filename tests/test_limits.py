@@ -63,6 +63,23 @@ def test_download_slots_move_to_finalize_and_finalize_is_limited(store: TaskStor
     assert store.enter_finalize(b, tokens[b], now=NOW + 4, lease_seconds=30, limit=1) == "ok"
 
 
+def test_a_finished_download_takes_the_finalize_slot_in_the_same_step(store: TaskStore) -> None:
+    a, b = task_on(store, "cdn.one"), task_on(store, "cdn.one")
+    tokens = {t: store.claim(t, worker="w", now=NOW, lease_seconds=30, max_attempts=5, start=State.DOWNLOADING).token
+              for t in (a, b)}  # fmt: skip
+    progress = (10, 10, 1)
+    done = {"now": NOW + 1, "lease_seconds": 30, "progress": progress, "finalize_limit": 1}
+    assert store.finish_download(a, tokens[a], **done) == "ok"
+    # b is finalizing all the same, waiting for the slot a holds; a stale token moves nothing
+    assert store.finish_download(b, tokens[b] - 1, **done) == "stale"
+    assert store.finish_download(b, tokens[b], **done) == "full"
+    assert store.get(b).state is State.FINALIZING and store.get(b).bytes_done == 10  # type: ignore[union-attr]
+    assert store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1) == "full"
+    store.release(a, tokens[a], State.DONE, now=NOW + 3, max_attempts=5)
+    assert store.enter_finalize(b, tokens[b], now=NOW + 4, lease_seconds=30, limit=1) == "ok"
+    assert store.slots_in_use(NOW + 4) == {"finalize": 1}
+
+
 def test_staging_budget_pauses_new_claims_but_not_resumes(store: TaskStore) -> None:
     a, b = task_on(store, "cdn.one"), task_on(store, "cdn.one")
     first = claim(store, a, staging_max_bytes=100)

@@ -37,6 +37,16 @@ def test_claim_gives_a_lease_and_skips_live_or_final_tasks(store: TaskStore) -> 
     assert claim(store, "0" * 32).outcome == "missing"
 
 
+def test_a_claim_can_enter_the_download_and_returns_the_task(store: TaskStore) -> None:
+    task_id, _ = store.create(SPEC, now=NOW)
+    c = claim(store, task_id, start=State.DOWNLOADING)
+    assert c.ok and c.task is not None
+    assert c.task.state is State.DOWNLOADING and c.task.token == c.token and c.task.attempts == 1
+    assert c.task.spec == store.get(task_id).spec  # type: ignore[union-attr]
+    assert c.task.worker == "w1" and c.task.lease_until == NOW + 30
+    assert store.counts()[State.DOWNLOADING] == 1 and store.counts()[State.CLAIMED] == 0
+
+
 def test_expired_lease_is_taken_over_and_the_old_token_is_fenced(store: TaskStore) -> None:
     task_id, _ = store.create(SPEC, now=NOW)
     old = claim(store, task_id)

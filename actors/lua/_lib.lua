@@ -49,6 +49,20 @@ local function slot_free(key, id, limit, now)
   return redis.call('ZSCORE', key, id) or redis.call('ZCARD', key) < limit
 end
 
+-- Take the finalize slot (limit 0: none) for a task in 'finalizing'; false when the stage is full.
+local function take_finalize_slot(task_key, id, limit, now, deadline)
+  local key = prefix .. 'slots:finalize'
+  if limit <= 0 then
+    return true
+  end
+  if not slot_free(key, id, limit, now) then
+    return false
+  end
+  redis.call('ZADD', key, deadline, id)
+  redis.call('HSET', task_key, 'slots', key)
+  return true
+end
+
 -- Record how many bytes a task's sandbox holds, keeping the running total.
 local function set_staged(id, bytes)
   local old = tonumber(redis.call('HGET', prefix .. 'staged', id) or '0')

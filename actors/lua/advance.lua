@@ -8,8 +8,9 @@
 -- ARGV[5]  new state (active)
 -- ARGV[6]  now (seconds)
 -- ARGV[7]  lease length (seconds)
--- ARGV[8..10] (optional) bytes done, bytes total, files done: progress written in the same step
--- Returns {'ok'} | {'stale', current state or ''}
+-- ARGV[8]  finalize slots (0: no limit), when the new state is 'finalizing'
+-- ARGV[9..11] (optional) bytes done, bytes total, files done: progress written in the same step
+-- Returns {'ok'} | {'full'} (now finalizing, but no finalize slot was free) | {'stale', current state or ''}
 local id, now, lease = ARGV[2], tonumber(ARGV[6]), tonumber(ARGV[7])
 local t = redis.call('HMGET', KEYS[1], 'state', 'token')
 if t[2] ~= ARGV[3] or t[1] ~= ARGV[4] then
@@ -20,10 +21,14 @@ if ARGV[5] == 'finalizing' then
 end
 set_state(KEYS[1], id, t[1], ARGV[5], now)
 redis.call('HSET', KEYS[1], 'lease_until', now + lease)
-if ARGV[10] then
-  redis.call('HSET', KEYS[1], 'bytes_done', ARGV[8], 'bytes_total', ARGV[9], 'files_done', ARGV[10])
-  set_staged(id, tonumber(ARGV[8]))
+if ARGV[11] then
+  redis.call('HSET', KEYS[1], 'bytes_done', ARGV[9], 'bytes_total', ARGV[10], 'files_done', ARGV[11])
+  set_staged(id, tonumber(ARGV[9]))
 end
 renew_slots(KEYS[1], id, now + lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
+if ARGV[5] == 'finalizing' and t[1] ~= 'finalizing'
+    and not take_finalize_slot(KEYS[1], id, tonumber(ARGV[8]), now, now + lease) then
+  return {'full'}
+end
 return {'ok'}

@@ -1,6 +1,7 @@
 -- Take a task for one run: the gate every duplicate message passes through.
 -- KEYS[1]  $prefix task:$id
 -- KEYS[2]  $prefix leases
+-- KEYS[3]  $prefix spec:$id
 -- ARGV[1]  prefix
 -- ARGV[2]  task id
 -- ARGV[3]  now (seconds)
@@ -11,7 +12,9 @@
 -- ARGV[8]  download slots per origin host (0: no limit)
 -- ARGV[9]  staging byte budget (0: none): past it, only tasks with bytes staged already start
 -- ARGV[10] finalize backlog (0: none): with this many tasks finalizing, claims pause
--- Returns {'ok', token, attempts} | {'missing'} | {'final', state} | {'busy', lease_until}
+-- ARGV[11] state to enter at once ('claimed' or 'downloading': a worker that starts the
+--          download in the same thread saves a round trip)
+-- Returns {'ok', token, attempts, spec JSON, HGETALL of the task} | {'missing'} | {'final', state} | {'busy', lease_until}
 --       | {'wait', not_before} | {'dead', attempts} | {'full', what is full}
 -- A 'full' claim changes nothing: the task stays queued and is offered again later.
 local id, now, lease, worker, max_attempts = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
@@ -72,7 +75,7 @@ end
 redis.call('HSET', KEYS[1], 'slots', table.concat(held, ' '))
 local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
 attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-set_state(KEYS[1], id, state, 'claimed', now)
+set_state(KEYS[1], id, state, ARGV[11], now)
 redis.call('HSET', KEYS[1], 'lease_until', now + lease, 'worker', worker, 'not_before', 0)
 redis.call('ZADD', KEYS[2], now + lease, id)
-return {'ok', token, attempts}
+return {'ok', token, attempts, redis.call('GET', KEYS[3]) or '', redis.call('HGETALL', KEYS[1])}

@@ -16,12 +16,7 @@ if t[2] ~= ARGV[3] or t[1] ~= 'finalizing' then
 end
 redis.call('HSET', KEYS[1], 'lease_until', now + lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
-local key = prefix .. 'slots:finalize'
-if limit > 0 then
-  if not slot_free(key, id, limit, now) then
-    return {'full'}
-  end
-  redis.call('ZADD', key, now + lease, id)
-  redis.call('HSET', KEYS[1], 'slots', key)
+if not take_finalize_slot(KEYS[1], id, limit, now, now + lease) then
+  return {'full'}
 end
 return {'ok'}
