@@ -16,30 +16,32 @@ def inside(root: Path, relative: str, *, what: str, under: str = "") -> Path:
 
     Task paths were validated at submit; this is the last check before a byte is written, so a
     symlink planted in a folder, or a path that slipped past validation, still cannot escape.
+    Plain strings rather than pathlib: this runs several times per task.
     """
     if os.path.isabs(relative) or "\x00" in relative:
         raise UnsafePath(f"{what}: path {relative!r} is absolute or holds NUL")
     top = _resolved(root)
-    base = top / under if under else top
-    target = base / relative
-    if not _plain(top, target):
-        target = Path(os.path.realpath(target))
-    if target == base or not target.is_relative_to(base):
+    parts = [part for part in f"{under}/{relative}".split("/") if part and part != "."]
+    target = os.path.join(top, *parts)
+    if not _plain(top, parts):
+        target = os.path.realpath(target)
+    base = os.path.join(top, under) if under else top
+    if not target.startswith(base.rstrip(os.sep) + os.sep):
         raise UnsafePath(f"{what}: path {relative!r} would land outside {root / under}")
-    return target
+    return Path(target)
 
 
-def _plain(top: Path, joined: Path) -> bool:
-    """True when nothing below ``top`` on the way to ``joined`` is ``..`` or a symlink.
+def _plain(top: str, parts: list[str]) -> bool:
+    """True when nothing below ``top`` along ``parts`` is ``..`` or a symlink.
 
-    Then ``joined`` is already its own real path (``top`` is resolved), and the full
+    Then the joined path is already its own real path (``top`` is resolved), and the full
     ``realpath`` (one lstat per component from ``/``) is spared; it runs in every other case.
     """
     path = top
-    for part in joined.parts[len(top.parts) :]:
+    for part in parts:
         if part == "..":
             return False
-        path = path / part
+        path = os.path.join(path, part)
         try:
             if stat.S_ISLNK(os.lstat(path).st_mode):
                 return False
@@ -49,9 +51,9 @@ def _plain(top: Path, joined: Path) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _resolved(root: Path) -> Path:
+def _resolved(root: Path) -> str:
     """Roots (staging, storage) are resolved once: haul creates them and never relinks them."""
-    return root.resolve()
+    return os.path.realpath(root)
 
 
 def fsync_dir(path: Path) -> None:
