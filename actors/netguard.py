@@ -95,18 +95,20 @@ class DestinationPolicy:
         """A requests session whose connections pass the connect-time check.
 
         requests looks at the environment on every request (proxy variables, a CA bundle,
-        ``~/.netrc``: three file lookups and a scan of the variables). When none of the proxy
-        or CA variables is set at start-up, that is switched off, which also means origins
-        never get ``~/.netrc`` credentials: haul's credentials travel in task URLs.
+        ``~/.netrc``: file lookups and a scan of all variables). The CA bundle variables are
+        read here once; the rest is switched off unless a proxy variable is set at start-up,
+        which also means origins never get ``~/.netrc`` credentials: haul's credentials travel
+        in task URLs.
         """
         session = requests.Session()
         session.mount("http://", GuardedAdapter(self, https=False))
         session.mount("https://", GuardedAdapter(self, https=True))
         if proxy:
             session.proxies = {"http": proxy, "https": proxy}
-        session.trust_env = bool(urllib.request.getproxies()) or any(
-            os.environ.get(name) for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
-        )
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+        if bundle:
+            session.verify = bundle
+        session.trust_env = bool(urllib.request.getproxies())
         return session
 
     @staticmethod

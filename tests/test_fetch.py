@@ -164,15 +164,19 @@ def test_redirects_are_rechecked_and_loops_end(origin: Origin, tmp_path: Path) -
         hops.close()
 
 
-def test_downloads_go_through_a_configured_proxy(origin: Origin, tmp_path: Path) -> None:
+@pytest.mark.parametrize("configured", ["HAUL_PROXY", "http_proxy"])
+def test_downloads_go_through_a_configured_proxy(
+    origin: Origin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, configured: str
+) -> None:
     import urllib.request
 
     seen: list[str] = []
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     class Proxy(_Quiet):
         def do_GET(self) -> None:  # a forward proxy for http:// URLs
             seen.append(self.path)
-            with urllib.request.urlopen(self.path) as upstream:  # noqa: S310 - test proxy to 127.0.0.1
+            with direct.open(self.path) as upstream:
                 body = upstream.read()
                 self.send_response(upstream.status)
                 for name in ("Content-Type", "ETag"):
@@ -186,10 +190,24 @@ def test_downloads_go_through_a_configured_proxy(origin: Origin, tmp_path: Path)
     try:
         url = origin.put("/via-proxy.mp4", b"proxied bytes")
         policy = DestinationPolicy(True)
-        fetcher = Fetcher(
-            policy, connect_timeout=2, read_timeout=5, session=policy.session(f"http://127.0.0.1:{proxy.port}")
-        )
+        address = f"http://127.0.0.1:{proxy.port}"
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        if configured == "http_proxy":  # the standard variable, read by requests per request
+            monkeypatch.setenv("http_proxy", address)
+            session = policy.session()
+        else:
+            session = policy.session(address)
+        fetcher = Fetcher(policy, connect_timeout=2, read_timeout=5, session=session)
         assert fetch(fetcher, FileSpec(url=url, path="v.mp4"), tmp_path / "0.part") == len(b"proxied bytes")
         assert seen == [url]
     finally:
         proxy.close()
+
+
+def test_without_proxy_variables_the_environment_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/custom.pem")
+    session = DestinationPolicy(True).session()
+    assert session.trust_env is False and session.verify == "/etc/ssl/certs/custom.pem"
