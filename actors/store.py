@@ -339,8 +339,12 @@ class TaskStore:
                     pruned.append((tid, State(gone)))
         return pruned
 
-    def exists(self, task_id: str) -> bool:
-        return bool(self.client.exists(self.task_key(task_id)))
+    def which_exist(self, task_ids: list[str]) -> list[bool]:
+        """For each id, whether its task record exists (one pipelined round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.exists(self.task_key(task_id))
+        return [bool(n) for n in pipe.execute()]
 
     def hold_leadership(self, candidate: str, ttl_seconds: float) -> bool:
         """Renew or take the supervisor leader lock; True while ``candidate`` holds it."""

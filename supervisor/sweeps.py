@@ -9,6 +9,7 @@ know nothing of Dramatiq or Sentry.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -115,16 +116,31 @@ def prune(
         if sandbox.exists():
             sandbox.remove()
             outcome["sandboxes"] += 1
-    if staging_dir.is_dir():
-        for entry in list(staging_dir.iterdir())[:limit]:
-            if not entry.is_dir() or len(entry.name) != 32 or store.exists(entry.name):
-                continue
-            try:
-                age = now - entry.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if age > max(retain_seconds, ORPHAN_SANDBOX_GRACE_SECONDS):
-                log.info("removing sandbox %s: its task no longer exists", entry)
-                shutil.rmtree(entry, ignore_errors=True)
+    grace = max(retain_seconds, ORPHAN_SANDBOX_GRACE_SECONDS)
+    candidates = _old_sandboxes(staging_dir, now - grace)
+    for start in range(0, len(candidates), limit):  # every folder, `limit` existence checks per trip
+        batch = candidates[start : start + limit]
+        for task_id, known in zip(batch, store.which_exist(batch), strict=True):
+            if not known:
+                log.info("removing sandbox %s: its task no longer exists", staging_dir / task_id)
+                shutil.rmtree(staging_dir / task_id, ignore_errors=True)
                 outcome["orphan_sandboxes"] += 1
     return outcome
+
+
+def _old_sandboxes(staging_dir: Path, before: float) -> list[str]:
+    """Names of the sandbox folders (task ids) in staging last changed before ``before``."""
+    found = []
+    try:
+        with os.scandir(staging_dir) as entries:
+            for entry in entries:
+                if len(entry.name) != 32 or not entry.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < before:
+                        found.append(entry.name)
+                except FileNotFoundError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return found

@@ -82,6 +82,18 @@ def test_prune_deletes_old_records_and_failed_sandboxes_never_live_files(store: 
     assert new_task(store, key="order-1") != done
 
 
+def test_prune_looks_at_every_orphan_sandbox_however_many(store: TaskStore, tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    live = new_task(store)
+    names = [f"{n:032x}" for n in range(7)] + [live]
+    for name in names:
+        (staging / name).mkdir(parents=True)
+        os.utime(staging / name, (NOW - 10 * 3600, NOW - 10 * 3600))
+    # Seven orphans, checked three at a time: all go in one run; the live task's folder stays
+    assert sweeps.prune(store, staging, NOW, retain_seconds=3600, limit=3) == {"orphan_sandboxes": 7}
+    assert [p.name for p in staging.iterdir()] == [live]
+
+
 def test_vanished_workers_are_reported_once(store: TaskStore) -> None:
     registry = WorkerRegistry(store.client)
     for name, seen in (("alive", NOW), ("gone", NOW - 10 * HEARTBEAT_SECONDS)):

@@ -428,7 +428,7 @@ def bench_throughput(bench: Bench, tasks: int = 2000) -> dict[str, Any]:
             proc.wait(30)
             log.close()
 
-    rates = ratio_runs(max(1, bench.runs // 2), {"haul": haul, "bare": bare})
+    rates = ratio_runs(bench.runs, {"haul": haul, "bare": bare})
     return {
         "haul tasks/s": round(med(rates["haul"]), 1),
         "bare actor tasks/s": round(med(rates["bare"]), 1),
