@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from actors.registry import HEARTBEAT_SECONDS, MISSED_HEARTBEATS, WorkerRegistry
 from actors.store import TaskStore
 from actors.task import spec_from_urls
 from tests import processes
@@ -102,6 +103,31 @@ def test_supervisor_reports_dead_tasks_failing_sweeps_and_checks_in(
         assert_no_secret(sink)
     finally:
         server.stop()
+
+
+def test_supervisor_reports_a_worker_killed_with_sigkill(
+    tmp_path: Path, redis_url: str, store: TaskStore, receiver: Receiver, sink: SentrySink
+) -> None:
+    env = processes.stack_env(
+        tmp_path, redis_url, receiver.url, HAUL_SWEEP_SECONDS="0.5", HAUL_SENTRY_DSN=sink.dsn
+    )  # fmt: skip
+    registry = WorkerRegistry(store.client)
+    worker = processes.worker(env, tmp_path / "worker.log")
+    sup = processes.supervisor(env, tmp_path / "sup.log")
+    with running(worker, sup):
+        wait_until(lambda: registry.workers(), 30, "the worker to register")
+        [info] = registry.workers()
+        # When the worker's whole process group dies at once (no shutdown hook runs)
+        worker.kill()
+        wait_until(
+            lambda: any("stopped sending heartbeats" in json.dumps(e) for e in sink.events()),
+            HEARTBEAT_SECONDS * MISSED_HEARTBEATS + 15, "the vanished-worker event",
+        )  # fmt: skip
+        sup.terminate()
+    event = next(e for e in sink.events() if "stopped sending heartbeats" in json.dumps(e))
+    tags = dict(event["tags"]) if isinstance(event["tags"], dict) else {k: v for k, v in event["tags"]}
+    assert tags["worker"] == info.id and str(info.pid) in json.dumps(event)
+    assert registry.workers() == []
 
 
 def test_no_secret_in_logs_webhooks_metrics_or_sentry(
