@@ -2,11 +2,12 @@
 
 Bytes stream to disk in chunks of at most 1 MiB (a sha256 is computed on a thread beside,
 the kernel is asked to write back as the file grows), so memory stays flat whatever the file
-size and the final fsync has little left to do. A ``.part`` survives every failure; the next attempt asks for the rest with
-``Range`` + ``If-Range`` (strong ETag, else Last-Modified), and keeps the bytes only when the
-origin proves the file is unchanged by answering 206 for exactly the offset asked. Anything
-else (200, another ETag, no validator) restarts the file from zero, so old and new bytes are
-never spliced together. The caller decides when a finished ``.part`` becomes the file.
+size and the final fsync has little left to do. A ``.part`` survives every failure; the next
+attempt asks for the rest with ``Range`` + ``If-Range`` (strong ETag, else Last-Modified),
+and keeps the bytes only when the origin proves the file is unchanged by answering 206 for
+exactly the offset asked. Anything else (200, another ETag, no validator) restarts the file
+from zero, so old and new bytes are never spliced together. The caller decides when a
+finished ``.part`` becomes the file.
 """
 
 from __future__ import annotations

@@ -108,6 +108,10 @@ def claim_task(rt: Runtime, task_id: str) -> Outcome:
         ),
         start=State.DOWNLOADING,
     )
+    if claim.ok and claim.task is None:
+        # A record without its spec cannot be run; its lease will expire and it ends dead.
+        log.error("task %s: claimed, but its spec record is missing from Redis", task_id)
+        return NOTHING
     if claim.ok:
         log.debug("task %s: claimed (attempt %d, token %d)", task_id, claim.attempts, claim.token)
         return Outcome(Next.DOWNLOAD, token=claim.token, task=claim.task)

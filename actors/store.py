@@ -124,10 +124,11 @@ class TaskStore:
     def leader_key(self) -> str:
         return f"{self.prefix}supervisor:leader"
 
-    def _call(self, name: str, keys: list[str], *args: Any) -> Any:
-        """Run a script; times (floats) go as milliseconds-precise text, which is all we need."""
+    def _call(self, name: str, keys: list[str], *args: Any, client: Any = None) -> Any:
+        """Run a script (or queue it on a pipeline ``client``); times (floats) go as
+        milliseconds-precise text, which is all we need."""
         texts = [f"{a:.3f}" if isinstance(a, float) else a for a in args]
-        return self._scripts[name](keys=keys, args=[self.prefix, *texts])
+        return self._scripts[name](keys=keys, args=[self.prefix, *texts], client=client)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class TaskStore:
         outcome = _text(reply[0])
         if outcome == "ok":
             fields = dict(zip(reply[4][::2], reply[4][1::2], strict=True))
-            task = _task_from(task_id, fields, reply[3])
+            task = _task_from(task_id, fields, reply[3]) if reply[3] else None  # None: spec lost
             return Claim(outcome, token=int(reply[1]), attempts=int(reply[2]), task=task)
         return Claim(outcome, detail=_text(reply[1]) if len(reply) > 1 else "")
 
@@ -315,10 +316,13 @@ class TaskStore:
         )
         return State(_text(reply[1])) if _text(reply[0]) == "ok" else None
 
-    def requeue_expired(self, task_id: str, *, now: float, max_attempts: int) -> str:
-        """Take back a task whose lease ran out: ``queued``, ``dead``, or ``skip`` (renewed, ended)."""
-        reply = self._call("requeue", [self.task_key(task_id), self.leases_key], task_id, now, max_attempts)
-        return _text(reply[0])
+    def requeue_expired(self, task_ids: list[str], *, now: float, max_attempts: int) -> list[str | Exception]:
+        """Take back tasks whose lease ran out, in one pipelined round trip; for each: ``queued``,
+        ``dead``, ``skip`` (renewed or ended meanwhile), or the error its script raised."""
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            self._call("requeue", [self.task_key(task_id), self.leases_key], task_id, now, max_attempts, client=pipe)
+        return [r if isinstance(r, Exception) else _text(r[0]) for r in pipe.execute(raise_on_error=False)]
 
     def rescue_candidates(self, *, now: float, grace_seconds: float, limit: int = 1000) -> list[str]:
         """Queued tasks past their not-before time by ``grace_seconds``: maybe their message is lost.

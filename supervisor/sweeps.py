@@ -48,14 +48,16 @@ def requeue_stuck(
     and skipped, so one bad record never stops the recovery of the others.
     """
     outcome: Counter[str] = Counter()
-    for task_id in store.expired(now, limit):
-        try:
-            result = store.requeue_expired(task_id, now=now, max_attempts=max_attempts)
-        except redis.ResponseError as exc:
-            log.error("task %s: cannot requeue, its record is unreadable (%s)", task_id, exc)
+    expired = store.expired(now, limit)
+    results = store.requeue_expired(expired, now=now, max_attempts=max_attempts)
+    for task_id, result in zip(expired, results, strict=True):
+        if isinstance(result, Exception):
+            if not isinstance(result, redis.ResponseError):
+                raise result  # Redis itself failed: the sweep fails (and is reported) as a whole
+            log.error("task %s: cannot requeue, its record is unreadable (%s)", task_id, result)
             outcome["error"] += 1
             if on_error is not None:
-                on_error(task_id, exc)
+                on_error(task_id, result)
             continue
         outcome[result] += 1
         if result == "queued":

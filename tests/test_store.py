@@ -45,6 +45,10 @@ def test_a_claim_can_enter_the_download_and_returns_the_task(store: TaskStore) -
     assert c.task.spec == store.get(task_id).spec  # type: ignore[union-attr]
     assert c.task.worker == "w1" and c.task.lease_until == NOW + 30
     assert store.counts()[State.DOWNLOADING] == 1 and store.counts()[State.CLAIMED] == 0
+    # A record whose spec was lost is claimed without a task to run (its lease then runs out)
+    lost, _ = store.create(SPEC.__class__(files=SPEC.files), now=NOW)
+    store.client.delete(store.spec_key(lost))
+    assert claim(store, lost, start=State.DOWNLOADING).task is None
 
 
 def test_expired_lease_is_taken_over_and_the_old_token_is_fenced(store: TaskStore) -> None:
