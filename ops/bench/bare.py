@@ -9,7 +9,7 @@ import requests
 from dramatiq.brokers.redis import RedisBroker
 
 URL = os.environ["BARE_REDIS_URL"]
-dramatiq.set_broker(RedisBroker(url=URL, namespace="bare"))
+dramatiq.set_broker(RedisBroker(url=URL, namespace="bare"))  # type: ignore[no-untyped-call]
 _counter = redis.Redis.from_url(URL)
 _session = requests.Session()
 
