@@ -14,8 +14,8 @@
 -- ARGV[10] finalize backlog (0: none): with this many tasks finalizing, claims pause
 -- ARGV[11] state to enter at once ('claimed' or 'downloading': a worker that starts the
 --          download in the same thread saves a round trip)
--- Returns {'ok', token, attempts, spec JSON, HGETALL of the task} | {'missing'} | {'final', state} | {'busy', lease_until}
---       | {'wait', not_before} | {'dead', attempts} | {'full', what is full}
+-- Returns {'ok', token, attempts, spec JSON, HGETALL of the task} | {'missing'} | {'final', state}
+--       | {'busy', lease_until} | {'wait', not_before} | {'dead', attempts} | {'full', what is full}
 -- A 'full' claim changes nothing: the task stays queued and is offered again later.
 local id, now, lease, worker, max_attempts = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local t = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'not_before', 'attempts')
