@@ -459,13 +459,18 @@ class _Hasher:
 
     def __init__(self, digest: Any) -> None:
         self.digest = digest
+        self.error: BaseException | None = None
         self.chunks: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_CHUNKS)
         self.thread = threading.Thread(target=self._run, name="haul-sha256", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while (chunk := self.chunks.get()) is not None:
-            self.digest.update(chunk)
+        while (chunk := self.chunks.get()) is not None:  # drained to the end, so put() never blocks
+            if self.error is None:
+                try:
+                    self.digest.update(chunk)
+                except BaseException as exc:  # handed to the downloading thread, raised there
+                    self.error = exc
 
     def update(self, chunk: bytes) -> None:
         self.chunks.put(chunk)
@@ -477,6 +482,8 @@ class _Hasher:
 
     def hexdigest(self) -> str:
         self.close()
+        if self.error is not None:
+            raise self.error
         return str(self.digest.hexdigest())
 
 
