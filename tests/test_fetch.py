@@ -211,3 +211,17 @@ def test_without_proxy_variables_the_environment_is_read_once(monkeypatch: pytes
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/certs/custom.pem")
     session = DestinationPolicy(True).session()
     assert session.trust_env is False and session.verify == "/etc/ssl/certs/custom.pem"
+
+
+def test_a_hashing_error_reaches_the_download_and_never_blocks_it() -> None:
+    from actors.fetch import _Hasher
+
+    class Broken:
+        def update(self, data: bytes) -> None:
+            raise MemoryError("no room to hash")
+
+    hasher = _Hasher(Broken())
+    for _ in range(3 * _Hasher.QUEUE_CHUNKS):  # more than the queue holds: must not block
+        hasher.update(b"x" * 1024)
+    with pytest.raises(MemoryError, match="no room"):
+        hasher.hexdigest()
