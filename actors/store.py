@@ -318,7 +318,8 @@ class TaskStore:
 
     def requeue_expired(self, task_ids: list[str], *, now: float, max_attempts: int) -> list[str | Exception]:
         """Take back tasks whose lease ran out, in one pipelined round trip; for each: ``queued``,
-        ``dead``, ``skip`` (renewed or ended meanwhile), or the error its script raised."""
+        ``dead``, ``skip`` (renewed or ended meanwhile), or the error its script raised (an
+        unreadable record). A Redis outage raises, as for any call."""
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
             self._call("requeue", [self.task_key(task_id), self.leases_key], task_id, now, max_attempts, client=pipe)
