@@ -45,7 +45,7 @@ class LocalStorage:
             source = sandbox.file(spec)
             target = inside(self.root, spec.path, under=task_id, what=f"task {task_id}")
             try:
-                size = self._place(source, target, target_root)
+                size = self._place(source, target, nested="/" in spec.path)
             except FileNotFoundError as exc:
                 raise TransientError(
                     f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
@@ -62,14 +62,15 @@ class LocalStorage:
         return stored
 
     @staticmethod
-    def _place(source: Path, target: Path, target_root: Path) -> int:
-        """Make ``target`` the finished ``source`` (unless an earlier run did); return its size."""
+    def _place(source: Path, target: Path, *, nested: bool) -> int:
+        """Make ``target`` the finished ``source`` (unless an earlier run did); return its size.
+        ``nested``: the path has folders of its own below the task's (made here)."""
         placed, staged = _stat(target), _stat(source)
         if placed is not None and (staged is None or os.path.samestat(placed, staged)):
             return placed.st_size  # committed by an earlier run (and maybe staging cleaned since)
         if staged is None:
             raise FileNotFoundError(errno.ENOENT, "missing from staging", str(source))
-        if target.parent != target_root:
+        if nested:
             target.parent.mkdir(parents=True, exist_ok=True)
         # A fixed name: a run killed half-way leaves at most this one, which the next run reuses.
         temporary = target.with_name(f".{target.name}.haul-tmp")
