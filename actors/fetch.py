@@ -487,6 +487,9 @@ class _Hasher:
         return str(self.digest.hexdigest())
 
 
+_CAN_ADVISE = hasattr(os, "posix_fadvise")  # Linux and most Unixes; elsewhere the fsync does it all
+
+
 class _Writeback:
     """Starts writing a download to disk while it is still arriving.
 
@@ -503,7 +506,7 @@ class _Writeback:
         self.previous = self.mark = position
 
     def advance(self, position: int) -> None:
-        if position - self.mark < WRITEBACK_BYTES or not hasattr(os, "posix_fadvise"):
+        if position - self.mark < WRITEBACK_BYTES or not _CAN_ADVISE:
             return
         try:  # the previous window is clean by now (dropped), this one starts its write-back
             os.posix_fadvise(self.fd, self.previous, position - self.previous, os.POSIX_FADV_DONTNEED)
