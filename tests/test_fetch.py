@@ -93,6 +93,22 @@ def test_a_content_coded_body_is_decoded_and_not_resumed(origin: Origin, tmp_pat
     assert '"etag": null' in part.with_suffix(".part.json").read_text()
 
 
+def test_a_content_coded_answer_to_a_resume_restarts_from_zero(origin: Origin, tmp_path: Path) -> None:
+    data = os.urandom(MIB)
+    url = origin.put("/v.mp4", data)
+    origin.fault("/v.mp4", Fault("drop", after=1000))
+    fetcher, part = make_fetcher(), tmp_path / "0.part"
+    with pytest.raises(OriginUnavailable):
+        fetch(fetcher, FileSpec(url=url, path="v.mp4"), part)
+    # Given the origin answers the resume (206, the rest) gzip-coded: those bytes cannot be
+    # appended to the plain ones, so the file starts over and arrives whole
+    origin.fault("/v.mp4", Fault("gzip"))
+    assert fetch(fetcher, FileSpec(url=url, path="v.mp4"), part) == len(data)
+    assert part.read_bytes() == data
+    resumed, again = origin.requests_for("/v.mp4")[1:]
+    assert resumed.headers["Range"] == "bytes=1000-" and "Range" not in again.headers
+
+
 def test_a_sha256_mismatch_is_retried_once_from_zero_then_final(origin: Origin, tmp_path: Path) -> None:
     url = origin.put("/v.mp4", b"real bytes")
     spec = FileSpec(url=url, path="v.mp4", sha256="0" * 64)

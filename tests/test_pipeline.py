@@ -187,3 +187,16 @@ def test_a_receiver_down_past_the_give_up_time_ends_the_task_dead(
     assert "HAUL_FINALIZE_GIVE_UP_SECONDS" in task.error and "503" in task.error
     # The files stay where the outage found them: stored, and still staged for inspection
     assert stored(settings, task_id, "v.mp4") == b"video"
+
+
+def test_a_task_whose_spec_record_is_lost_is_not_run(runtime: Any, store: Any, caplog: Any) -> None:
+    from actors.stages import NOTHING, run_task
+    from actors.task import spec_from_urls
+
+    task_id, _ = store.create(spec_from_urls(["https://cdn.example.com/v.mp4"]), now=time.time())
+    store.client.delete(store.spec_key(task_id))
+    # Claimed (so its lease runs out and the supervisor ends it), but nothing is fetched
+    assert run_task(runtime, task_id) == NOTHING
+    assert "spec record is missing" in caplog.text
+    assert store.client.hget(store.task_key(task_id), "state") == b"downloading"
+    assert not (runtime.settings.staging_dir / task_id).exists()
