@@ -5,14 +5,21 @@ out credentials. A URL from a customer's order must not reach them. By default o
 addresses are allowed; ``HAUL_ALLOW_PRIVATE_NETWORKS`` lifts that on trusted networks, and
 ``HAUL_ALLOW_HOSTS`` lets exact ``host:port`` destinations through (an internal origin).
 
+Link-local networks and the known metadata addresses (:data:`ALWAYS_REFUSED`) stay refused
+even with private networks allowed: a trusted network is still a cloud machine whose metadata
+service answers any process that asks. Only an exact ``host:port`` in ``HAUL_ALLOW_HOSTS``
+reaches them.
+
 Two checks, both on every redirect hop:
 
 - before the request, :meth:`DestinationPolicy.check` judges the scheme, the name
   (``localhost`` and ``*.localhost`` by name) and every address the name resolves to, for a
   clear, permanent error;
-- at connect time, :class:`GuardedAdapter` (requests-hardened's IP filter) resolves once more,
-  refuses a private address and pins the connection to the address it checked, so a DNS
-  answer that changes between the two (rebinding) cannot switch the destination.
+- at connect time, :class:`GuardedAdapter` resolves once more, judges the address it will
+  connect to and pins the connection to it, so a DNS answer that changes between the two
+  (rebinding) cannot switch the destination. With private networks off that is
+  requests-hardened's IP filter plus the policy's own judgment; with them on, the same pinning
+  refuses only what is always refused.
 
 Odd spellings (``2130706433``, ``0x7f.1``, ``0177.0.0.1``, ``[::ffff:127.0.0.1]``) resolve to
 the address they denote and are judged as such.
@@ -24,34 +31,69 @@ import ipaddress
 import os
 import socket
 import urllib.request
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from requests_hardened.ip_filter import InvalidIPAddress
+from requests.structures import CaseInsensitiveDict
+from requests_hardened.ip_filter import EXTRA_BLOCKED_NET_RANGES, InvalidIPAddress
 from requests_hardened.ip_filter_adapter import IPFilterAdapter
 from urllib3.connection import HTTPConnection
+from urllib3.util.connection import allowed_gai_family
 
 from actors.errors import ForbiddenDestination
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
 #: Socket receive buffer for transfers, in bytes (see GuardedAdapter).
 RECEIVE_BUFFER_BYTES = 2 * 1024 * 1024
+#: Port of a URL that names none, by scheme.
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Non-public networks Python's ``is_global`` lets through: deprecated IPv6 site-local
+#: (RFC 3879; routed inside sites that still use it), plus requests-hardened's extra ranges
+#: (6to4 relay, CGNAT, NAT64, ORCHIDv2, ...), so the check before the request refuses what the
+#: connect-time filter would.
+NOT_PUBLIC: tuple[Network, ...] = (ipaddress.ip_network("fec0::/10"), *EXTRA_BLOCKED_NET_RANGES)
+#: Link-local networks: 169.254.169.254 is the metadata service of AWS, GCP, Azure (IMDS),
+#: OpenStack, DigitalOcean, Oracle and more; Tencent's is 169.254.0.23.
+LINK_LOCAL: tuple[Network, ...] = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"))
+#: Cloud metadata services outside link-local, one address each: Azure's wire server,
+#: Alibaba Cloud's metadata service (in CGNAT space), AWS's IPv6 IMDS (Nitro), Google Cloud's
+#: IPv6 metadata server.
+METADATA_ADDRESSES: tuple[Network, ...] = tuple(
+    ipaddress.ip_network(a) for a in ("168.63.129.16/32", "100.100.100.200/32", "fd00:ec2::254/128", "fd20:ce::254/128")
+)
+#: Refused even with ``HAUL_ALLOW_PRIVATE_NETWORKS``; only an exact HAUL_ALLOW_HOSTS entry reaches them.
+ALWAYS_REFUSED: tuple[Network, ...] = LINK_LOCAL + METADATA_ADDRESSES
+
+
+def _forms(address: Address) -> Iterator[Address]:
+    """``address`` and the IPv4 address it embeds, if any (IPv4-mapped, 6to4, NAT64)."""
+    yield address
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in ipaddress.IPv6Network("64:ff9b::/96"):
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            yield embedded
 
 
 def is_public(address: Address) -> bool:
     """True for addresses on the public internet; False for loopback, private, link-local,
-    CGNAT, multicast, reserved, unspecified and IPv4-mapped/-translated forms of those."""
+    site-local, CGNAT, multicast, reserved, unspecified and IPv4-mapped/-translated forms of those."""
     if isinstance(address, ipaddress.IPv6Address):
         embedded = address.ipv4_mapped or address.sixtofour
         if embedded is not None:
             return is_public(embedded)
         if address in ipaddress.IPv6Network("64:ff9b::/96"):
             return is_public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if any(address in network for network in NOT_PUBLIC):
+        return False
     return address.is_global and not address.is_multicast and not address.is_reserved
 
 
@@ -60,17 +102,54 @@ def host_port(url: str) -> tuple[str, int]:
     return (parts.hostname or "").lower(), parts.port or DEFAULT_PORTS.get(parts.scheme, 0)
 
 
-class DestinationPolicy:
-    """Decides whether a URL may be contacted, and says why not."""
+def _entry(host: str, port: int) -> str:
+    """``host:port`` as ``HAUL_ALLOW_HOSTS`` spells it (IPv6 in brackets, lower case)."""
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").lower()
 
-    def __init__(self, allow_private_networks: bool, allow_hosts: frozenset[str] = frozenset()) -> None:
+
+class DestinationPolicy:
+    """Decides whether a URL may be contacted, and says why not.
+
+    ``always_refused``: networks refused even with private networks allowed (default
+    :data:`ALWAYS_REFUSED`, link-local and cloud metadata); an exact ``allow_hosts`` entry
+    still reaches them.
+    """
+
+    def __init__(
+        self,
+        allow_private_networks: bool,
+        allow_hosts: frozenset[str] = frozenset(),
+        always_refused: Iterable[Network] = ALWAYS_REFUSED,
+    ) -> None:
         self.allow_private_networks = allow_private_networks
         self.allow_hosts = allow_hosts
+        self.always_refused = tuple(always_refused)
 
-    def trusts(self, host: str, port: int) -> bool:
-        """Destinations that skip the address check: private networks allowed, or allowlisted."""
-        entry = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return self.allow_private_networks or entry.lower() in self.allow_hosts
+    def allowlisted(self, host: str, port: int) -> bool:
+        """Exact ``host:port`` entries skip every address check (``HAUL_ALLOW_HOSTS``)."""
+        return _entry(host, port) in self.allow_hosts
+
+    def trusting(self, url: str) -> DestinationPolicy:
+        """A copy that also trusts the exact ``host:port`` of ``url``.
+
+        For destinations the operator configured (``HAUL_WEBHOOK_URL`` on an internal host):
+        they are not hostile input, and refusing them would fail every task. Task-given URLs
+        must never come through here.
+        """
+        host, port = host_port(url)
+        if not host or not port:
+            raise ValueError(f"{url!r} is not an http(s) URL with a host; cannot trust its destination")
+        return DestinationPolicy(
+            self.allow_private_networks, self.allow_hosts | {_entry(host, port)}, self.always_refused
+        )
+
+    def refusal(self, address: Address) -> Literal["not_public", "always_refused"] | None:
+        """Why ``address`` may not be contacted (for a destination not allowlisted), or None."""
+        if not self.allow_private_networks and not is_public(address):
+            return "not_public"
+        if any(form in network for form in _forms(address) for network in self.always_refused):
+            return "always_refused"
+        return None
 
     def check(self, url: str, *, purpose: str) -> None:
         """Raise :class:`ForbiddenDestination` unless ``url`` may be contacted.
@@ -83,13 +162,25 @@ class DestinationPolicy:
         host, port = host_port(url)
         if not host:
             raise ForbiddenDestination(f"{purpose}: the URL has no host")
-        if self.trusts(host, port):
+        if self.allowlisted(host, port):
             return
-        if host.rstrip(".") == "localhost" or host.rstrip(".").endswith(".localhost"):
-            raise self._refused(purpose, host, "loopback (by name)")
+        name = host.rstrip(".")
+        if not self.allow_private_networks and (name == "localhost" or name.endswith(".localhost")):
+            raise ForbiddenDestination(
+                f"{purpose}: {host} is loopback (by name), which is not a public address; {_NOT_PUBLIC_HINT}"
+            )
         for address in self._resolve(host, port, purpose):
-            if not is_public(address):
-                raise self._refused(purpose, host, str(address))
+            reason = self.refusal(address)
+            if reason == "always_refused":
+                raise ForbiddenDestination(
+                    f"{purpose}: {host} is {address}, a link-local or cloud metadata address; haul refuses "
+                    "those even with HAUL_ALLOW_PRIVATE_NETWORKS (list the exact host:port in HAUL_ALLOW_HOSTS "
+                    "only if this destination really is wanted)"
+                )
+            if reason is not None:
+                raise ForbiddenDestination(
+                    f"{purpose}: {host} is {address}, which is not a public address; {_NOT_PUBLIC_HINT}"
+                )
 
     def session(self, proxy: str | None = None) -> requests.Session:
         """A requests session whose connections pass the connect-time check.
@@ -112,14 +203,6 @@ class DestinationPolicy:
         return session
 
     @staticmethod
-    def _refused(purpose: str, host: str, address: str) -> ForbiddenDestination:
-        return ForbiddenDestination(
-            f"{purpose}: {host} is {address}, which is not a public address; haul refuses loopback, "
-            "private, link-local and metadata destinations (list an internal origin in HAUL_ALLOW_HOSTS, "
-            "or set HAUL_ALLOW_PRIVATE_NETWORKS=1 only on a trusted network)"
-        )
-
-    @staticmethod
     def _resolve(host: str, port: int, purpose: str) -> list[Address]:
         try:
             infos = socket.getaddrinfo(host.strip("[]"), port, proto=socket.IPPROTO_TCP)
@@ -137,8 +220,19 @@ class DestinationPolicy:
         return addresses
 
 
+_NOT_PUBLIC_HINT = (
+    "haul refuses loopback, private, link-local and metadata destinations (list an internal origin in "
+    "HAUL_ALLOW_HOSTS, or set HAUL_ALLOW_PRIVATE_NETWORKS=1 only on a trusted network)"
+)
+
+
 class GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
-    """requests-hardened's pinning IP filter, skipped for destinations the policy trusts.
+    """Connect-time check and pinning for every destination that is not allowlisted.
+
+    Private networks off: requests-hardened's IP filter (resolve, refuse private, pin), then the
+    policy judges the pinned address too (metadata addresses on public space, site-local).
+    Private networks on: requests-hardened would refuse every private address, so the same
+    pinning is done here with the policy's judgment, which refuses the always-refused networks.
 
     Sockets get a fixed receive buffer: Linux lets one grow to several MiB, and whatever sits in
     it when a worker is killed was sent by the origin but is lost, to be sent again on resume.
@@ -160,9 +254,46 @@ class GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: Any, cert: Any = None
     ) -> Any:
-        if self.policy.trusts(*host_port(request.url or "")):
+        if self.policy.allowlisted(*host_port(request.url or "")):
             return HTTPAdapter.build_connection_pool_key_attributes(self, request, verify, cert)
-        return super().build_connection_pool_key_attributes(request, verify, cert)
+        if self.policy.allow_private_networks:
+            return self._pinned(request, verify, cert)
+        host_params, pool_kwargs = super().build_connection_pool_key_attributes(request, verify, cert)
+        self._judge(ipaddress.ip_address(str(host_params["host"]).strip("[]")))
+        return host_params, pool_kwargs
+
+    def _pinned(self, request: requests.PreparedRequest, verify: Any, cert: Any) -> Any:
+        """requests-hardened's pinning (Host header, TLS name, connect to the checked address)
+        with the policy's judgment instead of its refusal of every private address."""
+        host_params, pool_kwargs = HTTPAdapter.build_connection_pool_key_attributes(self, request, verify, cert)
+        request.headers = CaseInsensitiveDict(request.headers or {})  # a copy: headers may be shared
+        hostname, port = host_params["host"], host_params["port"]
+        if not hostname:
+            raise requests.exceptions.InvalidURL("Invalid URL: missing hostname")
+        host_header = f"[{hostname}]" if ":" in hostname else hostname
+        request.headers["Host"] = host_header if port is None else f"{host_header}:{port}"
+        if self._is_https_proto:
+            pool_kwargs["assert_hostname"] = hostname  # type: ignore[typeddict-unknown-key]
+            pool_kwargs["server_hostname"] = hostname  # type: ignore[typeddict-unknown-key]
+        try:
+            infos = socket.getaddrinfo(
+                hostname, port or DEFAULT_PORTS[host_params["scheme"]], family=allowed_gai_family(),
+                type=socket.SOCK_STREAM,
+            )  # fmt: skip
+        except socket.gaierror as exc:
+            raise requests.ConnectionError("Failed to resolve domain") from exc
+        except TimeoutError as exc:
+            raise requests.ConnectTimeout("Failed to connect to host") from exc
+        address = ipaddress.ip_address(str(infos[0][4][0]).split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        self._judge(address)
+        host_params["host"] = str(address) if address.version == 4 else f"[{address}]"
+        return host_params, pool_kwargs
+
+    def _judge(self, address: Address) -> None:
+        if self.policy.refusal(address) is not None:
+            raise InvalidIPAddress(address)
 
 
 def refused_at_connect(exc: BaseException) -> bool:

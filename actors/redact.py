@@ -13,9 +13,13 @@ from urllib.parse import urlsplit
 
 from actors.settings import Settings
 
+#: What replaces a secret or a query string.
 REDACTED = "[redacted]"
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.I)
-_URL_QUERY = re.compile(r"(?P<base>https?://[^\s?#\"']+)\?[^\s#\"']*", re.I)
+#: A URL's userinfo: everything from ``//`` to the authority's LAST ``@`` before the first
+#: ``/``, ``?``, ``#`` or whitespace (a password may hold ``@``; a token may be the user name).
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<userinfo>[^/?#\s]*)@", re.I)
+#: A query string runs to whitespace or ``#``: quotes inside it (``?sig=a"b``) are part of it.
+_URL_QUERY = re.compile(r"(?P<base>https?://[^\s?#]+)\?[^\s#]*", re.I)
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -32,15 +36,25 @@ def secrets_of(settings: Settings) -> list[str]:
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove secrets, URL passwords (``user:***@``) and query strings from ``text``."""
+    """Remove secrets, URL credentials (``user:***@``, ``***@``) and query strings from ``text``.
+
+    Idempotent: text redacted once (a log line that later reaches Sentry) is left as it is.
+    """
     for secret in secrets:
         text = text.replace(secret, REDACTED)
-    text = _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = _URL_USERINFO.sub(_masked_userinfo, text)
     return _URL_QUERY.sub(lambda m: f"{m['base']}?{REDACTED}", text)
 
 
+def _masked_userinfo(match: re.Match[str]) -> str:
+    """``user:***@`` when there is a password; ``***@`` for a user name alone, since tokens
+    travel as user names (``https://ghp_...@github.com``)."""
+    user, colon, _ = match["userinfo"].partition(":")
+    return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+
+
 def display_url(url: str) -> str:
-    """``url`` as it may appear in messages: no password, no query string."""
+    """``url`` as it may appear in messages: no credentials, no query string."""
     return redact_text(url)
 
 

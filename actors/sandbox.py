@@ -10,6 +10,7 @@ never delete another's. Layout::
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from actors.errors import StorageUnavailable, UnsafePath
 from actors.paths import fsync_dir, inside
-from actors.task import FileSpec
+from actors.task import MAX_NAME_BYTES, MAX_PATH_BYTES, FileSpec
 
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -67,6 +68,10 @@ class Sandbox:
             size = self.file(spec).stat().st_size
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise self._too_long(spec, exc) from exc
+            raise
         if spec.size is not None and size != spec.size:
             return None
         return size
@@ -80,9 +85,19 @@ class Sandbox:
             fsync_dir(final.parent)
             part.with_suffix(part.suffix + ".json").unlink(missing_ok=True)
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise self._too_long(spec, exc) from exc
             raise StorageUnavailable(
                 f"task {self.task_id}: cannot move {spec.path!r} into place in staging ({exc.strerror})"
             ) from exc
+
+    def _too_long(self, spec: FileSpec, exc: OSError) -> UnsafePath:
+        """A name the filesystem refuses stays refused: permanent, not a storage outage to wait out."""
+        return UnsafePath(
+            f"task {self.task_id}: path {spec.path!r} is too long for the filesystem of HAUL_STAGING_DIR "
+            f"({exc.strerror}); give names of at most {MAX_NAME_BYTES} bytes and paths of at most "
+            f"{MAX_PATH_BYTES} bytes (UTF-8)"
+        )
 
     def exists(self) -> bool:
         return self.root.exists()

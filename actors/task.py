@@ -11,6 +11,7 @@ import enum
 import posixpath
 import random
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +21,18 @@ from pathvalidate import sanitize_filename
 
 from actors.errors import InvalidTask
 
-#: Longest file path (in characters) a task may name, and longest single component.
-MAX_PATH_CHARS = 1024
-MAX_NAME_CHARS = 200
+#: Longest single path component (a file or folder name), in bytes of UTF-8: the NAME_MAX of
+#: Linux filesystems (ext4, xfs, btrfs, tmpfs). haul adds no suffix to final names.
+MAX_NAME_BYTES = 255
+#: Longest relative path a task may name, in bytes of UTF-8: leaves 1,024 of Linux's 4,096-byte
+#: PATH_MAX for haul's roots (HAUL_STAGING_DIR or HAUL_STORAGE_DIR, the task id, ``files/``).
+MAX_PATH_BYTES = 3072
+#: Unicode categories refused in paths: controls (C0, DEL, C1 such as U+0085), format characters
+#: (bidi overrides such as U+202E, zero-width characters), surrogates (not encodable), and the
+#: line and paragraph separators U+2028 and U+2029.
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+#: Longest extension (in bytes, after the dot) kept when a derived name is shortened or suffixed.
+MAX_EXTENSION_BYTES = 16
 #: Longest task name and idempotency key.
 MAX_LABEL_CHARS = 500
 #: Most files one task may hold.
@@ -180,17 +190,23 @@ class Task:
 
 
 def check_relative_path(path: object, where: str) -> str:
-    """Refuse a caller-given path that could escape the task's folder; return it normalised.
+    """Refuse a caller-given path that could escape the task's folder, or that the filesystem
+    would refuse later (names are limited in bytes, not characters); return it normalised.
 
     The caller made the mistake, so this raises :class:`InvalidTask` naming the path rather
     than silently rewriting it into something the backend does not expect.
     """
     if not isinstance(path, str) or path == "":
         raise InvalidTask(f"{where}: path must be a non-empty string")
-    if len(path) > MAX_PATH_CHARS:
-        raise InvalidTask(f"{where}: path is {len(path)} characters long; at most {MAX_PATH_CHARS} are allowed")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in path):
-        raise InvalidTask(f"{where}: path {path!r} holds NUL or control characters")
+    hidden = _refused_character(path)
+    if hidden is not None:
+        raise InvalidTask(
+            f"{where}: path {path!r} holds NUL, control or invisible formatting characters (U+{ord(hidden):04X}); "
+            "remove them"
+        )
+    size = len(path.encode())
+    if size > MAX_PATH_BYTES:
+        raise InvalidTask(f"{where}: path is {size} bytes long in UTF-8; at most {MAX_PATH_BYTES} bytes are allowed")
     if "\\" in path:
         raise InvalidTask(f"{where}: path {path!r} uses a backslash; separate folders with '/'")
     if path.startswith("/"):
@@ -202,11 +218,22 @@ def check_relative_path(path: object, where: str) -> str:
                 f"{where}: path {path!r} has an empty, '.' or '..' component; "
                 "give a plain relative path such as 'lesson-01/video.mp4'"
             )
-        if len(part) > MAX_NAME_CHARS:
-            raise InvalidTask(f"{where}: path {path!r} has a component longer than {MAX_NAME_CHARS} characters")
+        size = len(part.encode())
+        if size > MAX_NAME_BYTES:
+            raise InvalidTask(
+                f"{where}: path {path!r} has a component of {size} bytes in UTF-8, longer than the "
+                f"{MAX_NAME_BYTES} bytes a file or folder name may take; shorten it"
+            )
         if _WINDOWS_RESERVED.match(part):
             raise InvalidTask(f"{where}: path {path!r} uses the reserved name {part!r}")
     return posixpath.normpath(path)
+
+
+def _refused_character(text: str) -> str | None:
+    """The first character of ``text`` in :data:`REFUSED_CATEGORIES`, if any (ASCII fast path)."""
+    if text.isascii():
+        return next((ch for ch in text if ord(ch) < 32 or ord(ch) == 127), None)
+    return next((ch for ch in text if unicodedata.category(ch) in REFUSED_CATEGORIES), None)
 
 
 def check_url(url: object, where: str) -> str:
@@ -223,23 +250,41 @@ def check_url(url: object, where: str) -> str:
 
 
 def name_from_url(url: str) -> str:
-    """A safe file name for a URL given without a path: its last segment, sanitized."""
+    """A safe file name for a URL given without a path: its last segment, sanitized, at most
+    :data:`MAX_NAME_BYTES` bytes (UTF-8), its extension kept when there is room."""
     segment = unquote(posixpath.basename(urlsplit(url).path))
-    name = sanitize_filename(segment, replacement_text="_", max_len=MAX_NAME_CHARS).strip(" .")
-    return name or "download"
+    segment = "".join("_" if unicodedata.category(ch) in REFUSED_CATEGORIES else ch for ch in segment)
+    # Fitted before sanitizing too: pathvalidate cuts a long name from its end, extension first.
+    name = sanitize_filename(_fit(segment, ""), replacement_text="_", max_len=MAX_NAME_BYTES).strip(" .")
+    return _fit(name, "") or "download"
+
+
+def _fit(name: str, suffix: str) -> str:
+    """``name`` + ``suffix`` (put before the extension) within :data:`MAX_NAME_BYTES` bytes of
+    UTF-8: the stem is cut on a character boundary, never inside a UTF-8 sequence."""
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem or len(ext.encode()) > MAX_EXTENSION_BYTES:  # no extension worth keeping
+        stem, ext = name, ""
+    tail = f"{suffix}.{ext}" if ext else suffix
+    room = MAX_NAME_BYTES - len(tail.encode())
+    cut = stem.encode()[:room].decode(errors="ignore").rstrip(" .")
+    return f"{cut}{tail}" if cut or not tail else ""
 
 
 def _unique(names: Iterable[str]) -> list[str]:
-    """Make derived names unique: ``a.mp4``, ``a-2.mp4``, ... (only for names haul chose)."""
+    """Make derived names unique: ``a.mp4``, ``a-2.mp4``, ... (only for names haul chose).
+
+    Compared case-insensitively (casefold), the rule the manifest check applies, so
+    ``A.mp4`` and ``a.mp4`` never clash at submit; suffixed names stay within the byte limit.
+    """
     seen: set[str] = set()
     result: list[str] = []
     for name in names:
         candidate, n = name, 1
-        while candidate in seen:
+        while candidate.casefold() in seen:
             n += 1
-            stem, dot, ext = name.rpartition(".")
-            candidate = f"{stem}-{n}.{ext}" if dot and stem else f"{name}-{n}"
-        seen.add(candidate)
+            candidate = _fit(name, f"-{n}") or f"download-{n}"
+        seen.add(candidate.casefold())
         result.append(candidate)
     return result
 

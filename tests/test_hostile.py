@@ -15,7 +15,7 @@ from actors.dispatch import enqueue_claim
 from actors.errors import InvalidTask
 from actors.store import TaskStore
 from actors.submit import submit_spec
-from actors.task import spec_from_manifest
+from actors.task import FileSpec, TaskSpec, spec_from_manifest
 from tests.conftest import free_port, in_process_worker, installed_runtime, wait_for
 from tests.servers import Fault, Origin, Receiver
 
@@ -129,13 +129,42 @@ def test_a_symlink_planted_in_the_sandbox_cannot_lead_outside(
 
 @pytest.mark.parametrize(
     ("path", "cause"),
-    [("../../etc/passwd", "'..'"), ("/etc/passwd", "absolute"), ("a/\x01b", "control"), ("nul", "reserved")],
+    [
+        ("../../etc/passwd", "'..'"),
+        ("/etc/passwd", "absolute"),
+        ("a/\x01b", "control"),
+        ("nul", "reserved"),
+        ("\u0436" * 130 + ".mp4", "264 bytes in UTF-8, longer than the 255 bytes"),
+        ("a/\u202eb.mp4", "control"),
+        ("a\x85b.mp4", "control"),
+    ],
 )
 def test_unsafe_paths_are_refused_at_submit(store: TaskStore, path: str, cause: str) -> None:
     with pytest.raises(InvalidTask, match=cause) as info:
         spec_from_manifest({"files": [{"url": "https://cdn.example.com/v.mp4", "path": path}]})
     assert repr(path) in str(info.value)
     assert sum(store.counts().values()) == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "cause"),
+    [
+        ("missing/../../../../escape.mp4", "has a '..' component"),
+        ("\u0436" * 130 + ".mp4", "is too long for the filesystem"),
+    ],
+)
+def test_a_spec_that_skipped_submit_validation_fails_at_once_inside_its_sandbox(
+    hostile: Any, store: TaskStore, origin: Origin, tmp_path: Path, path: str, cause: str
+) -> None:
+    """A spec written to the store directly (no submit check): the sandbox is the last line."""
+    spec = TaskSpec(files=(FileSpec(url=origin.put("/v.mp4", b"video"), path=path),))
+    task_id, _ = store.create(spec, now=0)
+    enqueue_claim(task_id)
+    task = wait_for(store, task_id)
+    assert task.state.value == "failed" and task.attempts == 1, task.error
+    assert cause in task.error and task_id in task.error and repr(path) in task.error
+    assert not (tmp_path / "escape.mp4").exists()
+    assert_nothing_outside(tmp_path, hostile)
 
 
 def assert_nothing_outside(root: Path, settings: Any) -> None:

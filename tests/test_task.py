@@ -7,7 +7,17 @@ import random
 import pytest
 
 from actors.errors import InvalidTask
-from actors.task import State, backoff_seconds, can_move, name_from_url, spec_from_manifest, spec_from_urls
+from actors.task import (
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    State,
+    backoff_seconds,
+    can_move,
+    check_relative_path,
+    name_from_url,
+    spec_from_manifest,
+    spec_from_urls,
+)
 
 
 def manifest(**overrides: object) -> dict[str, object]:
@@ -48,6 +58,15 @@ def test_backoff_grows_exponentially_within_bounds() -> None:
         ("a\\b", "backslash"),
         ("CON.txt", "reserved"),
         ("x" * 300, "longer than"),
+        ("\u0436" * 130 + ".mp4", "264 bytes in UTF-8, longer than the 255 bytes"),
+        ("/".join(["\u0436" * 120] * 13), "3132 bytes long in UTF-8; at most 3072 bytes"),
+        ("a\x85b.mp4", "control"),  # C1 NEXT LINE
+        ("a\u2028b.mp4", "control"),  # LINE SEPARATOR
+        ("a\u2029b.mp4", "control"),  # PARAGRAPH SEPARATOR
+        ("evil\u202e4pm.exe", "control"),  # RIGHT-TO-LEFT OVERRIDE
+        ("a\u200bb.mp4", "control"),  # ZERO WIDTH SPACE
+        ("\ufeffa.mp4", "control"),  # BOM / ZERO WIDTH NO-BREAK SPACE
+        ("a\ud800.mp4", "control"),  # a lone surrogate: not even encodable
     ],
 )
 def test_unsafe_manifest_paths_are_refused_naming_the_path(path: str, reason: str) -> None:
@@ -83,3 +102,46 @@ def test_urls_become_unique_sanitized_names() -> None:
     assert paths[:3] == ["clip.mp4", "clip-2.mp4", "download"]
     assert "/" not in paths[3] and ".." not in paths[3].split("/")
     assert name_from_url("https://x/%00evil.mp4") == "_evil.mp4"
+
+
+def test_paths_are_limited_in_bytes_not_characters() -> None:
+    longest_name = "\u0436" * 125 + ".mp4"  # 254 bytes, 129 characters
+    assert check_relative_path(longest_name, "w") == longest_name
+    assert check_relative_path("a" * MAX_NAME_BYTES, "w") == "a" * MAX_NAME_BYTES
+    longest_path = "/".join(["a" * 254] * 12) + "/" + "b" * (MAX_PATH_BYTES - 12 * 255)
+    assert len(longest_path.encode()) == MAX_PATH_BYTES
+    assert check_relative_path(longest_path, "w") == longest_path
+    with pytest.raises(InvalidTask, match=f"manifest.files\\[0\\].path: .* at most {MAX_PATH_BYTES} bytes"):
+        spec_from_manifest(manifest(files=[{"url": "https://x/a", "path": longest_path + "b"}]))
+
+
+@pytest.mark.parametrize(
+    "segment",
+    ["%D0%B6" * 130 + ".mp4", "%D0%B6" * 300, "a" * 600 + ".mp4", "x" * 250 + "%D0%B6" * 5 + ".mp4"],
+)
+def test_names_from_urls_fit_255_bytes_whole_characters_and_their_extension(segment: str) -> None:
+    name = name_from_url(f"https://x/{segment}")
+    encoded = name.encode()  # raises if a UTF-8 sequence had been cut
+    assert 200 < len(encoded) <= MAX_NAME_BYTES
+    assert name.endswith(".mp4") == segment.endswith(".mp4")
+    assert check_relative_path(name, "w") == name
+
+
+def test_long_derived_names_stay_unique_within_the_byte_limit() -> None:
+    urls = ["https://x/a/" + "v" * 300 + ".mp4", "https://x/b/" + "v" * 300 + ".mp4", "https://x/" + "w" * 400]
+    spec = spec_from_urls([*urls, urls[2] + "?again"])
+    paths = [f.path for f in spec.files]
+    assert len({p.casefold() for p in paths}) == 4
+    assert all(len(p.encode()) <= MAX_NAME_BYTES for p in paths)
+    assert paths[1].endswith("-2.mp4") and paths[3].endswith("-2")
+
+
+def test_invisible_and_control_characters_are_sanitized_out_of_derived_names() -> None:
+    name = name_from_url("https://x/a%C2%85b%E2%80%AEc%E2%80%8Bd%E2%80%A8e%E2%80%A9f%EF%BB%BF.mp4")
+    assert name == "a_b_c_d_e_f_.mp4"
+    assert check_relative_path(name, "w") == name
+
+
+def test_derived_names_are_unique_case_insensitively_like_manifest_paths() -> None:
+    spec = spec_from_urls(["http://h/A.mp4", "http://h/a.mp4", "http://h/x/A.MP4"])
+    assert [f.path for f in spec.files] == ["A.mp4", "a-2.mp4", "A-3.MP4"]
