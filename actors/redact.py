@@ -36,7 +36,7 @@ def secrets_of(settings: Settings) -> list[str]:
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Remove secrets, URL credentials (``user:***@``, ``***@``) and query strings from ``text``.
+    """Remove secrets, URL credentials (``***@``) and query strings from ``text``.
 
     Idempotent: text redacted once (a log line that later reaches Sentry) is left as it is.
     """
@@ -47,10 +47,9 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
 
 
 def _masked_userinfo(match: re.Match[str]) -> str:
-    """``user:***@`` when there is a password; ``***@`` for a user name alone, since tokens
-    travel as user names (``https://ghp_...@github.com``)."""
-    user, colon, _ = match["userinfo"].partition(":")
-    return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+    """``***@`` for the whole userinfo: tokens travel as user names too
+    (``https://ghp_...@github.com``, ``https://TOKEN:x-oauth-basic@...``)."""
+    return f"{match['scheme']}***@"
 
 
 def display_url(url: str) -> str:

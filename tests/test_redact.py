@@ -15,14 +15,15 @@ from actors.redact import display_url, install_log_redaction, redact_text
         # a token as the user name (GitHub, GitLab, many CDNs): the whole userinfo goes
         ("https://ghp_TOKEN@host/a.mp4", "https://***@host/a.mp4"),
         # a password holding '@': userinfo runs to the authority's LAST '@'
-        ("https://user:p@ss@host/x", "https://user:***@host/x"),
-        ("https://user:p@ss@w@rd@host:8443/x?y=1", "https://user:***@host:8443/x?[redacted]"),
+        ("https://user:p@ss@host/x", "https://***@host/x"),
+        ("https://user:p@ss@w@rd@host:8443/x?y=1", "https://***@host:8443/x?[redacted]"),
         # a quote inside a query string is part of it
         ('https://h/a.mp4?sig=a"b&c=d', "https://h/a.mp4?[redacted]"),
         ("https://h/a.mp4?sig=a'b&c=d", "https://h/a.mp4?[redacted]"),
         # what was already redacted before
-        ("https://user:pass@host/a.mp4?X-Amz-Signature=abc#t=10", "https://user:***@host/a.mp4?[redacted]#t=10"),
-        ("redis://:hunter2@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("https://user:pass@host/a.mp4?X-Amz-Signature=abc#t=10", "https://***@host/a.mp4?[redacted]#t=10"),
+        ("https://TOKEN:x-oauth-basic@host/a.mp4", "https://***@host/a.mp4"),
+        ("redis://:hunter2@127.0.0.1:6379/0", "redis://***@127.0.0.1:6379/0"),
         # '@' after the authority is no userinfo; nothing to hide
         ("https://host/people/@me/a.mp4", "https://host/people/@me/a.mp4"),
         ("https://host/a.mp4", "https://host/a.mp4"),
@@ -36,7 +37,7 @@ def test_display_url_hides_every_userinfo_and_query(url: str, shown: str) -> Non
 def test_text_around_urls_is_kept_and_queries_end_at_whitespace_or_fragment() -> None:
     text = 'task 1, file "v.mp4" from https://tok@cdn/v.mp4?sig=a"b c=d failed; see https://u:pw@x/y#z'
     assert redact_text(text) == (
-        'task 1, file "v.mp4" from https://***@cdn/v.mp4?[redacted] c=d failed; see https://u:***@x/y#z'
+        'task 1, file "v.mp4" from https://***@cdn/v.mp4?[redacted] c=d failed; see https://***@x/y#z'
     )
 
 
