@@ -18,6 +18,6 @@ except _SettingsError as _exc:
     raise SystemExit(2) from None
 
 from actors.claim import claim  # noqa: E402
-from actors.finalize import finalize, notify_failed  # noqa: E402
+from actors.finalize import finalize, notify, notify_failed  # noqa: E402
 
-__all__ = ["claim", "finalize", "notify_failed"]
+__all__ = ["claim", "finalize", "notify", "notify_failed"]

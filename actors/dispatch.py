@@ -25,6 +25,8 @@ def enqueue_claim(task_id: str) -> None:
     dramatiq.get_broker().get_actor("claim").send(task_id)
 
 
-def enqueue_notify(task_id: str) -> None:
-    """Ask a worker to deliver task.failed for a failed or dead task."""
-    dramatiq.get_broker().get_actor("notify_failed").send(task_id)
+def enqueue_notify(task_id: str, seq: int | None = None) -> None:
+    """Ask a worker to deliver the task.failed or task.canceled an ended task owes: without
+    ``seq`` the notice's first try (sent as the task ends; a duplicate does nothing), with it
+    the try its chain waits for (the supervisor re-sending a lost message)."""
+    dramatiq.get_broker().get_actor("notify").send(task_id, seq)

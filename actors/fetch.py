@@ -41,6 +41,7 @@ from actors.errors import (
     TooLarge,
     UnexpectedContent,
 )
+from actors.lease import DISK_STEP_SECONDS
 from actors.netguard import DestinationPolicy, refused_at_connect
 from actors.redact import display_url
 from actors.task import FileSpec
@@ -51,6 +52,8 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 #: Bytes written between two requests to the kernel to start writing the file back.
 WRITEBACK_BYTES = 16 * 1024 * 1024
+#: Bytes of a resumed ``.part`` hashed per step (the lease is renewed between two).
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
 #: Redirect hops followed before giving up.
 MAX_REDIRECTS = 10
 #: Statuses that mean "try again later"; every other 4xx is the origin's final word.
@@ -58,6 +61,13 @@ RETRYABLE_4XX = frozenset({408, 425, 429})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+#: Called before a blocking step with the longest it may take, in seconds; raises to stop.
+Step = Callable[[float], None]
+
+
+def no_step(seconds: float) -> None:
+    """For callers that hold no lease (tests, tools)."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ class Fetcher:
         on_total: Callable[[int], None] | None = None,
         guard: Callable[[Any], AbstractContextManager[None]] | None = None,
         rules: FetchRules = FetchRules(),
+        step: Step = no_step,
     ) -> int:
         """Bring ``part`` to the complete file (returning its size), resuming what it already holds.
 
@@ -149,7 +160,9 @@ class Fetcher:
         ``.part`` holds so far (0 when the file restarts), and once at the end; raising there
         stops the transfer before another byte is written; ``on_total(size)`` the file's size once known;
         ``guard(response)`` wraps the transfer (a graceful stop closes the response to wake a
-        blocked read); ``rules`` the size, type and speed limits. Raises haul errors only.
+        blocked read); ``rules`` the size, type and speed limits; ``step(seconds)`` is called
+        before each blocking step that is not a body read (a request, hashing or syncing the
+        ``.part``) with the longest it may take, and may raise to stop. Raises haul errors only.
         """
         where = f"task {task_id}, file {spec.path!r} from {display_url(spec.url)}"
         meta_path = part.with_suffix(part.suffix + ".json")
@@ -158,7 +171,7 @@ class Fetcher:
         if offset and validator.if_range:
             headers["Range"] = f"bytes={offset}-"
             headers["If-Range"] = validator.if_range
-        response = self._get(spec.url, headers, where)
+        response = self._get(spec.url, headers, where, step)
         hasher: _Hasher | None = None
         try:
             offset, total = self._start_point(response, offset, validator, where)
@@ -191,11 +204,12 @@ class Fetcher:
                     )
                 if on_total is not None:
                     on_total(total)
-            self._write_meta(meta_path, validator, where)
             on_progress(offset)
-            hasher = _Hasher(_hash_file(part, offset)) if spec.sha256 else None
+            hasher = _Hasher(_hash_file(part, offset, step)) if spec.sha256 else None
             with guard(_Interruptible(response)) if guard is not None else nullcontext():
-                served = self._stream(response, part, offset, coded, hasher, on_progress, rules, where)
+                served = self._stream(
+                    response, part, offset, validator, meta_path, coded, hasher, on_progress, step, rules, where
+                )
         finally:
             response.close()
             if hasher is not None:
@@ -265,13 +279,20 @@ class Fetcher:
         response: requests.Response,
         part: Path,
         offset: int,
+        validator: Validator,
+        meta_path: Path,
         coded: bool,
         hasher: _Hasher | None,
         on_progress: Callable[[int], None],
+        step: Step,
         rules: FetchRules,
         where: str,
     ) -> int:
         """Copy the body into ``part`` from ``offset``; return the bytes received.
+
+        The ``.part`` is cut to ``offset`` before ``validator`` is recorded for it: the record
+        must never name a version the bytes on disk are not of, or an interrupted restart (the
+        fence, a graceful stop) would let the next attempt append the new version to the old.
 
         ``read1`` returns as soon as some bytes arrived (at most a chunk), so a slow origin
         still reports progress, and renews the lease, often enough. Bodies are read as sent
@@ -289,6 +310,7 @@ class Fetcher:
         try:
             os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
+            self._write_meta(meta_path, validator, where)
             while True:
                 try:
                     chunk = raw.read1(CHUNK_BYTES, decode_content=coded)
@@ -328,6 +350,7 @@ class Fetcher:
                 received += n
                 writeback.advance(offset + received)
             on_progress(offset + received)
+            step(DISK_STEP_SECONDS)
             os.fdatasync(fd)  # the bytes and the size; timestamps need not be durable
         except OSError as exc:
             raise StorageUnavailable(f"{where}: syncing {part} failed ({exc.strerror})") from exc
@@ -335,7 +358,7 @@ class Fetcher:
             os.close(fd)
         return received
 
-    def _get(self, url: str, headers: dict[str, str], where: str) -> requests.Response:
+    def _get(self, url: str, headers: dict[str, str], where: str, step: Step) -> requests.Response:
         """GET with redirects followed by hand, so that every hop passes the policy."""
         seen: set[str] = set()
         for _ in range(MAX_REDIRECTS + 1):
@@ -343,6 +366,7 @@ class Fetcher:
                 raise OriginRejected(f"{where}: redirect loop back to {display_url(url)}; fix the URL", status=310)
             seen.add(url)
             self.policy.check(url, purpose=where)
+            step(sum(self.timeout))
             try:
                 response = self.session.get(
                     url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False
@@ -435,12 +459,21 @@ def _int_header(response: requests.Response, name: str) -> int | None:
     return int(value)
 
 
-def _hash_file(path: Path, size: int) -> Any:
-    """sha256 over the ``size`` bytes a resumed ``.part`` holds (all of it: its size was the offset)."""
+def _hash_file(path: Path, size: int, step: Step) -> Any:
+    """sha256 over the ``size`` bytes a resumed ``.part`` holds (all of it: its size was the offset),
+    a step per chunk: hashing a large ``.part`` takes long, and keeps the lease while it progresses."""
+    digest = hashlib.sha256()
     if not size:
-        return hashlib.sha256()
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256")
+        return digest
+    with path.open("rb", buffering=0) as handle:
+        buffer = bytearray(HASH_CHUNK_BYTES)
+        view = memoryview(buffer)
+        while True:
+            step(DISK_STEP_SECONDS)
+            n = handle.readinto(buffer)
+            if not n:
+                return digest
+            digest.update(view[:n])
 
 
 def _content_coded(response: requests.Response) -> bool:

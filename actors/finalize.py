@@ -1,20 +1,16 @@
-"""The finalize actors: store and announce a finished task; announce a failed one."""
+"""The finalize actors: store and announce a finished task; tell the backend of an ended one."""
 
 from __future__ import annotations
 
 import dramatiq
 
 from actors.dispatch import dispatch
+from actors.notify import try_notice
 from actors.runtime import current
 from actors.stages import finalize_task
-from actors.stages import notify_failed as notify_failed_task
 
 #: Storage moves are links or copies of staged files; an hour covers a large copy.
 FINALIZE_TIME_LIMIT_MS = 3600 * 1000
-#: task.failed is retried by Dramatiq: from 5 s up to an hour apart, for about a day.
-NOTIFY_MAX_RETRIES = 30
-NOTIFY_MIN_BACKOFF_MS = 5_000
-NOTIFY_MAX_BACKOFF_MS = 3600 * 1000
 
 
 @dramatiq.actor(queue_name="finalize", max_retries=0, time_limit=FINALIZE_TIME_LIMIT_MS)
@@ -23,12 +19,19 @@ def finalize(task_id: str, token: int, failing_since: float = 0.0) -> None:
     dispatch(task_id, finalize_task(current(), task_id, token, failing_since))
 
 
-@dramatiq.actor(
-    queue_name="finalize",
-    max_retries=NOTIFY_MAX_RETRIES,
-    min_backoff=NOTIFY_MIN_BACKOFF_MS,
-    max_backoff=NOTIFY_MAX_BACKOFF_MS,
-)
+@dramatiq.actor(queue_name="finalize", max_retries=0)
+def notify(task_id: str, seq: int | None = None) -> None:
+    """One try at the task.failed or task.canceled an ended task owes; when it fails, the next
+    try is this actor again, delayed. No Dramatiq retries: a retry would be a second chain
+    beside the one this message continues (see actors/notify.py)."""
+    later = try_notice(current(), task_id, seq)
+    if later is not None:
+        notify.send_with_options(args=(task_id, later.seq), delay=int(later.delay_seconds * 1000))
+
+
+@dramatiq.actor(queue_name="finalize", max_retries=0)
 def notify_failed(task_id: str) -> None:
-    """Send task.failed for a failed or dead task, so the backend can refund."""
-    notify_failed_task(current(), task_id)
+    """Messages sent before the notify chain existed: the notice's first try, if none was made
+    yet (the supervisor re-sends any other owed notice). Remove once no such message is left
+    (their retries lasted a day)."""
+    notify(task_id)

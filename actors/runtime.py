@@ -12,12 +12,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from actors.fetch import Fetcher
+from actors.interrupt import Interrupter
+from actors.lease import LeaseKeeper
 from actors.netguard import DestinationPolicy
 from actors.settings import Settings
 from actors.storage import LocalStorage
@@ -25,42 +25,18 @@ from actors.store import TaskStore
 from actors.webhook import DEFAULT_DELIVERY_BACKOFF_SECONDS, WebhookSender
 
 
-class Stopper:
+class Stopper(Interrupter):
     """Tells running downloads that the process is stopping, and unblocks their sockets.
 
     Checking the flag costs one attribute read per chunk; closing the registered responses
     wakes a thread blocked on a silent origin, so a stop never waits for a read timeout.
     """
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self._open: set[Any] = set()
-        self._lock = threading.Lock()
-
     def is_set(self) -> bool:
-        return self.event.is_set()
-
-    @contextmanager
-    def guard(self, closeable: Any) -> Iterator[None]:
-        with self._lock:
-            self._open.add(closeable)
-        if self.event.is_set():
-            closeable.close()
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._open.discard(closeable)
+        return self.fired()
 
     def stop(self) -> None:
-        self.event.set()
-        with self._lock:
-            pending = list(self._open)
-        for closeable in pending:
-            try:
-                closeable.close()
-            except Exception:  # a half-closed socket may complain; it is closed either way
-                pass
+        self.fire()
 
 
 @dataclass
@@ -70,18 +46,21 @@ class Runtime:
     storage: LocalStorage
     policy: DestinationPolicy
     worker_id: str
+    leases: LeaseKeeper
     clock: Callable[[], float] = time.time
     stopper: Stopper = field(default_factory=Stopper)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, store: TaskStore | None = None) -> Runtime:
+        store = store or TaskStore.from_url(settings.redis_url)
         return cls(
             settings=settings,
-            store=store or TaskStore.from_url(settings.redis_url),
+            store=store,
             storage=LocalStorage(settings.storage_dir),
             policy=DestinationPolicy(settings.allow_private_networks, settings.allow_hosts),
             worker_id=f"{socket.gethostname()}:{os.getpid()}",
+            leases=LeaseKeeper(store, settings.lease_seconds),
         )
 
     @property
@@ -98,14 +77,21 @@ class Runtime:
         return fetcher
 
     @property
+    def webhook_policy(self) -> DestinationPolicy:
+        """The operator's own HAUL_WEBHOOK_URL is configuration, not hostile input: trusted
+        even on an internal host; a task-given receiver faces the policy like an origin."""
+        url = self.settings.webhook_url
+        return self.policy.trusting(url) if url else self.policy
+
+    @property
     def webhooks(self) -> WebhookSender:
         sender: WebhookSender | None = getattr(self._local, "webhooks", None)
         if sender is None:
             sender = WebhookSender(
                 self.settings.webhook_secrets,
-                self.policy,
+                self.webhook_policy,
                 timeout=(self.settings.connect_timeout_seconds, self.settings.read_timeout_seconds),
-                backoff_factor=min(DEFAULT_DELIVERY_BACKOFF_SECONDS, self.settings.retry_min_seconds),
+                backoff_seconds=min(DEFAULT_DELIVERY_BACKOFF_SECONDS, self.settings.retry_min_seconds),
             )
             self._local.webhooks = sender
         return sender

@@ -13,10 +13,11 @@ import enum
 import logging
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
-
-import redis
 
 from actors.errors import (
     HaulError,
@@ -29,19 +30,17 @@ from actors.errors import (
     WebhookUndelivered,
 )
 from actors.fetch import FetchRules, fetch_file
+from actors.lease import DISK_STEP_SECONDS, Lease
+from actors.redact import display_url
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
 from actors.sentry import report_task
 from actors.store import StageLimits
 from actors.task import State, Task, backoff_seconds
-from actors.webhook import COMPLETED, FAILED, make_event
+from actors.webhook import COMPLETED, make_event
 
 log = logging.getLogger(__name__)
 
-#: Progress and lease are written at most this often (seconds) ...
-PROGRESS_INTERVAL_SECONDS = 1.0
-#: ... or after this many new bytes, whichever comes first.
-PROGRESS_BYTES = 64 * 1024 * 1024
 #: Claims pause while this many times HAUL_FINALIZE_CONCURRENCY tasks wait to be finalized.
 FINALIZE_BACKLOG_FACTOR = 2
 #: A task that found its stage full asks again after a random pause in this range (seconds).
@@ -50,11 +49,6 @@ SLOT_WAIT_SECONDS = (0.5, 2.0)
 
 def slot_wait() -> float:
     return random.uniform(*SLOT_WAIT_SECONDS)
-
-
-#: A holder stops writing once this share of its lease has passed since its last renewal;
-#: the rest absorbs clock drift between hosts (keep them NTP-synced).
-LEASE_SAFETY = 0.8
 
 
 class Next(enum.Enum):
@@ -80,13 +74,27 @@ NOTHING = Outcome(Next.NOTHING)
 
 
 def run_task(rt: Runtime, task_id: str) -> Outcome:
-    """One run of a task: claim, download, finalize, chained while nothing has to wait."""
+    """One run of a task: claim, download, finalize, chained while nothing has to wait; the
+    lease is held (renewed while each step is alive) from the claim to the end of the run."""
+    if rt.stopper.is_set():
+        # A stopping worker takes nothing new (not even the task it just handed back): the
+        # message goes back to the queue for another worker.
+        return Outcome(Next.RETRY)
+    since = time.monotonic()
     outcome = claim_task(rt, task_id)
-    if outcome.next is Next.DOWNLOAD and outcome.task is not None:
-        outcome = download_task(rt, outcome.task, outcome.token)
-    if outcome.next is Next.FINALIZE and not outcome.delay_seconds:
-        outcome = finalize_task(rt, task_id, outcome.token, task=outcome.task, slot_held=True)
+    if outcome.next is not Next.DOWNLOAD or outcome.task is None:
+        return outcome
+    task = outcome.task
+    with rt.leases.hold(task_id, outcome.token, since=since) as lease:
+        outcome = download_task(rt, task, lease)
+        if outcome.next is Next.FINALIZE and not outcome.delay_seconds:
+            lease.figures = _no_figures  # the download's final figures are written already
+            outcome = finish_task(rt, dataclasses.replace(task, state=State.FINALIZING), lease)
     return outcome
+
+
+def _no_figures() -> None:
+    return None
 
 
 def claim_task(rt: Runtime, task_id: str) -> Outcome:
@@ -131,14 +139,19 @@ def claim_task(rt: Runtime, task_id: str) -> Outcome:
     return NOTHING
 
 
-def download_task(rt: Runtime, task: Task, token: int) -> Outcome:
+def download_task(rt: Runtime, task: Task, lease: Lease) -> Outcome:
     """Bring every file of the task into its sandbox, resuming whatever earlier runs left."""
     s = rt.settings
-    task_id = task.id
+    task_id, token = task.id, lease.token
+    progress = Progress(rt, task, lease)
+    lease.figures = progress.figures
     try:
+        if task.spec.webhook:  # a receiver the task may not reach fails it before any byte is fetched
+            rt.webhook_policy.check(
+                task.spec.webhook, purpose=f"task {task_id}: webhook {display_url(task.spec.webhook)}"
+            )
         sandbox = Sandbox(s.staging_dir, task_id)
         sandbox.prepare()
-        progress = Progress(rt, task, token)
         known = sum(f.size or 0 for f in task.spec.files)
         if s.max_task_bytes and known > s.max_task_bytes:
             raise TooLarge(
@@ -156,10 +169,11 @@ def download_task(rt: Runtime, task: Task, token: int) -> Outcome:
                     task_id=task_id,
                     on_progress=progress.on_progress,
                     on_total=progress.on_total,
-                    guard=rt.stopper.guard,
+                    guard=progress.guard,
                     rules=_rules(rt, task, progress.bytes_done),
+                    step=progress.step,
                 )
-                progress.check()
+                lease.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
                 sandbox.promote(part, spec)
                 log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
             progress.file_done(index, size)
@@ -173,55 +187,61 @@ def download_task(rt: Runtime, task: Task, token: int) -> Outcome:
         )
         if entry == "stale":
             raise LeaseLost(f"task {task_id}: lease lost as the download finished")
-        finalizing = dataclasses.replace(task, state=State.FINALIZING)
         if entry == "full":
-            return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait(), task=finalizing)
-        return Outcome(Next.FINALIZE, token=token, task=finalizing)
+            return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait())
+        return Outcome(Next.FINALIZE, token=token)
     except Exception as exc:
         return _end_run(rt, task, token, exc)
 
 
-def finalize_task(
-    rt: Runtime,
-    task_id: str,
-    token: int,
-    failing_since: float = 0.0,
-    task: Task | None = None,
-    slot_held: bool = False,
-) -> Outcome:
+def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 0.0) -> Outcome:
+    """A finalize message: a finished task that waited (for a slot, an outage) goes on, under
+    a lease held like a download's."""
+    task = rt.store.get(task_id)
+    if task is None:
+        return NOTHING
+    if task.state is State.DONE:
+        Sandbox(rt.settings.staging_dir, task_id).remove(task.spec.files)  # a crash between done and clean-up
+        return NOTHING
+    since = time.monotonic()
+    entry = rt.store.enter_finalize(
+        task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds, limit=rt.settings.finalize_concurrency
+    )
+    if entry == "full":
+        return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait(), failing_since=failing_since)
+    if entry != "ok":
+        log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
+        return NOTHING
+    with rt.leases.hold(task_id, token, since=since) as lease:
+        return finish_task(rt, task, lease, failing_since)
+
+
+def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.0) -> Outcome:
     """Store, announce, mark done, clean up: in that order, so nothing is lost on a crash.
 
     When storage or the webhook receiver is down, the task stays ``finalizing`` with its files
     safe in staging and tries again later (``failing_since`` says since when), without using
     up its download attempts: a receiver outage of an hour must not kill a finished course.
-    ``task`` and ``slot_held`` come from a download that just finished in this thread (which
-    took the finalize slot as it ended): they save two round trips.
+    A cancel wins until the first delivery of ``task.completed`` starts: the store records
+    that start (``announce``) atomically with the token check, and refuses a cancel after it.
     """
-    task = task or rt.store.get(task_id)
-    if task is None:
-        return NOTHING
+    task_id, token = task.id, lease.token
     sandbox = Sandbox(rt.settings.staging_dir, task_id)
-    if task.state is State.DONE:
-        sandbox.remove(task.spec.files)  # a crash between done and clean-up left it behind
-        return NOTHING
-    if not slot_held:
-        entry = rt.store.enter_finalize(
-            task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds,
-            limit=rt.settings.finalize_concurrency,
-        )  # fmt: skip
-        if entry == "full":
-            return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait(), failing_since=failing_since)
-        if entry != "ok":
-            log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
-            return NOTHING
     try:
-        stored = rt.storage.commit(sandbox, task.spec.files)
+        stored = rt.storage.commit(sandbox, task.spec.files, step=lambda seconds: lease.step(seconds, "storing"))
         url = task.spec.webhook or rt.settings.webhook_url
         if url:
+            lease.check()
+            if not rt.store.announce(task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds):
+                raise LeaseLost(f"task {task_id}: canceled or taken over before its completion was announced")
             event = make_event(task, COMPLETED, stored, None, rt.clock())
-            rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id)
+            rt.webhooks.deliver(
+                url, event, now=rt.clock(), task_id=task_id,
+                on_try=lambda seconds: lease.step(seconds, "delivering task.completed"),
+            )  # fmt: skip
         else:
             log.warning("task %s: no webhook URL (task or HAUL_WEBHOOK_URL); nobody is told it is done", task_id)
+        lease.check()
         reached = rt.store.release(task_id, token, State.DONE, now=rt.clock(), max_attempts=rt.settings.max_attempts)
         if reached is None:
             raise LeaseLost(f"task {task_id}: lease lost before it could be marked done")
@@ -259,45 +279,24 @@ def _park(rt: Runtime, task: Task, token: int, exc: TransientError, failing_sinc
     return Outcome(Next.FINALIZE, token=token, delay_seconds=delay, failing_since=failing_since)
 
 
-def notify_failed(rt: Runtime, task_id: str) -> None:
-    """Deliver ``task.failed`` for a failed or dead task (raises WebhookUndelivered to retry)."""
-    task = rt.store.get(task_id)
-    if task is None or task.state not in (State.FAILED, State.DEAD):
-        rt.store.notified(task_id)
-        return
-    url = task.spec.webhook or rt.settings.webhook_url
-    if url:
-        files = [f.to_json() for f in task.spec.files]
-        event = make_event(task, FAILED, files, task.error, task.updated_at)
-        try:
-            rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id)
-        except PermanentError as exc:  # a forbidden receiver: retrying cannot help
-            log.error("task %s: task.failed cannot be delivered: %s", task_id, exc)
-    rt.store.notified(task_id)
-
-
 class Progress:
-    """Writes progress and renews the lease, at most once a second or every 64 MiB.
+    """A download's figures (bytes per file), and its checks before every chunk is written.
 
-    Called before every chunk is written, so the common path is a few comparisons. It also
-    keeps the fence on the filesystem: Redis refuses a stale token's writes, but not its
-    file writes, so a thread that wakes up after its lease could have expired (a hung read, a
-    long GC pause) stops before writing, judged by its own clock against the last renewal
-    (with a margin, see LEASE_SAFETY). When Redis is briefly unreachable the download goes on
-    until that same deadline.
+    Called before every chunk, so the common path is a few comparisons: the worker is not
+    stopping, the lease is still ours (:meth:`Lease.step` checks the fence), and the next read
+    may take up to the read timeout. The lease keeper writes the figures with each renewal.
     """
 
-    def __init__(self, rt: Runtime, task: Task, token: int) -> None:
+    def __init__(self, rt: Runtime, task: Task, lease: Lease) -> None:
         self.rt = rt
         self.task = task
-        self.token = token
+        self.lease = lease
+        self.read_seconds = rt.settings.read_timeout_seconds
         self.sizes = [f.size for f in task.spec.files]
         self.done = [0] * len(task.spec.files)
         self.finished = 0
         self.current: int | None = None
-        self.last_write = time.monotonic()
-        self.renewed_at = self.last_write
-        self.bytes_at_write = 0
+        self.doing = "downloading"
 
     @property
     def bytes_done(self) -> int:
@@ -309,6 +308,7 @@ class Progress:
 
     def start_file(self, index: int) -> None:
         self.current = index
+        self.doing = f"downloading {self.task.spec.files[index].path!r}"
 
     def on_total(self, size: int) -> None:
         if self.current is not None:
@@ -319,48 +319,22 @@ class Progress:
             self.done[self.current] = position
         if self.rt.stopper.is_set():
             raise Stopping(f"task {self.task.id}: the worker is stopping; handing the task back")
-        now = time.monotonic()
-        self.check(now)
-        if now - self.last_write >= PROGRESS_INTERVAL_SECONDS or position - self.bytes_at_write >= PROGRESS_BYTES:
-            self.write(now)
+        self.lease.step(self.read_seconds, self.doing)
 
-    def check(self, now: float | None = None) -> None:
-        """Raise LeaseLost when this holder can no longer be sure it still owns the task."""
-        now = time.monotonic() if now is None else now
-        if now > self.renewed_at + self.rt.settings.lease_seconds * LEASE_SAFETY:
-            raise LeaseLost(
-                f"task {self.task.id}: lease not renewed for {now - self.renewed_at:.1f}s (hung read or Redis "
-                "unreachable); stopping before another byte is written"
-            )
+    def step(self, seconds: float) -> None:
+        self.lease.step(seconds, self.doing)
+
+    @contextmanager
+    def guard(self, closeable: Any) -> Iterator[None]:
+        """A graceful stop or a lost lease wakes a read blocked on ``closeable``."""
+        with self.rt.stopper.guard(closeable), self.lease.guard(closeable):
+            yield
 
     def file_done(self, index: int, size: int) -> None:
         self.sizes[index] = size
         self.done[index] = size
         self.finished += 1
         self.current = None
-
-    def write(self, now: float) -> None:
-        """Renew the lease and write progress; raise LeaseLost when the token moved on."""
-        self.last_write = now
-        self.bytes_at_write = self.done[self.current] if self.current is not None else 0
-        s = self.rt.settings
-        try:
-            bytes_done, bytes_total, files_done = self.figures()
-            written = self.rt.store.heartbeat(
-                self.task.id,
-                self.token,
-                now=self.rt.clock(),
-                lease_seconds=s.lease_seconds,
-                bytes_done=bytes_done,
-                bytes_total=bytes_total,
-                files_done=files_done,
-            )
-        except redis.RedisError as exc:  # check() stops the download if this lasts
-            log.warning("task %s: progress not written, Redis unreachable (%s); going on", self.task.id, exc)
-            return
-        if not written:
-            raise LeaseLost(f"task {self.task.id}: another worker or an operator took it over; stopping")
-        self.renewed_at = now
 
 
 def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:

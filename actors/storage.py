@@ -3,22 +3,41 @@
 The destination is a function of the task alone, so committing twice (a duplicate message, a
 finalize killed half-way) ends with exactly one copy. Each file appears atomically: a hard
 link when staging and storage share a filesystem (instant, and staging keeps its copy until
-the task is done), else a copy to a temporary name, fsync, and rename.
+the task is done), else a copy to a temporary file, fsync, and rename.
+
+Temporaries live in ``<HAUL_STORAGE_DIR>/.haul-tmp/`` (no task id starts with a dot), each
+with a name of its own: two runs of one task (a stale holder waking up beside its successor)
+never write into each other's copy, and no file a task names can be taken for one. A killed
+run's temporary is left there; the supervisor's prune removes old ones.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from actors.errors import StorageUnavailable, TransientError
+from actors.errors import StorageUnavailable, TransientError, UnsafePath
+from actors.lease import DISK_STEP_SECONDS
 from actors.paths import fsync_dir, inside
 from actors.sandbox import Sandbox, check_task_id
 from actors.task import FileSpec
+
+#: Folder of in-progress copies, inside the storage root (so a rename into place is atomic).
+TEMPORARY_DIR = ".haul-tmp"
+#: Bytes copied per step when storage is on another filesystem than staging.
+COPY_CHUNK_BYTES = 8 * 1024 * 1024
+
+#: Called before a blocking step with the longest it may take, in seconds; raises to stop
+#: (the lease fence): the last call comes right before a file is renamed into place.
+Step = Callable[[float], None]
+
+
+def _no_step(seconds: float) -> None:
+    """For callers that hold no lease (tests, tools)."""
 
 
 class LocalStorage:
@@ -30,7 +49,11 @@ class LocalStorage:
     def task_dir(self, task_id: str) -> Path:
         return self.root / check_task_id(task_id)
 
-    def commit(self, sandbox: Sandbox, files: Sequence[FileSpec]) -> list[dict[str, Any]]:
+    @property
+    def temporary_dir(self) -> Path:
+        return self.root / TEMPORARY_DIR
+
+    def commit(self, sandbox: Sandbox, files: Sequence[FileSpec], step: Step = _no_step) -> list[dict[str, Any]]:
         """Put every finished file of the sandbox into storage; return what the webhook reports."""
         task_id = sandbox.task_id
         target_root = self.task_dir(task_id)
@@ -45,13 +68,19 @@ class LocalStorage:
             source = sandbox.file(spec)
             target = inside(self.root, spec.path, under=task_id, what=f"task {task_id}")
             try:
-                size = self._place(source, target, nested="/" in spec.path)
+                temporary = self.temporary_dir / f"{task_id}-{uuid.uuid4().hex}"
+                size = self._place(source, target, temporary, nested="/" in spec.path, step=step)
             except FileNotFoundError as exc:
                 raise TransientError(
                     f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
                     "it will be downloaded again"
                 ) from exc
             except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:
+                    raise UnsafePath(
+                        f"task {task_id}: the path {spec.path!r} is too long for the filesystem of "
+                        f"{self.root}; give the file a shorter path"
+                    ) from exc
                 raise StorageUnavailable(
                     f"task {task_id}: storing {spec.path!r} in {target_root} failed ({exc.strerror})"
                 ) from exc
@@ -61,10 +90,10 @@ class LocalStorage:
             stored.append(entry)
         return stored
 
-    @staticmethod
-    def _place(source: Path, target: Path, *, nested: bool) -> int:
-        """Make ``target`` the finished ``source`` (unless an earlier run did); return its size.
-        ``nested``: the path has folders of its own below the task's (made here)."""
+    def _place(self, source: Path, target: Path, temporary: Path, *, nested: bool, step: Step) -> int:
+        """Make ``target`` the finished ``source`` (unless an earlier run did), through
+        ``temporary``; return its size. ``nested``: the path has folders of its own below the
+        task's (made here)."""
         placed, staged = _stat(target), _stat(source)
         if placed is not None and (staged is None or os.path.samestat(placed, staged)):
             return placed.st_size  # committed by an earlier run (and maybe staging cleaned since)
@@ -72,17 +101,15 @@ class LocalStorage:
             raise FileNotFoundError(errno.ENOENT, "missing from staging", str(source))
         if nested:
             target.parent.mkdir(parents=True, exist_ok=True)
-        # A fixed name: a run killed half-way leaves at most this one, which the next run reuses.
-        temporary = target.with_name(f".{target.name}.haul-tmp")
+        temporary.parent.mkdir(exist_ok=True)
         try:
             try:
-                _link_over(source, temporary)
+                os.link(source, temporary)
             except OSError as exc:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):  # no hard links here
                     raise
-                shutil.copyfile(source, temporary)
-                with temporary.open("rb+") as handle:
-                    os.fsync(handle.fileno())
+                _copy(source, temporary, step)
+            step(DISK_STEP_SECONDS)  # the fence: a stale holder stops before the rename
             os.replace(temporary, target)
         except BaseException:
             temporary.unlink(missing_ok=True)
@@ -91,17 +118,23 @@ class LocalStorage:
         return staged.st_size
 
 
+def _copy(source: Path, temporary: Path, step: Step) -> None:
+    """Copy in chunks, each a step of its own (a large file across filesystems takes long), and
+    make the copy durable before it is renamed into place."""
+    with source.open("rb", buffering=0) as reader, temporary.open("xb", buffering=0) as writer:
+        while True:
+            step(DISK_STEP_SECONDS)
+            chunk = reader.read(COPY_CHUNK_BYTES)
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                view = view[writer.write(view) :]
+        os.fsync(writer.fileno())
+
+
 def _stat(path: Path) -> os.stat_result | None:
     try:
         return os.stat(path)
     except FileNotFoundError:
         return None
-
-
-def _link_over(source: Path, link: Path) -> None:
-    """Hard-link ``source`` as ``link``, replacing a stray left there by a killed run."""
-    try:
-        os.link(source, link)
-    except FileExistsError:
-        link.unlink()
-        os.link(source, link)

@@ -8,18 +8,22 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:key:<key>       string: idempotency key -> task id
     haul:state:<state>   sorted set: task ids in that state, by time of entry
     haul:leases          sorted set: task ids holding a lease, by deadline
-    haul:notify          sorted set: failed/dead tasks whose task.failed webhook is owed
+    haul:notify          sorted set: failed/dead/canceled tasks whose task.failed or task.canceled is
+                         owed, by when its next try is due (see actors/notify.py)
     haul:supervisor:leader  string with TTL: the supervisor replica that runs the sweeps
     haul:slots:<stage>   sorted sets: stage slots, by the lease deadline of their holder
     haul:staged          hash: bytes each sandbox holds (and haul:staged:total, their sum)
+    haul:stats:dead      counter: tasks that ever went dead (haul_dead_tasks_total)
 
 Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -43,6 +47,44 @@ class StageLimits:
 
 
 NO_LIMITS = StageLimits()
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """One lease to renew: the task, the holder's token, and progress to write with it
+    (bytes done, bytes total, files done) or None."""
+
+    task_id: str
+    token: int
+    figures: tuple[int, int, int] | None = None
+
+
+class CancelOutcome(enum.StrEnum):
+    """What a cancel found."""
+
+    #: Canceled: the token moved on, and task.canceled is owed.
+    OK = "ok"
+    #: No such task.
+    MISSING = "missing"
+    #: The task had already ended (done, failed, dead or canceled).
+    FINAL = "final"
+    #: Refused: the first delivery of task.completed has started, so the task will end done.
+    ANNOUNCING = "announcing"
+
+
+@dataclass(frozen=True)
+class NoticeTry:
+    """A try at delivering an owed notice that this message may make (``skipped`` empty), or
+    why it may not: the notice is not owed any more, or another message holds its chain."""
+
+    seq: int = 0
+    tries: int = 0
+    run: int = 0
+    skipped: str = ""
+
+    @property
+    def go(self) -> bool:
+        return not self.skipped
 
 
 @dataclass(frozen=True)
@@ -92,6 +134,11 @@ class TaskStore:
                 "leader",
                 "resign",
                 "enter_finalize",
+                "announce",
+                "notify_begin",
+                "notify_later",
+                "notify_end",
+                "notify_resend",
             )  # fmt: skip
         }
 
@@ -272,18 +319,17 @@ class TaskStore:
         files_done: int,
     ) -> bool:
         """Renew the lease and record progress; False when the token is stale (stop working)."""
-        written = self._call(
-            "heartbeat",
-            [self.task_key(task_id), self.leases_key],
-            task_id,
-            token,
-            now,
-            lease_seconds,
-            bytes_done,
-            bytes_total,
-            files_done,
-        )
-        return bool(written)
+        renewal = Renewal(task_id, token, (bytes_done, bytes_total, files_done))
+        return self.renew_many([renewal], now=now, lease_seconds=lease_seconds)[0]
+
+    def renew_many(self, renewals: Sequence[Renewal], *, now: float, lease_seconds: float) -> list[bool]:
+        """Renew several leases (writing progress where given) in one pipelined round trip;
+        for each, False when its token is stale or the task is no longer active."""
+        pipe = self.client.pipeline(transaction=False)
+        for r in renewals:
+            keys = [self.task_key(r.task_id), self.leases_key]
+            self._call("heartbeat", keys, r.task_id, r.token, now, lease_seconds, *(r.figures or ()), client=pipe)
+        return [bool(written) for written in pipe.execute()]
 
     def release(
         self,
@@ -380,17 +426,52 @@ class TaskStore:
     def staged_bytes(self) -> int:
         return int(self.client.get(f"{self.prefix}staged:total") or 0)
 
-    def cancel(self, task_id: str, now: float) -> str:
-        """Cancel a task that has not ended; returns ``ok``, ``missing`` or ``final``."""
-        return _text(self._call("cancel", [self.task_key(task_id), self.leases_key], task_id, now)[0])
+    def cancel(self, task_id: str, now: float) -> CancelOutcome:
+        """Cancel a task that has not ended, unless its completion is being announced (then the
+        backend may already hold task.completed, so the task must end done)."""
+        return CancelOutcome(_text(self._call("cancel", [self.task_key(task_id), self.leases_key], task_id, now)[0]))
+
+    def announce(self, task_id: str, token: int, *, now: float, lease_seconds: float) -> bool:
+        """Record that task.completed is about to be delivered for the first time (its lease
+        renewed); False when the token is stale or the task was canceled: send nothing then.
+
+        From here on a cancel is refused and an expired lease queues the task again instead of
+        ending it dead, so the same event is delivered again and never followed by task.failed.
+        """
+        reply = self._call("announce", [self.task_key(task_id), self.leases_key], task_id, token, now, lease_seconds)
+        return _text(reply[0]) == "ok"
 
     def retry(self, task_id: str, now: float) -> str:
         """Give an ended (failed/dead/canceled) task fresh attempts; ``ok``, ``missing`` or ``not_ended``."""
         return _text(self._call("retry", [self.task_key(task_id)], task_id, now)[0])
 
-    def notified(self, task_id: str) -> None:
-        """The task.failed webhook of this task was delivered."""
-        self.client.zrem(self.notify_key, task_id)
+    def begin_notice(self, task_id: str, seq: int | None, *, busy_until: float) -> NoticeTry:
+        """Take one try at the notice the task owes, if ``seq`` is what its chain waits for
+        (None: the notice's first try). Until ``busy_until`` the notice counts as in flight."""
+        reply = self._call(
+            "notify_begin", [self.task_key(task_id), self.notify_key], task_id, "" if seq is None else seq, busy_until
+        )
+        if _text(reply[0]) != "go":
+            return NoticeTry(skipped=_text(reply[1]))
+        return NoticeTry(seq=int(reply[1]), tries=int(reply[2]), run=int(_text(reply[3])))
+
+    def notice_later(self, task_id: str, seq: int, *, due: float) -> bool:
+        """Try ``seq`` failed: the next one is due at ``due``. False when the chain moved on or
+        the notice ended meanwhile (then no further message must be sent)."""
+        return bool(self._call("notify_later", [self.task_key(task_id), self.notify_key], task_id, seq, due))
+
+    def end_notice(self, task_id: str, run: int, seq: int | None = None) -> bool:
+        """The notice for ``run`` is delivered (``seq`` None: by any try) or given up (only by
+        the chain's latest try ``seq``); True when it was owed until now."""
+        keys = [self.task_key(task_id), self.notify_key]
+        return bool(self._call("notify_end", keys, task_id, run, "" if seq is None else seq))
+
+    def lost_notices(self, *, now: float, grace_seconds: float, limit: int = 1000) -> list[tuple[str, int | None]]:
+        """Owed notices whose next try is overdue by ``grace_seconds`` (their message is lost),
+        each with the sequence number to send it again with; each returned once per grace."""
+        reply = self._call("notify_resend", [self.notify_key], now, grace_seconds, limit)
+        pairs = zip(reply[::2], reply[1::2], strict=True)
+        return [(_text(task_id), int(_text(seq)) if _text(seq) else None) for task_id, seq in pairs]
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -413,10 +494,6 @@ class TaskStore:
     def expired(self, now: float, limit: int = 1000) -> list[str]:
         """Tasks whose lease deadline is past, oldest first: O(log n + found), never a scan."""
         return [_text(v) for v in self.client.zrangebyscore(self.leases_key, "-inf", now, start=0, num=limit)]
-
-    def owed_notifications(self, before: float, limit: int = 1000) -> list[str]:
-        """Failed/dead tasks whose task.failed is still owed, recorded before ``before``."""
-        return [_text(v) for v in self.client.zrangebyscore(self.notify_key, "-inf", before, start=0, num=limit)]
 
     def ids(self, state: State, limit: int = 100) -> list[str]:
         """The most recent task ids in ``state``, newest first."""

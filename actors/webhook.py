@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import requests
 from standardwebhooks import Webhook
-from urllib3.util.retry import Retry
 
 from actors.errors import ForbiddenDestination, WebhookUndelivered
 from actors.netguard import DestinationPolicy, refused_at_connect
@@ -29,11 +29,14 @@ log = logging.getLogger(__name__)
 
 COMPLETED = "task.completed"
 FAILED = "task.failed"
+CANCELED = "task.canceled"
 
-#: Deliveries retried within one run before the task is retried later with backoff, and the
+#: Delivery tries within one run before the task is retried later with backoff, and the
 #: first pause between them (doubling; never longer than HAUL_RETRY_MIN_SECONDS).
-DEFAULT_DELIVERY_RETRIES = 4
+DEFAULT_DELIVERY_TRIES = 5
 DEFAULT_DELIVERY_BACKOFF_SECONDS = 0.5
+#: Answers worth another try at once; any other non-2xx answer is retried with the task's backoff.
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,12 @@ def sign(secrets: Sequence[str], event_id: str, timestamp: datetime, body: str) 
 
 
 class WebhookSender:
-    """Posts signed events; a few quick retries here, the task's backoff beyond them."""
+    """Posts signed events; a few quick tries here, the task's backoff beyond them.
+
+    Tries are made here rather than by urllib3's retry, so that each is a step the caller
+    sees (``on_try``: renew the lease for the length of one call, check the fence) and a read
+    timeout is retried like any other failure: the receiver dedupes on ``webhook-id``.
+    """
 
     def __init__(
         self,
@@ -82,33 +90,58 @@ class WebhookSender:
         policy: DestinationPolicy,
         *,
         timeout: tuple[float, float],
-        retries: int = DEFAULT_DELIVERY_RETRIES,
-        backoff_factor: float = DEFAULT_DELIVERY_BACKOFF_SECONDS,
+        backoff_seconds: float = DEFAULT_DELIVERY_BACKOFF_SECONDS,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._secrets = tuple(secrets)
         self.policy = policy
         self.timeout = timeout
-        retry = Retry(
-            total=retries,
-            backoff_factor=backoff_factor,
-            status_forcelist=(408, 425, 429, 500, 502, 503, 504),
-            allowed_methods=frozenset({"POST"}),
-            respect_retry_after_header=False,
-            raise_on_status=False,
-            redirect=0,
-        )
+        self.backoff_seconds = backoff_seconds
+        self.sleep = sleep
         self.session = policy.session()
-        for adapter in self.session.adapters.values():
-            adapter.max_retries = retry  # type: ignore[attr-defined]
 
-    def deliver(self, url: str, event: Event, *, now: float, task_id: str) -> None:
-        """Deliver ``event`` to ``url`` or raise :class:`WebhookUndelivered` saying why."""
+    @property
+    def call_seconds(self) -> float:
+        """The longest one delivery try may take (connect, then wait for the answer)."""
+        return self.timeout[0] + self.timeout[1]
+
+    def deliver(
+        self,
+        url: str,
+        event: Event,
+        *,
+        now: float,
+        task_id: str,
+        tries: int = DEFAULT_DELIVERY_TRIES,
+        on_try: Callable[[float], None] | None = None,
+    ) -> None:
+        """Deliver ``event`` to ``url`` or raise :class:`WebhookUndelivered` saying why.
+
+        ``on_try(seconds)`` is called before each try with the longest it may take; raising
+        there stops the delivery before the request is sent.
+        """
         where = f"task {task_id}: webhook {event.type} (id {event.id}) to {display_url(url)}"
         if not self._secrets:
             raise WebhookUndelivered(
                 f"{where}: no signing secret is configured; set HAUL_WEBHOOK_SECRET or HAUL_WEBHOOK_SECRET_FILE"
             )
         self.policy.check(url, purpose=where)
+        pause = self.backoff_seconds
+        for attempt in range(1, tries + 1):
+            if on_try is not None:
+                on_try(self.call_seconds)
+            try:
+                self._post(url, event, now, where)
+                log.debug("%s: delivered", where)
+                return
+            except _Retryable as exc:
+                if attempt == tries:
+                    raise WebhookUndelivered(str(exc)) from exc.__cause__
+                log.info("%s; trying again in %.1fs", exc, pause)
+            self.sleep(pause)
+            pause *= 2
+
+    def _post(self, url: str, event: Event, now: float, where: str) -> None:
         timestamp = datetime.fromtimestamp(int(now), tz=UTC)
         headers = {
             "content-type": "application/json",
@@ -124,11 +157,18 @@ class WebhookSender:
         except requests.RequestException as exc:
             if refused_at_connect(exc):
                 raise ForbiddenDestination(f"{where}: resolved to a non-public address at connect time") from exc
-            raise WebhookUndelivered(f"{where}: delivery failed ({type(exc).__name__})") from exc
+            raise _Retryable(f"{where}: delivery failed ({type(exc).__name__})") from exc
         with response:
-            if not 200 <= response.status_code < 300:
-                raise WebhookUndelivered(
-                    f"{where}: the receiver answered {response.status_code} {response.reason}; "
-                    "it must answer 2xx once it has stored the event"
-                )
-        log.debug("%s: delivered", where)
+            if 200 <= response.status_code < 300:
+                return
+            message = (
+                f"{where}: the receiver answered {response.status_code} {response.reason}; "
+                "it must answer 2xx once it has stored the event"
+            )
+            if response.status_code in RETRY_STATUSES:
+                raise _Retryable(message)
+            raise WebhookUndelivered(message)
+
+
+class _Retryable(WebhookUndelivered):
+    """A failed try worth repeating within this delivery."""

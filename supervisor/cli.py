@@ -185,12 +185,27 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    """Cancel a task and send task.canceled, unless its completion is already being announced."""
+    from actors.store import CancelOutcome
+
     result = _store(settings).cancel(args.task_id, time.time())
-    if result == "missing":
+    if result is CancelOutcome.MISSING:
         raise CommandFailed(f"no task {args.task_id!r}")
-    if result == "final":
-        raise CommandFailed(f"task {args.task_id} has already ended")
-    print(f"task {args.task_id}: canceled")
+    if result is CancelOutcome.FINAL:
+        raise CommandFailed(f"task {args.task_id} has already ended; `haul status {args.task_id}` says how")
+    if result is CancelOutcome.ANNOUNCING:
+        raise CommandFailed(
+            f"task {args.task_id} was not canceled: the completion is being announced (the backend may "
+            "already hold task.completed), so the task ends done; undo it in the backend if needed"
+        )
+    from actors.dispatch import enqueue_notify
+
+    try:
+        enqueue_notify(args.task_id)
+    except redis.RedisError as exc:  # the notice is recorded with the cancel: the supervisor sends it
+        print(f"haul: task {args.task_id}: task.canceled not queued ({exc}); the supervisor will send it "
+              "within HAUL_ORPHAN_SECONDS", file=sys.stderr)  # fmt: skip
+    print(f"task {args.task_id}: canceled; task.canceled goes to its webhook")
     return 0
 
 

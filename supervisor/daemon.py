@@ -24,6 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from actors.registry import WorkerRegistry
 from actors.settings import Settings
+from actors.storage import LocalStorage
 from actors.store import TaskStore
 from supervisor import alerts, limits, sweeps
 from supervisor.http import create_server, serve_in_background
@@ -49,7 +50,7 @@ class Supervisor:
         store: TaskStore,
         *,
         send_claim: SendTask,
-        send_notify: SendTask,
+        send_notify: sweeps.SendNotice,
         node_id: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -126,9 +127,13 @@ class Supervisor:
         if not self.is_leader:
             return
         with self._timed("prune"):
+            now = self.clock()
             outcome = sweeps.prune(
-                self.store, self.settings.staging_dir, self.clock(), retain_seconds=self.settings.retain_seconds
+                self.store, self.settings.staging_dir, now, retain_seconds=self.settings.retain_seconds
             )
+            temporaries = sweeps.prune_temporaries(LocalStorage(self.settings.storage_dir).temporary_dir, now)
+            if temporaries:
+                outcome["storage_temporaries"] = temporaries
             if outcome:
                 log.info("pruned: %s", dict(outcome))
 
@@ -185,9 +190,8 @@ class Supervisor:
 
     def _dead(self, task_id: str) -> None:
         task = self.store.get(task_id)
-        self.metrics.dead.inc()
         alerts.dead_task(task_id, task.attempts if task else 0, task.error if task else "lease expired")
-        self.send_notify(task_id)
+        self.send_notify(task_id, None)  # the first try of its task.failed
 
     @contextmanager
     def _timed(self, job: str) -> Iterator[None]:

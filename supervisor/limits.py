@@ -13,9 +13,9 @@ from typing import Any
 import redis
 
 from actors.broker import QUEUES
+from actors.lease import RENEW_SECONDS as PROGRESS_INTERVAL_SECONDS
 from actors.registry import WorkerInfo
 from actors.settings import Settings
-from actors.stages import PROGRESS_INTERVAL_SECONDS
 
 #: A lease must outlast this many progress heartbeats, so one slow Redis call never loses it.
 MIN_HEARTBEATS_PER_LEASE = 3

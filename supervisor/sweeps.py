@@ -27,6 +27,8 @@ DEFAULT_SWEEP_LIMIT = 1000
 ORPHAN_SANDBOX_GRACE_SECONDS = 3600.0
 
 SendTask = Callable[[str], None]
+#: Sends a notify message: task id, and the chain's sequence number (None: the first try).
+SendNotice = Callable[[str, int | None], None]
 
 
 def requeue_stuck(
@@ -83,14 +85,17 @@ def rescue_orphans(
 
 
 def resend_notifications(
-    store: TaskStore, now: float, *, send_notify: SendTask, grace_seconds: float, limit: int = DEFAULT_SWEEP_LIMIT
+    store: TaskStore, now: float, *, send_notify: SendNotice, grace_seconds: float, limit: int = DEFAULT_SWEEP_LIMIT
 ) -> int:
-    """task.failed events still owed well after the task ended (their message was lost)."""
-    owed = store.owed_notifications(before=now - grace_seconds, limit=limit)
-    for task_id in owed:
-        store.client.zadd(store.notify_key, {task_id: now})  # next look after another grace period
-        send_notify(task_id)
-    return len(owed)
+    """Owed notices (task.failed, task.canceled) whose next try is overdue by more than
+    ``grace_seconds``: their message is lost, so it goes out again, with the chain's sequence
+    number. A chain that is alive (its next try due later, or a try in flight) is left alone,
+    and if the lost message turns up after all, only one of the two makes the try."""
+    lost = store.lost_notices(now=now, grace_seconds=grace_seconds, limit=limit)
+    for task_id, seq in lost:
+        log.warning("task %s: its notice is overdue by over %.0fs; sending its message again", task_id, grace_seconds)
+        send_notify(task_id, seq)
+    return len(lost)
 
 
 def vanished_workers(registry: WorkerRegistry, now: float, *, on_vanished: Callable[[WorkerInfo], None]) -> int:
@@ -124,6 +129,25 @@ def prune(
                 shutil.rmtree(staging_dir / task_id, ignore_errors=True)
                 outcome["orphan_sandboxes"] += 1
     return outcome
+
+
+def prune_temporaries(folder: Path, now: float, *, grace_seconds: float = ORPHAN_SANDBOX_GRACE_SECONDS) -> int:
+    """Delete storage copies a killed finalize left in ``folder`` (``HAUL_STORAGE_DIR/.haul-tmp``):
+    a copy being written is modified every few seconds, so one untouched for ``grace_seconds``
+    is abandoned. Returns how many went."""
+    removed = 0
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < now - grace_seconds:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # renamed into place or removed meanwhile
+    except FileNotFoundError:
+        pass
+    return removed
 
 
 def _old_sandboxes(staging_dir: Path, before: float) -> list[str]:

@@ -98,10 +98,18 @@ def test_unknown_task_and_unreachable_redis_exit_1(store: TaskStore) -> None:
     assert result.returncode == 1 and "redis-server" in result.stderr
 
 
+def queued_actors(client: redis.Redis) -> list[str]:
+    """Actor names of the messages waiting in Dramatiq's queues."""
+    return [json.loads(body)["actor_name"] for key in client.keys("dramatiq:*.msgs") for body in client.hvals(key)]
+
+
 def test_cancel_then_retry_and_list_by_state(store: TaskStore) -> None:
     task_id = haul("submit", "https://cdn.example.com/a.mp4").stdout.strip()
-    assert haul("cancel", task_id).returncode == 0
-    assert haul("cancel", task_id).returncode == 1
+    cancel = haul("cancel", task_id)
+    assert cancel.returncode == 0 and f"task {task_id}: canceled" in cancel.stdout
+    assert queued_actors(store.client).count("notify") == 1  # task.canceled goes out
+    again = haul("cancel", task_id)
+    assert again.returncode == 1 and "already ended" in again.stderr
     listed: list[dict[str, Any]] = json.loads(haul("status", "--state", "canceled", "--json").stdout)
     assert [row["id"] for row in listed] == [task_id]
     assert haul("retry", task_id).returncode == 0

@@ -70,8 +70,8 @@ def test_commit_twice_keeps_one_copy_and_survives_a_stray_temporary(tmp_path: Pa
     sandbox = Sandbox(tmp_path / "staging", TASK)
     specs = finished(sandbox, "v.mp4", "sub/w.vtt")
     storage = LocalStorage(tmp_path / "storage")
-    (storage.task_dir(TASK)).mkdir(parents=True)
-    (storage.task_dir(TASK) / ".v.mp4.haul-tmp").write_bytes(b"stray of a killed run")
+    storage.temporary_dir.mkdir(parents=True)
+    (storage.temporary_dir / f"{TASK}-0123").write_bytes(b"stray of a killed run")
     first = storage.commit(sandbox, specs)
     again = storage.commit(sandbox, specs)
     assert first == again and [f["size"] for f in first] == [len(b"v.mp4"), len(b"sub/w.vtt")]
@@ -80,3 +80,56 @@ def test_commit_twice_keeps_one_copy_and_survives_a_stray_temporary(tmp_path: Pa
     # Staging cleaned after the first commit: a late duplicate still finds the files stored
     sandbox.remove(specs)
     assert storage.commit(sandbox, specs) == first
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["a/../../x", "missing/../../../etc/passwd", "a/b/../../../../../escape.mp4", "x/..", "a/./../b", "a/.."],
+)
+@pytest.mark.parametrize("existing", [False, True])
+def test_inside_refuses_dot_dot_anywhere_even_below_missing_folders(tmp_path: Path, path: str, existing: bool) -> None:
+    root = tmp_path / "staging"
+    (root / TASK / "files").mkdir(parents=True)
+    if existing:
+        (root / TASK / "files" / "a" / "b").mkdir(parents=True)
+    before = tree(tmp_path)
+    with pytest.raises(UnsafePath, match=rf"task {TASK}: path .* has a '\.\.' component"):
+        inside(root, path, under=f"{TASK}/files", what=f"task {TASK}")
+    assert tree(tmp_path) == before
+
+
+def test_a_spec_that_skipped_validation_writes_nothing_outside(tmp_path: Path) -> None:
+    """A path written to the store directly (no submit check) meets inside() before any write."""
+    sandbox = Sandbox(tmp_path / "staging", TASK)
+    sandbox.prepare()
+    part = sandbox.part(0)
+    part.write_bytes(b"payload")
+    climbing = FileSpec(url="https://cdn.example.com/v.mp4", path="missing/../../../../escape.mp4")
+    with pytest.raises(UnsafePath, match="'..'"):
+        sandbox.promote(part, climbing)
+    with pytest.raises(UnsafePath, match="'..'"):
+        sandbox.finished_size(climbing)
+    with pytest.raises(UnsafePath, match="'..'"):
+        LocalStorage(tmp_path / "storage").commit(sandbox, [climbing])
+    assert tree(tmp_path) == [
+        "staging", f"staging/{TASK}", f"staging/{TASK}/.parts", f"staging/{TASK}/.parts/0.part",
+        "storage", f"storage/{TASK}",
+    ]  # fmt: skip
+
+
+def test_a_name_too_long_for_the_filesystem_is_a_permanent_unsafe_path(tmp_path: Path) -> None:
+    """264 bytes of UTF-8 in 134 characters: ENAMETOOLONG never heals, so it is no storage outage."""
+    sandbox = Sandbox(tmp_path / "staging", TASK)
+    sandbox.prepare()
+    part = sandbox.part(0)
+    part.write_bytes(b"payload")
+    long_name = FileSpec(url="https://cdn.example.com/v.mp4", path="\u0436" * 130 + ".mp4")
+    with pytest.raises(UnsafePath, match=rf"task {TASK}: path '\u0436+\.mp4' is too long for the filesystem"):
+        sandbox.promote(part, long_name)
+    assert part.read_bytes() == b"payload"
+    with pytest.raises(UnsafePath, match="too long for the filesystem"):  # the next run's first look
+        sandbox.finished_size(long_name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.store import TaskStore
+from actors.store import CancelOutcome, TaskStore
 from actors.task import State, spec_from_urls
 
 SPEC = spec_from_urls(["https://cdn.example.com/a.mp4"], name="A", key="order-7")
@@ -106,3 +106,74 @@ def test_cancel_fences_the_worker_and_retry_revives(store: TaskStore) -> None:
     assert task is not None and task.state is State.QUEUED and task.attempts == 0 and task.run == 1
     assert store.retry(task_id, NOW + 4) == "not_ended"
     assert store.counts()[State.QUEUED] == 1 and store.counts()[State.CANCELED] == 0
+
+
+def finalizing(store: TaskStore, now: float = NOW, **kw: Any) -> tuple[str, int]:
+    """A task whose download just finished: ``finalizing``, its token held."""
+    task_id, _ = store.create(SPEC.__class__(files=SPEC.files), now=now)
+    c = claim(store, task_id, now=now, start=State.DOWNLOADING, **kw)
+    entry = store.finish_download(
+        task_id, c.token, now=now + 1, lease_seconds=30, progress=(5, 5, 1), finalize_limit=0
+    )  # fmt: skip
+    assert entry == "ok"
+    return task_id, c.token
+
+
+def test_a_cancel_before_the_announcement_wins_and_owes_task_canceled(store: TaskStore) -> None:
+    task_id, token = finalizing(store)
+    assert store.cancel(task_id, NOW + 2) is CancelOutcome.OK
+    # The worker that stored the files may not announce them: task.completed is never sent
+    assert not store.announce(task_id, token, now=NOW + 3, lease_seconds=30)
+    task = store.get(task_id)
+    assert task is not None and task.state is State.CANCELED
+    assert store.client.zscore(store.notify_key, task_id) == NOW + 2  # task.canceled is owed, due now
+
+
+def test_a_cancel_after_the_announcement_started_is_refused(store: TaskStore) -> None:
+    task_id, token = finalizing(store)
+    assert store.announce(task_id, token, now=NOW + 2, lease_seconds=30)
+    assert store.get(task_id).lease_until == NOW + 32  # type: ignore[union-attr]
+    assert store.cancel(task_id, NOW + 3) is CancelOutcome.ANNOUNCING
+    task = store.get(task_id)
+    assert task is not None and task.state is State.FINALIZING and task.token == token
+    assert store.release(task_id, token, State.DONE, now=NOW + 4, max_attempts=3) is State.DONE
+    assert store.cancel(task_id, NOW + 5) is CancelOutcome.FINAL
+    assert store.client.zcard(store.notify_key) == 0
+    # A stale holder cannot announce
+    other, other_token = finalizing(store)
+    assert not store.announce(other, other_token + 1, now=NOW + 2, lease_seconds=30)
+
+
+def test_a_lease_lost_while_announcing_queues_the_task_again_however_many_attempts(store: TaskStore) -> None:
+    # Given tasks on their last attempt whose task.completed delivery has started ...
+    swept, token = finalizing(store, max_attempts=1)
+    claimed, claimed_token = finalizing(store, max_attempts=1)
+    for task_id, held in ((swept, token), (claimed, claimed_token)):
+        assert store.announce(task_id, held, now=NOW + 2, lease_seconds=30)
+    # ... when their worker dies, neither the supervisor nor a duplicate claim ends them dead
+    assert store.requeue_expired([swept], now=NOW + 40, max_attempts=1) == ["queued"]
+    task = store.get(swept)
+    assert task is not None and task.state is State.QUEUED and "announced" in task.error
+    assert store.cancel(swept, NOW + 41) is CancelOutcome.ANNOUNCING  # still: the backend may know
+    assert claim(store, claimed, now=NOW + 40, max_attempts=1).ok
+    # The successor announces the same run again and ends it done; nothing else is owed
+    again = claim(store, swept, now=NOW + 41, max_attempts=1, start=State.DOWNLOADING)
+    assert again.ok and again.task is not None and again.task.run == 0
+    assert store.finish_download(swept, again.token, now=NOW + 42, lease_seconds=30, progress=(5, 5, 1),
+                                 finalize_limit=0) == "ok"  # fmt: skip
+    assert store.announce(swept, again.token, now=NOW + 43, lease_seconds=30)
+    assert store.release(swept, again.token, State.DONE, now=NOW + 44, max_attempts=1) is State.DONE
+    assert store.client.zcard(store.notify_key) == 0 and store.counts()[State.DEAD] == 0
+    # Without an announcement the last attempt still ends dead
+    plain, _ = finalizing(store, max_attempts=1)
+    assert store.requeue_expired([plain], now=NOW + 40, max_attempts=1) == ["dead"]
+
+
+def test_retry_starts_a_new_run_that_is_not_announced(store: TaskStore) -> None:
+    task_id, token = finalizing(store)
+    assert store.announce(task_id, token, now=NOW + 2, lease_seconds=30)
+    store.release(task_id, token, State.FAILED, now=NOW + 3, error="storage refused", max_attempts=3)
+    assert store.retry(task_id, NOW + 4) == "ok"
+    assert store.client.hget(store.task_key(task_id), "announcing") is None
+    assert store.client.zscore(store.notify_key, task_id) is None  # the old run's notice is dropped
+    assert store.cancel(task_id, NOW + 5) is CancelOutcome.OK

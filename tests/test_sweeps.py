@@ -6,7 +6,10 @@ import os
 import time
 from pathlib import Path
 
-from actors.registry import HEARTBEAT_SECONDS, WorkerInfo, WorkerRegistry
+import pytest
+
+from actors import registry as registry_module
+from actors.registry import HEARTBEAT_SECONDS, Heartbeat, WorkerInfo, WorkerRegistry
 from actors.store import TaskStore
 from actors.task import State, spec_from_urls
 from supervisor import sweeps
@@ -104,6 +107,42 @@ def test_vanished_workers_are_reported_once(store: TaskStore) -> None:
     assert reported == ["gone"] and [w.id for w in registry.workers()] == ["alive"]
 
 
+def test_a_worker_removed_as_vanished_registers_again_on_its_next_beat(store: TaskStore) -> None:
+    registry = WorkerRegistry(store.client)
+    info = WorkerInfo("w1", "host", 7, ("claim", "finalize"), 8, NOW)
+    registry.register(info, now=NOW)
+    # Given a Redis outage longer than three heartbeats: the supervisor removes the worker ...
+    assert [w.id for w in registry.vanished(NOW + 60)] == ["w1"] and registry.workers() == []
+    # ... and its next beat brings it back whole, so its queues and threads count again
+    registry.beat(info, now=NOW + 61)
+    assert registry.workers() == [WorkerInfo("w1", "host", 7, ("claim", "finalize"), 8, NOW, seen=NOW + 61)]
+    # So does a Redis restart that lost the registry
+    store.client.flushall()
+    registry.beat(info, now=NOW + 66)
+    assert [(w.id, w.threads, w.seen) for w in registry.workers()] == [("w1", 8, NOW + 66)]
+
+
+def test_a_heartbeat_thread_re_registers_its_worker_and_stays_away_once_stopped(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry_module, "HEARTBEAT_SECONDS", 0.05)
+    registry = WorkerRegistry(store.client)
+    heartbeat = Heartbeat(registry, "w1", time.time)
+    heartbeat.start(WorkerInfo("w1", "host", 7, ("claim", "finalize"), 8, NOW))
+    try:
+        assert [w.id for w in registry.vanished(time.time() + 60)] == ["w1"]  # removed as if Redis was away
+        deadline = time.monotonic() + 5
+        while not registry.workers() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [back] = registry.workers()
+        assert back.queues == ("claim", "finalize") and back.threads == 8
+    finally:
+        heartbeat.stop()
+    # A beat in flight when the worker stops does not register it again after its unregister
+    time.sleep(0.3)
+    assert registry.workers() == [] and not heartbeat.thread.is_alive()
+
+
 def test_an_unreadable_record_is_reported_and_skipped(store: TaskStore) -> None:
     broken, fine = new_task(store), new_task(store)
     for task_id in (broken, fine):
@@ -116,3 +155,43 @@ def test_an_unreadable_record_is_reported_and_skipped(store: TaskStore) -> None:
         on_error=lambda task_id, exc: errors.append(task_id),
     )  # fmt: skip
     assert outcome == {"error": 1, "queued": 1} and errors == [broken] and claims == [fine]
+
+
+def failed_task(store: TaskStore) -> str:
+    task_id = new_task(store)
+    claim = store.claim(task_id, worker="w", now=NOW, lease_seconds=10, max_attempts=3)
+    store.release(task_id, claim.token, State.FAILED, now=NOW + 1, error="404", max_attempts=3)
+    return task_id
+
+
+def test_the_sweep_resends_a_lost_message_with_its_step_and_drops_notices_of_gone_tasks(store: TaskStore) -> None:
+    never_tried, tried, alive = failed_task(store), failed_task(store), failed_task(store)
+    begun = store.begin_notice(tried, None, busy_until=NOW + 5)
+    # A chain whose next try is due in time is alive: its notice is never re-sent
+    waiting = store.begin_notice(alive, None, busy_until=NOW + 5)
+    assert store.notice_later(alive, waiting.seq, due=NOW + 90)
+    store.client.zadd(store.notify_key, {"f" * 32: NOW})  # a task pruned by hand
+    sent: list[tuple[str, int | None]] = []
+
+    def send(task_id: str, seq: int | None) -> None:
+        sent.append((task_id, seq))
+
+    assert sweeps.resend_notifications(store, NOW + 100, send_notify=send, grace_seconds=30) == 2
+    assert sorted(sent, key=str) == sorted([(never_tried, None), (tried, begun.seq)], key=str)
+    assert store.client.zscore(store.notify_key, "f" * 32) is None
+    assert sweeps.resend_notifications(store, NOW + 101, send_notify=send, grace_seconds=30) == 0
+
+
+def test_prune_removes_only_abandoned_storage_temporaries(tmp_path: Path) -> None:
+    from actors.storage import LocalStorage
+
+    folder = LocalStorage(tmp_path / "storage").temporary_dir
+    folder.mkdir(parents=True)
+    abandoned, copying = folder / "a-1", folder / "b-2"
+    abandoned.write_bytes(b"left by a killed finalize")
+    copying.write_bytes(b"being written")
+    now = time.time()
+    os.utime(abandoned, (now - 7200, now - 7200))
+    assert sweeps.prune_temporaries(folder, now, grace_seconds=3600) == 1
+    assert not abandoned.exists() and copying.exists()
+    assert sweeps.prune_temporaries(tmp_path / "nowhere", now) == 0

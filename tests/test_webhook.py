@@ -45,7 +45,7 @@ def test_rotation_signs_with_every_secret_so_either_verifies(store: TaskStore) -
 def test_retries_keep_the_id_and_give_up_with_a_clear_error(store: TaskStore, receiver: Receiver) -> None:
     task_id, event = event_for(store)
     receiver.statuses.extend([500] * 10)
-    sender = WebhookSender((WEBHOOK_SECRET,), DestinationPolicy(True), timeout=(2, 5), backoff_factor=0.01)
+    sender = WebhookSender((WEBHOOK_SECRET,), DestinationPolicy(True), timeout=(2, 5), backoff_seconds=0.01)
     with pytest.raises(WebhookUndelivered, match="answered 500") as info:
         sender.deliver(receiver.url, event, now=time.time(), task_id=task_id)  # type: ignore[arg-type]
     assert len(receiver.deliveries) == 5 and len({d.id for d in receiver.deliveries}) == 1

@@ -3,11 +3,13 @@
 -- Keys built here from ARGV[1] (the prefix, "haul:" by default):
 --   $prefix state:$state   sorted set, task id scored by the time it entered $state
 --   $prefix leases         sorted set, task id scored by its lease deadline (seconds)
---   $prefix notify         sorted set, task id of a failed/dead task whose task.failed is owed
+--   $prefix notify         sorted set, task id of a failed/dead/canceled task whose notice is owed,
+--                          scored by when its next try is due (actors/notify.py)
 --   $prefix slots:download, $prefix slots:host:$host, $prefix slots:finalize
 --                          sorted sets, task id scored by the lease deadline of the task holding
 --                          a slot: a slot whose lease ran out is free again (a dead worker's too)
 --   $prefix staged         hash, task id -> bytes its sandbox holds; $prefix staged:total their sum
+--   $prefix stats:dead     counter: transitions into 'dead' ever (haul_dead_tasks_total)
 
 local prefix = ARGV[1]
 
@@ -17,6 +19,13 @@ end
 
 local function is_active(state)
   return state == 'claimed' or state == 'downloading' or state == 'finalizing'
+end
+
+-- Whether the current run's task.completed is being delivered (announce.lua): from then on the
+-- receiver may hold it, so the task ends done, never dead, failed by a lost lease, or canceled.
+local function announcing(task_key)
+  local t = redis.call('HMGET', task_key, 'announcing', 'run')
+  return t[1] ~= false and t[1] == (t[2] or '0')
 end
 
 -- Drop the slots a task holds (listed in its 'slots' field).
@@ -81,7 +90,10 @@ local function set_state(task_key, id, old, new, now)
     redis.call('ZREM', prefix .. 'state:' .. old, id)
   end
   redis.call('ZADD', prefix .. 'state:' .. new, now, id)
-  if new == 'failed' or new == 'dead' then
+  if new == 'dead' then
+    redis.call('INCR', prefix .. 'stats:dead')
+  end
+  if new == 'failed' or new == 'dead' or new == 'canceled' then
     redis.call('ZADD', prefix .. 'notify', now, id)
   end
 end

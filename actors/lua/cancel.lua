@@ -1,10 +1,14 @@
 -- An operator stops a task; the token moves on so its worker's later writes are refused.
+-- A cancel wins until the first delivery attempt of task.completed starts (announce.lua sets
+-- 'announcing' to the current run): from then on the backend may already hold task.completed,
+-- so the cancel is refused and the task ends done. A canceled task owes task.canceled
+-- (set_state adds it to $prefix notify); the caller sends the notify message.
 -- KEYS[1]  $prefix task:$id
 -- KEYS[2]  $prefix leases
 -- ARGV[1]  prefix
 -- ARGV[2]  task id
 -- ARGV[3]  now (seconds)
--- Returns {'ok'} | {'missing'} | {'final', state}
+-- Returns {'ok'} | {'missing'} | {'final', state} | {'announcing', state}
 local id, now = ARGV[2], tonumber(ARGV[3])
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
@@ -12,6 +16,9 @@ if not state then
 end
 if is_final(state) then
   return {'final', state}
+end
+if announcing(KEYS[1]) then
+  return {'announcing', state}
 end
 redis.call('HINCRBY', KEYS[1], 'token', 1)
 free_slots(KEYS[1], id)

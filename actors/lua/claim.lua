@@ -35,8 +35,11 @@ elseif is_active(state) then
   if tonumber(t[2] or '0') > now then
     return {'busy', t[2]}
   end
-  -- The lease ran out: the run that held it is over and already counted.
-  if attempts >= max_attempts then
+  -- The lease ran out: the run that held it is over and already counted. It ends dead once
+  -- its attempts are used, unless its completion is being announced ('announcing' equals the
+  -- current run, see announce.lua): the receiver may hold task.completed already, so this
+  -- claim goes on and re-delivers it under the same webhook-id instead of sending task.failed.
+  if attempts >= max_attempts and not announcing(KEYS[1]) then
     set_state(KEYS[1], id, state, 'dead', now)
     redis.call('HSET', KEYS[1], 'lease_until', 0,
       'error', 'lease expired during ' .. state .. ' (worker stopped or hung) and all ' .. max_attempts .. ' attempts are used')

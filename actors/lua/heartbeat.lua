@@ -1,4 +1,4 @@
--- Renew the lease and record progress, for the holder of the current token only.
+-- Renew the lease (and record progress), for the holder of the current token only.
 -- KEYS[1]  $prefix task:$id
 -- KEYS[2]  $prefix leases
 -- ARGV[1]  prefix
@@ -6,18 +6,18 @@
 -- ARGV[3]  fencing token
 -- ARGV[4]  now (seconds)
 -- ARGV[5]  lease length (seconds)
--- ARGV[6]  bytes done
--- ARGV[7]  bytes total (known so far)
--- ARGV[8]  files done
--- Returns 1 when written, 0 when the token is stale or the task is no longer active.
+-- ARGV[6..8] (optional) bytes done, bytes total (known so far), files done
+-- Returns 1 when renewed, 0 when the token is stale or the task is no longer active.
 local now, lease = tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = redis.call('HMGET', KEYS[1], 'state', 'token')
 if t[2] ~= ARGV[3] or not is_active(t[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'lease_until', now + lease, 'bytes_done', ARGV[6], 'bytes_total', ARGV[7],
-  'files_done', ARGV[8], 'updated_at', now)
+redis.call('HSET', KEYS[1], 'lease_until', now + lease)
+if ARGV[8] then
+  redis.call('HSET', KEYS[1], 'bytes_done', ARGV[6], 'bytes_total', ARGV[7], 'files_done', ARGV[8], 'updated_at', now)
+  set_staged(ARGV[2], tonumber(ARGV[6]))
+end
 redis.call('ZADD', KEYS[2], now + lease, ARGV[2])
 renew_slots(KEYS[1], ARGV[2], now + lease)
-set_staged(ARGV[2], tonumber(ARGV[6]))
 return 1

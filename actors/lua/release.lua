@@ -11,6 +11,9 @@
 -- ARGV[8]  max attempts (queued becomes dead once they are used)
 -- ARGV[9]  '1' to give the attempt back (a graceful stop handed the task over; not its fault)
 -- Returns {'ok', state reached} | {'stale', current state or ''}
+-- A run whose completion is being announced (announcing(), see announce.lua) that ends in
+-- 'queued' stays queued whatever its attempts: dead would send task.failed for a run whose
+-- task.completed the receiver may hold.
 local id, target, now = ARGV[2], ARGV[4], tonumber(ARGV[5])
 local t = redis.call('HMGET', KEYS[1], 'state', 'token', 'attempts')
 if t[2] ~= ARGV[3] or not is_active(t[1]) then
@@ -18,7 +21,7 @@ if t[2] ~= ARGV[3] or not is_active(t[1]) then
 end
 if target == 'queued' and ARGV[9] == '1' then
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)
-elseif target == 'queued' and tonumber(t[3] or '0') >= tonumber(ARGV[8]) then
+elseif target == 'queued' and tonumber(t[3] or '0') >= tonumber(ARGV[8]) and not announcing(KEYS[1]) then
   target = 'dead'
 end
 free_slots(KEYS[1], id)

@@ -7,6 +7,11 @@
 -- ARGV[4]  max attempts
 -- Returns {'queued', attempts} | {'dead', attempts} | {'skip', state}
 -- The token moves on either way, so the old holder's late writes are refused.
+-- A task whose completion is being announced ('announcing' equals the current run, see
+-- announce.lua) always goes back to queued, never dead, whatever its attempts: the receiver
+-- may already hold task.completed, and dead would send task.failed for the same run. The
+-- successor finds its files staged, re-delivers task.completed under the same webhook-id and
+-- marks it done.
 local id, now, max_attempts = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'attempts', 'worker')
 local state = t[1]
@@ -22,10 +27,13 @@ local reason = 'lease expired during ' .. state .. ' on worker ' .. (t[4] or '?'
 redis.call('HINCRBY', KEYS[1], 'token', 1)
 redis.call('ZREM', KEYS[2], id)
 free_slots(KEYS[1], id)
-if attempts >= max_attempts then
+if attempts >= max_attempts and not announcing(KEYS[1]) then
   set_state(KEYS[1], id, state, 'dead', now)
   redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', reason .. '; all ' .. max_attempts .. ' attempts are used')
   return {'dead', attempts}
+end
+if announcing(KEYS[1]) then
+  reason = reason .. ' while task.completed was being announced; queued to announce it again'
 end
 set_state(KEYS[1], id, state, 'queued', now)
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'not_before', 0, 'error', reason)

@@ -1,4 +1,7 @@
 -- An operator gives a failed, dead or canceled task a fresh set of attempts.
+-- The new run has its own webhook ids (<task id>.<type>.<run>): nothing of it is announced yet
+-- ('announcing' is cleared), and the notice the old run still owed is dropped (its chain of
+-- notify messages finds nothing owed and stops); 'notify_tries' counts the next notice afresh.
 -- KEYS[1]  $prefix task:$id
 -- ARGV[1]  prefix
 -- ARGV[2]  task id
@@ -16,5 +19,6 @@ redis.call('HINCRBY', KEYS[1], 'token', 1)
 local run = redis.call('HINCRBY', KEYS[1], 'run', 1)
 set_state(KEYS[1], id, state, 'queued', now)
 redis.call('HSET', KEYS[1], 'attempts', 0, 'error', '', 'not_before', 0, 'lease_until', 0)
+redis.call('HDEL', KEYS[1], 'announcing', 'notify_tries')
 redis.call('ZREM', prefix .. 'notify', id)
 return {'ok', run}

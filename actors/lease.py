@@ -1,0 +1,171 @@
+"""A run's hold on its task: a lease renewed while the run is alive, not while bytes flow.
+
+A worker thread that runs a task declares each blocking step it starts (a request, a read, a
+hash of a resumed ``.part``, a copy into storage, a webhook call) with the longest it may take:
+:meth:`Lease.step`. One :class:`LeaseKeeper` thread per process renews the leases of every run
+whose current step is within its deadline, in one pipelined round trip a tick, writing
+progress in the same call. So a slow origin, a pause mid-body, a slow receiver or a long
+upload keep their task; a thread that is really hung (a step past its deadline, a paused
+process, a partition from Redis) stops being renewed, its lease runs out and the supervisor
+gives the task to another worker.
+
+The fence on disk is judged by the working thread's own clock: before every write it calls
+:meth:`Lease.check`, which refuses once ``LEASE_SAFETY`` of the lease has passed since the
+last renewal that Redis confirmed (the rest absorbs clock drift between hosts), or once the
+keeper learnt that the token moved on (another worker, an operator's cancel). Redis refuses a
+stale token's writes by itself; the check keeps a stale holder from writing files.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
+
+import redis
+
+from actors.errors import LeaseLost
+from actors.interrupt import Interrupter
+from actors.store import Renewal, TaskStore
+
+log = logging.getLogger(__name__)
+
+#: Longest pause, in seconds, between two renewals of a held lease (and two progress writes).
+RENEW_SECONDS = 1.0
+#: Renewals per lease at the least: a lease of 3 s is renewed every 0.75 s.
+RENEWALS_PER_LEASE = 4
+#: A holder stops writing once this share of its lease has passed since its last renewal.
+LEASE_SAFETY = 0.8
+#: Added to each step's own limit (a socket timeout) before renewal stops, in seconds: the
+#: step's own error (a read timeout) should end it first, with a clearer message.
+STEP_SLACK_SECONDS = 2.0
+#: Longest a local disk step may take (syncing a file, hashing or copying a chunk), in seconds.
+DISK_STEP_SECONDS = 60.0
+
+Figures = tuple[int, int, int]
+
+
+class Lease:
+    """One run's lease on one task, shared by the working thread and the keeper.
+
+    Plain attributes written by one thread and read by the other: each is replaced whole, so
+    the reader sees the old or the new value, never half of one.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        token: int,
+        lease_seconds: float,
+        *,
+        renewed_at: float,
+        figures: Callable[[], Figures | None] = lambda: None,
+    ) -> None:
+        self.task_id = task_id
+        self.token = token
+        self.lease_seconds = lease_seconds
+        #: time.monotonic() just before the last renewal Redis confirmed (or the claim).
+        self.renewed_at = renewed_at
+        #: Renewal stops after this time.monotonic() unless the working thread starts a new step.
+        self.deadline = renewed_at + lease_seconds
+        self.doing = "starting"
+        #: Why the lease is lost, once the keeper learnt it (the token moved on).
+        self.lost: str | None = None
+        self.figures = figures
+        self._interrupter = Interrupter()
+
+    def step(self, seconds: float, doing: str) -> None:
+        """Say that the working thread starts a blocking step that may take ``seconds``."""
+        self.check()
+        self.doing = doing
+        self.deadline = time.monotonic() + seconds + STEP_SLACK_SECONDS
+
+    def check(self, now: float | None = None) -> None:
+        """Raise :class:`LeaseLost` when this holder can no longer be sure it owns the task."""
+        if self.lost is not None:
+            raise LeaseLost(f"task {self.task_id}: {self.lost}; stopping")
+        now = time.monotonic() if now is None else now
+        if now > self.renewed_at + self.lease_seconds * LEASE_SAFETY:
+            raise LeaseLost(
+                f"task {self.task_id}: lease not renewed for {now - self.renewed_at:.1f}s (while {self.doing}: "
+                "a hung step, a paused process or Redis unreachable); stopping before another write"
+            )
+
+    def due(self, now: float) -> bool:
+        """Whether the keeper should renew: the current step is within its deadline."""
+        return self.lost is None and now <= self.deadline
+
+    def lose(self, reason: str) -> None:
+        """The token moved on: wake the working thread if it is blocked on a socket."""
+        self.lost = reason
+        self._interrupter.fire()
+
+    def guard(self, closeable: Any) -> AbstractContextManager[None]:
+        """Close ``closeable`` if the lease is lost while the block runs."""
+        return self._interrupter.guard(closeable)
+
+
+class LeaseKeeper:
+    """Renews the leases this process holds, from one daemon thread, started on first use."""
+
+    def __init__(self, store: TaskStore, lease_seconds: float, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.interval = min(RENEW_SECONDS, lease_seconds / RENEWALS_PER_LEASE)
+        self._held: dict[tuple[str, int], Lease] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._failing = False
+
+    @contextmanager
+    def hold(
+        self, task_id: str, token: int, *, since: float, figures: Callable[[], Figures | None] = lambda: None
+    ) -> Iterator[Lease]:
+        """Keep the lease of ``token`` renewed while the block runs; ``since`` is the
+        time.monotonic() taken just before the call that granted it."""
+        lease = Lease(task_id, token, self.lease_seconds, renewed_at=since, figures=figures)
+        with self._lock:
+            self._held[(task_id, token)] = lease
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="haul-lease-keeper", daemon=True)
+                self._thread.start()
+        try:
+            yield lease
+        finally:
+            with self._lock:
+                self._held.pop((task_id, token), None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            self.renew_due()
+
+    def renew_due(self) -> int:
+        """Renew every held lease whose step is within its deadline; return how many."""
+        started = time.monotonic()
+        with self._lock:
+            leases = [lease for lease in self._held.values() if lease.due(started)]
+        if not leases:
+            return 0
+        renewals = [Renewal(lease.task_id, lease.token, lease.figures()) for lease in leases]
+        try:
+            results = self.store.renew_many(renewals, now=self.clock(), lease_seconds=self.lease_seconds)
+        except redis.RedisError as exc:  # the holders' own check stops them if this lasts
+            if not self._failing:
+                log.warning("leases not renewed, Redis unreachable (%s); runs go on until their fence", exc)
+            self._failing = True
+            return 0
+        self._failing = False
+        for lease, renewed in zip(leases, results, strict=True):
+            if renewed:
+                lease.renewed_at = max(lease.renewed_at, started)
+            else:
+                lease.lose("another worker or an operator took the task over (its token moved on)")
+        return sum(results)

@@ -1,0 +1,266 @@
+"""The data path's guarantees tried as an adversary would: a receiver slower than the lease, an
+origin that pauses longer than most of the lease, two finalizes racing across filesystems, an
+interrupted restart of a file that changed on the origin, a task path that looks like one of
+haul's temporaries, a worker process paused past its lease. Real redis-server, real worker
+processes or an in-process Dramatiq worker, real origins and receivers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.errors import OriginUnavailable, Stopping
+from actors.fetch import Fetcher, fetch_file
+from actors.netguard import DestinationPolicy
+from actors.sandbox import Sandbox
+from actors.storage import LocalStorage
+from actors.submit import submit_spec
+from actors.task import FileSpec, spec_from_manifest
+from tests.conftest import in_process_worker, installed_runtime, wait_for
+from tests.processes import running, wait_until
+from tests.servers import Delivery, Fault, Origin, Receiver
+from tests.test_faults import Stack
+
+KIB, MIB = 1024, 1024 * 1024
+
+
+def other_filesystem(than: Path) -> Path:
+    """A folder on another filesystem than ``than`` (/dev/shm is a tmpfs on Debian)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(than).st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    folder = shm / f"haul-test-{os.getpid()}-{time.monotonic_ns()}"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def shm_folder(tmp_path: Path) -> Iterator[Path]:
+    folder = other_filesystem(tmp_path)
+    yield folder
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_a_receiver_slower_than_the_lease_gets_task_completed_once(
+    tmp_path: Path, origin: Origin, receiver: Receiver
+) -> None:
+    # Given a lease of 3 s and a receiver that answers the first delivery after 5 s ...
+    stack = Stack(tmp_path, receiver, HAUL_READ_TIMEOUT_SECONDS="10")
+    slow: list[float] = []
+
+    def answer_slowly(delivery: Delivery) -> None:
+        if not slow:
+            slow.append(time.monotonic())
+            time.sleep(5)
+
+    receiver.on_delivery = answer_slowly
+    try:
+        worker, sup = stack.worker(threads=2), stack.supervisor()
+        with running(worker, sup):
+            task_id = stack.submit(origin, {"lesson.mp4": os.urandom(MIB)})
+            task = wait_for(stack.store, task_id, timeout=60)
+            time.sleep(1)  # a late duplicate, if there were one, would have arrived by now
+    finally:
+        stack.close()
+    # ... the worker keeps its lease while it waits: one delivery, done at the first attempt
+    assert task.state.value == "done" and task.attempts == 1, task
+    types = [d.event["type"] for d in receiver.deliveries]
+    assert types == ["task.completed"], types
+    assert "lease expired" not in sup.output()
+
+
+def test_an_origin_pause_shorter_than_the_read_timeout_keeps_the_task(
+    settings: Any, store: Any, origin: Origin, receiver: Receiver
+) -> None:
+    from actors.dispatch import enqueue_claim, enqueue_notify
+    from supervisor.daemon import Supervisor
+
+    # Given a lease of 2 s, a read timeout of 5 s and an origin that pauses 4 s mid-body ...
+    fast = settings.replace(lease_seconds=2, sweep_seconds=0.2, read_timeout_seconds=5)
+    data = os.urandom(3 * MIB)
+    url = origin.put("/pause.mp4", data)
+    origin.fault("/pause.mp4", Fault("stall", after=MIB, seconds=4))
+    sup = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, node_id="test-sup")
+    with installed_runtime(fast, store), in_process_worker(threads=2):
+        sup.start()
+        try:
+            task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "pause.mp4"}]}), store)
+            task = wait_for(store, task_id, timeout=30)
+        finally:
+            sup.stop()
+    # ... the read is alive, so the lease is renewed: one attempt, one request, one copy
+    assert task.state.value == "done" and task.attempts == 1, task
+    assert len(origin.requests_for("/pause.mp4")) == 1
+    assert (fast.storage_dir / task_id / "pause.mp4").read_bytes() == data
+
+
+@pytest.mark.e2e
+def test_a_paused_worker_loses_its_task_and_writes_nothing_when_it_wakes(
+    tmp_path: Path, origin: Origin, receiver: Receiver
+) -> None:
+    # Given a worker downloading a throttled file ...
+    stack = Stack(tmp_path, receiver)
+    data = os.urandom(6 * MIB)
+    origin.rate = 2 * MIB
+    try:
+        first, sup = stack.worker(threads=1), stack.supervisor()
+        with running(first, sup):
+            task_id = stack.submit(origin, {"paused.mp4": data})
+
+            def downloading() -> bool:
+                task = stack.store.get(task_id)
+                return task is not None and task.bytes_done >= MIB
+
+            wait_until(downloading, 30, "the download to pass 1 MiB")
+            # When the whole worker (its lease keeper too) is paused past its lease, as a
+            # frozen VM or a partition would ...
+            os.killpg(first.popen.pid, signal.SIGSTOP)
+            second = stack.worker(threads=1)
+            with running(second):
+                origin.rate = None
+                task = wait_for(stack.store, task_id, timeout=60)
+                assert task.state.value == "done" and task.attempts == 2, task
+                stored = stack.storage / task_id / "paused.mp4"
+                before = hashlib.sha256(stored.read_bytes()).hexdigest()
+                os.killpg(first.popen.pid, signal.SIGCONT)
+                # ... then it wakes up, finds its lease gone and stops before another write
+                wait_until(lambda: "stopping" in first.output() and task_id in first.output(), 20, "the stop")
+                time.sleep(0.5)
+                assert hashlib.sha256(stored.read_bytes()).hexdigest() == before == hashlib.sha256(data).hexdigest()
+                assert stack.store.get(task_id).state.value == "done"  # type: ignore[union-attr]
+    finally:
+        stack.close()
+
+
+def race(runners: int, work: Any) -> list[BaseException]:
+    """Run ``work`` in ``runners`` threads released at once; return what they raised."""
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(runners)
+
+    def run() -> None:
+        barrier.wait()
+        try:
+            work()
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(runners)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def test_two_finalizes_copying_across_filesystems_never_store_a_torn_file(tmp_path: Path, shm_folder: Path) -> None:
+    # Given a finished 8 MiB file in staging on one filesystem and storage on another ...
+    task_id = "ab" * 16
+    sandbox = Sandbox(shm_folder, task_id)
+    sandbox.prepare()
+    spec = FileSpec(url="http://origin.example/a.mp4", path="lesson/a.mp4")
+    data = os.urandom(8 * MIB)
+    sandbox.file(spec).parent.mkdir(parents=True)
+    sandbox.file(spec).write_bytes(data)
+    storage = LocalStorage(tmp_path / "storage")
+    target = storage.task_dir(task_id) / spec.path
+    for _ in range(5):
+        target.unlink(missing_ok=True)
+        # When two runs of the task (a stale holder and its successor) commit at once ...
+        errors = race(2, lambda: storage.commit(sandbox, [spec]))
+        # ... both succeed and the stored file is the whole file, with nothing left beside it
+        assert errors == []
+        assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(data).digest()
+        assert list(storage.temporary_dir.iterdir()) == []
+        assert sorted(p.name for p in target.parent.iterdir()) == ["a.mp4"]
+
+
+def test_a_restart_interrupted_after_the_new_version_arrived_never_splices(tmp_path: Path, origin: Origin) -> None:
+    fetcher = Fetcher(DestinationPolicy(True), connect_timeout=2, read_timeout=5)
+    spec = FileSpec(url=origin.url("/v.mp4"), path="v.mp4")
+    part = tmp_path / "0.part"
+    old, new = os.urandom(MIB), os.urandom(MIB)
+    origin.put("/v.mp4", old)
+    # Given a first attempt that kept 200 KiB of version 1 ...
+    origin.fault("/v.mp4", Fault("drop", after=200 * KIB))
+    with pytest.raises(OriginUnavailable):
+        fetch_file(fetcher, spec, part, task_id="t", on_progress=lambda position: None)
+    assert part.stat().st_size == 200 * KIB
+    # ... and an origin that now serves version 2, whose answer arrives just as the worker is
+    # told to stop (or its fence trips) ...
+    origin.put("/v.mp4", new)
+
+    def stop(position: int) -> None:
+        raise Stopping("the worker is stopping")
+
+    with pytest.raises(Stopping):
+        fetch_file(fetcher, spec, part, task_id="t", on_progress=stop)
+    # When the next attempt resumes, it ends with version 2 whole, never 1 spliced with 2
+    size = fetch_file(fetcher, spec, part, task_id="t", on_progress=lambda position: None)
+    assert size == len(new) and part.read_bytes() == new
+
+
+def test_a_task_path_that_looks_like_a_temporary_is_stored_beside_its_neighbour(
+    settings: Any, store: Any, origin: Origin, receiver: Receiver
+) -> None:
+    # Given a task naming a file the way haul once named the temporary of its neighbour ...
+    files = {"lesson/.a.mp4.haul-tmp": os.urandom(MIB), "lesson/a.mp4": os.urandom(2 * MIB)}
+    entries = [{"url": origin.put(f"/{n}", data), "path": path} for n, (path, data) in enumerate(files.items())]
+    with installed_runtime(settings, store), in_process_worker(threads=2):
+        task_id = submit_spec(spec_from_manifest({"files": entries}), store)
+        task = wait_for(store, task_id, timeout=30)
+    # ... both files are stored whole and announced
+    assert task.state.value == "done", task
+    for path, data in files.items():
+        assert (settings.storage_dir / task_id / path).read_bytes() == data
+    [delivery] = receiver.accepted()
+    assert sorted(f["path"] for f in delivery.event["data"]["files"]) == sorted(files)
+
+
+def test_the_operators_own_internal_receiver_is_trusted_a_tasks_is_not(
+    settings: Any, store: Any, origin: Origin, receiver: Receiver
+) -> None:
+    # Given private networks off, the origin allowlisted, and HAUL_WEBHOOK_URL on an internal
+    # address that no allowlist names ...
+    strict = settings.replace(allow_private_networks=False, allow_hosts=frozenset({f"127.0.0.1:{origin.port}"}))
+    url = origin.put("/a.mp4", os.urandom(64 * KIB))
+    other = Receiver("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    try:
+        with installed_runtime(strict, store), in_process_worker(threads=2):
+            configured = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "a.mp4"}]}), store)
+            given = submit_spec(
+                spec_from_manifest({"files": [{"url": url, "path": "a.mp4"}], "webhook": other.url}), store
+            )
+            done, refused = wait_for(store, configured, timeout=30), wait_for(store, given, timeout=30)
+    finally:
+        other.close()
+    # ... the operator's receiver is configuration and gets task.completed; a task-given
+    # receiver on an internal address is hostile input, refused before anything is fetched
+    assert done.state.value == "done", done
+    assert len(origin.requests_for("/a.mp4")) == 1
+    assert [d.event["type"] for d in receiver.accepted()] == ["task.completed"]
+    assert refused.state.value == "failed" and "not a public address" in refused.error, refused
+    assert other.deliveries == []
+
+
+def test_a_stopping_worker_does_not_take_the_task_it_just_handed_back(runtime: Any, store: Any) -> None:
+    from actors.stages import Next, run_task
+
+    task_id = submit_spec(spec_from_manifest({"files": [{"url": "http://127.0.0.1:9/a.mp4", "path": "a.mp4"}]}), store)
+    # When a claim message reaches a thread of a worker that is stopping ...
+    runtime.stopper.stop()
+    outcome = run_task(runtime, task_id)
+    # ... it is sent back to the queue for another worker, and the task is left untouched
+    assert outcome.next is Next.RETRY and outcome.delay_seconds == 0
+    task = store.get(task_id)
+    assert task.state.value == "queued" and task.attempts == 0
