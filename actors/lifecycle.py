@@ -42,7 +42,7 @@ class Lifecycle(Middleware):
         try:
             self.heartbeat.start(info)
         except redis.RedisError as exc:
-            log.warning("could not register worker %s (%s); the supervisor will not see it", rt.worker_id, exc)
+            log.warning("could not register worker %s (%s); the heartbeat will register it", rt.worker_id, exc)
 
     def before_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         log.info("worker stopping: in-flight downloads hand their tasks back")

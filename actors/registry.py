@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 #: Heartbeats missed before the supervisor calls a worker vanished.
 MISSED_HEARTBEATS = 3
+#: Seconds a stopping worker waits for a heartbeat in flight before it unregisters.
+STOP_JOIN_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,19 @@ class WorkerRegistry:
         self.seen_key = f"{prefix}workers:seen"
 
     def register(self, info: WorkerInfo, now: float) -> None:
+        """Write the worker's info and its seen time in one pipelined round trip."""
         data = {"host": info.host, "pid": info.pid, "queues": list(info.queues), "threads": info.threads}
         pipe = self.client.pipeline()
         pipe.hset(self.workers_key, info.id, json.dumps({**data, "started": info.started}))
         pipe.zadd(self.seen_key, {info.id: now})
         pipe.execute()
 
-    def beat(self, worker_id: str, now: float) -> None:
-        self.client.zadd(self.seen_key, {worker_id: now}, xx=True)
+    def beat(self, info: WorkerInfo, now: float) -> None:
+        """Register again, not just refresh the seen time: after a Redis outage longer than
+        ``MISSED_HEARTBEATS`` beats the supervisor has removed the worker as vanished (and a Redis
+        restart may have lost the registry); a worker that only refreshed an existing entry would
+        then stay invisible for good (no consumer of its queues, no threads for the limits)."""
+        self.register(info, now)
 
     def unregister(self, worker_id: str) -> None:
         pipe = self.client.pipeline()
@@ -102,24 +109,33 @@ class Heartbeat:
         self.registry = registry
         self.worker_id = worker_id
         self.clock = clock
+        self.info: WorkerInfo | None = None
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="haul-heartbeat", daemon=True)
 
     def start(self, info: WorkerInfo) -> None:
-        self.registry.register(info, self.clock())
-        self.thread.start()
+        """Register and start beating; the thread starts even when this first registration
+        fails (Redis down at boot), since every beat registers again."""
+        self.info = info
+        try:
+            self.registry.register(info, self.clock())
+        finally:
+            self.thread.start()
 
     def stop(self) -> None:
         self.stopped.set()
+        if self.thread.is_alive():  # a beat landing after the unregister would bring the worker back
+            self.thread.join(STOP_JOIN_SECONDS)
         try:
             self.registry.unregister(self.worker_id)
         except redis.RedisError as exc:
             log.warning("could not unregister worker %s (%s)", self.worker_id, exc)
 
     def _run(self) -> None:
+        assert self.info is not None
         while not self.stopped.wait(HEARTBEAT_SECONDS):
             try:
-                self.registry.beat(self.worker_id, self.clock())
+                self.registry.beat(self.info, self.clock())
             except redis.RedisError as exc:
                 log.warning("worker heartbeat failed (%s); retrying", exc)
 

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from actors.registry import WorkerRegistry
 from actors.store import TaskStore
 
+#: Redis key (after the prefix) counting every transition into ``dead``, written by set_state in
+#: actors/lua/_lib.lua: tasks a worker's run or claim kills too, not only the supervisor's sweep.
+DEAD_TASKS_KEY = "stats:dead"
+
 
 class _Live(Collector):
-    """Figures read from Redis at scrape time: tasks by state, workers, last sweep age."""
+    """Figures read from Redis at scrape time: tasks by state, dead tasks ever, workers, last
+    sweep age. The dead count is a counter kept in Redis, since ``haul_tasks{state="dead"}`` is a
+    gauge that prune lowers, and the supervisor alone never sees a task die in a worker."""
 
     def __init__(
         self,
@@ -28,11 +35,15 @@ class _Live(Collector):
         self.last_sweep = last_sweep
         self.limits = limits
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         tasks = GaugeMetricFamily("haul_tasks", "Tasks by state", labels=["state"])
         for state, count in self.store.counts().items():
             tasks.add_metric([state.value], count)
         yield tasks
+        dead: Any = self.store.client.get(self.store.prefix + DEAD_TASKS_KEY)
+        yield CounterMetricFamily(
+            "haul_dead_tasks", "Tasks that became dead (attempts used up), wherever they died", value=int(dead or 0)
+        )
         workers = self.workers.workers()
         yield GaugeMetricFamily("haul_workers", "Registered worker processes", value=len(workers))
         yield GaugeMetricFamily(
@@ -63,7 +74,6 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry()
         self.requeues = Counter("haul_requeues", "Tasks sent back to the queue", ["reason"], registry=self.registry)
-        self.dead = Counter("haul_dead_tasks", "Tasks that became dead in a sweep", registry=self.registry)
         self.sweep_errors = Counter("haul_sweep_errors", "Sweep jobs that raised", ["job"], registry=self.registry)
         self.vanished = Counter("haul_vanished_workers", "Workers that stopped heartbeating", registry=self.registry)
         self.config_problems = Gauge(

@@ -1,0 +1,140 @@
+"""``haul up`` end to end: a terminal's Ctrl-C (SIGINT to the whole foreground process group)
+stops the local stack in order, so the task being downloaded is handed back, not left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from actors.store import TaskStore
+from tests.conftest import RedisServer, free_port
+from tests.processes import REPO, stack_env, wait_until
+from tests.servers import Origin, Receiver
+
+MIB = 1024 * 1024
+#: Bytes per second the origin sends: the download is still going when Ctrl-C comes.
+ORIGIN_RATE = 512 * 1024
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), None if gone."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """Every process below ``pid`` as (pid, start time): haul up's children live in sessions of
+    their own, so a failed test must find them to clean up, and only them."""
+    parents: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None:
+            parents.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found: list[tuple[int, str]] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def alive(process: tuple[int, str]) -> bool:
+    """Still running (a zombie is not), and not a later process that got the same pid."""
+    fields = _stat(process[0])
+    return fields is not None and fields[19] == process[1] and fields[0] != "Z"
+
+
+@pytest.fixture
+def slow_origin() -> Iterator[Origin]:
+    server = Origin()
+    server.rate = ORIGIN_RATE
+    yield server
+    server.close()
+
+
+def test_ctrl_c_stops_haul_up_in_order_and_the_download_is_handed_back(
+    tmp_path: Path, slow_origin: Origin, receiver: Receiver
+) -> None:
+    home = tmp_path / "home"
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"  # nothing answers there: haul up starts its own Redis
+    env = stack_env(
+        tmp_path, url, receiver.url,
+        HAUL_HOME=str(home), HAUL_LEASE_SECONDS="30", HAUL_WORKER_PROCESSES="1", HAUL_WORKER_THREADS="2",
+    )  # fmt: skip
+    file_url = slow_origin.put("/lecture.mp4", os.urandom(8 * MIB))
+    log_path = tmp_path / "up.log"
+    with log_path.open("ab") as log:
+        # Started in a session of its own, as a shell starts a foreground job in its own group
+        up = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "up"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    client = redis.Redis.from_url(url)
+    store = TaskStore(client)
+    leftovers: list[tuple[int, str]] = []
+    try:
+        wait_until(lambda: _answers(client) and client.hlen("haul:workers") > 0, 20, "haul up's worker to register")
+        submitted = subprocess.run(
+            [sys.executable, "-m", "supervisor.cli", "submit", file_url],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        task_id = submitted.stdout.split()[-1]
+        part = tmp_path / "staging" / task_id / ".parts" / "0.part"
+
+        def under_way() -> bool:
+            task = store.get(task_id)
+            size = part.stat().st_size if part.exists() else 0
+            return task is not None and task.state.value == "downloading" and size >= MIB // 2
+
+        wait_until(under_way, 15, "the download to be under way")
+        leftovers = descendants(up.pid)
+        # When Ctrl-C is pressed: the terminal sends SIGINT to every process of its foreground group
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(30) == 0, log_path.read_text()
+    finally:
+        client.close()
+        if up.poll() is None:
+            up.kill()
+        for process in leftovers:
+            if alive(process):
+                os.kill(process[0], signal.SIGKILL)
+        up.wait(10)
+    output = log_path.read_text()
+    # The workers stopped first, Redis last, and haul up said it was done
+    order = [output.find(f"haul up: stopping {name}") for name in ("workers", "supervisor", "redis-server")]
+    assert -1 not in order and order == sorted(order), output
+    assert output.rstrip().endswith("haul up: stopped"), output
+    assert len(leftovers) >= 4 and not any(alive(p) for p in leftovers), "haul up left processes behind"
+    # Then, with haul up's Redis data: the task was handed back, its attempt refunded, its bytes kept
+    server = RedisServer(home / "redis", appendonly=True, port=port)
+    server.start()
+    try:
+        restarted = redis.Redis.from_url(server.url)
+        task = TaskStore(restarted).get(task_id)
+        assert task is not None
+        assert task.state.value == "queued" and task.attempts == 0, task
+        assert part.stat().st_size >= MIB // 2
+        # The worker unregistered on its way out: no false "stopped sending heartbeats" later
+        assert restarted.hlen("haul:workers") == 0
+        restarted.close()
+    finally:
+        server.stop()
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
