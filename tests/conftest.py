@@ -33,11 +33,13 @@ def free_port() -> int:
 class RedisServer:
     """A throwaway redis-server in a temporary folder."""
 
-    def __init__(self, folder: Path, *, appendonly: bool = False, password: str | None = None) -> None:
+    def __init__(
+        self, folder: Path, *, appendonly: bool = False, password: str | None = None, port: int | None = None
+    ) -> None:
         self.folder = folder
         self.appendonly = appendonly
         self.password = password
-        self.port = free_port()
+        self.port = port or free_port()  # an explicit port: restart another process's Redis data
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -102,6 +104,14 @@ _SESSION: dict[str, Any] = {}
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak-tasks", type=int, default=60, help="tasks in the fault soak (300 or more for a long run)")
+    parser.addoption(
+        "--guarantee-tasks", type=int, default=24,
+        help="tasks in the randomized-timing property test (tests/test_guarantees.py); 300 for a long run",
+    )  # fmt: skip
+    parser.addoption(
+        "--guarantee-seed", type=int, default=None,
+        help="seed of that test's plan and fault schedule (default: a fresh one, printed); replays a failure",
+    )  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -57,8 +57,11 @@ class Fault:
     """One scripted answer. kind: 'status' (code, retry_after), 'drop' (after n body bytes),
     'stall' (after n body bytes, pause ``seconds``, then go on), 'html' (a 200 login page),
     'nolength' (the body without Content-Length, ended by closing the connection),
-    'gzip' (the body gzip-coded although the client asked for identity);
-    ``then`` runs after the answer was sent."""
+    'gzip' (the body gzip-coded although the client asked for identity),
+    'slow_headers' (pause ``seconds`` before the status line, then the normal answer);
+    ``then`` runs after the answer was sent; ``midway`` runs once the body reaches ``after``
+    bytes, before they go out (with 'drop': when the body is cut), e.g. to put a new version
+    of the file on the origin while an old one is being sent."""
 
     kind: str
     code: int = 0
@@ -66,6 +69,7 @@ class Fault:
     seconds: float = 0.0
     retry_after: str | None = None
     then: Callable[[], None] | None = None
+    midway: Callable[[], None] | None = None
 
 
 @dataclass
@@ -79,6 +83,12 @@ class Origin(_Running):
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
+        #: Every version ever put at each path, oldest first (bytes objects shared with ``files``).
+        self.versions: dict[str, list[bytes]] = defaultdict(list)
+        #: ETags of the versions whose body (whole or from an offset) was sent at least once.
+        self.served_etags: dict[str, set[str]] = defaultdict(set)
+        #: Bodies being sent right now, per path.
+        self.in_flight: Counter[str] = Counter()
         self.redirects: dict[str, str] = {}
         self.faults: dict[str, deque[Fault]] = defaultdict(deque)
         self.served: Counter[str] = Counter()
@@ -97,7 +107,14 @@ class Origin(_Running):
     def put(self, path: str, data: bytes) -> str:
         with self.lock:
             self.files[path] = data
+            if not self.versions[path] or self.versions[path][-1] != data:
+                self.versions[path].append(data)
         return self.url(path)
+
+    def paths_in_flight(self) -> list[str]:
+        """Paths whose body is being sent right now."""
+        with self.lock:
+            return sorted(path for path, n in self.in_flight.items() if n > 0)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -134,6 +151,8 @@ class _OriginHandler(_Quiet):
             data = origin.files.get(path)
             if fault is None and origin.chaos is not None and data is not None:
                 fault = origin.random_fault(len(data))
+        if fault is not None and fault.kind == "slow_headers":
+            time.sleep(fault.seconds)  # nothing sent yet: the client waits for the status line
         if path in origin.redirects:
             self.send_response(302)
             self.send_header("Location", origin.redirects[path])
@@ -196,16 +215,23 @@ class _OriginHandler(_Quiet):
         with origin.lock:
             origin.active += 1
             origin.max_active = max(origin.max_active, origin.active)
+            origin.in_flight[path] += 1
+            origin.served_etags[path].add(etag)
         try:
             self._send_body(origin, path, body, fault)
         finally:
             with origin.lock:
                 origin.active -= 1
+                origin.in_flight[path] -= 1
 
     def _send_body(self, origin: Origin, path: str, body: bytes, fault: Fault | None) -> None:
         view = memoryview(body)
         step = 64 * 1024 if origin.rate else 256 * 1024
+        midway = fault.midway if fault is not None else None
         for offset in range(0, len(view), step):
+            if midway is not None and fault is not None and offset + step > fault.after:
+                call, midway = midway, None
+                call()
             if fault is not None and fault.kind == "stall" and offset <= fault.after < offset + step:
                 time.sleep(fault.seconds)
             chunk = view[offset : offset + step]
@@ -217,6 +243,8 @@ class _OriginHandler(_Quiet):
                 return  # the client went away (killed, or gave up)
             with origin.lock:
                 origin.served[path] += len(chunk)
+        if midway is not None:  # the body ended (or was cut) before ``after``
+            midway()
         if fault is not None and fault.kind == "drop":
             self.wfile.flush()
             self.close_connection = True
@@ -263,6 +291,11 @@ class Receiver(_Running):
     def accepted(self) -> list[Delivery]:
         with self.lock:
             return [d for d in self.deliveries if d.verified and 200 <= d.answered < 300]
+
+    def received(self) -> list[Delivery]:
+        """Every delivery so far, whatever it was answered."""
+        with self.lock:
+            return list(self.deliveries)
 
 
 class _ReceiverHandler(_Quiet):
