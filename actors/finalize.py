@@ -9,8 +9,9 @@ from actors.notify import try_notice
 from actors.runtime import current
 from actors.stages import finalize_task
 
-#: Storage moves are links or copies of staged files; an hour covers a large copy.
-FINALIZE_TIME_LIMIT_MS = 3600 * 1000
+#: A copy into storage of a large course takes long; the lease (renewed while each step is
+#: alive) is what catches a hung finalize. As for claim, this is only the last resort.
+FINALIZE_TIME_LIMIT_MS = 12 * 3600 * 1000
 
 
 @dramatiq.actor(queue_name="finalize", max_retries=0, time_limit=FINALIZE_TIME_LIMIT_MS)

@@ -1,16 +1,25 @@
 """Waking a thread blocked on a socket, from another thread.
 
-Closing a socket does not interrupt a ``recv`` already waiting on it in another thread; the
-closeables registered here (responses wrapped so that ``close`` shuts their socket down) do.
-A graceful stop and a lost lease both use it, so neither waits for a read timeout.
+Closing a socket does not interrupt a ``recv`` already waiting on it in another thread;
+shutting it down does. A graceful stop, a lost lease and a step past its deadline all use it,
+so none waits for a read timeout (which a peer that drips a byte now and then never lets
+fire). The working thread says which :class:`Interrupter` guards may close its sockets with
+:func:`interruptible`; HTTP connections register their socket while they wait for an answer
+(:func:`waiting_on`), and a body being read is registered by its reader.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
+
+#: Registers a closeable for the duration of a block (``Interrupter.guard`` or a combination).
+Guard = Callable[[Any], AbstractContextManager[None]]
+
+_local = threading.local()
 
 
 class Interrupter:
@@ -38,11 +47,55 @@ class Interrupter:
                 self._open.discard(closeable)
 
     def fire(self) -> None:
+        """Close what is registered now and whatever is registered later."""
         self._fired.set()
+        self.interrupt()
+
+    def interrupt(self) -> None:
+        """Close what is registered now (the step that is blocked), and nothing later."""
         with self._lock:
             pending = list(self._open)
         for closeable in pending:
             _close(closeable)
+
+
+class SocketShutter:
+    """A closeable that shuts a socket down, waking a thread blocked reading it. The reading
+    thread then sees the connection end and cleans up itself (closing from here would race
+    with its own clean-up). It must check :attr:`shut` afterwards: to the reader, a shutdown
+    looks like the peer ending the answer, which must not pass for a complete one."""
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock = sock
+        self.shut = False
+
+    def close(self) -> None:
+        self.shut = True
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+
+@contextmanager
+def interruptible(guard: Guard | None) -> Iterator[None]:
+    """Let ``guard`` wake this thread's HTTP calls inside the block while they wait."""
+    previous = getattr(_local, "guard", None)
+    _local.guard = guard
+    try:
+        yield
+    finally:
+        _local.guard = previous
+
+
+@contextmanager
+def waiting_on(sock: socket.socket | None) -> Iterator[SocketShutter]:
+    """Register ``sock`` with this thread's guard (if any) while the block waits on it."""
+    shutter = SocketShutter(sock)
+    guard: Guard | None = getattr(_local, "guard", None)
+    with guard(shutter) if guard is not None and sock is not None else nullcontext():
+        yield shutter
 
 
 def _close(closeable: Any) -> None:

@@ -75,6 +75,8 @@ class Lease:
         #: Why the lease is lost, once the keeper learnt it (the token moved on).
         self.lost: str | None = None
         self.figures = figures
+        #: The deadline of the step last woken for overrunning it (woken once per step).
+        self.woken_for = 0.0
         self._interrupter = Interrupter()
 
     def step(self, seconds: float, doing: str) -> None:
@@ -97,6 +99,16 @@ class Lease:
     def due(self, now: float) -> bool:
         """Whether the keeper should renew: the current step is within its deadline."""
         return self.lost is None and now <= self.deadline
+
+    def overran(self, now: float) -> bool:
+        """Whether the current step is past its deadline (renewal has stopped)."""
+        return self.lost is None and now > self.deadline
+
+    def wake(self) -> None:
+        """Close the socket the overrunning step waits on (a peer dripping a byte now and then
+        defeats the read timeout): the step fails, and the run ends as for any transient error
+        while its token is still valid, instead of holding its thread until the lease runs out."""
+        self._interrupter.interrupt()
 
     def lose(self, reason: str) -> None:
         """The token moved on: wake the working thread if it is blocked on a socket."""
@@ -143,15 +155,46 @@ class LeaseKeeper:
     def stop(self) -> None:
         self._stopped.set()
 
+    def confirm(self, lease: Lease) -> None:
+        """Renew ``lease`` now, from the working thread, and raise :class:`LeaseLost` if its token
+        moved on: before a step that must not happen after a cancel that won (a file renamed
+        into storage), waiting for the keeper's next tick would be too late. Without Redis, the
+        holder's own fence decides."""
+        started = time.monotonic()
+        try:
+            [renewed] = self.store.renew_many(
+                [Renewal(lease.task_id, lease.token, lease.figures())],
+                now=self.clock(),
+                lease_seconds=self.lease_seconds,
+            )
+        except redis.RedisError:
+            lease.check()
+            return
+        if not renewed:
+            lease.lose("another worker or an operator took the task over (its token moved on)")
+            lease.check()
+        lease.renewed_at = max(lease.renewed_at, started)
+
     def _run(self) -> None:
         while not self._stopped.wait(self.interval):
             self.renew_due()
 
     def renew_due(self) -> int:
-        """Renew every held lease whose step is within its deadline; return how many."""
+        """Renew every held lease whose step is within its deadline, and wake the steps past
+        theirs; return how many were renewed."""
         started = time.monotonic()
         with self._lock:
-            leases = [lease for lease in self._held.values() if lease.due(started)]
+            held = list(self._held.values())
+        for lease in held:
+            if lease.overran(started) and lease.woken_for != lease.deadline:
+                lease.woken_for = lease.deadline
+                log.warning(
+                    "task %s: %s took longer than its deadline; its lease is no longer renewed",
+                    lease.task_id,
+                    lease.doing,
+                )
+                lease.wake()
+        leases = [lease for lease in held if lease.due(started)]
         if not leases:
             return 0
         renewals = [Renewal(lease.task_id, lease.token, lease.figures()) for lease in leases]

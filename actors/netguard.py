@@ -40,10 +40,13 @@ from requests.adapters import HTTPAdapter
 from requests.structures import CaseInsensitiveDict
 from requests_hardened.ip_filter import EXTRA_BLOCKED_NET_RANGES, InvalidIPAddress
 from requests_hardened.ip_filter_adapter import IPFilterAdapter
-from urllib3.connection import HTTPConnection
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ProtocolError
 from urllib3.util.connection import allowed_gai_family
 
 from actors.errors import ForbiddenDestination
+from actors.interrupt import SocketShutter, waiting_on
 
 ALLOWED_SCHEMES = frozenset({"http", "https"})
 #: Socket receive buffer for transfers, in bytes (see GuardedAdapter).
@@ -250,6 +253,7 @@ class GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
             (socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES),
         ]
         super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: Any, cert: Any = None
@@ -294,6 +298,45 @@ class GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
     def _judge(self, address: Address) -> None:
         if self.policy.refusal(address) is not None:
             raise InvalidIPAddress(address)
+
+
+class _HTTPConnection(HTTPConnection):
+    """Waits for an answer interruptibly: a peer that drips its status line a byte at a time
+    defeats the read timeout (it applies to each read), so the socket is registered with the
+    thread's guard (a graceful stop, a lost lease, a step past its deadline) meanwhile."""
+
+    def getresponse(self) -> Any:
+        with waiting_on(self.sock) as shutter:
+            response = super().getresponse()
+        _check_not_interrupted(shutter, response)
+        return response
+
+
+class _HTTPSConnection(HTTPSConnection):
+    __doc__ = _HTTPConnection.__doc__
+
+    def getresponse(self) -> Any:
+        with waiting_on(self.sock) as shutter:
+            response = super().getresponse()
+        _check_not_interrupted(shutter, response)
+        return response
+
+
+def _check_not_interrupted(shutter: SocketShutter, response: Any) -> None:
+    """A wait cut short looks like a peer that ended its answer early: never take it for one."""
+    if shutter.shut:
+        response.close()
+        raise ProtocolError(
+            "interrupted while waiting for the answer (a stop, a lost lease, or a step past its deadline)"
+        )
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
 
 
 def refused_at_connect(exc: BaseException) -> bool:

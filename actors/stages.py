@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +30,7 @@ from actors.errors import (
     WebhookUndelivered,
 )
 from actors.fetch import FetchRules, fetch_file
+from actors.interrupt import interruptible
 from actors.lease import DISK_STEP_SECONDS, Lease
 from actors.redact import display_url
 from actors.runtime import Runtime
@@ -146,14 +147,16 @@ def download_task(rt: Runtime, task: Task, lease: Lease) -> Outcome:
     progress = Progress(rt, task, lease)
     lease.figures = progress.figures
     try:
-        if task.spec.webhook:  # a receiver the task may not reach fails it before any byte is fetched
+        # A task whose completion is being announced is finished: only finalize is left, and no
+        # check may fail it now (the receiver may hold task.completed already).
+        if task.spec.webhook and not task.announced:  # an unreachable receiver fails it before any byte
             rt.webhook_policy.check(
                 task.spec.webhook, purpose=f"task {task_id}: webhook {display_url(task.spec.webhook)}"
             )
         sandbox = Sandbox(s.staging_dir, task_id)
         sandbox.prepare()
         known = sum(f.size or 0 for f in task.spec.files)
-        if s.max_task_bytes and known > s.max_task_bytes:
+        if s.max_task_bytes and known > s.max_task_bytes and not task.announced:
             raise TooLarge(
                 f"task {task_id}: its files add up to {known} bytes, above HAUL_MAX_TASK_BYTES={s.max_task_bytes}"
             )
@@ -204,7 +207,7 @@ def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 
         Sandbox(rt.settings.staging_dir, task_id).remove(task.spec.files)  # a crash between done and clean-up
         return NOTHING
     since = time.monotonic()
-    entry = rt.store.enter_finalize(
+    entry, token = rt.store.enter_finalize(
         task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds, limit=rt.settings.finalize_concurrency
     )
     if entry == "full":
@@ -223,22 +226,39 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
     safe in staging and tries again later (``failing_since`` says since when), without using
     up its download attempts: a receiver outage of an hour must not kill a finished course.
     A cancel wins until the first delivery of ``task.completed`` starts: the store records
-    that start (``announce``) atomically with the token check, and refuses a cancel after it.
+    that start (``announce``) atomically with the token check, and refuses a cancel after it;
+    before it, every rename into storage first confirms the token with Redis. From the
+    announcement on, the task can only end done (or dead once its receiver has refused every
+    delivery for HAUL_FINALIZE_GIVE_UP_SECONDS): no error fails it any more.
     """
     task_id, token = task.id, lease.token
     sandbox = Sandbox(rt.settings.staging_dir, task_id)
+    announced = task.announced
+
+    def step(seconds: float, doing: str) -> None:
+        if rt.stopper.is_set():  # a graceful stop hands a finalize back too
+            raise Stopping(f"task {task_id}: the worker is stopping; handing the task back")
+        lease.step(seconds, doing)
+
+    def fence() -> None:
+        step(DISK_STEP_SECONDS, "storing")
+        rt.leases.confirm(lease)
+
     try:
-        stored = rt.storage.commit(sandbox, task.spec.files, step=lambda seconds: lease.step(seconds, "storing"))
+        stored = rt.storage.commit(sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=fence)
         url = task.spec.webhook or rt.settings.webhook_url
         if url:
             lease.check()
-            if not rt.store.announce(task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds):
+            announced_at = rt.store.announce(task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds)
+            if announced_at is None:
                 raise LeaseLost(f"task {task_id}: canceled or taken over before its completion was announced")
-            event = make_event(task, COMPLETED, stored, None, rt.clock())
-            rt.webhooks.deliver(
-                url, event, now=rt.clock(), task_id=task_id,
-                on_try=lambda seconds: lease.step(seconds, "delivering task.completed"),
-            )  # fmt: skip
+            announced = True
+            event = make_event(task, COMPLETED, stored, None, announced_at)
+            with interruptible(lambda closeable: _guard(rt, lease, closeable)):
+                rt.webhooks.deliver(
+                    url, event, now=rt.clock(), task_id=task_id,
+                    on_try=lambda seconds: step(seconds, "delivering task.completed"),
+                )  # fmt: skip
         else:
             log.warning("task %s: no webhook URL (task or HAUL_WEBHOOK_URL); nobody is told it is done", task_id)
         lease.check()
@@ -247,6 +267,11 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
             raise LeaseLost(f"task {task_id}: lease lost before it could be marked done")
     except (StorageUnavailable, WebhookUndelivered) as exc:
         return _park(rt, task, token, exc, failing_since or rt.clock())
+    except PermanentError as exc:
+        if not announced:
+            return _end_run(rt, task, token, exc)
+        # e.g. a receiver refused at connect time after an earlier try that may have been stored
+        return _park(rt, task, token, WebhookUndelivered(str(exc)), failing_since or rt.clock())
     except Exception as exc:
         return _end_run(rt, task, token, exc)
     sandbox.remove(task.spec.files)
@@ -324,17 +349,21 @@ class Progress:
     def step(self, seconds: float) -> None:
         self.lease.step(seconds, self.doing)
 
-    @contextmanager
-    def guard(self, closeable: Any) -> Iterator[None]:
-        """A graceful stop or a lost lease wakes a read blocked on ``closeable``."""
-        with self.rt.stopper.guard(closeable), self.lease.guard(closeable):
-            yield
+    def guard(self, closeable: Any) -> AbstractContextManager[None]:
+        return _guard(self.rt, self.lease, closeable)
 
     def file_done(self, index: int, size: int) -> None:
         self.sizes[index] = size
         self.done[index] = size
         self.finished += 1
         self.current = None
+
+
+@contextmanager
+def _guard(rt: Runtime, lease: Lease, closeable: Any) -> Iterator[None]:
+    """A graceful stop, a lost lease or a step past its deadline wakes a wait on ``closeable``."""
+    with rt.stopper.guard(closeable), lease.guard(closeable):
+        yield
 
 
 def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:

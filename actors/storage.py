@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from actors.diskio import Writeback
 from actors.errors import StorageUnavailable, TransientError, UnsafePath
 from actors.lease import DISK_STEP_SECONDS
 from actors.paths import fsync_dir, inside
@@ -31,12 +32,18 @@ TEMPORARY_DIR = ".haul-tmp"
 #: Bytes copied per step when storage is on another filesystem than staging.
 COPY_CHUNK_BYTES = 8 * 1024 * 1024
 
-#: Called before a blocking step with the longest it may take, in seconds; raises to stop
-#: (the lease fence): the last call comes right before a file is renamed into place.
+#: Called before a blocking step with the longest it may take, in seconds; raises to stop.
 Step = Callable[[float], None]
+#: Called right before a file is renamed into place; raises to stop (the lease fence, checked
+#: against Redis: a cancel that won must stop storing at once, not at the next renewal).
+Fence = Callable[[], None]
 
 
 def _no_step(seconds: float) -> None:
+    """For callers that hold no lease (tests, tools)."""
+
+
+def _no_fence() -> None:
     """For callers that hold no lease (tests, tools)."""
 
 
@@ -53,7 +60,9 @@ class LocalStorage:
     def temporary_dir(self) -> Path:
         return self.root / TEMPORARY_DIR
 
-    def commit(self, sandbox: Sandbox, files: Sequence[FileSpec], step: Step = _no_step) -> list[dict[str, Any]]:
+    def commit(
+        self, sandbox: Sandbox, files: Sequence[FileSpec], step: Step = _no_step, fence: Fence = _no_fence
+    ) -> list[dict[str, Any]]:
         """Put every finished file of the sandbox into storage; return what the webhook reports."""
         task_id = sandbox.task_id
         target_root = self.task_dir(task_id)
@@ -69,7 +78,7 @@ class LocalStorage:
             target = inside(self.root, spec.path, under=task_id, what=f"task {task_id}")
             try:
                 temporary = self.temporary_dir / f"{task_id}-{uuid.uuid4().hex}"
-                size = self._place(source, target, temporary, nested="/" in spec.path, step=step)
+                size = self._place(source, target, temporary, nested="/" in spec.path, step=step, fence=fence)
             except FileNotFoundError as exc:
                 raise TransientError(
                     f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
@@ -90,7 +99,7 @@ class LocalStorage:
             stored.append(entry)
         return stored
 
-    def _place(self, source: Path, target: Path, temporary: Path, *, nested: bool, step: Step) -> int:
+    def _place(self, source: Path, target: Path, temporary: Path, *, nested: bool, step: Step, fence: Fence) -> int:
         """Make ``target`` the finished ``source`` (unless an earlier run did), through
         ``temporary``; return its size. ``nested``: the path has folders of its own below the
         task's (made here)."""
@@ -109,7 +118,7 @@ class LocalStorage:
                 if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP):  # no hard links here
                     raise
                 _copy(source, temporary, step)
-            step(DISK_STEP_SECONDS)  # the fence: a stale holder stops before the rename
+            fence()  # a stale or canceled holder stops before the rename
             os.replace(temporary, target)
         except BaseException:
             temporary.unlink(missing_ok=True)
@@ -122,6 +131,8 @@ def _copy(source: Path, temporary: Path, step: Step) -> None:
     """Copy in chunks, each a step of its own (a large file across filesystems takes long), and
     make the copy durable before it is renamed into place."""
     with source.open("rb", buffering=0) as reader, temporary.open("xb", buffering=0) as writer:
+        writeback = Writeback(writer.fileno(), 0)
+        copied = 0
         while True:
             step(DISK_STEP_SECONDS)
             chunk = reader.read(COPY_CHUNK_BYTES)
@@ -130,6 +141,9 @@ def _copy(source: Path, temporary: Path, step: Step) -> None:
             view = memoryview(chunk)
             while view:
                 view = view[writer.write(view) :]
+            copied += len(chunk)
+            writeback.advance(copied)
+        step(DISK_STEP_SECONDS)
         os.fsync(writer.fileno())
 
 

@@ -408,12 +408,16 @@ class TaskStore:
         value = self.client.get(self.leader_key)
         return _text(value) if value is not None else None
 
-    def enter_finalize(self, task_id: str, token: int, *, now: float, lease_seconds: float, limit: int) -> str:
-        """Take a finalize slot (``ok``), or learn the stage is ``full`` (lease renewed), or ``stale``."""
+    def enter_finalize(
+        self, task_id: str, token: int, *, now: float, lease_seconds: float, limit: int
+    ) -> tuple[str, int]:
+        """Take a finalize slot (``ok`` and the run's new token), or learn the stage is ``full``
+        (lease renewed, token kept), or that ``token`` is ``stale``."""
         reply = self._call(
             "enter_finalize", [self.task_key(task_id), self.leases_key], task_id, token, now, lease_seconds, limit
         )
-        return _text(reply[0])
+        outcome = _text(reply[0])
+        return outcome, int(reply[1]) if outcome == "ok" else token
 
     def slots_in_use(self, now: float) -> dict[str, int]:
         """Live slots per slot set (download, finalize, each host)."""
@@ -431,15 +435,17 @@ class TaskStore:
         backend may already hold task.completed, so the task must end done)."""
         return CancelOutcome(_text(self._call("cancel", [self.task_key(task_id), self.leases_key], task_id, now)[0]))
 
-    def announce(self, task_id: str, token: int, *, now: float, lease_seconds: float) -> bool:
-        """Record that task.completed is about to be delivered for the first time (its lease
-        renewed); False when the token is stale or the task was canceled: send nothing then.
+    def announce(self, task_id: str, token: int, *, now: float, lease_seconds: float) -> float | None:
+        """Record that task.completed is about to be delivered (its lease renewed); return the
+        time of the run's first announcement, which the event carries on every delivery (one
+        body per webhook-id), or None when the token is stale or the task was canceled: send
+        nothing then.
 
         From here on a cancel is refused and an expired lease queues the task again instead of
         ending it dead, so the same event is delivered again and never followed by task.failed.
         """
         reply = self._call("announce", [self.task_key(task_id), self.leases_key], task_id, token, now, lease_seconds)
-        return _text(reply[0]) == "ok"
+        return float(reply[1]) if _text(reply[0]) == "ok" else None
 
     def retry(self, task_id: str, now: float) -> str:
         """Give an ended (failed/dead/canceled) task fresh attempts; ``ok``, ``missing`` or ``not_ended``."""
@@ -527,4 +533,5 @@ def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str) -
         files_done=int(data.get("files_done", 0)),
         created_at=float(data.get("created_at", 0)),
         updated_at=float(data.get("updated_at", 0)),
+        announced=data.get("announcing") == data.get("run", "0"),
     )

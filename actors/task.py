@@ -157,6 +157,8 @@ class Task:
     files_done: int = 0
     created_at: float = 0.0
     updated_at: float = 0.0
+    #: This run's task.completed is being delivered: the task can only end done now.
+    announced: bool = False
 
     @property
     def name(self) -> str:

@@ -264,3 +264,167 @@ def test_a_stopping_worker_does_not_take_the_task_it_just_handed_back(runtime: A
     assert outcome.next is Next.RETRY and outcome.delay_seconds == 0
     task = store.get(task_id)
     assert task.state.value == "queued" and task.attempts == 0
+
+
+def test_a_stale_holder_still_writing_never_reaches_the_restarted_file(tmp_path: Path, origin: Origin) -> None:
+    fetcher = Fetcher(DestinationPolicy(True), connect_timeout=2, read_timeout=5)
+    spec = FileSpec(url=origin.url("/v.mp4"), path="v.mp4")
+    part = tmp_path / "0.part"
+    old, new = os.urandom(MIB), os.urandom(MIB // 2)
+    origin.put("/v.mp4", old)
+    origin.fault("/v.mp4", Fault("drop", after=300 * KIB))
+    with pytest.raises(OriginUnavailable):
+        fetch_file(fetcher, spec, part, task_id="t", on_progress=lambda position: None)
+    # Given a holder that lost the task (a cancel and a retry) but still has the .part open ...
+    stale = os.open(part, os.O_WRONLY)
+    try:
+        # When its successor restarts the file, which changed on the origin ...
+        origin.put("/v.mp4", new)
+        assert fetch_file(fetcher, spec, part, task_id="t", on_progress=lambda position: None) == len(new)
+        # ... the stale holder's late writes land in the old file, never in the new one
+        os.pwrite(stale, old[: 600 * KIB], 0)
+    finally:
+        os.close(stale)
+    assert part.read_bytes() == new
+
+
+class DrippingServer:
+    """An HTTP peer that answers a byte every ``pause`` seconds: every read returns within
+    the read timeout, so only the step's deadline can end the wait."""
+
+    def __init__(self, pause: float = 0.3, limit_seconds: float = 30.0) -> None:
+        import socket
+
+        self.pause, self.limit = pause, limit_seconds
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: Any) -> None:
+        deadline = time.monotonic() + self.limit
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                if self.closed.is_set() or time.monotonic() > deadline:
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+                time.sleep(self.pause)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.sock.close()
+
+
+def test_an_origin_dripping_its_answer_cannot_hold_a_thread_past_the_steps_deadline(
+    settings: Any, store: Any, receiver: Receiver
+) -> None:
+    # Given an origin that sends its status line a byte every 0.3 s (a read timeout of 1 s
+    # never fires) and a request step that may take 2 s (+ slack) ...
+    drip = DrippingServer()
+    fast = settings.replace(lease_seconds=3, connect_timeout_seconds=1, read_timeout_seconds=1, max_attempts=1)
+    url = f"http://127.0.0.1:{drip.port}/v.mp4"
+    try:
+        with installed_runtime(fast, store), in_process_worker(threads=1):
+            started = time.monotonic()
+            task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store)
+            # ... the keeper wakes the request once its step overran: the run ends like any
+            # transient failure (dead here, with one attempt), not when the origin gives up
+            task = wait_for(store, task_id, timeout=20)
+            took = time.monotonic() - started
+    finally:
+        drip.close()
+    assert task.state.value == "dead" and task.attempts == 1, task
+    assert took < 12, took  # the drip alone would have held the thread for 30 s
+
+
+def claimed_and_downloaded(rt: Any, store: Any, origin: Origin, **manifest: Any) -> tuple[Any, Any, Any]:
+    """A task claimed and downloaded in this thread, its lease held: (task, lease, hold)."""
+    import dataclasses
+
+    from actors.stages import Next, claim_task, download_task
+    from actors.task import State
+
+    url = origin.put("/a.mp4", os.urandom(256 * KIB))
+    task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "a.mp4"}], **manifest}), store)
+    since = time.monotonic()
+    claimed = claim_task(rt, task_id)
+    assert claimed.next is Next.DOWNLOAD and claimed.task is not None
+    hold = rt.leases.hold(task_id, claimed.token, since=since)
+    lease = hold.__enter__()
+    downloading = claimed.task
+    if manifest.get("webhook"):  # only finalize sees the task's receiver
+        downloading = dataclasses.replace(downloading, spec=dataclasses.replace(downloading.spec, webhook=None))
+    assert download_task(rt, downloading, lease).next is Next.FINALIZE
+    return dataclasses.replace(claimed.task, state=State.FINALIZING), lease, hold
+
+
+def test_a_cancel_that_won_stops_storing_before_the_next_file(
+    runtime: Any, store: Any, origin: Origin, receiver: Receiver, settings: Any
+) -> None:
+    from actors.stages import finish_task
+    from actors.store import CancelOutcome
+
+    task, lease, hold = claimed_and_downloaded(runtime, store, origin)
+    try:
+        # When an operator cancels between the download and the first rename into storage
+        # (before the lease keeper's next renewal could tell the worker) ...
+        assert store.cancel(task.id, time.time()) is CancelOutcome.OK
+        finish_task(runtime, task, lease)
+    finally:
+        hold.__exit__(None, None, None)
+    # ... nothing reaches storage and nothing is announced
+    assert not (settings.storage_dir / task.id / "a.mp4").exists()
+    assert receiver.deliveries == []
+    assert store.get(task.id).state.value == "canceled"
+
+
+def test_a_graceful_stop_hands_a_finalize_back(runtime: Any, store: Any, origin: Origin, receiver: Receiver) -> None:
+    from actors.stages import Next, finish_task
+
+    task, lease, hold = claimed_and_downloaded(runtime, store, origin)
+    try:
+        runtime.stopper.stop()
+        outcome = finish_task(runtime, task, lease)
+    finally:
+        hold.__exit__(None, None, None)
+    # The task goes back to the queue for another worker, its attempt given back
+    assert outcome.next is Next.RETRY
+    after = store.get(task.id)
+    assert after.state.value == "queued" and after.attempts == 0 and receiver.deliveries == []
+
+
+def test_an_error_after_the_announcement_never_fails_the_task(
+    settings: Any, store: Any, origin: Origin, receiver: Receiver
+) -> None:
+    from actors.stages import Next, finish_task
+
+    # Given a task whose receiver turns out to be refused only once its completion is being
+    # announced (a policy change, a name that now resolves to a private address) ...
+    strict = settings.replace(allow_private_networks=False, allow_hosts=frozenset({f"127.0.0.1:{origin.port}"}))
+    other = Receiver("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    try:
+        with installed_runtime(strict, store) as rt:
+            task, lease, hold = claimed_and_downloaded(rt, store, origin, webhook=other.url)
+            try:
+                outcome = finish_task(rt, task, lease)
+            finally:
+                hold.__exit__(None, None, None)
+    finally:
+        other.close()
+    # ... it waits in finalizing like an outage (the receiver may hold an earlier delivery),
+    # never failed: task.failed must not follow a task.completed of the same run
+    assert outcome.next is Next.FINALIZE and outcome.delay_seconds > 0
+    after = store.get(task.id)
+    assert after.state.value == "finalizing" and after.announced, after

@@ -132,6 +132,7 @@ def test_sigkill_during_finalize(stack: Stack, origin: Origin, receiver: Receive
     assert task.state.value == "done"
     assert stored_files(stack.storage) == {f"{task_id}/lesson.mp4": data}  # one copy, nothing stray
     assert len(receiver.deliveries) >= 2 and len({d.id for d in receiver.deliveries}) == 1
+    assert len({d.body for d in receiver.deliveries}) == 1  # one webhook-id, one body
     assert receiver.accepted()
 
 

@@ -56,11 +56,12 @@ def test_download_slots_move_to_finalize_and_finalize_is_limited(store: TaskStor
         tokens[task_id] = c.token
         store.advance(task_id, c.token, State.CLAIMED, State.DOWNLOADING, now=NOW + 1, lease_seconds=30)
         store.advance(task_id, c.token, State.DOWNLOADING, State.FINALIZING, now=NOW + 1, lease_seconds=30)
-    assert store.enter_finalize(a, tokens[a], now=NOW + 2, lease_seconds=30, limit=1) == "ok"
-    assert store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1) == "full"
-    assert store.enter_finalize(b, tokens[b] - 1, now=NOW + 2, lease_seconds=30, limit=1) == "stale"
-    store.release(a, tokens[a], State.DONE, now=NOW + 3, max_attempts=5)
-    assert store.enter_finalize(b, tokens[b], now=NOW + 4, lease_seconds=30, limit=1) == "ok"
+    entered, tokens[a] = store.enter_finalize(a, tokens[a], now=NOW + 2, lease_seconds=30, limit=1)
+    assert entered == "ok"  # with the run's own token
+    assert store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1)[0] == "full"
+    assert store.enter_finalize(b, tokens[b] - 1, now=NOW + 2, lease_seconds=30, limit=1)[0] == "stale"
+    assert store.release(a, tokens[a], State.DONE, now=NOW + 3, max_attempts=5) is State.DONE
+    assert store.enter_finalize(b, tokens[b], now=NOW + 4, lease_seconds=30, limit=1)[0] == "ok"
 
 
 def test_a_finished_download_takes_the_finalize_slot_in_the_same_step(store: TaskStore) -> None:
@@ -74,9 +75,9 @@ def test_a_finished_download_takes_the_finalize_slot_in_the_same_step(store: Tas
     assert store.finish_download(b, tokens[b] - 1, **done) == "stale"
     assert store.finish_download(b, tokens[b], **done) == "full"
     assert store.get(b).state is State.FINALIZING and store.get(b).bytes_done == 10  # type: ignore[union-attr]
-    assert store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1) == "full"
+    assert store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1)[0] == "full"
     store.release(a, tokens[a], State.DONE, now=NOW + 3, max_attempts=5)
-    assert store.enter_finalize(b, tokens[b], now=NOW + 4, lease_seconds=30, limit=1) == "ok"
+    assert store.enter_finalize(b, tokens[b], now=NOW + 4, lease_seconds=30, limit=1)[0] == "ok"
     assert store.slots_in_use(NOW + 4) == {"finalize": 1}
 
 
@@ -124,3 +125,15 @@ def test_per_host_limit_holds_at_the_origin_under_load(
     # 8 threads were free, yet the origin never saw more than 2 bodies at once
     assert origin.max_active == 2
     assert all(store.get(i).attempts == 1 for i in ids)  # type: ignore[union-attr]
+
+
+def test_a_duplicate_finalize_message_cannot_make_a_second_holder(store: TaskStore) -> None:
+    task_id = task_on(store, "cdn.one")
+    c = store.claim(task_id, worker="w", now=NOW, lease_seconds=30, max_attempts=5, start=State.DOWNLOADING)
+    store.finish_download(task_id, c.token, now=NOW + 1, lease_seconds=30, progress=(1, 1, 1), finalize_limit=0)
+    # Given a parked finalize whose message Dramatiq delivers twice ...
+    first = store.enter_finalize(task_id, c.token, now=NOW + 2, lease_seconds=30, limit=0)
+    second = store.enter_finalize(task_id, c.token, now=NOW + 2, lease_seconds=30, limit=0)
+    # ... the first run gets a token of its own, and the duplicate is turned away
+    assert first[0] == "ok" and first[1] > c.token
+    assert second[0] == "stale"

@@ -177,3 +177,32 @@ def test_retry_starts_a_new_run_that_is_not_announced(store: TaskStore) -> None:
     assert store.client.hget(store.task_key(task_id), "announcing") is None
     assert store.client.zscore(store.notify_key, task_id) is None  # the old run's notice is dropped
     assert store.cancel(task_id, NOW + 5) is CancelOutcome.OK
+
+
+def test_a_retry_after_a_cancel_waits_for_the_old_holders_fence(store: TaskStore) -> None:
+    # Given a run holding its lease until NOW + 31 that an operator cancels ...
+    task_id, token = finalizing(store)
+    assert store.cancel(task_id, NOW + 2) is CancelOutcome.OK
+    # ... and retries at once: the new run may not start while the old holder may still write
+    assert store.retry(task_id, NOW + 3) == "ok"
+    early = claim(store, task_id, now=NOW + 4)
+    assert early.outcome == "wait" and float(early.detail) == NOW + 31
+    assert claim(store, task_id, now=NOW + 31.5).ok
+
+
+def test_a_renewal_never_shortens_a_lease(store: TaskStore) -> None:
+    # Given a finalize parked for 900 s (its lease covers the pause) ...
+    task_id, token = finalizing(store)
+    assert store.advance(task_id, token, State.FINALIZING, State.FINALIZING, now=NOW + 2, lease_seconds=960)
+    # ... a renewal that was already on its way lands after the park: the pause stays covered
+    assert store.heartbeat(task_id, token, now=NOW + 2, lease_seconds=30, bytes_done=5, bytes_total=5, files_done=1)
+    assert store.get(task_id).lease_until == NOW + 962  # type: ignore[union-attr]
+    assert store.expired(NOW + 100) == []
+
+
+def test_the_announcement_time_is_the_first_one_of_the_run(store: TaskStore) -> None:
+    task_id, token = finalizing(store)
+    assert store.announce(task_id, token, now=NOW + 2, lease_seconds=30) == NOW + 2
+    # a successor announcing the same run again sends the same body: the same timestamp
+    assert store.announce(task_id, token, now=NOW + 9, lease_seconds=30) == NOW + 2
+    assert store.get(task_id).announced  # type: ignore[union-attr]

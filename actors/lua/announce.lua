@@ -11,14 +11,19 @@
 -- ARGV[3]  fencing token
 -- ARGV[4]  now (seconds)
 -- ARGV[5]  lease length (seconds): the delivery gets a whole lease
--- Returns {'ok', run} | {'stale', current state or ''} (token moved on: canceled, or taken over)
+-- Returns {'ok', first announcement time of this run} | {'stale', current state or ''} (token
+-- moved on: canceled, or taken over). The event's timestamp is that time on every delivery,
+-- so a webhook-id always comes with the same body.
 local id, now, lease = ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = redis.call('HMGET', KEYS[1], 'state', 'token', 'run')
 if t[2] ~= ARGV[3] or t[1] ~= 'finalizing' then
   return {'stale', t[1] or ''}
 end
 local run = t[3] or '0'
-redis.call('HSET', KEYS[1], 'announcing', run, 'lease_until', now + lease)
+if not announcing(KEYS[1]) then
+  redis.call('HSET', KEYS[1], 'announcing', run, 'announced_at', ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'lease_until', now + lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 renew_slots(KEYS[1], id, now + lease)
-return {'ok', run}
+return {'ok', redis.call('HGET', KEYS[1], 'announced_at')}

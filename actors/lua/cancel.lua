@@ -3,6 +3,9 @@
 -- 'announcing' to the current run): from then on the backend may already hold task.completed,
 -- so the cancel is refused and the task ends done. A canceled task owes task.canceled
 -- (set_state adds it to $prefix notify); the caller sends the notify message.
+-- The holder of a canceled run learns of it only at its next renewal, and its own fence trips
+-- no later than its lease deadline: that deadline is kept as 'fenced_until', and a retry
+-- (retry.lua) starts no new run before it, so the old holder never writes beside a new one.
 -- KEYS[1]  $prefix task:$id
 -- KEYS[2]  $prefix leases
 -- ARGV[1]  prefix
@@ -22,7 +25,9 @@ if announcing(KEYS[1]) then
 end
 redis.call('HINCRBY', KEYS[1], 'token', 1)
 free_slots(KEYS[1], id)
+local held_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
 set_state(KEYS[1], id, state, 'canceled', now)
-redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', 'canceled by an operator')
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', 'canceled by an operator',
+  'fenced_until', math.max(held_until, now))
 redis.call('ZREM', KEYS[2], id)
 return {'ok'}

@@ -8,16 +8,19 @@
 -- ARGV[5]  lease length (seconds)
 -- ARGV[6..8] (optional) bytes done, bytes total (known so far), files done
 -- Returns 1 when renewed, 0 when the token is stale or the task is no longer active.
+-- A renewal never shortens a lease: one that lands just after a park extended the lease over
+-- its pause (stages._park) must not cut the pause short.
 local now, lease = tonumber(ARGV[4]), tonumber(ARGV[5])
-local t = redis.call('HMGET', KEYS[1], 'state', 'token')
+local t = redis.call('HMGET', KEYS[1], 'state', 'token', 'lease_until')
 if t[2] ~= ARGV[3] or not is_active(t[1]) then
   return 0
 end
-redis.call('HSET', KEYS[1], 'lease_until', now + lease)
+local deadline = math.max(now + lease, tonumber(t[3] or '0'))
+redis.call('HSET', KEYS[1], 'lease_until', deadline)
 if ARGV[8] then
   redis.call('HSET', KEYS[1], 'bytes_done', ARGV[6], 'bytes_total', ARGV[7], 'files_done', ARGV[8], 'updated_at', now)
   set_staged(ARGV[2], tonumber(ARGV[6]))
 end
-redis.call('ZADD', KEYS[2], now + lease, ARGV[2])
-renew_slots(KEYS[1], ARGV[2], now + lease)
+redis.call('ZADD', KEYS[2], deadline, ARGV[2])
+renew_slots(KEYS[1], ARGV[2], deadline)
 return 1
