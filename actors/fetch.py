@@ -41,9 +41,9 @@ from actors.errors import (
     TooLarge,
     UnexpectedContent,
 )
-from actors.interrupt import Guard, SocketShutter, interruptible
+from actors.interrupt import Guard, interruptible
 from actors.lease import DISK_STEP_SECONDS
-from actors.netguard import DestinationPolicy, refused_at_connect
+from actors.netguard import DestinationPolicy, refused_at_connect, shutter_of
 from actors.redact import display_url
 from actors.task import FileSpec
 
@@ -211,7 +211,7 @@ class Fetcher:
             on_progress(offset)
             if spec.sha256:
                 hasher = _Hasher(kept if kept is not None and offset == asked else hashlib.sha256())
-            shutter = SocketShutter(getattr(getattr(response.raw, "connection", None), "sock", None))
+            shutter = shutter_of(response)
             with guard(shutter) if guard is not None else nullcontext():
                 served = self._stream(
                     response, part, offset, validator, meta_path, coded, hasher, on_progress, step, rules, where
@@ -298,12 +298,12 @@ class Fetcher:
     ) -> int:
         """Copy the body into ``part`` from ``offset``; return the bytes received.
 
-        The ``.part`` is cut to ``offset`` before ``validator`` is recorded for it: the record
-        must never name a version the bytes on disk are not of, or an interrupted restart (the
-        fence, a graceful stop) would let the next attempt append the new version to the old.
-        A restart writes a new file rather than truncating the old one: a stale holder that
-        has not yet noticed it lost the task (a cancel, a retry) still writes into the old
-        inode, never into its successor's.
+        The ``.part`` holds exactly ``offset`` bytes before ``validator`` is recorded for it: the
+        record must never name a version the bytes on disk are not of, or an interrupted restart
+        (the fence, a graceful stop) would let the next attempt append the new version to the
+        old. A restart writes a new file rather than truncating the old one, and a resume never
+        cuts what it finds: a holder that lost the task without noticing yet keeps writing into
+        its own inode, never into its successor's.
 
         ``read1`` returns as soon as some bytes arrived (at most a chunk), so a slow origin
         still reports progress, and renews the lease, often enough. Bodies are read as sent
@@ -325,7 +325,8 @@ class Fetcher:
             raise StorageUnavailable(f"{where}: cannot open {part} in staging ({exc.strerror})") from exc
         writeback = Writeback(fd, offset)
         try:
-            os.ftruncate(fd, offset)
+            if os.fstat(fd).st_size != offset:  # changed since it was measured: never cut it
+                raise _Restart(f"{where}: the partial file changed size in staging")
             os.lseek(fd, offset, os.SEEK_SET)
             self._write_meta(meta_path, validator, where)
             while True:

@@ -93,9 +93,14 @@ def interruptible(guard: Guard | None) -> Iterator[None]:
 def waiting_on(sock: socket.socket | None) -> Iterator[SocketShutter]:
     """Register ``sock`` with this thread's guard (if any) while the block waits on it."""
     shutter = SocketShutter(sock)
-    guard: Guard | None = getattr(_local, "guard", None)
-    with guard(shutter) if guard is not None and sock is not None else nullcontext():
+    with guarded(shutter):
         yield shutter
+
+
+def guarded(shutter: SocketShutter) -> AbstractContextManager[None]:
+    """Register ``shutter`` with this thread's guard (if any) for the block."""
+    guard: Guard | None = getattr(_local, "guard", None)
+    return guard(shutter) if guard is not None and shutter.sock is not None else nullcontext()
 
 
 def _close(closeable: Any) -> None:

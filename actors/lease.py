@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 
-from actors.errors import LeaseLost
+from actors.errors import LeaseLost, StorageUnavailable
 from actors.interrupt import Interrupter
 from actors.store import Renewal, TaskStore
 
@@ -100,15 +100,13 @@ class Lease:
         """Whether the keeper should renew: the current step is within its deadline."""
         return self.lost is None and now <= self.deadline
 
-    def overran(self, now: float) -> bool:
-        """Whether the current step is past its deadline (renewal has stopped)."""
-        return self.lost is None and now > self.deadline
-
-    def wake(self) -> None:
+    def wake(self, deadline: float) -> None:
         """Close the socket the overrunning step waits on (a peer dripping a byte now and then
         defeats the read timeout): the step fails, and the run ends as for any transient error
-        while its token is still valid, instead of holding its thread until the lease runs out."""
-        self._interrupter.interrupt()
+        while its token is still valid, instead of holding its thread until the lease runs out.
+        Only the step that overran ``deadline``: a step started since is left alone."""
+        if self.deadline == deadline:
+            self._interrupter.interrupt()
 
     def lose(self, reason: str) -> None:
         """The token moved on: wake the working thread if it is blocked on a socket."""
@@ -167,9 +165,10 @@ class LeaseKeeper:
                 now=self.clock(),
                 lease_seconds=self.lease_seconds,
             )
-        except redis.RedisError:
-            lease.check()
-            return
+        except redis.RedisError as exc:  # unconfirmed: a cancel may have won meanwhile
+            raise StorageUnavailable(
+                f"task {lease.task_id}: cannot confirm its lease with Redis before storing ({exc}); will try again"
+            ) from exc
         if not renewed:
             lease.lose("another worker or an operator took the task over (its token moved on)")
             lease.check()
@@ -186,14 +185,15 @@ class LeaseKeeper:
         with self._lock:
             held = list(self._held.values())
         for lease in held:
-            if lease.overran(started) and lease.woken_for != lease.deadline:
-                lease.woken_for = lease.deadline
+            deadline = lease.deadline  # read once: the working thread may start a new step meanwhile
+            if lease.lost is None and started > deadline and lease.woken_for != deadline:
+                lease.woken_for = deadline
                 log.warning(
                     "task %s: %s took longer than its deadline; its lease is no longer renewed",
                     lease.task_id,
                     lease.doing,
                 )
-                lease.wake()
+                lease.wake(deadline)
         leases = [lease for lease in held if lease.due(started)]
         if not leases:
             return 0

@@ -255,6 +255,11 @@ class GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        return manager
+
     def build_connection_pool_key_attributes(
         self, request: requests.PreparedRequest, verify: Any, cert: Any = None
     ) -> Any:
@@ -300,35 +305,41 @@ class GuardedAdapter(IPFilterAdapter):  # type: ignore[misc]
             raise InvalidIPAddress(address)
 
 
-class _HTTPConnection(HTTPConnection):
+class _Interruptible:
     """Waits for an answer interruptibly: a peer that drips its status line a byte at a time
     defeats the read timeout (it applies to each read), so the socket is registered with the
-    thread's guard (a graceful stop, a lost lease, a step past its deadline) meanwhile."""
+    thread's guard (a graceful stop, a lost lease, a step past its deadline) meanwhile. The
+    shutter stays on the connection for the body's reader (:func:`shutter_of`): a wake that
+    comes just after the answer began still marks it, so the body cannot pass for complete."""
+
+    sock: Any
+    haul_shutter: SocketShutter | None = None
 
     def getresponse(self) -> Any:
         with waiting_on(self.sock) as shutter:
-            response = super().getresponse()
-        _check_not_interrupted(shutter, response)
+            self.haul_shutter = shutter
+            response = super().getresponse()  # type: ignore[misc]
+        if shutter.shut:  # a wait cut short looks like a peer that ended its answer early
+            response.close()
+            raise ProtocolError(
+                "interrupted while waiting for the answer (a stop, a lost lease, or a step past its deadline)"
+            )
         return response
 
 
-class _HTTPSConnection(HTTPSConnection):
-    __doc__ = _HTTPConnection.__doc__
-
-    def getresponse(self) -> Any:
-        with waiting_on(self.sock) as shutter:
-            response = super().getresponse()
-        _check_not_interrupted(shutter, response)
-        return response
+class _HTTPConnection(_Interruptible, HTTPConnection):
+    pass
 
 
-def _check_not_interrupted(shutter: SocketShutter, response: Any) -> None:
-    """A wait cut short looks like a peer that ended its answer early: never take it for one."""
-    if shutter.shut:
-        response.close()
-        raise ProtocolError(
-            "interrupted while waiting for the answer (a stop, a lost lease, or a step past its deadline)"
-        )
+class _HTTPSConnection(_Interruptible, HTTPSConnection):
+    pass
+
+
+def shutter_of(response: requests.Response) -> SocketShutter:
+    """The shutter of the connection ``response`` arrived on (to guard reading its body)."""
+    connection = getattr(response.raw, "connection", None)
+    shutter = getattr(connection, "haul_shutter", None)
+    return shutter if isinstance(shutter, SocketShutter) else SocketShutter(getattr(connection, "sock", None))
 
 
 class _HTTPPool(HTTPConnectionPool):

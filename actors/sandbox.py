@@ -3,9 +3,10 @@
 One folder per task, so workers never touch each other's files and cleaning one task up can
 never delete another's. Layout::
 
-    <task id>/files/<path>      finished, verified files (renamed in only when complete)
-    <task id>/.parts/<n>.part   bytes of file number n so far (kept across attempts)
-    <task id>/.parts/<n>.part.json   what identifies the version those bytes belong to
+    <task id>/files/<path>              finished, verified files (renamed in only when complete)
+    <task id>/.parts/<n>.<token>.part   bytes of file number n so far, named for the run that
+                                        holds them (kept across attempts, see claim_part)
+    <task id>/.parts/<n>.<token>.part.json   what identifies the version those bytes belong to
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ from actors.paths import fsync_dir, inside
 from actors.task import MAX_NAME_BYTES, MAX_PATH_BYTES, FileSpec
 
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _meta(part: Path) -> Path:
+    return part.with_suffix(part.suffix + ".json")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
 
 
 def check_task_id(task_id: str) -> str:
@@ -55,8 +67,29 @@ class Sandbox:
     def file(self, spec: FileSpec) -> Path:
         return inside(self.staging_dir, spec.path, under=f"{self.task_id}/files", what=f"task {self.task_id}")
 
-    def part(self, index: int) -> Path:
-        return self.parts_dir / f"{index}.part"
+    def claim_part(self, index: int, token: int) -> Path:
+        """The ``.part`` of file ``index`` for the run holding ``token``: an earlier run's bytes
+        are renamed to this run's name (the largest, when killed runs left several).
+
+        A run works on names of its own, so a holder that lost the task without noticing yet
+        (paused between its fence check and its next file operation) finds its names gone and
+        can neither replace, truncate nor delete its successor's file by path.
+        """
+        mine = self.parts_dir / f"{index}.{token}.part"
+        if mine.exists():
+            return mine
+        earlier = sorted(self.parts_dir.glob(f"{index}.*.part"), key=_size, reverse=True)
+        for candidate in earlier:
+            try:
+                os.rename(candidate, mine)
+            except FileNotFoundError:
+                continue  # taken by another run meanwhile
+            try:
+                os.rename(_meta(candidate), _meta(mine))
+            except FileNotFoundError:
+                pass  # no validator: the bytes cannot be resumed, the file restarts
+            break
+        return mine
 
     def finished_size(self, spec: FileSpec) -> int | None:
         """Size of the finished copy of ``spec``, or None when it still needs downloading.
@@ -83,7 +116,7 @@ class Sandbox:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(part, final)
             fsync_dir(final.parent)
-            part.with_suffix(part.suffix + ".json").unlink(missing_ok=True)
+            _meta(part).unlink(missing_ok=True)
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 raise self._too_long(spec, exc) from exc

@@ -144,48 +144,19 @@ def download_task(rt: Runtime, task: Task, lease: Lease) -> Outcome:
     """Bring every file of the task into its sandbox, resuming whatever earlier runs left."""
     s = rt.settings
     task_id, token = task.id, lease.token
-    progress = Progress(rt, task, lease)
-    lease.figures = progress.figures
     try:
-        # A task whose completion is being announced is finished: only finalize is left, and no
-        # check may fail it now (the receiver may hold task.completed already).
-        if task.spec.webhook and not task.announced:  # an unreachable receiver fails it before any byte
-            rt.webhook_policy.check(
-                task.spec.webhook, purpose=f"task {task_id}: webhook {display_url(task.spec.webhook)}"
-            )
-        sandbox = Sandbox(s.staging_dir, task_id)
-        sandbox.prepare()
-        known = sum(f.size or 0 for f in task.spec.files)
-        if s.max_task_bytes and known > s.max_task_bytes and not task.announced:
-            raise TooLarge(
-                f"task {task_id}: its files add up to {known} bytes, above HAUL_MAX_TASK_BYTES={s.max_task_bytes}"
-            )
-        for index, spec in enumerate(task.spec.files):
-            size = sandbox.finished_size(spec)
-            if size is None:
-                part = sandbox.part(index)
-                progress.start_file(index)
-                size = fetch_file(
-                    rt.fetcher,
-                    spec,
-                    part,
-                    task_id=task_id,
-                    on_progress=progress.on_progress,
-                    on_total=progress.on_total,
-                    guard=progress.guard,
-                    rules=_rules(rt, task, progress.bytes_done),
-                    step=progress.step,
-                )
-                lease.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
-                sandbox.promote(part, spec)
-                log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
-            progress.file_done(index, size)
+        if task.announced:
+            # Its files were all in storage before its completion was announced: only the
+            # delivery is left, and nothing may fail it now (the receiver may hold it already).
+            figures = (task.bytes_done, task.bytes_total, task.files_done)
+        else:
+            figures = _fetch_all(rt, task, lease)
         entry = rt.store.finish_download(
             task_id,
             token,
             now=rt.clock(),
             lease_seconds=s.lease_seconds,
-            progress=progress.figures(),
+            progress=figures,
             finalize_limit=s.finalize_concurrency,
         )
         if entry == "stale":
@@ -195,6 +166,44 @@ def download_task(rt: Runtime, task: Task, lease: Lease) -> Outcome:
         return Outcome(Next.FINALIZE, token=token)
     except Exception as exc:
         return _end_run(rt, task, token, exc)
+
+
+def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
+    """Every file into the sandbox (skipping finished ones); return the final figures."""
+    s = rt.settings
+    task_id = task.id
+    progress = Progress(rt, task, lease)
+    lease.figures = progress.figures
+    if task.spec.webhook:  # a receiver the task may not reach fails it before any byte is fetched
+        rt.webhook_policy.check(task.spec.webhook, purpose=f"task {task_id}: webhook {display_url(task.spec.webhook)}")
+    sandbox = Sandbox(s.staging_dir, task_id)
+    sandbox.prepare()
+    known = sum(f.size or 0 for f in task.spec.files)
+    if s.max_task_bytes and known > s.max_task_bytes:
+        raise TooLarge(
+            f"task {task_id}: its files add up to {known} bytes, above HAUL_MAX_TASK_BYTES={s.max_task_bytes}"
+        )
+    for index, spec in enumerate(task.spec.files):
+        size = sandbox.finished_size(spec)
+        if size is None:
+            part = sandbox.claim_part(index, lease.token)
+            progress.start_file(index)
+            size = fetch_file(
+                rt.fetcher,
+                spec,
+                part,
+                task_id=task_id,
+                on_progress=progress.on_progress,
+                on_total=progress.on_total,
+                guard=progress.guard,
+                rules=_rules(rt, task, progress.bytes_done),
+                step=progress.step,
+            )
+            lease.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
+            sandbox.promote(part, spec)
+            log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
+        progress.file_done(index, size)
+    return progress.figures()
 
 
 def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 0.0) -> Outcome:

@@ -21,7 +21,8 @@ import requests
 from standardwebhooks import Webhook
 
 from actors.errors import ForbiddenDestination, WebhookUndelivered
-from actors.netguard import DestinationPolicy, refused_at_connect
+from actors.interrupt import guarded
+from actors.netguard import DestinationPolicy, refused_at_connect, shutter_of
 from actors.redact import display_url
 from actors.task import Task
 
@@ -152,7 +153,7 @@ class WebhookSender:
         }
         try:
             response = self.session.post(
-                url, data=event.body.encode(), headers=headers, timeout=self.timeout, allow_redirects=False
+                url, data=event.body.encode(), headers=headers, timeout=self.timeout, allow_redirects=False, stream=True
             )
         except requests.RequestException as exc:
             if refused_at_connect(exc):
@@ -160,6 +161,13 @@ class WebhookSender:
             raise _Retryable(f"{where}: delivery failed ({type(exc).__name__})") from exc
         with response:
             if 200 <= response.status_code < 300:
+                # Accepted. The body is read only to keep the connection for the next event,
+                # interruptibly: a receiver that drips it must not hold the thread.
+                with guarded(shutter_of(response)):
+                    try:
+                        response.content  # noqa: B018
+                    except requests.RequestException:
+                        pass
                 return
             message = (
                 f"{where}: the receiver answered {response.status_code} {response.reason}; "

@@ -247,3 +247,9 @@ def wait_for(store: Any, task_id: str, states: set[str] | None = None, timeout: 
         if time.monotonic() > deadline:
             raise AssertionError(f"task {task_id} did not reach {sorted(wanted)} in {timeout}s: {task}")
         time.sleep(0.02)
+
+
+def part_bytes(sandbox: Path, index: int = 0) -> int:
+    """Bytes staged so far for file ``index`` of a task's sandbox (its runs' ``.part`` files)."""
+    sizes = [p.stat().st_size for p in (sandbox / ".parts").glob(f"{index}.*.part") if p.exists()]
+    return max(sizes, default=0)

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from actors.store import TaskStore
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port, part_bytes
 from tests.processes import REPO, stack_env, wait_until
 from tests.servers import Origin, Receiver
 
@@ -91,12 +91,11 @@ def test_ctrl_c_stops_haul_up_in_order_and_the_download_is_handed_back(
         )  # fmt: skip
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         task_id = submitted.stdout.split()[-1]
-        part = tmp_path / "staging" / task_id / ".parts" / "0.part"
+        sandbox = tmp_path / "staging" / task_id
 
         def under_way() -> bool:
             task = store.get(task_id)
-            size = part.stat().st_size if part.exists() else 0
-            return task is not None and task.state.value == "downloading" and size >= MIB // 2
+            return task is not None and task.state.value == "downloading" and part_bytes(sandbox) >= MIB // 2
 
         wait_until(under_way, 15, "the download to be under way")
         leftovers = descendants(up.pid)
@@ -125,7 +124,7 @@ def test_ctrl_c_stops_haul_up_in_order_and_the_download_is_handed_back(
         task = TaskStore(restarted).get(task_id)
         assert task is not None
         assert task.state.value == "queued" and task.attempts == 0, task
-        assert part.stat().st_size >= MIB // 2
+        assert part_bytes(sandbox) >= MIB // 2
         # The worker unregistered on its way out: no false "stopped sending heartbeats" later
         assert restarted.hlen("haul:workers") == 0
         restarted.close()

@@ -106,7 +106,7 @@ def test_a_spec_that_skipped_validation_writes_nothing_outside(tmp_path: Path) -
     """A path written to the store directly (no submit check) meets inside() before any write."""
     sandbox = Sandbox(tmp_path / "staging", TASK)
     sandbox.prepare()
-    part = sandbox.part(0)
+    part = sandbox.claim_part(0, token=1)
     part.write_bytes(b"payload")
     climbing = FileSpec(url="https://cdn.example.com/v.mp4", path="missing/../../../../escape.mp4")
     with pytest.raises(UnsafePath, match="'..'"):
@@ -116,7 +116,7 @@ def test_a_spec_that_skipped_validation_writes_nothing_outside(tmp_path: Path) -
     with pytest.raises(UnsafePath, match="'..'"):
         LocalStorage(tmp_path / "storage").commit(sandbox, [climbing])
     assert tree(tmp_path) == [
-        "staging", f"staging/{TASK}", f"staging/{TASK}/.parts", f"staging/{TASK}/.parts/0.part",
+        "staging", f"staging/{TASK}", f"staging/{TASK}/.parts", f"staging/{TASK}/.parts/0.1.part",
         "storage", f"storage/{TASK}",
     ]  # fmt: skip
 
@@ -125,7 +125,7 @@ def test_a_name_too_long_for_the_filesystem_is_a_permanent_unsafe_path(tmp_path:
     """264 bytes of UTF-8 in 134 characters: ENAMETOOLONG never heals, so it is no storage outage."""
     sandbox = Sandbox(tmp_path / "staging", TASK)
     sandbox.prepare()
-    part = sandbox.part(0)
+    part = sandbox.claim_part(0, token=1)
     part.write_bytes(b"payload")
     long_name = FileSpec(url="https://cdn.example.com/v.mp4", path="\u0436" * 130 + ".mp4")
     with pytest.raises(UnsafePath, match=rf"task {TASK}: path '\u0436+\.mp4' is too long for the filesystem"):
@@ -133,3 +133,19 @@ def test_a_name_too_long_for_the_filesystem_is_a_permanent_unsafe_path(tmp_path:
     assert part.read_bytes() == b"payload"
     with pytest.raises(UnsafePath, match="too long for the filesystem"):  # the next run's first look
         sandbox.finished_size(long_name)
+
+
+def test_a_run_takes_over_the_bytes_an_earlier_run_left_under_its_own_name(tmp_path: Path) -> None:
+    sandbox = Sandbox(tmp_path / "staging", TASK)
+    sandbox.prepare()
+    # Given runs 3 and 4 were killed, leaving bytes (and a validator for run 4's) ...
+    (sandbox.parts_dir / "0.3.part").write_bytes(b"ab")
+    (sandbox.parts_dir / "0.4.part").write_bytes(b"abcd")
+    (sandbox.parts_dir / "0.4.part.json").write_text('{"etag": "\\"v1\\""}')
+    # When run 7 claims file 0, it takes the most bytes, with their validator, under its name
+    mine = sandbox.claim_part(0, 7)
+    assert mine.name == "0.7.part" and mine.read_bytes() == b"abcd"
+    assert (sandbox.parts_dir / "0.7.part.json").exists()
+    assert sandbox.claim_part(0, 7) == mine
+    # ... and run 4, waking up late, finds no file of its own to truncate, replace or delete
+    assert not (sandbox.parts_dir / "0.4.part").exists()

@@ -206,3 +206,20 @@ def test_the_announcement_time_is_the_first_one_of_the_run(store: TaskStore) -> 
     # a successor announcing the same run again sends the same body: the same timestamp
     assert store.announce(task_id, token, now=NOW + 9, lease_seconds=30) == NOW + 2
     assert store.get(task_id).announced  # type: ignore[union-attr]
+
+
+def test_cancel_retry_cancel_retry_keeps_the_first_holders_fence(store: TaskStore) -> None:
+    task_id, token = finalizing(store)  # its holder may write until NOW + 31
+    for now in (NOW + 2, NOW + 4):
+        assert store.cancel(task_id, now) is CancelOutcome.OK
+        assert store.retry(task_id, now + 1) == "ok"
+    early = claim(store, task_id, now=NOW + 6)
+    assert early.outcome == "wait" and float(early.detail) == NOW + 31
+
+
+def test_a_run_announced_by_an_older_release_gets_its_announcement_time(store: TaskStore) -> None:
+    # Given a task announced before announcement times were kept ...
+    task_id, token = finalizing(store)
+    store.client.hset(store.task_key(task_id), "announcing", "0")
+    # ... the next announcement records one, instead of failing every run after it
+    assert store.announce(task_id, token, now=NOW + 5, lease_seconds=30) == NOW + 5

@@ -20,7 +20,7 @@ from actors.task import State, spec_from_manifest
 from supervisor import limits
 from supervisor.daemon import Supervisor
 from supervisor.http import create_server, serve_in_background
-from tests.conftest import in_process_worker, installed_runtime
+from tests.conftest import in_process_worker, installed_runtime, part_bytes
 from tests.servers import Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -156,9 +156,9 @@ def test_a_graceful_stop_wakes_a_download_blocked_on_a_silent_origin(
     origin.fault("/silent.mp4", Fault("stall", after=MIB, seconds=20))
     with in_process_worker(threads=1) as worker:
         task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store)
-        part = settings.staging_dir / task_id / ".parts" / "0.part"
+        sandbox = settings.staging_dir / task_id
         deadline = time.monotonic() + 10
-        while (part.stat().st_size if part.exists() else 0) < MIB and time.monotonic() < deadline:
+        while part_bytes(sandbox) < MIB and time.monotonic() < deadline:
             time.sleep(0.02)
         # ... a stop does not wait for it: the blocked read is woken and the task handed back
         started = time.monotonic()
@@ -167,4 +167,4 @@ def test_a_graceful_stop_wakes_a_download_blocked_on_a_silent_origin(
     task = store.get(task_id)
     assert took < 3, f"stop took {took:.1f}s"
     assert task.state.value == "queued" and task.attempts == 0 and "handed back" in task.error
-    assert part.stat().st_size >= MIB  # the bytes so far are kept for whoever resumes
+    assert part_bytes(sandbox) >= MIB  # the bytes so far are kept for whoever resumes

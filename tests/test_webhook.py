@@ -82,3 +82,41 @@ def test_haul_webhook_verify(store: TaskStore, receiver: Receiver, tmp_path: Pat
     bad = verify(WEBHOOK_SECRET, tampered)
     assert bad.returncode == 1 and "No matching signature" in bad.stderr
     assert WEBHOOK_SECRET not in bad.stderr + good.stdout
+
+
+def test_a_receiver_dripping_its_answer_body_cannot_hold_the_thread(store: TaskStore) -> None:
+    import socket
+    import threading
+
+    from actors.interrupt import Interrupter, interruptible
+
+    # Given a receiver that accepts (200) and then drips a long body a byte every 0.2 s ...
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            for _ in range(100):
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+                time.sleep(0.2)
+
+    threading.Thread(target=serve, daemon=True).start()
+    sender = WebhookSender((WEBHOOK_SECRET,), DestinationPolicy(True), timeout=(2, 5))
+    _, event = event_for(store)
+    stop = Interrupter()
+    threading.Timer(1.0, stop.fire).start()
+    started = time.monotonic()
+    try:
+        # When the run's guard fires (a stop, a lost lease, a step past its deadline) ...
+        with interruptible(stop.guard):
+            sender.deliver(f"http://127.0.0.1:{port}/hook", event, now=time.time(), task_id="t")  # type: ignore[arg-type]
+    finally:
+        server.close()
+    # ... the delivery, accepted by its status, returns at once instead of after 20 s of drip
+    assert time.monotonic() - started < 5

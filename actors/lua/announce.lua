@@ -21,8 +21,10 @@ if t[2] ~= ARGV[3] or t[1] ~= 'finalizing' then
 end
 local run = t[3] or '0'
 if not announcing(KEYS[1]) then
-  redis.call('HSET', KEYS[1], 'announcing', run, 'announced_at', ARGV[4])
+  redis.call('HSET', KEYS[1], 'announcing', run)
+  redis.call('HDEL', KEYS[1], 'announced_at')
 end
+redis.call('HSETNX', KEYS[1], 'announced_at', ARGV[4])  -- (also for a run announced without one)
 redis.call('HSET', KEYS[1], 'lease_until', now + lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 renew_slots(KEYS[1], id, now + lease)

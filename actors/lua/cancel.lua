@@ -25,9 +25,11 @@ if announcing(KEYS[1]) then
 end
 redis.call('HINCRBY', KEYS[1], 'token', 1)
 free_slots(KEYS[1], id)
-local held_until = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+-- A queued task may still wait for the fence of an earlier canceled run (not_before, set by a
+-- retry): the fence is the latest of all of them.
+local f = redis.call('HMGET', KEYS[1], 'lease_until', 'not_before', 'fenced_until')
+local fenced_until = math.max(now, tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0'))
 set_state(KEYS[1], id, state, 'canceled', now)
-redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', 'canceled by an operator',
-  'fenced_until', math.max(held_until, now))
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', 'canceled by an operator', 'fenced_until', fenced_until)
 redis.call('ZREM', KEYS[2], id)
 return {'ok'}
