@@ -154,25 +154,20 @@ class LeaseKeeper:
         self._stopped.set()
 
     def confirm(self, lease: Lease) -> None:
-        """Renew ``lease`` now, from the working thread, and raise :class:`LeaseLost` if its token
-        moved on: before a step that must not happen after a cancel that won (a file renamed
-        into storage), waiting for the keeper's next tick would be too late. Without Redis, the
-        holder's own fence decides."""
-        started = time.monotonic()
+        """Raise :class:`LeaseLost` unless Redis still names ``lease``'s token, asked now from the
+        working thread: before a step that must not happen after a cancel that won (a file
+        renamed into storage), waiting for the keeper's next tick would be too late. A read, not
+        a renewal: it costs no write (no fsync of the append-only file); the holder's own
+        fence still judges the time since the last renewal."""
         try:
-            [renewed] = self.store.renew_many(
-                [Renewal(lease.task_id, lease.token, lease.figures())],
-                now=self.clock(),
-                lease_seconds=self.lease_seconds,
-            )
+            held = self.store.holds(lease.task_id, lease.token)
         except redis.RedisError as exc:  # unconfirmed: a cancel may have won meanwhile
             raise StorageUnavailable(
                 f"task {lease.task_id}: cannot confirm its lease with Redis before storing ({exc}); will try again"
             ) from exc
-        if not renewed:
+        if not held:
             lease.lose("another worker or an operator took the task over (its token moved on)")
-            lease.check()
-        lease.renewed_at = max(lease.renewed_at, started)
+        lease.check()
 
     def _run(self) -> None:
         while not self._stopped.wait(self.interval):

@@ -322,6 +322,11 @@ class TaskStore:
         renewal = Renewal(task_id, token, (bytes_done, bytes_total, files_done))
         return self.renew_many([renewal], now=now, lease_seconds=lease_seconds)[0]
 
+    def holds(self, task_id: str, token: int) -> bool:
+        """Whether ``token`` is still the task's and the task still active (a read only)."""
+        state, current = self.client.hmget(self.task_key(task_id), "state", "token")
+        return current is not None and _text(current) == str(token) and State(_text(state)).active
+
     def renew_many(self, renewals: Sequence[Renewal], *, now: float, lease_seconds: float) -> list[bool]:
         """Renew several leases (writing progress where given) in one pipelined round trip;
         for each, False when its token is stale or the task is no longer active."""
