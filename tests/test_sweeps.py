@@ -77,8 +77,12 @@ def test_prune_deletes_old_records_and_failed_sandboxes_never_live_files(store: 
     os.utime(fresh_orphan, (NOW + 7000, NOW + 7000))
     # Before the retention period nothing goes
     assert sweeps.prune(store, staging, NOW + 100, retain_seconds=3600) == {"orphan_sandboxes": 1}
+    # A failed task whose task.failed is still owed is kept past it: the notice needs its record
+    assert sweeps.prune(store, staging, NOW + 7200, retain_seconds=3600) == {"records_done": 1}
+    assert store.get(failed) is not None
+    assert store.end_notice(failed, run=0)  # delivered
     outcome = sweeps.prune(store, staging, NOW + 7200, retain_seconds=3600)
-    assert outcome == {"records_done": 1, "records_failed": 1, "sandboxes": 1}
+    assert outcome == {"records_failed": 1, "sandboxes": 1}
     assert store.get(done) is None and store.get(failed) is None and store.get(live) is not None
     assert not (staging / failed).exists() and (staging / live / "files").is_dir() and fresh_orphan.exists()
     # The idempotency key is free again once its task is pruned
