@@ -42,7 +42,7 @@ from actors.errors import (
     UnexpectedContent,
 )
 from actors.interrupt import Guard, interruptible
-from actors.lease import DISK_STEP_SECONDS
+from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.netguard import DestinationPolicy, refused_at_connect, shutter_of
 from actors.redact import display_url
 from actors.task import FileSpec
@@ -60,13 +60,6 @@ RETRYABLE_4XX = frozenset({408, 425, 429})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
-#: Called before a blocking step with the longest it may take, in seconds; raises to stop.
-Step = Callable[[float], None]
-
-
-def no_step(seconds: float) -> None:
-    """For callers that hold no lease (tests, tools)."""
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,18 @@ STEP_SLACK_SECONDS = 2.0
 DISK_STEP_SECONDS = 60.0
 
 Figures = tuple[int, int, int]
+#: What a lease holder calls before a blocking step with the longest it may take (seconds);
+#: raises to stop (the fence). Fetch and storage take one, so they need no Lease.
+Step = Callable[[float], None]
+
+
+def no_step(seconds: float) -> None:
+    """For callers that hold no lease (tests, tools)."""
+
+
+def no_figures() -> Figures | None:
+    """For a lease whose run writes no progress (a finalize)."""
+    return None
 
 
 class Lease:
@@ -62,7 +74,7 @@ class Lease:
         lease_seconds: float,
         *,
         renewed_at: float,
-        figures: Callable[[], Figures | None] = lambda: None,
+        figures: Callable[[], Figures | None] = no_figures,
     ) -> None:
         self.task_id = task_id
         self.token = token
@@ -81,9 +93,10 @@ class Lease:
 
     def step(self, seconds: float, doing: str) -> None:
         """Say that the working thread starts a blocking step that may take ``seconds``."""
-        self.check()
+        now = time.monotonic()
+        self.check(now)
         self.doing = doing
-        self.deadline = time.monotonic() + seconds + STEP_SLACK_SECONDS
+        self.deadline = now + seconds + STEP_SLACK_SECONDS
 
     def check(self, now: float | None = None) -> None:
         """Raise :class:`LeaseLost` when this holder can no longer be sure it owns the task."""
@@ -134,7 +147,7 @@ class LeaseKeeper:
 
     @contextmanager
     def hold(
-        self, task_id: str, token: int, *, since: float, figures: Callable[[], Figures | None] = lambda: None
+        self, task_id: str, token: int, *, since: float, figures: Callable[[], Figures | None] = no_figures
     ) -> Iterator[Lease]:
         """Keep the lease of ``token`` renewed while the block runs; ``since`` is the
         time.monotonic() taken just before the call that granted it."""

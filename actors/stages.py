@@ -31,7 +31,7 @@ from actors.errors import (
 )
 from actors.fetch import FetchRules, fetch_file
 from actors.interrupt import interruptible
-from actors.lease import DISK_STEP_SECONDS, Lease
+from actors.lease import DISK_STEP_SECONDS, Lease, no_figures
 from actors.redact import display_url
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
@@ -89,13 +89,9 @@ def run_task(rt: Runtime, task_id: str) -> Outcome:
     with rt.leases.hold(task_id, outcome.token, since=since) as lease:
         outcome = download_task(rt, task, lease)
         if outcome.next is Next.FINALIZE and not outcome.delay_seconds:
-            lease.figures = _no_figures  # the download's final figures are written already
+            lease.figures = no_figures  # the download's final figures are written already
             outcome = finish_task(rt, dataclasses.replace(task, state=State.FINALIZING), lease)
     return outcome
-
-
-def _no_figures() -> None:
-    return None
 
 
 def claim_task(rt: Runtime, task_id: str) -> Outcome:

@@ -22,7 +22,7 @@ from typing import Any
 
 from actors.diskio import Writeback
 from actors.errors import StorageUnavailable, TransientError, UnsafePath
-from actors.lease import DISK_STEP_SECONDS
+from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.paths import fsync_dir, inside
 from actors.sandbox import Sandbox, check_task_id
 from actors.task import FileSpec
@@ -32,15 +32,9 @@ TEMPORARY_DIR = ".haul-tmp"
 #: Bytes copied per step when storage is on another filesystem than staging.
 COPY_CHUNK_BYTES = 8 * 1024 * 1024
 
-#: Called before a blocking step with the longest it may take, in seconds; raises to stop.
-Step = Callable[[float], None]
 #: Called right before a file is renamed into place; raises to stop (the lease fence, checked
 #: against Redis: a cancel that won must stop storing at once, not at the next renewal).
 Fence = Callable[[], None]
-
-
-def _no_step(seconds: float) -> None:
-    """For callers that hold no lease (tests, tools)."""
 
 
 def _no_fence() -> None:
@@ -61,7 +55,7 @@ class LocalStorage:
         return self.root / TEMPORARY_DIR
 
     def commit(
-        self, sandbox: Sandbox, files: Sequence[FileSpec], step: Step = _no_step, fence: Fence = _no_fence
+        self, sandbox: Sandbox, files: Sequence[FileSpec], step: Step = no_step, fence: Fence = _no_fence
     ) -> list[dict[str, Any]]:
         """Put every finished file of the sandbox into storage; return what the webhook reports."""
         task_id = sandbox.task_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,44 +23,42 @@ def claimed(store: Any) -> tuple[str, int]:
     return task_id, claim.token
 
 
+@pytest.fixture
+def keeper(store: Any) -> Iterator[LeaseKeeper]:
+    keeper = LeaseKeeper(store, LEASE)
+    yield keeper
+    keeper.stop()
+
+
 def lease_until(store: Any, task_id: str) -> float:
     return float(store.client.hget(store.task_key(task_id), "lease_until"))
 
 
-def test_a_step_within_its_deadline_keeps_the_lease_without_a_byte(store: Any) -> None:
-    keeper = LeaseKeeper(store, LEASE)
+def test_a_step_within_its_deadline_keeps_the_lease_without_a_byte(store: Any, keeper: LeaseKeeper) -> None:
     task_id, token = claimed(store)
-    try:
-        with keeper.hold(task_id, token, since=time.monotonic()) as lease:
-            # Given a step (a read, a webhook call) that may take 3 s, three leases long ...
-            lease.step(3.0, "waiting for the origin")
-            time.sleep(2.5 * LEASE)
-            # ... the lease was renewed meanwhile and the holder may still write
-            assert lease_until(store, task_id) > time.time()
+    with keeper.hold(task_id, token, since=time.monotonic()) as lease:
+        # Given a step (a read, a webhook call) that may take 3 s, three leases long ...
+        lease.step(3.0, "waiting for the origin")
+        time.sleep(2.5 * LEASE)
+        # ... the lease was renewed meanwhile and the holder may still write
+        assert lease_until(store, task_id) > time.time()
+        lease.check()
+
+
+def test_a_step_past_its_deadline_stops_renewal_and_trips_the_fence(store: Any, keeper: LeaseKeeper) -> None:
+    task_id, token = claimed(store)
+    with keeper.hold(task_id, token, since=time.monotonic()) as lease:
+        # Given a step that should have ended at once (deadline = its slack) ...
+        lease.step(0.0, "hashing")
+        lease.deadline = time.monotonic()  # no slack: a thread hung at once
+        time.sleep(LEASE * (LEASE_SAFETY + 0.3))
+        # ... nothing renews it, and the holder refuses to write before the lease runs out
+        with pytest.raises(LeaseLost, match="lease not renewed"):
             lease.check()
-    finally:
-        keeper.stop()
+        assert lease_until(store, task_id) <= time.time() + LEASE * (1 - LEASE_SAFETY)
 
 
-def test_a_step_past_its_deadline_stops_renewal_and_trips_the_fence(store: Any) -> None:
-    keeper = LeaseKeeper(store, LEASE)
-    task_id, token = claimed(store)
-    try:
-        with keeper.hold(task_id, token, since=time.monotonic()) as lease:
-            # Given a step that should have ended at once (deadline = its slack) ...
-            lease.step(0.0, "hashing")
-            lease.deadline = time.monotonic()  # no slack: a thread hung at once
-            time.sleep(LEASE * (LEASE_SAFETY + 0.3))
-            # ... nothing renews it, and the holder refuses to write before the lease runs out
-            with pytest.raises(LeaseLost, match="lease not renewed"):
-                lease.check()
-            assert lease_until(store, task_id) <= time.time() + LEASE * (1 - LEASE_SAFETY)
-    finally:
-        keeper.stop()
-
-
-def test_a_cancel_is_seen_by_the_keeper_and_wakes_a_blocked_step(store: Any) -> None:
-    keeper = LeaseKeeper(store, LEASE)
+def test_a_cancel_is_seen_by_the_keeper_and_wakes_a_blocked_step(store: Any, keeper: LeaseKeeper) -> None:
     task_id, token = claimed(store)
     closed = threading.Event()
 
@@ -67,18 +66,15 @@ def test_a_cancel_is_seen_by_the_keeper_and_wakes_a_blocked_step(store: Any) -> 
         def close(self) -> None:
             closed.set()
 
-    try:
-        with keeper.hold(task_id, token, since=time.monotonic()) as lease, lease.guard(Socket()):
-            lease.step(30.0, "waiting for the origin")
-            # When an operator cancels the task while the thread waits on a socket ...
-            assert store.cancel(task_id, time.time()) == "ok"
-            # ... the keeper's next renewal finds the token moved on and closes the socket
-            assert closed.wait(5 * LEASE)
-            with pytest.raises(LeaseLost, match="took the task over"):
-                lease.check()
-        assert store.get(task_id).state is State.CANCELED
-    finally:
-        keeper.stop()
+    with keeper.hold(task_id, token, since=time.monotonic()) as lease, lease.guard(Socket()):
+        lease.step(30.0, "waiting for the origin")
+        # When an operator cancels the task while the thread waits on a socket ...
+        assert store.cancel(task_id, time.time()) == "ok"
+        # ... the keeper's next renewal finds the token moved on and closes the socket
+        assert closed.wait(5 * LEASE)
+        with pytest.raises(LeaseLost, match="took the task over"):
+            lease.check()
+    assert store.get(task_id).state is State.CANCELED
 
 
 def test_many_leases_are_renewed_together_with_their_progress(store: Any) -> None:
