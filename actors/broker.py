@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import dramatiq
+import redis
 from dramatiq import Middleware
 from dramatiq.brokers.redis import RedisBroker
 
@@ -17,6 +18,7 @@ from actors.lifecycle import Lifecycle
 from actors.redact import install_log_redaction, secrets_of
 from actors.sentry import init_sentry
 from actors.settings import Settings
+from actors.store import redis_options
 
 #: Dramatiq queues: ``claim`` runs a task (claim, download, finalize in one thread), ``finalize``
 #: resumes finalizing tasks that waited for a slot or an outage, and sends task.failed.
@@ -51,7 +53,9 @@ def setup(settings: Settings) -> RedisBroker:
     ``settings`` for the actors' runtime."""
     install_log_redaction(secrets_of(settings))
     init_sentry(settings, component="worker")
-    broker = RedisBroker(url=settings.redis_url)  # type: ignore[no-untyped-call]
+    # Dramatiq drops connection options given beside a URL, so the pool is built here.
+    pool = redis.ConnectionPool.from_url(settings.redis_url, **redis_options())
+    broker = RedisBroker(connection_pool=pool)  # type: ignore[no-untyped-call]
     broker.add_middleware(Lifecycle())
     if settings.worker_metrics_port:
         broker.add_middleware(prometheus_middleware(settings))

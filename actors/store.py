@@ -35,6 +35,22 @@ from actors.task import DEFAULT_ACCEPT, FINAL_STATES, State, Task, TaskSpec, fil
 
 DEFAULT_PREFIX = "haul:"
 
+#: Every Redis call gives up after this long (seconds): a half-open connection (a dead peer, a
+#: dropped NAT entry) must not block a sweep or a lease renewal for the minutes TCP takes to
+#: notice. Every script haul runs is bounded, so a healthy Redis answers in milliseconds.
+REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
+REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def redis_options() -> dict[str, Any]:
+    """Connection options for every Redis client haul makes (the store and the broker)."""
+    return {
+        "socket_timeout": REDIS_SOCKET_TIMEOUT_SECONDS,
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_SECONDS,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
+
 
 @dataclass(frozen=True)
 class StageLimits:
@@ -144,7 +160,7 @@ class TaskStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> TaskStore:
-        return cls(redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True), prefix)
+        return cls(redis.Redis.from_url(url, **redis_options()), prefix)
 
     # -- keys -------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ def test_requeue_stuck_takes_back_expired_leases_only(store: TaskStore) -> None:
     assert outcome == {"queued": 1, "dead": 1}
     assert claims == [stuck] and dead == [last_try]
     task = store.get(stuck)
-    assert task is not None and task.state is State.QUEUED and task.token == old.token + 1
+    assert task is not None and task.state is State.QUEUED and task.token > old.token
     assert "lease expired during claimed on worker w" in task.error
     assert store.get(live).state is State.CLAIMED  # type: ignore[union-attr]
     # A second sweep finds nothing: the leases set only holds live leases now

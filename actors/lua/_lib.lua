@@ -28,6 +28,21 @@ local function announcing(task_key)
   return t[1] ~= false and t[1] == (t[2] or '0')
 end
 
+-- Move the task's fencing token on and return the new one. Tokens are the Redis server's clock
+-- in microseconds (or the last token + 1, if that is larger), not a bare counter: a counter in
+-- Redis goes back with the data when Redis restarts from an older append-only file or snapshot,
+-- or a replica that had not caught up is promoted, and would hand a live holder's token to a
+-- second worker. The clock has moved past every token issued before the restart, so a token
+-- never repeats unless the server's clock steps back by more than the restart took.
+local function next_token(task_key)
+  local clock = redis.call('TIME')
+  local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+  local token = math.max(tonumber(redis.call('HGET', task_key, 'token') or '0') + 1, now_us)
+  local text = string.format('%d', token)
+  redis.call('HSET', task_key, 'token', text)
+  return text
+end
+
 -- Drop the slots a task holds (listed in its 'slots' field).
 local function free_slots(task_key, id)
   local held = redis.call('HGET', task_key, 'slots')

@@ -23,7 +23,7 @@ end
 if announcing(KEYS[1]) then
   return {'announcing', state}
 end
-redis.call('HINCRBY', KEYS[1], 'token', 1)
+next_token(KEYS[1])
 free_slots(KEYS[1], id)
 -- A queued task may still wait for the fence of an earlier canceled run (not_before, set by a
 -- retry): the fence is the latest of all of them.

@@ -76,7 +76,7 @@ for _, slot in ipairs(wanted) do
   table.insert(held, slot[1])
 end
 redis.call('HSET', KEYS[1], 'slots', table.concat(held, ' '))
-local token = redis.call('HINCRBY', KEYS[1], 'token', 1)
+local token = next_token(KEYS[1])
 attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 set_state(KEYS[1], id, state, ARGV[11], now)
 redis.call('HSET', KEYS[1], 'lease_until', now + lease, 'worker', worker, 'not_before', 0)

@@ -21,4 +21,4 @@ redis.call('ZADD', KEYS[2], now + lease, id)
 if not take_finalize_slot(KEYS[1], id, limit, now, now + lease) then
   return {'full'}
 end
-return {'ok', redis.call('HINCRBY', KEYS[1], 'token', 1)}
+return {'ok', next_token(KEYS[1])}

@@ -24,7 +24,7 @@ if tonumber(t[2] or '0') > now then
 end
 local attempts = tonumber(t[3] or '0')
 local reason = 'lease expired during ' .. state .. ' on worker ' .. (t[4] or '?') .. ' (stopped, killed or hung)'
-redis.call('HINCRBY', KEYS[1], 'token', 1)
+next_token(KEYS[1])
 redis.call('ZREM', KEYS[2], id)
 free_slots(KEYS[1], id)
 if attempts >= max_attempts and not announcing(KEYS[1]) then

@@ -15,7 +15,7 @@ end
 if state ~= 'failed' and state ~= 'dead' and state ~= 'canceled' then
   return {'not_ended', state}
 end
-redis.call('HINCRBY', KEYS[1], 'token', 1)
+next_token(KEYS[1])
 local run = redis.call('HINCRBY', KEYS[1], 'run', 1)
 set_state(KEYS[1], id, state, 'queued', now)
 -- A canceled run's holder may write until its old lease deadline (cancel.lua): start after it.
