@@ -12,7 +12,7 @@ import sentry_sdk
 from dramatiq import Broker, Middleware
 
 from actors import runtime
-from actors.registry import Heartbeat, WorkerInfo, WorkerRegistry, queues_of
+from actors.registry import Heartbeat, WorkerInfo, WorkerLimits, WorkerRegistry, queues_of
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class Lifecycle(Middleware):
             queues=queues_of(worker.consumer_whitelist, sorted(broker.get_declared_queues())),
             threads=worker.worker_threads,
             started=rt.clock(),
+            limits=WorkerLimits.of(rt.settings),  # what this process enforces, for the supervisor's check
         )
         try:
             self.heartbeat.start(info)

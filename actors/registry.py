@@ -1,12 +1,15 @@
 """Worker processes announce themselves, so the supervisor can tell a vanished one from an idle
-one and check that limits match the threads that serve each stage.
+one, check that limits match the threads that serve each stage, and check that every worker
+runs with the same stage limits and lease (its own, not the supervisor's).
 
-    haul:workers        hash: worker id -> JSON {host, pid, queues, threads, started}
+    haul:workers        hash: worker id -> JSON {host, pid, queues, threads, started, limits}
+                        (``limits`` is missing from records written by an older haul)
     haul:workers:seen   sorted set: worker id by its last heartbeat (seconds)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+
+from actors.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,27 @@ STOP_JOIN_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
+class WorkerLimits:
+    """The stage limits (0: none) and lease a worker process runs with, from its own settings."""
+
+    download_concurrency: int
+    download_per_host: int
+    finalize_concurrency: int
+    staging_max_bytes: int
+    lease_seconds: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> WorkerLimits:
+        return cls(
+            download_concurrency=settings.download_concurrency,
+            download_per_host=settings.download_per_host,
+            finalize_concurrency=settings.finalize_concurrency,
+            staging_max_bytes=settings.staging_max_bytes,
+            lease_seconds=settings.lease_seconds,
+        )
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     id: str
     host: str
@@ -35,10 +61,28 @@ class WorkerInfo:
     threads: int
     started: float
     seen: float = 0.0
+    #: None for a worker registered by an older haul, which did not say.
+    limits: WorkerLimits | None = None
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _limits_from(data: Any) -> WorkerLimits | None:
+    """A record's limits; None when it has none (an older haul) or lacks one of them."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        return WorkerLimits(
+            download_concurrency=int(data["download_concurrency"]),
+            download_per_host=int(data["download_per_host"]),
+            finalize_concurrency=int(data["finalize_concurrency"]),
+            staging_max_bytes=int(data["staging_max_bytes"]),
+            lease_seconds=float(data["lease_seconds"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 class WorkerRegistry:
@@ -49,7 +93,14 @@ class WorkerRegistry:
 
     def register(self, info: WorkerInfo, now: float) -> None:
         """Write the worker's info and its seen time in one pipelined round trip."""
-        data = {"host": info.host, "pid": info.pid, "queues": list(info.queues), "threads": info.threads}
+        data: dict[str, Any] = {
+            "host": info.host,
+            "pid": info.pid,
+            "queues": list(info.queues),
+            "threads": info.threads,
+        }
+        if info.limits is not None:
+            data["limits"] = dataclasses.asdict(info.limits)
         pipe = self.client.pipeline()
         pipe.hset(self.workers_key, info.id, json.dumps({**data, "started": info.started}))
         pipe.zadd(self.seen_key, {info.id: now})
@@ -85,6 +136,7 @@ class WorkerRegistry:
                     threads=int(data["threads"]),
                     started=float(data["started"]),
                     seen=seen.get(worker_id, 0.0),
+                    limits=_limits_from(data.get("limits")),
                 )
             )
         return result

@@ -18,8 +18,12 @@ from urllib.parse import urlsplit
 
 from standardwebhooks import Webhook
 
-#: Where workers and the CLI find Redis unless told otherwise.
+#: Where workers and the CLI find Redis unless told otherwise (and no ``haul up`` ran here).
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: ``haul up``'s folder (its Redis data, staging, storage) unless HAUL_HOME names another.
+DEFAULT_HOME = ".haul"
+#: The file in that folder where ``haul up`` records the URL of the Redis it runs.
+REDIS_URL_FILE = "redis.url"
 #: How long a claimed task stays owned without a heartbeat, in seconds.
 DEFAULT_LEASE_SECONDS = 60
 #: Runs a task gets (lease expiries included) before it is dead.
@@ -121,7 +125,7 @@ class Settings:
         if webhook_url is not None:
             _http_url(webhook_url, "HAUL_WEBHOOK_URL")
         return cls(
-            redis_url=_redis_url(env.get("HAUL_REDIS_URL", DEFAULT_REDIS_URL)),
+            redis_url=_redis_url_of(env),
             staging_dir=_directory(env, "HAUL_STAGING_DIR", cls.staging_dir) or cls.staging_dir,
             storage_dir=_directory(env, "HAUL_STORAGE_DIR", cls.storage_dir) or cls.storage_dir,
             webhook_url=webhook_url,
@@ -203,6 +207,34 @@ def _webhook_secrets(text: str) -> tuple[str, ...]:
         except Exception:
             raise SettingsError(f"HAUL_WEBHOOK_SECRET: secret #{index} is not valid base64 after 'whsec_'") from None
     return secrets
+
+
+def home_folder(env: Mapping[str, str]) -> Path:
+    """HAUL_HOME, or ``.haul`` in the current folder: where ``haul up`` keeps its state."""
+    return Path(env.get("HAUL_HOME") or DEFAULT_HOME).expanduser().absolute()
+
+
+def _redis_url_of(env: Mapping[str, str]) -> str:
+    """HAUL_REDIS_URL; unset, the URL ``haul up`` recorded in ``$HAUL_HOME/redis.url``, so a
+    second shell in the same folder reaches the Redis that ``haul up`` runs; else the default."""
+    value = env.get("HAUL_REDIS_URL", "")
+    if value:
+        return _redis_url(value)
+    path = home_folder(env) / REDIS_URL_FILE
+    try:
+        recorded = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return DEFAULT_REDIS_URL
+    except OSError as exc:
+        raise SettingsError(
+            f"{path} (haul up's Redis URL) cannot be read ({exc.strerror}); set HAUL_REDIS_URL or remove the file"
+        ) from None
+    try:
+        return _redis_url(recorded)
+    except SettingsError:
+        raise SettingsError(
+            f"{path} (haul up's Redis URL) does not hold a redis:// URL; set HAUL_REDIS_URL or remove the file"
+        ) from None
 
 
 def _redis_url(value: str) -> str:

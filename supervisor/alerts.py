@@ -1,5 +1,6 @@
 """What the supervisor tells Sentry: dead tasks, vanished workers, sweeps that raised,
-configuration problems, its own crash; and cron check-ins for every sweep."""
+configuration problems, an unhealthy replica (once per incident), its own crash; and cron
+check-ins for every sweep."""
 
 from __future__ import annotations
 
@@ -44,6 +45,16 @@ def config_problem(text: str) -> None:
     with sentry_sdk.new_scope() as scope:
         scope.fingerprint = ["haul", "config", text.split(":", 1)[0]]
         sentry_sdk.capture_message(f"haul configuration: {text}", level="warning")
+
+
+def unhealthy(node: str, kind: str, reason: str) -> None:
+    """One event when a replica's /healthz turns 503 (not one per check): replicas that see the
+    same cause (a read-only Redis, say) share a fingerprint, so they make one Sentry issue."""
+    with sentry_sdk.new_scope() as scope:
+        scope.set_tag("supervisor", node)
+        scope.set_tag("health", kind)
+        scope.fingerprint = ["haul", "supervisor-unhealthy", kind]
+        sentry_sdk.capture_message(f"haul supervisor {node} is unhealthy: {reason}", level="error")
 
 
 def job_error(job_id: str, exception: BaseException | None) -> None:

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help="run Dramatiq workers for every stage (other options go to dramatiq)")
 
     commands.add_parser("supervisor", help="run the supervisor daemon (sweeps, alerts, /healthz, /metrics)")
-    commands.add_parser("up", help="a local stack for a first run: redis-server if none answers, workers, supervisor")
+    commands.add_parser("up", help="a local stack: its own Redis (or HAUL_REDIS_URL's), workers, supervisor")
 
     webhook = commands.add_parser("webhook", help="webhook helpers")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)

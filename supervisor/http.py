@@ -1,4 +1,5 @@
-"""The supervisor's HTTP endpoint: ``/healthz`` and ``/metrics``."""
+"""The supervisor's HTTP endpoint: ``/healthz`` (200 healthy, 503 with a JSON ``reason``) and
+``/metrics``."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ def create_server(
             if self.path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
-                healthy, body = health()
+                try:
+                    healthy, body = health()
+                except Exception as exc:  # a bug in the check must still answer, and say so
+                    healthy, body = False, {"healthy": False, "reason": f"the health check failed: {exc!r}"}
                 self._send(200 if healthy else 503, json.dumps(body).encode(), "application/json")
             else:
                 self._send(404, b"see /healthz and /metrics\n", "text/plain")

@@ -1,10 +1,14 @@
 """``haul up`` end to end: a terminal's Ctrl-C (SIGINT to the whole foreground process group)
-stops the local stack in order, so the task being downloaded is handed back, not left behind."""
+stops the local stack in order, so the task being downloaded is handed back, not left behind;
+which Redis it uses (its own, recorded for other shells, unless HAUL_REDIS_URL is set) and the
+Redis it refuses."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +19,7 @@ import redis
 
 from actors.store import TaskStore
 from tests.conftest import RedisServer, free_port, part_bytes
-from tests.processes import REPO, stack_env, wait_until
+from tests.processes import REPO, base_env, stack_env, wait_until
 from tests.servers import Origin, Receiver
 
 MIB = 1024 * 1024
@@ -137,3 +141,120 @@ def _answers(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def haul_up(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "up"],
+            cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def stop_up(up: subprocess.Popen[bytes]) -> int:
+    """Ctrl-C, as a terminal sends it; kill what is left if it hangs."""
+    leftovers = descendants(up.pid)
+    if up.poll() is None:
+        os.killpg(up.pid, signal.SIGINT)
+    try:
+        return up.wait(40)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        for process in leftovers:
+            if alive(process):
+                os.kill(process[0], signal.SIGKILL)
+
+
+def haul(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+@pytest.mark.parametrize(("appendonly", "fsync"), [("no", "always"), ("yes", "everysec")])
+def test_haul_up_refuses_a_redis_at_haul_redis_url_that_may_lose_writes(
+    tmp_path: Path, appendonly: str, fsync: str
+) -> None:
+    # Given a redis-server at HAUL_REDIS_URL without an append-only file, or one synced once a second
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    client.config_set("appendonly", appendonly)
+    client.config_set("appendfsync", fsync)
+    env = base_env(HAUL_REDIS_URL=server.url, HAUL_HOME=str(tmp_path / "home"), HAUL_SUPERVISOR_PORT=str(free_port()))
+    up = haul_up(env, tmp_path, tmp_path / "up.log")
+    try:
+        # When haul up starts, it refuses it, says how to fix it, and starts nothing
+        assert up.wait(30) == 2
+        output = (tmp_path / "up.log").read_text()
+        assert f"127.0.0.1:{server.port}" in output and "appendfsync always" in output, output
+        assert "unset HAUL_REDIS_URL" in output, output
+        assert client.hlen("haul:workers") == 0 and not (tmp_path / "home" / "redis").exists()
+    finally:
+        if up.poll() is None:
+            stop_up(up)
+        client.close()
+        server.stop()
+
+
+def test_haul_up_stops_before_starting_anything_when_its_supervisor_port_is_taken(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = base_env(HAUL_SUPERVISOR_PORT=str(port), HAUL_HOME=str(tmp_path / "home"))
+        up = haul_up(env, tmp_path, tmp_path / "up.log")
+        try:
+            assert up.wait(30) == 2
+        finally:
+            if up.poll() is None:
+                stop_up(up)
+    output = (tmp_path / "up.log").read_text()
+    assert f"127.0.0.1:{port} is in use" in output and "HAUL_SUPERVISOR_PORT" in output, output
+    assert not (tmp_path / "home").exists()  # no Redis, no workers
+
+
+def test_without_haul_redis_url_haul_up_runs_its_own_redis_and_other_shells_find_it(
+    tmp_path: Path, origin: Origin
+) -> None:
+    # Given no HAUL_REDIS_URL and no HAUL_HOME: haul up's home is ./.haul
+    env = base_env(HAUL_SUPERVISOR_PORT=str(free_port()), HAUL_WORKER_PROCESSES="1", HAUL_WORKER_THREADS="2")
+    record = tmp_path / ".haul" / "redis.url"
+    up = haul_up(env, tmp_path, tmp_path / "up.log")
+    try:
+        wait_until(record.exists, 20, "haul up to record its Redis")
+        url = record.read_text().strip()
+        client = redis.Redis.from_url(url)
+        wait_until(lambda: _answers(client) and client.hlen("haul:workers") > 0, 20, "haul up's worker to register")
+        # It said which Redis and why, and that Redis keeps every acknowledged write
+        output = (tmp_path / "up.log").read_text()
+        assert "HAUL_REDIS_URL is not set, so haul up runs a redis-server of its own" in output, output
+        assert client.config_get("append*") | client.config_get("dir") == {
+            "appendonly": "yes", "appendfsync": "always", "appendfilename": "appendonly.aof",
+            "appenddirname": "appendonlydir", "dir": str(tmp_path / ".haul" / "redis"),
+        }  # fmt: skip
+        # When another shell in the same folder submits and asks, it reaches that Redis
+        submitted = haul(tmp_path, env, "submit", origin.put("/first.mp4", b"first run"))
+        assert submitted.returncode == 0, submitted.stderr
+        task_id = submitted.stdout.split()[-1]
+
+        def done() -> bool:
+            status = haul(tmp_path, env, "status", task_id, "--json")
+            return status.returncode == 0 and json.loads(status.stdout)["state"] == "done"
+
+        wait_until(done, 30, "the task to be done, as haul status sees it")
+        assert (tmp_path / ".haul" / "storage" / task_id / "first.mp4").read_bytes() == b"first run"
+        client.close()
+    finally:
+        stopped = stop_up(up)
+    assert stopped == 0
+    # Then a second haul up finds the same Redis, on the same port, with its data
+    up = haul_up(env, tmp_path, tmp_path / "up2.log")
+    try:
+        wait_until(lambda: "workers and supervisor running" in (tmp_path / "up2.log").read_text(), 20, "the restart")
+        assert record.read_text().strip() == url
+        status = haul(tmp_path, env, "status", task_id, "--json")
+        assert status.returncode == 0 and json.loads(status.stdout)["state"] == "done", status.stderr
+    finally:
+        stopped = stop_up(up)
+    assert stopped == 0

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from actors.dispatch import enqueue_claim, enqueue_notify
+from actors.dispatch import enqueue_claim, enqueue_finalize, enqueue_notify
 from actors.store import TaskStore
 from actors.submit import submit_spec
 from actors.task import State, spec_from_manifest, spec_from_urls
@@ -84,7 +84,14 @@ def chain_settings(settings: Any) -> Any:
 @pytest.fixture
 def stack(chain_settings: Any, store: TaskStore) -> Iterator[Supervisor]:
     """An in-process worker and a leading supervisor, sweeping every 0.1 s."""
-    sup = Supervisor(chain_settings, store, send_claim=enqueue_claim, send_notify=enqueue_notify, node_id="n")
+    sup = Supervisor(
+        chain_settings,
+        store,
+        send_claim=enqueue_claim,
+        send_notify=enqueue_notify,
+        send_finalize=enqueue_finalize,
+        node_id="n",
+    )
     with installed_runtime(chain_settings, store), in_process_worker(threads=4):
         sup.start()
         try:
@@ -147,7 +154,9 @@ def test_a_notice_is_given_up_after_the_give_up_time(
 ) -> None:
     receiver.down_until = time.time() + 3600
     quick = chain_settings.replace(finalize_give_up_seconds=2.0, retry_min_seconds=0.3, retry_max_seconds=0.6)
-    sup = Supervisor(quick, store, send_claim=enqueue_claim, send_notify=enqueue_notify, node_id="n")
+    sup = Supervisor(
+        quick, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize, node_id="n"
+    )
     caplog.set_level(logging.ERROR, logger="actors.notify")
     with installed_runtime(quick, store), in_process_worker(threads=2):
         sup.start()

@@ -23,7 +23,7 @@ METRIC = re.compile(r"\b(haul_[a-z_]+)")
 
 @pytest.fixture
 def exported(settings: Any, store: TaskStore) -> str:
-    sup = Supervisor(settings, store, send_claim=print, send_notify=print)
+    sup = Supervisor(settings, store, send_claim=print, send_notify=print, send_finalize=print)
     sup.metrics.requeues.labels("lease_expired").inc(0)
     sup.metrics.sweep_errors.labels("requeue_stuck").inc(0)
     sup.metrics.sweep_seconds.labels("requeue_stuck").observe(0.001)

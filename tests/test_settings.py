@@ -11,7 +11,8 @@ from actors.settings import DEFAULT_REDIS_URL, Settings, SettingsError
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
-def test_defaults() -> None:
+def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a folder where no haul up ran
     settings = Settings.from_env({})
     assert settings.redis_url == DEFAULT_REDIS_URL
     assert settings.lease_seconds == 60 and settings.max_attempts == 5
@@ -57,3 +58,21 @@ def test_secret_from_file_and_rotation_list(tmp_path: Path) -> None:
 def test_secret_file_that_cannot_be_read(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="HAUL_WEBHOOK_SECRET_FILE"):
         Settings.from_env({"HAUL_WEBHOOK_SECRET_FILE": str(tmp_path / "missing")})
+
+
+def test_without_haul_redis_url_the_redis_of_haul_up_in_this_folder_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a haul up that recorded its own Redis in ./.haul/redis.url
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".haul").mkdir()
+    (tmp_path / ".haul" / "redis.url").write_text("redis://127.0.0.1:41234/0\n")
+    assert Settings.from_env({}).redis_url == "redis://127.0.0.1:41234/0"
+    # HAUL_REDIS_URL still wins, and HAUL_HOME names another folder
+    assert Settings.from_env({"HAUL_REDIS_URL": "redis://db:6379/1"}).redis_url == "redis://db:6379/1"
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    assert Settings.from_env({"HAUL_HOME": str(other)}).redis_url == DEFAULT_REDIS_URL
+    (other / "redis.url").write_text("http://not-redis\n")
+    with pytest.raises(SettingsError, match="redis.url"):
+        Settings.from_env({"HAUL_HOME": str(other)})

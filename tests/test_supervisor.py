@@ -11,16 +11,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 import requests
 
-from actors.dispatch import enqueue_claim, enqueue_notify
+from actors.dispatch import enqueue_claim, enqueue_finalize, enqueue_notify
 from actors.registry import WorkerInfo, WorkerRegistry
+from actors.store import TaskStore
 from actors.submit import submit_spec
 from actors.task import State, spec_from_manifest
 from supervisor import limits
 from supervisor.daemon import Supervisor
 from supervisor.http import create_server, serve_in_background
 from tests.conftest import in_process_worker, installed_runtime, part_bytes
+from tests.processes import wait_until
 from tests.servers import Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -33,7 +36,14 @@ def fast(settings: Any) -> Any:
 
 @pytest.fixture
 def supervisor(fast: Any, store: Any) -> Iterator[Supervisor]:
-    sup = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, node_id="test-sup")
+    sup = Supervisor(
+        fast,
+        store,
+        send_claim=enqueue_claim,
+        send_notify=enqueue_notify,
+        send_finalize=enqueue_finalize,
+        node_id="test-sup",
+    )
     yield sup
     if sup.scheduler.running:
         sup.stop()
@@ -45,16 +55,23 @@ def fast_runtime(fast: Any, store: Any) -> Iterator[Any]:
         yield rt
 
 
-def test_healthz_and_metrics(supervisor: Supervisor, store: Any) -> None:
+def test_healthz_and_metrics(supervisor: Supervisor, store: Any, redis_url: str) -> None:
     server = create_server("127.0.0.1", 0, supervisor.metrics.registry, supervisor.health)
     serve_in_background(server)
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         supervisor.start()
+        # A leader that sweeps, on a Redis without an append-only file, is not healthy: a Redis
+        # restart would lose acknowledged writes
         health = requests.get(f"{base}/healthz", timeout=5)
-        assert health.status_code == 200
-        body = health.json()
+        assert health.status_code == 503
+        reason = health.json()["reason"]
+        assert "appendonly no" in reason and "`appendonly yes` and `appendfsync always`" in reason, reason
+        store.client.config_set("appendonly", "yes")
+        wait_until(lambda: requests.get(f"{base}/healthz", timeout=5).status_code == 200, 5, "health with AOF on")
+        body = requests.get(f"{base}/healthz", timeout=5).json()
         assert body["role"] == "leader" and body["redis"] == "ok" and body["last_sweep_age_seconds"] < 5
+        assert body["leader"] == "test-sup" and body["persistence"] == "appendonly yes, appendfsync always"
         text = requests.get(f"{base}/metrics", timeout=5).text
         for name in (
             'haul_tasks{state="queued"}', "haul_supervisor_leader 1.0", "haul_last_sweep_age_seconds",
@@ -63,12 +80,39 @@ def test_healthz_and_metrics(supervisor: Supervisor, store: Any) -> None:
         ):  # fmt: skip
             assert name in text, name
         assert requests.get(f"{base}/nope", timeout=5).status_code == 404
-        # A leader whose sweeps stopped is unhealthy
-        supervisor.last_sweep = time.time() - 3600
-        assert requests.get(f"{base}/healthz", timeout=5).status_code == 503
     finally:
         server.shutdown()
         server.server_close()
+        store.client.config_set("appendonly", "no")
+
+
+def test_a_leader_whose_sweeps_fail_is_unhealthy(fast: Any, store: Any, redis_url: str) -> None:
+    # Given a supervisor whose Redis user may run everything but the sweep's first read
+    store.client.config_set("appendonly", "yes")
+    store.client.acl_setuser("haul-sup", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                             categories=["+@all"], commands=["-zrangebyscore"])  # fmt: skip
+    client = redis.Redis.from_url(redis_url, username="haul-sup", password="pw")
+    sup = Supervisor(
+        fast,
+        TaskStore(client),
+        send_claim=enqueue_claim,
+        send_notify=enqueue_notify,
+        send_finalize=enqueue_finalize,
+        node_id="failing",
+    )
+    try:
+        sup.start()
+        # Then it leads, but once its sweeps have failed for a while it says so
+        assert sup.is_leader
+        wait_until(lambda: not sup.health()[0], sup.lock_seconds + 10, "a 503")
+        healthy, body = sup.health()
+        assert body["role"] == "leader" and "requeue sweep has not succeeded" in body["reason"], body
+        assert sup.metrics.sweep_errors.labels("requeue_stuck")._value.get() > 0
+    finally:
+        sup.stop()
+        client.close()
+        store.client.acl_deluser("haul-sup")
+        store.client.config_set("appendonly", "no")
 
 
 def scraped(base: str, sample: str) -> float:
@@ -110,8 +154,12 @@ def test_dead_tasks_are_counted_wherever_they_die(supervisor: Supervisor, store:
 
 
 def test_only_one_of_two_supervisors_leads_and_the_other_takes_over(fast: Any, store: Any) -> None:
-    first = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, node_id="a")
-    second = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, node_id="b")
+    first = Supervisor(
+        fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize, node_id="a"
+    )
+    second = Supervisor(
+        fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize, node_id="b"
+    )
     first.elect()
     second.elect()
     assert first.is_leader and not second.is_leader and store.leader() == "a"
@@ -135,19 +183,33 @@ def test_config_mismatches_are_named(fast: Any, store: Any, caplog: pytest.LogCa
     registry.register(WorkerInfo("w1", "h", 1, ("claim", "finalize"), 3, 0.0), now=time.time())
     problems = limits.check(fast.replace(download_concurrency=5), registry.workers())
     assert any("HAUL_DOWNLOAD_CONCURRENCY=5 is above the 3 worker threads" in p for p in problems), problems
-    sup = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify)
+    sup = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize)
     with caplog.at_level(logging.ERROR):
         assert sup.check_config()
     assert sup.metrics.config_problems._value.get() == len(sup.check_config())
 
 
-def test_redis_without_persistence_is_reported(store: Any) -> None:
-    assert "without persistence" in " ".join(limits.check_redis(store.client))
-    store.client.config_set("appendonly", "yes")
+def test_redis_that_may_lose_acknowledged_writes_is_reported(store: Any) -> None:
+    client = store.client
     try:
-        assert limits.check_redis(store.client) == []
+        for appendonly, fsync, save, expected in (
+            ("no", "always", "3600 1", "RDB snapshots only (save 3600 1)"),  # snapshots lose minutes
+            ("yes", "everysec", "", "loses up to a second of the writes it already acknowledged"),
+            ("yes", "no", "", "appendfsync no"),
+            ("no", "always", "", "no snapshots either"),
+        ):
+            client.config_set("save", save)
+            client.config_set("appendfsync", fsync)
+            client.config_set("appendonly", appendonly)
+            [problem] = limits.check_redis(client)
+            assert expected in problem and "appendfsync always" in problem, problem
+        client.config_set("appendfsync", "always")
+        client.config_set("appendonly", "yes")
+        assert limits.check_redis(client) == []
     finally:
-        store.client.config_set("appendonly", "no")
+        client.config_set("appendonly", "no")
+        client.config_set("appendfsync", "always")
+        client.config_set("save", "")
 
 
 def test_a_graceful_stop_wakes_a_download_blocked_on_a_silent_origin(
