@@ -25,6 +25,11 @@ def enqueue_claim(task_id: str) -> None:
     dramatiq.get_broker().get_actor("claim").send(task_id)
 
 
+def enqueue_finalize(task_id: str, token: int, failing_since: float = 0.0) -> None:
+    """Ask a worker to go on finalizing a resting task (the supervisor re-sending a lost message)."""
+    dramatiq.get_broker().get_actor("finalize").send(task_id, token, failing_since)
+
+
 def enqueue_notify(task_id: str, seq: int | None = None) -> None:
     """Ask a worker to deliver the task.failed or task.canceled an ended task owes: without
     ``seq`` the notice's first try (sent as the task ends; a duplicate does nothing), with it

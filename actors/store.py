@@ -113,6 +113,10 @@ class Claim:
     attempts: int = 0
     detail: str = ""
     task: Task | None = None
+    #: For ``full``: why (``download``, ``download_per_host``, ``staging_bytes``,
+    #: ``finalize_backlog``) and since when the task has been waiting.
+    reason: str = ""
+    waiting_since: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -155,6 +159,8 @@ class TaskStore:
                 "notify_later",
                 "notify_end",
                 "notify_resend",
+                "park",
+                "finalize_resend",
             )  # fmt: skip
         }
 
@@ -237,12 +243,14 @@ class TaskStore:
         max_attempts: int,
         limits: StageLimits = NO_LIMITS,
         start: State = State.CLAIMED,
+        poll_seconds: float = 0.0,
     ) -> Claim:
         """Take the task for one run (attempt + 1, new token, lease, download slots) if it is
         free to take and the limits allow; ``full`` leaves it queued, untouched.
 
         ``start=DOWNLOADING`` enters the download at once, for a caller that goes on with it in
         the same thread; the claim returns the task either way (one round trip for all three).
+        ``poll_seconds`` is the longest a chain told ``full`` waits before it asks again.
         """
         reply = self._call(
             "claim",
@@ -257,12 +265,15 @@ class TaskStore:
             limits.staging_max_bytes,
             limits.finalize_backlog,
             start.value,
+            poll_seconds,
         )
         outcome = _text(reply[0])
         if outcome == "ok":
             fields = dict(zip(reply[4][::2], reply[4][1::2], strict=True))
             task = _task_from(task_id, fields, reply[3]) if reply[3] else None  # None: spec lost
             return Claim(outcome, token=int(reply[1]), attempts=int(reply[2]), task=task)
+        if outcome == "full":
+            return Claim(outcome, detail=_text(reply[2]), reason=_text(reply[1]), waiting_since=float(reply[3]))
         return Claim(outcome, detail=_text(reply[1]) if len(reply) > 1 else "")
 
     def advance(
@@ -280,7 +291,7 @@ class TaskStore:
 
         ``progress`` (bytes done, bytes total, files done) is written in the same step.
         """
-        return self._advance(task_id, token, source, target, now, lease_seconds, 0, progress) == "ok"
+        return self._advance(task_id, token, source, target, now, lease_seconds, 0, progress)[0] == "ok"
 
     def finish_download(
         self,
@@ -291,9 +302,10 @@ class TaskStore:
         lease_seconds: float,
         progress: tuple[int, int, int],
         finalize_limit: int,
-    ) -> str:
+    ) -> tuple[str, int]:
         """``downloading`` -> ``finalizing`` with the final progress, taking a finalize slot in
-        the same step: ``ok`` (slot held), ``full`` (finalizing, waiting for a slot) or ``stale``."""
+        the same step: ``ok`` (slot held, ``token`` kept), ``full`` (finalizing, resting until a
+        slot is free; the new token is for the finalize message) or ``stale``."""
         return self._advance(
             task_id, token, State.DOWNLOADING, State.FINALIZING, now, lease_seconds, finalize_limit, progress
         )
@@ -308,7 +320,7 @@ class TaskStore:
         lease_seconds: float,
         finalize_limit: int,
         progress: tuple[int, int, int] | None,
-    ) -> str:
+    ) -> tuple[str, int]:
         reply = self._call(
             "advance",
             [self.task_key(task_id), self.leases_key],
@@ -321,7 +333,8 @@ class TaskStore:
             finalize_limit,
             *(progress or ()),
         )
-        return _text(reply[0])
+        outcome = _text(reply[0])
+        return outcome, int(reply[1]) if outcome == "full" else token
 
     def heartbeat(
         self,
@@ -400,15 +413,12 @@ class TaskStore:
         reply = self._call("rescue", [self.state_key(State.QUEUED)], now, grace_seconds, limit)
         return [_text(v) for v in reply]
 
-    def prune_ended(self, *, cutoff: float, limit: int = 1000) -> list[tuple[str, State]]:
-        """Delete records of tasks that ended before ``cutoff``; return (id, state) of each."""
+    def prune_ended(self, *, cutoff: float, limit: int = 500) -> list[tuple[str, State]]:
+        """Delete records of tasks that ended before ``cutoff``, one batch of up to ``limit`` per
+        final state (see ``prune_batch``); return (id, state) of each."""
         pruned: list[tuple[str, State]] = []
-        for state in FINAL_STATES:
-            for task_id in self.client.zrangebyscore(self.state_key(state), "-inf", cutoff, start=0, num=limit):
-                tid = _text(task_id)
-                gone = _text(self._call("prune", [self.task_key(tid)], tid, cutoff))
-                if gone:
-                    pruned.append((tid, State(gone)))
+        for state in sorted(FINAL_STATES):
+            pruned += self.prune_batch(state, cutoff=cutoff, limit=limit)[0]
         return pruned
 
     def which_exist(self, task_ids: list[str]) -> list[bool]:
@@ -430,23 +440,60 @@ class TaskStore:
         return _text(value) if value is not None else None
 
     def enter_finalize(
-        self, task_id: str, token: int, *, now: float, lease_seconds: float, limit: int
+        self,
+        task_id: str,
+        token: int,
+        *,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        due: float,
+        failing_since: float = 0.0,
     ) -> tuple[str, int]:
-        """Take a finalize slot (``ok`` and the run's new token), or learn the stage is ``full``
-        (lease renewed, token kept), or that ``token`` is ``stale``."""
-        reply = self._call(
-            "enter_finalize", [self.task_key(task_id), self.leases_key], task_id, token, now, lease_seconds, limit
-        )
+        """Take a finalize slot (``ok``: the run's new token, lease held), or rest until the
+        next message at ``due`` (``full``: the token that message carries), or learn that
+        ``token`` is ``stale``."""
+        keys = [self.task_key(task_id), self.leases_key]
+        reply = self._call("enter_finalize", keys, task_id, token, now, lease_seconds, limit, due, failing_since)
         outcome = _text(reply[0])
-        return outcome, int(reply[1]) if outcome == "ok" else token
+        return outcome, int(reply[1]) if outcome in ("ok", "full") else token
+
+    def park(self, task_id: str, token: int, *, now: float, due: float, failing_since: float, error: str) -> int | None:
+        """Park a finalizing task while its storage or receiver is down, until ``due``, without
+        a lease; return the token for its next finalize message, or None when ``token`` is stale."""
+        reply = self._call("park", [self.task_key(task_id)], task_id, token, now, due, failing_since, error)
+        return int(reply[1]) if _text(reply[0]) == "ok" else None
+
+    def lost_finalizes(self, *, now: float, grace_seconds: float, limit: int = 1000) -> list[tuple[str, int, float]]:
+        """Resting finalizing tasks whose message is overdue by ``grace_seconds`` (it is lost):
+        (id, token, failing since) for each, to send the message again; each once per grace."""
+        reply = self._call("finalize_resend", [f"{self.prefix}resting"], now, grace_seconds, limit)
+        triples = zip(reply[::3], reply[1::3], reply[2::3], strict=True)
+        return [(_text(task_id), int(token), float(since)) for task_id, token, since in triples]
+
+    def claims_sent(self, task_ids: Sequence[str]) -> None:
+        """The claim messages of these requeued tasks went out (see ``unsent_claims``)."""
+        if task_ids:
+            self.client.zrem(f"{self.prefix}outbox:claim", *task_ids)
+
+    def unsent_claims(self, *, before: float, limit: int = 1000) -> list[str]:
+        """Tasks requeued before ``before`` whose claim message was never confirmed sent (the
+        supervisor lost Redis or died between the requeue and the send)."""
+        found = self.client.zrangebyscore(f"{self.prefix}outbox:claim", "-inf", before, start=0, num=limit)
+        return [_text(v) for v in found]
 
     def slots_in_use(self, now: float) -> dict[str, int]:
-        """Live slots per slot set (download, finalize, each host)."""
-        keys = [_text(k) for k in self.client.scan_iter(match=f"{self.prefix}slots:*", count=1000)]
+        """Live slots per slot set (download, finalize, each host): the sets ``slotkeys`` lists
+        that exist (an emptied set's key is gone), in two round trips whatever the keyspace
+        holds, never a scan."""
+        keys = sorted(_text(k) for k in self.client.smembers(f"{self.prefix}slotkeys"))
         pipe = self.client.pipeline(transaction=False)
         for key in keys:
             pipe.zcount(key, now, "+inf")
-        return {key.removeprefix(f"{self.prefix}slots:"): int(n) for key, n in zip(keys, pipe.execute(), strict=True)}
+            pipe.exists(key)
+        replies = pipe.execute()
+        counted = zip(keys, replies[::2], replies[1::2], strict=True)
+        return {key.removeprefix(f"{self.prefix}slots:"): int(n) for key, n, present in counted if present}
 
     def staged_bytes(self) -> int:
         return int(self.client.get(f"{self.prefix}staged:total") or 0)
@@ -525,6 +572,35 @@ class TaskStore:
     def ids(self, state: State, limit: int = 100) -> list[str]:
         """The most recent task ids in ``state``, newest first."""
         return [_text(v) for v in self.client.zrevrange(self.state_key(state), 0, limit - 1)]
+
+    def finalizing_and_parked(self) -> tuple[int, int]:
+        """Tasks finalizing, and how many of them are parked (their storage or receiver is
+        down), read in one round trip: the difference is the backlog that pauses claims."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zcard(self.state_key(State.FINALIZING))
+        pipe.zcard(f"{self.prefix}parked")
+        finalizing, parked = pipe.execute()
+        return int(finalizing), int(parked)
+
+    def claims_refused(self) -> dict[str, int]:
+        """Claims answered ``full`` ever, by reason (``stats:refused``, kept by claim.lua)."""
+        counts: dict[Any, Any] = self.client.hgetall(f"{self.prefix}stats:refused")
+        return {_text(reason): int(n) for reason, n in counts.items()}
+
+    def prune_batch(
+        self, state: State, *, cutoff: float, limit: int, skip: int = 0
+    ) -> tuple[list[tuple[str, State]], int, bool]:
+        """Delete up to ``limit`` records of tasks that ended in ``state`` before ``cutoff``, in
+        one script call (prune.lua lists what goes with each and what is kept).
+
+        Returns (id, state) of each deleted record; how many entries that ended before the
+        cutoff were kept (a notice still owed, say), to pass as ``skip`` to the sweep's next
+        batch; and whether more may be left. It looks at 4 x ``limit`` entries at most, so a
+        long run of kept records at the head of the set is crossed in bounded steps.
+        """
+        reply = self._call("prune", [self.state_key(state)], cutoff, max(limit, 1), 4 * max(limit, 1), skip)
+        pairs = zip(reply[2::2], reply[3::2], strict=True)
+        return [(_text(task_id), State(_text(s))) for task_id, s in pairs], int(reply[0]), bool(reply[1])
 
 
 def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str) -> Task:

@@ -11,17 +11,22 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from actors.registry import WorkerRegistry
+from actors.stages import FINALIZE_BACKLOG_FACTOR
 from actors.store import TaskStore
 
 #: Redis key (after the prefix) counting every transition into ``dead``, written by set_state in
 #: actors/lua/_lib.lua: tasks a worker's run or claim kills too, not only the supervisor's sweep.
 DEAD_TASKS_KEY = "stats:dead"
+#: Why a claim can be refused (claim.lua); each is shown, 0 until it first happens.
+REFUSAL_REASONS = ("download", "download_per_host", "staging_bytes", "finalize_backlog")
 
 
 class _Live(Collector):
-    """Figures read from Redis at scrape time: tasks by state, dead tasks ever, workers, last
-    sweep age. The dead count is a counter kept in Redis, since ``haul_tasks{state="dead"}`` is a
-    gauge that prune lowers, and the supervisor alone never sees a task die in a worker."""
+    """Figures read from Redis at scrape time: tasks by state, dead tasks ever, workers, slots,
+    the finalize backlog and why claims paused, last sweep age. Each is a read of a few known
+    keys (never a scan), so a scrape costs the same with a million tasks stored. The dead count
+    is a counter kept in Redis, since ``haul_tasks{state="dead"}`` is a gauge that prune
+    lowers, and the supervisor alone never sees a task die in a worker."""
 
     def __init__(
         self,
@@ -56,7 +61,27 @@ class _Live(Collector):
         limit = GaugeMetricFamily("haul_stage_limit", "Configured stage limits (0: none)", labels=["stage"])
         for stage, value in self.limits.items():
             limit.add_metric([stage], value)
+        if "finalize_backlog" not in self.limits:  # derived as the workers' claims derive it
+            limit.add_metric(["finalize_backlog"], FINALIZE_BACKLOG_FACTOR * self.limits.get("finalize", 0))
         yield limit
+        finalizing, parked = self.store.finalizing_and_parked()
+        yield GaugeMetricFamily(
+            "haul_tasks_parked",
+            "Finalizing tasks parked while their storage or webhook receiver is down (not in the backlog)",
+            value=parked,
+        )
+        yield GaugeMetricFamily(
+            "haul_finalize_backlog",
+            "Finalizing tasks that count toward the backlog that pauses claims at its limit",
+            value=max(finalizing - parked, 0),
+        )
+        refused = CounterMetricFamily(
+            "haul_claims_refused", "Claims refused by a full stage, by reason", labels=["reason"]
+        )
+        counts = dict.fromkeys(REFUSAL_REASONS, 0) | self.store.claims_refused()
+        for reason, count in counts.items():
+            refused.add_metric([reason], count)
+        yield refused
         yield GaugeMetricFamily("haul_staged_bytes", "Bytes held in staging sandboxes", value=self.store.staged_bytes())
         last = self.last_sweep()
         age = GaugeMetricFamily("haul_last_sweep_age_seconds", "Seconds since this replica last finished a sweep")

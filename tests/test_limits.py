@@ -1,16 +1,22 @@
-"""Stage limits: slots bound to leases, per-host limits counted at a real origin, backpressure."""
+"""Stage limits: slots bound to leases, per-host limits counted at a real origin, backpressure;
+and the configuration check that limits, lease and timing settings agree everywhere."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from actors.registry import WorkerInfo, WorkerLimits, WorkerRegistry
+from actors.settings import Settings
 from actors.store import StageLimits, TaskStore
 from actors.submit import submit_spec
 from actors.task import State, spec_from_manifest, spec_from_urls
+from supervisor import limits
 from tests.conftest import in_process_worker, installed_runtime, wait_for
 from tests.servers import Origin, Receiver
 
@@ -56,12 +62,13 @@ def test_download_slots_move_to_finalize_and_finalize_is_limited(store: TaskStor
         tokens[task_id] = c.token
         store.advance(task_id, c.token, State.CLAIMED, State.DOWNLOADING, now=NOW + 1, lease_seconds=30)
         store.advance(task_id, c.token, State.DOWNLOADING, State.FINALIZING, now=NOW + 1, lease_seconds=30)
-    entered, tokens[a] = store.enter_finalize(a, tokens[a], now=NOW + 2, lease_seconds=30, limit=1)
+    entered, tokens[a] = store.enter_finalize(a, tokens[a], now=NOW + 2, lease_seconds=30, limit=1, due=NOW + 3)
     assert entered == "ok"  # with the run's own token
-    assert store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1)[0] == "full"
-    assert store.enter_finalize(b, tokens[b] - 1, now=NOW + 2, lease_seconds=30, limit=1)[0] == "stale"
+    waiting, new_token = store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1, due=NOW + 3)
+    assert waiting == "full" and new_token != tokens[b]  # the next message carries a new token
+    assert store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1, due=NOW + 3)[0] == "stale"
     assert store.release(a, tokens[a], State.DONE, now=NOW + 3, max_attempts=5) is State.DONE
-    assert store.enter_finalize(b, tokens[b], now=NOW + 4, lease_seconds=30, limit=1)[0] == "ok"
+    assert store.enter_finalize(b, new_token, now=NOW + 4, lease_seconds=30, limit=1, due=NOW + 5)[0] == "ok"
 
 
 def test_a_finished_download_takes_the_finalize_slot_in_the_same_step(store: TaskStore) -> None:
@@ -70,14 +77,16 @@ def test_a_finished_download_takes_the_finalize_slot_in_the_same_step(store: Tas
               for t in (a, b)}  # fmt: skip
     progress = (10, 10, 1)
     done = {"now": NOW + 1, "lease_seconds": 30, "progress": progress, "finalize_limit": 1}
-    assert store.finish_download(a, tokens[a], **done) == "ok"
+    assert store.finish_download(a, tokens[a], **done) == ("ok", tokens[a])
     # b is finalizing all the same, waiting for the slot a holds; a stale token moves nothing
-    assert store.finish_download(b, tokens[b] - 1, **done) == "stale"
-    assert store.finish_download(b, tokens[b], **done) == "full"
+    assert store.finish_download(b, tokens[b] - 1, **done)[0] == "stale"
+    entry, token = store.finish_download(b, tokens[b], **done)
+    assert entry == "full" and token != tokens[b]  # the finalize message holds the task now
     assert store.get(b).state is State.FINALIZING and store.get(b).bytes_done == 10  # type: ignore[union-attr]
-    assert store.enter_finalize(b, tokens[b], now=NOW + 2, lease_seconds=30, limit=1)[0] == "full"
+    entry, token = store.enter_finalize(b, token, now=NOW + 2, lease_seconds=30, limit=1, due=NOW + 3)
+    assert entry == "full"
     store.release(a, tokens[a], State.DONE, now=NOW + 3, max_attempts=5)
-    assert store.enter_finalize(b, tokens[b], now=NOW + 4, lease_seconds=30, limit=1)[0] == "ok"
+    assert store.enter_finalize(b, token, now=NOW + 4, lease_seconds=30, limit=1, due=NOW + 5)[0] == "ok"
     assert store.slots_in_use(NOW + 4) == {"finalize": 1}
 
 
@@ -132,8 +141,67 @@ def test_a_duplicate_finalize_message_cannot_make_a_second_holder(store: TaskSto
     c = store.claim(task_id, worker="w", now=NOW, lease_seconds=30, max_attempts=5, start=State.DOWNLOADING)
     store.finish_download(task_id, c.token, now=NOW + 1, lease_seconds=30, progress=(1, 1, 1), finalize_limit=0)
     # Given a parked finalize whose message Dramatiq delivers twice ...
-    first = store.enter_finalize(task_id, c.token, now=NOW + 2, lease_seconds=30, limit=0)
-    second = store.enter_finalize(task_id, c.token, now=NOW + 2, lease_seconds=30, limit=0)
+    first = store.enter_finalize(task_id, c.token, now=NOW + 2, lease_seconds=30, limit=0, due=NOW + 3)
+    second = store.enter_finalize(task_id, c.token, now=NOW + 2, lease_seconds=30, limit=0, due=NOW + 3)
     # ... the first run gets a token of its own, and the duplicate is turned away
     assert first[0] == "ok" and first[1] > c.token
     assert second[0] == "stale"
+
+
+# -- the configuration check (supervisor/limits.py) --------------------------------------------
+
+
+def test_the_lease_must_leave_room_for_a_renewal_that_waits_on_a_slow_redis_call() -> None:
+    # A run stops writing at 80% of its lease since its last renewal; a renewal (every second)
+    # may wait 10 s (the Redis socket timeout): 0.8 x lease must exceed 1 + 10
+    for lease in (3, 10, 13.75):
+        [problem] = limits.check(Settings(lease_seconds=lease, sweep_seconds=1), [])
+        assert f"HAUL_LEASE_SECONDS={lease:g}" in problem and "raise HAUL_LEASE_SECONDS above 13.75" in problem
+    assert limits.check(Settings(lease_seconds=14, sweep_seconds=1), []) == []
+    assert limits.check(Settings(), []) == []  # the defaults pass every check
+
+
+def test_retention_must_outlast_the_notices_still_owed() -> None:
+    day = 86400.0
+    # One try of a notice: connect 10 s + read 60 s + 5 s; the last is due up to 0.1 s past the give-up
+    assert limits.notice_seconds(Settings(finalize_give_up_seconds=day)) == day + 0.1 + 75
+    for retain in (3600, day, day + 60):  # shorter than the give-up; than the give-up and a last try
+        [problem] = limits.check(Settings(retain_seconds=retain, finalize_give_up_seconds=day), [])
+        assert f"HAUL_RETAIN_SECONDS={retain:g}" in problem and "HAUL_FINALIZE_GIVE_UP_SECONDS=86400" in problem
+        assert "raise HAUL_RETAIN_SECONDS above 86475.1" in problem
+    assert limits.check(Settings(retain_seconds=day + 76, finalize_give_up_seconds=day), []) == []
+
+
+def test_workers_whose_limits_disagree_are_named_and_old_records_still_read(store: TaskStore) -> None:
+    ours = Settings(download_concurrency=4, download_per_host=2, lease_seconds=60)
+    registry = WorkerRegistry(store.client)
+    both = ("claim", "finalize")
+    registry.register(WorkerInfo("w1", "h1", 1, both, 8, 0.0, limits=WorkerLimits.of(ours)), now=time.time())
+    registry.register(WorkerInfo("w2", "h1", 2, both, 8, 0.0, limits=WorkerLimits.of(ours)), now=time.time())
+    other = WorkerLimits.of(ours.replace(download_concurrency=3, lease_seconds=30))
+    registry.register(WorkerInfo("w3", "h2", 3, both, 8, 0.0, limits=other), now=time.time())
+    # A record written by an older haul, without limits
+    old = {"host": "h3", "pid": 4, "queues": list(both), "threads": 8, "started": 0.0}
+    store.client.hset("haul:workers", "w4", json.dumps(old))
+    store.client.zadd("haul:workers:seen", {"w4": time.time()})
+    workers = {w.id: w for w in registry.workers()}
+    assert workers["w4"].limits is None and workers["w4"].threads == 8
+    assert workers["w3"].limits == other
+    problems = [p for p in limits.check(ours, list(workers.values())) if "not the same everywhere" in p]
+    assert len(problems) == 2, problems
+    concurrency, lease = problems
+    assert "HAUL_DOWNLOAD_CONCURRENCY=3 on worker w3; HAUL_DOWNLOAD_CONCURRENCY=4 on workers w1, w2" in concurrency
+    assert "this supervisor has HAUL_DOWNLOAD_CONCURRENCY=4" in concurrency
+    assert "HAUL_LEASE_SECONDS=30 on worker w3; HAUL_LEASE_SECONDS=60 on workers w1, w2" in lease
+    assert "w4" not in " ".join(problems)
+    # A worker alone can disagree with the supervisor
+    [alone] = limits.check(ours.replace(staging_max_bytes=10**9), [workers["w1"]])
+    assert "HAUL_STAGING_MAX_BYTES=0 on worker w1; this supervisor has HAUL_STAGING_MAX_BYTES=1000000000" in alone
+
+
+def test_a_worker_registers_the_limits_and_lease_it_runs_with(settings: Any, store: TaskStore) -> None:
+    own = settings.replace(download_concurrency=6, download_per_host=2, finalize_concurrency=3,
+                           staging_max_bytes=MIB, lease_seconds=20)  # fmt: skip
+    with installed_runtime(own, store), in_process_worker(threads=2):
+        [worker] = WorkerRegistry(store.client).workers()
+    assert worker.limits == WorkerLimits(6, 2, 3, MIB, 20.0)

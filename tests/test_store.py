@@ -115,7 +115,7 @@ def finalizing(store: TaskStore, now: float = NOW, **kw: Any) -> tuple[str, int]
     entry = store.finish_download(
         task_id, c.token, now=now + 1, lease_seconds=30, progress=(5, 5, 1), finalize_limit=0
     )  # fmt: skip
-    assert entry == "ok"
+    assert entry == ("ok", c.token)
     return task_id, c.token
 
 
@@ -160,7 +160,7 @@ def test_a_lease_lost_while_announcing_queues_the_task_again_however_many_attemp
     again = claim(store, swept, now=NOW + 41, max_attempts=1, start=State.DOWNLOADING)
     assert again.ok and again.task is not None and again.task.run == 0
     assert store.finish_download(swept, again.token, now=NOW + 42, lease_seconds=30, progress=(5, 5, 1),
-                                 finalize_limit=0) == "ok"  # fmt: skip
+                                 finalize_limit=0)[0] == "ok"  # fmt: skip
     assert store.announce(swept, again.token, now=NOW + 43, lease_seconds=30)
     assert store.release(swept, again.token, State.DONE, now=NOW + 44, max_attempts=1) is State.DONE
     assert store.client.zcard(store.notify_key) == 0 and store.counts()[State.DEAD] == 0
@@ -190,14 +190,21 @@ def test_a_retry_after_a_cancel_waits_for_the_old_holders_fence(store: TaskStore
     assert claim(store, task_id, now=NOW + 31.5).ok
 
 
-def test_a_renewal_never_shortens_a_lease(store: TaskStore) -> None:
-    # Given a finalize parked for 900 s (its lease covers the pause) ...
+def test_a_parked_finalize_holds_no_lease_and_its_message_holds_the_task(store: TaskStore) -> None:
+    # Given a finalize parked for 900 s while its receiver is down ...
     task_id, token = finalizing(store)
-    assert store.advance(task_id, token, State.FINALIZING, State.FINALIZING, now=NOW + 2, lease_seconds=960)
-    # ... a renewal that was already on its way lands after the park: the pause stays covered
-    assert store.heartbeat(task_id, token, now=NOW + 2, lease_seconds=30, bytes_done=5, bytes_total=5, files_done=1)
-    assert store.get(task_id).lease_until == NOW + 962  # type: ignore[union-attr]
-    assert store.expired(NOW + 100) == []
+    parked = store.park(task_id, token, now=NOW + 2, due=NOW + 902, failing_since=NOW + 2, error="503")
+    assert parked is not None and parked != token
+    # ... a renewal of the run that parked it, already on its way, is refused: no lease again
+    assert not store.heartbeat(task_id, token, now=NOW + 2, lease_seconds=30, bytes_done=5, bytes_total=5, files_done=1)
+    # However late its message comes, nothing expires it, a stray claim does not take it, and
+    # only the token the message carries enters
+    assert store.expired(NOW + 5000) == []
+    assert claim(store, task_id, now=NOW + 5000).outcome == "busy"
+    assert store.enter_finalize(task_id, token, now=NOW + 5000, lease_seconds=30, limit=0, due=0)[0] == "stale"
+    entered, run_token = store.enter_finalize(task_id, parked, now=NOW + 5000, lease_seconds=30, limit=0, due=0)
+    assert entered == "ok" and store.get(task_id).attempts == 1  # type: ignore[union-attr]
+    assert store.client.zcard(f"{store.prefix}resting") == 0 and store.client.zcard(f"{store.prefix}parked") == 0
 
 
 def test_the_announcement_time_is_the_first_one_of_the_run(store: TaskStore) -> None:

@@ -9,7 +9,16 @@
 --                          sorted sets, task id scored by the lease deadline of the task holding
 --                          a slot: a slot whose lease ran out is free again (a dead worker's too)
 --   $prefix staged         hash, task id -> bytes its sandbox holds; $prefix staged:total their sum
+--   $prefix slotkeys       set: the name of every slot sorted set in use (read by /metrics, no scan)
+--   $prefix resting        sorted set: 'finalizing' tasks between runs (waiting for a finalize slot
+--                          or parked while storage or their receiver is down), scored by when their
+--                          finalize message is due; they hold no lease (see rest())
+--   $prefix parked         sorted set: those of them parked for an outage, which do not count
+--                          toward the finalize backlog that pauses claims
+--   $prefix outbox:claim   sorted set: tasks the supervisor queued again whose claim message may not
+--                          be sent yet, by when they were queued (supervisor/sweeps.py)
 --   $prefix stats:dead     counter: transitions into 'dead' ever (haul_dead_tasks_total)
+--   $prefix stats:refused  hash: claims answered 'full', by reason (haul_claims_refused_total)
 
 local prefix = ARGV[1]
 
@@ -49,6 +58,9 @@ local function free_slots(task_key, id)
   if held and held ~= '' then
     for key in string.gmatch(held, '[^ ]+') do
       redis.call('ZREM', key, id)
+      if redis.call('ZCARD', key) == 0 then  -- keeps slotkeys as small as the hosts in use
+        redis.call('SREM', prefix .. 'slotkeys', key)
+      end
     end
   end
   redis.call('HSET', task_key, 'slots', '')
@@ -62,6 +74,13 @@ local function renew_slots(task_key, id, deadline)
       redis.call('ZADD', key, 'XX', deadline, id)
     end
   end
+end
+
+-- A 'finalizing' task stops resting (its message arrived, or it left the state).
+local function stop_resting(task_key, id)
+  redis.call('ZREM', prefix .. 'resting', id)
+  redis.call('ZREM', prefix .. 'parked', id)
+  redis.call('HDEL', task_key, 'resting')
 end
 
 -- Take one slot in `key` unless `limit` (0: none) slots are held by live leases.
@@ -83,6 +102,7 @@ local function take_finalize_slot(task_key, id, limit, now, deadline)
     return false
   end
   redis.call('ZADD', key, deadline, id)
+  redis.call('SADD', prefix .. 'slotkeys', key)
   redis.call('HSET', task_key, 'slots', key)
   return true
 end
@@ -104,6 +124,12 @@ local function set_state(task_key, id, old, new, now)
   if old then
     redis.call('ZREM', prefix .. 'state:' .. old, id)
   end
+  if old == 'finalizing' and new ~= 'finalizing' then
+    stop_resting(task_key, id)
+  end
+  if old == 'queued' then
+    redis.call('HDEL', task_key, 'waiting_since')
+  end
   redis.call('ZADD', prefix .. 'state:' .. new, now, id)
   if new == 'dead' then
     redis.call('INCR', prefix .. 'stats:dead')
@@ -111,4 +137,24 @@ local function set_state(task_key, id, old, new, now)
   if new == 'failed' or new == 'dead' or new == 'canceled' then
     redis.call('ZADD', prefix .. 'notify', now, id)
   end
+end
+
+-- Let a 'finalizing' task wait between runs without a lease: the time its finalize message then
+-- spends in a queue behind busy threads must not expire it (an expired lease would queue it
+-- again and use up a download attempt). Its slots are freed; `why` is 'slot' (waiting for a
+-- finalize slot, which counts toward the backlog) or 'outage' (storage or its receiver is
+-- down: parked, not counted, so one tenant's dead receiver cannot pause every claim). The
+-- message is the holder now: it carries the new token returned here, and the run that rested
+-- the task is fenced off. The supervisor re-sends a message that is overdue (finalize_resend.lua).
+local function rest(task_key, id, now, due, why, failing_since)
+  free_slots(task_key, id)
+  redis.call('ZREM', prefix .. 'leases', id)
+  redis.call('HSET', task_key, 'lease_until', 0, 'resting', why, 'failing_since', failing_since, 'updated_at', now)
+  redis.call('ZADD', prefix .. 'resting', due, id)
+  if why == 'outage' then
+    redis.call('ZADD', prefix .. 'parked', due, id)
+  else
+    redis.call('ZREM', prefix .. 'parked', id)
+  end
+  return next_token(task_key)
 end

@@ -10,7 +10,9 @@
 -- ARGV[7]  lease length (seconds)
 -- ARGV[8]  finalize slots (0: no limit), when the new state is 'finalizing'
 -- ARGV[9..11] (optional) bytes done, bytes total, files done: progress written in the same step
--- Returns {'ok'} | {'full'} (now finalizing, but no finalize slot was free) | {'stale', current state or ''}
+-- Returns {'ok'} | {'full', new token} (now finalizing, resting until a finalize slot is free:
+-- see rest() in _lib.lua; the next finalize message carries the new token)
+--       | {'stale', current state or ''}
 local id, now, lease = ARGV[2], tonumber(ARGV[6]), tonumber(ARGV[7])
 local t = redis.call('HMGET', KEYS[1], 'state', 'token')
 if t[2] ~= ARGV[3] or t[1] ~= ARGV[4] then
@@ -29,6 +31,6 @@ renew_slots(KEYS[1], id, now + lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 if ARGV[5] == 'finalizing' and t[1] ~= 'finalizing'
     and not take_finalize_slot(KEYS[1], id, tonumber(ARGV[8]), now, now + lease) then
-  return {'full'}
+  return {'full', rest(KEYS[1], id, now, now, 'slot', 0)}
 end
 return {'ok'}

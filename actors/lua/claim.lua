@@ -14,9 +14,14 @@
 -- ARGV[10] finalize backlog (0: none): with this many tasks finalizing, claims pause
 -- ARGV[11] state to enter at once ('claimed' or 'downloading': a worker that starts the
 --          download in the same thread saves a round trip)
+-- ARGV[12] longest pause (seconds) before a message chain told 'full' asks again
 -- Returns {'ok', token, attempts, spec JSON, HGETALL of the task} | {'missing'} | {'final', state}
---       | {'busy', lease_until} | {'wait', not_before} | {'dead', attempts} | {'full', what is full}
--- A 'full' claim changes nothing: the task stays queued and is offered again later.
+--       | {'busy', lease_until or when a resting task's message is due} | {'wait', not_before}
+--       | {'dead', attempts} | {'full', reason, what is full, waiting since}
+-- A 'full' claim leaves the task queued, to be offered again by the message chain that asked:
+-- it records that the chain is alive (the queued score becomes the latest time its next claim
+-- is due, so the supervisor's orphan rescue sends no second one), since when the task waits,
+-- and why (stats:refused).
 local id, now, lease, worker, max_attempts = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local t = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'not_before', 'attempts')
 local state = t[1]
@@ -35,6 +40,9 @@ elseif is_active(state) then
   if tonumber(t[2] or '0') > now then
     return {'busy', t[2]}
   end
+  if redis.call('HGET', KEYS[1], 'resting') then  -- a stray duplicate: its finalize message holds it
+    return {'busy', redis.call('ZSCORE', prefix .. 'resting', id) or '0'}
+  end
   -- The lease ran out: the run that held it is over and already counted. It ends dead once
   -- its attempts are used, unless its completion is being announced ('announcing' equals the
   -- current run, see announce.lua): the receiver may hold task.completed already, so this
@@ -51,28 +59,39 @@ local download_limit, host_limit = tonumber(ARGV[7]), tonumber(ARGV[8])
 local staging_max, backlog = tonumber(ARGV[9]), tonumber(ARGV[10])
 local wanted = {}
 if download_limit > 0 then
-  table.insert(wanted, {prefix .. 'slots:download', download_limit})
+  table.insert(wanted, {prefix .. 'slots:download', download_limit, 'download'})
 end
 if host_limit > 0 then
   for host in string.gmatch(redis.call('HGET', KEYS[1], 'hosts') or '', '[^ ]+') do
-    table.insert(wanted, {prefix .. 'slots:host:' .. host, host_limit})
+    table.insert(wanted, {prefix .. 'slots:host:' .. host, host_limit, 'download_per_host'})
   end
+end
+local function full(reason, what)
+  redis.call('HINCRBY', prefix .. 'stats:refused', reason, 1)
+  if state ~= 'queued' then  -- a duplicate claim of a run whose lease ran out: the sweep requeues it
+    return {'full', reason, what, now}
+  end
+  redis.call('HSETNX', KEYS[1], 'waiting_since', now)
+  redis.call('ZADD', prefix .. 'state:queued', 'XX', now + tonumber(ARGV[12]), id)
+  return {'full', reason, what, redis.call('HGET', KEYS[1], 'waiting_since')}
 end
 for _, slot in ipairs(wanted) do
   if not slot_free(slot[1], id, slot[2], now) then
-    return {'full', slot[1]}
+    return full(slot[3], slot[1]:sub(#prefix + 1))
   end
 end
 if staging_max > 0 and not redis.call('HGET', prefix .. 'staged', id)
     and tonumber(redis.call('GET', prefix .. 'staged:total') or '0') >= staging_max then
-  return {'full', 'staging byte budget'}
+  return full('staging_bytes', 'staging byte budget')
 end
-if backlog > 0 and redis.call('ZCARD', prefix .. 'state:finalizing') >= backlog then
-  return {'full', 'finalize backlog'}
+-- Tasks parked while their storage or receiver is down use no finalize capacity: not counted.
+if backlog > 0 and redis.call('ZCARD', prefix .. 'state:finalizing') - redis.call('ZCARD', prefix .. 'parked') >= backlog then
+  return full('finalize_backlog', 'finalize backlog')
 end
 local held = {}
 for _, slot in ipairs(wanted) do
   redis.call('ZADD', slot[1], now + lease, id)
+  redis.call('SADD', prefix .. 'slotkeys', slot[1])
   table.insert(held, slot[1])
 end
 redis.call('HSET', KEYS[1], 'slots', table.concat(held, ' '))
@@ -80,5 +99,6 @@ local token = next_token(KEYS[1])
 attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 set_state(KEYS[1], id, state, ARGV[11], now)
 redis.call('HSET', KEYS[1], 'lease_until', now + lease, 'worker', worker, 'not_before', 0)
+redis.call('HDEL', KEYS[1], 'waiting_since')
 redis.call('ZADD', KEYS[2], now + lease, id)
 return {'ok', token, attempts, redis.call('GET', KEYS[3]) or '', redis.call('HGETALL', KEYS[1])}

@@ -8,8 +8,7 @@
 -- ARGV[5]  lease length (seconds)
 -- ARGV[6..8] (optional) bytes done, bytes total (known so far), files done
 -- Returns 1 when renewed, 0 when the token is stale or the task is no longer active.
--- A renewal never shortens a lease: one that lands just after a park extended the lease over
--- its pause (stages._park) must not cut the pause short.
+-- A renewal never shortens a lease (one that lands after a longer grant must not cut it short).
 local now, lease = tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = redis.call('HMGET', KEYS[1], 'state', 'token', 'lease_until')
 if t[2] ~= ARGV[3] or not is_active(t[1]) then

@@ -22,6 +22,10 @@ end
 if tonumber(t[2] or '0') > now then
   return {'skip', state}  -- renewed since it was listed
 end
+if redis.call('HGET', KEYS[1], 'resting') then
+  redis.call('ZREM', KEYS[2], id)  -- resting: its message holds it, not a lease
+  return {'skip', state}
+end
 local attempts = tonumber(t[3] or '0')
 local reason = 'lease expired during ' .. state .. ' on worker ' .. (t[4] or '?') .. ' (stopped, killed or hung)'
 next_token(KEYS[1])
@@ -37,4 +41,7 @@ if announcing(KEYS[1]) then
 end
 set_state(KEYS[1], id, state, 'queued', now)
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'not_before', 0, 'error', reason)
+-- Until the supervisor confirms its claim message went out (a lost connection in between
+-- would leave the task without one until the orphan rescue, minutes later).
+redis.call('ZADD', prefix .. 'outbox:claim', now, id)
 return {'queued', attempts}

@@ -611,14 +611,164 @@ def bench_redis(bench: Bench, tasks: int = 10_000, idle_seconds: float = 10) -> 
     }
 
 
+def copies(store: Any, template: str, count: int, *, keyed: bool = False) -> list[str]:
+    """``count`` records like ``template``'s (its fields, spec and state entry) under new ids,
+    each with its own idempotency key when ``keyed``: what create, claim and release leave,
+    written pipelined instead of three fsynced scripts per task."""
+    import uuid
+
+    from actors.task import State
+
+    fields = store.client.hgetall(store.task_key(template))
+    spec = store.client.get(store.spec_key(template))
+    state = State(fields[b"state"].decode())
+    score = store.client.zscore(store.state_key(state), template)
+    pipe = store.client.pipeline(transaction=False)
+    ids = []
+    for _ in range(count):
+        task_id = uuid.uuid4().hex
+        record = dict(fields)
+        if keyed:
+            record[b"key"] = f"bench-{task_id}"
+            pipe.set(f"{store.prefix}key:bench-{task_id}", task_id)
+        pipe.hset(store.task_key(task_id), mapping=record)
+        pipe.set(store.spec_key(task_id), spec)
+        pipe.zadd(store.state_key(state), {task_id: score})
+        ids.append(task_id)
+        if len(pipe) >= 4000:
+            pipe.execute()
+    pipe.execute()
+    return ids
+
+
+def bench_prune(bench: Bench, records: int = 20_000) -> dict[str, Any]:
+    """10: prune, records deleted per second, from 20,000 done tasks (each with an idempotency
+    key) past their retention; and what that sustains with one sweep a minute."""
+    from actors.store import TaskStore
+    from actors.task import State, spec_from_manifest
+    from supervisor import sweeps
+    from supervisor.daemon import PRUNE_SECONDS
+
+    client = redis.Redis(port=bench.redis_port, db=3)
+    store = TaskStore(client)
+    staging = bench.root / "prune-staging"
+    staging.mkdir(exist_ok=True)
+    retain = 3600.0
+
+    def run() -> tuple[float, int, int]:
+        now = time.time()
+        spec = spec_from_manifest({"key": "template", "files": [{"url": "https://cdn.example.com/v.mp4", "path": "v"}]})
+        template, _ = store.create(spec, now=now)
+        claim = store.claim(template, worker="bench:1", now=now, lease_seconds=60, max_attempts=5)
+        store.release(template, claim.token, State.DONE, now=now, max_attempts=5)
+        copies(store, template, records - 1, keyed=True)
+        sweeps_run, first = 0, 0
+        started = time.perf_counter()
+        while store.counts()[State.DONE]:
+            outcome = sweeps.prune(store, staging, now + retain + 1, retain_seconds=retain)
+            sweeps_run, first = sweeps_run + 1, first or sum(outcome.values())
+        took = time.perf_counter() - started
+        if client.dbsize() != 1:  # the staged bytes total (0) only
+            raise RuntimeError(f"prune left {client.dbsize()} keys")
+        return records / took, first, sweeps_run
+
+    rounds = [run() for _ in range(bench.runs)]
+    rate = med([r[0] for r in rounds])
+    # A sweep a minute, each removing what it finds up to its time budget
+    per_sweep = rounds[0][1] if rounds[0][1] < records else rate * sweeps.DEFAULT_PRUNE_BUDGET_SECONDS
+    client.flushdb()
+    return {
+        "prune records/s": round(rate),
+        f"records one sweep removed (of {records})": rounds[0][1],
+        f"sustained records/s (one sweep per {PRUNE_SECONDS:.0f} s)": round(per_sweep / PRUNE_SECONDS, 1),
+    }
+
+
+def bench_scrape(bench: Bench, tasks: int = 100_000, claimed: int = 200, hosts: int = 20) -> dict[str, Any]:
+    """11: one GET of the supervisor's /metrics with 100,000 tasks stored (some 300,000 keys),
+    200 of them holding download slots on 20 hosts."""
+    import urllib.request
+
+    from actors.registry import WorkerRegistry
+    from actors.store import StageLimits, TaskStore
+    from actors.task import State, spec_from_manifest
+    from supervisor.http import create_server, serve_in_background
+    from supervisor.metrics import Metrics
+
+    client = redis.Redis(port=bench.redis_port, db=4)
+    store = TaskStore(client)
+    now = time.time()
+
+    def task(n: int, key: str | None = None) -> str:
+        entry = {"url": f"https://cdn{n % hosts}.example.com/v{n}.mp4", "path": "v.mp4"}
+        return store.create(spec_from_manifest({"files": [entry], **({"key": key} if key else {})}), now=now)[0]
+
+    done = task(0, key="template")
+    claim = store.claim(done, worker="bench:1", now=now, lease_seconds=60, max_attempts=5)
+    store.release(done, claim.token, State.DONE, now=now, max_attempts=5)
+    copies(store, done, tasks - claimed - tasks // 10 - 1, keyed=True)
+    copies(store, task(1), tasks // 10 - 1)  # queued
+    limits = StageLimits(downloads=claimed, downloads_per_host=claimed)
+    for n in range(claimed):
+        store.claim(task(n), worker="bench:1", now=now, lease_seconds=3600, max_attempts=5, limits=limits)
+    limit_settings = {"download": claimed, "download_per_host": claimed, "finalize": 4, "staging_bytes": 0}
+    metrics = Metrics(store, WorkerRegistry(client, store.prefix), lambda: now, limit_settings)
+    server = create_server("127.0.0.1", 0, metrics.registry, lambda: (True, {}))
+    serve_in_background(server)
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+
+    def scrape() -> float:
+        started = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=30) as response:
+            body = response.read()
+        took = time.perf_counter() - started
+        if b'haul_stage_slots_in_use{slots="download"} ' + str(claimed).encode() not in body:
+            raise RuntimeError("the scrape does not show the download slots in use")
+        return took
+
+    try:
+        scrape()
+        before = int(client.info("stats")["total_commands_processed"])
+        times = [scrape() for _ in range(20)]
+        per_scrape = (int(client.info("stats")["total_commands_processed"]) - before - 1) / len(times)
+    finally:
+        server.shutdown()
+        server.server_close()
+    stored = sum(store.counts().values())
+    keys = client.dbsize()
+    client.flushdb()
+    return {
+        "tasks stored": stored,
+        "keys in the database": keys,
+        "scrape ms (median of 20)": round(med(times) * 1000, 2),
+        "scrape ms (slowest of 20)": round(max(times) * 1000, 2),
+        "Redis commands per scrape": round(per_scrape, 1),
+    }
+
+
+def compare(results: dict[str, Any]) -> None:
+    """Figures of two benchmarks of the same run set side by side."""
+    if "prune" in results and "throughput" in results:
+        prune, throughput = results["prune"], results["throughput"]["haul tasks/s"]
+        sustained = next(v for k, v in prune.items() if k.startswith("sustained"))
+        prune["haul tasks/s (throughput, same run)"] = throughput
+        prune["sustained prune / haul tasks/s"] = round(sustained / throughput, 1)
+        prune["prune records/s / haul tasks/s"] = round(prune["prune records/s"] / throughput, 1)
+        print("prune vs throughput")
+        for key in list(prune)[-3:]:
+            print(f"  {key}: {prune[key]}", flush=True)
+
+
 BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "download": bench_download,
     "end_to_end": bench_end_to_end,
     "rss": bench_rss,
     "throughput": bench_throughput,
+    "prune": bench_prune,
     "pickup": bench_pickup,
     "recovery_resume": bench_recovery_and_resume,
     "sweep": bench_sweep,
+    "scrape": bench_scrape,
     "redis": bench_redis,
 }
 
@@ -644,6 +794,7 @@ def main() -> None:
             print(f"{name} ({time.monotonic() - started:.0f}s)", flush=True)
             for key, value in results[name].items():
                 print(f"  {key}: {value}", flush=True)
+        compare(results)
     finally:
         bench.close()
         (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
