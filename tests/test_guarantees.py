@@ -18,7 +18,14 @@ tasks run, at random moments:
   victims are mostly workers that hold a task, preferably one whose file just changed;
 - ``haul cancel ID`` through the real CLI (``python -m supervisor.cli cancel ID``), mostly on
   tasks that are finalizing, some on tasks that already ended; exit 0 = canceled, exit 1 =
-  refused (the completion is being announced, or the task had ended), both recorded.
+  refused (the completion is being announced, or the task had ended), both recorded;
+- Redis forgetting its latest writes (a host crash with AOF everysec, an RDB-only Redis
+  restarted from its last snapshot, a replica that had not caught up promoted): the test
+  copies Redis's append-only folder, and 1.5-5 s later SIGKILLs Redis and starts it, on the
+  same port, from that copy. Tasks whose submission Redis forgot are submitted again with
+  the same idempotency key (they get a new task id; the forgotten id is checked apart), and
+  every other one is submitted again too (its key must still name it). Throughout, a sampler
+  reads every task's fencing token and holder (the claim's worker) ten times a second.
 
 Two tasks in twelve carry a file that must fail for good (a wrong sha256 in the manifest, or
 a URL the origin answers 404). Then it waits until every task reached a final state and the
@@ -53,6 +60,31 @@ process, and checks:
   than the test explains are listed in the report as a note.
 - P5  staging holds nothing for done tasks (unless the test SIGKILLed the worker just after
   it marked the task done, before its clean-up).
+- R0  a rollback loses nothing acknowledged before its copy was taken: every task created
+  before the copy still exists after the restore, and submitting it again with its key
+  returns the same task.
+- R1  a fencing token is never issued twice: one token of a task is never seen with two
+  holders, and a token first seen after others is larger than all of them (a token issued
+  after a restore is above every token issued before it; a counter would go back).
+- R2  a task is never done twice with different files: every ``task.completed`` delivery of
+  a task (of a forgotten task id too) names files that storage holds as it arrives, with the
+  same bytes for every delivery, and a done task's files at the end are those bytes.
+
+What a rollback cannot undo, excused and listed in the report under "rollback" (never
+excused: R0, R1, P1's whole versions, P3's one webhook-id): when Redis forgets how a task
+ended (its ``task.completed``, ``task.failed`` or ``task.canceled`` went out before the
+restore, and in the copy the task had not ended, nor, for ``task.completed``, started to
+announce), the task runs again. It downloads its files again and announces again under the
+same webhook-id, with the new announcement's timestamp in the body; if the origin changed a
+file meanwhile, storage now holds the newer version, which the second ``task.completed``
+describes (R2 excused when the versions only move forward; the body differs from the first).
+Since Redis forgot the first announcement, a cancel can now win: the backend may hear
+``task.canceled`` after ``task.completed``, and the files stay in storage (P1/P2 excused for
+that task). A cancel acknowledged between copy and restore may be forgotten (P2 excused for
+cancels overlapping that window, exit codes other than 0/1 while Redis was down included).
+A forgotten task id that completed before the restore leaves its files in storage (they must
+still be whole versions), and the backend hears completions of two task ids for one key. A
+rollback may cost a task one more run (P4).
 
 Run (CI size, 24 tasks: 30-50 s when every notice arrives, about 80 s when some never do,
 since it then waits out the settle time)::
@@ -73,6 +105,7 @@ The full report (every violation, every stop, cancel and replacement) is written
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import signal
@@ -83,10 +116,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from actors.task import State, Task, spec_from_manifest
 from tests.processes import REPO, Process
@@ -120,6 +155,10 @@ TERM_GRACE_SECONDS = 20.0
 ANNOUNCE_SLACK = 3.0
 #: Lines per property in the assertion message (the report file has all).
 MESSAGE_LINES = 25
+#: A Redis restore comes this long (seconds) after its copy was taken.
+ROLLBACK_DELAY_SECONDS = (1.5, 5.0)
+#: The token sampler's pause between two reads of every task (seconds).
+SAMPLE_SECONDS = 0.1
 
 
 def timeout_for(count: int) -> int:
@@ -140,6 +179,11 @@ def settle_seconds(count: int) -> float:
 def chaos_seconds(count: int) -> float:
     """How long faults are injected (after that the run only waits for the tasks to end)."""
     return 20 + 1.0 * count
+
+
+def rollbacks_for(count: int) -> int:
+    """Redis rollbacks in a run: two in the CI size, one per 30 tasks in a long run."""
+    return max(2, count // 30)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -179,6 +223,9 @@ class TaskPlan:
     files: list[FilePlan]
     arrival: float
     task_id: str = ""
+    #: The manifest it was submitted with, and when the submission was acknowledged.
+    manifest: dict[str, Any] = field(default_factory=dict)
+    submitted_at: float = 0.0
 
     @property
     def bad(self) -> bool:
@@ -277,6 +324,95 @@ class Replacement:
     how: str
 
 
+@dataclass
+class Rollback:
+    """A copy of Redis's data, and the SIGKILL and restart from it a few seconds later."""
+
+    copied_at: float
+    copy: Path
+    #: time.monotonic() when the restore is due.
+    due: float
+    killed_at: float = 0.0
+    back_at: float = 0.0
+    #: Every task of the run as Redis held it right after the restart (None: forgotten).
+    restored: dict[str, Task | None] = field(default_factory=dict)
+    #: Forgotten task id -> the id its submission again got.
+    resubmitted: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Completion:
+    """A ``task.completed`` delivery, with the sha256 of each file it names as storage held it
+    when the delivery arrived ('' for a file storage did not hold)."""
+
+    task_id: str
+    webhook_id: str
+    at: float
+    timestamp: str
+    files: dict[str, str]
+
+
+class TokenSampler:
+    """R1: reads every task's fencing token and holder (the worker of the claim that issued it;
+    requeue, cancel, retry and finalize issue tokens without changing it) ten times a second,
+    and records a token seen with two holders, or a new token below one seen before."""
+
+    def __init__(self, url: str, key: Callable[[str], str], ids: Callable[[], list[str]], t0: float) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        self.key, self.ids, self.t0 = key, ids, t0
+        self.holder: dict[tuple[str, int], tuple[str, float]] = {}
+        self.highest: dict[str, int] = {}
+        self.violations: list[str] = []
+        self.samples = 0
+        #: Held while Redis is restored: the first read after it takes the restored tokens as seen.
+        self.paused = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="token-sampler", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(SAMPLE_SECONDS):
+            with self.paused:
+                try:
+                    self.sample(restored=False)
+                except redis.RedisError:
+                    pass  # Redis restarting, or a worker stop in the way: the next read
+
+    def sample(self, *, restored: bool) -> None:
+        """Read every task's token; ``restored``: right after a restore, whose tokens may be
+        old ones never seen (issued and replaced between two reads before the restore)."""
+        ids = self.ids()
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hmget(self.key(task_id), "token", "worker")
+        at = time.time()
+        for task_id, (token, worker) in zip(ids, pipe.execute(), strict=True):
+            if token is None:
+                continue
+            value, holder = int(token), (worker or b"").decode()
+            seen = self.holder.get((task_id, value))
+            if seen is None:
+                if not restored and value < self.highest.get(task_id, 0):
+                    self.violations.append(
+                        f"task {task_id}: token {value} (holder {holder!r}) first seen at +{at - self.t0:.1f}s, "
+                        f"below token {self.highest[task_id]} seen before: tokens went back"
+                    )
+                self.holder[(task_id, value)] = (holder, at)
+                self.highest[task_id] = max(self.highest.get(task_id, 0), value)
+            elif seen[0] != holder:
+                self.violations.append(
+                    f"task {task_id}: token {value} held by {seen[0]!r} (seen at +{seen[1] - self.t0:.1f}s) and by "
+                    f"{holder!r} (at +{at - self.t0:.1f}s): one token issued twice"
+                )
+                self.holder[(task_id, value)] = (holder, at)
+        self.samples += 1
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(10)
+        self.client.close()
+
+
 def group_pids() -> dict[int, set[int]]:
     """Process group -> pids, from /proc."""
     groups: dict[int, set[int]] = defaultdict(set)
@@ -324,6 +460,14 @@ def short(digest: str) -> str:
     return digest[:12]
 
 
+def _epoch(timestamp: str) -> float:
+    """Seconds since the epoch of an event's ISO timestamp (infinity if it has none)."""
+    try:
+        return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("inf")
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -354,6 +498,15 @@ class Run:
         self.submitted = 0
         self.ended: set[str] = set()
         self.phase_times: dict[str, float] = {}
+        self.rollback_rng = random.Random(seed * 7919 + 4)
+        self.rollbacks: list[Rollback] = []
+        self.pending: Rollback | None = None
+        #: Task ids whose submission Redis forgot (submitted again under a new id).
+        self.forgotten: dict[str, TaskPlan] = {}
+        self.completions: list[Completion] = []
+        self.sampler: TokenSampler | None = None
+        self.lost: list[str] = []  # R0
+        self.undone: list[str] = []  # what the rollbacks undid (excused), filled by check()
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -406,7 +559,26 @@ class Run:
     def _replacer(self, origin_path: str, how: str) -> Callable[[], None]:
         return lambda: self.replace(origin_path, how)
 
+    def record_completion(self, delivery: Delivery) -> None:
+        """R2: what storage holds of each file a task.completed names, as it arrives."""
+        try:
+            event = delivery.event
+        except ValueError:
+            return
+        if event.get("type") != "task.completed" or not delivery.verified:
+            return
+        files = {}
+        for f in event.get("data", {}).get("files", []):
+            try:
+                files[str(f["path"])] = hashlib.sha256(Path(f["location"]).read_bytes()).hexdigest()
+            except (OSError, KeyError, TypeError):
+                files[str(f.get("path"))] = ""
+        completion = Completion(task_of(delivery), delivery.id, delivery.at, str(event.get("timestamp")), files)
+        with self.lock:
+            self.completions.append(completion)
+
     def on_delivery(self, delivery: Delivery) -> None:
+        self.record_completion(delivery)
         with self.lock:
             slow = self.receiver_rng.random() < RECEIVER_SLOW_SHARE
             pause = self.receiver_rng.uniform(*SLOW_DELIVERY_SECONDS)
@@ -423,8 +595,6 @@ class Run:
                     self.holding -= 1
 
     def submit_due(self) -> None:
-        from dramatiq import Message
-
         now = time.time() - self.t0
         while self.submitted < len(self.plans) and self.plans[self.submitted].arrival <= now:
             plan = self.plans[self.submitted]
@@ -440,18 +610,38 @@ class Run:
                     entry["sha256"] = hashlib.sha256(b"other bytes" if f.bad else data).hexdigest()
                 entries.append(entry)
                 self.origin.fault(f.origin_path, *self.faults_for(f))
-            manifest = {
+            plan.manifest = {
                 "name": f"guarantee {plan.index}",
                 "key": f"guarantee-{self.seed}-{plan.index}",
                 "files": entries,
             }
-            task_id, _ = self.stack.store.create(spec_from_manifest(manifest), now=time.time())
+            task_id, _ = self.stack.store.create(spec_from_manifest(plan.manifest), now=time.time())
+            plan.submitted_at = time.time()
             plan.task_id = task_id
-            self.by_id[task_id] = plan
+            with self.lock:
+                self.by_id[task_id] = plan
             for f in plan.files:
                 self.by_origin_path[f.origin_path] = (plan, f)
-            self.broker.enqueue(Message(queue_name="claim", actor_name="claim", args=(task_id,), kwargs={}, options={}))
+            self.send_claim(task_id)
             self.submitted += 1
+
+    def send_claim(self, task_id: str) -> None:
+        from dramatiq import Message
+
+        message = Message(queue_name="claim", actor_name="claim", args=(task_id,), kwargs={}, options={})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.broker.enqueue(message)
+                return
+            except redis.ConnectionError:  # a stale connection to the Redis before a restore
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def known_ids(self) -> list[str]:
+        with self.lock:
+            return [*self.by_id, *self.forgotten]
 
     def tasks(self, ids: list[str] | None = None) -> dict[str, Task]:
         found = {}
@@ -604,6 +794,78 @@ class Run:
         if candidates:
             self.replace(candidates[int(r * len(candidates))], "chaos: changed while a body was in flight")
 
+    # -- Redis rollbacks ---------------------------------------------------------------------
+
+    def take_copy(self, delay: float) -> None:
+        """Copy Redis's data now; the restore from it is due ``delay`` seconds later."""
+        at = time.time()
+        copy = self.stack.redis.snapshot(self.tmp_path / f"redis-copy-{len(self.rollbacks) + 1}")
+        self.pending = Rollback(at, copy, time.monotonic() + delay)
+        self.rollbacks.append(self.pending)
+
+    def restore(self) -> None:
+        """SIGKILL Redis and start it from the pending copy; read what it came back with, and
+        submit every task again with its key (a new id for a task Redis forgot)."""
+        rollback, self.pending = self.pending, None
+        assert rollback is not None and self.sampler is not None
+        with self.sampler.paused:
+            rollback.killed_at = time.time()
+            self.stack.redis.restore(rollback.copy)
+            rollback.back_at = time.time()
+            rollback.restored = {task_id: self.stack.store.get(task_id) for task_id in self.known_ids()}
+            self.sampler.sample(restored=True)
+        self.ended = {i for i, t in rollback.restored.items() if t is not None and t.state.final}
+        for plan in self.plans[: self.submitted]:
+            old = plan.task_id
+            task_id, created = self.stack.store.create(spec_from_manifest(plan.manifest), now=time.time())
+            if rollback.restored.get(old) is not None:
+                if task_id != old or created:
+                    self.lost.append(
+                        f"task {old} (#{plan.index}) survived the restore at {self.rel(rollback.killed_at)}, but "
+                        f"submitting it again with its key gave task {task_id} (created: {created})"
+                    )
+                continue
+            if plan.submitted_at < rollback.copied_at:
+                self.lost.append(
+                    f"task {old} (#{plan.index}), submitted at {self.rel(plan.submitted_at)}, is gone after the "
+                    f"restore at {self.rel(rollback.killed_at)} of a copy taken at {self.rel(rollback.copied_at)}"
+                )
+            rollback.resubmitted[old] = task_id
+            plan.task_id = task_id
+            with self.lock:
+                self.forgotten[old] = self.by_id.pop(old)
+                self.by_id[task_id] = plan
+            if created:
+                self.send_claim(task_id)
+
+    def rolled_back_ends(self) -> dict[str, str]:
+        """Tasks whose end Redis forgot: a task.completed, task.failed or task.canceled went out
+        before a restore whose copy had the task neither ended nor (for task.completed)
+        announcing; with the evidence."""
+        found: dict[str, str] = {}
+        ends = ("task.completed", "task.failed", "task.canceled")
+        received = [d for d in self.receiver.received() if d.verified and d.event.get("type") in ends]
+        for rollback in self.rollbacks:
+            for task_id, task in rollback.restored.items():
+                if task is None or task.state.final:
+                    continue
+                for d in received:
+                    if task_of(d) != task_id or run_of(d) != task.run:
+                        continue
+                    kind = d.event["type"]
+                    if kind == "task.completed":
+                        announced = _epoch(str(d.event.get("timestamp")))
+                        lost = not task.announced and announced < rollback.killed_at
+                    else:
+                        lost = d.at < rollback.back_at
+                    if lost and task_id not in found:
+                        found[task_id] = (
+                            f"{kind} received at {self.rel(d.at)}, yet Redis restored at "
+                            f"{self.rel(rollback.killed_at)} (copy of {self.rel(rollback.copied_at)}) had the task "
+                            f"{task.state.value}" + ("" if kind != "task.completed" else ", not announcing")
+                        )
+        return found
+
     # -- phases -----------------------------------------------------------------------------
 
     def execute(self) -> None:
@@ -616,6 +878,7 @@ class Run:
         self.workers = [self.start_worker() for _ in range(WORKERS)]
         self.supervisor = self.stack.supervisor()
         self.t0 = time.time()
+        self.sampler = TokenSampler(self.stack.redis.url, self.stack.store.task_key, self.known_ids, self.t0)
         rng = self.chaos_rng
         start = time.monotonic()
         chaos_end = start + chaos_seconds(self.count)
@@ -624,10 +887,21 @@ class Run:
         next_stop = start + rng.uniform(3, 5)
         next_replace = start + rng.uniform(1, 3)
         next_cancel = start + rng.uniform(3, 6)
+        # Copies, each restored 1.5-5 s later: the first while tasks still arrive (so Redis forgets
+        # some submissions), the others in equal slices of the busiest part of the run
+        first = 2 + self.rollback_rng.uniform(0, 0.8 * min(15.0, 0.5 * self.count))
+        later, more = first + ROLLBACK_DELAY_SECONDS[1] + 1, rollbacks_for(self.count) - 1
+        span = max(3 + min(0.6 * self.count, chaos_seconds(self.count) - 10) - later, 4.0) / max(more, 1)
+        copies = [start + first] + [start + later + span * (k + self.rollback_rng.random()) for k in range(more)]
         while time.monotonic() < deadline:
             self.submit_due()
             self.reap()
-            if self.all_ended():
+            if self.pending is not None and time.monotonic() >= self.pending.due:
+                self.restore()
+            elif self.pending is None and copies and time.monotonic() >= copies[0]:
+                copies.pop(0)
+                self.take_copy(self.rollback_rng.uniform(*ROLLBACK_DELAY_SECONDS))
+            if self.all_ended() and self.pending is None:
                 break
             now = time.monotonic()
             if now < chaos_end:
@@ -707,6 +981,8 @@ class Run:
 
     def close_all(self) -> None:
         """Every process this run started, whatever happened (safe to call twice)."""
+        if self.sampler is not None:
+            self.sampler.stop()
         for w in self.workers:
             w.close()
         self.reap(force=True)
@@ -728,8 +1004,11 @@ class Run:
     def check(self) -> tuple[dict[str, list[str]], list[str], str]:
         """Violations per property, notes, and the summary line."""
         tasks = self.tasks()
-        violations: dict[str, list[str]] = {p: [] for p in ("P0", "P1", "P2", "P3", "P4", "P5")}
+        violations: dict[str, list[str]] = {p: [] for p in ("P0", "P1", "P2", "P3", "P4", "P5", "R0", "R1", "R2")}
         notes: list[str] = []
+        #: What a rollback cannot undo (see the module docstring): excused, and listed.
+        undone: list[str] = []
+        rolled = self.rolled_back_ends()
         received = self.receiver.received()
         by_task: dict[str, list[Delivery]] = defaultdict(list)
         for d in received:
@@ -739,12 +1018,28 @@ class Run:
             if "SIGKILL" in stop.kind:
                 hits.update(stop.held)
         replaced: Counter[str] = Counter(r.task_id for r in self.replacements)
+        rollback_runs: Counter[str] = Counter(
+            task_id
+            for rollback in self.rollbacks
+            for task_id, task in rollback.restored.items()
+            if task is not None and not task.state.final
+        )
 
         def label(task_id: str) -> str:
             task = tasks.get(task_id)
-            plan = self.by_id.get(task_id)
-            state = task.state.value if task else "missing record"
+            plan = self.by_id.get(task_id) or self.forgotten.get(task_id)
+            state = (
+                task.state.value
+                if task
+                else "forgotten by a rollback"
+                if task_id in self.forgotten
+                else "missing record"
+            )
             return f"task {task_id} (#{plan.index if plan else '?'}, {state})"
+
+        def in_window(started: float, ended: float) -> bool:
+            """Whether [started, ended] overlaps a rollback's copy-to-restart window."""
+            return any(r.copied_at <= ended and started <= r.back_at + 1 for r in self.rollbacks)
 
         def show(ds: list[Delivery]) -> str:
             return "[" + ", ".join(f"{d.event.get('type', '?')} {d.answered} {self.rel(d.at)}" for d in ds) + "]"
@@ -784,11 +1079,9 @@ class Run:
                     folders.append(rel)
                 else:
                     present[rel] = p
-        for rel, (task_id, f) in sorted(expected.items()):
-            if rel not in present:
-                violations["P1"].append(f"{label(task_id)}: storage lacks {f.path!r}")
-                continue
-            data = present[rel].read_bytes()
+
+        def whole_version(task_id: str, f: FilePlan, data: bytes) -> bool:
+            """P1: ``data`` is one whole version the origin served for ``f``."""
             digest = hashlib.sha256(data).hexdigest()
             versions = list(self.origin.versions.get(f.origin_path, []))
             served = self.origin.served_etags.get(f.origin_path, set())
@@ -802,12 +1095,22 @@ class Run:
                     f"{label(task_id)}: {f.path!r} (origin {f.origin_path}) holds {len(data)} bytes sha256 "
                     f"{short(digest)}, no version the origin served ({listing}): {describe_bytes(data, versions)}"
                 )
-                continue
+                return False
             if not any(etag_of(versions[i - 1]) in served for i in matches):
                 violations["P1"].append(
                     f"{label(task_id)}: {f.path!r} is version {matches[0]} of {f.origin_path}, "
                     "which the origin never sent"
                 )
+            return True
+
+        for rel, (task_id, f) in sorted(expected.items()):
+            if rel not in present:
+                violations["P1"].append(f"{label(task_id)}: storage lacks {f.path!r}")
+                continue
+            data = present[rel].read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if not whole_version(task_id, f, data):
+                continue
             if (
                 f.declares == "sha256+size"
                 and digest != hashlib.sha256(version_bytes(self.seed, f.origin_path, 1, f.size)).hexdigest()
@@ -820,8 +1123,19 @@ class Run:
         for rel in sorted(set(present) - set(expected)):
             owner = rel.split("/", 1)[0]
             what = "a temporary" if ".haul-tmp" in rel or rel.rsplit("/", 1)[-1].startswith(".") else "a file"
-            whose = label(owner) if owner in tasks else "no task of this run"
-            violations["P1"].append(f"storage holds {rel!r}: {what} of {whose}, not a file of a done task")
+            whose = label(owner) if owner in tasks or owner in self.forgotten else "no task of this run"
+            line = f"storage holds {rel!r}: {what} of {whose}, not a file of a done task"
+            plan = self.forgotten.get(owner) or (self.by_id.get(owner) if owner in rolled else None)
+            f = next((f for f in plan.files if f"{owner}/{f.path}" == rel), None) if plan else None
+            if f is None or plan is None:
+                violations["P1"].append(line)
+            elif whole_version(owner, f, present[rel].read_bytes()):
+                why = (
+                    "Redis forgot the task"
+                    if owner in self.forgotten
+                    else f"Redis forgot how it ended: {rolled[owner]}"
+                )
+                undone.append(f"{line} ({why}; a whole version)")
         needed = {"/".join(rel.split("/")[:n]) for rel in expected for n in range(1, rel.count("/") + 1)}
         stray_folders = [d for d in folders if d not in needed]
         if stray_folders:
@@ -829,6 +1143,9 @@ class Run:
 
         # P2 and P3: what the receiver got
         for task_id, task in tasks.items():
+            p2 = violations["P2"]
+            if task_id in rolled:  # a contradiction Redis could not know of: listed under "rollback"
+                violations["P2"] = []
             ds = by_task.get(task_id, [])
             mine = [d for d in ds if run_of(d) == task.run]
             acc = [d for d in mine if d.verified and 200 <= d.answered < 300]
@@ -863,60 +1180,61 @@ class Run:
                     violations["P3"].append(
                         f"{where}: delivery {d.id!r} at {self.rel(d.at)} has a signature that does not verify"
                     )
-        unknown = sorted({task_of(d) for d in received} - set(tasks))
+            if task_id in rolled:
+                undone += [f"{item} (Redis forgot how it ended: {rolled[task_id]})" for item in violations["P2"]]
+                violations["P2"] = p2
+        for task_id in self.forgotten:
+            ds = by_task.get(task_id, [])
+            ids = {d.id for d in ds if d.event.get("type") == "task.completed"}
+            if ids and ids != {f"{task_id}.task.completed.0"}:
+                violations["P3"].append(f"{label(task_id)}: task.completed came with webhook-ids {sorted(ids)}")
+            if any(not d.verified for d in ds):
+                violations["P3"].append(f"{label(task_id)}: a delivery's signature does not verify: {show(ds)}")
+            if ids:
+                undone.append(
+                    f"{label(task_id)}: completed before Redis forgot it; its key's task "
+                    f"{self.forgotten[task_id].task_id} completes too (the backend hears two task ids for one key)"
+                )
+        unknown = sorted({task_of(d) for d in received} - set(tasks) - set(self.forgotten))
         if unknown:
             violations["P3"].append(f"deliveries for tasks this run did not submit: {unknown[:5]}")
 
         # P2: cancels
         for call in self.cancels:
-            task = tasks.get(call.task_id)
-            state = task.state if task else None
-            head = (
-                f"{label(call.task_id)}: `haul cancel` at {self.rel(call.started)}-{self.rel(call.ended)} "
-                f"(was {call.state_before}) exited {call.code} ({call.output!r})"
-            )
-            if call.code == 0:
-                if state is not State.CANCELED:
-                    violations["P2"].append(f"{head}, but the task ended {state.value if state else '?'}")
-            elif call.code == 1:
-                if state is State.CANCELED:
-                    violations["P2"].append(f"{head}, but the task ended canceled")
-                elif state is State.DONE and task is not None:
-                    arrivals = [d.at for d in by_task.get(call.task_id, []) if d.event.get("type") == "task.completed"]
-                    first = min(arrivals) if arrivals else None
-                    stopped = any(
-                        call.task_id in s.held and call.started - 1 <= s.at <= (first or s.at) for s in self.stops
-                    )
-                    if first is not None and first > call.ended + ANNOUNCE_SLACK and not stopped:
-                        violations["P2"].append(
-                            f"{head}: refused, but the first task.completed reached the receiver only at "
-                            f"{self.rel(first)}, so its announcement had not started; the cancel should have won"
-                        )
-                elif state in (State.FAILED, State.DEAD) and task is not None and task.updated_at > call.ended + 1:
-                    violations["P2"].append(
-                        f"{head}: refused, but the task only ended {state.value} at {self.rel(task.updated_at)} "
-                        "and never announced completion; the cancel should have won"
-                    )
-            else:
-                violations["P2"].append(f"{head}: neither 0 (canceled) nor 1 (refused)")
+            p2 = violations["P2"]
+            excused = call.task_id in rolled or call.task_id in self.forgotten or in_window(call.started, call.ended)
+            if excused:
+                violations["P2"] = []
+            self.check_cancel(call, tasks, by_task, violations)
+            if excused:
+                undone += [f"{item} (overlapping a Redis rollback)" for item in violations["P2"]]
+                violations["P2"] = p2
 
         # P4: dead tasks
         for task_id, task in tasks.items():
             plan = self.by_id[task_id]
-            explained = hits[task_id] + plan.scripted_faults + replaced[task_id]
+            explained = hits[task_id] + plan.scripted_faults + replaced[task_id] + rollback_runs[task_id]
             if task.state is State.DEAD and explained < MAX_ATTEMPTS:
                 violations["P4"].append(
                     f"{label(task_id)}: dead after {task.attempts} attempts ({task.error!r}); the test's SIGKILLs hit "
-                    f"it {hits[task_id]} time(s) and it had {plan.scripted_faults} scripted origin fault(s) and "
-                    f"{replaced[task_id]} replacement(s), fewer than HAUL_MAX_ATTEMPTS={MAX_ATTEMPTS}: runs were "
-                    "lost while a live worker served it"
+                    f"it {hits[task_id]} time(s) and it had {plan.scripted_faults} scripted origin fault(s), "
+                    f"{replaced[task_id]} replacement(s) and {rollback_runs[task_id]} Redis rollback(s) while running, "
+                    f"fewer than HAUL_MAX_ATTEMPTS={MAX_ATTEMPTS}: runs were lost while a live worker served it"
                 )
             elif task.attempts > 1 + explained and not plan.bad:
                 notes.append(
                     f"{label(task_id)}: {task.attempts} attempts, more than 1 + {hits[task_id]} SIGKILL hit(s) + "
-                    f"{plan.scripted_faults} scripted fault(s) + {replaced[task_id]} replacement(s) explain; "
-                    f"error {task.error!r}"
+                    f"{plan.scripted_faults} scripted fault(s) + {replaced[task_id]} replacement(s) + "
+                    f"{rollback_runs[task_id]} rollback(s) explain; error {task.error!r}"
                 )
+
+        # R0, R1, R2: Redis rollbacks
+        violations["R0"] += self.lost
+        if self.sampler is not None:
+            violations["R1"] += self.sampler.violations
+        self.check_completions(tasks, rolled, received, violations, undone, label)
+        if self.sampler is not None and self.sampler.samples < 10:
+            violations["R1"].append(f"the token sampler read Redis only {self.sampler.samples} times")
 
         # P5: staging of done tasks
         staging = Path(self.stack.env["HAUL_STAGING_DIR"])
@@ -948,11 +1266,137 @@ class Run:
             f"cancels {len(self.cancels)} (exit 0: {sum(c.code == 0 for c in self.cancels)}, exit 1: "
             f"{sum(c.code == 1 for c in self.cancels)}), "
             f"deliveries {len(received)} (held past the lease {self.slow_deliveries}, answered 500 "
-            f"{sum(1 for d in received if d.answered == 500)}); run {self.phase_times.get('run', 0):.0f}s, "
+            f"{sum(1 for d in received if d.answered == 500)}); Redis rollbacks {len(self.rollbacks)} (tasks "
+            f"forgotten {len(self.forgotten)}, ends forgotten {len(rolled)}, excused {len(undone)}; token samples "
+            f"{self.sampler.samples if self.sampler else 0}); run {self.phase_times.get('run', 0):.0f}s, "
             f"settle {self.phase_times.get('settle', 0):.0f}s; violations "
             + ", ".join(f"{p} {len(v)}" for p, v in violations.items())
         )
+        self.undone = undone
         return violations, notes, summary
+
+    def check_completions(
+        self,
+        tasks: dict[str, Task],
+        rolled: dict[str, str],
+        received: list[Delivery],
+        violations: dict[str, list[str]],
+        undone: list[str],
+        label: Callable[[str], str],
+    ) -> None:
+        """R2: the task.completed deliveries of a task name the same bytes, which storage holds
+        as each arrives and still holds at the end; and (P3) one body per webhook-id, except the
+        timestamp of a run that announced again because Redis forgot the first announcement."""
+        by_task: dict[str, list[Completion]] = defaultdict(list)
+        for c in self.completions:
+            by_task[c.task_id].append(c)
+        newer: set[str] = set()  # tasks run again after a rollback that fetched newer versions
+        for task_id, completions in sorted(by_task.items()):
+            plan = self.by_id.get(task_id) or self.forgotten.get(task_id)
+            if plan is None:
+                continue  # deliveries for tasks this run did not submit: P3
+            for c in completions:
+                missing = sorted(path for path, digest in c.files.items() if not digest)
+                if missing:
+                    violations["R2"].append(
+                        f"{label(task_id)}: {c.webhook_id} at {self.rel(c.at)} names {missing}, "
+                        "which storage does not hold"
+                    )
+            task = tasks.get(task_id)
+            finals: dict[str, str] = {}
+            if task is not None and task.state is State.DONE:
+                for f in plan.files:
+                    try:
+                        finals[f.path] = hashlib.sha256(
+                            (self.stack.storage / task_id / f.path).read_bytes()
+                        ).hexdigest()
+                    except OSError:
+                        finals[f.path] = ""  # P1 reports it
+            versions: dict[str, list[str]] = {}
+            for f in plan.files:
+                served = [hashlib.sha256(v).hexdigest() for v in self.origin.versions.get(f.origin_path, [])]
+                ordered = [c.files[f.path] for c in sorted(completions, key=lambda c: c.at) if c.files.get(f.path)]
+                final = finals.get(f.path, "")
+                if len(set(ordered) | ({final} - {""})) <= 1:
+                    continue
+                numbers = [served.index(d) + 1 if d in served else 0 for d in ordered]
+                line = (
+                    f"{label(task_id)}: {f.path!r} was versions {numbers} of {f.origin_path} (0: none the origin "
+                    f"served) in its task.completed deliveries, in order ({', '.join(short(d) for d in ordered)}), "
+                    f"and storage holds {short(final) or '-'} at the end"
+                )
+                if final and ordered and final != ordered[-1]:
+                    violations["R2"].append(f"{line}: storage changed after the last task.completed")
+                elif task_id in rolled and 0 not in numbers and numbers == sorted(numbers):
+                    versions[f.path] = [f"v{n}" for n in numbers]
+                else:
+                    violations["R2"].append(f"{line}: done twice with different files")
+            if versions:
+                newer.add(task_id)
+                undone.append(
+                    f"{label(task_id)}: done twice with different files {versions}: Redis forgot how it ended "
+                    f"({rolled[task_id]}), and the run after the restore downloaded the origin's newer version "
+                    "(storage now holds it, under the same webhook-id as the first task.completed)"
+                )
+        for task_id in sorted(set(tasks) | set(self.forgotten)):
+            ds = [d for d in received if task_of(d) == task_id and d.event.get("type") == "task.completed"]
+            bodies = {d.body for d in ds}
+            if len(bodies) <= 1:
+                continue
+            stamps = sorted({str(d.event.get("timestamp")) for d in ds})
+            data = {json.dumps(d.event.get("data"), sort_keys=True) for d in ds}
+            line = f"{label(task_id)}: {len(bodies)} bodies under webhook-id(s) {sorted({d.id for d in ds})}"
+            if task_id in rolled and (len(data) == 1 or task_id in newer):
+                undone.append(
+                    f"{line}, timestamps {stamps}, {len(data)} different data: announced again after Redis forgot "
+                    f"({rolled[task_id]})"
+                )
+            else:
+                violations["P3"].append(f"{line} (timestamps {stamps}, {len(data)} different data)")
+
+    def check_cancel(
+        self,
+        call: CancelCall,
+        tasks: dict[str, Task],
+        by_task: dict[str, list[Delivery]],
+        violations: dict[str, list[str]],
+    ) -> None:
+        """P2 for one ``haul cancel``: its exit status agrees with how the task ended."""
+        task = tasks.get(call.task_id)
+
+        def label(task_id: str) -> str:
+            plan = self.by_id.get(task_id) or self.forgotten.get(task_id)
+            return f"task {task_id} (#{plan.index if plan else '?'}, {task.state.value if task else 'no record'})"
+
+        state = task.state if task else None
+        head = (
+            f"{label(call.task_id)}: `haul cancel` at {self.rel(call.started)}-{self.rel(call.ended)} "
+            f"(was {call.state_before}) exited {call.code} ({call.output!r})"
+        )
+        if call.code == 0:
+            if state is not State.CANCELED:
+                violations["P2"].append(f"{head}, but the task ended {state.value if state else '?'}")
+        elif call.code == 1:
+            if state is State.CANCELED:
+                violations["P2"].append(f"{head}, but the task ended canceled")
+            elif state is State.DONE and task is not None:
+                arrivals = [d.at for d in by_task.get(call.task_id, []) if d.event.get("type") == "task.completed"]
+                first = min(arrivals) if arrivals else None
+                stopped = any(
+                    call.task_id in s.held and call.started - 1 <= s.at <= (first or s.at) for s in self.stops
+                )
+                if first is not None and first > call.ended + ANNOUNCE_SLACK and not stopped:
+                    violations["P2"].append(
+                        f"{head}: refused, but the first task.completed reached the receiver only at "
+                        f"{self.rel(first)}, so its announcement had not started; the cancel should have won"
+                    )
+            elif state in (State.FAILED, State.DEAD) and task is not None and task.updated_at > call.ended + 1:
+                violations["P2"].append(
+                    f"{head}: refused, but the task only ended {state.value} at {self.rel(task.updated_at)} "
+                    "and never announced completion; the cancel should have won"
+                )
+        else:
+            violations["P2"].append(f"{head}: neither 0 (canceled) nor 1 (refused)")
 
     def report(self, violations: dict[str, list[str]], notes: list[str], summary: str) -> str:
         lines = [summary, self.replay(), ""]
@@ -963,6 +1407,15 @@ class Run:
         if notes:
             lines.append("notes:")
             lines += [f"  - {n}" for n in notes]
+        lines.append("rollback (what Redis forgot, excused):")
+        lines += [f"  - {item}" for item in self.undone]
+        lines.append("rollbacks:")
+        lines += [
+            f"  - copy at {self.rel(r.copied_at)}, SIGKILL at {self.rel(r.killed_at)}, back at {self.rel(r.back_at)}; "
+            f"restored {dict(Counter(t.state.value if t else 'forgotten' for t in r.restored.values()))}; "
+            f"submitted again under new ids: {r.resubmitted}"
+            for r in self.rollbacks
+        ]
         lines.append("stops:")
         lines += [
             f"  - {s.kind} {s.log} at {self.rel(s.at)}, held {sorted(s.held)}, "
@@ -1028,6 +1481,8 @@ def test_guarantees_hold_under_randomized_timing(
     print(summary)
     for note in notes[:10]:
         print(f"note: {note}")
+    for item in run.undone[:10]:
+        print(f"rollback: {item}")
     if any(violations.values()):
         lines = [summary, run.replay(), f"full report: {tmp_path / 'guarantees-report.txt'} (logs beside it)"]
         for prop, items in violations.items():
