@@ -254,6 +254,17 @@ def installed_runtime(settings: Any, store: Any) -> Iterator[Any]:
         runtime_module.install(None)
 
 
+def dramatiq_supervisor(settings: Any, store: Any, node_id: str = "test-sup") -> Any:
+    """A supervisor replica whose sweeps send real messages through this process's broker."""
+    from actors.dispatch import enqueue_claim, enqueue_finalize, enqueue_notify
+    from supervisor.daemon import Supervisor
+
+    return Supervisor(
+        settings, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize,
+        node_id=node_id,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def runtime(settings: Any, store: Any) -> Iterator[Any]:
     with installed_runtime(settings, store) as rt:

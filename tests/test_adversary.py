@@ -24,7 +24,7 @@ from actors.sandbox import Sandbox
 from actors.storage import LocalStorage
 from actors.submit import submit_spec
 from actors.task import FileSpec, spec_from_manifest
-from tests.conftest import in_process_worker, installed_runtime, wait_for
+from tests.conftest import dramatiq_supervisor, in_process_worker, installed_runtime, wait_for
 from tests.processes import running, wait_until
 from tests.servers import Delivery, Fault, Origin, Receiver
 from tests.test_faults import Stack
@@ -83,22 +83,12 @@ def test_a_receiver_slower_than_the_lease_gets_task_completed_once(
 def test_an_origin_pause_shorter_than_the_read_timeout_keeps_the_task(
     settings: Any, store: Any, origin: Origin, receiver: Receiver
 ) -> None:
-    from actors.dispatch import enqueue_claim, enqueue_finalize, enqueue_notify
-    from supervisor.daemon import Supervisor
-
     # Given a lease of 2 s, a read timeout of 5 s and an origin that pauses 4 s mid-body ...
     fast = settings.replace(lease_seconds=2, sweep_seconds=0.2, read_timeout_seconds=5)
     data = os.urandom(3 * MIB)
     url = origin.put("/pause.mp4", data)
     origin.fault("/pause.mp4", Fault("stall", after=MIB, seconds=4))
-    sup = Supervisor(
-        fast,
-        store,
-        send_claim=enqueue_claim,
-        send_notify=enqueue_notify,
-        send_finalize=enqueue_finalize,
-        node_id="test-sup",
-    )
+    sup = dramatiq_supervisor(fast, store, node_id="test-sup")
     with installed_runtime(fast, store), in_process_worker(threads=2):
         sup.start()
         try:

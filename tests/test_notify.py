@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from actors.dispatch import enqueue_claim, enqueue_finalize, enqueue_notify
+from actors.dispatch import enqueue_notify
 from actors.store import TaskStore
 from actors.submit import submit_spec
 from actors.task import State, spec_from_manifest, spec_from_urls
 from supervisor.daemon import Supervisor
-from tests.conftest import in_process_worker, installed_runtime, wait_for
+from tests.conftest import dramatiq_supervisor, in_process_worker, installed_runtime, wait_for
 from tests.servers import Origin, Receiver
 
 NOW = 1_700_000_000.0
@@ -84,14 +84,7 @@ def chain_settings(settings: Any) -> Any:
 @pytest.fixture
 def stack(chain_settings: Any, store: TaskStore) -> Iterator[Supervisor]:
     """An in-process worker and a leading supervisor, sweeping every 0.1 s."""
-    sup = Supervisor(
-        chain_settings,
-        store,
-        send_claim=enqueue_claim,
-        send_notify=enqueue_notify,
-        send_finalize=enqueue_finalize,
-        node_id="n",
-    )
+    sup = dramatiq_supervisor(chain_settings, store, node_id="n")
     with installed_runtime(chain_settings, store), in_process_worker(threads=4):
         sup.start()
         try:
@@ -154,9 +147,7 @@ def test_a_notice_is_given_up_after_the_give_up_time(
 ) -> None:
     receiver.down_until = time.time() + 3600
     quick = chain_settings.replace(finalize_give_up_seconds=2.0, retry_min_seconds=0.3, retry_max_seconds=0.6)
-    sup = Supervisor(
-        quick, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize, node_id="n"
-    )
+    sup = dramatiq_supervisor(quick, store, node_id="n")
     caplog.set_level(logging.ERROR, logger="actors.notify")
     with installed_runtime(quick, store), in_process_worker(threads=2):
         sup.start()

@@ -14,7 +14,6 @@ import pytest
 import redis
 import requests
 
-from actors.dispatch import enqueue_claim, enqueue_finalize, enqueue_notify
 from actors.registry import WorkerInfo, WorkerRegistry
 from actors.store import TaskStore
 from actors.submit import submit_spec
@@ -22,7 +21,7 @@ from actors.task import State, spec_from_manifest
 from supervisor import limits
 from supervisor.daemon import Supervisor
 from supervisor.http import create_server, serve_in_background
-from tests.conftest import in_process_worker, installed_runtime, part_bytes
+from tests.conftest import dramatiq_supervisor, in_process_worker, installed_runtime, part_bytes
 from tests.processes import wait_until
 from tests.servers import Fault, Origin, Receiver
 
@@ -36,14 +35,7 @@ def fast(settings: Any) -> Any:
 
 @pytest.fixture
 def supervisor(fast: Any, store: Any) -> Iterator[Supervisor]:
-    sup = Supervisor(
-        fast,
-        store,
-        send_claim=enqueue_claim,
-        send_notify=enqueue_notify,
-        send_finalize=enqueue_finalize,
-        node_id="test-sup",
-    )
+    sup = dramatiq_supervisor(fast, store, node_id="test-sup")
     yield sup
     if sup.scheduler.running:
         sup.stop()
@@ -92,14 +84,7 @@ def test_a_leader_whose_sweeps_fail_is_unhealthy(fast: Any, store: Any, redis_ur
     store.client.acl_setuser("haul-sup", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
                              categories=["+@all"], commands=["-zrangebyscore"])  # fmt: skip
     client = redis.Redis.from_url(redis_url, username="haul-sup", password="pw")
-    sup = Supervisor(
-        fast,
-        TaskStore(client),
-        send_claim=enqueue_claim,
-        send_notify=enqueue_notify,
-        send_finalize=enqueue_finalize,
-        node_id="failing",
-    )
+    sup = dramatiq_supervisor(fast, TaskStore(client), node_id="failing")
     try:
         sup.start()
         # Then it leads, but once its sweeps have failed for a while it says so
@@ -154,12 +139,8 @@ def test_dead_tasks_are_counted_wherever_they_die(supervisor: Supervisor, store:
 
 
 def test_only_one_of_two_supervisors_leads_and_the_other_takes_over(fast: Any, store: Any) -> None:
-    first = Supervisor(
-        fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize, node_id="a"
-    )
-    second = Supervisor(
-        fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize, node_id="b"
-    )
+    first = dramatiq_supervisor(fast, store, node_id="a")
+    second = dramatiq_supervisor(fast, store, node_id="b")
     first.elect()
     second.elect()
     assert first.is_leader and not second.is_leader and store.leader() == "a"
@@ -183,7 +164,7 @@ def test_config_mismatches_are_named(fast: Any, store: Any, caplog: pytest.LogCa
     registry.register(WorkerInfo("w1", "h", 1, ("claim", "finalize"), 3, 0.0), now=time.time())
     problems = limits.check(fast.replace(download_concurrency=5), registry.workers())
     assert any("HAUL_DOWNLOAD_CONCURRENCY=5 is above the 3 worker threads" in p for p in problems), problems
-    sup = Supervisor(fast, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize)
+    sup = dramatiq_supervisor(fast, store)
     with caplog.at_level(logging.ERROR):
         assert sup.check_config()
     assert sup.metrics.config_problems._value.get() == len(sup.check_config())
