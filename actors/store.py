@@ -376,10 +376,12 @@ class TaskStore:
         not_before: float = 0.0,
         max_attempts: int,
         refund: bool = False,
+        code: str = "",
     ) -> State | None:
         """End the current run in ``target``; ``queued`` turns ``dead`` once attempts are used.
 
-        ``refund`` gives the attempt back (a graceful stop handed the task over). Returns the
+        ``refund`` gives the attempt back (a graceful stop handed the task over); ``code`` is the
+        error's machine-readable code (actors/errors.py), kept as ``error_code``. Returns the
         state reached, or None when the token is stale (someone else owns the task).
         """
         reply = self._call(
@@ -393,6 +395,7 @@ class TaskStore:
             not_before,
             max_attempts,
             "1" if refund else "0",
+            code,
         )
         return State(_text(reply[1])) if _text(reply[0]) == "ok" else None
 

@@ -10,6 +10,7 @@
 -- ARGV[7]  not before (seconds; for queued)
 -- ARGV[8]  max attempts (queued becomes dead once they are used)
 -- ARGV[9]  '1' to give the attempt back (a graceful stop handed the task over; not its fault)
+-- ARGV[10] (optional) error code, machine-readable ('' for none): see actors/errors.py
 -- Returns {'ok', state reached} | {'stale', current state or ''}
 -- A run whose completion is being announced (announcing(), see announce.lua) that ends in
 -- 'queued' stays queued whatever its attempts: dead would send task.failed for a run whose
@@ -29,6 +30,7 @@ if target == 'done' then
   set_staged(id, 0)  -- the sandbox is removed right after
 end
 set_state(KEYS[1], id, t[1], target, now)
-redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', ARGV[6], 'not_before', (target == 'queued') and ARGV[7] or 0)
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', ARGV[6], 'not_before', (target == 'queued') and ARGV[7] or 0,
+  'error_code', ARGV[10] or '')
 redis.call('ZREM', KEYS[2], id)
 return {'ok', target}
