@@ -377,11 +377,13 @@ class TaskStore:
         max_attempts: int,
         refund: bool = False,
         code: str = "",
+        file: str = "",
     ) -> State | None:
         """End the current run in ``target``; ``queued`` turns ``dead`` once attempts are used.
 
         ``refund`` gives the attempt back (a graceful stop handed the task over); ``code`` is the
-        error's machine-readable code (actors/errors.py), kept as ``error_code``. Returns the
+        error's machine-readable code (actors/errors.py), kept as ``error_code``, and ``file``
+        the path of the file it is about, as ``error_file``. Returns the
         state reached, or None when the token is stale (someone else owns the task).
         """
         reply = self._call(
@@ -396,6 +398,7 @@ class TaskStore:
             max_attempts,
             "1" if refund else "0",
             code,
+            file,
         )
         return State(_text(reply[1])) if _text(reply[0]) == "ok" else None
 

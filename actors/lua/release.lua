@@ -11,6 +11,7 @@
 -- ARGV[8]  max attempts (queued becomes dead once they are used)
 -- ARGV[9]  '1' to give the attempt back (a graceful stop handed the task over; not its fault)
 -- ARGV[10] (optional) error code, machine-readable ('' for none): see actors/errors.py
+-- ARGV[11] (optional) the path of the file the error is about ('' for none)
 -- Returns {'ok', state reached} | {'stale', current state or ''}
 -- A run whose completion is being announced (announcing(), see announce.lua) that ends in
 -- 'queued' stays queued whatever its attempts: dead would send task.failed for a run whose
@@ -31,6 +32,6 @@ if target == 'done' then
 end
 set_state(KEYS[1], id, t[1], target, now)
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', ARGV[6], 'not_before', (target == 'queued') and ARGV[7] or 0,
-  'error_code', ARGV[10] or '')
+  'error_code', ARGV[10] or '', 'error_file', ARGV[11] or '')
 redis.call('ZREM', KEYS[2], id)
 return {'ok', target}
