@@ -15,6 +15,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from actors import runtime
 from actors.lifecycle import Lifecycle
+from actors.logs import reformat
 from actors.redact import install_log_redaction, secrets_of
 from actors.sentry import init_sentry
 from actors.settings import Settings
@@ -52,6 +53,7 @@ def setup(settings: Settings) -> RedisBroker:
     """Create the Redis broker for ``settings``, make it Dramatiq's current one, and remember
     ``settings`` for the actors' runtime."""
     install_log_redaction(secrets_of(settings))
+    reformat(settings.log_format)  # a worker process: Dramatiq's handler, now in HAUL_LOG_FORMAT
     init_sentry(settings, component="worker")
     # Dramatiq drops connection options given beside a URL, so the pool is built here.
     pool = redis.ConnectionPool.from_url(settings.redis_url, **redis_options())

@@ -21,6 +21,11 @@
 Library exceptions are converted at the boundary (``raise OriginUnavailable(...) from exc``)
 so callers only ever see these. Every message says what happened, to which task and URL, and
 what a user can do about it.
+
+Every class has a ``code``: the machine-readable reason a task ended, kept in its record
+(``error_code``) and sent in task.failed (``origin_404``, ``timeout``, ``checksum``...). A
+backend decides on the code, never on the message. ``file`` is the path of the file the error
+is about, when it is about one (set where the file is known, see stages._fetch_all).
 """
 
 from __future__ import annotations
@@ -29,32 +34,56 @@ from __future__ import annotations
 class HaulError(Exception):
     """Root of haul's own errors."""
 
+    #: Machine-readable reason (``[a-z0-9_]+``); subclasses refine it.
+    code: str = "error"
+    #: The path of the task's file this error is about ('' when about none, or not known yet).
+    file: str = ""
+
 
 class TransientError(HaulError):
     """Worth retrying later: the same request may well succeed."""
 
+    #: A transient error of no more precise kind: the task ends dead with this code once its
+    #: attempts are used.
+    code = "attempts_exhausted"
     #: Seconds the peer asked us to wait (``Retry-After``), if it said.
     retry_after: float | None = None
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, *, code: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        if code is not None:
+            self.code = code
 
 
 class OriginUnavailable(TransientError):
-    """The origin could not serve the file right now."""
+    """The origin could not serve the file right now (code ``timeout`` when it did not answer in time)."""
+
+    code = "origin_unavailable"
 
 
 class StorageUnavailable(TransientError):
-    """Finished files could not be written to storage."""
+    """Finished files could not be written to storage (or staging)."""
+
+    code = "storage"
 
 
 class WebhookUndelivered(TransientError):
-    """The webhook receiver did not accept the event."""
+    """The webhook receiver did not accept the event (code ``no_webhook_secret``: none to sign with)."""
+
+    code = "webhook_undelivered"
 
 
 class PermanentError(HaulError):
     """Retrying cannot help: the task fails and the backend is told why."""
+
+    code = "failed"
+
+
+class NoWebhookSecret(PermanentError):
+    """The task has a receiver to tell but this worker holds no secret to sign the event with."""
+
+    code = "no_webhook_secret"
 
 
 class OriginRejected(PermanentError):
@@ -63,35 +92,53 @@ class OriginRejected(PermanentError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+        #: ``origin_<status>`` (``origin_404``); 310 stands for a redirect loop or too many hops.
+        self.code = f"origin_{status}"
 
 
 class ForbiddenDestination(PermanentError):
     """The URL's scheme or address is not allowed by the destination policy."""
 
+    code = "forbidden_destination"
+
 
 class UnsafePath(PermanentError):
     """A file path is absolute, climbs out of its folder or holds forbidden characters."""
+
+    code = "invalid_path"
 
 
 class TooLarge(PermanentError):
     """A file is larger than allowed."""
 
+    code = "too_large"
+
 
 class UnexpectedContent(PermanentError):
     """The origin answered with something that is not the expected file."""
+
+    code = "unexpected_content"
 
 
 class ChecksumMismatch(PermanentError):
     """The downloaded bytes do not match the size or sha256 the task gave."""
 
+    code = "checksum"
+
 
 class InvalidTask(PermanentError):
     """A submitted task is malformed; nothing was enqueued."""
+
+    code = "invalid_task"
 
 
 class LeaseLost(HaulError):
     """The task's fencing token moved on: another worker (or an operator) owns it now."""
 
+    code = "lease_lost"
+
 
 class Stopping(HaulError):
     """The worker process is stopping; the task goes back to the queue, bytes kept."""
+
+    code = "stopping"

@@ -145,6 +145,7 @@ class Fetcher:
         guard: Guard | None = None,
         rules: FetchRules = FetchRules(),
         step: Step = no_step,
+        on_sha256: Callable[[str], None] | None = None,
     ) -> int:
         """Bring ``part`` to the complete file (returning its size), resuming what it already holds.
 
@@ -154,7 +155,9 @@ class Fetcher:
         ``guard(response)`` wraps the transfer (a graceful stop closes the response to wake a
         blocked read); ``rules`` the size, type and speed limits; ``step(seconds)`` is called
         before each blocking step that is not a body read (a request, hashing or syncing the
-        ``.part``) with the longest it may take, and may raise to stop. Raises haul errors only.
+        ``.part``) with the longest it may take, and may raise to stop; ``on_sha256(hex)``, when
+        given, gets the complete file's sha256 (hashed as it arrives, like a task's own sha256,
+        which is checked whether or not it is given). Raises haul errors only.
         """
         where = f"task {task_id}, file {spec.path!r} from {display_url(spec.url)}"
         meta_path = part.with_suffix(part.suffix + ".json")
@@ -165,7 +168,8 @@ class Fetcher:
             headers["If-Range"] = validator.if_range
         # Hash what the .part holds before asking for the rest: hashing many GiB after the
         # request would leave the origin waiting past its own send timeout.
-        kept = _hash_file(part, offset, step) if spec.sha256 and offset else None
+        hashing = bool(spec.sha256) or on_sha256 is not None
+        kept = _hash_file(part, offset, step) if hashing and offset else None
         with interruptible(guard):
             response = self._get(spec.url, headers, where, step)
         hasher: _Hasher | None = None
@@ -202,7 +206,7 @@ class Fetcher:
                 if on_total is not None:
                     on_total(total)
             on_progress(offset)
-            if spec.sha256:
+            if hashing:
                 hasher = _Hasher(kept if kept is not None and offset == asked else hashlib.sha256())
             shutter = shutter_of(response)
             with guard(shutter) if guard is not None else nullcontext():
@@ -217,7 +221,7 @@ class Fetcher:
                 hasher.close()
         size = offset + served
         if total is not None and size != total:
-            raise OriginUnavailable(f"{where}: the connection ended after {size} of {total} bytes; will resume")
+            raise OriginUnavailable(f"{where}: the connection ended after {size} of {total} bytes")
         if spec.size is not None and size != spec.size:
             raise ChecksumMismatch(f"{where}: got {size} bytes but the task says size {spec.size}")
         digest = hasher.hexdigest() if hasher else None
@@ -226,6 +230,8 @@ class Fetcher:
                 f"{where}: sha256 is {digest} but the task says {spec.sha256}; "
                 "the origin serves other bytes than the task expects"
             )
+        if on_sha256 is not None and digest is not None:
+            on_sha256(digest)
         return size
 
     # -- steps ------------------------------------------------------------------------------
@@ -327,7 +333,7 @@ class Fetcher:
                     chunk = raw.read1(CHUNK_BYTES, decode_content=coded)
                 except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
                     raise OriginUnavailable(
-                        f"{where}: the transfer broke after {offset + received} bytes ({exc})"
+                        f"{where}: the transfer broke after {offset + received} bytes ({exc})", code=_code(exc)
                     ) from exc
                 n = len(chunk)
                 if not n:
@@ -344,7 +350,8 @@ class Fetcher:
                     if speed < rules.lowest_speed_bytes:
                         raise OriginUnavailable(
                             f"{where}: the origin sent {speed:.0f} bytes/s over {rules.lowest_speed_seconds:g}s, "
-                            f"below HAUL_LOWEST_SPEED_BYTES={rules.lowest_speed_bytes}; cut, will resume later"
+                            f"below HAUL_LOWEST_SPEED_BYTES={rules.lowest_speed_bytes}; cut, the bytes so far kept",
+                            code="timeout",
                         )
                     window_start, window_bytes = time.monotonic(), 0
                 try:
@@ -387,7 +394,9 @@ class Fetcher:
                     raise ForbiddenDestination(
                         f"{where}: {display_url(url)} resolved to a non-public address at connect time; refused"
                     ) from exc
-                raise OriginUnavailable(f"{where}: request to {display_url(url)} failed ({_reason(exc)})") from exc
+                raise OriginUnavailable(
+                    f"{where}: request to {display_url(url)} failed ({_reason(exc)})", code=_code(exc)
+                ) from exc
             if response.status_code in REDIRECT_STATUSES and "Location" in response.headers:
                 response.close()
                 url = urljoin(url, response.headers["Location"])
@@ -431,9 +440,7 @@ def _check_status(response: requests.Response, url: str, where: str) -> None:
         raise _Restart(f"{where}: the origin refused the resume range (416)")
     if status in RETRYABLE_4XX or status >= 500:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        raise OriginUnavailable(
-            f"{where}: the origin answered {status} {response.reason}; will retry", retry_after=retry_after
-        )
+        raise OriginUnavailable(f"{where}: the origin answered {status} {response.reason}", retry_after=retry_after)
     if status == 413:
         raise TooLarge(f"{where}: the origin answered 413 {response.reason}")
     raise OriginRejected(
@@ -509,6 +516,12 @@ class _Hasher:
         if self.error is not None:
             raise self.error
         return str(self.digest.hexdigest())
+
+
+def _code(exc: BaseException) -> str | None:
+    """``timeout`` for a request or read that ran out of time; None keeps ``origin_unavailable``."""
+    timeouts = (requests.Timeout, urllib3.exceptions.TimeoutError, TimeoutError)
+    return "timeout" if isinstance(exc, timeouts) or isinstance(exc.__context__, timeouts) else None
 
 
 def _reason(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ from actors.sentry import report_task
 from actors.settings import Settings
 from actors.store import NoticeTry
 from actors.task import State, Task, backoff_seconds
-from actors.webhook import CANCELED, FAILED, make_event
+from actors.webhook import CANCELED, FAILED, ended_fields, make_event
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,11 @@ def try_notice(rt: Runtime, task_id: str, seq: int | None) -> NextTry | None:
         log.warning("task %s: no webhook URL (task or HAUL_WEBHOOK_URL); nobody is told it is %s", task_id, task.state)
         rt.store.end_notice(task_id, begun.run)
         return None
-    event = make_event(task, kind, [f.to_json() for f in task.spec.files], task.error, task.updated_at)
+    # error_code / error_file: the record's fields (release.lua, claim.lua, requeue.lua, cancel.lua
+    # write them); getattr until Task carries them (see the report of issue 12).
+    code, file = task.error_code, task.error_file
+    ended = ended_fields(task, code, file)
+    event = make_event(task, kind, [f.to_json() for f in task.spec.files], task.error, task.updated_at, ended)
     try:
         rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id, tries=1)
     except PermanentError as exc:  # a forbidden receiver: retrying cannot help

@@ -7,6 +7,8 @@ never delete another's. Layout::
     <task id>/.parts/<n>.<token>.part   bytes of file number n so far, named for the run that
                                         holds them (kept across attempts, see claim_part)
     <task id>/.parts/<n>.<token>.part.json   what identifies the version those bytes belong to
+    <task id>/.parts/<n>.sha256         the sha256 of finished file number n (HAUL_HASH), hashed
+                                        while it downloaded; written before the file is promoted
 """
 
 from __future__ import annotations
@@ -109,6 +111,29 @@ class Sandbox:
             return None
         return size
 
+    def _sha256_path(self, index: int) -> Path:
+        return self.parts_dir / f"{index}.sha256"
+
+    def record_sha256(self, index: int, digest: str) -> None:
+        """Keep the sha256 of file ``index`` until the task is done (finalize may run later, elsewhere)."""
+        path = self._sha256_path(index)
+        temporary = path.with_suffix(".tmp")
+        try:
+            temporary.write_text(digest)
+            os.replace(temporary, path)
+        except OSError as exc:
+            raise StorageUnavailable(
+                f"task {self.task_id}: cannot record the sha256 of file #{index} in staging ({exc.strerror})"
+            ) from exc
+
+    def sha256(self, index: int) -> str | None:
+        """The recorded sha256 of file ``index``, or None (not recorded, or HAUL_HASH=none then)."""
+        try:
+            digest = self._sha256_path(index).read_text().strip()
+        except OSError:
+            return None
+        return digest if len(digest) == 64 else None
+
     def promote(self, part: Path, spec: FileSpec) -> None:
         """Give a complete ``.part`` its final name, durably."""
         final = self.file(spec)
@@ -142,8 +167,9 @@ class Sandbox:
         some 40 system calls for the smallest sandbox); whatever else is there, rmtree takes.
         """
         try:
-            for spec in files:
+            for index, spec in enumerate(files):
                 self.file(spec).unlink()
+                self._sha256_path(index).unlink(missing_ok=True)
             for folder in (self.files_dir, self.parts_dir, self.root):
                 folder.rmdir()
         except (OSError, UnsafePath):

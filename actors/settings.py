@@ -55,6 +55,11 @@ DEFAULT_WORKER_THREADS = 8
 #: has no blocking fetch), and its default of 1000 ms makes an idle worker pick a task up after
 #: up to a second. 80 ms costs an idle process a few dozen Redis commands a second.
 DEFAULT_WORKER_POLL_MS = 80
+#: How every haul process writes its log: ``text`` lines, or ``json``, one object a line.
+LOG_FORMATS = ("text", "json")
+
+#: HAUL_HASH values: the digest every file gets in task.completed (the first is the default).
+FILE_HASHES = ("sha256", "none")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -101,8 +106,12 @@ class Settings:
     download_per_host: int = 0
     finalize_concurrency: int = 0
     staging_max_bytes: int = 0
+    #: HAUL_HASH: ``sha256`` puts every file's sha256 (computed while downloading) in
+    #: task.completed; ``none`` only the ones the task gave.
+    file_hash: str = "sha256"
     sentry_dsn: str | None = field(default=None, repr=False)
     sentry_environment: str | None = None
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if self.retry_min_seconds > self.retry_max_seconds:
@@ -164,8 +173,10 @@ class Settings:
             download_per_host=_limit(env, "HAUL_DOWNLOAD_PER_HOST"),
             finalize_concurrency=_limit(env, "HAUL_FINALIZE_CONCURRENCY"),
             staging_max_bytes=_limit(env, "HAUL_STAGING_MAX_BYTES"),
+            file_hash=_choice(env, "HAUL_HASH", FILE_HASHES),
             sentry_dsn=_secret(env, "HAUL_SENTRY_DSN") or None,
             sentry_environment=env.get("HAUL_SENTRY_ENVIRONMENT") or None,
+            log_format=_choice(env, "HAUL_LOG_FORMAT", LOG_FORMATS),
         )
 
     @property
@@ -302,6 +313,14 @@ def _proxy(value: str) -> str | None:
     parts = urlsplit(value)
     if parts.scheme not in {"http", "https", "socks5", "socks5h"} or not parts.hostname:
         raise SettingsError("HAUL_PROXY must be a proxy URL such as http://proxy.internal:3128")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of ``choices`` (the first when unset)."""
+    value = (env.get(name) or choices[0]).strip().lower()
+    if value not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)} (got {env.get(name)!r})")
     return value
 
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from actors.errors import (
     HaulError,
     LeaseLost,
+    NoWebhookSecret,
     PermanentError,
     Stopping,
     StorageUnavailable,
@@ -179,6 +180,11 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
     lease.figures = progress.figures
     if task.spec.webhook:  # a receiver the task may not reach fails it before any byte is fetched
         rt.webhook_policy.check(task.spec.webhook, purpose=f"task {task_id}: webhook {display_url(task.spec.webhook)}")
+    if (task.spec.webhook or s.webhook_url) and not s.webhook_secrets:  # nor one it cannot sign for
+        raise NoWebhookSecret(
+            f"task {task_id}: its completion cannot be announced, this worker has no webhook signing secret; "
+            "set HAUL_WEBHOOK_SECRET or HAUL_WEBHOOK_SECRET_FILE on the workers, then `haul retry` the task"
+        )
     sandbox = Sandbox(s.staging_dir, task_id)
     sandbox.prepare()
     known = sum(f.size or 0 for f in task.spec.files)
@@ -186,25 +192,31 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
         raise TooLarge(
             f"task {task_id}: its files add up to {known} bytes, above HAUL_MAX_TASK_BYTES={s.max_task_bytes}"
         )
+    hashing = s.file_hash == "sha256"
     for index, spec in enumerate(task.spec.files):
-        size = sandbox.finished_size(spec)
-        if size is None:
-            part = sandbox.claim_part(index, lease.token)
-            progress.start_file(index)
-            size = fetch_file(
-                rt.fetcher,
-                spec,
-                part,
-                task_id=task_id,
-                on_progress=progress.on_progress,
-                on_total=progress.on_total,
-                guard=progress.guard,
-                rules=_rules(rt, task, progress.bytes_done),
-                step=progress.step,
-            )
-            lease.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
-            sandbox.promote(part, spec)
-            log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
+        try:
+            size = sandbox.finished_size(spec)
+            if size is None:
+                part = sandbox.claim_part(index, lease.token)
+                progress.start_file(index)
+                size = fetch_file(
+                    rt.fetcher,
+                    spec,
+                    part,
+                    task_id=task_id,
+                    on_progress=progress.on_progress,
+                    on_total=progress.on_total,
+                    guard=progress.guard,
+                    rules=_rules(rt, task, progress.bytes_done),
+                    step=progress.step,
+                    on_sha256=(lambda digest, i=index: sandbox.record_sha256(i, digest)) if hashing else None,
+                )
+                lease.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
+                sandbox.promote(part, spec)
+                log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
+        except HaulError as exc:
+            exc.file = exc.file or spec.path  # the backend is told which file failed
+            raise
         progress.file_done(index, size)
     return progress.figures()
 
@@ -259,7 +271,10 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
         rt.leases.confirm(lease)
 
     try:
-        stored = rt.storage.commit(sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=fence)
+        stored = rt.storage.commit(
+            sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=fence,
+            sha256=rt.settings.file_hash == "sha256",
+        )  # fmt: skip
         url = task.spec.webhook or rt.settings.webhook_url
         if url:
             lease.check()
@@ -302,7 +317,10 @@ def _park(rt: Runtime, task: Task, token: int, exc: TransientError, failing_sinc
     now = rt.clock()
     if now - failing_since > s.finalize_give_up_seconds:
         message = f"{exc}; failing for {now - failing_since:.0f}s (HAUL_FINALIZE_GIVE_UP_SECONDS), giving up"
-        reached = rt.store.release(task.id, token, State.DEAD, now=now, error=message, max_attempts=s.max_attempts)
+        reached = rt.store.release(
+            task.id, token, State.DEAD, now=now, error=message, max_attempts=s.max_attempts, code=exc.code,
+            file=exc.file,
+        )  # fmt: skip
         log.error("task %s: dead: %s", task.id, message)
         if reached is None:
             return NOTHING
@@ -400,7 +418,10 @@ def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
     stage = task.state.value if task.state.active else "download"
     if isinstance(exc, PermanentError):
         log.error("task %s: failed: %s", task.id, exc)
-        reached = rt.store.release(task.id, token, State.FAILED, now=now, error=str(exc), max_attempts=s.max_attempts)
+        reached = rt.store.release(
+            task.id, token, State.FAILED, now=now, error=str(exc), max_attempts=s.max_attempts, code=exc.code,
+            file=exc.file,
+        )  # fmt: skip
         if reached is None:
             return NOTHING
         report_task(str(exc), kind=type(exc).__name__, task_id=task.id, stage=stage, attempt=task.attempts,
@@ -409,17 +430,27 @@ def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
     if isinstance(exc, HaulError):
         message = str(exc)
         retry_after = exc.retry_after if isinstance(exc, TransientError) else None
+        code, file = exc.code, exc.file
     else:
         log.exception("task %s: unexpected error; treated as transient", task.id)
         message = f"task {task.id}: internal error {type(exc).__name__}: {exc} (see the worker log)"
         retry_after = None
+        code, file = TransientError.code, ""
     attempt = task.attempts
     delay = backoff_seconds(attempt, s.retry_min_seconds, s.retry_max_seconds)
     if retry_after is not None:
         delay = min(s.retry_max_seconds, max(delay, retry_after))
+    # The store turns this release dead when the attempts are used (an announced run stays
+    # queued): the recorded error then says so, and never that the task will be retried.
+    last = attempt >= s.max_attempts and not task.announced
+    if last:
+        message += f"; all {s.max_attempts} attempts are used"
+    else:
+        message += f"; will retry (attempt {attempt} of {s.max_attempts})"
     reached = rt.store.release(
-        task.id, token, State.QUEUED, now=now, error=message, not_before=now + delay, max_attempts=s.max_attempts
-    )
+        task.id, token, State.QUEUED, now=now, error=message, not_before=now + delay, max_attempts=s.max_attempts,
+        code=code, file=file,
+    )  # fmt: skip
     if reached is State.QUEUED:
         log.warning("task %s: attempt %d failed, retrying in %.1fs: %s", task.id, attempt, delay, message)
         return Outcome(Next.RETRY, delay_seconds=delay)

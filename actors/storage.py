@@ -14,6 +14,7 @@ run's temporary is left there; the supervisor's prune removes old ones.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -55,9 +56,20 @@ class LocalStorage:
         return self.root / TEMPORARY_DIR
 
     def commit(
-        self, sandbox: Sandbox, files: Sequence[FileSpec], step: Step = no_step, fence: Fence = _no_fence
+        self,
+        sandbox: Sandbox,
+        files: Sequence[FileSpec],
+        step: Step = no_step,
+        fence: Fence = _no_fence,
+        *,
+        sha256: bool = False,
     ) -> list[dict[str, Any]]:
-        """Put every finished file of the sandbox into storage; return what the webhook reports."""
+        """Put every finished file of the sandbox into storage; return what the webhook reports.
+
+        Each file's ``sha256`` is the task's, else (with ``sha256``, HAUL_HASH) the one recorded
+        while it downloaded, else (recorded by no run: HAUL_HASH was off then) hashed from the
+        stored copy, so that task.completed carries one for every file.
+        """
         task_id = sandbox.task_id
         target_root = self.task_dir(task_id)
         try:
@@ -67,7 +79,7 @@ class LocalStorage:
                 f"task {task_id}: cannot create {target_root} ({exc.strerror}); check HAUL_STORAGE_DIR"
             ) from exc
         stored = []
-        for spec in files:
+        for index, spec in enumerate(files):
             source = sandbox.file(spec)
             target = inside(self.root, spec.path, under=task_id, what=f"task {task_id}")
             try:
@@ -88,8 +100,9 @@ class LocalStorage:
                     f"task {task_id}: storing {spec.path!r} in {target_root} failed ({exc.strerror})"
                 ) from exc
             entry: dict[str, Any] = {"path": spec.path, "size": size, "url": spec.url, "location": str(target)}
-            if spec.sha256:
-                entry["sha256"] = spec.sha256
+            digest = spec.sha256 or (sandbox.sha256(index) or _hash_file(target, step) if sha256 else None)
+            if digest:
+                entry["sha256"] = digest
             stored.append(entry)
         return stored
 
@@ -139,6 +152,21 @@ def _copy(source: Path, temporary: Path, step: Step) -> None:
             writeback.advance(copied)
         step(DISK_STEP_SECONDS)
         os.fsync(writer.fileno())
+
+
+def _hash_file(path: Path, step: Step) -> str:
+    """sha256 of a stored file, a step per chunk."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb", buffering=0) as reader:
+            while True:
+                step(DISK_STEP_SECONDS)
+                chunk = reader.read(COPY_CHUNK_BYTES)
+                if not chunk:
+                    return digest.hexdigest()
+                digest.update(chunk)
+    except OSError as exc:
+        raise StorageUnavailable(f"reading {path} to hash it failed ({exc.strerror})") from exc
 
 
 def _stat(path: Path) -> os.stat_result | None:

@@ -31,7 +31,17 @@ from urllib.parse import urlsplit
 
 import redis
 
-from actors.task import DEFAULT_ACCEPT, FINAL_STATES, State, Task, TaskSpec, files_from_json
+from actors.task import (
+    DEFAULT_ACCEPT,
+    FINAL_STATES,
+    KeyConflict,
+    State,
+    Task,
+    TaskSpec,
+    files_from_json,
+    first_difference,
+    request_hash,
+)
 
 DEFAULT_PREFIX = "haul:"
 
@@ -201,10 +211,15 @@ class TaskStore:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def create(self, spec: TaskSpec, now: float, task_id: str | None = None) -> tuple[str, bool]:
-        """Store a new ``queued`` task; with ``spec.key`` seen before, return that task instead.
+    def create(
+        self, spec: TaskSpec, now: float, task_id: str | None = None, *, replace: bool = False
+    ) -> tuple[str, bool]:
+        """Store a new ``queued`` task; with ``spec.key`` seen before for the same request,
+        return that task instead. Returns ``(task id, created)``.
 
-        Returns ``(task id, created)``.
+        Raises :class:`KeyConflict` naming the first differing field when the key was seen
+        with a different request. With ``replace``, a key whose task ended failed, dead or
+        canceled names a new task (the old record stays); any other state raises KeyConflict.
         """
         task_id = task_id or uuid.uuid4().hex
         described: dict[str, Any] = {"files": [f.to_json() for f in spec.files]}
@@ -224,14 +239,31 @@ class TaskStore:
             "token": 0,
             "run": 0,
             "created_at": now,
+            "request_hash": request_hash(spec),
         }
         keys = [self.task_key(task_id), self.spec_key(task_id)]
         if spec.key:
             keys.append(f"{self.prefix}key:{spec.key}")
         flat = [item for pair in fields.items() for item in pair]
         spec_json = json.dumps(described, separators=(",", ":"))
-        found, created = self._call("create", keys, task_id, now, spec_json, *flat)
-        return _text(found), bool(created)
+        reply = self._call("create", keys, task_id, now, spec_json, request_hash(spec), "1" if replace else "0", *flat)
+        found, outcome = _text(reply[0]), _text(reply[1])
+        if outcome == "not_replaceable":
+            state = _text(reply[2])
+            why = "is done" if state == State.DONE else "has not ended"
+            raise KeyConflict(
+                f"key {spec.key!r}: task {found} {why} (state {state}); only a failed, dead or canceled "
+                "task is replaced"
+            )
+        if outcome == "different":
+            first = self.get(found)
+            field = first_difference(first.spec, spec) if first is not None else None
+            if field is not None:  # None: a record stored before request hashes, same request
+                raise KeyConflict(
+                    f"key {spec.key!r} was used for task {found} with a different request: {field} differs; "
+                    "use a new key, or --replace (replace=True) if that task failed, died or was canceled"
+                )
+        return found, outcome == "created"
 
     def claim(
         self,
@@ -559,10 +591,16 @@ class TaskStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(self.task_key(task_id))
         pipe.get(self.spec_key(task_id))
-        raw, described_json = pipe.execute()
+        pipe.zscore(f"{self.prefix}resting", task_id)
+        raw, described_json, resting_until = pipe.execute()
         if not raw or described_json is None:
             return None
-        return _task_from(task_id, raw, described_json)
+        return _task_from(task_id, raw, described_json, float(resting_until or 0))
+
+    def id_by_key(self, key: str) -> str | None:
+        """The id of the task an idempotency key names now (the newest, after a replace)."""
+        found = self.client.get(f"{self.prefix}key:{key}")
+        return _text(found) if found is not None else None
 
     def counts(self) -> dict[State, int]:
         """Tasks per state, from the per-state sets (one pipelined round trip)."""
@@ -609,7 +647,7 @@ class TaskStore:
         return [(_text(task_id), State(_text(s))) for task_id, s in pairs], int(reply[0]), bool(reply[1])
 
 
-def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str) -> Task:
+def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str, resting_until: float = 0.0) -> Task:
     """A Task from its hash fields and its spec JSON, as stored."""
     data = {_text(k): _text(v) for k, v in raw.items()}
     described = json.loads(described_json)
@@ -631,10 +669,15 @@ def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str) -
         not_before=float(data.get("not_before", 0)),
         worker=data.get("worker", ""),
         error=data.get("error", ""),
+        error_code=data.get("error_code", ""),
+        error_file=data.get("error_file", ""),
         bytes_done=int(data.get("bytes_done", 0)),
         bytes_total=int(data.get("bytes_total", 0)),
         files_done=int(data.get("files_done", 0)),
         created_at=float(data.get("created_at", 0)),
         updated_at=float(data.get("updated_at", 0)),
         announced=data.get("announcing") == data.get("run", "0"),
+        resting=data.get("resting", ""),
+        resting_until=resting_until if data.get("resting") else 0.0,
+        waiting_since=float(data.get("waiting_since", 0)),
     )

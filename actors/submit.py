@@ -3,9 +3,11 @@
 >>> from actors.submit import submit
 >>> task_id = submit(["https://cdn.example.com/course/01.mp4"], name="Course 12", key="order-981")
 
-``key`` makes submitting idempotent: the same key again returns the first task's id and
-creates nothing, so a backend can retry its own call safely. Files may be plain URLs (named
-after their last path segment) or ``{"url", "path", "size"?, "sha256"?}`` objects.
+``key`` makes submitting idempotent: the same key with the same request returns the first
+task's id and creates nothing, so a backend can retry its own call safely; the same key with a
+different request raises :class:`actors.task.KeyConflict` naming the first differing field.
+``replace=True`` puts a corrected request under the key of a failed, dead or canceled task.
+Files may be plain URLs (named after their last path segment) or ``{"url", "path", "size"?, "sha256"?}`` objects.
 Configuration comes from ``HAUL_*`` (``HAUL_REDIS_URL`` above all), as for the workers.
 """
 
@@ -36,22 +38,29 @@ def submit(
     name: str = "",
     key: str | None = None,
     webhook: str | None = None,
+    accept: Sequence[str] | None = None,
+    replace: bool = False,
 ) -> str:
     """Create a task (or find the one with the same ``key``) and queue it; return its id.
 
-    Raises :class:`actors.errors.InvalidTask` with a message naming the bad field; nothing
-    is stored or queued then.
+    ``accept`` lists the content types expected (default :data:`actors.task.DEFAULT_ACCEPT`).
+    Raises :class:`actors.errors.InvalidTask` with a message naming the bad field, or its
+    subclass :class:`actors.task.KeyConflict` (see the module docstring); nothing is stored or
+    queued then.
     """
     if all(isinstance(item, str) for item in files):
-        spec = spec_from_urls([str(item) for item in files], name=name, key=key, webhook=webhook)
+        spec = spec_from_urls([str(item) for item in files], name=name, key=key, webhook=webhook, accept=accept)
     else:
-        spec = spec_from_manifest({"name": name, "key": key, "webhook": webhook, "files": list(files)})
-    return submit_spec(spec, _store(Settings.from_env().redis_url))
+        manifest: dict[str, Any] = {"name": name, "key": key, "webhook": webhook, "files": list(files)}
+        if accept is not None:
+            manifest["accept"] = list(accept)
+        spec = spec_from_manifest(manifest)
+    return submit_spec(spec, _store(Settings.from_env().redis_url), replace=replace)
 
 
-def submit_spec(spec: TaskSpec, store: TaskStore) -> str:
+def submit_spec(spec: TaskSpec, store: TaskStore, *, replace: bool = False) -> str:
     """Store a validated spec and send its claim message (through the broker ``actors`` set up)."""
-    task_id, created = store.create(spec, now=time.time())
+    task_id, created = store.create(spec, now=time.time(), replace=replace)
     if created:
         log.info("task %s: submitted (%d file(s), key %r)", task_id, len(spec.files), spec.key)
         enqueue_claim(task_id)

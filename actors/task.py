@@ -8,12 +8,15 @@ validates what a caller submits.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import posixpath
 import random
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -37,14 +40,26 @@ MAX_EXTENSION_BYTES = 16
 MAX_LABEL_CHARS = 500
 #: Most files one task may hold.
 MAX_FILES = 10_000
-#: Content types a task accepts unless it says otherwise: media, and "just bytes".
+#: Content types a task accepts unless it says otherwise: what course and video businesses ship
+#: (media, PDFs, subtitles, archives, HLS and DASH playlists) and "just bytes"; never text/html,
+#: which is usually a login or error page served in place of the file.
 DEFAULT_ACCEPT = (
-    "video/*", "audio/*", "image/*", "application/octet-stream", "binary/octet-stream", "application/mp4",
+    "video/*", "audio/*", "image/*", "application/pdf",
+    "text/vtt", "application/x-subrip", "text/srt",
+    "application/zip", "application/x-7z-compressed", "application/x-rar-compressed", "application/gzip",
+    "application/x-tar",
+    "application/octet-stream", "binary/octet-stream", "application/mp4",
+    "application/vnd.apple.mpegurl", "application/x-mpegurl", "application/dash+xml",
 )  # fmt: skip
 _CONTENT_PATTERN = re.compile(r"^(\*/\*|[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*))$")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)
+
+
+class KeyConflict(InvalidTask):
+    """An idempotency key was given again with a different request (the message names the
+    first differing field), or ``replace`` was asked for a task that cannot be replaced."""
 
 
 class State(enum.StrEnum):
@@ -159,6 +174,36 @@ class Task:
     updated_at: float = 0.0
     #: This run's task.completed is being delivered: the task can only end done now.
     announced: bool = False
+    #: The last error's machine-readable code (actors/errors.py) and the file it is about.
+    error_code: str = ""
+    error_file: str = ""
+    #: A finalizing task between runs: ``slot`` (waiting for a finalize slot) or ``outage``
+    #: (parked while its storage or receiver is down); its next try is at ``resting_until``.
+    resting: str = ""
+    resting_until: float = 0.0
+    #: A queued task refused a stage slot: since when it has been waiting for one.
+    waiting_since: float = 0.0
+
+    @property
+    def bytes_total_known(self) -> bool:
+        """False while a file without a size in the spec has not started downloading (files
+        are fetched in order: the one at ``files_done`` is the current one when downloading)."""
+        if self.state in (State.FINALIZING, State.DONE):
+            return True
+        first_unstarted = self.files_done + (1 if self.state is State.DOWNLOADING else 0)
+        return all(f.size is not None for f in self.spec.files[first_unstarted:])
+
+    def waiting(self) -> dict[str, Any] | None:
+        """What the task waits for, and until (or since) when; None when it waits for nothing
+        haul records (a claim message on its way, say)."""
+        if self.state is State.FINALIZING and self.resting:
+            what = "outage" if self.resting == "outage" else "finalize_slot"
+            return {"for": what, "until": iso_time(self.resting_until)}
+        if self.state is State.QUEUED and self.waiting_since:
+            return {"for": "stage_slot", "since": iso_time(self.waiting_since)}
+        if self.state is State.QUEUED and self.not_before:
+            return {"for": "backoff", "until": iso_time(self.not_before)}
+        return None
 
     @property
     def name(self) -> str:
@@ -179,16 +224,59 @@ class Task:
             "files_total": self.files_total,
             "files_done": self.files_done,
             "bytes_total": self.bytes_total,
+            "bytes_total_known": self.bytes_total_known,
             "bytes_done": self.bytes_done,
             "error": self.error or None,
+            "waiting": self.waiting(),
             "worker": self.worker or None,
-            "lease_until": self.lease_until or None,
-            "not_before": self.not_before or None,
+            "lease_until": iso_time(self.lease_until),
+            "not_before": iso_time(self.not_before),
             "webhook": self.spec.webhook,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
+            "created_at": iso_time(self.created_at),
+            "updated_at": iso_time(self.updated_at),
             "files": [f.to_json() for f in self.spec.files],
         }
+
+
+def iso_time(seconds: float) -> str | None:
+    """Seconds since the epoch as ISO 8601 UTC with milliseconds (as webhooks carry them); 0 is None."""
+    if not seconds:
+        return None
+    return datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def request_of(spec: TaskSpec) -> dict[str, Any]:
+    """What makes two submissions under one idempotency key "the same request": every file's
+    url, path, size and sha256 (in order), accept (as a set), webhook and name; not the key."""
+    return {
+        "files": [[f.url, f.path, f.size, f.sha256] for f in spec.files],
+        "accept": sorted(set(spec.accept)),
+        "webhook": spec.webhook,
+        "name": spec.name,
+    }
+
+
+def request_hash(spec: TaskSpec) -> str:
+    """sha256 of :func:`request_of` as canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(request_of(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def first_difference(first: TaskSpec, again: TaskSpec) -> str | None:
+    """The first field in which ``again`` differs from ``first`` (``files[2].size``), or None."""
+    if len(first.files) != len(again.files):
+        return f"files (the first request has {len(first.files)} file(s), this one {len(again.files)})"
+    for index, (a, b) in enumerate(zip(first.files, again.files, strict=True)):
+        for field in ("url", "path", "size", "sha256"):
+            if getattr(a, field) != getattr(b, field):
+                return f"files[{index}].{field}"
+    if set(first.accept) != set(again.accept):
+        return "accept"
+    if first.webhook != again.webhook:
+        return "webhook"
+    if first.name != again.name:
+        return "name"
+    return None
 
 
 def check_relative_path(path: object, where: str) -> str:
@@ -292,7 +380,12 @@ def _unique(names: Iterable[str]) -> list[str]:
 
 
 def spec_from_urls(
-    urls: Sequence[str], *, name: str = "", key: str | None = None, webhook: str | None = None
+    urls: Sequence[str],
+    *,
+    name: str = "",
+    key: str | None = None,
+    webhook: str | None = None,
+    accept: Sequence[str] | None = None,
 ) -> TaskSpec:
     """A task for plain URLs: each file is named after its URL's last segment."""
     checked = [check_url(url, f"url #{i}") for i, url in enumerate(urls, start=1)]
@@ -301,7 +394,10 @@ def spec_from_urls(
     files = tuple(
         FileSpec(url=u, path=p) for u, p in zip(checked, _unique(name_from_url(u) for u in checked), strict=True)
     )
-    return spec_from_manifest({"name": name, "key": key, "webhook": webhook, "files": [f.to_json() for f in files]})
+    manifest: dict[str, Any] = {"name": name, "key": key, "webhook": webhook, "files": [f.to_json() for f in files]}
+    if accept is not None:
+        manifest["accept"] = list(accept)
+    return spec_from_manifest(manifest)
 
 
 def spec_from_manifest(data: object) -> TaskSpec:
@@ -313,7 +409,7 @@ def spec_from_manifest(data: object) -> TaskSpec:
         raise InvalidTask(
             f"manifest: unknown field(s) {sorted(unknown)}; allowed are name, key, webhook, files, accept"
         )
-    accept = _accept(data.get("accept"))
+    accept = check_accept(data.get("accept"))
     name = _optional_str(data.get("name"), "manifest.name") or ""
     key = _optional_str(data.get("key"), "manifest.key")
     webhook = _optional_str(data.get("webhook"), "manifest.webhook")
@@ -352,18 +448,15 @@ def spec_from_manifest(data: object) -> TaskSpec:
     return TaskSpec(files=tuple(files), name=name, key=key, webhook=webhook, accept=accept)
 
 
-def _accept(value: object) -> tuple[str, ...]:
+def check_accept(value: object, where: str = "manifest.accept") -> tuple[str, ...]:
+    """A caller's accept list, lowercased; None means :data:`DEFAULT_ACCEPT`."""
     if value is None:
         return DEFAULT_ACCEPT
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise InvalidTask(
-            'manifest.accept: must be a non-empty list of content types, e.g. ["video/*", "application/pdf"]'
-        )
+        raise InvalidTask(f'{where}: must be a non-empty list of content types, e.g. ["video/*", "application/pdf"]')
     for pattern in value:
         if not _CONTENT_PATTERN.match(pattern.lower()):
-            raise InvalidTask(
-                f"manifest.accept: {pattern!r} is not a content type pattern (type/subtype, type/* or */*)"
-            )
+            raise InvalidTask(f"{where}: {pattern!r} is not a content type pattern (type/subtype, type/* or */*)")
     return tuple(v.lower() for v in value)
 
 

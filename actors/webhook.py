@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -47,11 +47,20 @@ class Event:
     body: str
 
 
-def make_event(task: Task, event_type: str, files: Sequence[dict[str, Any]], error: str | None, now: float) -> Event:
+def make_event(
+    task: Task,
+    event_type: str,
+    files: Sequence[dict[str, Any]],
+    error: str | None,
+    now: float,
+    ended: Mapping[str, Any] | None = None,
+) -> Event:
     """The event for ``task``; its id depends only on the task, the type and the operator run.
 
     File URLs go out without credentials or query strings (signed URLs are secrets too); the
-    backend matches files by ``path``.
+    backend matches files by ``path``. ``ended`` (task.failed and task.canceled, see
+    :func:`ended_fields`) adds how the task ended, machine-readable, to ``data``; it is read
+    from the ended task's record, so every try of one event id sends the same body.
     """
     data = {
         "id": task.id,
@@ -59,6 +68,7 @@ def make_event(task: Task, event_type: str, files: Sequence[dict[str, Any]], err
         "key": task.spec.key,
         "files": [{**f, "url": display_url(f["url"])} if "url" in f else dict(f) for f in files],
         "error": error,
+        **(ended or {}),
     }
     body = {
         "type": event_type,
@@ -70,6 +80,19 @@ def make_event(task: Task, event_type: str, files: Sequence[dict[str, Any]], err
         type=event_type,
         body=json.dumps(body, separators=(",", ":"), sort_keys=True),
     )
+
+
+def ended_fields(task: Task, code: str, file: str) -> dict[str, Any]:
+    """What a backend decides on (a refund, say) without parsing ``error``: the final ``state``
+    (failed, dead, canceled), the ``error_code`` (actors/errors.py; '' read as None), the
+    ``attempts`` made, and the ``error_file`` the error is about (path and display URL) or None."""
+    spec = next((f for f in task.spec.files if f.path == file), None) if file else None
+    return {
+        "state": task.state.value,
+        "error_code": code or None,
+        "attempts": task.attempts,
+        "error_file": {"path": spec.path, "url": display_url(spec.url)} if spec is not None else None,
+    }
 
 
 def sign(secrets: Sequence[str], event_id: str, timestamp: datetime, body: str) -> str:
@@ -124,7 +147,8 @@ class WebhookSender:
         where = f"task {task_id}: webhook {event.type} (id {event.id}) to {display_url(url)}"
         if not self._secrets:
             raise WebhookUndelivered(
-                f"{where}: no signing secret is configured; set HAUL_WEBHOOK_SECRET or HAUL_WEBHOOK_SECRET_FILE"
+                f"{where}: no signing secret is configured; set HAUL_WEBHOOK_SECRET or HAUL_WEBHOOK_SECRET_FILE",
+                code="no_webhook_secret",
             )
         self.policy.check(url, purpose=where)
         pause = self.backoff_seconds

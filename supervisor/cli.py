@@ -23,7 +23,15 @@ import redis
 
 from actors.errors import InvalidTask
 from actors.settings import Settings, SettingsError
-from actors.task import State, TaskSpec, spec_from_manifest, spec_from_urls
+from actors.task import (
+    State,
+    Task,
+    TaskSpec,
+    check_accept,
+    check_url,
+    spec_from_manifest,
+    spec_from_urls,
+)
 
 #: Messages a worker process takes beyond one per thread (see worker_environment).
 PREFETCH_SPARE = 2
@@ -41,13 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="create a task from URLs or a manifest; prints its id last")
     submit.add_argument("urls", nargs="*", metavar="URL")
-    submit.add_argument("--manifest", type=Path, help='JSON file {"name", "key", "webhook", "files": [...]}')
+    submit.add_argument(
+        "--manifest", type=Path, help='JSON file {"name", "key", "webhook", "accept", "files": [...]}; - reads stdin'
+    )
     submit.add_argument("--name", default="")
-    submit.add_argument("--key", help="idempotency key: the same key again returns the same task")
+    submit.add_argument(
+        "--key", help="idempotency key: the same key and request again returns the same task; another request exits 2"
+    )
     submit.add_argument("--webhook", help="receiver for this task's events (default HAUL_WEBHOOK_URL)")
+    submit.add_argument(
+        "--accept", action="append", metavar="TYPE", help="a content type the files may have (repeat; default: media, "
+        "PDF, subtitles, archives, playlists, octet-stream; '*/*' takes anything)",
+    )  # fmt: skip
+    submit.add_argument(
+        "--replace", action="store_true", help="put this request under --key when its task failed, died or was canceled"
+    )
 
     status = commands.add_parser("status", help="one task, or counts by state")
     status.add_argument("task_id", nargs="?")
+    status.add_argument("--key", help="the task this idempotency key names")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--state", choices=[s.value for s in State], help="list the tasks in this state")
     status.add_argument("--limit", type=int, default=50, help="most tasks listed with --state")
@@ -73,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--header", action="append", default=[], metavar="'NAME: VALUE'", help="a received header (repeat)"
     )
     verify.add_argument("--headers", type=Path, help="file of received headers, one 'Name: value' per line")
+    listen = webhook_commands.add_parser("listen", help="receive webhooks on 127.0.0.1, verify and print each one")
+    listen.add_argument("--port", type=int, default=9320, help="port to receive on (0: any free one; default 9320)")
+    listen.add_argument("--secret-file", type=Path, help="the secret (default: HAUL_WEBHOOK_SECRET, or haul up's)")
     return parser
 
 
@@ -85,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "webhook" and args.webhook_command == "new-secret":
             print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
             return 0
+        if args.command == "webhook" and args.webhook_command == "listen":
+            from supervisor.listen import run_listener
+
+            return run_listener(os.environ, args.port, args.secret_file)
         if args.command == "up":
             from supervisor.local import run_local_stack
 
@@ -95,9 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "worker":
             return run_worker(settings, passed_on)
         if args.command == "supervisor":
+            from actors.logs import setup_logging
             from supervisor.daemon import run
 
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            setup_logging(settings.log_format)
             logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per job run is noise
             return run(settings)
         handler = {"submit": cmd_submit, "status": cmd_status, "retry": cmd_retry, "cancel": cmd_cancel}
@@ -120,36 +148,55 @@ def _store(settings: Settings) -> Any:
 
 
 def read_spec(args: argparse.Namespace) -> TaskSpec:
+    # Options are checked under their own names first, so a mistake is not reported as a
+    # manifest field the caller never wrote.
+    if args.webhook is not None:
+        check_url(args.webhook, "--webhook")
+    accept = list(check_accept(args.accept, "--accept")) if args.accept is not None else None
+    if args.replace and not args.key:
+        raise InvalidTask("--replace needs --key (or a manifest with a key): it replaces the task a key names")
     if args.manifest is not None:
         if args.urls:
             raise InvalidTask("give either URLs or --manifest, not both")
+        source = "from standard input" if str(args.manifest) == "-" else str(args.manifest)
         try:
-            data = json.loads(args.manifest.read_text(encoding="utf-8"))
+            text = sys.stdin.read() if str(args.manifest) == "-" else args.manifest.read_text(encoding="utf-8")
+            data = json.loads(text)
         except OSError as exc:
-            raise InvalidTask(f"manifest {args.manifest}: cannot be read ({exc.strerror})") from None
+            raise InvalidTask(f"manifest {source}: cannot be read ({exc.strerror})") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidTask(f"manifest {args.manifest}: not valid JSON ({exc})") from None
+            raise InvalidTask(f"manifest {source}: not valid JSON ({exc})") from None
         if isinstance(data, dict):
-            for field, value in (("name", args.name or None), ("key", args.key), ("webhook", args.webhook)):
+            options = (("name", args.name or None), ("key", args.key), ("webhook", args.webhook), ("accept", accept))
+            for field, value in options:
                 if value is not None:
                     data[field] = value
         return spec_from_manifest(data)
     if not args.urls:
         raise InvalidTask("nothing to download: give one or more URLs, or --manifest FILE.json")
-    return spec_from_urls(args.urls, name=args.name, key=args.key, webhook=args.webhook)
+    return spec_from_urls(args.urls, name=args.name, key=args.key, webhook=args.webhook, accept=accept)
 
 
 def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     spec = read_spec(args)  # validated before anything touches Redis
     from actors.submit import submit_spec
 
-    task_id = submit_spec(spec, _store(settings))
+    if args.replace and not spec.key:
+        raise InvalidTask("--replace needs --key (or a manifest with a key): it replaces the task a key names")
+    task_id = submit_spec(spec, _store(settings), replace=args.replace)
     print(task_id)
     return 0
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     store = _store(settings)
+    if args.key is not None:
+        if args.task_id:
+            raise InvalidTask("give either a task id or --key, not both")
+        found = store.id_by_key(args.key)
+        if found is None:
+            raise CommandFailed(f"no task under key {args.key!r} in Redis (finished tasks are pruned after a while)")
+        args.task_id = found
     if args.task_id:
         task = store.get(args.task_id)
         if task is None:
@@ -160,7 +207,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.state:
         tasks = [t for t in (store.get(i) for i in store.ids(State(args.state), args.limit)) if t is not None]
         rows = [t.as_status() for t in tasks]
-        print(json.dumps(rows, indent=2) if args.json else _format_rows(rows))
+        print(json.dumps(rows, indent=2) if args.json else _format_rows(tasks, time.time()))
         return 0
     counts = {state.value: n for state, n in store.counts().items()}
     if args.json:
@@ -178,6 +225,11 @@ def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
     if result == "missing":
         raise CommandFailed(f"no task {args.task_id!r}")
     if result == "not_ended":
+        task = _store(settings).get(args.task_id)
+        if task is not None and task.state is State.DONE:
+            raise CommandFailed(
+                f"task {args.task_id} is done (stored and announced); retry is for failed, dead or canceled tasks"
+            )
         raise CommandFailed(f"task {args.task_id} has not ended; only failed, dead or canceled tasks are retried")
     enqueue_claim(args.task_id)
     print(f"task {args.task_id}: queued again")
@@ -248,6 +300,10 @@ def _read_input(path: Path, what: str) -> bytes:
 def worker_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
     """The Dramatiq command line ``haul worker`` runs."""
     command = [sys.executable, "-m", "dramatiq", "actors"]
+    if settings.log_format == "json":  # Dramatiq's main process too logs JSON (see actors/logs.py)
+        from actors import logs
+
+        command = [sys.executable, logs.__file__, "json", "actors"]
     if "--processes" not in extra and "-p" not in extra:
         command += ["--processes", str(settings.worker_processes)]
     if "--threads" not in extra and "-t" not in extra:
@@ -295,25 +351,49 @@ def _format_task(status: dict[str, Any]) -> str:
         f"state     {status['state']}",
         f"attempts  {status['attempts']}",
         f"files     {status['files_done']}/{status['files_total']}",
-        f"bytes     {_size(status['bytes_done'])} of {_size(status['bytes_total'])}",
+        f"bytes     {_size(status['bytes_done'])} of {'' if status['bytes_total_known'] else 'at least '}"
+        f"{_size(status['bytes_total'])}",
     ]
     if status.get("key"):
         lines.append(f"key       {status['key']}")
+    waiting = status.get("waiting")
+    if waiting:
+        lines.append(f"waiting   {_WAITING[waiting['for']]} {_when(waiting)}")
     if status.get("error"):
         lines.append(f"error     {status['error']}")
     return "\n".join(lines)
 
 
-def _format_rows(rows: list[dict[str, Any]]) -> str:
-    header = f"{'ID':<32}  {'STATE':<11}  {'TRIES':>5}  {'FILES':>9}  {'BYTES':>10}  NAME / ERROR"
+#: What ``waiting.for`` means, for people.
+_WAITING = {
+    "outage": "parked: its storage or webhook receiver is down; next try",
+    "finalize_slot": "for a finalize slot; next try",
+    "stage_slot": "for a stage slot (download, per-host or staging limit)",
+    "backoff": "backoff after a transient error; next attempt not before",
+}
+
+
+def _when(waiting: dict[str, Any]) -> str:
+    return f"since {waiting['since']}" if "since" in waiting else str(waiting["until"])
+
+
+def _format_rows(tasks: list[Task], now: float) -> str:
+    header = f"{'ID':<32}  {'STATE':<11}  {'KEY':<16}  {'AGE':>6}  {'TRIES':>5}  NAME / ERROR"
     lines = [header]
-    for r in rows:
-        note = r["name"] + (f"  [{r['error']}]" if r.get("error") else "")
-        files = f"{r['files_done']}/{r['files_total']}"
-        lines.append(
-            f"{r['id']:<32}  {r['state']:<11}  {r['attempts']:>5}  {files:>9}  {_size(r['bytes_done']):>10}  {note}"
-        )
+    for t in tasks:
+        note = t.name + (f"  [{t.error}]" if t.error else "")
+        key = t.spec.key or "-"
+        age = _age(now - t.created_at)
+        lines.append(f"{t.id:<32}  {t.state.value:<11}  {key:<16}  {age:>6}  {t.attempts:>5}  {note}")
     return "\n".join(lines)
+
+
+def _age(seconds: float) -> str:
+    """A short age: 45s, 12m, 5h, 3d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(0, int(seconds))}s"
 
 
 def _size(n: int) -> str:

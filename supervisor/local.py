@@ -12,7 +12,10 @@ the URL is local. It says which Redis it uses, and why.
 
 Then the workers and the supervisor, and it stops them all on Ctrl-C, SIGTERM or SIGHUP.
 Private networks are allowed by default here, since a first run usually downloads from a server
-on the same machine. A supervisor port already in use stops it before anything starts.
+on the same machine. When HAUL_SUPERVISOR_PORT is not set and 9310 is taken, the supervisor
+serves on a free port, which it prints; a port that was set (HAUL_SUPERVISOR_PORT,
+HAUL_WORKER_METRICS_PORT) and is taken stops it before anything starts. With no webhook secret
+configured, it signs webhooks with one of its own, made once in ``$HAUL_HOME/webhook-secret``.
 
 Each child runs in a session (and process group) of its own, so a terminal's Ctrl-C, which
 goes to every process of the foreground group, reaches ``haul up`` alone; it then stops the
@@ -23,8 +26,11 @@ supervisor, Redis last. Were Redis stopped at the same time, a downloading task 
 
 from __future__ import annotations
 
+import base64
 import errno
+import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -38,7 +44,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from actors.settings import DEFAULT_HOME, DEFAULT_REDIS_URL, REDIS_URL_FILE, Settings, home_folder
+from actors.settings import DEFAULT_HOME, DEFAULT_REDIS_URL, REDIS_URL_FILE, Settings, SettingsError, home_folder
 
 #: Seconds to wait for a started redis-server to answer.
 REDIS_START_SECONDS = 10.0
@@ -52,6 +58,14 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 #: Exit statuses, as the haul command's: the operation failed; bad input or configuration.
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: The file in HAUL_HOME holding the webhook secret haul up made, when none was configured.
+WEBHOOK_SECRET_FILE = "webhook-secret"
+#: Random bytes in a secret haul up makes (``whsec_`` + their base64).
+WEBHOOK_SECRET_BYTES = 24
+
+#: haul up's own lines when HAUL_LOG_FORMAT=json (text: ``haul up: ...`` on stdout or stderr).
+logger = logging.getLogger("haul.up")
+_json_lines = False
 
 
 class UpRefused(Exception):
@@ -70,8 +84,73 @@ def local_environment(environ: Mapping[str, str], home: Path) -> dict[str, str]:
     return env
 
 
-def say(text: str) -> None:
-    print(f"haul up: {text}", flush=True)
+def say(text: str, error: bool = False) -> None:
+    if _json_lines:
+        logger.log(logging.ERROR if error else logging.INFO, text)
+    else:
+        print(f"haul up: {text}", file=sys.stderr if error else sys.stdout, flush=True)
+
+
+def haul_command(cwd: Path) -> str:
+    """How to run haul from a shell in ``cwd``: ``haul`` when that is the one on PATH, else the
+    path of the script beside this Python (relative when it is under ``cwd``)."""
+    script = Path(sys.argv[0]) if Path(sys.argv[0]).name == "haul" else Path(sys.executable).parent / "haul"
+    if not script.exists():
+        return f"{sys.executable} -m supervisor.cli"
+    on_path = shutil.which("haul")
+    if on_path is not None and Path(on_path).resolve() == script.resolve():
+        return "haul"
+    path = script.absolute()
+    try:
+        relative = path.relative_to(cwd)
+    except ValueError:
+        return str(path)
+    return str(relative) if relative.parent != Path(".") else f"./{relative}"
+
+
+def configured_secret(environ: Mapping[str, str]) -> bool:
+    return bool(environ.get("HAUL_WEBHOOK_SECRET") or environ.get("HAUL_WEBHOOK_SECRET_FILE"))
+
+
+def new_webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(secrets.token_bytes(WEBHOOK_SECRET_BYTES)).decode()
+
+
+def keep_webhook_secret(home: Path, secret: str) -> tuple[Path, bool]:
+    """``home/webhook-secret``, written with ``secret`` (mode 0600) unless it exists; whether it
+    was made now."""
+    path = home / WEBHOOK_SECRET_FILE
+    home.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path, False
+    except OSError as exc:
+        raise UpRefused(
+            f"cannot write the webhook secret to {path} ({exc.strerror}); set HAUL_WEBHOOK_SECRET_FILE"
+        ) from None
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(secret + "\n")
+    return path, True
+
+
+def supervisor_port(settings: Settings, environ: Mapping[str, str]) -> int:
+    """The supervisor's port: HAUL_SUPERVISOR_PORT's, which must be free, or 9310, or when that
+    is taken a free one."""
+    host, port = settings.supervisor_host, settings.supervisor_port
+    if not port or port_free(host, port):
+        return port
+    if environ.get("HAUL_SUPERVISOR_PORT"):
+        raise UpRefused(
+            f"{host}:{port} is in use (another haul up, or a supervisor?), so the supervisor could not serve "
+            "/healthz there; stop that one, or set HAUL_SUPERVISOR_PORT to a free port"
+        )
+    chosen = free_port(port, host)
+    say(
+        f"{host}:{port} is in use (another haul up?), so this supervisor serves /healthz and /metrics on "
+        f"{host}:{chosen}; set HAUL_SUPERVISOR_PORT to choose the port"
+    )
+    return chosen
 
 
 def _client(url: str) -> redis.Redis:
@@ -217,10 +296,10 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(avoid: int) -> int:
+def free_port(avoid: int, host: str = "127.0.0.1") -> int:
     while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, 0))
             port = int(sock.getsockname()[1])
         if port != avoid:
             return port
@@ -241,12 +320,12 @@ def stop_child(name: str, child: subprocess.Popen[bytes]) -> None:
     systemd's KillMode=mixed does), wait, and kill its whole process group if it hangs."""
     if child.poll() is not None:
         return
-    print(f"haul up: stopping {name}", flush=True)
+    say(f"stopping {name}")
     child.send_signal(signal.SIGTERM)
     try:
         child.wait(STOP_SECONDS)
     except subprocess.TimeoutExpired:
-        print(f"haul up: {name} did not stop in {STOP_SECONDS:.0f}s; killing it", file=sys.stderr, flush=True)
+        say(f"{name} did not stop in {STOP_SECONDS:.0f}s; killing it", error=True)
         try:
             os.killpg(child.pid, signal.SIGKILL)  # its group id is its pid: it is not reaped yet
         except ProcessLookupError:
@@ -255,19 +334,48 @@ def stop_child(name: str, child: subprocess.Popen[bytes]) -> None:
 
 
 def run_local_stack(environ: Mapping[str, str]) -> int:
+    """Run the stack until a stop signal; every way out ends with a ``haul up: stopped`` line."""
+    global _json_lines
+    if environ.get("HAUL_LOG_FORMAT", "").strip().lower() == "json":
+        from actors.logs import setup_logging
+
+        setup_logging("json")
+        _json_lines = True
+    try:
+        status = _run_local_stack(environ)
+    except (UpRefused, SettingsError) as exc:
+        say(str(exc), error=True)
+        status = exc.status if isinstance(exc, UpRefused) else EXIT_USAGE
+    say("stopped")
+    return status
+
+
+def _run_local_stack(environ: Mapping[str, str]) -> int:
     home = home_folder(environ)
     env = local_environment(environ, home)
+    secret = None if configured_secret(env) else new_webhook_secret()  # kept once nothing refused
     # Every value checked before anything starts; the Redis URL is haul up's to choose when unset
-    settings = Settings.from_env(env if env.get("HAUL_REDIS_URL") else {**env, "HAUL_REDIS_URL": DEFAULT_REDIS_URL})
-    port = settings.supervisor_port
-    if port and not port_free(settings.supervisor_host, port):
-        print(
-            f"haul up: {settings.supervisor_host}:{port} is in use (another haul up, or a supervisor?), so the "
-            "supervisor could not serve /healthz there; stop that one, or set HAUL_SUPERVISOR_PORT to a free port",
-            file=sys.stderr,
-            flush=True,
+    checked = env if env.get("HAUL_REDIS_URL") else {**env, "HAUL_REDIS_URL": DEFAULT_REDIS_URL}
+    settings = Settings.from_env(checked if secret is None else {**checked, "HAUL_WEBHOOK_SECRET": secret})
+    port = supervisor_port(settings, environ)
+    env["HAUL_SUPERVISOR_PORT"] = str(port)
+    settings = settings.replace(supervisor_port=port)
+    metrics_port = settings.worker_metrics_port
+    if metrics_port and (metrics_port == port or not port_free(settings.supervisor_host, metrics_port)):
+        raise UpRefused(
+            f"{settings.supervisor_host}:{metrics_port} is in use, so the workers could not serve their metrics "
+            "there; stop what uses it, or set HAUL_WORKER_METRICS_PORT to a free port (or unset it)"
         )
-        return EXIT_USAGE
+    if secret is not None:
+        path, made = keep_webhook_secret(home, secret)
+        env["HAUL_WEBHOOK_SECRET_FILE"] = str(path)
+        settings = settings.replace(webhook_secrets=Settings.from_env(env).webhook_secrets)
+        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+        say(
+            f"no webhook secret is configured, so webhooks are signed with the one in {shown} "
+            f"({'made now' if made else 'made by an earlier haul up'}, mode 0600; `cat {shown}` shows it, "
+            f"`{haul_command(Path.cwd())} webhook listen --secret-file {shown}` receives and checks deliveries)"
+        )
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:
@@ -291,27 +399,26 @@ def run_local_stack(environ: Mapping[str, str]) -> int:
             children.append(("workers", workers))
             supervisor = subprocess.Popen([sys.executable, "-m", "supervisor"], env=env, start_new_session=True)
             children.append(("supervisor", supervisor))
-            print(
-                f"haul up: workers and supervisor running; files land in {settings.storage_dir}; "
-                f"health and metrics on http://{settings.supervisor_host}:{settings.supervisor_port}/healthz\n"
-                "haul up: in another shell: haul submit URL, then haul status ID. Ctrl-C stops everything.",
-                flush=True,
+            haul = haul_command(Path.cwd())
+            say(
+                f"workers and supervisor running; files land in {settings.storage_dir}; "
+                f"health and metrics on http://{settings.supervisor_host}:{port}/healthz"
             )
+            say(f"in another shell: {haul} submit URL, then {haul} status ID. Ctrl-C stops everything.")
         if redis_child is not None:
             children.append(("redis-server", redis_child))
         while not stopping:
             for name, child in children:
                 if child.poll() is not None:
-                    print(f"haul up: {name} exited with {child.returncode}; stopping", file=sys.stderr, flush=True)
+                    say(f"{name} exited with {child.returncode}; stopping", error=True)
                     status, stopping = 1, True
             time.sleep(0.2)
     except UpRefused as exc:
-        print(f"haul up: {exc}", file=sys.stderr, flush=True)
+        say(str(exc), error=True)
         status = exc.status
     finally:
         if redis_child is not None and all(child is not redis_child for _, child in children):
             children.append(("redis-server", redis_child))  # a later step failed
         for name, child in children:  # workers, then the supervisor, then Redis
             stop_child(name, child)
-    print("haul up: stopped", flush=True)
     return status

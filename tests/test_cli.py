@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from actors.store import TaskStore
+from actors.task import State
 
 
 def haul(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -37,7 +38,7 @@ def test_submit_prints_the_id_last_and_the_same_key_gives_the_same_task(store: T
     first = haul("submit", "https://cdn.example.com/a.mp4", "--name", "A", "--key", "order-5")
     assert first.returncode == 0, first.stderr
     task_id = first.stdout.strip().splitlines()[-1]
-    again = haul("submit", "https://cdn.example.com/a.mp4", "--key", "order-5")
+    again = haul("submit", "https://cdn.example.com/a.mp4", "--name", "A", "--key", "order-5")
     assert again.stdout.strip().splitlines()[-1] == task_id
     status = json.loads(haul("status", task_id, "--json").stdout)
     fields = {"id", "name", "state", "attempts", "files_total", "files_done", "bytes_total", "bytes_done", "error"}
@@ -123,3 +124,37 @@ def test_new_webhook_secret_is_usable() -> None:
 
     secret = haul("webhook", "new-secret").stdout.strip()
     assert Settings.from_env({"HAUL_WEBHOOK_SECRET": secret}).webhook_secrets == (secret,)
+
+
+def test_retry_of_a_done_task_says_it_is_done(store: TaskStore) -> None:
+    task_id = haul("submit", "https://cdn.example.com/a.mp4").stdout.strip()
+    claim = store.claim(task_id, worker="w", now=1.0, lease_seconds=30, max_attempts=3)
+    store.release(task_id, claim.token, State.DONE, now=2.0, max_attempts=3)
+    result = haul("retry", task_id)
+    assert result.returncode == 1 and "is done" in result.stderr and "has not ended" not in result.stderr
+
+
+def test_a_bad_webhook_option_is_reported_as_the_option() -> None:
+    result = haul("submit", "https://cdn.example.com/a.mp4", "--webhook", "notaurl")
+    assert result.returncode == 2 and "--webhook" in result.stderr and "manifest" not in result.stderr
+
+
+def test_submit_reads_a_manifest_from_standard_input(store: TaskStore) -> None:
+    files = [{"url": "https://x.example/1.pdf", "path": "a/1.pdf"}]
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "submit", "--manifest", "-"],
+        input=json.dumps({"name": "C", "files": files}), capture_output=True, text=True, env=dict(os.environ),
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    task = store.get(result.stdout.strip().splitlines()[-1])
+    assert task is not None and task.spec.files[0].path == "a/1.pdf"
+
+
+def test_submit_takes_accept_options(store: TaskStore) -> None:
+    result = haul("submit", "https://cdn.example.com/a", "--accept", "text/plain", "--accept", "Application/JSON")
+    assert result.returncode == 0, result.stderr
+    task = store.get(result.stdout.strip())
+    assert task is not None and task.spec.accept == ("text/plain", "application/json")
+    bad = haul("submit", "https://cdn.example.com/a", "--accept", "pdf")
+    assert bad.returncode == 2 and "--accept" in bad.stderr

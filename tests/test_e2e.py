@@ -63,7 +63,7 @@ def test_submit_through_dramatiq_worker_process_to_storage_and_signed_webhook(
     url = origin.put("/course/lesson-1.mp4", data)
     origin.fault("/course/lesson-1.mp4", Fault("status", code=503), Fault("drop", after=1024 * 1024))
     task_id = haul(stack_env, "submit", url, "--name", "Course 1", "--key", "order-e2e")
-    assert haul(stack_env, "submit", url, "--key", "order-e2e") == task_id
+    assert haul(stack_env, "submit", url, "--name", "Course 1", "--key", "order-e2e") == task_id
     task = wait_for(store, task_id, timeout=60)
     assert task.state.value == "done", task.error
     assert task.attempts == 3

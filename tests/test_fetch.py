@@ -241,3 +241,40 @@ def test_a_hashing_error_reaches_the_download_and_never_blocks_it() -> None:
         hasher.update(b"x" * 1024)
     with pytest.raises(MemoryError, match="no room"):
         hasher.hexdigest()
+
+
+def test_a_resumed_file_without_a_task_sha256_reports_the_sha256_of_all_its_bytes(
+    origin: Origin, tmp_path: Path
+) -> None:
+    data = os.urandom(3 * MIB)
+    url = origin.put("/v.mp4", data)
+    origin.fault("/v.mp4", Fault("drop", after=MIB + 123))
+    fetcher, part, spec = make_fetcher(), tmp_path / "0.part", FileSpec(url=url, path="v.mp4")
+    digests: list[str] = []
+
+    def run() -> int:
+        return fetch_file(fetcher, spec, part, task_id="t" * 32, on_progress=lambda _: None, on_sha256=digests.append)
+
+    # Given a first attempt cut after a MiB, which reports no digest
+    with pytest.raises(OriginUnavailable):
+        run()
+    assert digests == []
+    # When the rest is fetched, the digest covers the bytes kept on disk and the rest
+    assert run() == len(data)
+    assert origin.requests_for("/v.mp4")[1].headers["Range"] == f"bytes={MIB + 123}-"
+    assert digests == [hashlib.sha256(data).hexdigest()]
+
+
+def test_a_timeout_is_coded_timeout_and_a_busy_origin_never_promises_a_retry(origin: Origin, tmp_path: Path) -> None:
+    url = origin.put("/v.mp4", b"video")
+    origin.fault("/v.mp4", Fault("slow_headers", seconds=1.5), Fault("status", code=503))
+    fetcher = Fetcher(DestinationPolicy(True), connect_timeout=2, read_timeout=0.5)
+    spec = FileSpec(url=url, path="v.mp4")
+    with pytest.raises(OriginUnavailable) as slow:
+        fetch(fetcher, spec, tmp_path / "0.part")
+    assert slow.value.code == "timeout"
+    # The fetcher does not know whether attempts are left: its message only says what happened
+    with pytest.raises(OriginUnavailable) as busy:
+        fetch(fetcher, spec, tmp_path / "0.part")
+    assert busy.value.code == "origin_unavailable" and "503" in str(busy.value)
+    assert "retry" not in str(busy.value)

@@ -5,10 +5,13 @@ Redis it refuses."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,9 +20,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from actors.settings import DEFAULT_SUPERVISOR_PORT
 from actors.store import TaskStore
 from tests.conftest import RedisServer, free_port, part_bytes
-from tests.processes import REPO, base_env, stack_env, wait_until
+from tests.processes import REPO, base_env, health, stack_env, wait_until
 from tests.servers import Origin, Receiver
 
 MIB = 1024 * 1024
@@ -212,6 +216,100 @@ def test_haul_up_stops_before_starting_anything_when_its_supervisor_port_is_take
     output = (tmp_path / "up.log").read_text()
     assert f"127.0.0.1:{port} is in use" in output and "HAUL_SUPERVISOR_PORT" in output, output
     assert not (tmp_path / "home").exists()  # no Redis, no workers
+    assert output.rstrip().endswith("haul up: stopped") and "Traceback" not in output, output
+
+
+def test_haul_up_stops_when_the_worker_metrics_port_it_was_given_is_taken(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = base_env(HAUL_SUPERVISOR_PORT="0", HAUL_WORKER_METRICS_PORT=str(port), HAUL_HOME=str(tmp_path / "home"))
+        up = haul_up(env, tmp_path, tmp_path / "up.log")
+        try:
+            assert up.wait(30) == 2
+        finally:
+            if up.poll() is None:
+                stop_up(up)
+    output = (tmp_path / "up.log").read_text()
+    assert f"127.0.0.1:{port} is in use" in output and "HAUL_WORKER_METRICS_PORT" in output, output
+    assert output.rstrip().endswith("haul up: stopped") and "Traceback" not in output, output
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize("command", [["worker"], ["supervisor"]])
+def test_workers_and_supervisor_refuse_a_webhook_url_without_a_secret(tmp_path: Path, command: list[str]) -> None:
+    env = base_env(HAUL_WEBHOOK_URL="http://127.0.0.1:9/hooks", HAUL_HOME=str(tmp_path / "home"))
+    result = haul(REPO, env, *command)
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and "HAUL_WEBHOOK_SECRET" in result.stderr, result.stderr
+    assert "haul webhook new-secret" in result.stderr
+
+
+def _taken(port: int) -> socket.socket | None:
+    """Listen on 127.0.0.1:``port``; None when something else already does (taken either way)."""
+    sock = socket.socket()
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def test_a_first_run_without_port_or_secret_settings_picks_a_port_makes_a_secret_and_listen_verifies(
+    tmp_path: Path, origin: Origin
+) -> None:
+    # Given 9310 taken, no HAUL_SUPERVISOR_PORT, no webhook secret, and haul not on PATH
+    listen_port = free_port()
+    env = base_env(HAUL_WORKER_PROCESSES="1", HAUL_WORKER_THREADS="2", PATH="/usr/bin:/bin")
+    blocker = _taken(DEFAULT_SUPERVISOR_PORT)
+    log = tmp_path / "up.log"
+    listener: subprocess.Popen[bytes] | None = None
+    try:
+        up = haul_up(env, tmp_path, log)
+        try:
+            wait_until(lambda: "workers and supervisor running" in log.read_text(), 30, "haul up to start")
+            output = log.read_text()
+            # It serves the supervisor on another port, and says which
+            found = re.search(r"health and metrics on http://127\.0\.0\.1:(\d+)/healthz", output)
+            assert found is not None and int(found[1]) != DEFAULT_SUPERVISOR_PORT, output
+            wait_until(lambda: health(int(found[1])) is not None, 20, "the supervisor on the chosen port")
+            # It made a secret, readable by its owner only, and said where and how to read it
+            secret_file = tmp_path / ".haul" / "webhook-secret"
+            secret = secret_file.read_text().strip()
+            assert secret.startswith("whsec_") and len(base64.b64decode(secret.removeprefix("whsec_"))) == 24
+            assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+            assert output.count("webhook-secret") >= 2 and "cat .haul/webhook-secret" in output, output
+            assert secret not in output
+            # Its hint names a haul that works from here, not a bare `haul`
+            script = Path(sys.executable).parent / "haul"
+            assert f"in another shell: {script} submit URL" in output, output
+            # When haul webhook listen runs with that secret and a task is done
+            listen_log = tmp_path / "listen.log"
+            with listen_log.open("ab") as out:
+                listener = subprocess.Popen(
+                    [str(script), "webhook", "listen", "--port", str(listen_port), "--secret-file",
+                     ".haul/webhook-secret"], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            wait_until(lambda: "receiving on" in listen_log.read_text(), 15, "the listener")
+            webhook = f"http://127.0.0.1:{listen_port}/"
+            submitted = haul(tmp_path, env, "submit", "--webhook", webhook, origin.put("/first.mp4", b"first run"))
+            assert submitted.returncode == 0, submitted.stderr
+            task_id = submitted.stdout.split()[-1]
+            # Then the listener verified and printed the delivery
+            wait_until(lambda: f"task.completed  task {task_id}  files: first.mp4" in listen_log.read_text(), 30,
+                       "the verified delivery")  # fmt: skip
+        finally:
+            stopped = stop_up(up)
+    finally:
+        if listener is not None:
+            listener.terminate()
+            listener.wait(10)
+        if blocker is not None:
+            blocker.close()
+    assert stopped == 0
+    output = log.read_text()
+    assert output.rstrip().endswith("haul up: stopped") and "Traceback" not in output, output
 
 
 def test_without_haul_redis_url_haul_up_runs_its_own_redis_and_other_shells_find_it(

@@ -7,6 +7,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from prometheus_client import generate_latest
 from actors.store import TaskStore
 from supervisor.daemon import Supervisor
 
-OPS = Path(__file__).resolve().parent.parent / "ops"
+REPO = Path(__file__).resolve().parent.parent
+OPS = REPO / "ops"
 METRIC = re.compile(r"\b(haul_[a-z_]+)")
 
 
@@ -92,6 +95,41 @@ def test_systemd_units_stop_gracefully_and_keep_secrets_out_of_the_environment(u
     assert settings["KillSignal"] == "SIGTERM" and settings["KillMode"] == "mixed"
     assert settings["Restart"] == "always" and int(settings["TimeoutStopSec"]) <= 120
     assert "LoadCredential" in settings and "HAUL_WEBHOOK_SECRET=" not in text
+
+
+@pytest.mark.parametrize("unit", ["haul-worker@.service", "haul-supervisor.service"])
+def test_systemd_units_log_json(unit: str) -> None:
+    assert "Environment=HAUL_LOG_FORMAT=json" in (OPS / "systemd" / unit).read_text().splitlines()
+
+
+def test_compose_services_log_json() -> None:
+    compose = yaml.safe_load((OPS / "docker" / "docker-compose.yml").read_text())
+    assert compose["x-haul"]["environment"]["HAUL_LOG_FORMAT"] == "json"
+
+
+def test_building_haul_prints_no_setuptools_warnings(tmp_path: Path) -> None:
+    # Given a copy of the sources (a build writes *.egg-info and build/ beside them)
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("actors", "supervisor"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    # When pip builds a wheel as ops/setup's install does (an isolated build with current setuptools)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-w", str(tmp_path / "dist"),
+         str(source)], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and ("Could not find a version" in output or "NewConnectionError" in output):
+        pytest.skip("no package index to fetch setuptools from")
+    # Then it builds, without a warning or a deprecation, and ships the Lua scripts
+    assert result.returncode == 0, output
+    noisy = [line for line in output.splitlines() if "warning" in line.lower() or "deprecat" in line.lower()]
+    assert noisy == [], output
+    (wheel,) = (tmp_path / "dist").glob("haul-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert "actors/lua/claim.lua" in archive.namelist()
 
 
 def test_compose_keeps_redis_persistent_and_secrets_in_files() -> None:

@@ -29,6 +29,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("HAUL_REDIS_URL", "http://127.0.0.1:6379"),
         ("HAUL_WEBHOOK_SECRET", "not-a-secret"),
         ("HAUL_WEBHOOK_URL", "ftp://example.com/hook"),
+        ("HAUL_LOG_FORMAT", "xml"),
     ],
 )
 def test_invalid_values_name_the_variable(name: str, value: str) -> None:
@@ -39,6 +40,11 @@ def test_invalid_values_name_the_variable(name: str, value: str) -> None:
 def test_retry_bounds_must_be_ordered() -> None:
     with pytest.raises(SettingsError, match="HAUL_RETRY_MIN_SECONDS"):
         Settings.from_env({"HAUL_RETRY_MIN_SECONDS": "10", "HAUL_RETRY_MAX_SECONDS": "1"})
+
+
+def test_log_format_is_text_unless_json_is_asked() -> None:
+    assert Settings.from_env({}).log_format == "text"
+    assert Settings.from_env({"HAUL_LOG_FORMAT": "JSON"}).log_format == "json"
 
 
 def test_webhook_url_needs_a_secret() -> None:

@@ -7,14 +7,18 @@ import random
 import pytest
 
 from actors.errors import InvalidTask
+from actors.fetch import content_type_accepted
 from actors.task import (
+    DEFAULT_ACCEPT,
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
     State,
     backoff_seconds,
     can_move,
     check_relative_path,
+    first_difference,
     name_from_url,
+    request_hash,
     spec_from_manifest,
     spec_from_urls,
 )
@@ -145,3 +149,32 @@ def test_invisible_and_control_characters_are_sanitized_out_of_derived_names() -
 def test_derived_names_are_unique_case_insensitively_like_manifest_paths() -> None:
     spec = spec_from_urls(["http://h/A.mp4", "http://h/a.mp4", "http://h/x/A.MP4"])
     assert [f.path for f in spec.files] == ["A.mp4", "a-2.mp4", "A-3.MP4"]
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/pdf", "text/vtt", "application/x-subrip", "text/srt", "application/zip",
+        "application/x-7z-compressed", "application/x-rar-compressed", "application/gzip", "application/x-tar",
+        "application/vnd.apple.mpegurl", "application/x-mpegURL", "application/dash+xml", "video/mp4",
+        "audio/mpeg", "image/jpeg", "application/octet-stream", "binary/octet-stream", "application/mp4",
+    ],
+)  # fmt: skip
+def test_the_default_accepts_what_courses_ship(content_type: str) -> None:
+    assert content_type_accepted(content_type, DEFAULT_ACCEPT)
+    assert spec_from_urls(["https://x.example/a"]).accept == DEFAULT_ACCEPT
+
+
+def test_the_default_still_refuses_html() -> None:
+    assert not content_type_accepted("text/html; charset=utf-8", DEFAULT_ACCEPT)
+    # An accept list given to spec_from_urls replaces the default
+    assert spec_from_urls(["https://x.example/a"], accept=["text/html"]).accept == ("text/html",)
+
+
+def test_the_request_hash_ignores_the_key_and_accept_order_and_names_the_first_difference() -> None:
+    base = manifest(accept=["video/*", "application/pdf"])
+    same = manifest(key="other", accept=["application/pdf", "video/*"])
+    assert request_hash(spec_from_manifest(base)) == request_hash(spec_from_manifest(same))
+    changed = manifest(name="Another")
+    assert request_hash(spec_from_manifest(base)) != request_hash(spec_from_manifest(changed))
+    assert first_difference(spec_from_manifest(manifest()), spec_from_manifest(changed)) == "name"

@@ -51,7 +51,7 @@ elseif is_active(state) then
     set_state(KEYS[1], id, state, 'dead', now)
     redis.call('HSET', KEYS[1], 'lease_until', 0,
       'error', 'lease expired during ' .. state .. ' (worker stopped or hung) and all ' .. max_attempts .. ' attempts are used',
-      'error_code', 'lease_expired')
+      'error_code', 'lease_expired', 'error_file', '')
     redis.call('ZREM', KEYS[2], id)
     return {'dead', attempts}
   end

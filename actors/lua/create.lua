@@ -1,4 +1,8 @@
--- Create a task once per idempotency key.
+-- Create a task once per idempotency key. The same key with the same request (the sha256 of its
+-- canonical JSON, kept in the task hash as 'request_hash') returns the first task; a different
+-- request is answered 'different' (the caller names the differing field from the stored spec).
+-- With replace, a key whose task ended failed, dead or canceled moves to a new task (the old
+-- record stays; prune.lua deletes a key only while it still names the pruned task).
 -- KEYS[1]  $prefix task:$id       the task hash
 -- KEYS[2]  $prefix spec:$id       what the task asks for (JSON)
 -- KEYS[3]  $prefix key:$key       (optional) idempotency index: key -> task id
@@ -6,17 +10,28 @@
 -- ARGV[2]  task id
 -- ARGV[3]  now (seconds)
 -- ARGV[4]  the spec JSON
--- ARGV[5..] field, value, ... of the new task hash
--- Returns {id, 1} when created, {existing id, 0} when the key was seen before.
+-- ARGV[5]  the request hash
+-- ARGV[6]  '1' to replace an ended (failed, dead, canceled) task under the key, else '0'
+-- ARGV[7..] field, value, ... of the new task hash
+-- Returns {id, 'created'} | {existing id, 'same'} | {existing id, 'different'}
+--       | {existing id, 'not_replaceable', its state} (replace asked for a task not failed/dead/canceled)
 local id = ARGV[2]
 if KEYS[3] then
   local existing = redis.call('GET', KEYS[3])
   if existing then
-    return {existing, 0}
+    local t = redis.call('HMGET', prefix .. 'task:' .. existing, 'state', 'request_hash')
+    if t[1] then  -- a key naming a record that is gone is free again
+      if ARGV[6] ~= '1' then
+        return {existing, (t[2] == ARGV[5]) and 'same' or 'different'}
+      end
+      if t[1] ~= 'failed' and t[1] ~= 'dead' and t[1] ~= 'canceled' then
+        return {existing, 'not_replaceable', t[1]}
+      end
+    end
   end
   redis.call('SET', KEYS[3], id)
 end
 redis.call('SET', KEYS[2], ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 set_state(KEYS[1], id, false, 'queued', ARGV[3])
-return {id, 1}
+return {id, 'created'}

@@ -335,6 +335,48 @@ def bench_download(bench: Bench) -> dict[str, Any]:
     }
 
 
+def bench_hash(bench: Bench) -> dict[str, Any]:
+    """HAUL_HASH's cost: the download stage alone (warm process) of a 1 GiB file the task gives
+    no sha256 for, hashed as it arrives (``sha256``, the default) or not (``none``), alternating."""
+    from actors.fetch import Fetcher, FetchRules, discard_part
+    from actors.netguard import DestinationPolicy
+    from actors.task import FileSpec
+
+    url = bench.file("big.bin", GIB)
+    expected = sha256_of(bench.www / "big.bin").hex()
+    fetcher = Fetcher(DestinationPolicy(True), connect_timeout=5, read_timeout=60)
+    out = bench.root / "out"
+    out.mkdir(exist_ok=True)
+    spec = FileSpec(url=url, path="big.bin")
+
+    def haul(file_hash: str) -> Callable[[], float]:
+        def run() -> float:
+            part = out / "0.part"
+            discard_part(part)
+            digests: list[str] = []
+            on_sha256 = digests.append if file_hash == "sha256" else None
+            started = time.perf_counter()
+            fetcher.fetch(
+                spec, part, task_id="bench", on_progress=lambda _: None, rules=FetchRules(), on_sha256=on_sha256
+            )
+            took = time.perf_counter() - started
+            discard_part(part)
+            if digests != ([expected] if on_sha256 else []):
+                raise RuntimeError(f"HAUL_HASH={file_hash}: got sha256 {digests}, expected {expected}")
+            return took
+
+        return run
+
+    haul("none")()  # warm up: connection pool, page cache of the source file
+    times = ratio_runs(bench.runs, {"HAUL_HASH=none": haul("none"), "HAUL_HASH=sha256": haul("sha256")})
+    cost = [h / n for n, h in zip(times["HAUL_HASH=none"], times["HAUL_HASH=sha256"], strict=True)]
+    return {
+        "GB/s": {k: round(GIB / med(t) / 1e9, 2) for k, t in times.items()},
+        "seconds per GiB": {k: [round(x, 2) for x in t] for k, t in times.items()},
+        "sha256 time / none time": round(med(cost), 3),
+    }
+
+
 def bench_end_to_end(bench: Bench) -> dict[str, Any]:
     """2b: haul submit to done (storage on the same filesystem, webhook included) vs curl."""
     url = bench.file("big.bin", GIB)
@@ -761,6 +803,7 @@ def compare(results: dict[str, Any]) -> None:
 
 BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "download": bench_download,
+    "hash": bench_hash,
     "end_to_end": bench_end_to_end,
     "rss": bench_rss,
     "throughput": bench_throughput,
