@@ -69,21 +69,25 @@ def requeue_stuck(
         outcome["resent"] = len(unsent)
     expired = store.expired(now, limit)
     results = store.requeue_expired(expired, now=now, max_attempts=max_attempts)
-    for task_id, result in zip(expired, results, strict=True):
-        if isinstance(result, Exception):  # the script's own error; a Redis outage raises above
-            log.error("task %s: cannot requeue, its record is unreadable (%s)", task_id, result)
-            outcome["error"] += 1
-            if on_error is not None:
-                on_error(task_id, result)
-            continue
-        outcome[result] += 1
-        if result == "queued":
-            log.warning("task %s: lease expired; queued again", task_id)
-            send_claim(task_id)
-            store.claims_sent([task_id])
-        elif result == "dead":
-            log.error("task %s: lease expired and attempts are used; dead", task_id)
-            on_dead(task_id)
+    sent: list[str] = []
+    try:
+        for task_id, result in zip(expired, results, strict=True):
+            if isinstance(result, Exception):  # the script's own error; a Redis outage raises above
+                log.error("task %s: cannot requeue, its record is unreadable (%s)", task_id, result)
+                outcome["error"] += 1
+                if on_error is not None:
+                    on_error(task_id, result)
+                continue
+            outcome[result] += 1
+            if result == "queued":
+                log.warning("task %s: lease expired; queued again", task_id)
+                send_claim(task_id)
+                sent.append(task_id)
+            elif result == "dead":
+                log.error("task %s: lease expired and attempts are used; dead", task_id)
+                on_dead(task_id)
+    finally:
+        store.claims_sent(sent)  # one round trip; a send that failed stays for the next sweep
     return outcome
 
 

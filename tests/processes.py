@@ -79,6 +79,17 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
+def haul_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``haul ARGS`` (the real CLI, in a process of its own) with this environment plus ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
 def worker(env: dict[str, str], log: Path, threads: int = 2) -> Process:
     """``haul worker`` with one process: Dramatiq under haul's prefetch setting."""
     return Process(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -20,14 +19,11 @@ from actors.dispatch import enqueue_claim, enqueue_notify
 from actors.store import TaskStore
 from actors.task import spec_from_manifest, spec_from_urls
 from tests.conftest import in_process_worker, installed_runtime, wait_for
+from tests.processes import haul_cli as haul
 from tests.processes import running, wait_until
 from tests.servers import Delivery, Origin, Receiver
 
 MIB = 1024 * 1024
-
-
-def haul(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 def accepted_ids(receiver: Receiver) -> list[str]:

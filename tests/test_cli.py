@@ -14,16 +14,7 @@ import redis
 
 from actors.store import TaskStore
 from actors.task import State
-
-
-def haul(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=60,
-    )
+from tests.processes import haul_cli as haul
 
 
 def queued_messages(client: redis.Redis) -> int:

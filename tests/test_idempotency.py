@@ -5,26 +5,14 @@ puts a corrected request under the key of a task that failed, died or was cancel
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from actors.store import TaskStore
 from actors.task import KeyConflict, State, spec_from_manifest
+from tests.processes import haul_cli as haul
 
 NOW = 1_700_000_000.0
-
-
-def haul(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        timeout=60,
-    )
 
 
 def order(size: int = 3, **overrides: object) -> dict[str, object]:

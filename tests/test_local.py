@@ -203,10 +203,16 @@ def test_haul_up_refuses_a_redis_at_haul_redis_url_that_may_lose_writes(
         server.stop()
 
 
-def test_haul_up_stops_before_starting_anything_when_its_supervisor_port_is_taken(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("variable", "others"),
+    [("HAUL_SUPERVISOR_PORT", {}), ("HAUL_WORKER_METRICS_PORT", {"HAUL_SUPERVISOR_PORT": "0"})],
+)
+def test_haul_up_stops_before_starting_anything_when_a_port_it_was_given_is_taken(
+    tmp_path: Path, variable: str, others: dict[str, str]
+) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        env = base_env(HAUL_SUPERVISOR_PORT=str(port), HAUL_HOME=str(tmp_path / "home"))
+        env = base_env(**{variable: str(port)}, **others, HAUL_HOME=str(tmp_path / "home"))
         up = haul_up(env, tmp_path, tmp_path / "up.log")
         try:
             assert up.wait(30) == 2
@@ -214,25 +220,9 @@ def test_haul_up_stops_before_starting_anything_when_its_supervisor_port_is_take
             if up.poll() is None:
                 stop_up(up)
     output = (tmp_path / "up.log").read_text()
-    assert f"127.0.0.1:{port} is in use" in output and "HAUL_SUPERVISOR_PORT" in output, output
+    assert f"127.0.0.1:{port} is in use" in output and variable in output, output
     assert not (tmp_path / "home").exists()  # no Redis, no workers
     assert output.rstrip().endswith("haul up: stopped") and "Traceback" not in output, output
-
-
-def test_haul_up_stops_when_the_worker_metrics_port_it_was_given_is_taken(tmp_path: Path) -> None:
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
-        env = base_env(HAUL_SUPERVISOR_PORT="0", HAUL_WORKER_METRICS_PORT=str(port), HAUL_HOME=str(tmp_path / "home"))
-        up = haul_up(env, tmp_path, tmp_path / "up.log")
-        try:
-            assert up.wait(30) == 2
-        finally:
-            if up.poll() is None:
-                stop_up(up)
-    output = (tmp_path / "up.log").read_text()
-    assert f"127.0.0.1:{port} is in use" in output and "HAUL_WORKER_METRICS_PORT" in output, output
-    assert output.rstrip().endswith("haul up: stopped") and "Traceback" not in output, output
-    assert not (tmp_path / "home").exists()
 
 
 @pytest.mark.parametrize("command", [["worker"], ["supervisor"]])

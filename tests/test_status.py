@@ -5,27 +5,15 @@ are only a lower bound. The real CLI against a real redis-server."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from actors.store import StageLimits, TaskStore
 from actors.task import State, spec_from_manifest, spec_from_urls
+from tests.processes import haul_cli as haul
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
-
-
-def haul(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ),
-        timeout=60,
-    )
 
 
 def status_json(*args: str) -> Any:
