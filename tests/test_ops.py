@@ -4,6 +4,7 @@ promtool when it is installed; the systemd units keep the settings graceful stop
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -107,14 +108,19 @@ def test_compose_services_log_json() -> None:
     assert compose["x-haul"]["environment"]["HAUL_LOG_FORMAT"] == "json"
 
 
-def test_building_haul_prints_no_setuptools_warnings(tmp_path: Path) -> None:
-    # Given a copy of the sources (a build writes *.egg-info and build/ beside them)
-    source = tmp_path / "src"
+def _copy_sources(source: Path) -> Path:
+    """A copy of what a build reads (a build writes *.egg-info and build/ beside it)."""
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     for package in ("actors", "supervisor"):
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return source
+
+
+def test_building_haul_prints_no_setuptools_warnings(tmp_path: Path) -> None:
+    # Given a copy of the sources
+    source = _copy_sources(tmp_path / "src")
     # When pip builds a wheel as ops/setup's install does (an isolated build with current setuptools)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check", "-w", str(tmp_path / "dist"),
@@ -130,6 +136,29 @@ def test_building_haul_prints_no_setuptools_warnings(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("haul-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert "actors/lua/claim.lua" in archive.namelist()
+
+
+def test_ops_setup_editable_install_prints_nothing(tmp_path: Path) -> None:
+    # Given ops/setup's editable install line, with the environment it sets for pip
+    (line,) = [line for line in (OPS / "setup").read_text().splitlines() if "pip install" in line and " -e " in line]
+    assignments = line.split(" .venv/bin/python", 1)[0].split()
+    environment = dict(os.environ, **dict(item.split("=", 1) for item in assignments if "=" in item))
+    source = _copy_sources(tmp_path / "src")
+    target = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True, timeout=60)
+    # When the same quiet editable install runs into a fresh environment
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(target / "bin" / "python"), "install", "-q", "--no-deps",
+         "--disable-pip-version-check", "-e", str(source)],
+        capture_output=True, text=True, timeout=120, env=environment,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    if result.returncode != 0 and ("Could not find a version" in output or "NewConnectionError" in output):
+        pytest.skip("no package index to fetch setuptools from")
+    # Then it installs and says nothing (pip's own notes about this machine's find-links aside)
+    assert result.returncode == 0, output
+    said = [line for line in output.splitlines() if line.strip() and not re.search("find-links|Looking in links", line)]
+    assert said == [], output
 
 
 def test_compose_keeps_redis_persistent_and_secrets_in_files() -> None:
