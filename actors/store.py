@@ -680,4 +680,6 @@ def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str, r
         resting=data.get("resting", ""),
         resting_until=resting_until if data.get("resting") else 0.0,
         waiting_since=float(data.get("waiting_since", 0)),
+        waiting_on=data.get("waiting_on", ""),
+        waiting_host=data.get("waiting_host", ""),
     )

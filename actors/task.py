@@ -183,6 +183,10 @@ class Task:
     resting_until: float = 0.0
     #: A queued task refused a stage slot: since when it has been waiting for one.
     waiting_since: float = 0.0
+    #: ... behind which limit (a ``haul_claims_refused_total`` reason), and which host for a
+    #: per-host slot.
+    waiting_on: str = ""
+    waiting_host: str = ""
 
     @property
     def bytes_total_known(self) -> bool:
@@ -200,7 +204,8 @@ class Task:
             what = "outage" if self.resting == "outage" else "finalize_slot"
             return {"for": what, "until": iso_time(self.resting_until)}
         if self.state is State.QUEUED and self.waiting_since:
-            return {"for": "stage_slot", "since": iso_time(self.waiting_since)}
+            behind = {"limit": self.waiting_on} | ({"host": self.waiting_host} if self.waiting_host else {})
+            return {"for": "stage_slot", **behind, "since": iso_time(self.waiting_since)}
         if self.state is State.QUEUED and self.not_before:
             return {"for": "backoff", "until": iso_time(self.not_before)}
         return None

@@ -358,7 +358,7 @@ def _format_task(status: dict[str, Any]) -> str:
         lines.append(f"key       {status['key']}")
     waiting = status.get("waiting")
     if waiting:
-        lines.append(f"waiting   {_WAITING[waiting['for']]} {_when(waiting)}")
+        lines.append(f"waiting   {_WAITING[waiting['for']]}{_behind(waiting)} {_when(waiting)}")
     if status.get("error"):
         lines.append(f"error     {status['error']}")
     return "\n".join(lines)
@@ -368,9 +368,23 @@ def _format_task(status: dict[str, Any]) -> str:
 _WAITING = {
     "outage": "parked: its storage or webhook receiver is down; next try",
     "finalize_slot": "for a finalize slot; next try",
-    "stage_slot": "for a stage slot (download, per-host or staging limit)",
+    "stage_slot": "for a stage slot",
     "backoff": "backoff after a transient error; next attempt not before",
 }
+
+
+#: The limit a claim was refused by (``waiting.limit``), and the setting that raises it.
+_LIMITS = {
+    "download": "downloads at once, HAUL_DOWNLOAD_CONCURRENCY",
+    "download_per_host": "downloads from {host} at once, HAUL_DOWNLOAD_PER_HOST",
+    "staging_bytes": "bytes in staging, HAUL_STAGING_MAX_BYTES",
+    "finalize_backlog": "tasks waiting to finalize, twice HAUL_FINALIZE_CONCURRENCY",
+}
+
+
+def _behind(waiting: dict[str, Any]) -> str:
+    limit = _LIMITS.get(waiting.get("limit", ""))
+    return f" (limit on {limit.format(host=waiting.get('host', '?'))})" if limit else ""
 
 
 def _when(waiting: dict[str, Any]) -> str:

@@ -63,8 +63,30 @@ def test_a_queued_task_refused_a_slot_says_since_when_it_waits(store: TaskStore)
     first, second = new_task(store), new_task(store)
     assert claimed(store, first, downloads=1).ok
     assert claimed(store, second, now=NOW + 2, downloads=1).outcome == "full"
-    assert status_json(second)["waiting"] == {"for": "stage_slot", "since": "2023-11-14T22:13:22.000Z"}
-    assert "stage slot" in haul("status", second).stdout
+    assert status_json(second)["waiting"] == {
+        "for": "stage_slot",
+        "limit": "download",
+        "since": "2023-11-14T22:13:22.000Z",
+    }
+    assert "HAUL_DOWNLOAD_CONCURRENCY" in haul("status", second).stdout
+
+
+def test_a_task_waiting_for_its_host_says_which_host_and_stops_saying_it_once_claimed(store: TaskStore) -> None:
+    # Given two tasks from the same host, and one download per host
+    first, second = new_task(store), new_task(store)
+    held = claimed(store, first, downloads_per_host=1)
+    assert held.ok
+    assert claimed(store, second, now=NOW + 2, downloads_per_host=1).outcome == "full"
+    # Then the second says which host's limit holds it
+    waiting = status_json(second)["waiting"]
+    assert waiting["limit"] == "download_per_host" and waiting["host"] == "cdn.example.com"
+    text = haul("status", second).stdout
+    assert "cdn.example.com" in text and "HAUL_DOWNLOAD_PER_HOST" in text
+    # When the first ends and the second is claimed, it waits for nothing
+    store.release(first, held.token, State.FAILED, now=NOW + 3, error="origin answered 404", max_attempts=3)
+    assert claimed(store, second, now=NOW + 4, downloads_per_host=1).ok
+    assert status_json(second)["waiting"] is None
+    assert store.client.hmget(f"haul:task:{second}", "waiting_on", "waiting_host") == [None, None]
 
 
 def downloaded(store: TaskStore, task_id: str, finalize_limit: int) -> tuple[str, int]:

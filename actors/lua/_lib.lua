@@ -128,7 +128,7 @@ local function set_state(task_key, id, old, new, now)
     stop_resting(task_key, id)
   end
   if old == 'queued' then
-    redis.call('HDEL', task_key, 'waiting_since')
+    redis.call('HDEL', task_key, 'waiting_since', 'waiting_on', 'waiting_host')
   end
   redis.call('ZADD', prefix .. 'state:' .. new, now, id)
   if new == 'dead' then

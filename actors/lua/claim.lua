@@ -64,21 +64,23 @@ if download_limit > 0 then
 end
 if host_limit > 0 then
   for host in string.gmatch(redis.call('HGET', KEYS[1], 'hosts') or '', '[^ ]+') do
-    table.insert(wanted, {prefix .. 'slots:host:' .. host, host_limit, 'download_per_host'})
+    table.insert(wanted, {prefix .. 'slots:host:' .. host, host_limit, 'download_per_host', host})
   end
 end
-local function full(reason, what)
+local function full(reason, what, host)
   redis.call('HINCRBY', prefix .. 'stats:refused', reason, 1)
   if state ~= 'queued' then  -- a duplicate claim of a run whose lease ran out: the sweep requeues it
     return {'full', reason, what, now}
   end
   redis.call('HSETNX', KEYS[1], 'waiting_since', now)
+  -- The limit it waits behind, for haul status: the reason, and the host for a per-host slot.
+  redis.call('HSET', KEYS[1], 'waiting_on', reason, 'waiting_host', host or '')
   redis.call('ZADD', prefix .. 'state:queued', 'XX', now + tonumber(ARGV[12]), id)
   return {'full', reason, what, redis.call('HGET', KEYS[1], 'waiting_since')}
 end
 for _, slot in ipairs(wanted) do
   if not slot_free(slot[1], id, slot[2], now) then
-    return full(slot[3], slot[1]:sub(#prefix + 1))
+    return full(slot[3], slot[1]:sub(#prefix + 1), slot[4])
   end
 end
 if staging_max > 0 and not redis.call('HGET', prefix .. 'staged', id)
@@ -100,6 +102,6 @@ local token = next_token(KEYS[1])
 attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 set_state(KEYS[1], id, state, ARGV[11], now)
 redis.call('HSET', KEYS[1], 'lease_until', now + lease, 'worker', worker, 'not_before', 0)
-redis.call('HDEL', KEYS[1], 'waiting_since')
+redis.call('HDEL', KEYS[1], 'waiting_since', 'waiting_on', 'waiting_host')
 redis.call('ZADD', KEYS[2], now + lease, id)
 return {'ok', token, attempts, redis.call('GET', KEYS[3]) or '', redis.call('HGETALL', KEYS[1])}
