@@ -1,30 +1,21 @@
-"""The one place a Dramatiq broker is built, from Settings.
+"""The broker of a worker process: haul's actors declared, and the middleware a worker needs.
 
-Order matters: Sentry's Dramatiq integration patches ``Broker.__init__``, so Sentry (when it is
-configured) is initialised before the broker is created, then the broker is made current.
+Nothing here touches the process: no global broker, no Sentry, no logging set-up. The worker's
+entry (:mod:`actors.worker`) does those, in the order they need.
 """
 
 from __future__ import annotations
 
 import os
 
-import dramatiq
-import redis
 from dramatiq import Middleware
 from dramatiq.brokers.redis import RedisBroker
 
-from actors import runtime
+from actors.handlers import declare_actors
 from actors.lifecycle import Lifecycle
-from actors.logs import reformat
-from actors.redact import install_log_redaction, secrets_of
-from actors.sentry import init_sentry
+from actors.messages import redis_broker
+from actors.runtime import Runtime
 from actors.settings import Settings
-from actors.store import redis_options
-
-#: Dramatiq queues: ``claim`` runs a task (claim, download, finalize in one thread), ``finalize``
-#: resumes finalizing tasks that waited for a slot or an outage, and sends task.failed.
-#: ``haul worker`` consumes both.
-QUEUES = ("claim", "finalize")
 
 
 def prometheus_environment(settings: Settings) -> dict[str, str]:
@@ -49,18 +40,12 @@ def prometheus_middleware(settings: Settings) -> Middleware:
     return Prometheus()
 
 
-def setup(settings: Settings) -> RedisBroker:
-    """Create the Redis broker for ``settings``, make it Dramatiq's current one, and remember
-    ``settings`` for the actors' runtime."""
-    install_log_redaction(secrets_of(settings))
-    reformat(settings.log_format)  # a worker process: Dramatiq's handler, now in HAUL_LOG_FORMAT
-    init_sentry(settings, component="worker")
-    # Dramatiq drops connection options given beside a URL, so the pool is built here.
-    pool = redis.ConnectionPool.from_url(settings.redis_url, **redis_options())
-    broker = RedisBroker(connection_pool=pool)  # type: ignore[no-untyped-call]
-    broker.add_middleware(Lifecycle())
+def worker_broker(settings: Settings, rt: Runtime) -> RedisBroker:
+    """A broker with haul's actors declared on it, running with ``rt``, and the middleware a
+    worker process needs (registration and graceful stop; Prometheus when configured)."""
+    broker = redis_broker(settings)
+    broker.add_middleware(Lifecycle(rt))
     if settings.worker_metrics_port:
         broker.add_middleware(prometheus_middleware(settings))
-    dramatiq.set_broker(broker)
-    runtime.configure(settings)
+    declare_actors(broker, rt)
     return broker

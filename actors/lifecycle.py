@@ -11,8 +11,8 @@ import redis
 import sentry_sdk
 from dramatiq import Broker, Middleware
 
-from actors import runtime
 from actors.registry import Heartbeat, WorkerInfo, WorkerLimits, WorkerRegistry, queues_of
+from actors.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +25,12 @@ class Lifecycle(Middleware):
     downloads to hand their tasks back before threads are joined; at exit unregisters and
     flushes Sentry, since Dramatiq ends worker processes with ``os._exit``."""
 
-    def __init__(self) -> None:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
         self.heartbeat: Heartbeat | None = None
 
     def after_worker_boot(self, broker: Broker, worker: Any) -> None:
-        rt = runtime.current()
+        rt = self.rt
         self.heartbeat = Heartbeat(WorkerRegistry(rt.store.client, rt.store.prefix), rt.worker_id, rt.clock)
         info = WorkerInfo(
             id=rt.worker_id,
@@ -47,7 +48,7 @@ class Lifecycle(Middleware):
 
     def before_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         log.info("worker stopping: in-flight downloads hand their tasks back")
-        runtime.current().stopper.stop()
+        self.rt.stopper.stop()
 
     def after_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         if self.heartbeat is not None:

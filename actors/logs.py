@@ -87,7 +87,7 @@ def run_dramatiq(log_format: str) -> int:
     return int(main() or 0)  # type: ignore[no-untyped-call]
 
 
-if __name__ == "__main__":  # haul worker: python actors/logs.py FORMAT actors --processes N ...
+if __name__ == "__main__":  # haul worker: python actors/logs.py FORMAT actors.worker --processes N ...
     sys.path[0] = str(__import__("pathlib").Path(__file__).resolve().parent.parent)  # not actors/ itself
     chosen = sys.argv.pop(1)
     sys.exit(run_dramatiq(chosen))

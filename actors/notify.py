@@ -10,7 +10,7 @@ delivers at least once, the supervisor re-sends a message it takes for lost) doe
 receiver that is down gets one try per backoff step per notice, and holds at most one worker
 thread per notice. A notice is given up HAUL_FINALIZE_GIVE_UP_SECONDS after its task ended.
 
-Domain only: the actor that sends the next message is in ``actors/finalize.py``.
+Domain only: the actor that sends the next message is in ``actors/handlers.py``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """What a worker process holds for its actors: settings and the domain objects built from them.
 
-Dramatiq calls actors with message arguments only, so the actors reach these through
-:func:`current`. The process builds one :class:`Runtime` from its Settings the first time an
-actor runs (or a test installs its own); HTTP sessions are per thread, since a
-``requests.Session`` is not meant to be shared between threads.
+The worker's entry builds one :class:`Runtime` from its Settings and declares the actors with it
+(:func:`actors.handlers.declare_actors`); a test builds its own. HTTP sessions are per thread,
+since a ``requests.Session`` is not meant to be shared between threads.
 """
 
 from __future__ import annotations
@@ -95,29 +94,3 @@ class Runtime:
             )
             self._local.webhooks = sender
         return sender
-
-
-_lock = threading.Lock()
-_current: Runtime | None = None
-_settings: Settings | None = None
-
-
-def configure(settings: Settings) -> None:
-    """Say which settings this process's runtime is built from (done by the broker set-up)."""
-    global _settings
-    _settings = settings
-
-
-def install(runtime: Runtime | None) -> None:
-    """Use ``runtime`` for every actor call in this process (tests, embedding)."""
-    global _current
-    with _lock:
-        _current = runtime
-
-
-def current() -> Runtime:
-    global _current
-    with _lock:
-        if _current is None:
-            _current = Runtime.build(_settings or Settings.from_env())
-        return _current

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import sentry_sdk
-from sentry_sdk.integrations.dramatiq import DramatiqIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 
 from actors.errors import TransientError
@@ -43,7 +42,8 @@ def scrub(value: Any, secrets: Iterable[str]) -> Any:
 
 
 def init_sentry(settings: Settings, component: str) -> bool:
-    """Initialise Sentry when ``HAUL_SENTRY_DSN`` is set (before the broker is created)."""
+    """Initialise Sentry when ``HAUL_SENTRY_DSN`` is set (in a worker, before its broker is
+    created: the Dramatiq integration patches ``Broker.__init__``)."""
     if not settings.sentry_dsn:
         return False
     secrets = secrets_of(settings)
@@ -57,6 +57,11 @@ def init_sentry(settings: Settings, component: str) -> bool:
     def before_breadcrumb(crumb: Any, hint: dict[str, Any]) -> Any:
         return scrub(crumb, secrets)
 
+    integrations: list[Any] = [LoggingIntegration(level=logging.INFO, event_level=None)]
+    if component == "worker":  # imported here: it loads Dramatiq, which only a worker needs
+        from sentry_sdk.integrations.dramatiq import DramatiqIntegration
+
+        integrations.append(DramatiqIntegration())
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         environment=settings.sentry_environment,
@@ -66,7 +71,7 @@ def init_sentry(settings: Settings, component: str) -> bool:
         traces_sample_rate=0.0,
         before_send=before_send,
         before_breadcrumb=before_breadcrumb,
-        integrations=[DramatiqIntegration(), LoggingIntegration(level=logging.INFO, event_level=None)],
+        integrations=integrations,
     )
     for name in ("dramatiq.worker.WorkerThread", "apscheduler.executors.default"):
         ignore_logger(name)

@@ -119,6 +119,10 @@ class Settings:
                 f"HAUL_RETRY_MIN_SECONDS ({self.retry_min_seconds}) is larger than "
                 f"HAUL_RETRY_MAX_SECONDS ({self.retry_max_seconds}); set the minimum below the maximum"
             )
+
+    def check_signing(self) -> None:
+        """Refuse HAUL_WEBHOOK_URL without a secret: checked where webhooks are sent (workers,
+        the supervisor), not by every reader of the settings (``haul submit`` signs nothing)."""
         if self.webhook_url and not self.webhook_secrets:
             raise SettingsError(
                 "HAUL_WEBHOOK_URL is set but HAUL_WEBHOOK_SECRET (or HAUL_WEBHOOK_SECRET_FILE) is not: "

@@ -9,13 +9,11 @@ that tells the actor glue which message to send next. Errors end the run in one 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import random
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,6 +31,7 @@ from actors.errors import (
 from actors.fetch import FetchRules, fetch_file
 from actors.interrupt import interruptible
 from actors.lease import DISK_STEP_SECONDS, Lease, no_figures
+from actors.outcome import NOTHING, Next, Outcome
 from actors.redact import display_url
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
@@ -56,28 +55,6 @@ SLOT_WAIT_MAX_SECONDS = 10.0
 def slot_wait(waited: float = 0.0) -> float:
     pause = min(SLOT_WAIT_MAX_SECONDS, max(SLOT_WAIT_MIN_SECONDS, waited / 4))
     return pause * random.uniform(0.75, 1.25)
-
-
-class Next(enum.Enum):
-    DOWNLOAD = "download"
-    FINALIZE = "finalize"
-    RETRY = "retry"
-    NOTIFY = "notify"
-    NOTHING = "nothing"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    next: Next
-    token: int = 0
-    delay_seconds: float = 0.0
-    #: For a finalize that is being retried: when its storage or webhook began to fail.
-    failing_since: float = 0.0
-    #: The task as the stage that produced this outcome read it (to spare a read in the next).
-    task: Task | None = None
-
-
-NOTHING = Outcome(Next.NOTHING)
 
 
 def run_task(rt: Runtime, task_id: str) -> Outcome:

@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from actors.client import Client, ClientError
 from actors.errors import InvalidTask
 from actors.settings import Settings, SettingsError
 from actors.task import (
@@ -37,10 +38,6 @@ from actors.task import (
 PREFETCH_SPARE = 2
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-
-class CommandFailed(Exception):
-    """An operation could not be done; the message says why (exit 1)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         if args.command == "webhook":
             return cmd_webhook_verify(settings, args)
+        if args.command in ("worker", "supervisor"):  # they send webhooks, so they must sign them
+            settings.check_signing()
         if args.command == "worker":
             return run_worker(settings, passed_on)
         if args.command == "supervisor":
@@ -133,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, InvalidTask) as exc:
         print(f"haul: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except CommandFailed as exc:
+    except ClientError as exc:
         print(f"haul: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except redis.RedisError as exc:
@@ -141,10 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _store(settings: Settings) -> Any:
-    from actors.store import TaskStore
-
-    return TaskStore.from_url(settings.redis_url)
+def _client(settings: Settings) -> Client:
+    return Client(settings)
 
 
 def read_spec(args: argparse.Namespace) -> TaskSpec:
@@ -179,37 +176,26 @@ def read_spec(args: argparse.Namespace) -> TaskSpec:
 
 def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     spec = read_spec(args)  # validated before anything touches Redis
-    from actors.submit import submit_spec
-
     if args.replace and not spec.key:
         raise InvalidTask("--replace needs --key (or a manifest with a key): it replaces the task a key names")
-    task_id = submit_spec(spec, _store(settings), replace=args.replace)
-    print(task_id)
+    print(_client(settings).submit_spec(spec, replace=args.replace))
     return 0
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    store = _store(settings)
-    if args.key is not None:
-        if args.task_id:
-            raise InvalidTask("give either a task id or --key, not both")
-        found = store.id_by_key(args.key)
-        if found is None:
-            raise CommandFailed(f"no task under key {args.key!r} in Redis (finished tasks are pruned after a while)")
-        args.task_id = found
-    if args.task_id:
-        task = store.get(args.task_id)
-        if task is None:
-            raise CommandFailed(f"no task {args.task_id!r} in Redis (finished tasks are pruned after a while)")
-        status = task.as_status()
+    client = _client(settings)
+    if args.key is not None and args.task_id:
+        raise InvalidTask("give either a task id or --key, not both")
+    if args.key is not None or args.task_id:
+        status = (client.find(args.key) if args.key is not None else client.get(args.task_id)).as_status()
         print(json.dumps(status, indent=2) if args.json else _format_task(status))
         return 0
     if args.state:
-        tasks = [t for t in (store.get(i) for i in store.ids(State(args.state), args.limit)) if t is not None]
+        tasks = client.list(State(args.state), args.limit)
         rows = [t.as_status() for t in tasks]
         print(json.dumps(rows, indent=2) if args.json else _format_rows(tasks, time.time()))
         return 0
-    counts = {state.value: n for state, n in store.counts().items()}
+    counts = {state.value: n for state, n in client.counts().items()}
     if args.json:
         print(json.dumps(counts))
     else:
@@ -219,43 +205,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from actors.dispatch import enqueue_claim
-
-    result = _store(settings).retry(args.task_id, time.time())
-    if result == "missing":
-        raise CommandFailed(f"no task {args.task_id!r}")
-    if result == "not_ended":
-        task = _store(settings).get(args.task_id)
-        if task is not None and task.state is State.DONE:
-            raise CommandFailed(
-                f"task {args.task_id} is done (stored and announced); retry is for failed, dead or canceled tasks"
-            )
-        raise CommandFailed(f"task {args.task_id} has not ended; only failed, dead or canceled tasks are retried")
-    enqueue_claim(args.task_id)
+    _client(settings).retry(args.task_id)
     print(f"task {args.task_id}: queued again")
     return 0
 
 
 def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
     """Cancel a task and send task.canceled, unless its completion is already being announced."""
-    from actors.store import CancelOutcome
-
-    result = _store(settings).cancel(args.task_id, time.time())
-    if result is CancelOutcome.MISSING:
-        raise CommandFailed(f"no task {args.task_id!r}")
-    if result is CancelOutcome.FINAL:
-        raise CommandFailed(f"task {args.task_id} has already ended; `haul status {args.task_id}` says how")
-    if result is CancelOutcome.ANNOUNCING:
-        raise CommandFailed(
-            f"task {args.task_id} was not canceled: the completion is being announced (the backend may "
-            "already hold task.completed), so the task ends done; undo it in the backend if needed"
-        )
-    from actors.dispatch import enqueue_notify
-
-    try:
-        enqueue_notify(args.task_id)
-    except redis.RedisError as exc:  # the notice is recorded with the cancel: the supervisor sends it
-        print(f"haul: task {args.task_id}: task.canceled not queued ({exc}); the supervisor will send it "
+    if not _client(settings).cancel(args.task_id):
+        print(f"haul: task {args.task_id}: task.canceled not queued now; the supervisor will send it "
               "within HAUL_ORPHAN_SECONDS", file=sys.stderr)  # fmt: skip
     print(f"task {args.task_id}: canceled; task.canceled goes to its webhook")
     return 0
@@ -299,11 +257,11 @@ def _read_input(path: Path, what: str) -> bytes:
 
 def worker_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
     """The Dramatiq command line ``haul worker`` runs."""
-    command = [sys.executable, "-m", "dramatiq", "actors"]
+    command = [sys.executable, "-m", "dramatiq", "actors.worker"]
     if settings.log_format == "json":  # Dramatiq's main process too logs JSON (see actors/logs.py)
         from actors import logs
 
-        command = [sys.executable, logs.__file__, "json", "actors"]
+        command = [sys.executable, logs.__file__, "json", "actors.worker"]
     if "--processes" not in extra and "-p" not in extra:
         command += ["--processes", str(settings.worker_processes)]
     if "--threads" not in extra and "-t" not in extra:

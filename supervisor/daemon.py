@@ -37,7 +37,10 @@ import redis
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from actors.messages import Messages, redis_broker
+from actors.redact import install_log_redaction, secrets_of
 from actors.registry import WorkerRegistry
+from actors.sentry import init_sentry
 from actors.settings import Settings
 from actors.storage import LocalStorage
 from actors.store import TaskStore
@@ -123,10 +126,8 @@ class Supervisor:
         self,
         settings: Settings,
         store: TaskStore,
+        messages: Messages,
         *,
-        send_claim: SendTask,
-        send_notify: sweeps.SendNotice,
-        send_finalize: sweeps.SendFinalize,
         node_id: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -134,9 +135,9 @@ class Supervisor:
         self.store = store
         self.registry = WorkerRegistry(store.client, store.prefix)
         # A sweep that outlives the lock sends nothing more (the next leader sends what it owed).
-        self.send_claim = self._fenced(send_claim)
-        self.send_notify = self._fenced(send_notify)
-        self.send_finalize = self._fenced(send_finalize)
+        self.send_claim = self._fenced(messages.claim)
+        self.send_notify = self._fenced(messages.notify)
+        self.send_finalize = self._fenced(messages.finalize)
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.clock = clock
         self.is_leader = False
@@ -513,15 +514,9 @@ class Supervisor:
 
 def run(settings: Settings) -> int:
     """``haul supervisor``: run until SIGTERM or SIGINT."""
-    import sentry_sdk
-
-    from actors.dispatch import enqueue_claim, enqueue_finalize, enqueue_notify  # sets up the broker
-
-    sentry_sdk.set_tag("component", "supervisor")
-    supervisor = Supervisor(
-        settings, TaskStore.from_url(settings.redis_url),
-        send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize,
-    )  # fmt: skip
+    install_log_redaction(secrets_of(settings))
+    init_sentry(settings, component="supervisor")
+    supervisor = Supervisor(settings, TaskStore.from_url(settings.redis_url), Messages(redis_broker(settings)))
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())

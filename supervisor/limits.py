@@ -15,8 +15,8 @@ from typing import Any
 
 import redis
 
-from actors.broker import QUEUES
 from actors.lease import LEASE_SAFETY, RENEW_SECONDS, RENEWALS_PER_LEASE
+from actors.messages import QUEUES
 from actors.notify import MIN_PAUSE_SECONDS, try_seconds
 from actors.registry import WorkerInfo, WorkerLimits
 from actors.settings import Settings

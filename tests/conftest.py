@@ -1,6 +1,6 @@
-"""Shared fixtures: a real redis-server on a free port (started before any haul module is
-imported, since ``import actors`` builds the broker from HAUL_REDIS_URL), real HTTP peers,
-test settings, and an in-process Dramatiq worker."""
+"""Shared fixtures: a real redis-server on a free port (its URL in HAUL_REDIS_URL for the
+processes tests start), real HTTP peers, test settings, a backend's client, and an in-process
+Dramatiq worker."""
 
 from __future__ import annotations
 
@@ -10,14 +10,25 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dramatiq
 import pytest
 import redis
+from dramatiq.brokers.redis import RedisBroker
 
+from actors.broker import worker_broker
+from actors.client import Client
+from actors.messages import Messages, redis_broker
+from actors.runtime import Runtime
+from actors.settings import Settings
+from actors.store import TaskStore
+from actors.task import Task, TaskSpec
+from supervisor.daemon import Supervisor
 from tests.servers import Origin, Receiver
 
 #: A fixed test secret (Standard Webhooks format); never a real one.
@@ -181,6 +192,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    sender = _SESSION.pop("messages", None)
+    if sender is not None:
+        sender.broker.close()
     server = _SESSION.pop("redis", None)
     if server is not None:
         server.stop()
@@ -201,9 +215,7 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def store(redis_client: redis.Redis) -> Any:
-    from actors.store import TaskStore
-
+def store(redis_client: redis.Redis) -> TaskStore:
     return TaskStore(redis_client)
 
 
@@ -222,9 +234,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, redis_url: str, receiver: Receiver) -> Any:
-    from actors.settings import Settings
-
+def settings(tmp_path: Path, redis_url: str, receiver: Receiver) -> Settings:
     return Settings(
         redis_url=redis_url,
         staging_dir=tmp_path / "staging",
@@ -241,56 +251,89 @@ def settings(tmp_path: Path, redis_url: str, receiver: Receiver) -> Any:
     )
 
 
-@contextmanager
-def installed_runtime(settings: Any, store: Any) -> Iterator[Any]:
-    """The actors of this process run with ``settings`` (and the test's store) meanwhile."""
-    from actors import runtime as runtime_module
-
-    rt = runtime_module.Runtime.build(settings, store=store)
-    runtime_module.install(rt)
-    try:
-        yield rt
-    finally:
-        runtime_module.install(None)
+def runtime_for(settings: Settings, store: TaskStore) -> Runtime:
+    """What a worker process holds, for ``settings`` and the test's store."""
+    return Runtime.build(settings, store=store)
 
 
-def dramatiq_supervisor(settings: Any, store: Any, node_id: str = "test-sup") -> Any:
-    """A supervisor replica whose sweeps send real messages through this process's broker."""
-    from actors.dispatch import enqueue_claim, enqueue_finalize, enqueue_notify
-    from supervisor.daemon import Supervisor
+def messages() -> Messages:
+    """Messages sent as a backend or an operator sends them: through the test session's own
+    broker on its Redis, so any worker on that Redis takes them."""
+    if "messages" not in _SESSION:
+        _SESSION["messages"] = Messages(redis_broker(Settings(redis_url=_SESSION["redis"].url)))
+    sender: Messages = _SESSION["messages"]
+    return sender
 
-    return Supervisor(
-        settings, store, send_claim=enqueue_claim, send_notify=enqueue_notify, send_finalize=enqueue_finalize,
-        node_id=node_id,
-    )  # fmt: skip
+
+def submit_spec(spec: TaskSpec, store: TaskStore, *, replace: bool = False) -> str:
+    """Submit as a backend does (:meth:`actors.client.Client.submit_spec`)."""
+    return Client(Settings(redis_url=_SESSION["redis"].url), store=store, messages=messages()).submit_spec(
+        spec, replace=replace
+    )
+
+
+class ClaimsOnly(Messages):
+    """A supervisor's messages handed to ``on_claim`` (claims) or dropped (the rest) instead of
+    queued: for tests of the supervisor itself, with no worker to take them."""
+
+    def __init__(self, on_claim: Callable[[str], None] = lambda task_id: None) -> None:
+        self.on_claim = on_claim
+
+    def claim(self, task_id: str, delay_seconds: float = 0.0) -> None:
+        self.on_claim(task_id)
+
+    def finalize(self, task_id: str, token: int, failing_since: float = 0.0, delay_seconds: float = 0.0) -> None:
+        pass
+
+    def notify(self, task_id: str, seq: int | None = None, delay_seconds: float = 0.0) -> None:
+        pass
+
+
+def dramatiq_supervisor(settings: Settings, store: TaskStore, node_id: str = "test-sup") -> Supervisor:
+    """A supervisor replica whose sweeps send real messages through a broker of its own."""
+    return Supervisor(settings, store, Messages(redis_broker(settings)), node_id=node_id)
 
 
 @pytest.fixture
-def runtime(settings: Any, store: Any) -> Iterator[Any]:
-    with installed_runtime(settings, store) as rt:
-        yield rt
+def runtime(settings: Settings, store: TaskStore) -> Runtime:
+    return runtime_for(settings, store)
+
+
+@pytest.fixture
+def client(settings: Settings, store: TaskStore) -> Iterator[Client]:
+    """A backend's client on the test's Redis; its messages reach any worker on it."""
+    haul = Client(settings, store=store)
+    yield haul
+    haul.close()
+
+
+@dataclass
+class InProcessWorker:
+    rt: Runtime
+    broker: RedisBroker
+    messages: Messages
+    worker: dramatiq.Worker
 
 
 @contextmanager
-def in_process_worker(threads: int = 4) -> Iterator[Any]:
-    """A Dramatiq worker in this process on the real Redis broker, serving every stage."""
-    import dramatiq
-
-    broker = dramatiq.get_broker()
+def in_process_worker(settings: Settings, store: TaskStore, threads: int = 4) -> Iterator[InProcessWorker]:
+    """A Dramatiq worker in this process on the real Redis broker, serving every stage with
+    ``settings`` (the actors declared on a broker of its own, as ``actors.worker`` does)."""
+    rt = runtime_for(settings, store)
+    broker = worker_broker(settings, rt)
     worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=50)
     worker.start()
     try:
-        yield worker
+        yield InProcessWorker(rt, broker, Messages(broker), worker)
     finally:
         worker.stop()
-        # Dramatiq leaves each worker's middleware on the broker; the next test's would pile up.
-        broker.middleware = [m for m in broker.middleware if getattr(m, "worker", None) is not worker]
+        broker.close()
 
 
 @pytest.fixture
-def worker(runtime: Any) -> Iterator[Any]:
-    with in_process_worker() as worker:
-        yield worker
+def worker(settings: Settings, store: TaskStore) -> Iterator[InProcessWorker]:
+    with in_process_worker(settings, store) as running:
+        yield running
 
 
 def eventually_gone(path: Path, timeout: float = 5.0) -> bool:
@@ -303,7 +346,7 @@ def eventually_gone(path: Path, timeout: float = 5.0) -> bool:
     return True
 
 
-def wait_for(store: Any, task_id: str, states: set[str] | None = None, timeout: float = 20.0) -> Any:
+def wait_for(store: TaskStore, task_id: str, states: set[str] | None = None, timeout: float = 20.0) -> Task:
     """Poll until the task reaches one of ``states`` (default: any final state)."""
     wanted = states or {"done", "failed", "dead", "canceled"}
     deadline = time.monotonic() + timeout

@@ -22,9 +22,8 @@ from actors.fetch import Fetcher, fetch_file
 from actors.netguard import DestinationPolicy
 from actors.sandbox import Sandbox
 from actors.storage import LocalStorage
-from actors.submit import submit_spec
 from actors.task import FileSpec, spec_from_manifest
-from tests.conftest import dramatiq_supervisor, in_process_worker, installed_runtime, wait_for
+from tests.conftest import dramatiq_supervisor, in_process_worker, runtime_for, submit_spec, wait_for
 from tests.processes import running, wait_until
 from tests.servers import Delivery, Fault, Origin, Receiver
 from tests.test_faults import Stack
@@ -89,7 +88,7 @@ def test_an_origin_pause_shorter_than_the_read_timeout_keeps_the_task(
     url = origin.put("/pause.mp4", data)
     origin.fault("/pause.mp4", Fault("stall", after=MIB, seconds=4))
     sup = dramatiq_supervisor(fast, store, node_id="test-sup")
-    with installed_runtime(fast, store), in_process_worker(threads=2):
+    with in_process_worker(fast, store, threads=2):
         sup.start()
         try:
             task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "pause.mp4"}]}), store)
@@ -213,7 +212,7 @@ def test_a_task_path_that_looks_like_a_temporary_is_stored_beside_its_neighbour(
     # Given a task naming a file the way haul once named the temporary of its neighbour ...
     files = {"lesson/.a.mp4.haul-tmp": os.urandom(MIB), "lesson/a.mp4": os.urandom(2 * MIB)}
     entries = [{"url": origin.put(f"/{n}", data), "path": path} for n, (path, data) in enumerate(files.items())]
-    with installed_runtime(settings, store), in_process_worker(threads=2):
+    with in_process_worker(settings, store, threads=2):
         task_id = submit_spec(spec_from_manifest({"files": entries}), store)
         task = wait_for(store, task_id, timeout=30)
     # ... both files are stored whole and announced
@@ -233,7 +232,7 @@ def test_the_operators_own_internal_receiver_is_trusted_a_tasks_is_not(
     url = origin.put("/a.mp4", os.urandom(64 * KIB))
     other = Receiver("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
     try:
-        with installed_runtime(strict, store), in_process_worker(threads=2):
+        with in_process_worker(strict, store, threads=2):
             configured = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "a.mp4"}]}), store)
             given = submit_spec(
                 spec_from_manifest({"files": [{"url": url, "path": "a.mp4"}], "webhook": other.url}), store
@@ -333,7 +332,7 @@ def test_an_origin_dripping_its_answer_cannot_hold_a_thread_past_the_steps_deadl
     fast = settings.replace(lease_seconds=3, connect_timeout_seconds=1, read_timeout_seconds=1, max_attempts=1)
     url = f"http://127.0.0.1:{drip.port}/v.mp4"
     try:
-        with installed_runtime(fast, store), in_process_worker(threads=1):
+        with in_process_worker(fast, store, threads=1):
             started = time.monotonic()
             task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store)
             # ... the keeper wakes the request once its step overran: the run ends like any
@@ -412,12 +411,12 @@ def test_an_error_after_the_announcement_never_fails_the_task(
     strict = settings.replace(allow_private_networks=False, allow_hosts=frozenset({f"127.0.0.1:{origin.port}"}))
     other = Receiver("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
     try:
-        with installed_runtime(strict, store) as rt:
-            task, lease, hold = claimed_and_downloaded(rt, store, origin, webhook=other.url)
-            try:
-                outcome = finish_task(rt, task, lease)
-            finally:
-                hold.__exit__(None, None, None)
+        rt = runtime_for(strict, store)
+        task, lease, hold = claimed_and_downloaded(rt, store, origin, webhook=other.url)
+        try:
+            outcome = finish_task(rt, task, lease)
+        finally:
+            hold.__exit__(None, None, None)
     finally:
         other.close()
     # ... it waits in finalizing like an outage (the receiver may hold an earlier delivery),

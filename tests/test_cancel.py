@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
-from actors.dispatch import enqueue_claim, enqueue_notify
 from actors.store import TaskStore
 from actors.task import spec_from_manifest, spec_from_urls
-from tests.conftest import in_process_worker, installed_runtime, wait_for
+from tests.conftest import in_process_worker, messages, wait_for
 from tests.processes import haul_cli as haul
 from tests.processes import running, wait_until
 from tests.servers import Delivery, Origin, Receiver
@@ -60,13 +59,13 @@ def test_a_cancel_while_the_files_are_stored_wins_and_a_retry_announces_the_new_
         while not stop.is_set():
             if store.client.hget(store.task_key(task_id), "state") == b"finalizing":
                 outcomes.append(str(store.cancel(task_id, time.time())))
-                enqueue_notify(task_id)
+                messages().notify(task_id)
                 return
 
     canceler = threading.Thread(target=cancel_once_finalizing, daemon=True)
-    with installed_runtime(settings.replace(storage_dir=memory_storage), store), in_process_worker():
+    with in_process_worker(settings.replace(storage_dir=memory_storage), store):
         canceler.start()
-        enqueue_claim(task_id)
+        messages().claim(task_id)
         try:
             assert wait_for(store, task_id).state.value == "canceled"
         finally:
@@ -99,7 +98,7 @@ def test_a_cancel_once_the_completion_is_announced_is_refused(
             answers.append(haul("cancel", task_id))  # the receiver has the event; it answers after this
 
     receiver.on_delivery = cancel_during_delivery
-    enqueue_claim(task_id)
+    messages().claim(task_id)
     assert wait_for(store, task_id, timeout=30).state.value == "done"
     [answer] = answers
     assert answer.returncode == 1 and "the completion is being announced" in answer.stderr, answer

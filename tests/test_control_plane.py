@@ -23,7 +23,7 @@ from actors.store import TaskStore
 from actors.task import State, spec_from_urls
 from supervisor.daemon import Supervisor
 from tests import processes
-from tests.conftest import RedisServer, free_port
+from tests.conftest import ClaimsOnly, RedisServer, free_port
 from tests.processes import base_env, running, wait_until
 from tests.sentry_sink import SentrySink
 
@@ -60,10 +60,6 @@ def expired_task(store: TaskStore) -> str:
     return task_id
 
 
-def ignore(*args: object) -> None:
-    pass
-
-
 def test_a_sweep_blocked_in_python_hands_the_lock_to_the_standby_and_sends_nothing_more(
     fast: Any, store: TaskStore, redis_url: str, aof: None
 ) -> None:
@@ -80,17 +76,13 @@ def test_a_sweep_blocked_in_python_hands_the_lock_to_the_standby_and_sends_nothi
     a = Supervisor(
         fast,
         TaskStore.from_url(redis_url),
-        send_claim=send_blocking,
-        send_notify=ignore,
-        send_finalize=ignore,
+        ClaimsOnly(send_blocking),
         node_id="a",
     )
     b = Supervisor(
         fast,
         TaskStore.from_url(redis_url),
-        send_claim=sent["b"].append,
-        send_notify=ignore,
-        send_finalize=ignore,
+        ClaimsOnly(sent["b"].append),
         node_id="b",
     )
     a.start()
@@ -126,7 +118,7 @@ def test_a_sweep_starts_only_while_the_lock_is_held(fast: Any, store: TaskStore)
     sent: list[str] = []
     task_id = expired_task(store)
     # Given a leader whose lock Redis now gives to another replica (it expired, and was taken)
-    a = Supervisor(fast, store, send_claim=sent.append, send_notify=ignore, send_finalize=ignore, node_id="a")
+    a = Supervisor(fast, store, ClaimsOnly(sent.append), node_id="a")
     a.elect()
     assert a.is_leader
     store.client.set(store.leader_key, "b", px=5000)
@@ -136,7 +128,7 @@ def test_a_sweep_starts_only_while_the_lock_is_held(fast: Any, store: TaskStore)
     # Given a leader whose last renewal is older than the lock's safe share by its own clock
     # (its process was paused), though Redis still names it
     store.client.delete(store.leader_key)
-    c = Supervisor(fast, store, send_claim=sent.append, send_notify=ignore, send_finalize=ignore, node_id="c")
+    c = Supervisor(fast, store, ClaimsOnly(sent.append), node_id="c")
     c.elect()
     assert c.is_leader
     time.sleep(c.lock_seconds * 0.85)
@@ -293,8 +285,8 @@ def test_a_supervisor_on_a_read_only_redis_keeps_running_says_why_and_alerts_onc
 def test_a_standby_is_healthy_only_while_another_replica_holds_and_renews_the_lock(
     fast: Any, store: TaskStore, aof: None
 ) -> None:
-    a = Supervisor(fast, store, send_claim=ignore, send_notify=ignore, send_finalize=ignore, node_id="a")
-    b = Supervisor(fast, store, send_claim=ignore, send_notify=ignore, send_finalize=ignore, node_id="b")
+    a = Supervisor(fast, store, ClaimsOnly(), node_id="a")
+    b = Supervisor(fast, store, ClaimsOnly(), node_id="b")
     a.elect()
     b.elect()
     healthy, body = b.health()
@@ -349,7 +341,7 @@ def test_a_managed_redis_without_config_is_reported_as_unknown_not_as_a_problem(
     process = start_redis_without_config(tmp_path / "managed", port)
     store = TaskStore.from_url(f"redis://127.0.0.1:{port}/0")
     try:
-        sup = Supervisor(fast, store, send_claim=ignore, send_notify=ignore, send_finalize=ignore, node_id="a")
+        sup = Supervisor(fast, store, ClaimsOnly(), node_id="a")
         sup.elect()
         sup.requeue_stuck()
         healthy, body = sup.health()

@@ -1,4 +1,4 @@
-"""End to end with real processes: ``dramatiq actors`` as the worker, ``haul submit`` as the
+"""End to end with real processes: ``dramatiq actors.worker`` as the worker, ``haul submit`` as the
 client, a real origin and a webhook receiver that verifies every signature."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def stack_env(tmp_path: Path, redis_url: str, receiver: Receiver) -> dict[str, s
 def worker_process(stack_env: dict[str, str], store: TaskStore, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     log = (tmp_path / "worker.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "actors", "--processes", "1", "--threads", "2"],
+        [sys.executable, "-m", "dramatiq", "actors.worker", "--processes", "1", "--threads", "2"],
         cwd=REPO,
         env=stack_env,
         stdout=log,

@@ -24,9 +24,8 @@ from actors.errors import (
 )
 from actors.redact import display_url
 from actors.settings import Settings, SettingsError
-from actors.submit import submit_spec
 from actors.task import spec_from_manifest
-from tests.conftest import in_process_worker, installed_runtime, wait_for
+from tests.conftest import in_process_worker, submit_spec, wait_for
 from tests.servers import Delivery, Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -114,7 +113,7 @@ def test_an_origin_that_never_answers_in_time_ends_dead_with_code_timeout(
     url = origin.put("/v.mp4", b"video")
     origin.fault("/v.mp4", *[Fault("slow_headers", seconds=1.0)] * 3)
     quick = settings.replace(read_timeout_seconds=0.3, max_attempts=2)
-    with installed_runtime(quick, store), in_process_worker():
+    with in_process_worker(quick, store):
         task_id = submit(store, [(url, "v.mp4")])
         task = wait_for(store, task_id)
         assert task.state.value == "dead" and task.error.endswith("; all 2 attempts are used")
@@ -137,7 +136,7 @@ def test_task_completed_carries_every_files_sha256_unless_haul_hash_is_none(
          + [{"url": origin.put("/given.mp4", given), "path": "given.mp4",
              "sha256": hashlib.sha256(given).hexdigest()}]}
     )  # fmt: skip
-    with installed_runtime(settings.replace(file_hash=file_hash), store), in_process_worker():
+    with in_process_worker(settings.replace(file_hash=file_hash), store):
         task_id = submit_spec(spec, store)
         assert wait_for(store, task_id).state.value == "done"
         [delivery] = deliveries(receiver, "task.completed")
@@ -154,7 +153,7 @@ def test_a_task_whose_completion_cannot_be_signed_fails_at_claim_before_any_byte
     unsigned = settings.replace(webhook_url=None, webhook_secrets=())
     url = origin.put("/course.mp4", os.urandom(4096))
     spec = spec_from_manifest({"webhook": receiver.url, "files": [{"url": url, "path": "course.mp4"}]})
-    with installed_runtime(unsigned, store), in_process_worker(threads=1):
+    with in_process_worker(unsigned, store, threads=1):
         task = wait_for(store, submit_spec(spec, store), timeout=20)
     # ... it fails at once, saying what to set, and the origin is never asked for a byte
     assert task.state.value == "failed" and task.error_code == "no_webhook_secret", task

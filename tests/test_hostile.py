@@ -11,20 +11,19 @@ from typing import Any
 
 import pytest
 
-from actors.dispatch import enqueue_claim
 from actors.errors import InvalidTask
+from actors.settings import Settings
 from actors.store import TaskStore
-from actors.submit import submit_spec
 from actors.task import FileSpec, TaskSpec, spec_from_manifest
-from tests.conftest import free_port, in_process_worker, installed_runtime, wait_for
+from tests.conftest import free_port, in_process_worker, messages, submit_spec, wait_for
 from tests.servers import Fault, Origin, Receiver
 
 MIB = 1024 * 1024
 
 
 @pytest.fixture
-def hostile(settings: Any, store: TaskStore, origin: Origin, receiver: Receiver) -> Iterator[Any]:
-    strict = settings.replace(
+def strict(settings: Settings, origin: Origin, receiver: Receiver) -> Settings:
+    return settings.replace(
         allow_private_networks=False,
         allow_hosts=frozenset({f"127.0.0.1:{origin.port}", f"127.0.0.1:{receiver.port}"}),
         max_attempts=3,
@@ -32,7 +31,11 @@ def hostile(settings: Any, store: TaskStore, origin: Origin, receiver: Receiver)
         lowest_speed_bytes=200_000,
         lowest_speed_seconds=1,
     )
-    with installed_runtime(strict, store), in_process_worker(threads=6):
+
+
+@pytest.fixture
+def hostile(strict: Settings, store: TaskStore) -> Iterator[Settings]:
+    with in_process_worker(strict, store, threads=6):
         yield strict
 
 
@@ -98,16 +101,14 @@ def test_a_trickling_origin_is_cut_and_retried(hostile: Any, store: TaskStore, o
 
 
 def test_a_task_larger_than_its_budget_fails_before_filling_the_disk(
-    hostile: Any, store: TaskStore, origin: Origin
+    strict: Settings, store: TaskStore, origin: Origin
 ) -> None:
-    from actors import runtime as runtime_module
-
-    runtime_module.current().settings = hostile.replace(max_task_bytes=5 * MIB)
     files = [{"url": origin.put(f"/part{n}.mp4", os.urandom(3 * MIB)), "path": f"part{n}.mp4"} for n in (1, 2)]
-    task_id = submit_spec(spec_from_manifest({"files": files}), store)
-    task = wait_for(store, task_id)
+    with in_process_worker(strict.replace(max_task_bytes=5 * MIB), store):
+        task_id = submit_spec(spec_from_manifest({"files": files}), store)
+        task = wait_for(store, task_id)
     assert task.state.value == "failed" and "above the limit of 2097152" in task.error
-    part = hostile.staging_dir / task_id / ".parts" / "1.part"
+    part = strict.staging_dir / task_id / ".parts" / "1.part"
     assert not part.exists() or part.stat().st_size == 0  # refused on its Content-Length
 
 
@@ -121,7 +122,7 @@ def test_a_symlink_planted_in_the_sandbox_cannot_lead_outside(
     files = hostile.staging_dir / task_id / "files"
     files.mkdir(parents=True)
     (files / "sub").symlink_to(outside)
-    enqueue_claim(task_id)
+    messages().claim(task_id)
     task = wait_for(store, task_id)
     assert task.state.value == "failed" and "outside" in task.error
     assert list(outside.iterdir()) == []
@@ -159,7 +160,7 @@ def test_a_spec_that_skipped_submit_validation_fails_at_once_inside_its_sandbox(
     """A spec written to the store directly (no submit check): the sandbox is the last line."""
     spec = TaskSpec(files=(FileSpec(url=origin.put("/v.mp4", b"video"), path=path),))
     task_id, _ = store.create(spec, now=0)
-    enqueue_claim(task_id)
+    messages().claim(task_id)
     task = wait_for(store, task_id)
     assert task.state.value == "failed" and task.attempts == 1, task.error
     assert cause in task.error and task_id in task.error and repr(path) in task.error

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from actors.client import Client
 from actors.store import TaskStore
 from actors.task import KeyConflict, State, spec_from_manifest
 from tests.processes import haul_cli as haul
@@ -51,13 +52,11 @@ def test_the_cli_exits_2_for_a_different_request_under_a_known_key(store: TaskSt
     assert sum(store.counts().values()) == 1
 
 
-def test_python_submit_raises_key_conflict(store: TaskStore) -> None:
-    from actors.submit import submit
-
-    task_id = submit(["https://cdn.example.com/a.mp4"], name="A", key="order-6")
-    assert submit(["https://cdn.example.com/a.mp4"], name="A", key="order-6") == task_id
+def test_python_submit_raises_key_conflict(client: Client) -> None:
+    task_id = client.submit(["https://cdn.example.com/a.mp4"], name="A", key="order-6")
+    assert client.submit(["https://cdn.example.com/a.mp4"], name="A", key="order-6") == task_id
     with pytest.raises(KeyConflict, match="name differs"):
-        submit(["https://cdn.example.com/a.mp4"], name="B", key="order-6")
+        client.submit(["https://cdn.example.com/a.mp4"], name="B", key="order-6")
 
 
 @pytest.mark.parametrize("target", [State.FAILED, State.DEAD, State.CANCELED])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,10 +13,9 @@ import pytest
 from actors.registry import WorkerInfo, WorkerLimits, WorkerRegistry
 from actors.settings import Settings
 from actors.store import StageLimits, TaskStore
-from actors.submit import submit_spec
 from actors.task import State, spec_from_manifest, spec_from_urls
 from supervisor import limits
-from tests.conftest import in_process_worker, installed_runtime, wait_for
+from tests.conftest import in_process_worker, submit_spec, wait_for
 from tests.servers import Origin, Receiver
 
 NOW = 1_700_000_000.0
@@ -114,9 +112,8 @@ def test_finalize_backlog_pauses_claims(store: TaskStore) -> None:
 
 
 @pytest.fixture
-def limited(settings: Any, store: TaskStore) -> Iterator[Any]:
-    with installed_runtime(settings.replace(download_per_host=2, finalize_concurrency=1), store) as rt:
-        yield rt
+def limited(settings: Any) -> Any:
+    return settings.replace(download_per_host=2, finalize_concurrency=1)
 
 
 def test_per_host_limit_holds_at_the_origin_under_load(
@@ -128,7 +125,7 @@ def test_per_host_limit_holds_at_the_origin_under_load(
     for n in range(8):
         url = origin.put(f"/v{n}.mp4", data)
         ids.append(submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store))
-    with in_process_worker(threads=8):
+    with in_process_worker(limited, store, threads=8):
         for task_id in ids:
             assert wait_for(store, task_id, timeout=60).state is State.DONE
     # 8 threads were free, yet the origin never saw more than 2 bodies at once
@@ -202,6 +199,6 @@ def test_workers_whose_limits_disagree_are_named_and_old_records_still_read(stor
 def test_a_worker_registers_the_limits_and_lease_it_runs_with(settings: Any, store: TaskStore) -> None:
     own = settings.replace(download_concurrency=6, download_per_host=2, finalize_concurrency=3,
                            staging_max_bytes=MIB, lease_seconds=20)  # fmt: skip
-    with installed_runtime(own, store), in_process_worker(threads=2):
+    with in_process_worker(own, store, threads=2):
         [worker] = WorkerRegistry(store.client).workers()
     assert worker.limits == WorkerLimits(6, 2, 3, MIB, 20.0)

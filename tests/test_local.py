@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from standardwebhooks import Webhook
 
 from actors.settings import DEFAULT_SUPERVISOR_PORT
 from actors.store import TaskStore
@@ -303,10 +304,14 @@ def test_a_first_run_without_port_or_secret_settings_picks_a_port_makes_a_secret
 
 
 def test_without_haul_redis_url_haul_up_runs_its_own_redis_and_other_shells_find_it(
-    tmp_path: Path, origin: Origin
+    tmp_path: Path, origin: Origin, receiver: Receiver
 ) -> None:
-    # Given no HAUL_REDIS_URL and no HAUL_HOME: haul up's home is ./.haul
-    env = base_env(HAUL_SUPERVISOR_PORT=str(free_port()), HAUL_WORKER_PROCESSES="1", HAUL_WORKER_THREADS="2")
+    # Given no HAUL_REDIS_URL and no HAUL_HOME: haul up's home is ./.haul; and a receiver in
+    # HAUL_WEBHOOK_URL without a secret, which haul up makes (workers alone would refuse)
+    env = base_env(
+        HAUL_SUPERVISOR_PORT=str(free_port()), HAUL_WORKER_PROCESSES="1", HAUL_WORKER_THREADS="2",
+        HAUL_WEBHOOK_URL=receiver.url,
+    )  # fmt: skip
     record = tmp_path / ".haul" / "redis.url"
     up = haul_up(env, tmp_path, tmp_path / "up.log")
     try:
@@ -317,6 +322,7 @@ def test_without_haul_redis_url_haul_up_runs_its_own_redis_and_other_shells_find
         # It said which Redis and why, and that Redis keeps every acknowledged write
         output = (tmp_path / "up.log").read_text()
         assert "HAUL_REDIS_URL is not set, so haul up runs a redis-server of its own" in output, output
+        receiver.webhook = Webhook((tmp_path / ".haul" / "webhook-secret").read_text().strip())
         assert client.config_get("append*") | client.config_get("dir") == {
             "appendonly": "yes", "appendfsync": "always", "appendfilename": "appendonly.aof",
             "appenddirname": "appendonlydir", "dir": str(tmp_path / ".haul" / "redis"),
@@ -332,6 +338,7 @@ def test_without_haul_redis_url_haul_up_runs_its_own_redis_and_other_shells_find
 
         wait_until(done, 30, "the task to be done, as haul status sees it")
         assert (tmp_path / ".haul" / "storage" / task_id / "first.mp4").read_bytes() == b"first run"
+        assert [(d.event["type"], d.verified) for d in receiver.accepted()] == [("task.completed", True)]
         client.close()
     finally:
         stopped = stop_up(up)

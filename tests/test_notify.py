@@ -10,12 +10,10 @@ from typing import Any
 
 import pytest
 
-from actors.dispatch import enqueue_notify
 from actors.store import TaskStore
-from actors.submit import submit_spec
 from actors.task import State, spec_from_manifest, spec_from_urls
 from supervisor.daemon import Supervisor
-from tests.conftest import dramatiq_supervisor, in_process_worker, installed_runtime, wait_for
+from tests.conftest import dramatiq_supervisor, in_process_worker, messages, submit_spec, wait_for
 from tests.servers import Origin, Receiver
 
 NOW = 1_700_000_000.0
@@ -85,7 +83,7 @@ def chain_settings(settings: Any) -> Any:
 def stack(chain_settings: Any, store: TaskStore) -> Iterator[Supervisor]:
     """An in-process worker and a leading supervisor, sweeping every 0.1 s."""
     sup = dramatiq_supervisor(chain_settings, store, node_id="n")
-    with installed_runtime(chain_settings, store), in_process_worker(threads=4):
+    with in_process_worker(chain_settings, store, threads=4):
         sup.start()
         try:
             yield sup
@@ -132,12 +130,12 @@ def test_a_delivered_notice_is_not_sent_again(
         time.sleep(0.02)
     # A duplicate of the first message (Dramatiq delivers at least once), with the supervisor
     # sweeping meanwhile, sends nothing more ...
-    enqueue_notify(task_id)
+    messages().notify(task_id)
     time.sleep(1.5)
     assert [d.answered for d in receiver.deliveries] == [204]
     assert store.client.zcard(store.notify_key) == 0
     # ... nor does a message of a later step of the chain
-    enqueue_notify(task_id, 1)
+    messages().notify(task_id, 1)
     time.sleep(0.5)
     assert [d.answered for d in receiver.deliveries] == [204]
 
@@ -149,7 +147,7 @@ def test_a_notice_is_given_up_after_the_give_up_time(
     quick = chain_settings.replace(finalize_give_up_seconds=2.0, retry_min_seconds=0.3, retry_max_seconds=0.6)
     sup = dramatiq_supervisor(quick, store, node_id="n")
     caplog.set_level(logging.ERROR, logger="actors.notify")
-    with installed_runtime(quick, store), in_process_worker(threads=2):
+    with in_process_worker(quick, store, threads=2):
         sup.start()
         try:
             task_id = failing_task(store, origin)

@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 
 from actors.store import TaskStore
 from supervisor.daemon import Supervisor
+from tests.conftest import ClaimsOnly
 
 REPO = Path(__file__).resolve().parent.parent
 OPS = REPO / "ops"
@@ -27,7 +28,7 @@ METRIC = re.compile(r"\b(haul_[a-z_]+)")
 
 @pytest.fixture
 def exported(settings: Any, store: TaskStore) -> str:
-    sup = Supervisor(settings, store, send_claim=print, send_notify=print, send_finalize=print)
+    sup = Supervisor(settings, store, ClaimsOnly())
     sup.metrics.requeues.labels("lease_expired").inc(0)
     sup.metrics.sweep_errors.labels("requeue_stuck").inc(0)
     sup.metrics.sweep_seconds.labels("requeue_stuck").observe(0.001)

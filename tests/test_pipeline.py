@@ -8,11 +8,8 @@ import os
 import time
 from typing import Any
 
-import dramatiq
-
-from actors.submit import submit_spec
 from actors.task import spec_from_manifest
-from tests.conftest import eventually_gone, wait_for
+from tests.conftest import eventually_gone, messages, submit_spec, wait_for
 from tests.servers import Delivery, Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -117,12 +114,11 @@ def test_duplicate_messages_download_once(
 ) -> None:
     data = os.urandom(2 * MIB)
     task_id = submit(store, origin, {"v.mp4": data})
-    claim = dramatiq.get_broker().get_actor("claim")
     for _ in range(3):
-        claim.send(task_id)  # Dramatiq is at-least-once: the same message may come again
+        messages().claim(task_id)  # Dramatiq is at-least-once: the same message may come again
     assert wait_for(store, task_id).state.value == "done"
     time.sleep(0.3)
-    claim.send(task_id)
+    messages().claim(task_id)
     time.sleep(0.3)
     assert len(origin.requests_for("/v.mp4")) == 1
     assert origin.served["/v.mp4"] == len(data)
@@ -177,10 +173,10 @@ def test_a_bad_task_does_not_stop_its_neighbours(
 def test_a_receiver_down_past_the_give_up_time_ends_the_task_dead(
     settings: Any, store: Any, origin: Origin, receiver: Receiver
 ) -> None:
-    from tests.conftest import in_process_worker, installed_runtime
+    from tests.conftest import in_process_worker
 
     receiver.statuses.extend([503] * 1000)
-    with installed_runtime(settings.replace(finalize_give_up_seconds=1.0), store), in_process_worker():
+    with in_process_worker(settings.replace(finalize_give_up_seconds=1.0), store):
         task_id = submit(store, origin, {"v.mp4": b"video"})
         task = wait_for(store, task_id)
     assert task.state.value == "dead" and task.attempts == 1

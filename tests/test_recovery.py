@@ -1,5 +1,5 @@
 """Fault tests with real processes: SIGKILL and SIGTERM a worker mid-download, kill the leading
-supervisor. Worker processes are real ``dramatiq actors``; the origin is throttled so that a
+supervisor. Worker processes are real ``dramatiq actors.worker``; the origin is throttled so that a
 download is still running when the fault hits."""
 
 from __future__ import annotations

@@ -16,12 +16,11 @@ import requests
 
 from actors.registry import WorkerInfo, WorkerRegistry
 from actors.store import TaskStore
-from actors.submit import submit_spec
 from actors.task import State, spec_from_manifest
 from supervisor import limits
 from supervisor.daemon import Supervisor
 from supervisor.http import create_server, serve_in_background
-from tests.conftest import dramatiq_supervisor, in_process_worker, installed_runtime, part_bytes
+from tests.conftest import dramatiq_supervisor, in_process_worker, part_bytes, submit_spec
 from tests.processes import wait_until
 from tests.servers import Fault, Origin, Receiver
 
@@ -39,12 +38,6 @@ def supervisor(fast: Any, store: Any) -> Iterator[Supervisor]:
     yield sup
     if sup.scheduler.running:
         sup.stop()
-
-
-@pytest.fixture
-def fast_runtime(fast: Any, store: Any) -> Iterator[Any]:
-    with installed_runtime(fast, store) as rt:
-        yield rt
 
 
 def test_healthz_and_metrics(supervisor: Supervisor, store: Any, redis_url: str) -> None:
@@ -194,13 +187,13 @@ def test_redis_that_may_lose_acknowledged_writes_is_reported(store: Any) -> None
 
 
 def test_a_graceful_stop_wakes_a_download_blocked_on_a_silent_origin(
-    runtime: Any, store: Any, origin: Origin, receiver: Receiver, settings: Any
+    store: Any, origin: Origin, receiver: Receiver, settings: Any
 ) -> None:
     data = os.urandom(3 * MIB)
     url = origin.put("/silent.mp4", data)
     # Given an origin that goes silent for longer than the read timeout (5 s here) ...
     origin.fault("/silent.mp4", Fault("stall", after=MIB, seconds=20))
-    with in_process_worker(threads=1) as worker:
+    with in_process_worker(settings, store, threads=1) as running:
         task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "v.mp4"}]}), store)
         sandbox = settings.staging_dir / task_id
         deadline = time.monotonic() + 10
@@ -208,7 +201,7 @@ def test_a_graceful_stop_wakes_a_download_blocked_on_a_silent_origin(
             time.sleep(0.02)
         # ... a stop does not wait for it: the blocked read is woken and the task handed back
         started = time.monotonic()
-        worker.stop()
+        running.worker.stop()
         took = time.monotonic() - started
     task = store.get(task_id)
     assert took < 3, f"stop took {took:.1f}s"

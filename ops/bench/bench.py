@@ -7,6 +7,7 @@ with the two sides alternating. Prints a table and writes ops/bench/results.json
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
+from actors.messages import Messages, redis_broker
+from actors.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -134,6 +138,11 @@ http {{
                 handle.write(os.urandom(size % MIB))
         return self.url(name)
 
+    @functools.cached_property
+    def messages(self) -> Messages:
+        """Claim messages, sent as a backend's client sends them."""
+        return Messages(redis_broker(Settings(redis_url=self.redis_url)))
+
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HAUL_")}
         env.update(
@@ -217,7 +226,6 @@ class Worker:
 
 
 def submit(bench: Bench, url: str, path: str = "file.bin", sha256: str | None = None) -> str:
-    from actors.dispatch import enqueue_claim
     from actors.store import TaskStore
     from actors.task import spec_from_manifest
 
@@ -226,7 +234,7 @@ def submit(bench: Bench, url: str, path: str = "file.bin", sha256: str | None = 
         entry["sha256"] = sha256
     store = TaskStore(bench.client)
     task_id, _ = store.create(spec_from_manifest({"files": [entry], "accept": ["*/*"]}), now=time.time())
-    enqueue_claim(task_id)
+    bench.messages.claim(task_id)
     return task_id
 
 
@@ -822,9 +830,6 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="rounds per comparison (median reported)")
     args = parser.parse_args()
     bench = Bench(args.runs)
-    os.environ["HAUL_REDIS_URL"] = bench.redis_url  # the broker `import actors` builds, for submit()
-    import actors  # noqa: F401
-
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -1,0 +1,175 @@
+"""haul for a backend (and the CLI): submit tasks and follow, retry or cancel them.
+
+>>> from actors.client import Client
+>>> from actors.settings import Settings
+>>> haul = Client(Settings.from_env())
+>>> task_id = haul.submit(["https://cdn.example.com/course/01.mp4"], name="Course 12", key="order-981")
+
+A client owns its Redis connection and, from its first message, a Dramatiq broker of its own:
+importing this module, or building a client, starts nothing and reads no environment (the
+caller passes Settings). ``key`` makes submitting idempotent: the same key with the same
+request returns the first task's id and creates nothing, so a backend can retry its own call
+safely; the same key with a different request raises :class:`actors.task.KeyConflict` naming
+the first differing field. ``replace=True`` puts a corrected request under the key of a failed,
+dead or canceled task. Files may be plain URLs (named after their last path segment) or
+``{"url", "path", "size"?, "sha256"?}`` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from actors.settings import Settings
+from actors.store import CancelOutcome, TaskStore
+from actors.task import State, Task, TaskSpec, spec_from_manifest, spec_from_urls
+
+if TYPE_CHECKING:
+    from actors.messages import Messages
+
+log = logging.getLogger(__name__)
+
+
+class ClientError(Exception):
+    """An operation on a task was refused or found nothing; the message says why and what to do."""
+
+
+class TaskNotFound(ClientError):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"no {what} in Redis (ended tasks are pruned after HAUL_RETAIN_SECONDS)")
+
+
+class RetryRefused(ClientError):
+    """Only a failed, dead or canceled task gets fresh attempts."""
+
+
+class CancelRefused(ClientError):
+    """The task has ended, or its completion is being announced."""
+
+
+class Client:
+    """Submits and follows tasks in the Redis of ``settings`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: TaskStore | None = None,
+        messages: Messages | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store or TaskStore.from_url(settings.redis_url)
+        self._messages = messages
+        self.clock = clock
+
+    @property
+    def messages(self) -> Messages:
+        """The client's broker, built when it first sends (reading tasks needs no Dramatiq)."""
+        if self._messages is None:
+            from actors.messages import Messages, redis_broker
+
+            self._messages = Messages(redis_broker(self.settings))
+        return self._messages
+
+    def submit(
+        self,
+        files: Sequence[str | Mapping[str, Any]],
+        *,
+        name: str = "",
+        key: str | None = None,
+        webhook: str | None = None,
+        accept: Sequence[str] | None = None,
+        replace: bool = False,
+    ) -> str:
+        """Create a task (or find the one with the same ``key``) and queue it; return its id.
+
+        ``accept`` lists the content types expected (default :data:`actors.task.DEFAULT_ACCEPT`).
+        Raises :class:`actors.errors.InvalidTask` with a message naming the bad field, or its
+        subclass :class:`actors.task.KeyConflict`; nothing is stored or queued then.
+        """
+        if all(isinstance(item, str) for item in files):
+            spec = spec_from_urls([str(item) for item in files], name=name, key=key, webhook=webhook, accept=accept)
+        else:
+            manifest: dict[str, Any] = {"name": name, "key": key, "webhook": webhook, "files": list(files)}
+            if accept is not None:
+                manifest["accept"] = list(accept)
+            spec = spec_from_manifest(manifest)
+        return self.submit_spec(spec, replace=replace)
+
+    def submit_spec(self, spec: TaskSpec, *, replace: bool = False) -> str:
+        """Store a validated spec and send its claim message; return the task's id."""
+        task_id, created = self.store.create(spec, now=self.clock(), replace=replace)
+        if created:
+            log.info("task %s: submitted (%d file(s), key %r)", task_id, len(spec.files), spec.key)
+            self.messages.claim(task_id)
+            return task_id
+        log.info("task %s: key %r seen before; not created again", task_id, spec.key)
+        task = self.store.get(task_id)
+        if task is not None and task.state is State.QUEUED:
+            self.messages.claim(task_id)  # harmless if its message exists; recovers one that was lost
+        return task_id
+
+    def get(self, task_id: str) -> Task:
+        task = self.store.get(task_id)
+        if task is None:
+            raise TaskNotFound(f"task {task_id!r}")
+        return task
+
+    def find(self, key: str) -> Task:
+        """The task an idempotency key names now (the newest, after a replace)."""
+        task_id = self.store.id_by_key(key)
+        if task_id is None:
+            raise TaskNotFound(f"task under key {key!r}")
+        return self.get(task_id)
+
+    def list(self, state: State, limit: int = 50) -> list[Task]:
+        """The newest tasks in ``state``, newest first."""
+        return [t for t in (self.store.get(i) for i in self.store.ids(state, limit)) if t is not None]
+
+    def counts(self) -> dict[State, int]:
+        return self.store.counts()
+
+    def retry(self, task_id: str) -> None:
+        """Give a failed, dead or canceled task fresh attempts and queue it."""
+        result = self.store.retry(task_id, self.clock())
+        if result == "missing":
+            raise TaskNotFound(f"task {task_id!r}")
+        if result == "not_ended":
+            task = self.store.get(task_id)
+            if task is not None and task.state is State.DONE:
+                raise RetryRefused(
+                    f"task {task_id} is done (stored and announced); retry is for failed, dead or canceled tasks"
+                )
+            raise RetryRefused(f"task {task_id} has not ended; only failed, dead or canceled tasks are retried")
+        self.messages.claim(task_id)
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a task that has not ended, unless its completion is already being announced.
+        task.canceled goes to its webhook; False when its message could not be sent now (the
+        notice is recorded with the cancel, so the supervisor sends it)."""
+        result = self.store.cancel(task_id, self.clock())
+        if result is CancelOutcome.MISSING:
+            raise TaskNotFound(f"task {task_id!r}")
+        if result is CancelOutcome.FINAL:
+            raise CancelRefused(f"task {task_id} has already ended; `haul status {task_id}` says how")
+        if result is CancelOutcome.ANNOUNCING:
+            raise CancelRefused(
+                f"task {task_id} was not canceled: the completion is being announced (the backend may "
+                "already hold task.completed), so the task ends done; undo it in the backend if needed"
+            )
+        try:
+            self.messages.notify(task_id)
+        except redis.RedisError as exc:
+            log.warning("task %s: canceled; task.canceled not queued (%s), the supervisor sends it", task_id, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        self.store.client.close()
+        if self._messages is not None:
+            self._messages.broker.close()
