@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from actors.settings import Settings
-from actors.store import CancelOutcome, TaskStore
-from actors.task import State, Task, TaskSpec, spec_from_manifest, spec_from_urls
+from actors.states import CancelReply, RetryReply, State
+from actors.store import TaskStore
+from actors.task import Task, TaskSpec, spec_from_manifest, spec_from_urls
 
 if TYPE_CHECKING:
     from actors.messages import Messages
@@ -137,9 +138,9 @@ class Client:
     def retry(self, task_id: str) -> None:
         """Give a failed, dead or canceled task fresh attempts and queue it."""
         result = self.store.retry(task_id, self.clock())
-        if result == "missing":
+        if result is RetryReply.MISSING:
             raise TaskNotFound(f"task {task_id!r}")
-        if result == "not_ended":
+        if result is RetryReply.NOT_ENDED:
             task = self.store.get(task_id)
             if task is not None and task.state is State.DONE:
                 raise RetryRefused(
@@ -153,11 +154,11 @@ class Client:
         task.canceled goes to its webhook; False when its message could not be sent now (the
         notice is recorded with the cancel, so the supervisor sends it)."""
         result = self.store.cancel(task_id, self.clock())
-        if result is CancelOutcome.MISSING:
+        if result is CancelReply.MISSING:
             raise TaskNotFound(f"task {task_id!r}")
-        if result is CancelOutcome.FINAL:
+        if result is CancelReply.FINAL:
             raise CancelRefused(f"task {task_id} has already ended; `haul status {task_id}` says how")
-        if result is CancelOutcome.ANNOUNCING:
+        if result is CancelReply.ANNOUNCING:
             raise CancelRefused(
                 f"task {task_id} was not canceled: the completion is being announced (the backend may "
                 "already hold task.completed), so the task ends done; undo it in the backend if needed"

@@ -24,8 +24,9 @@ from actors.redact import display_url
 from actors.runtime import Runtime
 from actors.sentry import report_task
 from actors.settings import Settings
+from actors.states import State
 from actors.store import NoticeTry
-from actors.task import State, Task, backoff_seconds
+from actors.task import Task, backoff_seconds
 from actors.webhook import CANCELED, FAILED, ended_fields, make_event
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,6 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any
 from urllib.parse import urlsplit
 
 from actors.errors import (
@@ -32,29 +29,25 @@ from actors.fetch import FetchRules, fetch_file
 from actors.interrupt import interruptible
 from actors.lease import DISK_STEP_SECONDS, Lease, no_figures
 from actors.outcome import NOTHING, Next, Outcome
+from actors.policy import (
+    FINALIZE_BACKLOG_FACTOR,
+    SLOT_WAIT_MAX_SECONDS,
+    RetryTiming,
+    end_of_run,
+    outage_wait,
+    slot_wait,
+)
+from actors.progress import Progress, guard_lease
 from actors.redact import display_url
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
 from actors.sentry import report_task
+from actors.states import ClaimReply, State, StepReply
 from actors.store import StageLimits
-from actors.task import State, Task, backoff_seconds
+from actors.task import Task
 from actors.webhook import COMPLETED, make_event
 
 log = logging.getLogger(__name__)
-
-#: Claims pause while this many times HAUL_FINALIZE_CONCURRENCY tasks wait to be finalized.
-FINALIZE_BACKLOG_FACTOR = 2
-#: A task that found its stage full asks again after about a quarter of the time it has waited
-#: so far, at least this and at most SLOT_WAIT_MAX_SECONDS (seconds), give or take a quarter:
-#: a slot freed soon is taken soon, and 10,000 tasks waiting behind a long backlog make about
-#: 1,000 claims a second, not 20,000.
-SLOT_WAIT_MIN_SECONDS = 0.5
-SLOT_WAIT_MAX_SECONDS = 10.0
-
-
-def slot_wait(waited: float = 0.0) -> float:
-    pause = min(SLOT_WAIT_MAX_SECONDS, max(SLOT_WAIT_MIN_SECONDS, waited / 4))
-    return pause * random.uniform(0.75, 1.25)
 
 
 def run_task(rt: Runtime, task_id: str) -> Outcome:
@@ -104,17 +97,17 @@ def claim_task(rt: Runtime, task_id: str) -> Outcome:
     if claim.ok:
         log.debug("task %s: claimed (attempt %d, token %d)", task_id, claim.attempts, claim.token)
         return Outcome(Next.DOWNLOAD, token=claim.token, task=claim.task)
-    if claim.outcome == "dead":
+    if claim.outcome is ClaimReply.DEAD:
         message = f"task {task_id}: lease expired and all {s.max_attempts} attempts are used; the task is dead"
         log.error("%s", message)
         report_task(message, kind="dead", task_id=task_id, stage="claim", attempt=int(claim.detail))
         return Outcome(Next.NOTIFY)
-    if claim.outcome == "full":
+    if claim.outcome is ClaimReply.FULL:
         # No slot (or backpressure): stay queued without holding a thread; this message's chain
         # asks again (the store knows it is alive, so the supervisor sends no second one).
         log.debug("task %s: waiting, %s is full", task_id, claim.detail)
         return Outcome(Next.RETRY, delay_seconds=slot_wait(now - claim.waiting_since))
-    if claim.outcome == "wait":
+    if claim.outcome is ClaimReply.WAIT:
         # An early duplicate (the backoff has not passed): make sure a message comes then.
         return Outcome(Next.RETRY, delay_seconds=max(0.0, float(claim.detail) - now))
     log.info("task %s: nothing to do (%s %s)", task_id, claim.outcome, claim.detail)
@@ -140,9 +133,9 @@ def download_task(rt: Runtime, task: Task, lease: Lease) -> Outcome:
             progress=figures,
             finalize_limit=s.finalize_concurrency,
         )
-        if entry == "stale":
+        if entry is StepReply.STALE:
             raise LeaseLost(f"task {task_id}: lease lost as the download finished")
-        if entry == "full":  # resting until a finalize slot is free; the message holds the task
+        if entry is StepReply.FULL:  # resting until a finalize slot is free; the message holds the task
             return Outcome(Next.FINALIZE, token=token, delay_seconds=slot_wait())
         return Outcome(Next.FINALIZE, token=token)
     except Exception as exc:
@@ -213,9 +206,9 @@ def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 
         task_id, token, now=now, lease_seconds=rt.settings.lease_seconds, limit=rt.settings.finalize_concurrency,
         due=now + delay, failing_since=failing_since,
     )  # fmt: skip
-    if entry == "full":
+    if entry is StepReply.FULL:
         return Outcome(Next.FINALIZE, token=token, delay_seconds=delay, failing_since=failing_since)
-    if entry != "ok":
+    if entry is not StepReply.OK:
         log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
         return NOTHING
     with rt.leases.hold(task_id, token, since=since) as lease:
@@ -260,7 +253,7 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
                 raise LeaseLost(f"task {task_id}: canceled or taken over before its completion was announced")
             announced = True
             event = make_event(task, COMPLETED, stored, None, announced_at)
-            with interruptible(lambda closeable: _guard(rt, lease, closeable)):
+            with interruptible(lambda closeable: guard_lease(rt, lease, closeable)):
                 rt.webhooks.deliver(
                     url, event, now=rt.clock(), task_id=task_id,
                     on_try=lambda seconds: step(seconds, "delivering task.completed"),
@@ -303,7 +296,7 @@ def _park(rt: Runtime, task: Task, token: int, exc: TransientError, failing_sinc
             return NOTHING
         report_task(message, kind="dead", task_id=task.id, stage="finalizing", attempt=task.attempts)
         return Outcome(Next.NOTIFY)
-    delay = min(s.retry_max_seconds, max(s.retry_min_seconds, now - failing_since)) * random.uniform(1.0, 1.5)
+    delay = outage_wait(now - failing_since, _timing(rt))
     # Parked without a lease: however long the message then waits in a queue, the task is not
     # taken back (which would use up a download attempt); the supervisor re-sends a lost one.
     parked = rt.store.park(task.id, token, now=now, due=now + delay, failing_since=failing_since, error=str(exc))
@@ -313,130 +306,43 @@ def _park(rt: Runtime, task: Task, token: int, exc: TransientError, failing_sinc
     return Outcome(Next.FINALIZE, token=parked, delay_seconds=delay, failing_since=failing_since)
 
 
-class Progress:
-    """A download's figures (bytes per file), and its checks before every chunk is written.
-
-    Called before every chunk, so the common path is a few comparisons: the worker is not
-    stopping, the lease is still ours (:meth:`Lease.step` checks the fence), and the next read
-    may take up to the read timeout. The lease keeper writes the figures with each renewal.
-    """
-
-    def __init__(self, rt: Runtime, task: Task, lease: Lease) -> None:
-        self.rt = rt
-        self.task = task
-        self.lease = lease
-        self.read_seconds = rt.settings.read_timeout_seconds
-        self.sizes = [f.size for f in task.spec.files]
-        self.done = [0] * len(task.spec.files)
-        self.finished = 0
-        self.current: int | None = None
-        self.doing = "downloading"
-
-    @property
-    def bytes_done(self) -> int:
-        return sum(self.done)
-
-    def figures(self) -> tuple[int, int, int]:
-        """(bytes done, bytes total, files done), as the store records them."""
-        return self.bytes_done, sum(size or 0 for size in self.sizes), self.finished
-
-    def start_file(self, index: int) -> None:
-        self.current = index
-        self.doing = f"downloading {self.task.spec.files[index].path!r}"
-
-    def on_total(self, size: int) -> None:
-        if self.current is not None:
-            self.sizes[self.current] = size
-
-    def on_progress(self, position: int) -> None:
-        if self.current is not None:
-            self.done[self.current] = position
-        if self.rt.stopper.is_set():
-            raise Stopping(f"task {self.task.id}: the worker is stopping; handing the task back")
-        self.lease.step(self.read_seconds, self.doing)
-
-    def step(self, seconds: float) -> None:
-        self.lease.step(seconds, self.doing)
-
-    def guard(self, closeable: Any) -> AbstractContextManager[None]:
-        return _guard(self.rt, self.lease, closeable)
-
-    def file_done(self, index: int, size: int) -> None:
-        self.sizes[index] = size
-        self.done[index] = size
-        self.finished += 1
-        self.current = None
-
-
-@contextmanager
-def _guard(rt: Runtime, lease: Lease, closeable: Any) -> Iterator[None]:
-    """A graceful stop, a lost lease or a step past its deadline wakes a wait on ``closeable``."""
-    with rt.stopper.guard(closeable), lease.guard(closeable):
-        yield
-
-
 def _end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
-    """Record how this run ended and say what comes next."""
-    s = rt.settings
-    now = rt.clock()
-    if isinstance(exc, LeaseLost):
+    """Record how this run ended (:func:`actors.policy.end_of_run` decides) and say what comes next."""
+    end = end_of_run(exc, task, _timing(rt), stopping=rt.stopper.is_set(), rng=random.Random())
+    if end.target is None:
         log.warning("%s", exc)
         return NOTHING
-    if rt.stopper.is_set() and not isinstance(exc, PermanentError):
-        # A graceful stop (whatever error it caused in the transfer): the bytes stay in the
-        # sandbox, the attempt is given back, and the task is queued at once for another
-        # worker (the message goes out before we exit).
-        reached = rt.store.release(
-            task.id, token, State.QUEUED, now=now, error="handed back: worker stopping",
-            max_attempts=s.max_attempts, refund=True,
-        )  # fmt: skip
+    if end.unexpected:
+        log.error("task %s: unexpected error; treated as transient", task.id, exc_info=exc)
+    now = rt.clock()
+    reached = rt.store.release(
+        task.id, token, end.target, now=now, error=end.error, not_before=now + end.delay_seconds,
+        max_attempts=rt.settings.max_attempts, refund=end.refund, code=end.code, file=end.file,
+    )  # fmt: skip
+    stage = task.state.value if task.state.active else "download"
+    if end.refund:
         log.info("task %s: handed back (worker stopping), %s", task.id, reached)
         return Outcome(Next.RETRY) if reached is State.QUEUED else NOTHING
-    stage = task.state.value if task.state.active else "download"
-    if isinstance(exc, PermanentError):
-        log.error("task %s: failed: %s", task.id, exc)
-        reached = rt.store.release(
-            task.id, token, State.FAILED, now=now, error=str(exc), max_attempts=s.max_attempts, code=exc.code,
-            file=exc.file,
-        )  # fmt: skip
-        if reached is None:
-            return NOTHING
-        report_task(str(exc), kind=type(exc).__name__, task_id=task.id, stage=stage, attempt=task.attempts,
+    if reached is State.QUEUED:
+        log.warning("task %s: attempt %d failed, retrying in %.1fs: %s", task.id, task.attempts, end.delay_seconds,
+                    end.error)  # fmt: skip
+        return Outcome(Next.RETRY, delay_seconds=end.delay_seconds)
+    if reached is State.FAILED:
+        log.error("task %s: failed: %s", task.id, end.error)
+        report_task(end.error, kind=type(exc).__name__, task_id=task.id, stage=stage, attempt=task.attempts,
                     origin_host=_origin_host(task))  # fmt: skip
         return Outcome(Next.NOTIFY)
-    if isinstance(exc, HaulError):
-        message = str(exc)
-        retry_after = exc.retry_after if isinstance(exc, TransientError) else None
-        code, file = exc.code, exc.file
-    else:
-        log.exception("task %s: unexpected error; treated as transient", task.id)
-        message = f"task {task.id}: internal error {type(exc).__name__}: {exc} (see the worker log)"
-        retry_after = None
-        code, file = TransientError.code, ""
-    attempt = task.attempts
-    delay = backoff_seconds(attempt, s.retry_min_seconds, s.retry_max_seconds)
-    if retry_after is not None:
-        delay = min(s.retry_max_seconds, max(delay, retry_after))
-    # The store turns this release dead when the attempts are used (an announced run stays
-    # queued): the recorded error then says so, and never that the task will be retried.
-    last = attempt >= s.max_attempts and not task.announced
-    if last:
-        message += f"; all {s.max_attempts} attempts are used"
-    else:
-        message += f"; will retry (attempt {attempt} of {s.max_attempts})"
-    reached = rt.store.release(
-        task.id, token, State.QUEUED, now=now, error=message, not_before=now + delay, max_attempts=s.max_attempts,
-        code=code, file=file,
-    )  # fmt: skip
-    if reached is State.QUEUED:
-        log.warning("task %s: attempt %d failed, retrying in %.1fs: %s", task.id, attempt, delay, message)
-        return Outcome(Next.RETRY, delay_seconds=delay)
     if reached is State.DEAD:
-        log.error("task %s: dead after %d attempts: %s", task.id, attempt, message)
-        report_task(f"task {task.id} is dead after {attempt} attempts: {message}", kind="dead", task_id=task.id,
-                    stage=stage, attempt=attempt, origin_host=_origin_host(task))  # fmt: skip
+        log.error("task %s: dead after %d attempts: %s", task.id, task.attempts, end.error)
+        report_task(f"task {task.id} is dead after {task.attempts} attempts: {end.error}", kind="dead",
+                    task_id=task.id, stage=stage, attempt=task.attempts, origin_host=_origin_host(task))  # fmt: skip
         return Outcome(Next.NOTIFY)
     return NOTHING
+
+
+def _timing(rt: Runtime) -> RetryTiming:
+    s = rt.settings
+    return RetryTiming(s.max_attempts, s.retry_min_seconds, s.retry_max_seconds)
 
 
 def _rules(rt: Runtime, task: Task, task_bytes_so_far: int) -> FetchRules:

@@ -20,7 +20,6 @@ Every call that depends on time takes ``now`` (seconds since the epoch) as a par
 
 from __future__ import annotations
 
-import enum
 import json
 import uuid
 from collections.abc import Sequence
@@ -31,17 +30,17 @@ from urllib.parse import urlsplit
 
 import redis
 
-from actors.task import (
-    DEFAULT_ACCEPT,
+from actors.states import (
     FINAL_STATES,
-    KeyConflict,
+    CancelReply,
+    ClaimReply,
+    CreateReply,
+    RequeueReply,
+    RetryReply,
     State,
-    Task,
-    TaskSpec,
-    files_from_json,
-    first_difference,
-    request_hash,
+    StepReply,
 )
+from actors.task import DEFAULT_ACCEPT, KeyConflict, Task, TaskSpec, files_from_json, first_difference, request_hash
 
 DEFAULT_PREFIX = "haul:"
 
@@ -85,19 +84,6 @@ class Renewal:
     figures: tuple[int, int, int] | None = None
 
 
-class CancelOutcome(enum.StrEnum):
-    """What a cancel found."""
-
-    #: Canceled: the token moved on, and task.canceled is owed.
-    OK = "ok"
-    #: No such task.
-    MISSING = "missing"
-    #: The task had already ended (done, failed, dead or canceled).
-    FINAL = "final"
-    #: Refused: the first delivery of task.completed has started, so the task will end done.
-    ANNOUNCING = "announcing"
-
-
 @dataclass(frozen=True)
 class NoticeTry:
     """A try at delivering an owed notice that this message may make (``skipped`` empty), or
@@ -118,7 +104,7 @@ class Claim:
     """What a claim attempt found: ``ok`` (token, attempts and the task as claimed) or why it
     did nothing (``detail``)."""
 
-    outcome: str
+    outcome: ClaimReply
     token: int = 0
     attempts: int = 0
     detail: str = ""
@@ -130,7 +116,7 @@ class Claim:
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "ok"
+        return self.outcome is ClaimReply.OK
 
 
 def _load_script(name: str) -> str:
@@ -247,15 +233,15 @@ class TaskStore:
         flat = [item for pair in fields.items() for item in pair]
         spec_json = json.dumps(described, separators=(",", ":"))
         reply = self._call("create", keys, task_id, now, spec_json, request_hash(spec), "1" if replace else "0", *flat)
-        found, outcome = _text(reply[0]), _text(reply[1])
-        if outcome == "not_replaceable":
+        found, outcome = _text(reply[0]), CreateReply(_text(reply[1]))
+        if outcome is CreateReply.NOT_REPLACEABLE:
             state = _text(reply[2])
             why = "is done" if state == State.DONE else "has not ended"
             raise KeyConflict(
                 f"key {spec.key!r}: task {found} {why} (state {state}); only a failed, dead or canceled "
                 "task is replaced"
             )
-        if outcome == "different":
+        if outcome is CreateReply.DIFFERENT:
             first = self.get(found)
             field = first_difference(first.spec, spec) if first is not None else None
             if field is not None:  # None: a record stored before request hashes, same request
@@ -263,7 +249,7 @@ class TaskStore:
                     f"key {spec.key!r} was used for task {found} with a different request: {field} differs; "
                     "use a new key, or --replace (replace=True) if that task failed, died or was canceled"
                 )
-        return found, outcome == "created"
+        return found, outcome is CreateReply.CREATED
 
     def claim(
         self,
@@ -299,12 +285,12 @@ class TaskStore:
             start.value,
             poll_seconds,
         )
-        outcome = _text(reply[0])
-        if outcome == "ok":
+        outcome = ClaimReply(_text(reply[0]))
+        if outcome is ClaimReply.OK:
             fields = dict(zip(reply[4][::2], reply[4][1::2], strict=True))
             task = _task_from(task_id, fields, reply[3]) if reply[3] else None  # None: spec lost
             return Claim(outcome, token=int(reply[1]), attempts=int(reply[2]), task=task)
-        if outcome == "full":
+        if outcome is ClaimReply.FULL:
             return Claim(outcome, detail=_text(reply[2]), reason=_text(reply[1]), waiting_since=float(reply[3]))
         return Claim(outcome, detail=_text(reply[1]) if len(reply) > 1 else "")
 
@@ -323,7 +309,7 @@ class TaskStore:
 
         ``progress`` (bytes done, bytes total, files done) is written in the same step.
         """
-        return self._advance(task_id, token, source, target, now, lease_seconds, 0, progress)[0] == "ok"
+        return self._advance(task_id, token, source, target, now, lease_seconds, 0, progress)[0] is StepReply.OK
 
     def finish_download(
         self,
@@ -334,7 +320,7 @@ class TaskStore:
         lease_seconds: float,
         progress: tuple[int, int, int],
         finalize_limit: int,
-    ) -> tuple[str, int]:
+    ) -> tuple[StepReply, int]:
         """``downloading`` -> ``finalizing`` with the final progress, taking a finalize slot in
         the same step: ``ok`` (slot held, ``token`` kept), ``full`` (finalizing, resting until a
         slot is free; the new token is for the finalize message) or ``stale``."""
@@ -352,7 +338,7 @@ class TaskStore:
         lease_seconds: float,
         finalize_limit: int,
         progress: tuple[int, int, int] | None,
-    ) -> tuple[str, int]:
+    ) -> tuple[StepReply, int]:
         reply = self._call(
             "advance",
             [self.task_key(task_id), self.leases_key],
@@ -365,8 +351,8 @@ class TaskStore:
             finalize_limit,
             *(progress or ()),
         )
-        outcome = _text(reply[0])
-        return outcome, int(reply[1]) if outcome == "full" else token
+        outcome = StepReply(_text(reply[0]))
+        return outcome, int(reply[1]) if outcome is StepReply.FULL else token
 
     def heartbeat(
         self,
@@ -432,16 +418,17 @@ class TaskStore:
             code,
             file,
         )
-        return State(_text(reply[1])) if _text(reply[0]) == "ok" else None
+        return State(_text(reply[1])) if StepReply(_text(reply[0])) is StepReply.OK else None
 
-    def requeue_expired(self, task_ids: list[str], *, now: float, max_attempts: int) -> list[str | Exception]:
+    def requeue_expired(self, task_ids: list[str], *, now: float, max_attempts: int) -> list[RequeueReply | Exception]:
         """Take back tasks whose lease ran out, in one pipelined round trip; for each: ``queued``,
         ``dead``, ``skip`` (renewed or ended meanwhile), or the error its script raised (an
         unreadable record). A Redis outage raises, as for any call."""
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
             self._call("requeue", [self.task_key(task_id), self.leases_key], task_id, now, max_attempts, client=pipe)
-        return [r if isinstance(r, Exception) else _text(r[0]) for r in pipe.execute(raise_on_error=False)]
+        replies = pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, Exception) else RequeueReply(_text(r[0])) for r in replies]
 
     def rescue_candidates(self, *, now: float, grace_seconds: float, limit: int = 1000) -> list[str]:
         """Queued tasks past their not-before time by ``grace_seconds``: maybe their message is lost.
@@ -487,20 +474,20 @@ class TaskStore:
         limit: int,
         due: float,
         failing_since: float = 0.0,
-    ) -> tuple[str, int]:
+    ) -> tuple[StepReply, int]:
         """Take a finalize slot (``ok``: the run's new token, lease held), or rest until the
         next message at ``due`` (``full``: the token that message carries), or learn that
         ``token`` is ``stale``."""
         keys = [self.task_key(task_id), self.leases_key]
         reply = self._call("enter_finalize", keys, task_id, token, now, lease_seconds, limit, due, failing_since)
-        outcome = _text(reply[0])
-        return outcome, int(reply[1]) if outcome in ("ok", "full") else token
+        outcome = StepReply(_text(reply[0]))
+        return outcome, int(reply[1]) if outcome is not StepReply.STALE else token
 
     def park(self, task_id: str, token: int, *, now: float, due: float, failing_since: float, error: str) -> int | None:
         """Park a finalizing task while its storage or receiver is down, until ``due``, without
         a lease; return the token for its next finalize message, or None when ``token`` is stale."""
         reply = self._call("park", [self.task_key(task_id)], task_id, token, now, due, failing_since, error)
-        return int(reply[1]) if _text(reply[0]) == "ok" else None
+        return int(reply[1]) if StepReply(_text(reply[0])) is StepReply.OK else None
 
     def lost_finalizes(self, *, now: float, grace_seconds: float, limit: int = 1000) -> list[tuple[str, int, float]]:
         """Resting finalizing tasks whose message is overdue by ``grace_seconds`` (it is lost):
@@ -536,10 +523,10 @@ class TaskStore:
     def staged_bytes(self) -> int:
         return int(self.client.get(f"{self.prefix}staged:total") or 0)
 
-    def cancel(self, task_id: str, now: float) -> CancelOutcome:
+    def cancel(self, task_id: str, now: float) -> CancelReply:
         """Cancel a task that has not ended, unless its completion is being announced (then the
         backend may already hold task.completed, so the task must end done)."""
-        return CancelOutcome(_text(self._call("cancel", [self.task_key(task_id), self.leases_key], task_id, now)[0]))
+        return CancelReply(_text(self._call("cancel", [self.task_key(task_id), self.leases_key], task_id, now)[0]))
 
     def announce(self, task_id: str, token: int, *, now: float, lease_seconds: float) -> float | None:
         """Record that task.completed is about to be delivered (its lease renewed); return the
@@ -551,11 +538,11 @@ class TaskStore:
         ending it dead, so the same event is delivered again and never followed by task.failed.
         """
         reply = self._call("announce", [self.task_key(task_id), self.leases_key], task_id, token, now, lease_seconds)
-        return float(reply[1]) if _text(reply[0]) == "ok" else None
+        return float(reply[1]) if StepReply(_text(reply[0])) is StepReply.OK else None
 
-    def retry(self, task_id: str, now: float) -> str:
-        """Give an ended (failed/dead/canceled) task fresh attempts; ``ok``, ``missing`` or ``not_ended``."""
-        return _text(self._call("retry", [self.task_key(task_id)], task_id, now)[0])
+    def retry(self, task_id: str, now: float) -> RetryReply:
+        """Give an ended (failed/dead/canceled) task fresh attempts."""
+        return RetryReply(_text(self._call("retry", [self.task_key(task_id)], task_id, now)[0]))
 
     def begin_notice(self, task_id: str, seq: int | None, *, busy_until: float) -> NoticeTry:
         """Take one try at the notice the task owes, if ``seq`` is what its chain waits for

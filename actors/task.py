@@ -1,13 +1,11 @@
-"""The task model: what a task is, which states it moves through, and the rules between them.
+"""The task model: what a task is and asks for, and the validation of what a caller submits.
 
-Pure: no I/O, no clock, no randomness that a test cannot pass in. The store enforces the same
-transitions atomically in Lua; this module is the readable statement of them and the place that
-validates what a caller submits.
+Pure: no I/O, no clock, no randomness that a test cannot pass in. Its states and their moves
+are in :mod:`actors.states`.
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import posixpath
@@ -23,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 from pathvalidate import sanitize_filename
 
 from actors.errors import InvalidTask
+from actors.states import State
 
 #: Longest single path component (a file or folder name), in bytes of UTF-8: the NAME_MAX of
 #: Linux filesystems (ext4, xfs, btrfs, tmpfs). haul adds no suffix to final names.
@@ -60,57 +59,6 @@ _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", 
 class KeyConflict(InvalidTask):
     """An idempotency key was given again with a different request (the message names the
     first differing field), or ``replace`` was asked for a task that cannot be replaced."""
-
-
-class State(enum.StrEnum):
-    """Where a task is in its life."""
-
-    #: Waiting for a worker (new, retried, or handed back).
-    QUEUED = "queued"
-    #: A worker holds the lease; the download has not started yet.
-    CLAIMED = "claimed"
-    #: Files are streaming into the task's sandbox.
-    DOWNLOADING = "downloading"
-    #: Files are complete; storage and the webhook are next.
-    FINALIZING = "finalizing"
-    #: Stored and announced; final.
-    DONE = "done"
-    #: Failed for a reason retrying cannot fix; final.
-    FAILED = "failed"
-    #: Transient failures used every attempt; final (the dead-letter).
-    DEAD = "dead"
-    #: Stopped by an operator; final.
-    CANCELED = "canceled"
-
-    @property
-    def final(self) -> bool:
-        return self in FINAL_STATES
-
-    @property
-    def active(self) -> bool:
-        """A worker holds a lease in this state."""
-        return self in ACTIVE_STATES
-
-
-FINAL_STATES = frozenset({State.DONE, State.FAILED, State.DEAD, State.CANCELED})
-ACTIVE_STATES = frozenset({State.CLAIMED, State.DOWNLOADING, State.FINALIZING})
-
-#: Every legal move. Active states may always fall back to queued (lease expired, transient
-#: error, graceful stop) or end failed/dead; any non-final state may be canceled.
-TRANSITIONS: Mapping[State, frozenset[State]] = {
-    State.QUEUED: frozenset({State.CLAIMED, State.CANCELED}),
-    State.CLAIMED: frozenset({State.DOWNLOADING, State.QUEUED, State.FAILED, State.DEAD, State.CANCELED}),
-    State.DOWNLOADING: frozenset({State.FINALIZING, State.QUEUED, State.FAILED, State.DEAD, State.CANCELED}),
-    State.FINALIZING: frozenset({State.DONE, State.QUEUED, State.FAILED, State.DEAD, State.CANCELED}),
-    State.DONE: frozenset(),
-    State.FAILED: frozenset({State.QUEUED}),  # operator retry
-    State.DEAD: frozenset({State.QUEUED}),  # operator retry
-    State.CANCELED: frozenset({State.QUEUED}),  # operator retry
-}
-
-
-def can_move(source: State, target: State) -> bool:
-    return target in TRANSITIONS[source]
 
 
 def backoff_seconds(attempt: int, minimum: float, maximum: float, rng: random.Random | None = None) -> float:

@@ -24,15 +24,8 @@ import redis
 from actors.client import Client, ClientError
 from actors.errors import InvalidTask
 from actors.settings import Settings, SettingsError
-from actors.task import (
-    State,
-    Task,
-    TaskSpec,
-    check_accept,
-    check_url,
-    spec_from_manifest,
-    spec_from_urls,
-)
+from actors.states import State
+from actors.task import Task, TaskSpec, check_accept, check_url, spec_from_manifest, spec_from_urls
 
 #: Messages a worker process takes beyond one per thread (see worker_environment).
 PREFETCH_SPARE = 2

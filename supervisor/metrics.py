@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from actors.policy import FINALIZE_BACKLOG_FACTOR
 from actors.registry import WorkerRegistry
-from actors.stages import FINALIZE_BACKLOG_FACTOR
 from actors.store import TaskStore
 
 #: Redis key (after the prefix) counting every transition into ``dead``, written by set_state in

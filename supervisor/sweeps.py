@@ -18,8 +18,8 @@ from pathlib import Path
 
 from actors.registry import WorkerInfo, WorkerRegistry
 from actors.sandbox import Sandbox
+from actors.states import FINAL_STATES, State
 from actors.store import TaskStore
-from actors.task import FINAL_STATES, State
 
 log = logging.getLogger(__name__)
 

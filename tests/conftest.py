@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,19 +25,14 @@ from actors.client import Client
 from actors.messages import Messages, redis_broker
 from actors.runtime import Runtime
 from actors.settings import Settings
+from actors.states import State
 from actors.store import TaskStore
 from actors.task import Task, TaskSpec
 from supervisor.daemon import Supervisor
-from tests.servers import Origin, Receiver
+from tests.servers import Origin, Receiver, free_port
 
 #: A fixed test secret (Standard Webhooks format); never a real one.
 WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
@@ -334,6 +328,16 @@ def in_process_worker(settings: Settings, store: TaskStore, threads: int = 4) ->
 def worker(settings: Settings, store: TaskStore) -> Iterator[InProcessWorker]:
     with in_process_worker(settings, store) as running:
         yield running
+
+
+def end_task(store: TaskStore, task_id: str, target: State, *, now: float, max_attempts: int = 3) -> State | None:
+    """Take a queued task through one run into ``target`` (done only after finalizing, as the
+    scripts require); return the state the release reached."""
+    run = store.claim(task_id, worker="w", now=now, lease_seconds=30, max_attempts=max_attempts,
+                      start=State.DOWNLOADING)  # fmt: skip
+    if target is State.DONE:
+        store.finish_download(task_id, run.token, now=now, lease_seconds=30, progress=(1, 1, 1), finalize_limit=0)
+    return store.release(task_id, run.token, target, now=now, max_attempts=max_attempts)
 
 
 def eventually_gone(path: Path, timeout: float = 5.0) -> bool:

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import random
+import socket
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -24,6 +25,13 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # connections that tests cut on purpose are not errors
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class _Quiet(BaseHTTPRequestHandler):

@@ -250,7 +250,8 @@ def test_the_operators_own_internal_receiver_is_trusted_a_tasks_is_not(
 
 
 def test_a_stopping_worker_does_not_take_the_task_it_just_handed_back(runtime: Any, store: Any) -> None:
-    from actors.stages import Next, run_task
+    from actors.outcome import Next
+    from actors.stages import run_task
 
     task_id = submit_spec(spec_from_manifest({"files": [{"url": "http://127.0.0.1:9/a.mp4", "path": "a.mp4"}]}), store)
     # When a claim message reaches a thread of a worker that is stopping ...
@@ -349,8 +350,9 @@ def claimed_and_downloaded(rt: Any, store: Any, origin: Origin, **manifest: Any)
     """A task claimed and downloaded in this thread, its lease held: (task, lease, hold)."""
     import dataclasses
 
-    from actors.stages import Next, claim_task, download_task
-    from actors.task import State
+    from actors.outcome import Next
+    from actors.stages import claim_task, download_task
+    from actors.states import State
 
     url = origin.put("/a.mp4", os.urandom(256 * KIB))
     task_id = submit_spec(spec_from_manifest({"files": [{"url": url, "path": "a.mp4"}], **manifest}), store)
@@ -370,13 +372,13 @@ def test_a_cancel_that_won_stops_storing_before_the_next_file(
     runtime: Any, store: Any, origin: Origin, receiver: Receiver, settings: Any
 ) -> None:
     from actors.stages import finish_task
-    from actors.store import CancelOutcome
+    from actors.states import CancelReply
 
     task, lease, hold = claimed_and_downloaded(runtime, store, origin)
     try:
         # When an operator cancels between the download and the first rename into storage
         # (before the lease keeper's next renewal could tell the worker) ...
-        assert store.cancel(task.id, time.time()) is CancelOutcome.OK
+        assert store.cancel(task.id, time.time()) is CancelReply.OK
         finish_task(runtime, task, lease)
     finally:
         hold.__exit__(None, None, None)
@@ -387,7 +389,8 @@ def test_a_cancel_that_won_stops_storing_before_the_next_file(
 
 
 def test_a_graceful_stop_hands_a_finalize_back(runtime: Any, store: Any, origin: Origin, receiver: Receiver) -> None:
-    from actors.stages import Next, finish_task
+    from actors.outcome import Next
+    from actors.stages import finish_task
 
     task, lease, hold = claimed_and_downloaded(runtime, store, origin)
     try:
@@ -404,7 +407,8 @@ def test_a_graceful_stop_hands_a_finalize_back(runtime: Any, store: Any, origin:
 def test_an_error_after_the_announcement_never_fails_the_task(
     settings: Any, store: Any, origin: Origin, receiver: Receiver
 ) -> None:
-    from actors.stages import Next, finish_task
+    from actors.outcome import Next
+    from actors.stages import finish_task
 
     # Given a task whose receiver turns out to be refused only once its completion is being
     # announced (a policy change, a name that now resolves to a private address) ...

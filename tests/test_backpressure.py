@@ -21,12 +21,13 @@ import requests
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 
+from actors.states import State
 from actors.store import TaskStore
-from actors.task import State, spec_from_manifest
+from actors.task import spec_from_manifest
 from supervisor import sweeps
-from tests.conftest import WEBHOOK_SECRET, free_port, wait_for
+from tests.conftest import WEBHOOK_SECRET, wait_for
 from tests.processes import running, wait_until
-from tests.servers import Origin, Receiver
+from tests.servers import Origin, Receiver, free_port
 from tests.test_faults import Stack
 
 KIB, MIB = 1024, 1024 * 1024

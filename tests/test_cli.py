@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 
+from actors.states import State
 from actors.store import TaskStore
-from actors.task import State
 from tests.processes import haul_cli as haul
 
 
@@ -84,7 +84,7 @@ def test_invalid_settings_exit_2_naming_the_variable() -> None:
 
 def test_unknown_task_and_unreachable_redis_exit_1(store: TaskStore) -> None:
     assert haul("status", "0" * 32).returncode == 1
-    from tests.conftest import free_port
+    from tests.servers import free_port
 
     result = haul("status", env={"HAUL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
     assert result.returncode == 1 and "redis-server" in result.stderr
@@ -119,7 +119,8 @@ def test_new_webhook_secret_is_usable() -> None:
 
 def test_retry_of_a_done_task_says_it_is_done(store: TaskStore) -> None:
     task_id = haul("submit", "https://cdn.example.com/a.mp4").stdout.strip()
-    claim = store.claim(task_id, worker="w", now=1.0, lease_seconds=30, max_attempts=3)
+    claim = store.claim(task_id, worker="w", now=1.0, lease_seconds=30, max_attempts=3, start=State.DOWNLOADING)
+    store.finish_download(task_id, claim.token, now=2.0, lease_seconds=30, progress=(1, 1, 1), finalize_limit=0)
     store.release(task_id, claim.token, State.DONE, now=2.0, max_attempts=3)
     result = haul("retry", task_id)
     assert result.returncode == 1 and "is done" in result.stderr and "has not ended" not in result.stderr

@@ -10,11 +10,11 @@ import sys
 import textwrap
 
 from actors.settings import Settings
+from actors.states import State
 from actors.store import TaskStore
-from actors.task import State
-from tests.conftest import free_port, in_process_worker, wait_for
+from tests.conftest import in_process_worker, wait_for
 from tests.processes import REPO, base_env
-from tests.servers import Origin, Receiver
+from tests.servers import Origin, Receiver, free_port
 
 #: What the CLI's read-only commands must not load (each costs tens of milliseconds at start).
 HEAVY = ("dramatiq", "sentry_sdk", "requests", "apscheduler", "prometheus_client")

@@ -19,13 +19,15 @@ import pytest
 import redis
 import requests
 
+from actors.states import State
 from actors.store import TaskStore
-from actors.task import State, spec_from_urls
+from actors.task import spec_from_urls
 from supervisor.daemon import Supervisor
 from tests import processes
-from tests.conftest import ClaimsOnly, RedisServer, free_port
+from tests.conftest import ClaimsOnly, RedisServer
 from tests.processes import base_env, running, wait_until
 from tests.sentry_sink import SentrySink
+from tests.servers import free_port
 
 #: Added to every time bound: scheduling jitter of threads and processes on a busy machine.
 SLACK_SECONDS = 0.5

@@ -79,8 +79,8 @@ def test_worker_metrics_through_dramatiq_prometheus_middleware(
 ) -> None:
     import requests
 
-    from tests.conftest import free_port
     from tests.processes import Process, running, wait_until
+    from tests.servers import free_port
 
     port = free_port()
     metrics_dir = tmp_path / "metrics"
@@ -112,8 +112,8 @@ def test_worker_metrics_through_dramatiq_prometheus_middleware(
 def test_haul_up_runs_a_whole_stack_and_stops_it(tmp_path: Path, origin: Origin) -> None:
     import redis as redis_lib
 
-    from tests.conftest import free_port
     from tests.processes import Process, base_env, health, running, wait_until
+    from tests.servers import free_port
 
     redis_port, sup_port = free_port(), free_port()
     env = base_env(

@@ -12,8 +12,7 @@ from actors.errors import ChecksumMismatch, ForbiddenDestination, OriginRejected
 from actors.fetch import Fetcher, fetch_file, parse_retry_after
 from actors.netguard import DestinationPolicy
 from actors.task import FileSpec
-from tests.conftest import free_port
-from tests.servers import Fault, Origin, _Quiet, _Running
+from tests.servers import Fault, Origin, _Quiet, _Running, free_port
 
 MIB = 1024 * 1024
 

@@ -123,7 +123,8 @@ from typing import Any
 import pytest
 import redis
 
-from actors.task import State, Task, spec_from_manifest
+from actors.states import State
+from actors.task import Task, spec_from_manifest
 from tests.processes import REPO, Process
 from tests.servers import Delivery, Fault, Origin, Receiver, etag_of
 from tests.test_faults import Stack

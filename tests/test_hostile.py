@@ -15,8 +15,8 @@ from actors.errors import InvalidTask
 from actors.settings import Settings
 from actors.store import TaskStore
 from actors.task import FileSpec, TaskSpec, spec_from_manifest
-from tests.conftest import free_port, in_process_worker, messages, submit_spec, wait_for
-from tests.servers import Fault, Origin, Receiver
+from tests.conftest import in_process_worker, messages, submit_spec, wait_for
+from tests.servers import Fault, Origin, Receiver, free_port
 
 MIB = 1024 * 1024
 

@@ -12,8 +12,9 @@ import pytest
 
 from actors.registry import WorkerInfo, WorkerLimits, WorkerRegistry
 from actors.settings import Settings
+from actors.states import State
 from actors.store import StageLimits, TaskStore
-from actors.task import State, spec_from_manifest, spec_from_urls
+from actors.task import spec_from_manifest, spec_from_urls
 from supervisor import limits
 from tests.conftest import in_process_worker, submit_spec, wait_for
 from tests.servers import Origin, Receiver
@@ -96,8 +97,10 @@ def test_staging_budget_pauses_new_claims_but_not_resumes(store: TaskStore) -> N
     assert claim(store, b, now=NOW + 2, staging_max_bytes=100).outcome == "full"
     # a, handed back with bytes staged, may always continue: it frees space by finishing
     store.release(a, first.token, State.QUEUED, now=NOW + 2, max_attempts=5)
-    again = claim(store, a, now=NOW + 3, staging_max_bytes=100)
+    again = store.claim(a, worker="w", now=NOW + 3, lease_seconds=30, max_attempts=5,
+                        limits=StageLimits(staging_max_bytes=100), start=State.DOWNLOADING)  # fmt: skip
     assert again.ok
+    store.finish_download(a, again.token, now=NOW + 4, lease_seconds=30, progress=(300, 300, 1), finalize_limit=0)
     store.release(a, again.token, State.DONE, now=NOW + 4, max_attempts=5)
     assert store.staged_bytes() == 0
     assert claim(store, b, now=NOW + 5, staging_max_bytes=100).ok

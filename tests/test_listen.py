@@ -15,8 +15,9 @@ import pytest
 import requests
 
 from actors.webhook import sign
-from tests.conftest import WEBHOOK_SECRET, free_port
+from tests.conftest import WEBHOOK_SECRET
 from tests.processes import REPO, base_env, wait_until
+from tests.servers import free_port
 
 OTHER_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3"
 

@@ -23,9 +23,9 @@ from standardwebhooks import Webhook
 
 from actors.settings import DEFAULT_SUPERVISOR_PORT
 from actors.store import TaskStore
-from tests.conftest import RedisServer, free_port, part_bytes
+from tests.conftest import RedisServer, part_bytes
 from tests.processes import REPO, base_env, health, stack_env, wait_until
-from tests.servers import Origin, Receiver
+from tests.servers import Origin, Receiver, free_port
 
 MIB = 1024 * 1024
 #: Bytes per second the origin sends: the download is still going when Ctrl-C comes.

@@ -10,8 +10,9 @@ import pytest
 import requests
 
 from actors.registry import WorkerRegistry
+from actors.states import State
 from actors.store import StageLimits, TaskStore
-from actors.task import State, spec_from_urls
+from actors.task import spec_from_urls
 from supervisor.http import create_server, serve_in_background
 from supervisor.metrics import Metrics
 

@@ -186,7 +186,8 @@ def test_a_receiver_down_past_the_give_up_time_ends_the_task_dead(
 
 
 def test_a_task_whose_spec_record_is_lost_is_not_run(runtime: Any, store: Any, caplog: Any) -> None:
-    from actors.stages import NOTHING, run_task
+    from actors.outcome import NOTHING
+    from actors.stages import run_task
     from actors.task import spec_from_urls
 
     task_id, _ = store.create(spec_from_urls(["https://cdn.example.com/v.mp4"]), now=time.time())

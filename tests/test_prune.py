@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from actors.states import State
 from actors.store import TaskStore
-from actors.task import State, spec_from_urls
+from actors.task import spec_from_urls
 from supervisor import sweeps
 
 NOW = 1_700_000_000.0
@@ -17,10 +18,14 @@ RETAIN = 3600.0
 def ended(store: TaskStore, target: State, *, at: float = NOW, key: str | None = None, staged: int = 0) -> str:
     """A task taken through create, claim and release into ``target`` at ``at``."""
     task_id = store.create(spec_from_urls(["https://cdn.example.com/v.mp4"], key=key), now=at)[0]
-    claim = store.claim(task_id, worker="w", now=at, lease_seconds=30, max_attempts=3)
+    claim = store.claim(task_id, worker="w", now=at, lease_seconds=30, max_attempts=3, start=State.DOWNLOADING)
     if staged:
         store.heartbeat(
             task_id, claim.token, now=at, lease_seconds=30, bytes_done=staged, bytes_total=staged, files_done=0
+        )
+    if target is State.DONE:  # done only after finalizing
+        store.finish_download(
+            task_id, claim.token, now=at, lease_seconds=30, progress=(staged, staged, 1), finalize_limit=0
         )
     assert store.release(task_id, claim.token, target, now=at, max_attempts=3) is target
     return task_id

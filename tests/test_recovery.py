@@ -14,9 +14,9 @@ import pytest
 
 from actors.store import TaskStore
 from tests import processes
-from tests.conftest import free_port, wait_for
+from tests.conftest import wait_for
 from tests.processes import running, wait_until
-from tests.servers import Origin, Receiver
+from tests.servers import Origin, Receiver, free_port
 
 pytestmark = pytest.mark.e2e
 MIB = 1024 * 1024

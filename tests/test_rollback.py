@@ -27,8 +27,9 @@ import pytest
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 
-from actors.store import CancelOutcome, Claim, Renewal, TaskStore
-from actors.task import State, spec_from_manifest, spec_from_urls
+from actors.states import CancelReply, State
+from actors.store import Claim, Renewal, TaskStore
+from actors.task import spec_from_manifest, spec_from_urls
 from tests.conftest import RedisServer, wait_for
 from tests.processes import Process, running, wait_until
 from tests.servers import Origin, Receiver
@@ -142,7 +143,7 @@ def test_a_cancel_after_a_rollback_issues_a_new_token(server: RedisServer, store
     a = claim(store, task_id, "worker-A", now)
     copy = server.snapshot(tmp_path / "downloading")
     # An operator cancels (new token), retries (another), worker B claims (another)
-    assert store.cancel(task_id, now) is CancelOutcome.OK
+    assert store.cancel(task_id, now) is CancelReply.OK
     canceled = store.get(task_id)
     assert canceled is not None
     assert store.retry(task_id, now) == "ok"
@@ -154,7 +155,7 @@ def test_a_cancel_after_a_rollback_issues_a_new_token(server: RedisServer, store
     # When Redis comes back from the copy and the operator cancels again
     server.restore(copy)
     now = time.time()
-    assert store.cancel(task_id, now) is CancelOutcome.OK
+    assert store.cancel(task_id, now) is CancelReply.OK
     # Then the cancel's token is none of those issued before, and B is refused
     task = store.get(task_id)
     assert task is not None and task.state is State.CANCELED

@@ -17,10 +17,10 @@ from actors.registry import HEARTBEAT_SECONDS, MISSED_HEARTBEATS, WorkerRegistry
 from actors.store import TaskStore
 from actors.task import spec_from_urls
 from tests import processes
-from tests.conftest import WEBHOOK_SECRET, RedisServer, free_port
+from tests.conftest import WEBHOOK_SECRET, RedisServer
 from tests.processes import running, wait_until
 from tests.sentry_sink import SentrySink
-from tests.servers import Origin, Receiver
+from tests.servers import Origin, Receiver, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from actors.states import State
 from actors.store import StageLimits, TaskStore
-from actors.task import State, spec_from_manifest, spec_from_urls
+from actors.task import spec_from_manifest, spec_from_urls
 from tests.processes import haul_cli as haul
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.store import CancelOutcome, TaskStore
-from actors.task import State, spec_from_urls
+from actors.states import CancelReply, State
+from actors.store import TaskStore
+from actors.task import spec_from_urls
 
 SPEC = spec_from_urls(["https://cdn.example.com/a.mp4"], name="A", key="order-7")
 NOW = 1_700_000_000.0
@@ -27,11 +28,12 @@ def test_create_is_idempotent_on_key(store: TaskStore) -> None:
 
 def test_claim_gives_a_lease_and_skips_live_or_final_tasks(store: TaskStore) -> None:
     task_id, _ = store.create(SPEC, now=NOW)
-    first = claim(store, task_id)
+    first = claim(store, task_id, start=State.DOWNLOADING)
     assert first.ok and first.token > 0 and first.attempts == 1
     # Given a live lease, a duplicate claim message does nothing
     assert claim(store, task_id, now=NOW + 10).outcome == "busy"
     # When the run ends done, later duplicates are skipped too
+    store.finish_download(task_id, first.token, now=NOW + 11, lease_seconds=30, progress=(1, 1, 1), finalize_limit=0)
     assert store.release(task_id, first.token, State.DONE, now=NOW + 11, max_attempts=3) is State.DONE
     assert claim(store, task_id, now=NOW + 12).outcome == "final"
     assert claim(store, "0" * 32).outcome == "missing"
@@ -121,7 +123,7 @@ def finalizing(store: TaskStore, now: float = NOW, **kw: Any) -> tuple[str, int]
 
 def test_a_cancel_before_the_announcement_wins_and_owes_task_canceled(store: TaskStore) -> None:
     task_id, token = finalizing(store)
-    assert store.cancel(task_id, NOW + 2) is CancelOutcome.OK
+    assert store.cancel(task_id, NOW + 2) is CancelReply.OK
     # The worker that stored the files may not announce them: task.completed is never sent
     assert not store.announce(task_id, token, now=NOW + 3, lease_seconds=30)
     task = store.get(task_id)
@@ -133,11 +135,11 @@ def test_a_cancel_after_the_announcement_started_is_refused(store: TaskStore) ->
     task_id, token = finalizing(store)
     assert store.announce(task_id, token, now=NOW + 2, lease_seconds=30)
     assert store.get(task_id).lease_until == NOW + 32  # type: ignore[union-attr]
-    assert store.cancel(task_id, NOW + 3) is CancelOutcome.ANNOUNCING
+    assert store.cancel(task_id, NOW + 3) is CancelReply.ANNOUNCING
     task = store.get(task_id)
     assert task is not None and task.state is State.FINALIZING and task.token == token
     assert store.release(task_id, token, State.DONE, now=NOW + 4, max_attempts=3) is State.DONE
-    assert store.cancel(task_id, NOW + 5) is CancelOutcome.FINAL
+    assert store.cancel(task_id, NOW + 5) is CancelReply.FINAL
     assert store.client.zcard(store.notify_key) == 0
     # A stale holder cannot announce
     other, other_token = finalizing(store)
@@ -154,7 +156,7 @@ def test_a_lease_lost_while_announcing_queues_the_task_again_however_many_attemp
     assert store.requeue_expired([swept], now=NOW + 40, max_attempts=1) == ["queued"]
     task = store.get(swept)
     assert task is not None and task.state is State.QUEUED and "announced" in task.error
-    assert store.cancel(swept, NOW + 41) is CancelOutcome.ANNOUNCING  # still: the backend may know
+    assert store.cancel(swept, NOW + 41) is CancelReply.ANNOUNCING  # still: the backend may know
     assert claim(store, claimed, now=NOW + 40, max_attempts=1).ok
     # The successor announces the same run again and ends it done; nothing else is owed
     again = claim(store, swept, now=NOW + 41, max_attempts=1, start=State.DOWNLOADING)
@@ -176,13 +178,13 @@ def test_retry_starts_a_new_run_that_is_not_announced(store: TaskStore) -> None:
     assert store.retry(task_id, NOW + 4) == "ok"
     assert store.client.hget(store.task_key(task_id), "announcing") is None
     assert store.client.zscore(store.notify_key, task_id) is None  # the old run's notice is dropped
-    assert store.cancel(task_id, NOW + 5) is CancelOutcome.OK
+    assert store.cancel(task_id, NOW + 5) is CancelReply.OK
 
 
 def test_a_retry_after_a_cancel_waits_for_the_old_holders_fence(store: TaskStore) -> None:
     # Given a run holding its lease until NOW + 31 that an operator cancels ...
     task_id, token = finalizing(store)
-    assert store.cancel(task_id, NOW + 2) is CancelOutcome.OK
+    assert store.cancel(task_id, NOW + 2) is CancelReply.OK
     # ... and retries at once: the new run may not start while the old holder may still write
     assert store.retry(task_id, NOW + 3) == "ok"
     early = claim(store, task_id, now=NOW + 4)
@@ -218,7 +220,7 @@ def test_the_announcement_time_is_the_first_one_of_the_run(store: TaskStore) -> 
 def test_cancel_retry_cancel_retry_keeps_the_first_holders_fence(store: TaskStore) -> None:
     task_id, token = finalizing(store)  # its holder may write until NOW + 31
     for now in (NOW + 2, NOW + 4):
-        assert store.cancel(task_id, now) is CancelOutcome.OK
+        assert store.cancel(task_id, now) is CancelReply.OK
         assert store.retry(task_id, now + 1) == "ok"
     early = claim(store, task_id, now=NOW + 6)
     assert early.outcome == "wait" and float(early.detail) == NOW + 31

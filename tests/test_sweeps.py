@@ -10,9 +10,11 @@ import pytest
 
 from actors import registry as registry_module
 from actors.registry import HEARTBEAT_SECONDS, Heartbeat, WorkerInfo, WorkerRegistry
+from actors.states import State
 from actors.store import TaskStore
-from actors.task import State, spec_from_urls
+from actors.task import spec_from_urls
 from supervisor import sweeps
+from tests.conftest import end_task
 
 NOW = 1_700_000_000.0
 
@@ -64,8 +66,7 @@ def test_prune_deletes_old_records_and_failed_sandboxes_never_live_files(store: 
     staging = tmp_path / "staging"
     done, failed, live = new_task(store, key="order-1"), new_task(store), new_task(store)
     for task_id, target in ((done, State.DONE), (failed, State.FAILED)):
-        claim = store.claim(task_id, worker="w", now=NOW, lease_seconds=10, max_attempts=3)
-        store.release(task_id, claim.token, target, now=NOW + 1, max_attempts=3)
+        end_task(store, task_id, target, now=NOW + 1)
     store.claim(live, worker="w", now=NOW, lease_seconds=10, max_attempts=3)
     for task_id in (failed, live):
         (staging / task_id / "files").mkdir(parents=True)

@@ -22,12 +22,32 @@
 
 local prefix = ARGV[1]
 
+-- The state sets of actors/states.py (tests/test_states.py checks they are the same).
+local FINAL_STATES = {'done', 'failed', 'dead', 'canceled'}
+local ACTIVE_STATES = {'claimed', 'downloading', 'finalizing'}
+local RETRYABLE_STATES = {'failed', 'dead', 'canceled'}
+
+local function member(list, value)
+  for _, item in ipairs(list) do
+    if item == value then
+      return true
+    end
+  end
+  return false
+end
+
 local function is_final(state)
-  return state == 'done' or state == 'failed' or state == 'dead' or state == 'canceled'
+  return member(FINAL_STATES, state)
 end
 
 local function is_active(state)
-  return state == 'claimed' or state == 'downloading' or state == 'finalizing'
+  return member(ACTIVE_STATES, state)
+end
+
+-- Ended other than done: owes task.failed or task.canceled, an operator may retry it, and a new
+-- request may replace it under its key.
+local function is_retryable(state)
+  return member(RETRYABLE_STATES, state)
 end
 
 -- Whether the current run's task.completed is being delivered (announce.lua): from then on the
@@ -134,7 +154,7 @@ local function set_state(task_key, id, old, new, now)
   if new == 'dead' then
     redis.call('INCR', prefix .. 'stats:dead')
   end
-  if new == 'failed' or new == 'dead' or new == 'canceled' then
+  if is_retryable(new) then  -- owes task.failed or task.canceled
     redis.call('ZADD', prefix .. 'notify', now, id)
   end
 end

@@ -14,6 +14,9 @@
 -- see rest() in _lib.lua; the next finalize message carries the new token)
 --       | {'stale', current state or ''}
 local id, now, lease = ARGV[2], tonumber(ARGV[6]), tonumber(ARGV[7])
+if not ((ARGV[4] == 'claimed' and ARGV[5] == 'downloading') or (ARGV[4] == 'downloading' and ARGV[5] == 'finalizing')) then
+  return redis.error_reply('advance: ' .. ARGV[4] .. ' -> ' .. ARGV[5] .. ' is not a step of a run')
+end
 local t = redis.call('HMGET', KEYS[1], 'state', 'token')
 if t[2] ~= ARGV[3] or t[1] ~= ARGV[4] then
   return {'stale', t[1] or ''}
@@ -29,8 +32,7 @@ if ARGV[11] then
 end
 renew_slots(KEYS[1], id, now + lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
-if ARGV[5] == 'finalizing' and t[1] ~= 'finalizing'
-    and not take_finalize_slot(KEYS[1], id, tonumber(ARGV[8]), now, now + lease) then
+if ARGV[5] == 'finalizing' and not take_finalize_slot(KEYS[1], id, tonumber(ARGV[8]), now, now + lease) then
   return {'full', rest(KEYS[1], id, now, now, 'slot', 0)}
 end
 return {'ok'}

@@ -24,7 +24,7 @@ if KEYS[3] then
       if ARGV[6] ~= '1' then
         return {existing, (t[2] == ARGV[5]) and 'same' or 'different'}
       end
-      if t[1] ~= 'failed' and t[1] ~= 'dead' and t[1] ~= 'canceled' then
+      if not is_retryable(t[1]) then
         return {existing, 'not_replaceable', t[1]}
       end
     end

@@ -18,7 +18,7 @@ if not redis.call('ZSCORE', KEYS[2], id) then
   return {'skip', 'nothing owed'}
 end
 local t = redis.call('HMGET', KEYS[1], 'state', 'notify_seq', 'notify_tries', 'run')
-if not t[1] or (t[1] ~= 'failed' and t[1] ~= 'dead' and t[1] ~= 'canceled') then
+if not t[1] or not is_retryable(t[1]) then
   redis.call('ZREM', KEYS[2], id)
   return {'skip', 'task ' .. (t[1] or 'missing')}
 end

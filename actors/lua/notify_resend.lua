@@ -13,7 +13,7 @@ local now, grace = tonumber(ARGV[2]), tonumber(ARGV[3])
 local found = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - grace, 'LIMIT', 0, tonumber(ARGV[4]))) do
   local t = redis.call('HMGET', prefix .. 'task:' .. id, 'state', 'notify_seq', 'notify_tries')
-  if not t[1] or (t[1] ~= 'failed' and t[1] ~= 'dead' and t[1] ~= 'canceled') then
+  if not t[1] or not is_retryable(t[1]) then
     redis.call('ZREM', KEYS[1], id)
   else
     redis.call('ZADD', KEYS[1], now, id)

@@ -28,7 +28,7 @@ local function prunable(id, keys)
   local t = redis.call('HMGET', task_key, 'state', 'updated_at', 'key')
   local state = t[1]
   if not state then
-    for _, s in ipairs({'done', 'failed', 'dead', 'canceled'}) do
+    for _, s in ipairs(FINAL_STATES) do
       redis.call('ZREM', prefix .. 'state:' .. s, id)
     end
     return false

@@ -17,9 +17,15 @@
 -- 'queued' stays queued whatever its attempts: dead would send task.failed for a run whose
 -- task.completed the receiver may hold.
 local id, target, now = ARGV[2], ARGV[4], tonumber(ARGV[5])
+if target ~= 'queued' and target ~= 'done' and target ~= 'failed' and target ~= 'dead' then
+  return redis.error_reply('release: a run cannot end ' .. target)
+end
 local t = redis.call('HMGET', KEYS[1], 'state', 'token', 'attempts')
 if t[2] ~= ARGV[3] or not is_active(t[1]) then
   return {'stale', t[1] or ''}
+end
+if target == 'done' and t[1] ~= 'finalizing' then
+  return redis.error_reply('release: a ' .. t[1] .. ' task cannot be done before it is finalized')
 end
 if target == 'queued' and ARGV[9] == '1' then
   redis.call('HINCRBY', KEYS[1], 'attempts', -1)

@@ -12,7 +12,7 @@ local state = redis.call('HGET', KEYS[1], 'state')
 if not state then
   return {'missing'}
 end
-if state ~= 'failed' and state ~= 'dead' and state ~= 'canceled' then
+if not is_retryable(state) then
   return {'not_ended', state}
 end
 next_token(KEYS[1])

@@ -20,11 +20,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +30,12 @@ import redis
 
 from actors.messages import Messages, redis_broker
 from actors.settings import Settings
+from tests.servers import Receiver, free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 MIB, GIB = 1 << 20, 1 << 30
 SECRET = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1rZXktMzItYnl0ZXMhIQ=="
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 10) -> None:
@@ -55,32 +48,6 @@ def wait_port(port: int, timeout: float = 10) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-
-
-class Receiver:
-    """A webhook endpoint that answers 204 (and counts)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                owner.count += 1
-                self.send_response(204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 class Bench:
@@ -124,7 +91,7 @@ http {{
 """)
         subprocess.run([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf)], check=True)
         wait_port(self.nginx_port)
-        self.receiver = Receiver()
+        self.receiver = Receiver(SECRET)
 
     def url(self, name: str, slow: bool = False) -> str:
         return f"http://127.0.0.1:{self.nginx_port}/{'slow/' if slow else ''}{name}"
@@ -612,8 +579,9 @@ def bench_sweep(bench: Bench, tasks: int = 100_000, expired: int = 1000) -> dict
 
 def bench_redis(bench: Bench, tasks: int = 10_000, idle_seconds: float = 10) -> dict[str, Any]:
     """9: Redis memory per finished task; Redis commands per second of idle processes."""
+    from actors.states import State
     from actors.store import TaskStore
-    from actors.task import State, spec_from_manifest
+    from actors.task import spec_from_manifest
 
     client = redis.Redis(port=bench.redis_port, db=2)
     store = TaskStore(client)
@@ -667,7 +635,7 @@ def copies(store: Any, template: str, count: int, *, keyed: bool = False) -> lis
     written pipelined instead of three fsynced scripts per task."""
     import uuid
 
-    from actors.task import State
+    from actors.states import State
 
     fields = store.client.hgetall(store.task_key(template))
     spec = store.client.get(store.spec_key(template))
@@ -694,8 +662,9 @@ def copies(store: Any, template: str, count: int, *, keyed: bool = False) -> lis
 def bench_prune(bench: Bench, records: int = 20_000) -> dict[str, Any]:
     """10: prune, records deleted per second, from 20,000 done tasks (each with an idempotency
     key) past their retention; and what that sustains with one sweep a minute."""
+    from actors.states import State
     from actors.store import TaskStore
-    from actors.task import State, spec_from_manifest
+    from actors.task import spec_from_manifest
     from supervisor import sweeps
     from supervisor.daemon import PRUNE_SECONDS
 
@@ -740,8 +709,9 @@ def bench_scrape(bench: Bench, tasks: int = 100_000, claimed: int = 200, hosts: 
     import urllib.request
 
     from actors.registry import WorkerRegistry
+    from actors.states import State
     from actors.store import StageLimits, TaskStore
-    from actors.task import State, spec_from_manifest
+    from actors.task import spec_from_manifest
     from supervisor.http import create_server, serve_in_background
     from supervisor.metrics import Metrics
 
