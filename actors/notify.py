@@ -85,10 +85,8 @@ def try_notice(rt: Runtime, task_id: str, seq: int | None) -> NextTry | None:
         log.warning("task %s: no webhook URL (task or HAUL_WEBHOOK_URL); nobody is told it is %s", task_id, task.state)
         rt.store.end_notice(task_id, begun.run)
         return None
-    # error_code / error_file: the record's fields (release.lua, claim.lua, requeue.lua, cancel.lua
-    # write them); getattr until Task carries them (see the report of issue 12).
-    code, file = task.error_code, task.error_file
-    ended = ended_fields(task, code, file)
+    # error_code / error_file: the record's fields, which release, claim, requeue and cancel write.
+    ended = ended_fields(task, task.error_code, task.error_file)
     event = make_event(task, kind, [f.to_json() for f in task.spec.files], task.error, task.updated_at, ended)
     try:
         rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id, tries=1)

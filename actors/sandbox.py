@@ -7,8 +7,8 @@ never delete another's. Layout::
     <task id>/.parts/<n>.<token>.part   bytes of file number n so far, named for the run that
                                         holds them (kept across attempts, see claim_part)
     <task id>/.parts/<n>.<token>.part.json   what identifies the version those bytes belong to
-    <task id>/.parts/<n>.sha256         the sha256 of finished file number n (HAUL_HASH), hashed
-                                        while it downloaded; written before the file is promoted
+    <task id>/.parts/<n>.<token>.sha256 the sha256 of that run's part (HAUL_HASH), hashed while it
+                                        downloaded; named <n>.sha256 when the file is promoted
 """
 
 from __future__ import annotations
@@ -114,16 +114,18 @@ class Sandbox:
     def _sha256_path(self, index: int) -> Path:
         return self.parts_dir / f"{index}.sha256"
 
-    def record_sha256(self, index: int, digest: str) -> None:
-        """Keep the sha256 of file ``index`` until the task is done (finalize may run later, elsewhere)."""
-        path = self._sha256_path(index)
+    def record_sha256(self, part: Path, digest: str) -> None:
+        """Keep the sha256 of the bytes in ``part`` beside it, under the run's own name: only
+        :meth:`promote` gives it the file's name, with the file, so a run that lost the task
+        while it hashed cannot replace its successor's digest."""
+        path = part.with_suffix(".sha256")
         temporary = path.with_suffix(".tmp")
         try:
             temporary.write_text(digest)
             os.replace(temporary, path)
         except OSError as exc:
             raise StorageUnavailable(
-                f"task {self.task_id}: cannot record the sha256 of file #{index} in staging ({exc.strerror})"
+                f"task {self.task_id}: cannot record the sha256 of {part.name} in staging ({exc.strerror})"
             ) from exc
 
     def sha256(self, index: int) -> str | None:
@@ -139,7 +141,10 @@ class Sandbox:
         final = self.file(spec)
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(part, final)
+            os.replace(part, final)  # a run whose part was taken over stops here: its name is gone
+            digest = part.with_suffix(".sha256")
+            if digest.exists():
+                os.replace(digest, self._sha256_path(int(part.name.split(".", 1)[0])))
             fsync_dir(final.parent)
             _meta(part).unlink(missing_ok=True)
         except OSError as exc:

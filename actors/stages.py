@@ -179,7 +179,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
                     guard=progress.guard,
                     rules=_rules(rt, task, progress.bytes_done),
                     step=progress.step,
-                    on_sha256=(lambda digest, i=index: sandbox.record_sha256(i, digest)) if hashing else None,
+                    on_sha256=(lambda digest, p=part: sandbox.record_sha256(p, digest)) if hashing else None,
                 )
                 lease.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
                 sandbox.promote(part, spec)
@@ -272,7 +272,8 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
         # e.g. a receiver refused at connect time after an earlier try that may have been stored
         return _park(rt, task, token, WebhookUndelivered(str(exc)), failing_since or rt.clock())
     except Exception as exc:
-        return _end_run(rt, task, token, exc)
+        # Announced in this run: the store keeps the task queued, and the error must say so.
+        return _end_run(rt, dataclasses.replace(task, announced=announced), token, exc)
     sandbox.remove(task.spec.files)
     log.info(
         "task %s: done, %d file(s), %d bytes in %s, announced: %s",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.errors import UnsafePath
+from actors.errors import StorageUnavailable, UnsafePath
 from actors.paths import inside
 from actors.sandbox import Sandbox
 from actors.storage import LocalStorage
@@ -149,3 +149,23 @@ def test_a_run_takes_over_the_bytes_an_earlier_run_left_under_its_own_name(tmp_p
     assert sandbox.claim_part(0, 7) == mine
     # ... and run 4, waking up late, finds no file of its own to truncate, replace or delete
     assert not (sandbox.parts_dir / "0.4.part").exists()
+
+
+def test_a_run_that_lost_the_task_while_hashing_cannot_replace_its_successors_digest(tmp_path: Path) -> None:
+    sandbox = Sandbox(tmp_path, TASK)
+    sandbox.prepare()
+    lesson = spec("lesson.mp4")
+    # Given run 1 downloading the file, then paused; run 2 takes its bytes over and finishes
+    first = sandbox.claim_part(0, 1)
+    first.write_bytes(b"old version")
+    second = sandbox.claim_part(0, 2)
+    second.write_bytes(b"new version")
+    sandbox.record_sha256(second, "2" * 64)
+    sandbox.promote(second, lesson)
+    # When run 1 wakes up, records the digest of what it hashed and tries to place its part
+    sandbox.record_sha256(first, "1" * 64)
+    with pytest.raises(StorageUnavailable):  # its part was renamed away by run 2
+        sandbox.promote(first, lesson)
+    # Then the file and its digest are run 2's
+    assert sandbox.file(lesson).read_bytes() == b"new version"
+    assert sandbox.sha256(0) == "2" * 64
