@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from actors.client import Client, ClientError
+from actors.client import CancelRefused, Client, ClientError, RetryRefused
 from actors.errors import InvalidTask
 from actors.settings import Settings, SettingsError
 from actors.states import State
@@ -31,6 +31,9 @@ from actors.task import Task, TaskSpec, check_accept, check_url, spec_from_manif
 PREFETCH_SPARE = 2
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+#: The task's state does not allow it (a retry of a task that has not ended, a cancel of one that
+#: has, or whose completion is being announced): nothing changed, and retrying the command will not help.
+EXIT_REFUSED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, InvalidTask) as exc:
         print(f"haul: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (RetryRefused, CancelRefused) as exc:
+        print(f"haul: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     except ClientError as exc:
         print(f"haul: {exc}", file=sys.stderr)
         return EXIT_FAILED

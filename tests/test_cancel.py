@@ -101,7 +101,7 @@ def test_a_cancel_once_the_completion_is_announced_is_refused(
     messages().claim(task_id)
     assert wait_for(store, task_id, timeout=30).state.value == "done"
     [answer] = answers
-    assert answer.returncode == 1 and "the completion is being announced" in answer.stderr, answer
+    assert answer.returncode == 3 and "the completion is being announced" in answer.stderr, answer
     assert "canceled" not in answer.stdout
     time.sleep(0.5)
     assert accepted_ids(receiver) == [f"{task_id}.task.completed.0"]
@@ -120,7 +120,7 @@ def test_a_canceled_task_announces_task_canceled_never_task_failed(
     assert delivery.id == f"{task_id}.task.canceled.0" and delivery.event["type"] == "task.canceled"
     assert delivery.event["data"]["key"] == "order-9"
     assert store.client.zcard(store.notify_key) == 0
-    assert haul("cancel", task_id).returncode == 1  # already ended
+    assert haul("cancel", task_id).returncode == 3  # already ended
 
 
 @pytest.mark.e2e

@@ -101,13 +101,13 @@ def test_cancel_then_retry_and_list_by_state(store: TaskStore) -> None:
     assert cancel.returncode == 0 and f"task {task_id}: canceled" in cancel.stdout
     assert queued_actors(store.client).count("notify") == 1  # task.canceled goes out
     again = haul("cancel", task_id)
-    assert again.returncode == 1 and "already ended" in again.stderr
+    assert again.returncode == 3 and "already ended" in again.stderr
     listed: list[dict[str, Any]] = json.loads(haul("status", "--state", "canceled", "--json").stdout)
     assert [row["id"] for row in listed] == [task_id]
     assert haul("retry", task_id).returncode == 0
     task = store.get(task_id)
     assert task is not None and task.state.value == "queued"
-    assert haul("retry", task_id).returncode == 1
+    assert haul("retry", task_id).returncode == 3  # queued: has not ended
 
 
 def test_new_webhook_secret_is_usable() -> None:
@@ -123,7 +123,7 @@ def test_retry_of_a_done_task_says_it_is_done(store: TaskStore) -> None:
     store.finish_download(task_id, claim.token, now=2.0, lease_seconds=30, progress=(1, 1, 1), finalize_limit=0)
     store.release(task_id, claim.token, State.DONE, now=2.0, max_attempts=3)
     result = haul("retry", task_id)
-    assert result.returncode == 1 and "is done" in result.stderr and "has not ended" not in result.stderr
+    assert result.returncode == 3 and "is done" in result.stderr and "has not ended" not in result.stderr
 
 
 def test_a_bad_webhook_option_is_reported_as_the_option() -> None:
