@@ -84,6 +84,7 @@ class Fault:
 class Request:
     path: str
     headers: dict[str, str]
+    method: str = "GET"
 
 
 class Origin(_Running):
@@ -150,6 +151,15 @@ class Origin(_Running):
 
 
 class _OriginHandler(_Quiet):
+    def do_HEAD(self) -> None:
+        """Recorded, then refused as a signed URL refuses it: haul must never send one."""
+        origin: Origin = self.server.owner  # type: ignore[attr-defined]
+        with origin.lock:
+            origin.requests.append(Request(self.path.split("?", 1)[0], dict(self.headers.items()), "HEAD"))
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def do_GET(self) -> None:
         origin: Origin = self.server.owner  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]

@@ -5,16 +5,22 @@ are only a lower bound. The real CLI against a real redis-server."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
 
+from actors.settings import Settings
 from actors.states import State
 from actors.store import StageLimits, TaskStore
 from actors.task import spec_from_manifest, spec_from_urls
+from tests.conftest import in_process_worker, wait_for
 from tests.processes import haul_cli as haul
+from tests.processes import wait_until
+from tests.servers import Origin
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+MIB = 1 << 20
 
 
 def status_json(*args: str) -> Any:
@@ -139,3 +145,30 @@ def test_a_state_list_shows_key_age_attempts_and_error(store: TaskStore) -> None
     row = lines[1].split()
     assert row[:3] == [task_id, "queued", "order-982"] and row[3].endswith("d") and row[4] == "1"
     assert "origin answered 503" in lines[1]
+
+
+def test_a_file_without_a_size_adds_its_content_length_once_its_get_answers(
+    settings: Settings, store: TaskStore, origin: Origin
+) -> None:
+    # Given a course of two files without sizes, the first arriving slowly
+    origin.rate = 512 * 1024
+    first, second = os.urandom(MIB), b"subtitles"
+    files = [{"url": origin.put("/01.mp4", first), "path": "01.mp4"},
+             {"url": origin.put("/01.vtt", second), "path": "01.vtt"}]  # fmt: skip
+    task_id = store.create(spec_from_manifest({"files": files}), now=NOW)[0]
+    with in_process_worker(settings, store, threads=1) as running:
+        running.messages.claim(task_id)
+        # While the first downloads, its size is in the total, which is still only a lower bound
+
+        def first_sized() -> bool:
+            task = store.get(task_id)
+            return task is not None and task.state is State.DOWNLOADING and task.bytes_total == MIB
+
+        wait_until(first_sized, 10, "the first file's size in the total")
+        status = status_json(task_id)
+        assert status["bytes_total"] == MIB and status["bytes_total_known"] is False
+        assert "of at least 1.0 MiB" in haul("status", task_id).stdout
+        done = wait_for(store, task_id)
+    assert done.state is State.DONE and done.bytes_total == MIB + len(second)
+    # And no HEAD was ever sent (a signed URL signs the method; HEAD would be refused)
+    assert [r.method for r in origin.requests] == ["GET", "GET"]
