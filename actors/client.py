@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.settings import Settings
 from actors.states import CancelReply, RetryReply, State
 from actors.store import TaskStore
-from actors.task import Task, TaskSpec, spec_from_manifest, spec_from_urls
+from actors.task import Task, TaskSpec
 
 if TYPE_CHECKING:
     from actors.messages import Messages

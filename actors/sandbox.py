@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from actors.errors import StorageUnavailable, UnsafePath
+from actors.manifest import MAX_NAME_BYTES, MAX_PATH_BYTES
 from actors.paths import fsync_dir, inside
-from actors.task import MAX_NAME_BYTES, MAX_PATH_BYTES, FileSpec
+from actors.task import FileSpec
 
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 

@@ -23,9 +23,10 @@ import redis
 
 from actors.client import CancelRefused, Client, ClientError, RetryRefused
 from actors.errors import InvalidTask
+from actors.manifest import check_accept, check_url, spec_from_manifest, spec_from_urls
 from actors.settings import Settings, SettingsError
 from actors.states import State
-from actors.task import Task, TaskSpec, check_accept, check_url, spec_from_manifest, spec_from_urls
+from actors.task import Task, TaskSpec
 
 #: Messages a worker process takes beyond one per thread (see worker_environment).
 PREFETCH_SPARE = 2

@@ -19,10 +19,11 @@ import pytest
 
 from actors.errors import OriginUnavailable, Stopping
 from actors.fetch import Fetcher, fetch_file
+from actors.manifest import spec_from_manifest
 from actors.netguard import DestinationPolicy
 from actors.sandbox import Sandbox
 from actors.storage import LocalStorage
-from actors.task import FileSpec, spec_from_manifest
+from actors.task import FileSpec
 from tests.conftest import dramatiq_supervisor, in_process_worker, runtime_for, submit_spec, wait_for
 from tests.processes import running, wait_until
 from tests.servers import Delivery, Fault, Origin, Receiver

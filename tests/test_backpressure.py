@@ -21,9 +21,9 @@ import requests
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 
+from actors.manifest import spec_from_manifest
 from actors.states import State
 from actors.store import TaskStore
-from actors.task import spec_from_manifest
 from supervisor import sweeps
 from tests.conftest import WEBHOOK_SECRET, wait_for
 from tests.processes import running, wait_until

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.store import TaskStore
-from actors.task import spec_from_manifest, spec_from_urls
 from tests.conftest import in_process_worker, messages, wait_for
 from tests.processes import haul_cli as haul
 from tests.processes import running, wait_until

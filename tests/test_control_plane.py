@@ -19,9 +19,9 @@ import pytest
 import redis
 import requests
 
+from actors.manifest import spec_from_urls
 from actors.states import State
 from actors.store import TaskStore
-from actors.task import spec_from_urls
 from supervisor.daemon import Supervisor
 from tests import processes
 from tests.conftest import ClaimsOnly, RedisServer

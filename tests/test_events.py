@@ -22,9 +22,9 @@ from actors.errors import (
     UnexpectedContent,
     UnsafePath,
 )
+from actors.manifest import spec_from_manifest
 from actors.redact import display_url
 from actors.settings import Settings, SettingsError
-from actors.task import spec_from_manifest
 from tests.conftest import in_process_worker, submit_spec, wait_for
 from tests.servers import Delivery, Fault, Origin, Receiver
 

@@ -71,7 +71,7 @@ class Stack:
         from dramatiq import Message
         from dramatiq.brokers.redis import RedisBroker
 
-        from actors.task import spec_from_manifest
+        from actors.manifest import spec_from_manifest
 
         broker = RedisBroker(url=self.redis.url)  # type: ignore[no-untyped-call]
         ids = []

@@ -123,8 +123,9 @@ from typing import Any
 import pytest
 import redis
 
+from actors.manifest import spec_from_manifest
 from actors.states import State
-from actors.task import Task, spec_from_manifest
+from actors.task import Task
 from tests.processes import REPO, Process
 from tests.servers import Delivery, Fault, Origin, Receiver, etag_of
 from tests.test_faults import Stack

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from actors.errors import InvalidTask
+from actors.manifest import spec_from_manifest
 from actors.settings import Settings
 from actors.store import TaskStore
-from actors.task import FileSpec, TaskSpec, spec_from_manifest
+from actors.task import FileSpec, TaskSpec
 from tests.conftest import in_process_worker, messages, submit_spec, wait_for
 from tests.servers import Fault, Origin, Receiver, free_port
 

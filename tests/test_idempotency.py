@@ -9,9 +9,10 @@ import json
 import pytest
 
 from actors.client import Client
+from actors.manifest import spec_from_manifest
 from actors.states import State
 from actors.store import TaskStore
-from actors.task import KeyConflict, spec_from_manifest
+from actors.task import KeyConflict
 from tests.conftest import end_task
 from tests.processes import haul_cli as haul
 

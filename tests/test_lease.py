@@ -11,8 +11,8 @@ import pytest
 
 from actors.errors import LeaseLost
 from actors.lease import LEASE_SAFETY, LeaseKeeper
+from actors.manifest import spec_from_urls
 from actors.states import State
-from actors.task import spec_from_urls
 
 LEASE = 1.0
 

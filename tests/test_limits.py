@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
+from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.registry import WorkerInfo, WorkerLimits, WorkerRegistry
 from actors.settings import Settings
 from actors.states import State
 from actors.store import StageLimits, TaskStore
-from actors.task import spec_from_manifest, spec_from_urls
 from supervisor import limits
 from tests.conftest import in_process_worker, submit_spec, wait_for
 from tests.servers import Origin, Receiver

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 import requests
 
+from actors.manifest import spec_from_urls
 from actors.registry import WorkerRegistry
 from actors.states import State
 from actors.store import StageLimits, TaskStore
-from actors.task import spec_from_urls
 from supervisor.http import create_server, serve_in_background
 from supervisor.metrics import Metrics
 

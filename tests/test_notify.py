@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.states import State
 from actors.store import TaskStore
-from actors.task import spec_from_manifest, spec_from_urls
 from supervisor.daemon import Supervisor
 from tests.conftest import dramatiq_supervisor, in_process_worker, messages, submit_spec, wait_for
 from tests.servers import Origin, Receiver

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from actors.task import spec_from_manifest
+from actors.manifest import spec_from_manifest
 from tests.conftest import eventually_gone, messages, submit_spec, wait_for
 from tests.servers import Delivery, Fault, Origin, Receiver
 
@@ -186,9 +186,9 @@ def test_a_receiver_down_past_the_give_up_time_ends_the_task_dead(
 
 
 def test_a_task_whose_spec_record_is_lost_is_not_run(runtime: Any, store: Any, caplog: Any) -> None:
+    from actors.manifest import spec_from_urls
     from actors.outcome import NOTHING
     from actors.stages import run_task
-    from actors.task import spec_from_urls
 
     task_id, _ = store.create(spec_from_urls(["https://cdn.example.com/v.mp4"]), now=time.time())
     store.client.delete(store.spec_key(task_id))

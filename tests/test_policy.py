@@ -8,6 +8,7 @@ import random
 import pytest
 
 from actors.errors import LeaseLost, OriginRejected, OriginUnavailable, Stopping, TransientError
+from actors.manifest import spec_from_urls
 from actors.policy import (
     HANDED_BACK,
     SLOT_WAIT_MAX_SECONDS,
@@ -19,7 +20,7 @@ from actors.policy import (
     slot_wait,
 )
 from actors.states import State
-from actors.task import Task, spec_from_urls
+from actors.task import Task
 
 TIMING = RetryTiming(max_attempts=5, min_seconds=2.0, max_seconds=60.0)
 SPEC = spec_from_urls(["https://cdn.example.com/a.mp4"])

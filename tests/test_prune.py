@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from actors.manifest import spec_from_urls
 from actors.states import State
 from actors.store import TaskStore
-from actors.task import spec_from_urls
 from supervisor import sweeps
 
 NOW = 1_700_000_000.0

@@ -27,9 +27,9 @@ import pytest
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 
+from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.states import CancelReply, State
 from actors.store import Claim, Renewal, TaskStore
-from actors.task import spec_from_manifest, spec_from_urls
 from tests.conftest import RedisServer, wait_for
 from tests.processes import Process, running, wait_until
 from tests.servers import Origin, Receiver

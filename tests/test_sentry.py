@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from actors.manifest import spec_from_urls
 from actors.registry import HEARTBEAT_SECONDS, MISSED_HEARTBEATS, WorkerRegistry
 from actors.store import TaskStore
-from actors.task import spec_from_urls
 from tests import processes
 from tests.conftest import WEBHOOK_SECRET, RedisServer
 from tests.processes import running, wait_until

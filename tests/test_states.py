@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from actors.manifest import spec_from_urls
 from actors.states import ACTIVE_STATES, FINAL_STATES, RETRYABLE_STATES, TRANSITIONS, State, can_move
 from actors.store import StageLimits, TaskStore
-from actors.task import spec_from_urls
 
 NOW = 1_700_000_000.0
 LEASE = 30.0

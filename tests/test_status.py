@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.settings import Settings
 from actors.states import State
 from actors.store import StageLimits, TaskStore
-from actors.task import spec_from_manifest, spec_from_urls
 from tests.conftest import in_process_worker, wait_for
 from tests.processes import haul_cli as haul
 from tests.processes import wait_until

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from actors.manifest import spec_from_urls
 from actors.states import CancelReply, State
 from actors.store import TaskStore
-from actors.task import spec_from_urls
 
 SPEC = spec_from_urls(["https://cdn.example.com/a.mp4"], name="A", key="order-7")
 NOW = 1_700_000_000.0

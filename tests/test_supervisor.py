@@ -14,10 +14,10 @@ import pytest
 import redis
 import requests
 
+from actors.manifest import spec_from_manifest
 from actors.registry import WorkerInfo, WorkerRegistry
 from actors.states import State
 from actors.store import TaskStore
-from actors.task import spec_from_manifest
 from supervisor import limits
 from supervisor.daemon import Supervisor
 from supervisor.http import create_server, serve_in_background

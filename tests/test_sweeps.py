@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from actors import registry as registry_module
+from actors.manifest import spec_from_urls
 from actors.registry import HEARTBEAT_SECONDS, Heartbeat, WorkerInfo, WorkerRegistry
 from actors.states import State
 from actors.store import TaskStore
-from actors.task import spec_from_urls
 from supervisor import sweeps
 from tests.conftest import end_task
 

@@ -8,19 +8,16 @@ import pytest
 
 from actors.errors import InvalidTask
 from actors.fetch import content_type_accepted
-from actors.states import State, can_move
-from actors.task import (
-    DEFAULT_ACCEPT,
+from actors.manifest import (
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
-    backoff_seconds,
     check_relative_path,
-    first_difference,
     name_from_url,
-    request_hash,
     spec_from_manifest,
     spec_from_urls,
 )
+from actors.states import State, can_move
+from actors.task import DEFAULT_ACCEPT, backoff_seconds, first_difference, request_hash
 
 
 def manifest(**overrides: object) -> dict[str, object]:

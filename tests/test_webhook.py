@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from actors.errors import ForbiddenDestination, WebhookUndelivered
+from actors.manifest import spec_from_urls
 from actors.netguard import DestinationPolicy
 from actors.store import TaskStore
-from actors.task import spec_from_urls
 from actors.webhook import COMPLETED, WebhookSender, make_event
 from tests.conftest import WEBHOOK_SECRET
 from tests.servers import Receiver

@@ -193,8 +193,8 @@ class Worker:
 
 
 def submit(bench: Bench, url: str, path: str = "file.bin", sha256: str | None = None) -> str:
+    from actors.manifest import spec_from_manifest
     from actors.store import TaskStore
-    from actors.task import spec_from_manifest
 
     entry: dict[str, Any] = {"url": url, "path": path}
     if sha256:
@@ -385,6 +385,63 @@ def bench_end_to_end(bench: Bench) -> dict[str, Any]:
     }
 
 
+def bench_cli(bench: Bench) -> dict[str, Any]:
+    """12: what a user sees: from starting ``haul submit`` for a 2 GiB file to its webhook's
+    arrival, against the loopback ceiling ``curl -o /dev/null`` (alternating, in one run), with
+    HAUL_HASH=none and sha256; and hashlib's own sha256 rate over the same (cached) file."""
+    url = bench.file("cli.bin", 2 * GIB)
+    size = 2 * GIB
+    result: dict[str, Any] = {}
+    for mode in ("none", "sha256"):
+        worker = Worker(bench, threads=2, HAUL_HASH=mode)
+        env = bench.env(HAUL_HASH=mode)
+
+        def haul(env: dict[str, str] = env) -> float:
+            started = time.time()
+            submitted = subprocess.run(
+                [sys.executable, "-m", "supervisor.cli", "submit", "--accept", "*/*", url],
+                env=env, cwd=REPO, capture_output=True, text=True,
+            )  # fmt: skip
+            if submitted.returncode != 0:
+                raise RuntimeError(f"haul submit exited {submitted.returncode}: {submitted.stderr}")
+            task_id = submitted.stdout.split()[-1]
+            arrived = wait_delivered(bench, task_id)
+            shutil.rmtree(bench.root / "storage" / task_id, ignore_errors=True)
+            return arrived - started
+
+        try:
+            haul()  # warm: the worker's first task
+            times = ratio_runs(bench.runs, {"haul": haul, "curl": lambda: curl(url, "/dev/null")})
+        finally:
+            worker.stop()
+        result[f"haul CLI, HAUL_HASH={mode} MB/s"] = round(size / med(times["haul"]) / 1e6)
+        result[f"haul CLI, HAUL_HASH={mode} / curl -o /dev/null"] = round(
+            med([c / h for h, c in zip(times["haul"], times["curl"], strict=True)]), 2
+        )
+        result[f"curl -o /dev/null MB/s (beside HAUL_HASH={mode})"] = round(size / med(times["curl"]) / 1e6)
+    hashing = []
+    for _ in range(bench.runs):
+        started = time.perf_counter()
+        sha256_of(bench.www / "cli.bin")
+        hashing.append(time.perf_counter() - started)
+    result["hashlib sha256 MB/s"] = round(size / med(hashing) / 1e6)
+    result["haul CLI sha256 / hashlib sha256"] = round(
+        result["haul CLI, HAUL_HASH=sha256 MB/s"] / result["hashlib sha256 MB/s"], 2
+    )
+    return result
+
+
+def wait_delivered(bench: Bench, task_id: str, timeout: float = 300) -> float:
+    """When task.completed for ``task_id`` reached the receiver (epoch seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for delivery in bench.receiver.accepted():
+            if delivery.event["data"]["id"] == task_id:
+                return delivery.at
+        time.sleep(0.005)
+    raise TimeoutError(f"no task.completed for {task_id} after {timeout}s")
+
+
 def bench_rss(bench: Bench) -> dict[str, Any]:
     """3: peak RSS of a worker process downloading 64 MiB, and 1 GiB."""
     result = {}
@@ -548,8 +605,8 @@ def kill_and_resume(bench: Bench, extra: dict[str, str], round_: int, *, changed
 
 def bench_sweep(bench: Bench, tasks: int = 100_000, expired: int = 1000) -> dict[str, Any]:
     """8: supervisor sweep with 100,000 stored tasks, none expired and 1,000 expired."""
+    from actors.manifest import spec_from_urls
     from actors.store import TaskStore
-    from actors.task import spec_from_urls
     from supervisor import sweeps
 
     logging.getLogger("supervisor.sweeps").setLevel(logging.ERROR)  # a warning per requeued task
@@ -579,9 +636,9 @@ def bench_sweep(bench: Bench, tasks: int = 100_000, expired: int = 1000) -> dict
 
 def bench_redis(bench: Bench, tasks: int = 10_000, idle_seconds: float = 10) -> dict[str, Any]:
     """9: Redis memory per finished task; Redis commands per second of idle processes."""
+    from actors.manifest import spec_from_manifest
     from actors.states import State
     from actors.store import TaskStore
-    from actors.task import spec_from_manifest
 
     client = redis.Redis(port=bench.redis_port, db=2)
     store = TaskStore(client)
@@ -662,9 +719,9 @@ def copies(store: Any, template: str, count: int, *, keyed: bool = False) -> lis
 def bench_prune(bench: Bench, records: int = 20_000) -> dict[str, Any]:
     """10: prune, records deleted per second, from 20,000 done tasks (each with an idempotency
     key) past their retention; and what that sustains with one sweep a minute."""
+    from actors.manifest import spec_from_manifest
     from actors.states import State
     from actors.store import TaskStore
-    from actors.task import spec_from_manifest
     from supervisor import sweeps
     from supervisor.daemon import PRUNE_SECONDS
 
@@ -708,10 +765,10 @@ def bench_scrape(bench: Bench, tasks: int = 100_000, claimed: int = 200, hosts: 
     200 of them holding download slots on 20 hosts."""
     import urllib.request
 
+    from actors.manifest import spec_from_manifest
     from actors.registry import WorkerRegistry
     from actors.states import State
     from actors.store import StageLimits, TaskStore
-    from actors.task import spec_from_manifest
     from supervisor.http import create_server, serve_in_background
     from supervisor.metrics import Metrics
 
@@ -791,6 +848,7 @@ BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "sweep": bench_sweep,
     "scrape": bench_scrape,
     "redis": bench_redis,
+    "cli": bench_cli,
 }
 
 
