@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from actors.errors import (
@@ -230,19 +231,10 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
     task_id, token = task.id, lease.token
     sandbox = Sandbox(rt.settings.staging_dir, task_id)
     announced = task.announced
-
-    def step(seconds: float, doing: str) -> None:
-        if rt.stopper.is_set():  # a graceful stop hands a finalize back too
-            raise Stopping(f"task {task_id}: the worker is stopping; handing the task back")
-        lease.step(seconds, doing)
-
-    def fence() -> None:
-        step(DISK_STEP_SECONDS, "storing")
-        rt.leases.confirm(lease)
-
+    step = _finalize_step(rt, lease, task_id)
     try:
         stored = rt.storage.commit(
-            sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=fence,
+            sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=lambda: _fence(rt, lease, step),
             sha256=rt.settings.file_hash == "sha256",
         )  # fmt: skip
         url = task.spec.webhook or rt.settings.webhook_url
@@ -275,11 +267,26 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
         # Announced in this run: the store keeps the task queued, and the error must say so.
         return _end_run(rt, dataclasses.replace(task, announced=announced), token, exc)
     sandbox.remove(task.spec.files)
-    log.info(
-        "task %s: done, %d file(s), %d bytes in %s, announced: %s",
-        task_id, len(stored), sum(f["size"] for f in stored), rt.storage.task_dir(task_id), bool(url),
-    )  # fmt: skip
+    log.info("task %s: done, %d file(s), %d bytes in %s, announced: %s", task_id, len(stored),
+             sum(f["size"] for f in stored), rt.storage.task_dir(task_id), bool(url))  # fmt: skip
     return NOTHING
+
+
+def _finalize_step(rt: Runtime, lease: Lease, task_id: str) -> Callable[[float, str], None]:
+    """Before each step of a finalize: a graceful stop hands it back too; the lease covers it."""
+
+    def step(seconds: float, doing: str) -> None:
+        if rt.stopper.is_set():
+            raise Stopping(f"task {task_id}: the worker is stopping; handing the task back")
+        lease.step(seconds, doing)
+
+    return step
+
+
+def _fence(rt: Runtime, lease: Lease, step: Callable[[float, str], None]) -> None:
+    """Before a rename into storage: the token is confirmed with Redis, so a cancel wins."""
+    step(DISK_STEP_SECONDS, "storing")
+    rt.leases.confirm(lease)
 
 
 def _park(rt: Runtime, task: Task, token: int, exc: TransientError, failing_since: float) -> Outcome:
