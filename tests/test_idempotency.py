@@ -16,6 +16,8 @@ from actors.task import KeyConflict
 from tests.conftest import end_task
 from tests.processes import haul_cli as haul
 
+pytestmark = pytest.mark.fast
+
 NOW = 1_700_000_000.0
 
 

@@ -14,6 +14,8 @@ from actors.lease import LEASE_SAFETY, LeaseKeeper
 from actors.manifest import spec_from_urls
 from actors.states import State
 
+pytestmark = pytest.mark.fast
+
 LEASE = 1.0
 
 

@@ -16,6 +16,8 @@ from actors.store import StageLimits, TaskStore
 from supervisor.http import create_server, serve_in_background
 from supervisor.metrics import Metrics
 
+pytestmark = pytest.mark.fast
+
 LIMITS = {"download": 100, "download_per_host": 10, "finalize": 3, "staging_bytes": 0}
 
 

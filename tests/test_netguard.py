@@ -16,6 +16,8 @@ from actors.errors import ForbiddenDestination
 from actors.netguard import DestinationPolicy, refused_at_connect
 from tests.servers import Origin
 
+pytestmark = pytest.mark.fast
+
 #: Loopback in both families: a stand-in for the always-refused networks that a test may contact.
 LOOPBACK = (ip_network("127.0.0.0/8"), ip_network("::1/128"))
 

@@ -22,6 +22,8 @@ from actors.policy import (
 from actors.states import State
 from actors.task import Task
 
+pytestmark = pytest.mark.fast
+
 TIMING = RetryTiming(max_attempts=5, min_seconds=2.0, max_seconds=60.0)
 SPEC = spec_from_urls(["https://cdn.example.com/a.mp4"])
 

@@ -8,6 +8,8 @@ import pytest
 
 from actors.redact import display_url, install_log_redaction, redact_text
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize(
     ("url", "shown"),

@@ -12,6 +12,8 @@ from actors.sandbox import Sandbox
 from actors.storage import LocalStorage
 from actors.task import FileSpec
 
+pytestmark = pytest.mark.fast
+
 TASK = "ab" * 16
 
 

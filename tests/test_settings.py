@@ -8,6 +8,8 @@ import pytest
 
 from actors.settings import DEFAULT_REDIS_URL, Settings, SettingsError
 
+pytestmark = pytest.mark.fast
+
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 

@@ -14,6 +14,8 @@ from actors.manifest import spec_from_urls
 from actors.states import ACTIVE_STATES, FINAL_STATES, RETRYABLE_STATES, TRANSITIONS, State, can_move
 from actors.store import StageLimits, TaskStore
 
+pytestmark = pytest.mark.fast
+
 NOW = 1_700_000_000.0
 LEASE = 30.0
 LATER = NOW + 10 * LEASE  # every lease taken at NOW has run out

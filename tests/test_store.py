@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from actors.manifest import spec_from_urls
 from actors.states import CancelReply, State
 from actors.store import TaskStore
+
+pytestmark = pytest.mark.fast
 
 SPEC = spec_from_urls(["https://cdn.example.com/a.mp4"], name="A", key="order-7")
 NOW = 1_700_000_000.0

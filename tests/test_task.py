@@ -19,6 +19,8 @@ from actors.manifest import (
 from actors.states import State, can_move
 from actors.task import DEFAULT_ACCEPT, backoff_seconds, first_difference, request_hash
 
+pytestmark = pytest.mark.fast
+
 
 def manifest(**overrides: object) -> dict[str, object]:
     data: dict[str, object] = {

@@ -18,6 +18,8 @@ from actors.webhook import COMPLETED, WebhookSender, make_event
 from tests.conftest import WEBHOOK_SECRET
 from tests.servers import Receiver
 
+pytestmark = pytest.mark.fast
+
 NEW_SECRET = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo0NTY3ODk="
 
 
