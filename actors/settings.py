@@ -14,9 +14,9 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from standardwebhooks import Webhook
+from actors import envvars
+from actors.envvars import SettingsError as SettingsError  # its public name
 
 #: Where workers and the CLI find Redis unless told otherwise (and no ``haul up`` ran here).
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -60,13 +60,6 @@ LOG_FORMATS = ("text", "json")
 
 #: HAUL_HASH values: the digest every file gets in task.completed (the first is the default).
 FILE_HASHES = ("sha256", "none")
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-class SettingsError(ValueError):
-    """A ``HAUL_*`` variable has a value haul cannot use; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -133,54 +126,64 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and validate every ``HAUL_*`` variable; raise :class:`SettingsError` naming the bad one."""
         env = os.environ if environ is None else environ
-        secret_text = _secret(env, "HAUL_WEBHOOK_SECRET")
+        secret_text = envvars.secret(env, "HAUL_WEBHOOK_SECRET")
         webhook_url = env.get("HAUL_WEBHOOK_URL") or None
         if webhook_url is not None:
-            _http_url(webhook_url, "HAUL_WEBHOOK_URL")
+            envvars.http_url(webhook_url, "HAUL_WEBHOOK_URL")
         return cls(
             redis_url=_redis_url_of(env),
-            staging_dir=_directory(env, "HAUL_STAGING_DIR", cls.staging_dir) or cls.staging_dir,
-            storage_dir=_directory(env, "HAUL_STORAGE_DIR", cls.storage_dir) or cls.storage_dir,
+            staging_dir=envvars.directory(env, "HAUL_STAGING_DIR", cls.staging_dir) or cls.staging_dir,
+            storage_dir=envvars.directory(env, "HAUL_STORAGE_DIR", cls.storage_dir) or cls.storage_dir,
             webhook_url=webhook_url,
-            webhook_secrets=_webhook_secrets(secret_text),
-            lease_seconds=_number(env, "HAUL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=1),
-            max_attempts=int(_number(env, "HAUL_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, minimum=1, integer=True)),
-            retry_min_seconds=_number(env, "HAUL_RETRY_MIN_SECONDS", DEFAULT_RETRY_MIN_SECONDS, minimum=0),
-            retry_max_seconds=_number(env, "HAUL_RETRY_MAX_SECONDS", DEFAULT_RETRY_MAX_SECONDS, minimum=0),
-            allow_private_networks=_flag(env, "HAUL_ALLOW_PRIVATE_NETWORKS", False),
-            allow_hosts=_host_ports(env.get("HAUL_ALLOW_HOSTS", "")),
-            proxy=_proxy(_secret(env, "HAUL_PROXY")),
-            max_file_bytes=_limit(env, "HAUL_MAX_FILE_BYTES"),
-            max_task_bytes=_limit(env, "HAUL_MAX_TASK_BYTES"),
-            lowest_speed_bytes=_limit(env, "HAUL_LOWEST_SPEED_BYTES", DEFAULT_LOWEST_SPEED_BYTES),
-            finalize_give_up_seconds=_number(
+            webhook_secrets=envvars.webhook_secrets(secret_text),
+            lease_seconds=envvars.number(env, "HAUL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=1),
+            max_attempts=int(envvars.number(env, "HAUL_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS, minimum=1, integer=True)),
+            retry_min_seconds=envvars.number(env, "HAUL_RETRY_MIN_SECONDS", DEFAULT_RETRY_MIN_SECONDS, minimum=0),
+            retry_max_seconds=envvars.number(env, "HAUL_RETRY_MAX_SECONDS", DEFAULT_RETRY_MAX_SECONDS, minimum=0),
+            allow_private_networks=envvars.flag(env, "HAUL_ALLOW_PRIVATE_NETWORKS", False),
+            allow_hosts=envvars.host_ports(env.get("HAUL_ALLOW_HOSTS", "")),
+            proxy=envvars.proxy(envvars.secret(env, "HAUL_PROXY")),
+            max_file_bytes=envvars.limit(env, "HAUL_MAX_FILE_BYTES"),
+            max_task_bytes=envvars.limit(env, "HAUL_MAX_TASK_BYTES"),
+            lowest_speed_bytes=envvars.limit(env, "HAUL_LOWEST_SPEED_BYTES", DEFAULT_LOWEST_SPEED_BYTES),
+            finalize_give_up_seconds=envvars.number(
                 env, "HAUL_FINALIZE_GIVE_UP_SECONDS", DEFAULT_FINALIZE_GIVE_UP_SECONDS, minimum=0
             ),
-            lowest_speed_seconds=_number(env, "HAUL_LOWEST_SPEED_SECONDS", DEFAULT_LOWEST_SPEED_SECONDS, minimum=1),
-            connect_timeout_seconds=_number(
+            lowest_speed_seconds=envvars.number(
+                env, "HAUL_LOWEST_SPEED_SECONDS", DEFAULT_LOWEST_SPEED_SECONDS, minimum=1
+            ),
+            connect_timeout_seconds=envvars.number(
                 env, "HAUL_CONNECT_TIMEOUT_SECONDS", DEFAULT_CONNECT_TIMEOUT_SECONDS, minimum=0.1
             ),
-            read_timeout_seconds=_number(env, "HAUL_READ_TIMEOUT_SECONDS", DEFAULT_READ_TIMEOUT_SECONDS, minimum=0.1),
-            worker_processes=int(
-                _number(env, "HAUL_WORKER_PROCESSES", DEFAULT_WORKER_PROCESSES, minimum=1, integer=True)
+            read_timeout_seconds=envvars.number(
+                env, "HAUL_READ_TIMEOUT_SECONDS", DEFAULT_READ_TIMEOUT_SECONDS, minimum=0.1
             ),
-            worker_threads=int(_number(env, "HAUL_WORKER_THREADS", DEFAULT_WORKER_THREADS, minimum=1, integer=True)),
-            worker_poll_ms=int(_number(env, "HAUL_WORKER_POLL_MS", DEFAULT_WORKER_POLL_MS, minimum=10, integer=True)),
-            sweep_seconds=_number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
-            orphan_seconds=_number(env, "HAUL_ORPHAN_SECONDS", DEFAULT_ORPHAN_SECONDS, minimum=1),
+            worker_processes=int(
+                envvars.number(env, "HAUL_WORKER_PROCESSES", DEFAULT_WORKER_PROCESSES, minimum=1, integer=True)
+            ),
+            worker_threads=int(
+                envvars.number(env, "HAUL_WORKER_THREADS", DEFAULT_WORKER_THREADS, minimum=1, integer=True)
+            ),
+            worker_poll_ms=int(
+                envvars.number(env, "HAUL_WORKER_POLL_MS", DEFAULT_WORKER_POLL_MS, minimum=10, integer=True)
+            ),
+            sweep_seconds=envvars.number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
+            orphan_seconds=envvars.number(env, "HAUL_ORPHAN_SECONDS", DEFAULT_ORPHAN_SECONDS, minimum=1),
             supervisor_host=env.get("HAUL_SUPERVISOR_HOST") or "127.0.0.1",
-            supervisor_port=int(_number(env, "HAUL_SUPERVISOR_PORT", DEFAULT_SUPERVISOR_PORT, minimum=0, integer=True)),
-            retain_seconds=_number(env, "HAUL_RETAIN_SECONDS", DEFAULT_RETAIN_SECONDS, minimum=0),
-            worker_metrics_port=_limit(env, "HAUL_WORKER_METRICS_PORT"),
-            worker_metrics_dir=_directory(env, "HAUL_WORKER_METRICS_DIR", None),
-            download_concurrency=_limit(env, "HAUL_DOWNLOAD_CONCURRENCY"),
-            download_per_host=_limit(env, "HAUL_DOWNLOAD_PER_HOST"),
-            finalize_concurrency=_limit(env, "HAUL_FINALIZE_CONCURRENCY"),
-            staging_max_bytes=_limit(env, "HAUL_STAGING_MAX_BYTES"),
-            file_hash=_choice(env, "HAUL_HASH", FILE_HASHES),
-            sentry_dsn=_secret(env, "HAUL_SENTRY_DSN") or None,
+            supervisor_port=int(
+                envvars.number(env, "HAUL_SUPERVISOR_PORT", DEFAULT_SUPERVISOR_PORT, minimum=0, integer=True)
+            ),
+            retain_seconds=envvars.number(env, "HAUL_RETAIN_SECONDS", DEFAULT_RETAIN_SECONDS, minimum=0),
+            worker_metrics_port=envvars.limit(env, "HAUL_WORKER_METRICS_PORT"),
+            worker_metrics_dir=envvars.directory(env, "HAUL_WORKER_METRICS_DIR", None),
+            download_concurrency=envvars.limit(env, "HAUL_DOWNLOAD_CONCURRENCY"),
+            download_per_host=envvars.limit(env, "HAUL_DOWNLOAD_PER_HOST"),
+            finalize_concurrency=envvars.limit(env, "HAUL_FINALIZE_CONCURRENCY"),
+            staging_max_bytes=envvars.limit(env, "HAUL_STAGING_MAX_BYTES"),
+            file_hash=envvars.choice(env, "HAUL_HASH", FILE_HASHES),
+            sentry_dsn=envvars.secret(env, "HAUL_SENTRY_DSN") or None,
             sentry_environment=env.get("HAUL_SENTRY_ENVIRONMENT") or None,
-            log_format=_choice(env, "HAUL_LOG_FORMAT", LOG_FORMATS),
+            log_format=envvars.choice(env, "HAUL_LOG_FORMAT", LOG_FORMATS),
         )
 
     @property
@@ -195,35 +198,6 @@ class Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _secret(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name, "")
-    path = env.get(f"{name}_FILE", "")
-    if value and path:
-        raise SettingsError(f"both {name} and {name}_FILE are set; keep one")
-    if path:
-        try:
-            return Path(path).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise SettingsError(f"{name}_FILE={path} cannot be read ({exc.strerror})") from None
-    return value.strip()
-
-
-def _webhook_secrets(text: str) -> tuple[str, ...]:
-    """Split a rotation list (whitespace or commas) and check each is a usable secret."""
-    secrets = tuple(part for part in text.replace(",", " ").split() if part)
-    for index, secret in enumerate(secrets, start=1):
-        if not secret.startswith("whsec_"):
-            raise SettingsError(
-                f"HAUL_WEBHOOK_SECRET: secret #{index} does not start with 'whsec_'; "
-                "use a Standard Webhooks secret (`haul webhook new-secret` makes one)"
-            )
-        try:
-            Webhook(secret)
-        except Exception:
-            raise SettingsError(f"HAUL_WEBHOOK_SECRET: secret #{index} is not valid base64 after 'whsec_'") from None
-    return secrets
-
-
 def home_folder(env: Mapping[str, str]) -> Path:
     """HAUL_HOME, or ``.haul`` in the current folder: where ``haul up`` keeps its state."""
     return Path(env.get("HAUL_HOME") or DEFAULT_HOME).expanduser().absolute()
@@ -234,7 +208,7 @@ def _redis_url_of(env: Mapping[str, str]) -> str:
     second shell in the same folder reaches the Redis that ``haul up`` runs; else the default."""
     value = env.get("HAUL_REDIS_URL", "")
     if value:
-        return _redis_url(value)
+        return envvars.redis_url(value)
     path = home_folder(env) / REDIS_URL_FILE
     try:
         recorded = path.read_text(encoding="utf-8").strip()
@@ -245,96 +219,8 @@ def _redis_url_of(env: Mapping[str, str]) -> str:
             f"{path} (haul up's Redis URL) cannot be read ({exc.strerror}); set HAUL_REDIS_URL or remove the file"
         ) from None
     try:
-        return _redis_url(recorded)
+        return envvars.redis_url(recorded)
     except SettingsError:
         raise SettingsError(
             f"{path} (haul up's Redis URL) does not hold a redis:// URL; set HAUL_REDIS_URL or remove the file"
         ) from None
-
-
-def _redis_url(value: str) -> str:
-    scheme = urlsplit(value).scheme
-    if scheme not in {"redis", "rediss", "unix"}:
-        raise SettingsError(f"HAUL_REDIS_URL must start with redis://, rediss:// or unix:// (got scheme {scheme!r})")
-    return value
-
-
-def _http_url(value: str, name: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise SettingsError(f"{name} must be an http:// or https:// URL with a host (got {value!r})")
-    return value
-
-
-def _directory(env: Mapping[str, str], name: str, default: Path | None) -> Path | None:
-    value = env.get(name)
-    if value is None or value == "":
-        return default
-    path = Path(value).expanduser()
-    if path.exists() and not path.is_dir():
-        raise SettingsError(f"{name}={value} exists and is not a directory")
-    return path.absolute()
-
-
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        kind = "a whole number" if integer else "a number"
-        raise SettingsError(f"{name} must be {kind} (got {raw!r})") from None
-    if value < minimum or value != value:
-        raise SettingsError(f"{name} must be at least {minimum:g} (got {raw!r})")
-    return value
-
-
-def _limit(env: Mapping[str, str], name: str, default: int = 0) -> int:
-    """A limit: a whole number, 0 meaning no limit."""
-    return int(_number(env, name, default, minimum=0, integer=True))
-
-
-def _host_ports(text: str) -> frozenset[str]:
-    """``HAUL_ALLOW_HOSTS``: comma-separated ``host:port`` entries, matched exactly."""
-    entries = set()
-    for raw in text.split(","):
-        entry = raw.strip().lower()
-        if not entry:
-            continue
-        host, sep, port = entry.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise SettingsError(
-                f"HAUL_ALLOW_HOSTS: {raw.strip()!r} is not host:port (e.g. cdn.internal:8080 or [::1]:9000)"
-            )
-        entries.add(entry)
-    return frozenset(entries)
-
-
-def _proxy(value: str) -> str | None:
-    if not value:
-        return None
-    parts = urlsplit(value)
-    if parts.scheme not in {"http", "https", "socks5", "socks5h"} or not parts.hostname:
-        raise SettingsError("HAUL_PROXY must be a proxy URL such as http://proxy.internal:3128")
-    return value
-
-
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
-    """One of ``choices`` (the first when unset)."""
-    value = (env.get(name) or choices[0]).strip().lower()
-    if value not in choices:
-        raise SettingsError(f"{name} must be one of {', '.join(choices)} (got {env.get(name)!r})")
-    return value
-
-
-def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    text = raw.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise SettingsError(f"{name} must be one of 1/0, true/false, yes/no, on/off (got {raw!r})")
