@@ -62,7 +62,7 @@ ELECTIONS_PER_LOCK = 3
 #: by its own clock (the rest absorbs drift against Redis's clock), like a worker's lease fence.
 LOCK_SAFETY = 0.8
 #: Sweeps whose running too long costs the lock (prune may remove large sandboxes: left out).
-WATCHED_SWEEPS = ("requeue_stuck", "watch_workers")
+WATCHED_SWEEPS = ("requeue_stuck", "rescue_orphans", "resend_finalizes", "resend_notices", "watch_workers")
 #: Seconds beyond the lock's TTL before a leader's last sweep, or the last election, is stale.
 STALE_SLACK_SECONDS = 5.0
 #: A standby sees the holder's lock as renewed once its expiry moved on by more than this (seconds).
@@ -186,41 +186,65 @@ class Supervisor:
         self._track_incident(self._problems(time.monotonic()))
 
     def requeue_stuck(self) -> None:
+        """Tasks whose lease ran out go back to queued (or dead), and the claims of tasks queued
+        again before a lost send go out (the outbox)."""
         if not self._holds_lock():
             return
         with self._timed("requeue_stuck"):
             outcome = sweeps.requeue_stuck(
-                self.store,
-                self.clock(),
-                max_attempts=self.settings.max_attempts,
-                send_claim=self.send_claim,
-                on_dead=self._dead,
-                on_error=alerts.bad_record,
-            )
+                self.store, self.clock(), max_attempts=self.settings.max_attempts, send_claim=self.send_claim,
+                on_dead=self._dead, on_error=alerts.bad_record,
+            )  # fmt: skip
             self.metrics.requeues.labels("lease_expired").inc(outcome["queued"])
             self.metrics.requeues.labels("unsent").inc(outcome["resent"])
-            orphans = sweeps.rescue_orphans(
+        self.last_sweep = self.clock()
+
+    def rescue_orphans(self) -> None:
+        """Queued tasks whose claim message is overdue (lost) get it again."""
+        if not self._holds_lock():
+            return
+        with self._timed("rescue_orphans"):
+            found = sweeps.rescue_orphans(
                 self.store, self.clock(), send_claim=self.send_claim, grace_seconds=self._orphan_seconds()
             )
-            self.metrics.requeues.labels("orphan").inc(orphans)
+            self.metrics.requeues.labels("orphan").inc(found)
+
+    def resend_finalizes(self) -> None:
+        """Resting finalizing tasks whose finalize message is overdue (lost) get it again."""
+        if not self._holds_lock():
+            return
+        with self._timed("resend_finalizes"):
             lost = sweeps.resend_finalizes(
                 self.store, self.clock(), send_finalize=self.send_finalize, grace_seconds=self._orphan_seconds()
             )
             self.metrics.requeues.labels("finalize_lost").inc(lost)
+
+    def resend_notices(self) -> None:
+        """Owed task.failed / task.canceled notices whose message is overdue (lost) get it again."""
+        if not self._holds_lock():
+            return
+        with self._timed("resend_notices"):
             sweeps.resend_notifications(
                 self.store, self.clock(), send_notify=self.send_notify, grace_seconds=self._orphan_seconds()
             )
-        self.last_sweep = self.clock()
 
     def watch_workers(self) -> None:
+        """Workers whose heartbeat stopped are reported."""
         if not self._holds_lock():
             return
         with self._timed("watch_workers"):
             gone = sweeps.vanished_workers(self.registry, self.clock(), on_vanished=alerts.vanished_worker)
             self.metrics.vanished.inc(gone)
+
+    def check_config_job(self) -> None:
+        """The configuration against the registered workers (see :meth:`check_config`)."""
+        if not self._holds_lock():
+            return
+        with self._timed("check_config"):
             self.check_config()
 
     def prune(self) -> None:
+        """Ended records past HAUL_RETAIN_SECONDS, failed tasks' sandboxes, orphaned temporaries."""
         if not self._holds_lock():
             return
         with self._timed("prune"):
@@ -233,6 +257,19 @@ class Supervisor:
                 outcome["storage_temporaries"] = temporaries
             if outcome:
                 log.info("pruned: %s", dict(outcome))
+
+    def sweeps(self) -> dict[str, Callable[[], None]]:
+        """Every sweep by its job name: each is its own APScheduler job, its own Sentry cron
+        monitor (``haul-<name>``) and its own ``job`` label on the sweep metrics."""
+        return {
+            "requeue_stuck": self.requeue_stuck,
+            "rescue_orphans": self.rescue_orphans,
+            "resend_finalizes": self.resend_finalizes,
+            "resend_notices": self.resend_notices,
+            "watch_workers": self.watch_workers,
+            "check_config": self.check_config_job,
+            "prune": self.prune,
+        }
 
     def check_config(self) -> list[str]:
         """Limits and timing (logged and sent to Sentry once each, as they appear) and Redis
@@ -261,9 +298,9 @@ class Supervisor:
         self.elect()
         interval = self.settings.sweep_seconds
         self.scheduler.add_job(self.elect, "interval", seconds=self.elect_seconds, id="elect")
-        self.scheduler.add_job(self.requeue_stuck, "interval", seconds=interval, id="requeue_stuck")
-        self.scheduler.add_job(self.watch_workers, "interval", seconds=interval, id="watch_workers")
-        self.scheduler.add_job(self.prune, "interval", seconds=max(interval, PRUNE_SECONDS), id="prune")
+        for job, run in self.sweeps().items():
+            every = max(interval, PRUNE_SECONDS) if job == "prune" else interval
+            self.scheduler.add_job(run, "interval", seconds=every, id=job)
         self.scheduler.start()
         try:
             self.requeue_stuck()
