@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -27,9 +26,9 @@ from actors.manifest import check_accept, check_url, spec_from_manifest, spec_fr
 from actors.settings import Settings, SettingsError
 from actors.states import State
 from actors.task import Task, TaskSpec
+from supervisor.local import run_local_stack
+from supervisor.workers import run_worker
 
-#: Messages a worker process takes beyond one per thread (see worker_environment).
-PREFETCH_SPARE = 2
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: The task's state does not allow it (a retry of a task that has not ended, a cancel of one that
@@ -107,8 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_listener(os.environ, args.port, args.secret_file)
         if args.command == "up":
-            from supervisor.local import run_local_stack
-
             return run_local_stack(os.environ)
         settings = Settings.from_env()
         if args.command == "webhook":
@@ -253,53 +250,6 @@ def _read_input(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise InvalidTask(f"{what} file {path}: cannot be read ({exc.strerror})") from None
-
-
-def worker_command(settings: Settings, extra: Sequence[str] = ()) -> list[str]:
-    """The Dramatiq command line ``haul worker`` runs."""
-    command = [sys.executable, "-m", "dramatiq", "actors.worker"]
-    if settings.log_format == "json":  # Dramatiq's main process too logs JSON (see actors/logs.py)
-        from actors import logs
-
-        command = [sys.executable, logs.__file__, "json", "actors.worker"]
-    if "--processes" not in extra and "-p" not in extra:
-        command += ["--processes", str(settings.worker_processes)]
-    if "--threads" not in extra and "-t" not in extra:
-        command += ["--threads", str(settings.worker_threads)]
-    return command + list(extra)
-
-
-def worker_environment(settings: Settings, extra: Sequence[str] = ()) -> dict[str, str]:
-    """Dramatiq's tuning for haul, read from the environment when Dramatiq is imported.
-
-    Prefetch is the thread count plus PREFETCH_SPARE: by default a process takes twice as many
-    messages as it has threads, and the extra ones wait behind hour-long downloads while other
-    workers idle; with none spare, a thread that finishes waits for the next poll. (A message
-    that does wait is re-sent by the supervisor after HAUL_ORPHAN_SECONDS.) The poll pause is
-    HAUL_WORKER_POLL_MS instead of a second.
-    """
-    threads = settings.worker_threads
-    for flag in ("--threads", "-t"):
-        if flag in extra and extra.index(flag) + 1 < len(extra):
-            threads = int(extra[extra.index(flag) + 1])
-    return {
-        "dramatiq_queue_prefetch": str(threads + PREFETCH_SPARE),
-        "dramatiq_worker_timeout": str(settings.worker_poll_ms),
-    }
-
-
-def run_worker(settings: Settings, extra: Sequence[str]) -> int:
-    """Exec Dramatiq; with worker metrics on, start from an empty metrics folder."""
-    os.environ.update(worker_environment(settings, extra))
-    if settings.worker_metrics_port:
-        from actors.broker import prometheus_environment
-
-        shutil.rmtree(settings.metrics_dir, ignore_errors=True)
-        settings.metrics_dir.mkdir(parents=True)
-        os.environ.update(prometheus_environment(settings))
-    command = worker_command(settings, extra)
-    os.execv(command[0], command)
-    return 0  # not reached
 
 
 def _format_task(status: dict[str, Any]) -> str:

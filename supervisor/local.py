@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 import redis
 
 from actors.settings import DEFAULT_HOME, DEFAULT_REDIS_URL, REDIS_URL_FILE, Settings, SettingsError, home_folder
+from supervisor.workers import worker_command, worker_environment
 
 #: Seconds to wait for a started redis-server to answer.
 REDIS_START_SECONDS = 10.0
@@ -391,8 +392,6 @@ def _run_local_stack(environ: Mapping[str, str]) -> int:
         redis_url, redis_child = choose_redis(environ, home, port)
         env["HAUL_REDIS_URL"] = redis_url  # the children use this Redis, wherever they run
         settings = settings.replace(redis_url=redis_url)
-        from supervisor.cli import worker_command, worker_environment
-
         if not stopping:  # a signal while Redis was starting: start nothing more
             worker_env = {**env, **worker_environment(settings)}
             workers = subprocess.Popen(worker_command(settings), env=worker_env, start_new_session=True)
