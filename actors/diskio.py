@@ -1,4 +1,5 @@
-"""Writing large files without a long stall at the end.
+"""Disk I/O of a download: writing large files without a long stall at the end, and hashing
+them as they arrive (or what a resumed ``.part`` already holds).
 
 Left alone, Linux keeps a whole 1 GiB file as dirty pages (until 30 s old or 10% of memory),
 so the fsync that makes it durable waits for all of it at once: after the transfer, and for
@@ -7,8 +8,16 @@ longer than a lease step may take on a slow disk or a network filesystem.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+#: Bytes of a resumed ``.part`` hashed per step (the lease is renewed between two).
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
 #: Bytes written between two requests to the kernel to start writing the file back.
 WRITEBACK_BYTES = 16 * 1024 * 1024
 
@@ -36,3 +45,60 @@ class Writeback:
         except OSError:
             pass  # advice only: the final fsync still makes the file durable
         self.previous, self.mark = self.mark, position
+
+
+class Hasher:
+    """Hashes chunks on a thread of its own, so that hashing overlaps receiving and writing.
+
+    hashlib releases the GIL on large updates; at most ``QUEUE_CHUNKS`` chunks wait, so memory
+    stays bounded when hashing is the slower side.
+    """
+
+    QUEUE_CHUNKS = 8
+
+    def __init__(self, digest: Any) -> None:
+        self.digest = digest
+        self.error: BaseException | None = None
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(self.QUEUE_CHUNKS)
+        self.thread = threading.Thread(target=self._run, name="haul-sha256", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.chunks.get()) is not None:  # drained to the end, so put() never blocks
+            if self.error is None:
+                try:
+                    self.digest.update(chunk)
+                except BaseException as exc:  # handed to the downloading thread, raised there
+                    self.error = exc
+
+    def update(self, chunk: bytes) -> None:
+        self.chunks.put(chunk)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.chunks.put(None)
+            self.thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        if self.error is not None:
+            raise self.error
+        return str(self.digest.hexdigest())
+
+
+def hash_file(path: Path, size: int, step: Callable[[], None]) -> Any:
+    """sha256 over the ``size`` bytes a resumed ``.part`` holds (all of it: its size was the
+    offset), calling ``step`` before each chunk: hashing a large ``.part`` takes long, and keeps
+    the lease while it progresses."""
+    digest = hashlib.sha256()
+    if not size:
+        return digest
+    with path.open("rb", buffering=0) as handle:
+        buffer = bytearray(HASH_CHUNK_BYTES)
+        view = memoryview(buffer)
+        while True:
+            step()
+            n = handle.readinto(buffer)
+            if not n:
+                return digest
+            digest.update(view[:n])

@@ -5,10 +5,12 @@
     HaulError
       TransientError            retried with backoff; every byte already downloaded is kept
         OriginUnavailable       5xx, 429/503 (retry_after), timeouts, resets, short body
+          PartUnusable          the .part cannot be continued: start over from zero at once
         StorageUnavailable      the storage root is missing, full or not writable
         WebhookUndelivered      the receiver did not answer 2xx
       PermanentError            fails the task at once, task.failed goes out
         OriginRejected          the origin answered 404/410/403... (status)
+        TooManyRedirects        the origin's redirects loop or go on past 10 hops
         ForbiddenDestination    the URL points somewhere haul must not go
         UnsafePath              a file path would land outside the task's folder
         TooLarge                a file is larger than the task or the limits allow
@@ -62,6 +64,11 @@ class OriginUnavailable(TransientError):
     code = "origin_unavailable"
 
 
+class PartUnusable(OriginUnavailable):
+    """The ``.part`` cannot be continued (the file changed on the origin, the range was refused,
+    the partial file changed in staging): the download starts over from zero, at once."""
+
+
 class StorageUnavailable(TransientError):
     """Finished files could not be written to storage (or staging)."""
 
@@ -92,8 +99,14 @@ class OriginRejected(PermanentError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
-        #: ``origin_<status>`` (``origin_404``); 310 stands for a redirect loop or too many hops.
+        #: ``origin_<status>`` (``origin_404``).
         self.code = f"origin_{status}"
+
+
+class TooManyRedirects(PermanentError):
+    """The origin's redirects loop, or go on for more hops than haul follows."""
+
+    code = "too_many_redirects"
 
 
 class ForbiddenDestination(PermanentError):

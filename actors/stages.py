@@ -9,6 +9,7 @@ that tells the actor glue which message to send next. Errors end the run in one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -26,7 +27,8 @@ from actors.errors import (
     TransientError,
     WebhookUndelivered,
 )
-from actors.fetch import FetchRules, fetch_file
+from actors.fetch import fetch_file
+from actors.httprules import FetchRules
 from actors.interrupt import interruptible
 from actors.lease import DISK_STEP_SECONDS, Lease, no_figures
 from actors.outcome import NOTHING, Next, Outcome
@@ -180,7 +182,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
                     guard=progress.guard,
                     rules=_rules(rt, task, progress.bytes_done),
                     step=progress.step,
-                    on_sha256=(lambda digest, p=part: sandbox.record_sha256(p, digest)) if hashing else None,
+                    on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
                 )
                 lease.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
                 sandbox.promote(part, spec)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.errors import ChecksumMismatch, ForbiddenDestination, OriginRejected, OriginUnavailable
-from actors.fetch import Fetcher, fetch_file, parse_retry_after
+from actors.errors import ChecksumMismatch, ForbiddenDestination, OriginRejected, OriginUnavailable, TooManyRedirects
+from actors.fetch import Fetcher, fetch_file
+from actors.httprules import parse_retry_after
 from actors.netguard import DestinationPolicy
 from actors.task import FileSpec
 from tests.servers import Fault, Origin, _Quiet, _Running, free_port
@@ -172,8 +173,9 @@ def test_redirects_are_rechecked_and_loops_end(origin: Origin, tmp_path: Path) -
     hops = _Running(Handler)
     try:
         base = f"http://127.0.0.1:{hops.port}"
-        with pytest.raises(OriginRejected, match="redirect loop"):
+        with pytest.raises(TooManyRedirects, match="redirect loop") as refused:
             fetch(make_fetcher(), FileSpec(url=base + "/a", path="x"), tmp_path / "0.part")
+        assert refused.value.code == "too_many_redirects"
         assert fetch(make_fetcher(), FileSpec(url=base + "/out", path="x"), tmp_path / "1.part") == 7
     finally:
         hops.close()
@@ -229,7 +231,7 @@ def test_without_proxy_variables_the_environment_is_read_once(monkeypatch: pytes
 
 
 def test_a_hashing_error_reaches_the_download_and_never_blocks_it() -> None:
-    from actors.fetch import _Hasher
+    from actors.diskio import Hasher as _Hasher
 
     class Broken:
         def update(self, data: bytes) -> None:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from actors.errors import InvalidTask
-from actors.fetch import content_type_accepted
+from actors.httprules import content_type_accepted
 from actors.manifest import (
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,

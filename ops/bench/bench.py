@@ -253,8 +253,10 @@ def med(values: list[float]) -> float:
 
 def bench_download(bench: Bench) -> dict[str, Any]:
     """1 and 2a: the download stage alone (warm process) vs curl, with and without sha256."""
-    from actors.fetch import Fetcher, FetchRules, discard_part
+    from actors.fetch import Fetcher
+    from actors.httprules import FetchRules
     from actors.netguard import DestinationPolicy
+    from actors.resume import discard_part
     from actors.task import FileSpec
 
     url = bench.file("big.bin", GIB)
@@ -313,8 +315,10 @@ def bench_download(bench: Bench) -> dict[str, Any]:
 def bench_hash(bench: Bench) -> dict[str, Any]:
     """HAUL_HASH's cost: the download stage alone (warm process) of a 1 GiB file the task gives
     no sha256 for, hashed as it arrives (``sha256``, the default) or not (``none``), alternating."""
-    from actors.fetch import Fetcher, FetchRules, discard_part
+    from actors.fetch import Fetcher
+    from actors.httprules import FetchRules
     from actors.netguard import DestinationPolicy
+    from actors.resume import discard_part
     from actors.task import FileSpec
 
     url = bench.file("big.bin", GIB)
