@@ -76,7 +76,7 @@ class Fault:
     after: int = 0
     seconds: float = 0.0
     retry_after: str | None = None
-    then: Callable[[], None] | None = None
+    then: Callable[[], object] | None = None
     midway: Callable[[], None] | None = None
 
 

@@ -47,7 +47,8 @@ def submit(stack: Stack, origin: Origin, name: str, data: bytes, webhook: str | 
 
 
 def parked(store: TaskStore) -> set[str]:
-    return {v.decode() for v in store.client.zrange(f"{store.prefix}parked", 0, -1)}
+    members = store.client.zrange(f"{store.prefix}parked", 0, -1)
+    return {v.decode() if isinstance(v, bytes) else str(v) for v in members}
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.states import State
 from actors.store import TaskStore
 from tests import processes
 from tests.conftest import RedisServer, wait_for
@@ -145,7 +146,7 @@ def test_redis_killed_and_restarted_with_tasks_queued_and_running(
     sup = stack.supervisor()
     with running(*workers, sup):
         ids = {name: stack.submit(origin, {name: data}) for name, data in files.items()}
-        wait_until(lambda: stack.store.counts()["done"] >= 2, 60, "some tasks to finish")
+        wait_until(lambda: stack.store.counts()[State.DONE] >= 2, 60, "some tasks to finish")
         stack.redis.kill()
         time.sleep(2)
         stack.redis.start()
@@ -235,7 +236,7 @@ def test_soak(stack: Stack, origin: Origin, receiver: Receiver, request: pytest.
             workers[victim].kill()
             workers[victim].close()
             workers[victim] = stack.worker()
-            if not redis_restarted and counts["done"] >= count // 3:
+            if not redis_restarted and counts[State.DONE] >= count // 3:
                 stack.redis.kill()
                 time.sleep(1)
                 stack.redis.start()

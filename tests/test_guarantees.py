@@ -124,6 +124,8 @@ import pytest
 import redis
 
 from actors.manifest import spec_from_manifest
+from actors.messages import Messages, redis_broker
+from actors.settings import Settings
 from actors.states import State
 from actors.task import Task
 from tests.processes import REPO, Process
@@ -496,7 +498,7 @@ class Run:
         self.slow_deliveries = 0
         self.holding = 0  # deliveries the receiver is holding right now
         self.quiet = False  # stop holding deliveries (the end of the run)
-        self.broker: Any = None
+        self.messages: Messages | None = None
         self.submitted = 0
         self.ended: set[str] = set()
         self.phase_times: dict[str, float] = {}
@@ -628,13 +630,11 @@ class Run:
             self.submitted += 1
 
     def send_claim(self, task_id: str) -> None:
-        from dramatiq import Message
-
-        message = Message(queue_name="claim", actor_name="claim", args=(task_id,), kwargs={}, options={})
         deadline = time.monotonic() + 30
         while True:
             try:
-                self.broker.enqueue(message)
+                assert self.messages is not None, "the run has not started"
+                self.messages.claim(task_id)
                 return
             except redis.ConnectionError:  # a stale connection to the Redis before a restore
                 if time.monotonic() > deadline:
@@ -871,12 +871,11 @@ class Run:
     # -- phases -----------------------------------------------------------------------------
 
     def execute(self) -> None:
-        from dramatiq.brokers.redis import RedisBroker
 
         self.origin.rate = ORIGIN_RATE
         self.receiver.fail_share = RECEIVER_500_SHARE
         self.receiver.on_delivery = self.on_delivery
-        self.broker = RedisBroker(url=self.stack.redis.url)  # type: ignore[no-untyped-call]
+        self.messages = Messages(redis_broker(Settings(redis_url=self.stack.redis.url)))
         self.workers = [self.start_worker() for _ in range(WORKERS)]
         self.supervisor = self.stack.supervisor()
         self.t0 = time.time()
@@ -996,9 +995,9 @@ class Run:
             if popen.poll() is None:
                 popen.kill()
                 popen.wait(10)
-        if self.broker is not None:
-            self.broker.close()
-            self.broker = None
+        if self.messages is not None:
+            self.messages.broker.close()
+            self.messages = None
         self.receiver.on_delivery = None
 
     # -- checks -----------------------------------------------------------------------------
@@ -1127,11 +1126,11 @@ class Run:
             what = "a temporary" if ".haul-tmp" in rel or rel.rsplit("/", 1)[-1].startswith(".") else "a file"
             whose = label(owner) if owner in tasks or owner in self.forgotten else "no task of this run"
             line = f"storage holds {rel!r}: {what} of {whose}, not a file of a done task"
-            plan = self.forgotten.get(owner) or (self.by_id.get(owner) if owner in rolled else None)
-            f = next((f for f in plan.files if f"{owner}/{f.path}" == rel), None) if plan else None
-            if f is None or plan is None:
+            owner_plan = self.forgotten.get(owner) or (self.by_id.get(owner) if owner in rolled else None)
+            stored = next((f for f in owner_plan.files if f"{owner}/{f.path}" == rel), None) if owner_plan else None
+            if stored is None or owner_plan is None:
                 violations["P1"].append(line)
-            elif whole_version(owner, f, present[rel].read_bytes()):
+            elif whole_version(owner, stored, present[rel].read_bytes()):
                 why = (
                     "Redis forgot the task"
                     if owner in self.forgotten
@@ -1244,11 +1243,11 @@ class Run:
             sandbox = staging / task_id
             if task.state is State.DONE and sandbox.exists():
                 inside = sorted(p.relative_to(sandbox).as_posix() for p in sandbox.rglob("*"))[:6]
-                excused = [s for s in self.stops if task_id in s.just_done and "SIGKILL" in s.kind]
+                killed = [s for s in self.stops if task_id in s.just_done and "SIGKILL" in s.kind]
                 line = f"{label(task_id)}: staging still holds {sandbox} {inside}"
-                if excused:
+                if killed:
                     notes.append(
-                        f"{line} (excused: its worker was SIGKILLed at {self.rel(excused[0].at)}, just after done)"
+                        f"{line} (excused: its worker was SIGKILLed at {self.rel(killed[0].at)}, just after done)"
                     )
                 else:
                     violations["P5"].append(line)

@@ -13,7 +13,7 @@ import pytest
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.registry import WorkerInfo, WorkerLimits, WorkerRegistry
 from actors.settings import Settings
-from actors.states import State
+from actors.states import State, StepReply
 from actors.store import StageLimits, TaskStore
 from supervisor import limits
 from tests.conftest import in_process_worker, submit_spec, wait_for
@@ -75,11 +75,14 @@ def test_a_finished_download_takes_the_finalize_slot_in_the_same_step(store: Tas
     tokens = {t: store.claim(t, worker="w", now=NOW, lease_seconds=30, max_attempts=5, start=State.DOWNLOADING).token
               for t in (a, b)}  # fmt: skip
     progress = (10, 10, 1)
-    done = {"now": NOW + 1, "lease_seconds": 30, "progress": progress, "finalize_limit": 1}
-    assert store.finish_download(a, tokens[a], **done) == ("ok", tokens[a])
+
+    def done(task_id: str, token: int) -> tuple[StepReply, int]:
+        return store.finish_download(task_id, token, now=NOW + 1, lease_seconds=30, progress=progress, finalize_limit=1)
+
+    assert done(a, tokens[a]) == ("ok", tokens[a])
     # b is finalizing all the same, waiting for the slot a holds; a stale token moves nothing
-    assert store.finish_download(b, tokens[b] - 1, **done)[0] == "stale"
-    entry, token = store.finish_download(b, tokens[b], **done)
+    assert done(b, tokens[b] - 1)[0] == "stale"
+    entry, token = done(b, tokens[b])
     assert entry == "full" and token != tokens[b]  # the finalize message holds the task now
     assert store.get(b).state is State.FINALIZING and store.get(b).bytes_done == 10  # type: ignore[union-attr]
     entry, token = store.enter_finalize(b, token, now=NOW + 2, lease_seconds=30, limit=1, due=NOW + 3)

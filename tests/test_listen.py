@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,7 +42,7 @@ def listener(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]
         process.wait(10)
 
 
-def post(url: str, secret: str, event_id: str, body: dict[str, object]) -> int:
+def post(url: str, secret: str, event_id: str, body: Mapping[str, object]) -> int:
     text = json.dumps(body, separators=(",", ":"))
     now = int(time.time())
     headers = {

@@ -118,7 +118,8 @@ def test_a_receiver_down_gets_one_chain_of_tries_then_exactly_one_event(
     assert accepted is posts[-1] and {d.id for d in posts} == {f"{task_id}.task.failed.0"}
     assert accepted.event["type"] == "task.failed"
     assert store.client.zcard(store.notify_key) == 0
-    assert int(store.client.hget(store.task_key(task_id), "notify_tries")) == len(posts)  # counted on the task
+    tries = store.client.hget(store.task_key(task_id), "notify_tries")
+    assert tries is not None and int(tries) == len(posts)  # counted on the task
 
 
 def test_a_delivered_notice_is_not_sent_again(

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from actors.manifest import spec_from_manifest
+from actors.settings import Settings
 from tests.conftest import eventually_gone, messages, submit_spec, wait_for
 from tests.servers import Delivery, Fault, Origin, Receiver
 
@@ -20,7 +21,7 @@ def submit(store: Any, origin: Origin, files: dict[str, bytes], **manifest: Any)
     return submit_spec(spec_from_manifest({"files": entries, **manifest}), store)
 
 
-def stored(settings: Any, task_id: str, path: str) -> bytes:
+def stored(settings: Settings, task_id: str, path: str) -> bytes:
     return (settings.storage_dir / task_id / path).read_bytes()
 
 

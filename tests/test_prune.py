@@ -146,8 +146,10 @@ def test_a_sweep_stops_starting_batches_once_its_budget_is_spent(store: TaskStor
     for _ in range(250):
         ended(store, State.DONE)
 
-    def sweep(**budget: float) -> dict[str, int]:
-        return sweeps.prune(store, tmp_path, NOW + RETAIN + 1, retain_seconds=RETAIN, batch=100, **budget)
+    def sweep(budget_seconds: float = sweeps.DEFAULT_PRUNE_BUDGET_SECONDS) -> dict[str, int]:
+        return sweeps.prune(
+            store, tmp_path, NOW + RETAIN + 1, retain_seconds=RETAIN, batch=100, budget_seconds=budget_seconds
+        )
 
     # With no time to spend, one round of batches runs; the next sweep goes on
     assert sweep(budget_seconds=0) == {"records_done": 100}

@@ -99,7 +99,7 @@ def test_supervisor_reports_dead_tasks_failing_sweeps_and_checks_in(
             wait_until(
                 lambda: any("ConnectionError" in json.dumps(e) for e in sink.events()), 20, "a sweep-error event"
             )
-            wait_until(lambda: (processes.health(port) or {}).get("redis", "").startswith("unreachable"), 10, "503")
+            wait_until(lambda: str((processes.health(port) or {}).get("redis")).startswith("unreachable"), 10, "503")
             sup.terminate()
         dead = next(e for e in sink.events() if task_id in json.dumps(e))
         assert f"task {task_id} is dead" in dead["message"] or task_id in json.dumps(dead.get("logentry", {}))

@@ -8,7 +8,7 @@ import pytest
 
 from actors.manifest import spec_from_urls
 from actors.states import CancelReply, State
-from actors.store import TaskStore
+from actors.store import Claim, TaskStore
 
 pytestmark = pytest.mark.fast
 
@@ -16,9 +16,16 @@ SPEC = spec_from_urls(["https://cdn.example.com/a.mp4"], name="A", key="order-7"
 NOW = 1_700_000_000.0
 
 
-def claim(store: TaskStore, task_id: str, now: float = NOW, **kw: Any) -> Any:
-    options = {"worker": "w1", "lease_seconds": 30, "max_attempts": 3} | kw
-    return store.claim(task_id, now=now, **options)
+def claim(
+    store: TaskStore,
+    task_id: str,
+    now: float = NOW,
+    *,
+    start: State = State.CLAIMED,
+    worker: str = "w1",
+    max_attempts: int = 3,
+) -> Claim:
+    return store.claim(task_id, worker=worker, now=now, lease_seconds=30, max_attempts=max_attempts, start=start)
 
 
 def test_create_is_idempotent_on_key(store: TaskStore) -> None:
