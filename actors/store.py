@@ -460,6 +460,17 @@ class TaskStore:
     def resign(self, candidate: str) -> None:
         self._call("resign", [self.leader_key], candidate)
 
+    def leader_lock(self) -> tuple[str | None, float | None]:
+        """Who holds the supervisor leader lock and how long it has left in seconds (None: no
+        expiry), in one round trip; (None, None) when nobody holds it."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.leader_key)
+        pipe.pttl(self.leader_key)
+        holder, pttl = pipe.execute()
+        if holder is None:
+            return None, None
+        return _text(holder), (pttl / 1000 if pttl >= 0 else None)
+
     def leader(self) -> str | None:
         value = self.client.get(self.leader_key)
         return _text(value) if value is not None else None
@@ -612,6 +623,10 @@ class TaskStore:
         pipe.zcard(f"{self.prefix}parked")
         finalizing, parked = pipe.execute()
         return int(finalizing), int(parked)
+
+    def dead_total(self) -> int:
+        """Tasks that became dead ever (``stats:dead``, counted by set_state in _lib.lua)."""
+        return int(self.client.get(f"{self.prefix}stats:dead") or 0)
 
     def claims_refused(self) -> dict[str, int]:
         """Claims answered ``full`` ever, by reason (``stats:refused``, kept by claim.lua)."""

@@ -1,22 +1,9 @@
-"""The supervisor daemon: APScheduler jobs for the sweeps, a Redis leader lock, signals, HTTP.
+"""The supervisor daemon: APScheduler jobs for the sweeps, signals, /healthz and /metrics.
 
 Any number of replicas may run; the one holding ``haul:supervisor:leader`` sweeps, the others
-stand by and take over when it dies or stops making progress. Each sweep is its own job, so one
-that raises is reported (Sentry, metric) and the others keep running.
-
-Leadership follows progress, not liveness. The ``elect`` job renews the lock only while the
-leader's requeue sweep ended within ``progress_seconds`` (the lock's TTL less one election) and
-no sweep but prune has been running longer than that: a sweep blocked on a stalled connection, a
-slow Redis or a bug makes the leader give the lock up, so a standby takes over within the TTL
-plus a sweep, and a replica whose sweep is still blocked does not stand again. A sweep starts
-only while this replica renewed the lock recently by its own clock and Redis still names it, and
-one that outlives the lock sends nothing more (its requeued tasks wait in the outbox for the
-next leader).
-
-Healthy (``/healthz`` 200) means: Redis answers and keeps an append-only file synced on every
-write, and either this replica leads and its sweeps succeed, or another replica holds the lock
-and renews it. Anything else is 503 with the reason, and one Sentry event per incident (plus one
-for a new cause that joins it), not one per interval.
+stand by and take over when it dies or stops making progress (:mod:`supervisor.leadership`).
+Each sweep is its own job and Sentry cron monitor, so one that raises is reported (Sentry,
+metric) and the others keep running. Health and incidents are :mod:`supervisor.health`.
 """
 
 from __future__ import annotations
@@ -30,8 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, NamedTuple, ParamSpec
+from typing import Any
 
 import redis
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
@@ -45,78 +31,15 @@ from actors.settings import Settings
 from actors.storage import LocalStorage
 from actors.store import TaskStore
 from supervisor import alerts, limits, sweeps
+from supervisor.health import Incidents, Problem, leadership_problems, redis_problem
 from supervisor.http import create_server, serve_in_background
+from supervisor.leadership import Leadership, LeadershipLost
 from supervisor.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-SendTask = Callable[[str], None]
-P = ParamSpec("P")
-
-#: The leader lock lives this many sweep intervals (and at least this many seconds).
-LOCK_SWEEPS = 3
-MIN_LOCK_SECONDS = 1.0
-#: Elections (renew, or try to take, the lock) per lock TTL.
-ELECTIONS_PER_LOCK = 3
-#: The leader acts only until this share of the lock's TTL has passed since its last renewal,
-#: by its own clock (the rest absorbs drift against Redis's clock), like a worker's lease fence.
-LOCK_SAFETY = 0.8
-#: Sweeps whose running too long costs the lock (prune may remove large sandboxes: left out).
-WATCHED_SWEEPS = ("requeue_stuck", "rescue_orphans", "resend_finalizes", "resend_notices", "watch_workers")
-#: Seconds beyond the lock's TTL before a leader's last sweep, or the last election, is stale.
-STALE_SLACK_SECONDS = 5.0
-#: A standby sees the holder's lock as renewed once its expiry moved on by more than this (seconds).
-RENEWAL_EPSILON_SECONDS = 0.05
-#: Elections in a row that find the replica unhealthy before it is an incident (one Sentry
-#: event): a lock changing hands is not one.
-INCIDENT_AFTER = 2
 #: Prune runs at most this often (seconds); it is the least urgent sweep.
 PRUNE_SECONDS = 60.0
-
-
-class LeadershipLost(Exception):
-    """This replica no longer holds the leader lock; the sweep that finds out stops there."""
-
-
-class Problem(NamedTuple):
-    """Why a replica is unhealthy: ``kind`` groups incidents, ``text`` says what to do."""
-
-    kind: str
-    text: str
-
-
-@dataclass(frozen=True)
-class Election:
-    """What this replica's last election saw; times on time.monotonic()."""
-
-    at: float
-    holder: str | None = None
-    #: When the holder's lock runs out; None: it has no expiry.
-    expires: float | None = None
-    #: When the holder's lock was last seen renewed (or that holder first seen).
-    renewed_at: float = 0.0
-    error: Problem | None = None
-
-
-def redis_problem(exc: redis.RedisError) -> Problem:
-    """What Redis answered (or how it failed), as a sentence saying what to do."""
-    name = type(exc).__name__
-    if isinstance(exc, redis.ReadOnlyError):
-        return Problem(
-            "redis-readonly",
-            "Redis refuses writes (READONLY): it is a replica; point HAUL_REDIS_URL at the primary",
-        )
-    if isinstance(exc, redis.AuthenticationError):
-        return Problem("redis-auth", f"Redis refused haul's credentials ({name}); fix the password in HAUL_REDIS_URL")
-    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
-        return Problem("redis-unreachable", f"Redis is unreachable ({name}: {exc}); start it or fix HAUL_REDIS_URL")
-    if isinstance(exc, redis.exceptions.BusyLoadingError):
-        return Problem("redis-loading", "Redis is loading its data (after a restart or a resync); wait for it")
-    if isinstance(exc, redis.exceptions.OutOfMemoryError):
-        return Problem("redis-oom", "Redis refuses writes (OOM): it reached maxmemory; raise maxmemory or free memory")
-    if str(exc).startswith("MISCONF"):
-        return Problem("redis-misconf", "Redis refuses writes (MISCONF): it cannot save to disk; see its log")
-    return Problem("redis-error", f"Redis refused the leader election ({name}: {exc})")
 
 
 class Supervisor:
@@ -134,21 +57,14 @@ class Supervisor:
         self.settings = settings
         self.store = store
         self.registry = WorkerRegistry(store.client, store.prefix)
-        # A sweep that outlives the lock sends nothing more (the next leader sends what it owed).
-        self.send_claim = self._fenced(messages.claim)
-        self.send_notify = self._fenced(messages.notify)
-        self.send_finalize = self._fenced(messages.finalize)
         self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.clock = clock
-        self.is_leader = False
+        self.lead = Leadership(store, self.node_id, settings.sweep_seconds, clock)
+        # A sweep that outlives the lock sends nothing more (the next leader sends what it owed).
+        self.send_claim = self.lead.fenced(messages.claim)
+        self.send_notify = self.lead.fenced(messages.notify)
+        self.send_finalize = self.lead.fenced(messages.finalize)
         self.last_sweep: float | None = None
-        self.lock_seconds = max(LOCK_SWEEPS * settings.sweep_seconds, MIN_LOCK_SECONDS)
-        #: Seconds between two elections.
-        self.elect_seconds = self.lock_seconds / ELECTIONS_PER_LOCK
-        #: The leader gives the lock up once its requeue sweep has not ended for this long, or a
-        #: watched sweep has run this long: renewed until then, the lock is free within one more
-        #: election, and a standby has it at the next of its own.
-        self.progress_seconds = self.lock_seconds - self.elect_seconds
         self.metrics = Metrics(
             store,
             self.registry,
@@ -163,15 +79,16 @@ class Supervisor:
         self.scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})
         self.scheduler.add_listener(self._job_failed, EVENT_JOB_ERROR)
         self._reported_problems: set[str] = set()
-        self._lock_until = 0.0  # time.monotonic() after which this replica stops acting as leader
-        self._lead_started = 0.0  # clock() when this replica's current leadership began
-        self._progress_at = 0.0  # time.monotonic() when the requeue sweep last ended (or leadership began)
-        self._running: dict[str, float] = {}  # watched sweep -> time.monotonic() it started
-        self._stuck: str | None = None  # why this replica stands aside (a sweep still blocked)
-        self._election: Election | None = None
         self._persistence: limits.Persistence | None = None
-        self._unhealthy_runs = 0
-        self._incident: set[str] = set()  # the kinds of problem reported in the open incident
+        self._incidents = Incidents(self.node_id)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.lead.is_leader
+
+    @property
+    def lock_seconds(self) -> float:
+        return self.lead.lock_seconds
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -180,15 +97,15 @@ class Supervisor:
         health, opening or closing an incident. Redis being down or refusing writes is a health
         problem reported once, not an error raised every interval."""
         try:
-            self._elect(time.monotonic())
+            self.lead.elect(time.monotonic(), first=self._check_persistence)
         finally:
             self.metrics.leader.set(1 if self.is_leader else 0)
-        self._track_incident(self._problems(time.monotonic()))
+        self._incidents.track(self._problems(time.monotonic()))
 
     def requeue_stuck(self) -> None:
         """Tasks whose lease ran out go back to queued (or dead), and the claims of tasks queued
         again before a lost send go out (the outbox)."""
-        if not self._holds_lock():
+        if not self.lead.holds_lock():
             return
         with self._timed("requeue_stuck"):
             outcome = sweeps.requeue_stuck(
@@ -201,7 +118,7 @@ class Supervisor:
 
     def rescue_orphans(self) -> None:
         """Queued tasks whose claim message is overdue (lost) get it again."""
-        if not self._holds_lock():
+        if not self.lead.holds_lock():
             return
         with self._timed("rescue_orphans"):
             found = sweeps.rescue_orphans(
@@ -211,7 +128,7 @@ class Supervisor:
 
     def resend_finalizes(self) -> None:
         """Resting finalizing tasks whose finalize message is overdue (lost) get it again."""
-        if not self._holds_lock():
+        if not self.lead.holds_lock():
             return
         with self._timed("resend_finalizes"):
             lost = sweeps.resend_finalizes(
@@ -221,7 +138,7 @@ class Supervisor:
 
     def resend_notices(self) -> None:
         """Owed task.failed / task.canceled notices whose message is overdue (lost) get it again."""
-        if not self._holds_lock():
+        if not self.lead.holds_lock():
             return
         with self._timed("resend_notices"):
             sweeps.resend_notifications(
@@ -230,7 +147,7 @@ class Supervisor:
 
     def watch_workers(self) -> None:
         """Workers whose heartbeat stopped are reported."""
-        if not self._holds_lock():
+        if not self.lead.holds_lock():
             return
         with self._timed("watch_workers"):
             gone = sweeps.vanished_workers(self.registry, self.clock(), on_vanished=alerts.vanished_worker)
@@ -238,14 +155,14 @@ class Supervisor:
 
     def check_config_job(self) -> None:
         """The configuration against the registered workers (see :meth:`check_config`)."""
-        if not self._holds_lock():
+        if not self.lead.holds_lock():
             return
         with self._timed("check_config"):
             self.check_config()
 
     def prune(self) -> None:
         """Ended records past HAUL_RETAIN_SECONDS, failed tasks' sandboxes, orphaned temporaries."""
-        if not self._holds_lock():
+        if not self.lead.holds_lock():
             return
         with self._timed("prune"):
             now = self.clock()
@@ -297,7 +214,7 @@ class Supervisor:
             log.warning("supervisor %s: configuration not checked yet, Redis did not answer (%s)", self.node_id, exc)
         self.elect()
         interval = self.settings.sweep_seconds
-        self.scheduler.add_job(self.elect, "interval", seconds=self.elect_seconds, id="elect")
+        self.scheduler.add_job(self.elect, "interval", seconds=self.lead.elect_seconds, id="elect")
         for job, run in self.sweeps().items():
             every = max(interval, PRUNE_SECONDS) if job == "prune" else interval
             self.scheduler.add_job(run, "interval", seconds=every, id=job)
@@ -309,12 +226,7 @@ class Supervisor:
 
     def stop(self) -> None:
         self.scheduler.shutdown(wait=True)
-        if self.is_leader:
-            try:
-                self.store.resign(self.node_id)
-            except redis.RedisError:
-                pass  # the lock expires by itself
-        self.is_leader = False
+        self.lead.resign()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """``/healthz``: a real round trip to Redis, and what the last election and sweeps saw."""
@@ -329,7 +241,7 @@ class Supervisor:
         for problem in self._problems(time.monotonic()):
             if problem.kind not in {p.kind for p in problems}:
                 problems.append(problem)
-        election = self._election
+        election = self.lead.election
         body["leader"] = election.holder if election is not None and election.error is None else None
         body["persistence"] = self._persistence.summary if self._persistence is not None else "not checked yet"
         body["last_sweep_age_seconds"] = None if self.last_sweep is None else self.clock() - self.last_sweep
@@ -339,178 +251,16 @@ class Supervisor:
             body["problems"] = [p.text for p in problems]
         return not problems, body
 
-    # -- leadership -------------------------------------------------------------------------
+    # -- health ---------------------------------------------------------------------------
 
-    def _elect(self, now: float) -> None:
-        self._stuck = self._stuck_sweep(now)
-        if self._stuck is not None:
-            if self.is_leader:
-                self._step_down(self._stuck)
-            return  # a replica that cannot sweep does not stand
-        asked = time.monotonic()
-        try:
-            self._persistence = limits.redis_persistence(self.store.client)
-            held = self.store.hold_leadership(self.node_id, self.lock_seconds)
-            holder, left = (self.node_id, self.lock_seconds) if held else self._lock_holder()
-        except redis.RedisError as exc:
-            if self.is_leader:
-                log.warning("supervisor %s: cannot renew the leader lock (%s); standing by", self.node_id, exc)
-            self.is_leader = False
-            self._election = Election(at=time.monotonic(), error=redis_problem(exc))
-            return
-        if held:
-            self._lock_until = asked + self.lock_seconds * LOCK_SAFETY
-            if not self.is_leader:
-                self._lead_started, self._progress_at = self.clock(), time.monotonic()
-                log.info("supervisor %s is now the leader", self.node_id)
-            self.is_leader = True
-            expiry = asked + self.lock_seconds
-            self._election = Election(at=time.monotonic(), holder=self.node_id, expires=expiry, renewed_at=asked)
-            return
-        if self.is_leader:
-            log.info("supervisor %s is now standing by (%s holds the lock)", self.node_id, holder)
-        self.is_leader = False
-        expires = None if left is None else asked + left
-        before, renewed_at = self._election, asked
-        if before is not None and before.error is None and holder is not None and before.holder == holder:
-            moved_on = expires is not None and (
-                before.expires is None or expires > before.expires + RENEWAL_EPSILON_SECONDS
-            )
-            renewed_at = asked if moved_on else before.renewed_at
-        self._election = Election(at=time.monotonic(), holder=holder, expires=expires, renewed_at=renewed_at)
-
-    def _stuck_sweep(self, now: float) -> str | None:
-        """Why this replica may not lead now: a watched sweep running too long, or (leading) no
-        requeue sweep ended for too long; None when its sweeps make progress."""
-        for job, since in list(self._running.items()):
-            if now - since > self.progress_seconds:
-                return f"its {job} sweep has been running for {now - since:.1f}s (a slow or stalled Redis, or a bug)"
-        if self.is_leader and now - self._progress_at > self.progress_seconds:
-            return f"its requeue_stuck sweep has not ended for {now - self._progress_at:.1f}s"
-        return None
-
-    def _step_down(self, reason: str) -> None:
-        log.error("supervisor %s gives up the leader lock: %s", self.node_id, reason)
-        self.is_leader = False
-        self._lock_until = 0.0
-        try:
-            self.store.resign(self.node_id)
-        except redis.RedisError as exc:
-            log.warning("could not give up the leader lock (%s); it expires within %gs", exc, self.lock_seconds)
-
-    def _lock_holder(self) -> tuple[str | None, float | None]:
-        """Who holds the leader lock and how long it has left in seconds (None: no expiry)."""
-        pipe = self.store.client.pipeline(transaction=False)
-        pipe.get(self.store.leader_key)
-        pipe.pttl(self.store.leader_key)
-        holder, pttl = pipe.execute()
-        if holder is None:
-            return None, None
-        text = holder.decode() if isinstance(holder, bytes) else str(holder)
-        return text, (pttl / 1000 if pttl >= 0 else None)
-
-    def _lock_fresh(self) -> bool:
-        return self.is_leader and time.monotonic() < self._lock_until
-
-    def _holds_lock(self) -> bool:
-        """Whether a sweep may start: this replica renewed the lock recently by its own clock and
-        Redis still names it (a read at the start of every sweep)."""
-        if not self._lock_fresh():
-            return False
-        try:
-            holder = self.store.leader()
-        except redis.RedisError:
-            return False  # the election reports Redis being down, once
-        if holder != self.node_id:
-            log.warning("supervisor %s: the leader lock names %s; not sweeping", self.node_id, holder)
-            self.is_leader = False
-            return False
-        return True
-
-    def _fenced(self, send: Callable[P, None]) -> Callable[P, None]:
-        """``send``, refused with :class:`LeadershipLost` once this replica may no longer act as leader."""
-
-        def fenced(*args: P.args, **kwargs: P.kwargs) -> None:
-            if not self._lock_fresh():
-                raise LeadershipLost(
-                    f"supervisor {self.node_id} no longer holds the leader lock; the sweep stops here "
-                    "and the next leader sends what is left"
-                )
-            send(*args, **kwargs)
-
-        return fenced
-
-    # -- health -----------------------------------------------------------------------------
+    def _check_persistence(self) -> None:
+        self._persistence = limits.redis_persistence(self.store.client)
 
     def _problems(self, now: float) -> list[Problem]:
         """Why this replica is unhealthy, by what its elections and sweeps saw (empty: healthy)."""
         found = [Problem("persistence", p) for p in (self._persistence.problems if self._persistence else ())]
-        election = self._election
-        if self._stuck is not None:
-            found.append(
-                Problem(
-                    "stuck-sweep",
-                    f"this replica gave up leading: {self._stuck}; it stands aside until the sweep returns "
-                    "(restart it if that lasts)",
-                )
-            )
-        elif election is None:
-            found.append(Problem("starting", "no leader election has run yet"))
-        elif election.error is not None:
-            found.append(election.error)
-        elif now - election.at > self.lock_seconds + STALE_SLACK_SECONDS:
-            found.append(
-                Problem(
-                    "election-stalled",
-                    f"this replica's last leader election was {now - election.at:.0f}s ago (a Redis call blocked?)",
-                )
-            )
-        elif self.is_leader:
-            since = max(self.last_sweep or 0.0, self._lead_started)
-            if self.clock() - since > self.lock_seconds + STALE_SLACK_SECONDS:
-                found.append(
-                    Problem(
-                        "sweeps-failing",
-                        f"this replica leads but its requeue sweep has not succeeded for {self.clock() - since:.0f}s; "
-                        "its log and Sentry have the sweep's error",
-                    )
-                )
-        elif election.holder is None:
-            found.append(Problem("no-leader", "no replica holds the leader lock"))
-        elif election.expires is None:
-            found.append(
-                Problem(
-                    "lock-without-expiry",
-                    f"the leader lock {self.store.leader_key} names {election.holder} but has no expiry (set by "
-                    "hand?); delete it and a replica takes over",
-                )
-            )
-        elif now - election.renewed_at > self.lock_seconds + self.elect_seconds:
-            found.append(
-                Problem(
-                    "leader-silent",
-                    f"the leader {election.holder} has not renewed its lock for {now - election.renewed_at:.0f}s; "
-                    f"nobody sweeps until it expires in {max(0.0, election.expires - now):.0f}s",
-                )
-            )
-        return found
-
-    def _track_incident(self, problems: list[Problem]) -> None:
-        """Open an incident once unhealthy for INCIDENT_AFTER elections in a row: one Sentry
-        event, and one more only for a cause that joins it (Redis going away during a
-        persistence incident, say), never one per interval. It ends when health returns."""
-        if not problems:
-            if self._incident:
-                log.info("supervisor %s is healthy again (was: %s)", self.node_id, ", ".join(sorted(self._incident)))
-            self._incident, self._unhealthy_runs = set(), 0
-            return
-        self._unhealthy_runs += 1
-        new = [p for p in problems if p.kind not in self._incident]
-        if self._unhealthy_runs >= INCIDENT_AFTER and new:
-            self._incident |= {p.kind for p in new}
-            text = "; ".join(p.text for p in new)
-            log.error("supervisor %s is unhealthy: %s", self.node_id, text)
-            alerts.unhealthy(self.node_id, new[0].kind, text)
+        since = max(self.last_sweep or 0.0, self.lead.lead_started)
+        return found + leadership_problems(self.lead, now, self.clock() - since if self.is_leader else None)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -524,18 +274,12 @@ class Supervisor:
 
     @contextmanager
     def _timed(self, job: str) -> Iterator[None]:
-        """A sweep as a Sentry cron check-in and a duration observation; how long the watched
-        sweeps run is what the election judges progress by."""
+        """A sweep as a Sentry cron check-in, a duration observation and a run the election
+        judges progress by."""
         slug = f"haul-{job.replace('_', '-')}"
-        if job in WATCHED_SWEEPS:
-            self._running[job] = time.monotonic()
-        try:
-            with alerts.monitored(slug, self.settings.sweep_seconds), self.metrics.sweep_seconds.labels(job).time():
+        with self.lead.sweeping(job), alerts.monitored(slug, self.settings.sweep_seconds):
+            with self.metrics.sweep_seconds.labels(job).time():
                 yield
-        finally:
-            self._running.pop(job, None)
-            if job == "requeue_stuck":
-                self._progress_at = time.monotonic()
 
     def _job_failed(self, event: JobExecutionEvent) -> None:
         self._report(event.job_id, event.exception)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,9 +13,6 @@ from actors.policy import FINALIZE_BACKLOG_FACTOR
 from actors.registry import WorkerRegistry
 from actors.store import TaskStore
 
-#: Redis key (after the prefix) counting every transition into ``dead``, written by set_state in
-#: actors/lua/_lib.lua: tasks a worker's run or claim kills too, not only the supervisor's sweep.
-DEAD_TASKS_KEY = "stats:dead"
 #: Why a claim can be refused (claim.lua); each is shown, 0 until it first happens.
 REFUSAL_REASONS = ("download", "download_per_host", "staging_bytes", "finalize_backlog")
 
@@ -45,10 +41,10 @@ class _Live(Collector):
         for state, count in self.store.counts().items():
             tasks.add_metric([state.value], count)
         yield tasks
-        dead: Any = self.store.client.get(self.store.prefix + DEAD_TASKS_KEY)
         yield CounterMetricFamily(
-            "haul_dead_tasks", "Tasks that became dead (attempts used up), wherever they died", value=int(dead or 0)
-        )
+            "haul_dead_tasks", "Tasks that became dead (attempts used up), wherever they died",
+            value=self.store.dead_total(),
+        )  # fmt: skip
         workers = self.workers.workers()
         yield GaugeMetricFamily("haul_workers", "Registered worker processes", value=len(workers))
         yield GaugeMetricFamily(
