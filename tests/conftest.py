@@ -22,7 +22,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from actors.broker import worker_broker
 from actors.client import Client
-from actors.messages import Messages, redis_broker
+from actors.messages import QUEUES, Messages, redis_broker
 from actors.runtime import Runtime
 from actors.settings import Settings
 from actors.states import State
@@ -322,6 +322,13 @@ def in_process_worker(settings: Settings, store: TaskStore, threads: int = 4) ->
     finally:
         worker.stop()
         broker.close()
+
+
+def settle(running: InProcessWorker, timeout: float = 30.0) -> None:
+    """Wait until every message sent so far, delayed ones too, is handled and acknowledged: a
+    check that nothing more happened is then deterministic, where a fixed sleep only hopes."""
+    for queue in QUEUES:
+        running.broker.join(queue, timeout=int(timeout * 1000))
 
 
 @pytest.fixture

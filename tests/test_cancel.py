@@ -17,7 +17,7 @@ import pytest
 
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.store import TaskStore
-from tests.conftest import in_process_worker, messages, wait_for
+from tests.conftest import InProcessWorker, in_process_worker, messages, settle, wait_for
 from tests.processes import haul_cli as haul
 from tests.processes import running, wait_until
 from tests.servers import Delivery, Origin, Receiver
@@ -63,7 +63,7 @@ def test_a_cancel_while_the_files_are_stored_wins_and_a_retry_announces_the_new_
                 return
 
     canceler = threading.Thread(target=cancel_once_finalizing, daemon=True)
-    with in_process_worker(settings.replace(storage_dir=memory_storage), store):
+    with in_process_worker(settings.replace(storage_dir=memory_storage), store) as running:
         canceler.start()
         messages().claim(task_id)
         try:
@@ -72,7 +72,7 @@ def test_a_cancel_while_the_files_are_stored_wins_and_a_retry_announces_the_new_
             stop.set()
         assert outcomes == ["ok"]  # the cancel landed while the task was finalizing
         wait_until(lambda: accepted_ids(receiver), 10, "task.canceled")
-        time.sleep(0.5)
+        settle(running)
         # The backend hears task.canceled, never task.completed, for run 0
         assert accepted_ids(receiver) == [f"{task_id}.task.canceled.0"]
         [canceled] = receiver.accepted()
@@ -88,7 +88,7 @@ def test_a_cancel_while_the_files_are_stored_wins_and_a_retry_announces_the_new_
 
 
 def test_a_cancel_once_the_completion_is_announced_is_refused(
-    worker: Any, store: TaskStore, origin: Origin, receiver: Receiver
+    worker: InProcessWorker, store: TaskStore, origin: Origin, receiver: Receiver
 ) -> None:
     task_id = new_task(store, origin, {"v.mp4": b"video"})
     answers: list[subprocess.CompletedProcess[str]] = []
@@ -103,19 +103,19 @@ def test_a_cancel_once_the_completion_is_announced_is_refused(
     [answer] = answers
     assert answer.returncode == 3 and "the completion is being announced" in answer.stderr, answer
     assert "canceled" not in answer.stdout
-    time.sleep(0.5)
+    settle(worker)
     assert accepted_ids(receiver) == [f"{task_id}.task.completed.0"]
     assert store.client.zcard(store.notify_key) == 0
 
 
 def test_a_canceled_task_announces_task_canceled_never_task_failed(
-    worker: Any, store: TaskStore, receiver: Receiver
+    worker: InProcessWorker, store: TaskStore, receiver: Receiver
 ) -> None:
     task_id, _ = store.create(spec_from_urls(["https://cdn.example.com/v.mp4"], key="order-9"), now=time.time())
     result = haul("cancel", task_id)
     assert result.returncode == 0 and "canceled" in result.stdout, result
     wait_until(lambda: receiver.accepted(), 10, "task.canceled")
-    time.sleep(0.3)
+    settle(worker)
     [delivery] = receiver.accepted()
     assert delivery.id == f"{task_id}.task.canceled.0" and delivery.event["type"] == "task.canceled"
     assert delivery.event["data"]["key"] == "order-9"

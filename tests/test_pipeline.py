@@ -10,7 +10,8 @@ from typing import Any
 
 from actors.manifest import spec_from_manifest
 from actors.settings import Settings
-from tests.conftest import eventually_gone, messages, submit_spec, wait_for
+from actors.store import TaskStore
+from tests.conftest import InProcessWorker, eventually_gone, messages, settle, submit_spec, wait_for
 from tests.servers import Delivery, Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -111,19 +112,19 @@ def test_transient_errors_end_dead_after_max_attempts(
 
 
 def test_duplicate_messages_download_once(
-    worker: Any, store: Any, origin: Origin, receiver: Receiver, settings: Any
+    worker: InProcessWorker, store: TaskStore, origin: Origin, receiver: Receiver
 ) -> None:
     data = os.urandom(2 * MIB)
     task_id = submit(store, origin, {"v.mp4": data})
     for _ in range(3):
         messages().claim(task_id)  # Dramatiq is at-least-once: the same message may come again
     assert wait_for(store, task_id).state.value == "done"
-    time.sleep(0.3)
     messages().claim(task_id)
-    time.sleep(0.3)
+    settle(worker)
     assert len(origin.requests_for("/v.mp4")) == 1
     assert origin.served["/v.mp4"] == len(data)
-    assert len(receiver.accepted()) == 1 and store.get(task_id).attempts == 1
+    again = store.get(task_id)
+    assert len(receiver.accepted()) == 1 and again is not None and again.attempts == 1
 
 
 def test_a_webhook_answering_500_twice_is_retried_with_the_same_id_and_staging_kept(
