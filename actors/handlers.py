@@ -15,10 +15,11 @@ from __future__ import annotations
 import dramatiq
 from dramatiq import Broker
 
+from actors.finalize import finalize_task
 from actors.messages import CLAIM_QUEUE, FINALIZE_QUEUE, Messages
 from actors.notify import try_notice
 from actors.runtime import Runtime
-from actors.stages import finalize_task, run_task
+from actors.stages import run_task
 
 #: Dramatiq's default limit (10 minutes) would kill a long course; the lease, read timeouts
 #: and the supervisor are what catch a hung download or finalize. This is only the last resort.

@@ -372,7 +372,7 @@ def claimed_and_downloaded(rt: Any, store: Any, origin: Origin, **manifest: Any)
 def test_a_cancel_that_won_stops_storing_before_the_next_file(
     runtime: Any, store: Any, origin: Origin, receiver: Receiver, settings: Any
 ) -> None:
-    from actors.stages import finish_task
+    from actors.finalize import finish_task
     from actors.states import CancelReply
 
     task, lease, hold = claimed_and_downloaded(runtime, store, origin)
@@ -390,8 +390,8 @@ def test_a_cancel_that_won_stops_storing_before_the_next_file(
 
 
 def test_a_graceful_stop_hands_a_finalize_back(runtime: Any, store: Any, origin: Origin, receiver: Receiver) -> None:
+    from actors.finalize import finish_task
     from actors.outcome import Next
-    from actors.stages import finish_task
 
     task, lease, hold = claimed_and_downloaded(runtime, store, origin)
     try:
@@ -408,8 +408,8 @@ def test_a_graceful_stop_hands_a_finalize_back(runtime: Any, store: Any, origin:
 def test_an_error_after_the_announcement_never_fails_the_task(
     settings: Any, store: Any, origin: Origin, receiver: Receiver
 ) -> None:
+    from actors.finalize import finish_task
     from actors.outcome import Next
-    from actors.stages import finish_task
 
     # Given a task whose receiver turns out to be refused only once its completion is being
     # announced (a policy change, a name that now resolves to a private address) ...
