@@ -24,6 +24,7 @@ from urllib.parse import urljoin
 import requests
 import urllib3
 
+from actors.connections import refused_at_connect, shutter_of
 from actors.diskio import Hasher, Writeback, hash_file
 from actors.errors import (
     ChecksumMismatch,
@@ -48,7 +49,7 @@ from actors.httprules import (
 )
 from actors.interrupt import Guard, interruptible
 from actors.lease import DISK_STEP_SECONDS, Step, no_step
-from actors.netguard import DestinationPolicy, refused_at_connect, shutter_of
+from actors.netguard import DestinationPolicy
 from actors.redact import display_url
 from actors.resume import Validator, discard_part, request_headers, resume_point, start_point, write_meta
 from actors.task import FileSpec

@@ -20,9 +20,10 @@ from typing import Any
 import requests
 from standardwebhooks import Webhook
 
+from actors.connections import refused_at_connect, shutter_of
 from actors.errors import ForbiddenDestination, WebhookUndelivered
 from actors.interrupt import guarded
-from actors.netguard import DestinationPolicy, refused_at_connect, shutter_of
+from actors.netguard import DestinationPolicy
 from actors.redact import display_url
 from actors.task import Task
 

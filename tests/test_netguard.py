@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import requests
 
+from actors.connections import refused_at_connect
 from actors.errors import ForbiddenDestination
-from actors.netguard import DestinationPolicy, refused_at_connect
+from actors.netguard import DestinationPolicy
 from tests.servers import Origin
 
 pytestmark = pytest.mark.fast
