@@ -354,29 +354,7 @@ def run_local_stack(environ: Mapping[str, str]) -> int:
 def _run_local_stack(environ: Mapping[str, str]) -> int:
     home = home_folder(environ)
     env = local_environment(environ, home)
-    secret = None if configured_secret(env) else new_webhook_secret()  # kept once nothing refused
-    # Every value checked before anything starts; the Redis URL is haul up's to choose when unset
-    checked = env if env.get("HAUL_REDIS_URL") else {**env, "HAUL_REDIS_URL": DEFAULT_REDIS_URL}
-    settings = Settings.from_env(checked if secret is None else {**checked, "HAUL_WEBHOOK_SECRET": secret})
-    port = supervisor_port(settings, environ)
-    env["HAUL_SUPERVISOR_PORT"] = str(port)
-    settings = settings.replace(supervisor_port=port)
-    metrics_port = settings.worker_metrics_port
-    if metrics_port and (metrics_port == port or not port_free(settings.supervisor_host, metrics_port)):
-        raise UpRefused(
-            f"{settings.supervisor_host}:{metrics_port} is in use, so the workers could not serve their metrics "
-            "there; stop what uses it, or set HAUL_WORKER_METRICS_PORT to a free port (or unset it)"
-        )
-    if secret is not None:
-        path, made = keep_webhook_secret(home, secret)
-        env["HAUL_WEBHOOK_SECRET_FILE"] = str(path)
-        settings = settings.replace(webhook_secrets=Settings.from_env(env).webhook_secrets)
-        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-        say(
-            f"no webhook secret is configured, so webhooks are signed with the one in {shown} "
-            f"({'made now' if made else 'made by an earlier haul up'}, mode 0600; `cat {shown}` shows it, "
-            f"`{haul_command(Path.cwd())} webhook listen --secret-file {shown}` receives and checks deliveries)"
-        )
+    settings = _prepared(environ, env, home)
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:
@@ -389,21 +367,10 @@ def _run_local_stack(environ: Mapping[str, str]) -> int:
     children: list[tuple[str, subprocess.Popen[bytes]]] = []  # in stopping order
     status = 0
     try:
-        redis_url, redis_child = choose_redis(environ, home, port)
+        redis_url, redis_child = choose_redis(environ, home, settings.supervisor_port)
         env["HAUL_REDIS_URL"] = redis_url  # the children use this Redis, wherever they run
-        settings = settings.replace(redis_url=redis_url)
         if not stopping:  # a signal while Redis was starting: start nothing more
-            worker_env = {**env, **worker_environment(settings)}
-            workers = subprocess.Popen(worker_command(settings), env=worker_env, start_new_session=True)
-            children.append(("workers", workers))
-            supervisor = subprocess.Popen([sys.executable, "-m", "supervisor"], env=env, start_new_session=True)
-            children.append(("supervisor", supervisor))
-            haul = haul_command(Path.cwd())
-            say(
-                f"workers and supervisor running; files land in {settings.storage_dir}; "
-                f"health and metrics on http://{settings.supervisor_host}:{port}/healthz"
-            )
-            say(f"in another shell: {haul} submit URL, then {haul} status ID. Ctrl-C stops everything.")
+            _start_children(settings.replace(redis_url=redis_url), env, children)
         if redis_child is not None:
             children.append(("redis-server", redis_child))
         while not stopping:
@@ -421,3 +388,49 @@ def _run_local_stack(environ: Mapping[str, str]) -> int:
         for name, child in children:  # workers, then the supervisor, then Redis
             stop_child(name, child)
     return status
+
+
+def _prepared(environ: Mapping[str, str], env: dict[str, str], home: Path) -> Settings:
+    """Every value checked, the supervisor's port chosen and the webhook secret kept, before
+    anything starts (``env`` gets what the children need); refusals raise :class:`UpRefused`."""
+    secret = None if configured_secret(env) else new_webhook_secret()  # kept once nothing refused
+    # The Redis URL is haul up's to choose when unset
+    checked = env if env.get("HAUL_REDIS_URL") else {**env, "HAUL_REDIS_URL": DEFAULT_REDIS_URL}
+    settings = Settings.from_env(checked if secret is None else {**checked, "HAUL_WEBHOOK_SECRET": secret})
+    port = supervisor_port(settings, environ)
+    env["HAUL_SUPERVISOR_PORT"] = str(port)
+    settings = settings.replace(supervisor_port=port)
+    metrics_port = settings.worker_metrics_port
+    if metrics_port and (metrics_port == port or not port_free(settings.supervisor_host, metrics_port)):
+        raise UpRefused(
+            f"{settings.supervisor_host}:{metrics_port} is in use, so the workers could not serve their metrics "
+            "there; stop what uses it, or set HAUL_WORKER_METRICS_PORT to a free port (or unset it)"
+        )
+    if secret is None:
+        return settings
+    path, made = keep_webhook_secret(home, secret)
+    env["HAUL_WEBHOOK_SECRET_FILE"] = str(path)
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    say(
+        f"no webhook secret is configured, so webhooks are signed with the one in {shown} "
+        f"({'made now' if made else 'made by an earlier haul up'}, mode 0600; `cat {shown}` shows it, "
+        f"`{haul_command(Path.cwd())} webhook listen --secret-file {shown}` receives and checks deliveries)"
+    )
+    return settings.replace(webhook_secrets=Settings.from_env(env).webhook_secrets)
+
+
+def _start_children(
+    settings: Settings, env: dict[str, str], children: list[tuple[str, subprocess.Popen[bytes]]]
+) -> None:
+    """Start the workers, then the supervisor, onto ``children`` (their stopping order: one that
+    started is stopped even if the next fails to), and say so."""
+    worker_env = {**env, **worker_environment(settings)}
+    children.append(("workers", subprocess.Popen(worker_command(settings), env=worker_env, start_new_session=True)))
+    supervisor = subprocess.Popen([sys.executable, "-m", "supervisor"], env=env, start_new_session=True)
+    children.append(("supervisor", supervisor))
+    haul = haul_command(Path.cwd())
+    say(
+        f"workers and supervisor running; files land in {settings.storage_dir}; "
+        f"health and metrics on http://{settings.supervisor_host}:{settings.supervisor_port}/healthz"
+    )
+    say(f"in another shell: {haul} submit URL, then {haul} status ID. Ctrl-C stops everything.")
