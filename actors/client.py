@@ -148,6 +148,12 @@ class Client:
                     f"task {task_id} is done (stored and announced); retry is for failed, dead or canceled tasks"
                 )
             raise RetryRefused(f"task {task_id} has not ended; only failed, dead or canceled tasks are retried")
+        if result is RetryReply.REPLACED:
+            key = self.get(task_id).spec.key
+            raise RetryRefused(
+                f"task {task_id} was replaced under key {key!r} by task {self.store.id_by_key(key or '')}; "
+                "retry that one (or submit the order again with a new key)"
+            )
         self.messages.claim(task_id)
 
     def cancel(self, task_id: str) -> bool:

@@ -17,7 +17,7 @@ from dramatiq.brokers.redis import RedisBroker
 
 from actors.outcome import Next, Outcome
 from actors.settings import Settings
-from actors.store import redis_options
+from actors.store_base import redis_options
 
 #: Queues, by the actors they carry. ``haul worker`` consumes both.
 CLAIM_QUEUE = "claim"

@@ -134,6 +134,8 @@ class RetryReply(enum.StrEnum):
     MISSING = "missing"
     #: Only failed, dead or canceled tasks are retried.
     NOT_ENDED = "not_ended"
+    #: Its idempotency key names a newer task now (a replace): retry that one.
+    REPLACED = "replaced"
 
 
 class RequeueReply(enum.StrEnum):

@@ -1,21 +1,11 @@
 """TaskStore: haul's tasks in Redis, with every state change atomic and fenced.
 
 Each operation that reads then writes is one Lua script in ``actors/lua/`` (its header lists
-KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
-
-    haul:task:<id>       hash: the task's state, attempts, token, lease, progress, ...
-    haul:spec:<id>       string: what it asks for (JSON: files, name, webhook, accept)
-    haul:key:<key>       string: idempotency key -> task id
-    haul:state:<state>   sorted set: task ids in that state, by time of entry
-    haul:leases          sorted set: task ids holding a lease, by deadline
-    haul:notify          sorted set: failed/dead/canceled tasks whose task.failed or task.canceled is
-                         owed, by when its next try is due (see actors/notify.py)
-    haul:supervisor:leader  string with TTL: the supervisor replica that runs the sweeps
-    haul:slots:<stage>   sorted sets: stage slots, by the lease deadline of their holder
-    haul:staged          hash: bytes each sandbox holds (and haul:staged:total, their sum)
-    haul:stats:dead      counter: tasks that ever went dead (haul_dead_tasks_total)
-
-Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter.
+KEYS and ARGV, :mod:`actors.store_base` the keys). This class holds a task's life from its
+creation through its runs to its notices, and the reads of a task; the supervisor's side is
+:class:`actors.store_sweeps.SweepStore`, which it extends. The module runs past 300 lines
+because each of the twenty-odd operations is a typed wrapper over one script, and a task's
+run reads best in one place.
 """
 
 from __future__ import annotations
@@ -24,41 +14,13 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-import redis
-
-from actors.states import (
-    FINAL_STATES,
-    CancelReply,
-    ClaimReply,
-    CreateReply,
-    RequeueReply,
-    RetryReply,
-    State,
-    StepReply,
-)
+from actors.states import CancelReply, ClaimReply, CreateReply, RetryReply, State, StepReply
+from actors.store_base import text_of
+from actors.store_sweeps import SweepStore
 from actors.task import DEFAULT_ACCEPT, KeyConflict, Task, TaskSpec, files_from_json, first_difference, request_hash
-
-DEFAULT_PREFIX = "haul:"
-
-#: Every Redis call gives up after this long (seconds): a half-open connection (a dead peer, a
-#: dropped NAT entry) must not block a sweep or a lease renewal for the minutes TCP takes to
-#: notice. Every script haul runs is bounded, so a healthy Redis answers in milliseconds.
-REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
-REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
-
-
-def redis_options() -> dict[str, Any]:
-    """Connection options for every Redis client haul makes (the store and the broker)."""
-    return {
-        "socket_timeout": REDIS_SOCKET_TIMEOUT_SECONDS,
-        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_SECONDS,
-        "socket_keepalive": True,
-        "health_check_interval": 30,
-    }
 
 
 @dataclass(frozen=True)
@@ -119,83 +81,8 @@ class Claim:
         return self.outcome is ClaimReply.OK
 
 
-def _load_script(name: str) -> str:
-    folder = resources.files("actors") / "lua"
-    return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class TaskStore:
-    """Typed operations on tasks; the only code that knows haul's Redis keys."""
-
-    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
-        self.client = client
-        self.prefix = prefix
-        self._scripts = {
-            name: client.register_script(_load_script(name))
-            for name in (
-                "create",
-                "claim",
-                "advance",
-                "heartbeat",
-                "release",
-                "cancel",
-                "retry",
-                "requeue",
-                "rescue",
-                "prune",
-                "leader",
-                "resign",
-                "enter_finalize",
-                "announce",
-                "notify_begin",
-                "notify_later",
-                "notify_end",
-                "notify_resend",
-                "park",
-                "finalize_resend",
-            )  # fmt: skip
-        }
-
-    @classmethod
-    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> TaskStore:
-        return cls(redis.Redis.from_url(url, **redis_options()), prefix)
-
-    # -- keys -------------------------------------------------------------------------------
-
-    def task_key(self, task_id: str) -> str:
-        return f"{self.prefix}task:{task_id}"
-
-    def spec_key(self, task_id: str) -> str:
-        """What the task asks for (files, name, webhook), apart from the hash: a long value would
-        turn the whole hash from Redis's compact encoding into a hash table (3x the memory)."""
-        return f"{self.prefix}spec:{task_id}"
-
-    def state_key(self, state: State) -> str:
-        return f"{self.prefix}state:{state.value}"
-
-    @property
-    def leases_key(self) -> str:
-        return f"{self.prefix}leases"
-
-    @property
-    def notify_key(self) -> str:
-        return f"{self.prefix}notify"
-
-    @property
-    def leader_key(self) -> str:
-        return f"{self.prefix}supervisor:leader"
-
-    def _call(self, name: str, keys: list[str], *args: Any, client: Any = None) -> Any:
-        """Run a script (or queue it on a pipeline ``client``); times (floats) go as
-        milliseconds-precise text, which is all we need."""
-        texts = [f"{a:.3f}" if isinstance(a, float) else a for a in args]
-        return self._scripts[name](keys=keys, args=[self.prefix, *texts], client=client)
-
-    # -- writes -----------------------------------------------------------------------------
+class TaskStore(SweepStore):
+    """Typed operations on tasks, each one round trip."""
 
     def create(
         self, spec: TaskSpec, now: float, task_id: str | None = None, *, replace: bool = False
@@ -232,18 +119,23 @@ class TaskStore:
             keys.append(f"{self.prefix}key:{spec.key}")
         flat = [item for pair in fields.items() for item in pair]
         spec_json = json.dumps(described, separators=(",", ":"))
-        reply = self._call("create", keys, task_id, now, spec_json, request_hash(spec), "1" if replace else "0", *flat)
-        found, outcome = _text(reply[0]), CreateReply(_text(reply[1]))
+        arguments = [task_id, now, spec_json, request_hash(spec), "1" if replace else "0", *flat]
+        reply = self._call("create", keys, *arguments)
+        found, outcome = text_of(reply[0]), CreateReply(text_of(reply[1]))
+        first = self.get(found) if outcome is CreateReply.DIFFERENT else None
+        if outcome is CreateReply.DIFFERENT and first is None:  # pruned since: its key is free now
+            reply = self._call("create", keys, *arguments)
+            found, outcome = text_of(reply[0]), CreateReply(text_of(reply[1]))
+            first = self.get(found) if outcome is CreateReply.DIFFERENT else None
         if outcome is CreateReply.NOT_REPLACEABLE:
-            state = _text(reply[2])
+            state = text_of(reply[2])
             why = "is done" if state == State.DONE else "has not ended"
             raise KeyConflict(
                 f"key {spec.key!r}: task {found} {why} (state {state}); only a failed, dead or canceled "
                 "task is replaced"
             )
         if outcome is CreateReply.DIFFERENT:
-            first = self.get(found)
-            field = first_difference(first.spec, spec) if first is not None else None
+            field = first_difference(first.spec, spec) if first is not None else "the request"
             if field is not None:  # None: a record stored before request hashes, same request
                 raise KeyConflict(
                     f"key {spec.key!r} was used for task {found} with a different request: {field} differs; "
@@ -285,14 +177,14 @@ class TaskStore:
             start.value,
             poll_seconds,
         )
-        outcome = ClaimReply(_text(reply[0]))
+        outcome = ClaimReply(text_of(reply[0]))
         if outcome is ClaimReply.OK:
             fields = dict(zip(reply[4][::2], reply[4][1::2], strict=True))
             task = _task_from(task_id, fields, reply[3]) if reply[3] else None  # None: spec lost
             return Claim(outcome, token=int(reply[1]), attempts=int(reply[2]), task=task)
         if outcome is ClaimReply.FULL:
-            return Claim(outcome, detail=_text(reply[2]), reason=_text(reply[1]), waiting_since=float(reply[3]))
-        return Claim(outcome, detail=_text(reply[1]) if len(reply) > 1 else "")
+            return Claim(outcome, detail=text_of(reply[2]), reason=text_of(reply[1]), waiting_since=float(reply[3]))
+        return Claim(outcome, detail=text_of(reply[1]) if len(reply) > 1 else "")
 
     def advance(
         self,
@@ -351,7 +243,7 @@ class TaskStore:
             finalize_limit,
             *(progress or ()),
         )
-        outcome = StepReply(_text(reply[0]))
+        outcome = StepReply(text_of(reply[0]))
         return outcome, int(reply[1]) if outcome is StepReply.FULL else token
 
     def heartbeat(
@@ -372,7 +264,7 @@ class TaskStore:
     def holds(self, task_id: str, token: int) -> bool:
         """Whether ``token`` is still the task's and the task still active (a read only)."""
         state, current = self.client.hmget(self.task_key(task_id), "state", "token")
-        return current is not None and _text(current) == str(token) and State(_text(state)).active
+        return current is not None and text_of(current) == str(token) and State(text_of(state)).active
 
     def renew_many(self, renewals: Sequence[Renewal], *, now: float, lease_seconds: float) -> list[bool]:
         """Renew several leases (writing progress where given) in one pipelined round trip;
@@ -418,62 +310,7 @@ class TaskStore:
             code,
             file,
         )
-        return State(_text(reply[1])) if StepReply(_text(reply[0])) is StepReply.OK else None
-
-    def requeue_expired(self, task_ids: list[str], *, now: float, max_attempts: int) -> list[RequeueReply | Exception]:
-        """Take back tasks whose lease ran out, in one pipelined round trip; for each: ``queued``,
-        ``dead``, ``skip`` (renewed or ended meanwhile), or the error its script raised (an
-        unreadable record). A Redis outage raises, as for any call."""
-        pipe = self.client.pipeline(transaction=False)
-        for task_id in task_ids:
-            self._call("requeue", [self.task_key(task_id), self.leases_key], task_id, now, max_attempts, client=pipe)
-        replies = pipe.execute(raise_on_error=False)
-        return [r if isinstance(r, Exception) else RequeueReply(_text(r[0])) for r in replies]
-
-    def rescue_candidates(self, *, now: float, grace_seconds: float, limit: int = 1000) -> list[str]:
-        """Queued tasks past their not-before time by ``grace_seconds``: maybe their message is lost.
-
-        Each is returned at most once per grace period, so a long backlog is not flooded.
-        """
-        reply = self._call("rescue", [self.state_key(State.QUEUED)], now, grace_seconds, limit)
-        return [_text(v) for v in reply]
-
-    def prune_ended(self, *, cutoff: float, limit: int = 500) -> list[tuple[str, State]]:
-        """Delete records of tasks that ended before ``cutoff``, one batch of up to ``limit`` per
-        final state (see ``prune_batch``); return (id, state) of each."""
-        pruned: list[tuple[str, State]] = []
-        for state in sorted(FINAL_STATES):
-            pruned += self.prune_batch(state, cutoff=cutoff, limit=limit)[0]
-        return pruned
-
-    def which_exist(self, task_ids: list[str]) -> list[bool]:
-        """For each id, whether its task record exists (one pipelined round trip)."""
-        pipe = self.client.pipeline(transaction=False)
-        for task_id in task_ids:
-            pipe.exists(self.task_key(task_id))
-        return [bool(n) for n in pipe.execute()]
-
-    def hold_leadership(self, candidate: str, ttl_seconds: float) -> bool:
-        """Renew or take the supervisor leader lock; True while ``candidate`` holds it."""
-        return bool(self._call("leader", [self.leader_key], candidate, int(ttl_seconds * 1000)))
-
-    def resign(self, candidate: str) -> None:
-        self._call("resign", [self.leader_key], candidate)
-
-    def leader_lock(self) -> tuple[str | None, float | None]:
-        """Who holds the supervisor leader lock and how long it has left in seconds (None: no
-        expiry), in one round trip; (None, None) when nobody holds it."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(self.leader_key)
-        pipe.pttl(self.leader_key)
-        holder, pttl = pipe.execute()
-        if holder is None:
-            return None, None
-        return _text(holder), (pttl / 1000 if pttl >= 0 else None)
-
-    def leader(self) -> str | None:
-        value = self.client.get(self.leader_key)
-        return _text(value) if value is not None else None
+        return State(text_of(reply[1])) if StepReply(text_of(reply[0])) is StepReply.OK else None
 
     def enter_finalize(
         self,
@@ -491,53 +328,19 @@ class TaskStore:
         ``token`` is ``stale``."""
         keys = [self.task_key(task_id), self.leases_key]
         reply = self._call("enter_finalize", keys, task_id, token, now, lease_seconds, limit, due, failing_since)
-        outcome = StepReply(_text(reply[0]))
+        outcome = StepReply(text_of(reply[0]))
         return outcome, int(reply[1]) if outcome is not StepReply.STALE else token
 
     def park(self, task_id: str, token: int, *, now: float, due: float, failing_since: float, error: str) -> int | None:
         """Park a finalizing task while its storage or receiver is down, until ``due``, without
         a lease; return the token for its next finalize message, or None when ``token`` is stale."""
         reply = self._call("park", [self.task_key(task_id)], task_id, token, now, due, failing_since, error)
-        return int(reply[1]) if StepReply(_text(reply[0])) is StepReply.OK else None
-
-    def lost_finalizes(self, *, now: float, grace_seconds: float, limit: int = 1000) -> list[tuple[str, int, float]]:
-        """Resting finalizing tasks whose message is overdue by ``grace_seconds`` (it is lost):
-        (id, token, failing since) for each, to send the message again; each once per grace."""
-        reply = self._call("finalize_resend", [f"{self.prefix}resting"], now, grace_seconds, limit)
-        triples = zip(reply[::3], reply[1::3], reply[2::3], strict=True)
-        return [(_text(task_id), int(token), float(since)) for task_id, token, since in triples]
-
-    def claims_sent(self, task_ids: Sequence[str]) -> None:
-        """The claim messages of these requeued tasks went out (see ``unsent_claims``)."""
-        if task_ids:
-            self.client.zrem(f"{self.prefix}outbox:claim", *task_ids)
-
-    def unsent_claims(self, *, before: float, limit: int = 1000) -> list[str]:
-        """Tasks requeued before ``before`` whose claim message was never confirmed sent (the
-        supervisor lost Redis or died between the requeue and the send)."""
-        found = self.client.zrangebyscore(f"{self.prefix}outbox:claim", "-inf", before, start=0, num=limit)
-        return [_text(v) for v in found]
-
-    def slots_in_use(self, now: float) -> dict[str, int]:
-        """Live slots per slot set (download, finalize, each host): the sets ``slotkeys`` lists
-        that exist (an emptied set's key is gone), in two round trips whatever the keyspace
-        holds, never a scan."""
-        keys = sorted(_text(k) for k in self.client.smembers(f"{self.prefix}slotkeys"))
-        pipe = self.client.pipeline(transaction=False)
-        for key in keys:
-            pipe.zcount(key, now, "+inf")
-            pipe.exists(key)
-        replies = pipe.execute()
-        counted = zip(keys, replies[::2], replies[1::2], strict=True)
-        return {key.removeprefix(f"{self.prefix}slots:"): int(n) for key, n, present in counted if present}
-
-    def staged_bytes(self) -> int:
-        return int(self.client.get(f"{self.prefix}staged:total") or 0)
+        return int(reply[1]) if StepReply(text_of(reply[0])) is StepReply.OK else None
 
     def cancel(self, task_id: str, now: float) -> CancelReply:
         """Cancel a task that has not ended, unless its completion is being announced (then the
         backend may already hold task.completed, so the task must end done)."""
-        return CancelReply(_text(self._call("cancel", [self.task_key(task_id), self.leases_key], task_id, now)[0]))
+        return CancelReply(text_of(self._call("cancel", [self.task_key(task_id), self.leases_key], task_id, now)[0]))
 
     def announce(self, task_id: str, token: int, *, now: float, lease_seconds: float) -> float | None:
         """Record that task.completed is about to be delivered (its lease renewed); return the
@@ -549,11 +352,11 @@ class TaskStore:
         ending it dead, so the same event is delivered again and never followed by task.failed.
         """
         reply = self._call("announce", [self.task_key(task_id), self.leases_key], task_id, token, now, lease_seconds)
-        return float(reply[1]) if StepReply(_text(reply[0])) is StepReply.OK else None
+        return float(reply[1]) if StepReply(text_of(reply[0])) is StepReply.OK else None
 
     def retry(self, task_id: str, now: float) -> RetryReply:
         """Give an ended (failed/dead/canceled) task fresh attempts."""
-        return RetryReply(_text(self._call("retry", [self.task_key(task_id)], task_id, now)[0]))
+        return RetryReply(text_of(self._call("retry", [self.task_key(task_id)], task_id, now)[0]))
 
     def begin_notice(self, task_id: str, seq: int | None, *, busy_until: float) -> NoticeTry:
         """Take one try at the notice the task owes, if ``seq`` is what its chain waits for
@@ -561,9 +364,9 @@ class TaskStore:
         reply = self._call(
             "notify_begin", [self.task_key(task_id), self.notify_key], task_id, "" if seq is None else seq, busy_until
         )
-        if _text(reply[0]) != "go":
-            return NoticeTry(skipped=_text(reply[1]))
-        return NoticeTry(seq=int(reply[1]), tries=int(reply[2]), run=int(_text(reply[3])))
+        if text_of(reply[0]) != "go":
+            return NoticeTry(skipped=text_of(reply[1]))
+        return NoticeTry(seq=int(reply[1]), tries=int(reply[2]), run=int(text_of(reply[3])))
 
     def notice_later(self, task_id: str, seq: int, *, due: float) -> bool:
         """Try ``seq`` failed: the next one is due at ``due``. False when the chain moved on or
@@ -575,15 +378,6 @@ class TaskStore:
         the chain's latest try ``seq``); True when it was owed until now."""
         keys = [self.task_key(task_id), self.notify_key]
         return bool(self._call("notify_end", keys, task_id, run, "" if seq is None else seq))
-
-    def lost_notices(self, *, now: float, grace_seconds: float, limit: int = 1000) -> list[tuple[str, int | None]]:
-        """Owed notices whose next try is overdue by ``grace_seconds`` (their message is lost),
-        each with the sequence number to send it again with; each returned once per grace."""
-        reply = self._call("notify_resend", [self.notify_key], now, grace_seconds, limit)
-        pairs = zip(reply[::2], reply[1::2], strict=True)
-        return [(_text(task_id), int(_text(seq)) if _text(seq) else None) for task_id, seq in pairs]
-
-    # -- reads ------------------------------------------------------------------------------
 
     def get(self, task_id: str) -> Task | None:
         pipe = self.client.pipeline(transaction=False)
@@ -598,7 +392,7 @@ class TaskStore:
     def id_by_key(self, key: str) -> str | None:
         """The id of the task an idempotency key names now (the newest, after a replace)."""
         found = self.client.get(f"{self.prefix}key:{key}")
-        return _text(found) if found is not None else None
+        return text_of(found) if found is not None else None
 
     def counts(self) -> dict[State, int]:
         """Tasks per state, from the per-state sets (one pipelined round trip)."""
@@ -607,51 +401,14 @@ class TaskStore:
             pipe.zcard(self.state_key(state))
         return dict(zip(State, (int(n) for n in pipe.execute()), strict=True))
 
-    def expired(self, now: float, limit: int = 1000) -> list[str]:
-        """Tasks whose lease deadline is past, oldest first: O(log n + found), never a scan."""
-        return [_text(v) for v in self.client.zrangebyscore(self.leases_key, "-inf", now, start=0, num=limit)]
-
     def ids(self, state: State, limit: int = 100) -> list[str]:
         """The most recent task ids in ``state``, newest first."""
-        return [_text(v) for v in self.client.zrevrange(self.state_key(state), 0, limit - 1)]
-
-    def finalizing_and_parked(self) -> tuple[int, int]:
-        """Tasks finalizing, and how many of them are parked (their storage or receiver is
-        down), read in one round trip: the difference is the backlog that pauses claims."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zcard(self.state_key(State.FINALIZING))
-        pipe.zcard(f"{self.prefix}parked")
-        finalizing, parked = pipe.execute()
-        return int(finalizing), int(parked)
-
-    def dead_total(self) -> int:
-        """Tasks that became dead ever (``stats:dead``, counted by set_state in _lib.lua)."""
-        return int(self.client.get(f"{self.prefix}stats:dead") or 0)
-
-    def claims_refused(self) -> dict[str, int]:
-        """Claims answered ``full`` ever, by reason (``stats:refused``, kept by claim.lua)."""
-        counts: dict[Any, Any] = self.client.hgetall(f"{self.prefix}stats:refused")
-        return {_text(reason): int(n) for reason, n in counts.items()}
-
-    def prune_batch(
-        self, state: State, *, cutoff: float, limit: int, skip: int = 0
-    ) -> tuple[list[tuple[str, State]], int, bool]:
-        """Delete up to ``limit`` records of tasks that ended in ``state`` before ``cutoff``, in
-        one script call (prune.lua lists what goes with each and what is kept).
-
-        Returns (id, state) of each deleted record; how many entries that ended before the
-        cutoff were kept (a notice still owed, say), to pass as ``skip`` to the sweep's next
-        batch; and whether more may be left. It looks at 4 x ``limit`` entries at most, so a
-        long run of kept records at the head of the set is crossed in bounded steps.
-        """
-        reply = self._call("prune", [self.state_key(state)], cutoff, max(limit, 1), 4 * max(limit, 1), skip)
-        pairs = zip(reply[2::2], reply[3::2], strict=True)
-        return [(_text(task_id), State(_text(s))) for task_id, s in pairs], int(reply[0]), bool(reply[1])
+        return [text_of(v) for v in self.client.zrevrange(self.state_key(state), 0, limit - 1)]
 
 
 def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str, resting_until: float = 0.0) -> Task:
     """A Task from its hash fields and its spec JSON, as stored."""
-    data = {_text(k): _text(v) for k, v in raw.items()}
+    data = {text_of(k): text_of(v) for k, v in raw.items()}
     described = json.loads(described_json)
     spec = TaskSpec(
         files=files_from_json(described["files"]),

@@ -20,7 +20,7 @@ from actors.messages import QUEUES
 from actors.notify import MIN_PAUSE_SECONDS, try_seconds
 from actors.registry import WorkerInfo, WorkerLimits
 from actors.settings import Settings
-from actors.store import REDIS_SOCKET_TIMEOUT_SECONDS
+from actors.store_base import REDIS_SOCKET_TIMEOUT_SECONDS
 
 #: Each limit a worker registers, with the variable that sets it.
 LIMIT_VARIABLES = (

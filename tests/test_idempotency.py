@@ -10,9 +10,9 @@ import pytest
 
 from actors.client import Client
 from actors.manifest import spec_from_manifest
-from actors.states import State
+from actors.states import RetryReply, State
 from actors.store import TaskStore
-from actors.task import KeyConflict
+from actors.task import KeyConflict, Task
 from tests.conftest import end_task
 from tests.processes import haul_cli as haul
 
@@ -102,3 +102,46 @@ def test_haul_submit_replace(store: TaskStore) -> None:
     assert new_id != task_id
     status = json.loads(haul("status", "--key", "order-7", "--json").stdout)
     assert status["id"] == new_id and status["files"][0]["url"] == "https://cdn.example.com/b.mp4"
+
+
+def test_a_replace_retried_after_a_lost_answer_gets_the_task_it_made(store: TaskStore) -> None:
+    # Given an order whose task failed, and its correction submitted with replace
+    old, _ = store.create(spec_from_manifest(order(size=4)), now=NOW)
+    ended(store, old, State.FAILED)
+    new, created = store.create(spec_from_manifest(order(size=3)), now=NOW + 2, replace=True)
+    assert created
+    # When the backend, its answer lost, sends the same call again (also once that task failed)
+    assert store.create(spec_from_manifest(order(size=3)), now=NOW + 3, replace=True) == (new, False)
+    ended(store, new, State.FAILED)
+    # Then it gets that task each time, never a KeyConflict or a third task
+    assert store.create(spec_from_manifest(order(size=3)), now=NOW + 4, replace=True) == (new, False)
+
+
+def test_a_different_request_whose_old_task_is_pruned_meanwhile_creates_a_task(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a key whose task ended long ago, its task.failed delivered
+    first, _ = store.create(spec_from_manifest(order(size=4)), now=NOW)
+    ended(store, first, State.FAILED)
+    assert store.end_notice(first, 0)
+    real_get = store.get
+
+    def pruned_first(task_id: str) -> Task | None:  # prune runs between the script and this read
+        store.prune_ended(cutoff=NOW + 100)
+        return real_get(task_id)
+
+    # When a different request under the key races that prune
+    monkeypatch.setattr(store, "get", pruned_first)
+    task_id, created = store.create(spec_from_manifest(order(size=3)), now=NOW + 200)
+    # Then the key, free again, names a new task: the request is neither dropped nor refused
+    assert created and task_id != first and store.id_by_key("order-982") == task_id
+
+
+def test_a_replaced_task_is_not_retried_so_one_key_never_has_two_live_tasks(store: TaskStore) -> None:
+    old, _ = store.create(spec_from_manifest(order(size=4)), now=NOW)
+    ended(store, old, State.FAILED)
+    new, _ = store.create(spec_from_manifest(order(size=3)), now=NOW + 2, replace=True)
+    assert store.retry(old, NOW + 3) is RetryReply.REPLACED
+    assert store.get(old).state is State.FAILED  # type: ignore[union-attr]
+    answer = haul("retry", old)
+    assert answer.returncode == 3 and f"replaced under key 'order-982' by task {new}" in answer.stderr

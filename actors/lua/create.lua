@@ -21,8 +21,13 @@ if KEYS[3] then
   if existing then
     local t = redis.call('HMGET', prefix .. 'task:' .. existing, 'state', 'request_hash')
     if t[1] then  -- a key naming a record that is gone is free again
+      -- The same request again is answered with its task, replace or not: a backend retrying
+      -- a replace whose answer it lost gets the task that replace made, not a third one.
+      if t[2] == ARGV[5] then
+        return {existing, 'same'}
+      end
       if ARGV[6] ~= '1' then
-        return {existing, (t[2] == ARGV[5]) and 'same' or 'different'}
+        return {existing, 'different'}
       end
       if not is_retryable(t[1]) then
         return {existing, 'not_replaceable', t[1]}

@@ -6,14 +6,23 @@
 -- ARGV[1]  prefix
 -- ARGV[2]  task id
 -- ARGV[3]  now (seconds)
--- Returns {'ok', run} | {'missing'} | {'not_ended', state}
+-- Returns {'ok', run} | {'missing'} | {'not_ended', state} | {'replaced', the task its key names}
+-- A task whose idempotency key was given to a corrected request (create.lua, replace) stays
+-- ended: retrying it would put two live tasks, old and new request, under one key.
 local id, now = ARGV[2], tonumber(ARGV[3])
-local state = redis.call('HGET', KEYS[1], 'state')
+local t = redis.call('HMGET', KEYS[1], 'state', 'key')
+local state = t[1]
 if not state then
   return {'missing'}
 end
 if not is_retryable(state) then
   return {'not_ended', state}
+end
+if t[2] and t[2] ~= '' then
+  local holder = redis.call('GET', prefix .. 'key:' .. t[2])
+  if holder and holder ~= id then
+    return {'replaced', holder}
+  end
 end
 next_token(KEYS[1])
 local run = redis.call('HINCRBY', KEYS[1], 'run', 1)

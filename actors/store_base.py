@@ -1,0 +1,129 @@
+"""The store's ground floor: haul's Redis keys, its Lua scripts and the connection options.
+
+Each operation that reads then writes is one Lua script in ``actors/lua/`` (its header lists
+KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
+
+    haul:task:<id>       hash: the task's state, attempts, token, lease, progress, ...
+    haul:spec:<id>       string: what it asks for (JSON: files, name, webhook, accept)
+    haul:key:<key>       string: idempotency key -> task id
+    haul:state:<state>   sorted set: task ids in that state, by time of entry
+    haul:leases          sorted set: task ids holding a lease, by deadline
+    haul:notify          sorted set: failed/dead/canceled tasks whose task.failed or task.canceled is
+                         owed, by when its next try is due (see actors/notify.py)
+    haul:supervisor:leader  string with TTL: the supervisor replica that runs the sweeps
+    haul:slots:<stage>   sorted sets: stage slots, by the lease deadline of their holder
+    haul:slotkeys        set: the slot sets that exist (read by /metrics instead of a scan)
+    haul:staged          hash: bytes each sandbox holds (and haul:staged:total, their sum)
+    haul:resting         sorted set: finalizing tasks between runs, by when their message is due
+    haul:parked          sorted set: of those, the ones parked while storage or receiver is down
+    haul:outbox:claim    sorted set: tasks queued again whose claim message is not confirmed sent
+    haul:stats:dead      counter: tasks that ever went dead (haul_dead_tasks_total)
+    haul:stats:refused   hash: claims answered full, by reason (haul_claims_refused_total)
+
+Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter. The
+operations are :class:`actors.store.TaskStore` (a task's runs and reads) on top of
+:class:`actors.store_sweeps.SweepStore` (what the supervisor's sweeps and metrics need).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any, Self
+
+import redis
+
+from actors.states import State
+
+DEFAULT_PREFIX = "haul:"
+
+#: Every Redis call gives up after this long (seconds): a half-open connection (a dead peer, a
+#: dropped NAT entry) must not block a sweep or a lease renewal for the minutes TCP takes to
+#: notice. Every script haul runs is bounded, so a healthy Redis answers in milliseconds.
+REDIS_SOCKET_TIMEOUT_SECONDS = 10.0
+REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def redis_options() -> dict[str, Any]:
+    """Connection options for every Redis client haul makes (the store and the broker)."""
+    return {
+        "socket_timeout": REDIS_SOCKET_TIMEOUT_SECONDS,
+        "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_SECONDS,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+    }
+
+
+def _load_script(name: str) -> str:
+    folder = resources.files("actors") / "lua"
+    return (folder / "_lib.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+
+
+def text_of(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class StoreBase:
+    """The keys, under one prefix, and the scripts; the only code besides the worker registry
+    that knows haul's Redis layout is this class and its two subclasses."""
+
+    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+        self._scripts = {
+            name: client.register_script(_load_script(name))
+            for name in (
+                "create",
+                "claim",
+                "advance",
+                "heartbeat",
+                "release",
+                "cancel",
+                "retry",
+                "requeue",
+                "rescue",
+                "prune",
+                "leader",
+                "resign",
+                "enter_finalize",
+                "announce",
+                "notify_begin",
+                "notify_later",
+                "notify_end",
+                "notify_resend",
+                "park",
+                "finalize_resend",
+            )  # fmt: skip
+        }
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = DEFAULT_PREFIX) -> Self:
+        return cls(redis.Redis.from_url(url, **redis_options()), prefix)
+
+    def task_key(self, task_id: str) -> str:
+        return f"{self.prefix}task:{task_id}"
+
+    def spec_key(self, task_id: str) -> str:
+        """What the task asks for (files, name, webhook), apart from the hash: a long value would
+        turn the whole hash from Redis's compact encoding into a hash table (3x the memory)."""
+        return f"{self.prefix}spec:{task_id}"
+
+    def state_key(self, state: State) -> str:
+        return f"{self.prefix}state:{state.value}"
+
+    @property
+    def leases_key(self) -> str:
+        return f"{self.prefix}leases"
+
+    @property
+    def notify_key(self) -> str:
+        return f"{self.prefix}notify"
+
+    @property
+    def leader_key(self) -> str:
+        return f"{self.prefix}supervisor:leader"
+
+    def _call(self, name: str, keys: list[str], *args: Any, client: Any = None) -> Any:
+        """Run a script (or queue it on a pipeline ``client``); times (floats) go as
+        milliseconds-precise text, which is all we need."""
+        texts = [f"{a:.3f}" if isinstance(a, float) else a for a in args]
+        return self._scripts[name](keys=keys, args=[self.prefix, *texts], client=client)
