@@ -30,14 +30,15 @@ def end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
     reached = rt.store.release(
         task.id, token, end.target, now=now, error=end.error, not_before=now + end.delay_seconds,
         max_attempts=rt.settings.max_attempts, refund=end.refund, code=end.code, file=end.file,
+        notes=(end.retry_note, end.dead_note),
     )  # fmt: skip
     stage = task.state.value if task.state.active else "download"
     if end.refund:
         log.info("task %s: handed back (worker stopping), %s", task.id, reached)
         return Outcome(Next.RETRY) if reached is State.QUEUED else NOTHING
     if reached is State.QUEUED:
-        log.warning("task %s: attempt %d failed, retrying in %.1fs: %s", task.id, task.attempts, end.delay_seconds,
-                    end.error)  # fmt: skip
+        log.warning("task %s: attempt %d failed, retrying in %.1fs: %s%s", task.id, task.attempts,
+                    end.delay_seconds, end.error, end.retry_note)  # fmt: skip
         return Outcome(Next.RETRY, delay_seconds=end.delay_seconds)
     if reached is State.FAILED:
         log.error("task %s: failed: %s", task.id, end.error)
@@ -45,8 +46,8 @@ def end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
                     origin_host=origin_host(task))  # fmt: skip
         return Outcome(Next.NOTIFY)
     if reached is State.DEAD:
-        log.error("task %s: dead after %d attempts: %s", task.id, task.attempts, end.error)
-        report_task(f"task {task.id} is dead after {task.attempts} attempts: {end.error}", kind="dead",
+        log.error("task %s: dead after %d attempts: %s%s", task.id, task.attempts, end.error, end.dead_note)
+        report_task(f"task {task.id} is dead after {task.attempts} attempts: {end.error}{end.dead_note}", kind="dead",
                     task_id=task.id, stage=stage, attempt=task.attempts, origin_host=origin_host(task))  # fmt: skip
         return Outcome(Next.NOTIFY)
     return NOTHING

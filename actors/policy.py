@@ -50,6 +50,9 @@ class RunEnd:
     refund: bool = False
     #: The exception was not one of haul's: a bug, logged with its traceback.
     unexpected: bool = False
+    #: Appended to ``error`` by the store when the task stays queued, or when it turns dead.
+    retry_note: str = ""
+    dead_note: str = ""
 
 
 def end_of_run(exc: Exception, task: Task, timing: RetryTiming, *, stopping: bool, rng: random.Random) -> RunEnd:
@@ -57,8 +60,9 @@ def end_of_run(exc: Exception, task: Task, timing: RetryTiming, *, stopping: boo
 
     Permanent errors fail the task; everything else queues it again with backoff (at least an
     origin's Retry-After). The store turns that ``queued`` into ``dead`` once the attempts are
-    used, unless the run's completion is being announced; the message says which will happen,
-    so a dead task's error never promises a retry.
+    used, unless the run's completion is being announced (which a lost reply can hide from this
+    run), so the store, not this function, appends the note that says which happened: a dead
+    task's error never promises a retry, and a queued one never says its attempts are used.
     """
     if isinstance(exc, LeaseLost):
         return RunEnd(None)
@@ -76,11 +80,11 @@ def end_of_run(exc: Exception, task: Task, timing: RetryTiming, *, stopping: boo
     else:
         message = f"task {task.id}: internal error {type(exc).__name__}: {exc} (see the worker log)"
         code, file = TransientError.code, ""
-    if attempt >= timing.max_attempts and not task.announced:
-        message += f"; all {timing.max_attempts} attempts are used"
-    else:
-        message += f"; will retry (attempt {attempt} of {timing.max_attempts})"
-    return RunEnd(State.QUEUED, message, code, file, delay, unexpected=not isinstance(exc, HaulError))
+    return RunEnd(
+        State.QUEUED, message, code, file, delay, unexpected=not isinstance(exc, HaulError),
+        retry_note=f"; will retry (attempt {attempt} of {timing.max_attempts})",
+        dead_note=f"; all {timing.max_attempts} attempts are used",
+    )  # fmt: skip
 
 
 def slot_wait(waited: float = 0.0, rng: random.Random | None = None) -> float:

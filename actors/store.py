@@ -288,8 +288,12 @@ class TaskStore(SweepStore):
         refund: bool = False,
         code: str = "",
         file: str = "",
+        notes: tuple[str, str] = ("", ""),
     ) -> State | None:
         """End the current run in ``target``; ``queued`` turns ``dead`` once attempts are used.
+
+        ``notes`` (for ``queued``): what to append to ``error`` when the task stays queued, and
+        when it turns dead instead; the store decides which, so the text follows the outcome.
 
         ``refund`` gives the attempt back (a graceful stop handed the task over); ``code`` is the
         error's machine-readable code (actors/errors.py), kept as ``error_code``, and ``file``
@@ -309,6 +313,7 @@ class TaskStore(SweepStore):
             "1" if refund else "0",
             code,
             file,
+            *notes,
         )
         return State(text_of(reply[1])) if StepReply(text_of(reply[0])) is StepReply.OK else None
 

@@ -243,3 +243,25 @@ def test_a_run_announced_by_an_older_release_gets_its_announcement_time(store: T
     store.client.hset(store.task_key(task_id), "announcing", "0")
     # ... the next announcement records one, instead of failing every run after it
     assert store.announce(task_id, token, now=NOW + 5, lease_seconds=30) == NOW + 5
+
+
+def test_the_error_of_a_run_ending_queued_says_what_the_store_did(store: TaskStore) -> None:
+    notes = ("; will retry (attempt 3 of 3)", "; all 3 attempts are used")
+    # A last attempt ends dead, and its error says the attempts are used
+    ended, _ = store.create(SPEC, now=NOW)
+    store.claim(ended, worker="w", now=NOW, lease_seconds=30, max_attempts=1)
+    run = store.get(ended)
+    assert run is not None
+    reached = store.release(ended, run.token, State.QUEUED, now=NOW + 1, error="503", max_attempts=1, notes=notes)
+    dead = store.get(ended)
+    assert reached is State.DEAD and dead is not None and dead.error == "503; all 3 attempts are used"
+    # An announced last attempt (its run may not know: the reply was lost) stays queued, and says so
+    other = spec_from_urls(["https://cdn.example.com/b.mp4"])
+    announced, _ = store.create(other, now=NOW)
+    claimed = store.claim(announced, worker="w", now=NOW, lease_seconds=30, max_attempts=1, start=State.DOWNLOADING)
+    store.finish_download(announced, claimed.token, now=NOW, lease_seconds=30, progress=(1, 1, 1), finalize_limit=0)
+    assert store.announce(announced, claimed.token, now=NOW, lease_seconds=30) is not None
+    reached = store.release(announced, claimed.token, State.QUEUED, now=NOW + 1, error="reset", max_attempts=1,
+                            notes=notes)  # fmt: skip
+    kept = store.get(announced)
+    assert reached is State.QUEUED and kept is not None and kept.error == "reset; will retry (attempt 3 of 3)"

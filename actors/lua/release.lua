@@ -12,6 +12,8 @@
 -- ARGV[9]  '1' to give the attempt back (a graceful stop handed the task over; not its fault)
 -- ARGV[10] (optional) error code, machine-readable ('' for none): see actors/errors.py
 -- ARGV[11] (optional) the path of the file the error is about ('' for none)
+-- ARGV[12] (optional) appended to the error when a run ending 'queued' stays queued
+-- ARGV[13] (optional) appended to the error when it turns 'dead' instead (attempts used)
 -- Returns {'ok', state reached} | {'stale', current state or ''}
 -- A run whose completion is being announced (announcing(), see announce.lua) that ends in
 -- 'queued' stays queued whatever its attempts: dead would send task.failed for a run whose
@@ -37,7 +39,11 @@ if target == 'done' then
   set_staged(id, 0)  -- the sandbox is removed right after
 end
 set_state(KEYS[1], id, t[1], target, now)
-redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', ARGV[6], 'not_before', (target == 'queued') and ARGV[7] or 0,
+local error = ARGV[6]
+if ARGV[4] == 'queued' then  -- the note follows what happened, not what the caller guessed
+  error = error .. (((target == 'dead') and ARGV[13] or ARGV[12]) or '')
+end
+redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', error, 'not_before', (target == 'queued') and ARGV[7] or 0,
   'error_code', ARGV[10] or '', 'error_file', ARGV[11] or '')
 redis.call('ZREM', KEYS[2], id)
 return {'ok', target}
