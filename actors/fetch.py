@@ -260,9 +260,11 @@ class SpeedFloor:
         self.start, self.bytes = time.monotonic(), 0
 
     def passed(self, n: int) -> None:
+        if not self.rules.lowest_speed_bytes:  # off: nothing to count on the hot path
+            return
         self.bytes += n
         elapsed = time.monotonic() - self.start
-        if not self.rules.lowest_speed_bytes or elapsed < self.rules.lowest_speed_seconds:
+        if elapsed < self.rules.lowest_speed_seconds:
             return
         speed = self.bytes / elapsed
         if speed < self.rules.lowest_speed_bytes:
