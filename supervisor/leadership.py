@@ -36,7 +36,9 @@ ELECTIONS_PER_LOCK = 3
 #: by its own clock (the rest absorbs drift against Redis's clock), like a worker's lease fence.
 LOCK_SAFETY = 0.8
 #: Sweeps whose running too long costs the lock (prune may remove large sandboxes: left out).
-WATCHED_SWEEPS = ("requeue_stuck", "rescue_orphans", "resend_finalizes", "resend_notices", "watch_workers")
+WATCHED_SWEEPS = (
+    "requeue_stuck", "rescue_orphans", "resend_finalizes", "resend_notices", "watch_workers", "check_config",
+)  # fmt: skip
 #: A standby sees the holder's lock as renewed once its expiry moved on by more than this (seconds).
 RENEWAL_EPSILON_SECONDS = 0.05
 

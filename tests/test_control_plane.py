@@ -125,7 +125,7 @@ def test_a_sweep_starts_only_while_the_lock_is_held(fast: Any, store: TaskStore)
     assert a.is_leader
     store.client.set(store.leader_key, "b", px=5000)
     # When its sweep comes, it acts on nothing
-    a.requeue_stuck()
+    a.jobs.requeue_stuck()
     assert sent == []
     # Given a leader whose last renewal is older than the lock's safe share by its own clock
     # (its process was paused), though Redis still names it
@@ -135,10 +135,33 @@ def test_a_sweep_starts_only_while_the_lock_is_held(fast: Any, store: TaskStore)
     assert c.is_leader
     time.sleep(c.lock_seconds * 0.85)
     assert store.leader() == "c"
-    c.requeue_stuck()
+    c.jobs.requeue_stuck()
     assert sent == []
     task = store.get(task_id)
     assert task is not None and task.state is State.CLAIMED  # nothing was touched
+
+
+def test_no_sweep_job_runs_while_another_replica_holds_the_lock(fast: Any, store: TaskStore) -> None:
+    sent: list[str] = []
+    expired_task(store)
+    # Given a replica that lost the election to another
+    store.client.set(store.leader_key, "b", px=5000)
+    a = Supervisor(fast, store, ClaimsOnly(sent.append), node_id="a")
+    a.elect()
+    assert not a.is_leader
+    # When each of its jobs comes: none of them sweeps, sends or records a run
+    for job, run in a.jobs.by_name().items():
+        run()
+        assert a.metrics.registry.get_sample_value("haul_sweep_duration_seconds_count", {"job": job}) is None, job
+    assert sent == []
+    # ... while as leader every one of them runs, each under its own name
+    store.client.delete(store.leader_key)
+    a.elect()
+    assert a.is_leader
+    for job, run in a.jobs.by_name().items():
+        run()
+        assert a.metrics.registry.get_sample_value("haul_sweep_duration_seconds_count", {"job": job}) == 1, job
+    assert len(sent) == 1
 
 
 class StallingProxy:
@@ -345,7 +368,7 @@ def test_a_managed_redis_without_config_is_reported_as_unknown_not_as_a_problem(
     try:
         sup = Supervisor(fast, store, ClaimsOnly(), node_id="a")
         sup.elect()
-        sup.requeue_stuck()
+        sup.jobs.requeue_stuck()
         healthy, body = sup.health()
         assert healthy, body
         assert str(body.get("persistence")).startswith("unknown: CONFIG is disabled"), body

@@ -727,7 +727,7 @@ def bench_prune(bench: Bench, records: int = 20_000) -> dict[str, Any]:
     from actors.states import State
     from actors.store import TaskStore
     from supervisor import sweeps
-    from supervisor.daemon import PRUNE_SECONDS
+    from supervisor.jobs import PRUNE_SECONDS
 
     client = redis.Redis(port=bench.redis_port, db=3)
     store = TaskStore(client)

@@ -1,0 +1,49 @@
+"""The configuration check: haul's limits and timing against the registered workers, and
+whether Redis keeps what it acknowledged.
+
+A limit or timing problem is logged and sent to Sentry once, when it appears; a persistence
+problem is a health problem instead (``/healthz`` says it, and its incident is the Sentry
+event), so it is kept here for :mod:`supervisor.health` to read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from actors.registry import WorkerRegistry
+from actors.settings import Settings
+from actors.store import TaskStore
+from supervisor import alerts, limits
+from supervisor.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class ConfigCheck:
+    """What the last check found, and which problems were already reported."""
+
+    def __init__(self, settings: Settings, store: TaskStore, registry: WorkerRegistry, metrics: Metrics) -> None:
+        self.settings, self.store, self.registry, self.metrics = settings, store, registry, metrics
+        #: Redis's persistence as last read, or None before the first read.
+        self.persistence: limits.Persistence | None = None
+        self._reported: set[str] = set()
+
+    def run(self) -> list[str]:
+        """Every problem found now (limits, timing, persistence); new ones are logged."""
+        problems = limits.check(self.settings, self.registry.workers())
+        self.check_persistence()
+        persistence = list(self.persistence.problems) if self.persistence is not None else []
+        self.metrics.config_problems.set(len(problems) + len(persistence))
+        for problem in problems + persistence:
+            if problem not in self._reported:
+                log.error("configuration: %s", problem)
+                if problem in problems:
+                    alerts.config_problem(problem)
+        self._reported = set(problems + persistence)
+        return problems + persistence
+
+    def check_persistence(self) -> None:
+        self.persistence = limits.redis_persistence(self.store.client)
+
+    def persistence_problems(self) -> tuple[str, ...]:
+        return tuple(self.persistence.problems) if self.persistence is not None else ()
