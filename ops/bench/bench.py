@@ -21,10 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
@@ -76,7 +78,7 @@ pid {self.root}/nginx.pid;
 error_log {self.root}/nginx-error.log;
 events {{ worker_connections 1024; }}
 http {{
-  log_format bench '$msec $request_uri $status $body_bytes_sent';
+  log_format bench '$msec $request_uri $status $body_bytes_sent $request_time';
   access_log {self.root}/access.log bench;
   sendfile on;
   tcp_nopush on;
@@ -131,9 +133,17 @@ http {{
         total = 0
         for line in (self.root / "access.log").read_text().splitlines():
             parts = line.split()
-            if len(parts) == 4 and parts[1] == uri:
+            if len(parts) == 5 and parts[1] == uri:
                 total += int(parts[3])
         return total
+
+    def request_span(self, uri: str) -> tuple[float, float]:
+        """When nginx began and ended serving ``uri`` (its last request; epoch seconds)."""
+        for line in reversed((self.root / "access.log").read_text().splitlines()):
+            parts = line.split()
+            if len(parts) == 5 and parts[1] == uri:
+                return float(parts[0]) - float(parts[4]), float(parts[0])
+        raise LookupError(f"nginx served no {uri}")
 
     def close(self) -> None:
         subprocess.run(["/usr/sbin/nginx", "-c", str(self.root / "nginx.conf"), "-s", "stop"], check=False)
@@ -392,29 +402,41 @@ def bench_end_to_end(bench: Bench) -> dict[str, Any]:
 def bench_cli(bench: Bench) -> dict[str, Any]:
     """12: what a user sees: from starting ``haul submit`` for a 2 GiB file to its webhook's
     arrival, against the loopback ceiling ``curl -o /dev/null`` (alternating, in one run), with
-    HAUL_HASH=none and sha256; and hashlib's own sha256 rate over the same (cached) file."""
+    HAUL_HASH=none and sha256; hashlib's own sha256 rate over the same (cached) file; and where
+    the time goes: the CLI, its claim's pickup until the origin's request, the transfer, and
+    from the transfer's end to the webhook (sync, finalize, delivery)."""
     url = bench.file("cli.bin", 2 * GIB)
     size = 2 * GIB
     result: dict[str, Any] = {}
     for mode in ("none", "sha256"):
         worker = Worker(bench, threads=2, HAUL_HASH=mode)
         env = bench.env(HAUL_HASH=mode)
+        phases: dict[str, list[float]] = {"cli": [], "pickup": [], "transfer": [], "to webhook": []}
 
-        def haul(env: dict[str, str] = env) -> float:
+        def haul(env: dict[str, str] = env, phases: dict[str, list[float]] = phases) -> float:
+            run_url = f"{url}?run={uuid.uuid4().hex}"
             started = time.time()
             submitted = subprocess.run(
-                [sys.executable, "-m", "supervisor.cli", "submit", "--accept", "*/*", url],
+                [sys.executable, "-m", "supervisor.cli", "submit", "--accept", "*/*", run_url],
                 env=env, cwd=REPO, capture_output=True, text=True,
             )  # fmt: skip
+            exited = time.time()
             if submitted.returncode != 0:
                 raise RuntimeError(f"haul submit exited {submitted.returncode}: {submitted.stderr}")
             task_id = submitted.stdout.split()[-1]
             arrived = wait_delivered(bench, task_id)
+            asked, served = bench.request_span(urlsplit(run_url)._replace(scheme="", netloc="").geturl())
+            for phase, seconds in zip(
+                phases, (exited - started, asked - exited, served - asked, arrived - served), strict=True
+            ):
+                phases[phase].append(seconds)
             shutil.rmtree(bench.root / "storage" / task_id, ignore_errors=True)
             return arrived - started
 
         try:
             haul()  # warm: the worker's first task
+            for values in phases.values():
+                values.clear()
             times = ratio_runs(bench.runs, {"haul": haul, "curl": lambda: curl(url, "/dev/null")})
         finally:
             worker.stop()
@@ -423,6 +445,7 @@ def bench_cli(bench: Bench) -> dict[str, Any]:
             med([c / h for h, c in zip(times["haul"], times["curl"], strict=True)]), 2
         )
         result[f"curl -o /dev/null MB/s (beside HAUL_HASH={mode})"] = round(size / med(times["curl"]) / 1e6)
+        result[f"HAUL_HASH={mode} phases s (median)"] = {k: round(med(v), 3) for k, v in phases.items()}
     hashing = []
     for _ in range(bench.runs):
         started = time.perf_counter()
