@@ -1,5 +1,6 @@
-"""Disk I/O of a download: writing large files without a long stall at the end, and hashing
-them as they arrive (or what a resumed ``.part`` already holds).
+"""Disk I/O of a download: opening its ``.part`` without ever cutting one, writing large
+files without a long stall at the end, and hashing them as they arrive (or what a resumed
+``.part`` already holds).
 
 Left alone, Linux keeps a whole 1 GiB file as dirty pages (until 30 s old or 10% of memory),
 so the fsync that makes it durable waits for all of it at once: after the transfer, and for
@@ -15,6 +16,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from actors.errors import PartUnusable, StorageUnavailable
 
 #: Bytes of a resumed ``.part`` hashed per step (the lease is renewed between two).
 HASH_CHUNK_BYTES = 16 * 1024 * 1024
@@ -102,3 +105,36 @@ def hash_file(path: Path, size: int, step: Callable[[], None]) -> Any:
             if not n:
                 return digest
             digest.update(view[:n])
+
+
+def open_part(part: Path, offset: int, where: str) -> int:
+    """The ``.part`` open for writing at ``offset``. A restart writes a new file rather than
+    truncating the old one, and a resume never cuts what it finds: a holder that lost the task
+    without noticing yet keeps writing into its own inode, never into its successor's."""
+    try:
+        if offset:
+            fd = os.open(part, os.O_WRONLY)
+        else:
+            part.unlink(missing_ok=True)
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError as exc:
+        raise PartUnusable(f"{where}: the partial file vanished from staging") from exc
+    except OSError as exc:
+        raise StorageUnavailable(f"{where}: cannot open {part} in staging ({exc.strerror})") from exc
+    if os.fstat(fd).st_size != offset:  # changed since it was measured: never cut it
+        os.close(fd)
+        raise PartUnusable(f"{where}: the partial file changed size in staging")
+    os.lseek(fd, offset, os.SEEK_SET)
+    return fd
+
+
+def write_all(fd: int, chunk: bytes, where: str, position: int) -> None:
+    try:
+        written = os.write(fd, chunk)
+        while written < len(chunk):
+            written += os.write(fd, chunk[written:])
+    except OSError as exc:
+        raise StorageUnavailable(
+            f"{where}: writing to staging failed after {position} bytes ({exc.strerror}); "
+            "free space in HAUL_STAGING_DIR, the bytes so far are kept"
+        ) from exc

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import requests
 import urllib3
 
 from actors.connections import refused_at_connect, shutter_of
-from actors.diskio import Hasher, Writeback, hash_file
+from actors.diskio import Hasher, Writeback, hash_file, open_part, write_all
 from actors.errors import (
     ChecksumMismatch,
     ForbiddenDestination,
@@ -41,6 +40,7 @@ from actors.httprules import (
     NO_RULES,
     REDIRECT_STATUSES,
     FetchRules,
+    SpeedFloor,
     check_status,
     content_coded,
     content_type_accepted,
@@ -196,7 +196,7 @@ class Fetcher:
         path costs a third of the speed on a fast link).
         """
         offset, received = answer.offset, 0
-        fd = _open_part(part, offset, where)
+        fd = open_part(part, offset, where)
         writeback, floor = Writeback(fd, offset), SpeedFloor(rules, where)
         try:
             write_meta(part, answer.validator, where)
@@ -208,7 +208,7 @@ class Fetcher:
                         "(HAUL_MAX_FILE_BYTES / HAUL_MAX_TASK_BYTES)"
                     )
                 floor.passed(len(chunk))
-                _write_all(fd, chunk, where, offset + received)
+                write_all(fd, chunk, where, offset + received)
                 if hasher is not None:
                     hasher.update(chunk)
                 received += len(chunk)
@@ -252,51 +252,6 @@ class Fetcher:
         raise TooManyRedirects(f"{where}: more than {MAX_REDIRECTS} redirects; fix the URL")
 
 
-class SpeedFloor:
-    """Cuts a transfer whose rate stays below HAUL_LOWEST_SPEED_BYTES for a whole window."""
-
-    def __init__(self, rules: FetchRules, where: str) -> None:
-        self.rules, self.where = rules, where
-        self.start, self.bytes = time.monotonic(), 0
-
-    def passed(self, n: int) -> None:
-        if not self.rules.lowest_speed_bytes:  # off: nothing to count on the hot path
-            return
-        self.bytes += n
-        elapsed = time.monotonic() - self.start
-        if elapsed < self.rules.lowest_speed_seconds:
-            return
-        speed = self.bytes / elapsed
-        if speed < self.rules.lowest_speed_bytes:
-            raise OriginUnavailable(
-                f"{self.where}: the origin sent {speed:.0f} bytes/s over {self.rules.lowest_speed_seconds:g}s, "
-                f"below HAUL_LOWEST_SPEED_BYTES={self.rules.lowest_speed_bytes}; cut, the bytes so far kept",
-                code="timeout",
-            )
-        self.start, self.bytes = time.monotonic(), 0
-
-
-def _open_part(part: Path, offset: int, where: str) -> int:
-    """The ``.part`` open for writing at ``offset``. A restart writes a new file rather than
-    truncating the old one, and a resume never cuts what it finds: a holder that lost the task
-    without noticing yet keeps writing into its own inode, never into its successor's."""
-    try:
-        if offset:
-            fd = os.open(part, os.O_WRONLY)
-        else:
-            part.unlink(missing_ok=True)
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileNotFoundError as exc:
-        raise PartUnusable(f"{where}: the partial file vanished from staging") from exc
-    except OSError as exc:
-        raise StorageUnavailable(f"{where}: cannot open {part} in staging ({exc.strerror})") from exc
-    if os.fstat(fd).st_size != offset:  # changed since it was measured: never cut it
-        os.close(fd)
-        raise PartUnusable(f"{where}: the partial file changed size in staging")
-    os.lseek(fd, offset, os.SEEK_SET)
-    return fd
-
-
 def _read(response: requests.Response, coded: bool, where: str, position: int) -> bytes:
     try:
         chunk: bytes = response.raw.read1(CHUNK_BYTES, decode_content=coded)
@@ -305,18 +260,6 @@ def _read(response: requests.Response, coded: bool, where: str, position: int) -
             f"{where}: the transfer broke after {position} bytes ({exc})", code=timeout_code(exc)
         ) from exc
     return chunk
-
-
-def _write_all(fd: int, chunk: bytes, where: str, position: int) -> None:
-    try:
-        written = os.write(fd, chunk)
-        while written < len(chunk):
-            written += os.write(fd, chunk[written:])
-    except OSError as exc:
-        raise StorageUnavailable(
-            f"{where}: writing to staging failed after {position} bytes ({exc.strerror}); "
-            "free space in HAUL_STAGING_DIR, the bytes so far are kept"
-        ) from exc
 
 
 def _verified(

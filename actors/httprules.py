@@ -110,3 +110,27 @@ def request_failure(exc: BaseException) -> str:
     if isinstance(exc, requests.ConnectionError):
         return "connection failed or was reset"
     return type(exc).__name__
+
+
+class SpeedFloor:
+    """Cuts a transfer whose rate stays below HAUL_LOWEST_SPEED_BYTES for a whole window."""
+
+    def __init__(self, rules: FetchRules, where: str) -> None:
+        self.rules, self.where = rules, where
+        self.start, self.bytes = time.monotonic(), 0
+
+    def passed(self, n: int) -> None:
+        if not self.rules.lowest_speed_bytes:  # off: nothing to count on the hot path
+            return
+        self.bytes += n
+        elapsed = time.monotonic() - self.start
+        if elapsed < self.rules.lowest_speed_seconds:
+            return
+        speed = self.bytes / elapsed
+        if speed < self.rules.lowest_speed_bytes:
+            raise OriginUnavailable(
+                f"{self.where}: the origin sent {speed:.0f} bytes/s over {self.rules.lowest_speed_seconds:g}s, "
+                f"below HAUL_LOWEST_SPEED_BYTES={self.rules.lowest_speed_bytes}; cut, the bytes so far kept",
+                code="timeout",
+            )
+        self.start, self.bytes = time.monotonic(), 0

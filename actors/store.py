@@ -95,6 +95,32 @@ class TaskStore(SweepStore):
         canceled names a new task (the old record stays); any other state raises KeyConflict.
         """
         task_id = task_id or uuid.uuid4().hex
+        keys, arguments = self._creation(spec, task_id, now, replace)
+        reply = self._call("create", keys, *arguments)
+        found, outcome = text_of(reply[0]), CreateReply(text_of(reply[1]))
+        first = self.get(found) if outcome is CreateReply.DIFFERENT else None
+        if outcome is CreateReply.DIFFERENT and first is None:  # pruned since: its key is free now
+            reply = self._call("create", keys, *arguments)
+            found, outcome = text_of(reply[0]), CreateReply(text_of(reply[1]))
+            first = self.get(found) if outcome is CreateReply.DIFFERENT else None
+        if outcome is CreateReply.NOT_REPLACEABLE:
+            state = text_of(reply[2])
+            why = "is done" if state == State.DONE else "has not ended"
+            raise KeyConflict(
+                f"key {spec.key!r}: task {found} {why} (state {state}); only a failed, dead or canceled "
+                "task is replaced"
+            )
+        if outcome is CreateReply.DIFFERENT:
+            field = first_difference(first.spec, spec) if first is not None else "the request"
+            if field is not None:  # None: a record stored before request hashes, same request
+                raise KeyConflict(
+                    f"key {spec.key!r} was used for task {found} with a different request: {field} differs; "
+                    "use a new key, or --replace (replace=True) if that task failed, died or was canceled"
+                )
+        return found, outcome is CreateReply.CREATED
+
+    def _creation(self, spec: TaskSpec, task_id: str, now: float, replace: bool) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of create.lua for ``spec`` as task ``task_id``."""
         described: dict[str, Any] = {"files": [f.to_json() for f in spec.files]}
         if spec.name:
             described["name"] = spec.name
@@ -119,29 +145,7 @@ class TaskStore(SweepStore):
             keys.append(f"{self.prefix}key:{spec.key}")
         flat = [item for pair in fields.items() for item in pair]
         spec_json = json.dumps(described, separators=(",", ":"))
-        arguments = [task_id, now, spec_json, request_hash(spec), "1" if replace else "0", *flat]
-        reply = self._call("create", keys, *arguments)
-        found, outcome = text_of(reply[0]), CreateReply(text_of(reply[1]))
-        first = self.get(found) if outcome is CreateReply.DIFFERENT else None
-        if outcome is CreateReply.DIFFERENT and first is None:  # pruned since: its key is free now
-            reply = self._call("create", keys, *arguments)
-            found, outcome = text_of(reply[0]), CreateReply(text_of(reply[1]))
-            first = self.get(found) if outcome is CreateReply.DIFFERENT else None
-        if outcome is CreateReply.NOT_REPLACEABLE:
-            state = text_of(reply[2])
-            why = "is done" if state == State.DONE else "has not ended"
-            raise KeyConflict(
-                f"key {spec.key!r}: task {found} {why} (state {state}); only a failed, dead or canceled "
-                "task is replaced"
-            )
-        if outcome is CreateReply.DIFFERENT:
-            field = first_difference(first.spec, spec) if first is not None else "the request"
-            if field is not None:  # None: a record stored before request hashes, same request
-                raise KeyConflict(
-                    f"key {spec.key!r} was used for task {found} with a different request: {field} differs; "
-                    "use a new key, or --replace (replace=True) if that task failed, died or was canceled"
-                )
-        return found, outcome is CreateReply.CREATED
+        return keys, [task_id, now, spec_json, request_hash(spec), "1" if replace else "0", *flat]
 
     def claim(
         self,
