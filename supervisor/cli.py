@@ -37,6 +37,7 @@ EXIT_REFUSED = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and option of ``haul`` (a line or two each, so past 50 lines)."""
     parser = argparse.ArgumentParser(prog="haul", description="Move media from HTTP origins into storage, reliably.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
