@@ -1,5 +1,7 @@
 """Real HTTP peers on 127.0.0.1 for tests: an origin with Range/ETag/If-Range and scripted
-faults, and a webhook receiver that verifies signatures with the standardwebhooks library."""
+faults, and a webhook receiver that verifies signatures with the standardwebhooks library.
+Past 300 lines: each peer's scripted faults (drops, stalls, changed files, slow answers) are
+what the failure tests drive, and they are shared with ops/bench."""
 
 from __future__ import annotations
 

@@ -24,8 +24,9 @@ from actors.states import State
 from actors.store import TaskStore
 from supervisor.daemon import Supervisor
 from tests import processes
-from tests.conftest import ClaimsOnly, RedisServer
+from tests.conftest import ClaimsOnly
 from tests.processes import base_env, running, wait_until
+from tests.redisserver import RedisServer
 from tests.sentry_sink import SentrySink
 from tests.servers import free_port
 

@@ -19,8 +19,9 @@ import pytest
 from actors.states import State
 from actors.store import TaskStore
 from tests import processes
-from tests.conftest import RedisServer, wait_for
+from tests.conftest import wait_for
 from tests.processes import Process, running, wait_until
+from tests.redisserver import RedisServer
 from tests.servers import Delivery, Origin, Receiver
 
 pytestmark = pytest.mark.e2e

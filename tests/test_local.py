@@ -1,7 +1,7 @@
 """``haul up`` end to end: a terminal's Ctrl-C (SIGINT to the whole foreground process group)
 stops the local stack in order, so the task being downloaded is handed back, not left behind;
 which Redis it uses (its own, recorded for other shells, unless HAUL_REDIS_URL is set) and the
-Redis it refuses."""
+Redis it refuses. Past 300 lines: each scenario starts a real stack of its own."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from standardwebhooks import Webhook
 
 from actors.settings import DEFAULT_SUPERVISOR_PORT
 from actors.store import TaskStore
-from tests.conftest import RedisServer, part_bytes
+from tests.conftest import part_bytes
 from tests.processes import REPO, base_env, health, stack_env, wait_until
+from tests.redisserver import RedisServer
 from tests.servers import Origin, Receiver, free_port
 
 MIB = 1024 * 1024

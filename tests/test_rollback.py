@@ -12,6 +12,8 @@ a SAVE with RDB only, or the append-only folder), goes on, then SIGKILLs Redis a
 on the same port from the copy (``RedisServer.restore``). What a rollback cannot undo is
 spelled out where it shows: a completion Redis forgot is delivered again (same webhook-id,
 same files; the event's timestamp is that of the new announcement).
+
+Past 300 lines: each test restarts a real redis-server from older data of its own.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from dramatiq.brokers.redis import RedisBroker
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.states import CancelReply, State
 from actors.store import Claim, Renewal, TaskStore
-from tests.conftest import RedisServer, wait_for
+from tests.conftest import wait_for
 from tests.processes import Process, running, wait_until
+from tests.redisserver import RedisServer
 from tests.servers import Origin, Receiver
 from tests.test_faults import Stack
 

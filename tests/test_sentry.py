@@ -17,8 +17,9 @@ from actors.manifest import spec_from_urls
 from actors.registry import HEARTBEAT_SECONDS, MISSED_HEARTBEATS, WorkerRegistry
 from actors.store import TaskStore
 from tests import processes
-from tests.conftest import WEBHOOK_SECRET, RedisServer
+from tests.conftest import WEBHOOK_SECRET
 from tests.processes import running, wait_until
+from tests.redisserver import RedisServer
 from tests.sentry_sink import SentrySink
 from tests.servers import Origin, Receiver, free_port
 
