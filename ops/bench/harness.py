@@ -22,6 +22,7 @@ import redis
 
 from actors.messages import Messages, redis_broker
 from actors.settings import Settings
+from tests.processes import stack_env
 from tests.servers import Receiver, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -103,20 +104,10 @@ http {{
         return Messages(redis_broker(Settings(redis_url=self.redis_url)))
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HAUL_")}
-        env.update(
-            HAUL_REDIS_URL=self.redis_url,
-            HAUL_STAGING_DIR=str(self.root / "staging"),
-            HAUL_STORAGE_DIR=str(self.root / "storage"),
-            HAUL_WEBHOOK_URL=self.receiver.url,
-            HAUL_WEBHOOK_SECRET=SECRET,
-            HAUL_ALLOW_PRIVATE_NETWORKS="1",
-            HAUL_SUPERVISOR_PORT="0",
-            HAUL_RETRY_MIN_SECONDS="0.2",
-            HAUL_RETRY_MAX_SECONDS="2",
-        )
-        env.update(extra)
-        return env
+        """A test stack's environment (:func:`tests.processes.stack_env`) on this bench's Redis,
+        folders and receiver, with its secret and slower retries."""
+        retries = {"HAUL_RETRY_MIN_SECONDS": "0.2", "HAUL_RETRY_MAX_SECONDS": "2"}
+        return stack_env(self.root, self.redis_url, self.receiver.url, HAUL_WEBHOOK_SECRET=SECRET, **retries, **extra)
 
     def served(self, uri: str) -> int:
         """Bytes nginx sent for ``uri`` so far (from its access log)."""
