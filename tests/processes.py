@@ -125,3 +125,18 @@ def wait_until(predicate: object, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def drained(redis_url: str, timeout: float = 30.0) -> None:
+    """Wait until every message sent so far to the workers on ``redis_url`` (delayed ones too)
+    is handled and acknowledged, whichever process holds it: Dramatiq keeps a message in Redis
+    until its ack. A check that nothing more happened is then deterministic, not a hope."""
+    from actors.messages import QUEUES, redis_broker
+    from actors.settings import Settings
+
+    broker = redis_broker(Settings(redis_url=redis_url))
+    try:
+        for queue in QUEUES:
+            broker.join(queue, timeout=int(timeout * 1000))
+    finally:
+        broker.close()

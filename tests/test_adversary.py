@@ -25,7 +25,7 @@ from actors.sandbox import Sandbox
 from actors.storage import LocalStorage
 from actors.task import FileSpec
 from tests.conftest import dramatiq_supervisor, in_process_worker, runtime_for, submit_spec, wait_for
-from tests.processes import running, wait_until
+from tests.processes import drained, running, wait_until
 from tests.servers import Delivery, Fault, Origin, Receiver
 from tests.test_faults import Stack
 
@@ -70,7 +70,7 @@ def test_a_receiver_slower_than_the_lease_gets_task_completed_once(
         with running(worker, sup):
             task_id = stack.submit(origin, {"lesson.mp4": os.urandom(MIB)})
             task = wait_for(stack.store, task_id, timeout=60)
-            time.sleep(1)  # a late duplicate, if there were one, would have arrived by now
+            drained(stack.redis.url)  # a late duplicate, if there were one, has arrived
     finally:
         stack.close()
     # ... the worker keeps its lease while it waits: one delivery, done at the first attempt

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -14,7 +15,15 @@ from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.states import State
 from actors.store import TaskStore
 from supervisor.daemon import Supervisor
-from tests.conftest import dramatiq_supervisor, in_process_worker, messages, submit_spec, wait_for
+from tests.conftest import (
+    InProcessWorker,
+    dramatiq_supervisor,
+    in_process_worker,
+    messages,
+    settle,
+    submit_spec,
+    wait_for,
+)
 from tests.servers import Origin, Receiver
 
 NOW = 1_700_000_000.0
@@ -80,16 +89,38 @@ def chain_settings(settings: Any) -> Any:
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Stack:
+    sup: Supervisor
+    worker: InProcessWorker
+
+
 @pytest.fixture
-def stack(chain_settings: Any, store: TaskStore) -> Iterator[Supervisor]:
+def stack(chain_settings: Any, store: TaskStore) -> Iterator[Stack]:
     """An in-process worker and a leading supervisor, sweeping every 0.1 s."""
     sup = dramatiq_supervisor(chain_settings, store, node_id="n")
-    with in_process_worker(chain_settings, store, threads=4):
+    with in_process_worker(chain_settings, store, threads=4) as running:
         sup.start()
         try:
-            yield sup
+            yield Stack(sup, running)
         finally:
             sup.stop()
+
+
+def after_sweeps(stack: Stack, count: int, timeout: float = 10.0) -> None:
+    """Wait for ``count`` more runs of the notices' sweep, then until every message sent so far
+    (by them, or by a chain) is handled: a check that nothing more went out is then
+    deterministic, where a fixed sleep only hopes."""
+    registry = stack.sup.metrics.registry
+
+    def runs() -> float:
+        return registry.get_sample_value("haul_sweep_duration_seconds_count", {"job": "resend_notices"}) or 0.0
+
+    target, deadline = runs() + count, time.monotonic() + timeout
+    while runs() < target:
+        assert time.monotonic() < deadline, f"fewer than {count} sweeps in {timeout}s"
+        time.sleep(0.02)
+    settle(stack.worker)
 
 
 def failing_task(store: TaskStore, origin: Origin) -> str:
@@ -99,7 +130,7 @@ def failing_task(store: TaskStore, origin: Origin) -> str:
 
 
 def test_a_receiver_down_gets_one_chain_of_tries_then_exactly_one_event(
-    stack: Supervisor, store: TaskStore, origin: Origin, receiver: Receiver
+    stack: Stack, store: TaskStore, origin: Origin, receiver: Receiver
 ) -> None:
     receiver.down_until = time.time() + OUTAGE_SECONDS
     task_id = failing_task(store, origin)
@@ -107,7 +138,7 @@ def test_a_receiver_down_gets_one_chain_of_tries_then_exactly_one_event(
     deadline = time.monotonic() + OUTAGE_SECONDS + 10
     while not receiver.accepted() and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(1.5)  # fifteen more sweeps: nothing else may go out
+    after_sweeps(stack, 15)  # nothing else may go out
     posts = list(receiver.deliveries)
     down = [d for d in posts if d.answered == 503]
     # One chain: tries one after the other, a backoff pause apart (not one chain per sweep)
@@ -123,7 +154,7 @@ def test_a_receiver_down_gets_one_chain_of_tries_then_exactly_one_event(
 
 
 def test_a_delivered_notice_is_not_sent_again(
-    stack: Supervisor, store: TaskStore, origin: Origin, receiver: Receiver
+    stack: Stack, store: TaskStore, origin: Origin, receiver: Receiver
 ) -> None:
     task_id = failing_task(store, origin)
     assert wait_for(store, task_id).state is State.FAILED
@@ -133,12 +164,12 @@ def test_a_delivered_notice_is_not_sent_again(
     # A duplicate of the first message (Dramatiq delivers at least once), with the supervisor
     # sweeping meanwhile, sends nothing more ...
     messages().notify(task_id)
-    time.sleep(1.5)
+    after_sweeps(stack, 15)
     assert [d.answered for d in receiver.deliveries] == [204]
     assert store.client.zcard(store.notify_key) == 0
     # ... nor does a message of a later step of the chain
     messages().notify(task_id, 1)
-    time.sleep(0.5)
+    settle(stack.worker)
     assert [d.answered for d in receiver.deliveries] == [204]
 
 
@@ -149,7 +180,7 @@ def test_a_notice_is_given_up_after_the_give_up_time(
     quick = chain_settings.replace(finalize_give_up_seconds=2.0, retry_min_seconds=0.3, retry_max_seconds=0.6)
     sup = dramatiq_supervisor(quick, store, node_id="n")
     caplog.set_level(logging.ERROR, logger="actors.notify")
-    with in_process_worker(quick, store, threads=2):
+    with in_process_worker(quick, store, threads=2) as running:
         sup.start()
         try:
             task_id = failing_task(store, origin)
@@ -157,7 +188,7 @@ def test_a_notice_is_given_up_after_the_give_up_time(
             while "given up" not in caplog.text and time.monotonic() < deadline:
                 time.sleep(0.05)
             tries = len(receiver.deliveries)
-            time.sleep(1.0)
+            after_sweeps(Stack(sup, running), 10)
         finally:
             sup.stop()
     [record] = [r for r in caplog.records if "given up" in r.getMessage()]
