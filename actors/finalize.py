@@ -29,6 +29,7 @@ from actors.runtime import Runtime
 from actors.sandbox import Sandbox
 from actors.sentry import report_task
 from actors.states import State, StepReply
+from actors.store_uploads import UploadLedger
 from actors.task import Task
 from actors.webhook import COMPLETED, make_event
 
@@ -78,7 +79,8 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
     try:
         stored = rt.storage.commit(
             sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=lambda: _fence(rt, lease, step),
-            sha256=rt.settings.file_hash == "sha256",
+            sha256=rt.settings.file_hash == "sha256", task_key=task.spec.key,
+            ledger=UploadLedger(rt.store, task_id, token),
         )  # fmt: skip
         url = task.spec.webhook or rt.settings.webhook_url
         if url:
@@ -111,7 +113,7 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
         return end_run(rt, dataclasses.replace(task, announced=announced), token, exc)
     sandbox.remove(task.spec.files)
     log.info("task %s: done, %d file(s), %d bytes in %s, announced: %s", task_id, len(stored),
-             sum(f["size"] for f in stored), rt.storage.task_dir(task_id), bool(url))  # fmt: skip
+             sum(f["size"] for f in stored), rt.storage.describe(), bool(url))  # fmt: skip
     return NOTHING
 
 

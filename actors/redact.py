@@ -32,6 +32,7 @@ def secrets_of(settings: Settings) -> list[str]:
         values.append(password)
     if settings.sentry_dsn:
         values.append(settings.sentry_dsn)
+    values.extend(settings.s3.secrets())
     return [v for v in values if len(v) >= 4]
 
 

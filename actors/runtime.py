@@ -19,7 +19,7 @@ from actors.interrupt import Interrupter
 from actors.lease import LeaseKeeper
 from actors.netguard import DestinationPolicy
 from actors.settings import Settings
-from actors.storage import LocalStorage
+from actors.storage import LocalStorage, Storage
 from actors.store import TaskStore
 from actors.webhook import DEFAULT_DELIVERY_BACKOFF_SECONDS, WebhookSender
 
@@ -42,7 +42,7 @@ class Stopper(Interrupter):
 class Runtime:
     settings: Settings
     store: TaskStore
-    storage: LocalStorage
+    storage: Storage
     policy: DestinationPolicy
     worker_id: str
     leases: LeaseKeeper
@@ -56,7 +56,7 @@ class Runtime:
         return cls(
             settings=settings,
             store=store,
-            storage=LocalStorage(settings.storage_dir),
+            storage=open_storage(settings),
             policy=DestinationPolicy(settings.allow_private_networks, settings.allow_hosts),
             worker_id=f"{socket.gethostname()}:{os.getpid()}",
             leases=LeaseKeeper(store, settings.lease_seconds),
@@ -94,3 +94,16 @@ class Runtime:
             )
             self._local.webhooks = sender
         return sender
+
+
+def open_storage(settings: Settings) -> Storage:
+    """The bucket HAUL_STORAGE_URL names, else the folder (HAUL_STORAGE_DIR)."""
+    if settings.object_storage is None:
+        return LocalStorage(settings.storage_dir)
+    from actors.s3storage import S3Storage  # here: it loads boto3, which only a bucket needs
+
+    return S3Storage(
+        settings.object_storage, settings.s3, key_template=settings.storage_key, part_bytes=settings.s3_part_bytes,
+        concurrency=settings.s3_concurrency, connect_timeout=settings.connect_timeout_seconds,
+        read_timeout=settings.read_timeout_seconds, pool_size=settings.worker_threads * settings.s3_concurrency,
+    )  # fmt: skip

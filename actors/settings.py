@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from actors import envvars
+from actors import envvars, storagetarget
 from actors.envvars import SettingsError as SettingsError  # its public name
+from actors.storagetarget import DEFAULT_KEY_TEMPLATE, S3Access, StorageTarget
 
 #: Where workers and the CLI find Redis unless told otherwise (and no ``haul up`` ran here).
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -69,6 +70,16 @@ class Settings:
     redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
     staging_dir: Path = Path(".haul/staging").absolute()
     storage_dir: Path = Path(".haul/storage").absolute()
+    #: HAUL_STORAGE_URL when it names a bucket (s3://); None: files go to storage_dir.
+    object_storage: StorageTarget | None = None
+    #: HAUL_STORAGE_KEY: where a file lands below the bucket's prefix.
+    storage_key: str = DEFAULT_KEY_TEMPLATE
+    #: The AWS_* variables, resolved (read only when HAUL_STORAGE_URL names a bucket).
+    s3: S3Access = S3Access()
+    #: HAUL_S3_PART_BYTES and HAUL_S3_CONCURRENCY: a multipart upload's part size (grown to stay
+    #: under 10,000 parts) and parts of one file in flight.
+    s3_part_bytes: int = 8 * 1024 * 1024
+    s3_concurrency: int = 4
     webhook_url: str | None = None
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     lease_seconds: float = DEFAULT_LEASE_SECONDS
@@ -133,10 +144,19 @@ class Settings:
         webhook_url = env.get("HAUL_WEBHOOK_URL") or None
         if webhook_url is not None:
             envvars.http_url(webhook_url, "HAUL_WEBHOOK_URL")
+        target = storagetarget.storage_target(env, cls.storage_dir)
+        in_bucket = target.kind == "s3"
         return cls(
             redis_url=_redis_url_of(env),
             staging_dir=envvars.directory(env, "HAUL_STAGING_DIR", cls.staging_dir) or cls.staging_dir,
-            storage_dir=envvars.directory(env, "HAUL_STORAGE_DIR", cls.storage_dir) or cls.storage_dir,
+            storage_dir=target.folder or cls.storage_dir,
+            object_storage=target if in_bucket else None,
+            storage_key=storagetarget.key_template(env),
+            s3=storagetarget.s3_access(env) if in_bucket else S3Access(),
+            s3_part_bytes=int(
+                envvars.number(env, "HAUL_S3_PART_BYTES", cls.s3_part_bytes, minimum=5 * 1024 * 1024, integer=True)
+            ),
+            s3_concurrency=int(envvars.number(env, "HAUL_S3_CONCURRENCY", cls.s3_concurrency, minimum=1, integer=True)),
             webhook_url=webhook_url,
             webhook_secrets=envvars.webhook_secrets(secret_text),
             lease_seconds=envvars.number(env, "HAUL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=1),

@@ -19,13 +19,14 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from actors.diskio import Writeback
 from actors.errors import StorageUnavailable, TransientError, UnsafePath
 from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.paths import fsync_dir, inside
 from actors.sandbox import Sandbox, check_task_id
+from actors.store_uploads import Uploads
 from actors.task import FileSpec
 
 #: Folder of in-progress copies, inside the storage root (so a rename into place is atomic).
@@ -42,8 +43,34 @@ def _no_fence() -> None:
     """For callers that hold no lease (tests, tools)."""
 
 
+class Storage(Protocol):
+    """Where a finalize puts a task's finished files: :class:`LocalStorage` or
+    :class:`actors.s3storage.S3Storage`."""
+
+    def commit(
+        self,
+        sandbox: Sandbox,
+        files: Sequence[FileSpec],
+        step: Step = no_step,
+        fence: Fence = _no_fence,
+        *,
+        sha256: bool = False,
+        task_key: str | None = None,
+        ledger: Uploads | None = None,
+    ) -> list[dict[str, Any]]:
+        """Store every finished file of ``sandbox`` (idempotent: committing twice leaves one
+        copy); return the entries task.completed lists. ``fence`` is called right before each
+        file becomes visible; ``task_key`` is the task's idempotency key (for key templates);
+        ``ledger`` keeps how far an interrupted upload got."""
+        ...
+
+    def describe(self) -> str:
+        """Where files go, for log lines and messages."""
+        ...
+
+
 class LocalStorage:
-    """A directory tree on a local or mounted filesystem."""
+    """A directory tree on a local or mounted filesystem (it needs no key or upload ledger)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -55,6 +82,9 @@ class LocalStorage:
     def temporary_dir(self) -> Path:
         return self.root / TEMPORARY_DIR
 
+    def describe(self) -> str:
+        return str(self.root)
+
     def commit(
         self,
         sandbox: Sandbox,
@@ -63,6 +93,8 @@ class LocalStorage:
         fence: Fence = _no_fence,
         *,
         sha256: bool = False,
+        task_key: str | None = None,
+        ledger: Uploads | None = None,
     ) -> list[dict[str, Any]]:
         """Put every finished file of the sandbox into storage; return what the webhook reports.
 

@@ -19,6 +19,8 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:outbox:claim    sorted set: tasks queued again whose claim message is not confirmed sent
     haul:stats:dead      counter: tasks that ever went dead (haul_dead_tasks_total)
     haul:stats:refused   hash: claims answered full, by reason (haul_claims_refused_total)
+    haul:uploads:<id>    hash: file index -> the multipart upload in progress (JSON: key, upload
+                         id, part size), kept by the run holding the task (actors/store_uploads.py)
 
 Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter. The
 operations are :class:`actors.store.TaskStore` (a task's runs and reads) on top of
@@ -92,6 +94,7 @@ class StoreBase:
                 "notify_resend",
                 "park",
                 "finalize_resend",
+                "upload",
             )  # fmt: skip
         }
 

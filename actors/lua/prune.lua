@@ -1,6 +1,7 @@
 -- Delete a batch of ended tasks of one final state once their retention period is over: the
--- record, its spec, its idempotency key while the key still names this task, its staged bytes
--- and its state entry. One call serves a batch, so a sweep removes thousands a second.
+-- record, its spec, its record of unfinished uploads, its idempotency key while the key still
+-- names this task, its staged bytes and its state entry. One call serves a batch, so a sweep
+-- removes thousands a second.
 -- KEYS[1]  $prefix state:$state (a final state)
 -- ARGV[1]  prefix
 -- ARGV[2]  cutoff (seconds): a task must have ended before it
@@ -42,6 +43,7 @@ local function prunable(id, keys)
   end
   table.insert(keys, task_key)
   table.insert(keys, prefix .. 'spec:' .. id)
+  table.insert(keys, prefix .. 'uploads:' .. id)
   if redis.call('HEXISTS', staged, id) == 1 then  -- done tasks' were dropped as they ended
     set_staged(id, 0)
   end

@@ -1,0 +1,421 @@
+"""Finished files into an S3-compatible bucket: ``s3://BUCKET/PREFIX/<key template>``.
+
+Each file is streamed from staging in parts (bounded memory: at most ``concurrency`` parts of a
+file in flight, each read when it is sent), every part with its Content-MD5, and verified once
+complete: the multipart ETag the service answers must equal the one computed here from the
+parts' MD5s (``verified: "etag"``); a service whose ETag is not that (some answer another
+checksum) is checked by size (``verified: "size"``). The object carries the origin's content
+type, ``Content-Disposition: attachment`` with the file's name (a link downloads the file under
+its name and never renders HTML from the bucket's origin) and the task id as metadata.
+
+An upload interrupted by a crash is resumed: its upload id and part size are kept with the task
+(:mod:`actors.store_uploads`), and the next run asks the service which parts it has
+(ListParts), reuses those whose ETag is the MD5 of the staged bytes of that part, and sends the
+rest. An upload the service no longer knows (``NoSuchUpload``) starts over. The object appears
+only with CompleteMultipartUpload, right after the lease fence, so a holder that lost the task
+never replaces what its successor stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import mimetypes
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from actors.errors import InvalidTask, StorageUnavailable, TransientError
+from actors.lease import Step, no_step
+from actors.sandbox import Sandbox
+from actors.storagetarget import S3Access, StorageTarget
+from actors.store_uploads import NoLedger, UploadRecord, Uploads
+from actors.task import FileSpec
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+#: S3's smallest part (but the last), and the most parts one upload may have.
+MIN_PART_BYTES = 5 * 1024 * 1024
+MAX_PARTS = 10_000
+#: The part size haul starts from; grown (in whole MiB) so a file stays under MAX_PARTS.
+DEFAULT_PART_BYTES = 8 * 1024 * 1024
+#: Parts of one file in flight at once.
+DEFAULT_PART_CONCURRENCY = 4
+#: Files below this size go in one PUT (with its Content-MD5) instead of a multipart upload.
+SINGLE_PUT_BYTES = DEFAULT_PART_BYTES
+#: Longest one request to the service may take before the lease stops being renewed, beyond
+#: the client's own timeouts (seconds).
+REQUEST_STEP_SECONDS = 120.0
+#: Metadata key (``x-amz-meta-haul-task-id``) naming the task that stored an object.
+TASK_METADATA = "haul-task-id"
+
+
+class UploadGone(Exception):
+    """The service no longer knows a recorded multipart upload (aborted, or expired)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One file in the bucket: its key, size and how it was verified."""
+
+    key: str
+    size: int
+    verified: str
+
+
+def part_size_for(size: int, wanted: int = DEFAULT_PART_BYTES) -> int:
+    """``wanted``, grown to whole MiB just large enough for ``size`` in :data:`MAX_PARTS` parts."""
+    part = max(wanted, MIN_PART_BYTES)
+    if size > part * MAX_PARTS:
+        least = -(-size // MAX_PARTS)  # ceiling division
+        part = -(-least // MIB) * MIB
+    return part
+
+
+def multipart_etag(md5s: Sequence[bytes]) -> str:
+    """The ETag S3 gives a multipart object: MD5 of the parts' MD5s, a dash, the part count."""
+    return f"{hashlib.md5(b''.join(md5s)).hexdigest()}-{len(md5s)}"
+
+
+def content_disposition(path: str) -> str:
+    """``attachment`` with the file's name (RFC 6266: an ASCII fallback and the UTF-8 name)."""
+    name = path.rsplit("/", 1)[-1]
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def content_type(spec: FileSpec) -> str:
+    """The file's type by its extension (the origin's own is not kept with the staged file)."""
+    return mimetypes.guess_type(spec.path)[0] or "application/octet-stream"
+
+
+class S3Storage:
+    """A bucket (and key prefix) of an S3-compatible service."""
+
+    def __init__(
+        self,
+        target: StorageTarget,
+        access: S3Access,
+        *,
+        key_template: str,
+        part_bytes: int = DEFAULT_PART_BYTES,
+        concurrency: int = DEFAULT_PART_CONCURRENCY,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        pool_size: int = 10,
+        client: Any = None,
+    ) -> None:
+        self.target, self.access, self.key_template = target, access, key_template
+        self.part_bytes, self.concurrency = part_bytes, concurrency
+        self.client = client or s3_client(access, connect_timeout, read_timeout, pool_size)
+
+    def object_key(self, task_id: str, task_key: str | None, path: str) -> str:
+        """The object's full key: the prefix, then the template filled in."""
+        if "{key}" in self.key_template and not task_key:
+            raise InvalidTask(
+                f"task {task_id}: HAUL_STORAGE_KEY={self.key_template!r} needs the task's key, and it has none; "
+                "submit it with a key"
+            )
+        filled = self.key_template.format(task_id=task_id, key=task_key or "", path=path)
+        return self.target.object_key(filled)
+
+    def location(self, key: str) -> str:
+        return f"s3://{self.target.bucket}/{key}"
+
+    def describe(self) -> str:
+        return self.target.describe()
+
+    def commit(
+        self,
+        sandbox: Sandbox,
+        files: Sequence[FileSpec],
+        step: Step = no_step,
+        fence: Callable[[], None] = lambda: None,
+        *,
+        sha256: bool = False,
+        task_key: str | None = None,
+        ledger: Uploads | None = None,
+    ) -> list[dict[str, Any]]:
+        """Upload every finished file of the sandbox; return what the webhook reports."""
+        task_id = sandbox.task_id
+        ledger = ledger or NoLedger()
+        stored = []
+        for index, spec in enumerate(files):
+            key = self.object_key(task_id, task_key, spec.path)
+            source = sandbox.file(spec)
+            try:
+                done = self.store_file(task_id, index, spec, source, key, step, fence, ledger)
+            except FileNotFoundError as exc:
+                raise TransientError(
+                    f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
+                    "it will be downloaded again"
+                ) from exc
+            entry: dict[str, Any] = {
+                "path": spec.path, "size": done.size, "url": spec.url, "location": self.location(done.key),
+                "verified": done.verified,
+            }  # fmt: skip
+            digest = spec.sha256 or (sandbox.sha256(index) if sha256 else None)
+            if digest:
+                entry["sha256"] = digest
+            stored.append(entry)
+        return stored
+
+    def store_file(
+        self,
+        task_id: str,
+        index: int,
+        spec: FileSpec,
+        source: Path,
+        key: str,
+        step: Step,
+        fence: Callable[[], None],
+        ledger: Uploads,
+    ) -> Stored:
+        """Put one staged file at ``key`` (or find it there from an earlier run of this task)."""
+        size = source.stat().st_size
+        where = f"task {task_id}, file {spec.path!r} to {self.location(key)}"
+        step(REQUEST_STEP_SECONDS)
+        already = self._head(key, where)
+        # Metadata names are case-insensitive headers; some services answer them capitalized.
+        metadata = {str(k).lower(): v for k, v in (already or {}).get("Metadata", {}).items()}
+        if already is not None and metadata.get(TASK_METADATA) == task_id:
+            if int(already["ContentLength"]) == size:
+                ledger.forget(index)
+                return Stored(key, size, "size")  # stored by an earlier run, killed before it said so
+        headers = {
+            "ContentType": content_type(spec),
+            "ContentDisposition": content_disposition(spec.path),
+            "Metadata": {TASK_METADATA: task_id},
+        }
+        if size < SINGLE_PUT_BYTES:
+            return self._put(source, size, key, headers, step, fence, where)
+        part = part_size_for(size, self.part_bytes)
+        record = ledger.get(index)
+        if record is not None and (record.key != key or record.part_size != part):
+            self._abort(record, where)
+            record = None
+        try:
+            return self._multipart(source, size, key, headers, part, record, index, step, fence, ledger, where)
+        except UploadGone as exc:
+            log.warning("%s: starting its upload over (%s)", where, exc)
+            ledger.forget(index)
+            return self._multipart(source, size, key, headers, part, None, index, step, fence, ledger, where)
+
+    # -- the two ways up ------------------------------------------------------------------
+
+    def _put(
+        self, source: Path, size: int, key: str, headers: dict[str, Any], step: Step, fence: Callable[[], None],
+        where: str,
+    ) -> Stored:  # fmt: skip
+        data = source.read_bytes()
+        md5 = hashlib.md5(data).digest()
+        fence()
+        step(REQUEST_STEP_SECONDS)
+        answer = self._call(
+            "put_object", where, Bucket=self.target.bucket, Key=key, Body=data,
+            ContentMD5=base64.b64encode(md5).decode(), **headers,
+        )  # fmt: skip
+        verified = "etag" if answer.get("ETag", "").strip('"') == md5.hex() else "size"
+        if verified == "size":
+            self._check_size(key, size, where)
+        return Stored(key, size, verified)
+
+    def _multipart(
+        self,
+        source: Path,
+        size: int,
+        key: str,
+        headers: dict[str, Any],
+        part: int,
+        record: UploadRecord | None,
+        index: int,
+        step: Step,
+        fence: Callable[[], None],
+        ledger: Uploads,
+        where: str,
+    ) -> Stored:
+        count = -(-size // part)
+        md5s: dict[int, bytes] = {}
+        with source.open("rb", buffering=0) as reader:
+            fd = reader.fileno()
+            if record is None:
+                step(REQUEST_STEP_SECONDS)
+                created = self._call("create_multipart_upload", where, Bucket=self.target.bucket, Key=key, **headers)
+                record = UploadRecord(key, str(created["UploadId"]), part)
+                if not ledger.keep(index, record):
+                    self._abort(record, where)
+                    fence()  # raises: this run no longer holds the task
+            else:
+                md5s = self._reusable_parts(record, fd, size, part, count, step, where)
+                log.info("%s: continuing its upload, %d of %d parts already there", where, len(md5s), count)
+            missing = [n for n in range(1, count + 1) if n not in md5s]
+            md5s.update(self._send_parts(record, fd, size, part, missing, step, where))
+        ordered = [md5s[n] for n in range(1, count + 1)]
+        fence()  # a stale or canceled holder stops before the object appears
+        step(REQUEST_STEP_SECONDS)
+        completed = self._call(
+            "complete_multipart_upload", where, Bucket=self.target.bucket, Key=key, UploadId=record.upload_id,
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": f'"{m.hex()}"'} for n, m in enumerate(ordered, 1)]},
+        )  # fmt: skip
+        ledger.forget(index)
+        etag = str(completed.get("ETag", "")).strip('"')
+        if etag == multipart_etag(ordered):
+            return Stored(key, size, "etag")
+        if "-" in etag:  # a multipart ETag that is not the one these parts make: not our bytes
+            raise StorageUnavailable(f"{where}: the service's ETag {etag} is not that of the parts sent")
+        self._check_size(key, size, where)
+        return Stored(key, size, "size")
+
+    def _send_parts(
+        self, record: UploadRecord, fd: int, size: int, part: int, numbers: list[int], step: Step, where: str
+    ) -> dict[int, bytes]:
+        """Upload parts ``numbers``, ``concurrency`` at a time; their MD5s by number."""
+        done: dict[int, bytes] = {}
+        pending: set[Future[tuple[int, bytes]]] = set()
+        queue = list(reversed(numbers))
+        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="haul-s3-part") as pool:
+            try:
+                while queue or pending:
+                    while queue and len(pending) < self.concurrency:
+                        pending.add(pool.submit(self._send_part, record, fd, size, part, queue.pop(), where))
+                    step(REQUEST_STEP_SECONDS)
+                    finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        number, md5 = future.result()
+                        done[number] = md5
+            finally:
+                queue.clear()
+                for future in pending:
+                    future.cancel()
+        return done
+
+    def _send_part(
+        self, record: UploadRecord, fd: int, size: int, part: int, number: int, where: str
+    ) -> tuple[int, bytes]:
+        offset = (number - 1) * part
+        data = os.pread(fd, min(part, size - offset), offset)
+        md5 = hashlib.md5(data).digest()
+        answer = self._call(
+            "upload_part", where, Bucket=self.target.bucket, Key=record.key, UploadId=record.upload_id,
+            PartNumber=number, Body=data, ContentMD5=base64.b64encode(md5).decode(),
+        )  # fmt: skip
+        if str(answer.get("ETag", "")).strip('"') not in (md5.hex(), ""):
+            raise StorageUnavailable(f"{where}: part {number} came back with ETag {answer.get('ETag')}, not its MD5")
+        return number, md5
+
+    def _reusable_parts(
+        self, record: UploadRecord, fd: int, size: int, part: int, count: int, step: Step, where: str
+    ) -> dict[int, bytes]:
+        """The parts the service has, by number, each the MD5 of the staged bytes it stands for.
+
+        Raises :class:`UploadGone` (the upload starts over) when a part is not what staging
+        holds now (the file was downloaded again since): a new upload, never a splice of old
+        and new bytes, and no part replaced (some services refuse that)."""
+        found: dict[int, bytes] = {}
+        marker = 0
+        while True:
+            step(REQUEST_STEP_SECONDS)
+            listed = self._call(
+                "list_parts", where, Bucket=self.target.bucket, Key=record.key, UploadId=record.upload_id,
+                PartNumberMarker=marker,
+            )  # fmt: skip
+            for item in listed.get("Parts", []):
+                number, etag = int(item["PartNumber"]), str(item["ETag"]).strip('"')
+                offset = (number - 1) * part
+                length = min(part, size - offset)
+                md5 = hashlib.md5(os.pread(fd, length, offset)).digest() if 0 < number <= count else b""
+                if int(item["Size"]) != length or md5.hex() != etag:
+                    self._abort(record, where)
+                    raise UploadGone(f"part {number} is not what staging holds")
+                found[number] = md5
+            if not listed.get("IsTruncated"):
+                return found
+            marker = int(listed["NextPartNumberMarker"])
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _head(self, key: str, where: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._call("head_object", where, Bucket=self.target.bucket, Key=key))
+        except _NotFound:
+            return None
+
+    def _check_size(self, key: str, size: int, where: str) -> None:
+        found = self._head(key, where)
+        if found is None or int(found["ContentLength"]) != size:
+            raise StorageUnavailable(f"{where}: the stored object is not {size} bytes after the upload")
+
+    def _abort(self, record: UploadRecord, where: str) -> None:
+        try:
+            self._call("abort_multipart_upload", where, Bucket=self.target.bucket, Key=record.key,
+                       UploadId=record.upload_id)  # fmt: skip
+        except (StorageUnavailable, UploadGone):
+            log.warning("%s: could not abort the upload %s; the bucket's lifecycle rule removes it", where,
+                        record.upload_id)  # fmt: skip
+
+    def _call(self, operation: str, where: str, **params: Any) -> Any:
+        """One request; the service's refusals as haul's errors, with its error code."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.client, operation)(**params)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", "")) or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+            if code == "NoSuchUpload":
+                raise UploadGone("the service no longer has the upload") from exc
+            if code in ("404", "NoSuchKey", "NotFound") and operation == "head_object":
+                raise _NotFound from exc
+            said = f" ({error['Message']})" if error.get("Message") else ""
+            raise StorageUnavailable(
+                f"{where}: {operation} was refused by the service: {code}{said}{_advice(code)}",
+                code="s3_" + re.sub(r"[^a-z0-9]+", "_", code.lower()).strip("_"),
+            ) from exc
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"{where}: {operation} failed ({exc})") from exc
+
+
+class _NotFound(Exception):
+    """head_object found no object at the key."""
+
+
+def _advice(code: str) -> str:
+    if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"):
+        return "; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the key's permissions on the bucket"
+    if code == "NoSuchBucket":
+        return "; create the bucket, or fix the bucket in HAUL_STORAGE_URL"
+    return ""
+
+
+def s3_client(access: S3Access, connect_timeout: float, read_timeout: float, pool_size: int) -> Any:
+    """A boto3 S3 client from what :func:`actors.storagetarget.s3_access` resolved (boto3 is
+    imported here: only a process that stores into S3 pays for it)."""
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(profile_name=access.profile) if access.profile else boto3.session.Session()
+    addressing = "virtual" if access.virtual_hosted or access.endpoint_url is None else "path"
+    config = Config(
+        region_name=access.region or "us-east-1",
+        signature_version="s3v4",
+        s3={"addressing_style": addressing},
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"mode": "standard", "max_attempts": 3},
+        max_pool_connections=pool_size,
+    )
+    return session.client(
+        "s3",
+        endpoint_url=access.endpoint_url,
+        aws_access_key_id=access.access_key_id,
+        aws_secret_access_key=access.secret_access_key,
+        aws_session_token=access.session_token,
+        config=config,
+    )

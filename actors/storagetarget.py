@@ -1,0 +1,163 @@
+"""Where finished files go, as configured: ``HAUL_STORAGE_URL`` (or ``HAUL_STORAGE_DIR``), the
+object key template, and an S3 service's credentials and endpoint.
+
+Read once with the rest of the settings, so a bad URL, a template without the task id or key,
+or an S3 URL without credentials stops a process at start, with the variable's name, instead
+of failing a task after its download. Credentials come the standard AWS way (``AWS_*``, and
+``*_FILE`` for secrets) and are resolved here, whatever the client library would read itself.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from actors.envvars import SettingsError, directory, flag, secret
+
+#: The object key template unless HAUL_STORAGE_KEY says otherwise.
+DEFAULT_KEY_TEMPLATE = "{task_id}/{path}"
+#: Fields a key template may use; it must hold one that names the task.
+KEY_FIELDS = frozenset({"task_id", "key", "path"})
+NAMING_FIELDS = frozenset({"task_id", "key"})
+#: S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens.
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+#: Longest object key S3 takes, in UTF-8 bytes, prefix included.
+MAX_S3_KEY_BYTES = 1024
+#: Longest a presigned link may live (SigV4's own limit), in seconds.
+MAX_LINK_SECONDS = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """How to reach an S3-compatible service; secrets never in ``repr``."""
+
+    region: str | None = None
+    endpoint_url: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    profile: str | None = None
+    #: Virtual-hosted addressing (``bucket.host``) for a custom endpoint; path-style otherwise.
+    virtual_hosted: bool = False
+
+    def secrets(self) -> list[str]:
+        return [v for v in (self.secret_access_key, self.session_token) if v]
+
+
+@dataclass(frozen=True)
+class StorageTarget:
+    """A local folder (``file``) or an S3 bucket and key prefix (``s3``)."""
+
+    kind: str
+    folder: Path | None = None
+    bucket: str = ""
+    prefix: str = ""
+
+    def location(self, key: str) -> str:
+        """Where an object with ``key`` (below the prefix) lives, as task.completed says it."""
+        if self.kind == "s3":
+            return f"s3://{self.bucket}/{self.object_key(key)}"
+        assert self.folder is not None
+        return str(self.folder / key)
+
+    def object_key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.kind == "s3" else str(self.folder)
+
+
+def storage_target(env: Mapping[str, str], default_folder: Path) -> StorageTarget:
+    """HAUL_STORAGE_URL, else HAUL_STORAGE_DIR, else ``default_folder``; both set is an error."""
+    url = env.get("HAUL_STORAGE_URL", "").strip()
+    folder = env.get("HAUL_STORAGE_DIR", "").strip()
+    if url and folder:
+        raise SettingsError(
+            "both HAUL_STORAGE_URL and HAUL_STORAGE_DIR are set; keep one "
+            "(HAUL_STORAGE_URL=file:///path is the same as HAUL_STORAGE_DIR=/path)"
+        )
+    if not url:
+        return StorageTarget("file", folder=directory(env, "HAUL_STORAGE_DIR", default_folder) or default_folder)
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            raise SettingsError(f"HAUL_STORAGE_URL={url!r}: a file URL names an absolute path, as file:///srv/media")
+        path = Path(unquote(parts.path))
+        if path.exists() and not path.is_dir():
+            raise SettingsError(f"HAUL_STORAGE_URL={url} names {path}, which is not a directory")
+        return StorageTarget("file", folder=path)
+    if parts.scheme == "s3":
+        return _s3_target(url)
+    raise SettingsError(
+        f"HAUL_STORAGE_URL has scheme {parts.scheme!r}; it takes file:///ABSOLUTE/PATH or s3://BUCKET/PREFIX"
+    )
+
+
+def _s3_target(url: str) -> StorageTarget:
+    parts = urlsplit(url)
+    if "@" in parts.netloc or parts.password or parts.query:
+        raise SettingsError(
+            "HAUL_STORAGE_URL holds credentials or a query; give s3://BUCKET/PREFIX and the credentials in "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_SECRET_ACCESS_KEY_FILE)"
+        )
+    bucket = parts.netloc
+    if not BUCKET_NAME.match(bucket) or ".." in bucket:
+        raise SettingsError(
+            f"HAUL_STORAGE_URL: {bucket!r} is not a bucket name (3-63 lower-case letters, digits, dots, hyphens)"
+        )
+    prefix = unquote(parts.path).strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+        raise SettingsError(f"HAUL_STORAGE_URL: the prefix {prefix!r} has an empty, '.' or '..' part")
+    return StorageTarget("s3", bucket=bucket, prefix=prefix)
+
+
+def key_template(env: Mapping[str, str]) -> str:
+    """HAUL_STORAGE_KEY: fields from :data:`KEY_FIELDS`, at least one naming the task, and
+    ``{path}`` last (a file's own path, which may hold folders)."""
+    template = env.get("HAUL_STORAGE_KEY", "").strip() or DEFAULT_KEY_TEMPLATE
+    try:
+        fields = {name for _, name, spec, conversion in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise SettingsError(f"HAUL_STORAGE_KEY={template!r} is not a template ({exc})") from None
+    unknown = fields - KEY_FIELDS
+    if unknown or "" in fields:
+        raise SettingsError(
+            f"HAUL_STORAGE_KEY={template!r} uses {sorted(unknown) or ['{}']}; "
+            "it takes {task_id}, {key} and {path}"
+        )
+    if not fields & NAMING_FIELDS or "path" not in fields or not template.endswith("{path}"):
+        raise SettingsError(
+            f"HAUL_STORAGE_KEY={template!r} must name the task ({{task_id}} or {{key}}) and end with {{path}}, "
+            "as {task_id}/{path} or orders/{key}/{path}: two tasks must never share a key"
+        )
+    if template.startswith("/") or any(p in ("", ".", "..") for p in template.split("/")[:-1]):
+        raise SettingsError(f"HAUL_STORAGE_KEY={template!r} has an empty, '.' or '..' folder, or starts with '/'")
+    return template
+
+
+def s3_access(env: Mapping[str, str]) -> S3Access:
+    """The AWS variables haul honours, resolved here (AWS_REGION before AWS_DEFAULT_REGION, the
+    S3 endpoint before the general one, secrets also from ``*_FILE``)."""
+    key_id = env.get("AWS_ACCESS_KEY_ID", "").strip() or None
+    secret_key = secret(env, "AWS_SECRET_ACCESS_KEY") or None
+    if bool(key_id) != bool(secret_key):
+        raise SettingsError(
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_SECRET_ACCESS_KEY_FILE) go together; set both, "
+            "or neither to use AWS_PROFILE or the machine's role"
+        )
+    endpoint = env.get("AWS_ENDPOINT_URL_S3", "").strip() or env.get("AWS_ENDPOINT_URL", "").strip() or None
+    if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
+        raise SettingsError(f"AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL={endpoint!r} is not an http(s) URL")
+    return S3Access(
+        region=env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip() or None,
+        endpoint_url=endpoint,
+        access_key_id=key_id,
+        secret_access_key=secret_key,
+        session_token=secret(env, "AWS_SESSION_TOKEN") or None,
+        profile=env.get("AWS_PROFILE", "").strip() or None,
+        virtual_hosted=flag(env, "HAUL_S3_VIRTUAL_HOSTED", False),
+    )

@@ -1,0 +1,79 @@
+"""What a task's unfinished multipart uploads got to, kept in Redis with the task.
+
+A finalize killed half-way through a large upload leaves its parts on the service; the run
+that takes the task over finds the upload here and continues it (the service lists the parts
+it has, each checked against the staged bytes) instead of sending the file again. Only the run
+holding the task writes here (``upload.lua`` checks its token); the record goes when the file
+is stored, and with the task record when prune removes it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Protocol
+
+from actors.store_base import StoreBase, text_of
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    """One file's multipart upload in progress."""
+
+    key: str
+    upload_id: str
+    part_size: int
+
+
+class Uploads(Protocol):
+    """Where a storage keeps how far each file's upload got (by the file's index)."""
+
+    def get(self, index: int) -> UploadRecord | None: ...
+
+    def keep(self, index: int, record: UploadRecord) -> bool:
+        """Record ``record``; False when the caller no longer holds the task."""
+        ...
+
+    def forget(self, index: int) -> bool: ...
+
+
+class UploadLedger:
+    """The upload records of one task in Redis, for the run holding ``token``."""
+
+    def __init__(self, store: StoreBase, task_id: str, token: int) -> None:
+        self.store, self.task_id, self.token = store, task_id, token
+        self._keys = [store.task_key(task_id), f"{store.prefix}uploads:{task_id}"]
+
+    def get(self, index: int) -> UploadRecord | None:
+        raw = self.store.client.hget(self._keys[1], str(index))
+        if raw is None:
+            return None
+        try:
+            found = json.loads(text_of(raw))
+            return UploadRecord(str(found["key"]), str(found["upload_id"]), int(found["part_size"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable: the upload starts over
+
+    def keep(self, index: int, record: UploadRecord) -> bool:
+        """Record ``record`` for file ``index``; False when this run no longer holds the task."""
+        value = json.dumps({"key": record.key, "upload_id": record.upload_id, "part_size": record.part_size})
+        return self._write(index, value)
+
+    def forget(self, index: int) -> bool:
+        return self._write(index, "")
+
+    def _write(self, index: int, value: str) -> bool:
+        return bool(self.store._call("upload", self._keys, str(self.token), str(index), value))
+
+
+class NoLedger:
+    """For callers that hold no task (tests, tools): uploads are not resumed."""
+
+    def get(self, index: int) -> UploadRecord | None:
+        return None
+
+    def keep(self, index: int, record: UploadRecord) -> bool:
+        return True
+
+    def forget(self, index: int) -> bool:
+        return True

@@ -1,0 +1,293 @@
+"""Storing into an S3 bucket, against a real S3 server (``rclone serve s3``): the whole pipeline
+in process, uploads that resume from the parts the service has, the fence before an object
+appears, refusals that wait in finalizing, and the settings that choose a bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.errors import LeaseLost, StorageUnavailable
+from actors.manifest import spec_from_manifest
+from actors.redact import secrets_of
+from actors.s3storage import MAX_PARTS, MIB, S3Storage, multipart_etag, part_size_for
+from actors.sandbox import Sandbox
+from actors.settings import Settings, SettingsError
+from actors.states import State
+from actors.store import TaskStore
+from actors.store_uploads import UploadLedger, UploadRecord
+from actors.task import FileSpec
+from tests.conftest import in_process_worker, submit_spec, wait_for
+from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
+from tests.servers import Origin, Receiver
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Server]:
+    server = S3Server(tmp_path / "s3")
+    server.start()
+    yield server
+    server.resume()
+    server.stop()
+
+
+class Ledger:
+    """An upload ledger kept in memory (the Redis one, fenced by the token, is tested below)."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, UploadRecord] = {}
+
+    def get(self, index: int) -> UploadRecord | None:
+        return self.records.get(index)
+
+    def keep(self, index: int, record: UploadRecord) -> bool:
+        self.records[index] = record
+        return True
+
+    def forget(self, index: int) -> bool:
+        self.records.pop(index, None)
+        return True
+
+
+class Counting:
+    """The real boto3 client, counting the parts it sends (for what a resume sent again)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.parts: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def upload_part(self, **params: Any) -> Any:
+        self.parts.append(int(params["PartNumber"]))
+        return self.client.upload_part(**params)
+
+
+def staged(tmp_path: Path, files: dict[str, bytes]) -> tuple[Sandbox, list[FileSpec]]:
+    """A new task's sandbox holding ``files`` as finished downloads."""
+    sandbox = Sandbox(tmp_path / "staging", uuid.uuid4().hex)
+    specs = [FileSpec(url=f"https://cdn.example.com/{p}", path=p) for p in files]
+    for spec, data in zip(specs, files.values(), strict=True):
+        target = sandbox.file(spec)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return sandbox, specs
+
+
+def bucket_storage(s3: S3Server, client: Any = None, **options: Any) -> S3Storage:
+    return S3Storage(s3.target("shop"), s3.access(), key_template="{task_id}/{path}", client=client,
+                     part_bytes=5 * MIB, **options)  # fmt: skip
+
+
+def test_a_course_is_stored_in_the_bucket_under_the_key_template_and_announced(
+    s3: S3Server, store: TaskStore, origin: Origin, receiver: Receiver, settings: Settings
+) -> None:
+    files = {"lesson-01/intro.mp4": os.urandom(12 * MIB + 5), "notes.pdf": b"%PDF small", "a b/ü.mp4": os.urandom(MIB)}
+    bucket = settings.replace(
+        object_storage=s3.target("shop"), s3=s3.access(), storage_key="orders/{key}/{path}", s3_part_bytes=5 * MIB
+    )
+    entries = [{"url": origin.put(f"/f{n}", data), "path": path} for n, (path, data) in enumerate(files.items())]
+    with in_process_worker(bucket, store, threads=2):
+        task_id = submit_spec(spec_from_manifest({"files": entries, "key": "order-7"}), store)
+        task = wait_for(store, task_id)
+    assert task.state is State.DONE, task.error
+    client = s3.client()
+    for path, data in files.items():
+        key = f"shop/orders/order-7/{path}"
+        got = client.get_object(Bucket="media", Key=key)
+        assert got["Body"].read() == data
+        assert {k.lower(): v for k, v in got["Metadata"].items()} == {"haul-task-id": task_id}
+        assert got["ContentDisposition"].startswith("attachment; filename=")
+    [delivery] = receiver.accepted()
+    listed = {f["path"]: f for f in delivery.event["data"]["files"]}
+    assert listed["lesson-01/intro.mp4"]["location"] == "s3://media/shop/orders/order-7/lesson-01/intro.mp4"
+    assert {f["verified"] for f in listed.values()} == {"etag"}
+    assert listed["notes.pdf"]["sha256"] == hashlib.sha256(b"%PDF small").hexdigest()
+    assert not (bucket.staging_dir / task_id).exists()  # staging goes only after the announcement
+    # Nothing is left half-uploaded
+    assert not client.list_multipart_uploads(Bucket="media").get("Uploads")
+
+
+def test_an_interrupted_upload_sends_only_the_parts_the_service_lacks(s3: S3Server, tmp_path: Path) -> None:
+    data = os.urandom(26 * MIB)  # five parts of 5 MiB and one of 1 MiB
+    sandbox, [spec] = staged(tmp_path, {"big.mp4": data})
+    ledger, first = Ledger(), Counting(s3.client())
+    steps = 0
+
+    def crash_after_three_parts(seconds: float) -> None:
+        nonlocal steps
+        steps += 1
+        if len(first.parts) >= 3:
+            raise LeaseLost("the worker died here")
+
+    # Given a first run that dies after three of the seven parts went up
+    with pytest.raises(LeaseLost):
+        bucket_storage(s3, first, concurrency=1).commit(sandbox, [spec], step=crash_after_three_parts, ledger=ledger)
+    assert ledger.records, "the upload was recorded before its parts went up"
+    # When the next run commits: only the missing parts go up, and the object is whole
+    second = Counting(s3.client())
+    [entry] = bucket_storage(s3, second).commit(sandbox, [spec], ledger=ledger)
+    assert sorted(second.parts) == [n for n in range(1, 7) if n not in first.parts]
+    assert len(first.parts) + len(second.parts) <= 6 + 1  # at most the part in flight at the crash, again
+    assert entry["verified"] == "etag" and entry["location"] == f"s3://media/shop/{sandbox.task_id}/big.mp4"
+    assert s3.client().get_object(Bucket="media", Key=f"shop/{sandbox.task_id}/big.mp4")["Body"].read() == data
+    assert ledger.records == {}
+
+
+def test_an_upload_whose_staged_bytes_changed_starts_over(s3: S3Server, tmp_path: Path) -> None:
+    data = os.urandom(11 * MIB)
+    sandbox, [spec] = staged(tmp_path, {"v.mp4": data})
+    ledger, first = Ledger(), Counting(s3.client())
+
+    def stop_after_one(seconds: float) -> None:
+        if first.parts:
+            raise LeaseLost("stopped")
+
+    with pytest.raises(LeaseLost):
+        bucket_storage(s3, first, concurrency=1).commit(sandbox, [spec], step=stop_after_one, ledger=ledger)
+    # The staged file differs now where the uploaded part stands for it
+    changed = bytes([data[0] ^ 0xFF]) + data[1:]
+    sandbox.file(spec).write_bytes(changed)
+    second = Counting(s3.client())
+    bucket_storage(s3, second).commit(sandbox, [spec], ledger=ledger)
+    assert sorted(second.parts) == [1, 2, 3]  # a new upload, every part: never a splice of old and new bytes
+    assert s3.client().get_object(Bucket="media", Key=f"shop/{sandbox.task_id}/v.mp4")["Body"].read() == changed
+
+
+def test_an_upload_the_service_forgot_starts_over(s3: S3Server, tmp_path: Path) -> None:
+    data = os.urandom(7 * MIB)
+    sandbox, [spec] = staged(tmp_path, {"v.mp4": data})
+    ledger = Ledger()
+    ledger.keep(0, UploadRecord(f"shop/{sandbox.task_id}/v.mp4", "an-upload-that-is-gone", 5 * MIB))
+    [entry] = bucket_storage(s3).commit(sandbox, [spec], ledger=ledger)
+    assert entry["verified"] == "etag"
+    assert s3.client().get_object(Bucket="media", Key=f"shop/{sandbox.task_id}/v.mp4")["Body"].read() == data
+
+
+def test_a_file_stored_by_a_run_that_died_before_saying_so_is_not_sent_again(s3: S3Server, tmp_path: Path) -> None:
+    sandbox, specs = staged(tmp_path, {"a.mp4": os.urandom(6 * MIB), "b.pdf": b"b"})
+    bucket_storage(s3).commit(sandbox, specs)
+    again = Counting(s3.client())
+    entries = bucket_storage(s3, again).commit(sandbox, specs)
+    assert again.parts == [] and [e["size"] for e in entries] == [6 * MIB, 1]
+
+
+def test_the_fence_stops_a_holder_before_the_object_appears(s3: S3Server, tmp_path: Path) -> None:
+    sandbox, specs = staged(tmp_path, {"big.mp4": os.urandom(6 * MIB), "small.txt": b"s"})
+
+    def lost() -> None:
+        raise LeaseLost("canceled meanwhile")
+
+    for spec in specs:
+        with pytest.raises(LeaseLost):
+            bucket_storage(s3).commit(sandbox, [spec], fence=lost)
+    assert not s3.client().list_objects_v2(Bucket="media").get("Contents")
+
+
+def test_a_wrong_secret_is_a_storage_error_that_names_the_fix(s3: S3Server, tmp_path: Path) -> None:
+    sandbox, specs = staged(tmp_path, {"a.mp4": b"a"})
+    storage = S3Storage(s3.target(), s3.access("not-the-secret"), key_template="{task_id}/{path}")
+    with pytest.raises(StorageUnavailable) as raised:
+        storage.commit(sandbox, specs)
+    assert "403" in str(raised.value) and "AWS_SECRET_ACCESS_KEY" in str(raised.value)
+    assert raised.value.code == "s3_403"
+    assert "not-the-secret" not in str(raised.value)
+
+
+def test_a_paused_service_keeps_the_task_finalizing_until_it_answers(
+    s3: S3Server, store: TaskStore, origin: Origin, receiver: Receiver, settings: Settings
+) -> None:
+    bucket = settings.replace(object_storage=s3.target(), s3=s3.access(), read_timeout_seconds=1.0)
+    s3.pause()
+    with in_process_worker(bucket, store, threads=2):
+        task_id = submit_spec(spec_from_manifest({"files": [{"url": origin.put("/v", b"video"), "path": "v.mp4"}]}),
+                              store)  # fmt: skip
+        deadline = time.monotonic() + 20
+        while (task := store.get(task_id)) is not None and not task.error and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert task is not None and task.state is State.FINALIZING, task
+        assert (bucket.staging_dir / task_id).exists()  # the file waits in staging
+        s3.resume()
+        done = wait_for(store, task_id, timeout=60)
+    assert done.state is State.DONE and done.attempts == 1
+    assert s3.client().get_object(Bucket="media", Key=f"{task_id}/v.mp4")["Body"].read() == b"video"
+
+
+def test_only_the_run_holding_the_task_records_an_upload(store: TaskStore) -> None:
+    spec = spec_from_manifest({"files": [{"url": "https://cdn.example.com/v.mp4", "path": "v.mp4"}]})
+    task_id, _ = store.create(spec, now=1000.0)
+    claim = store.claim(task_id, worker="w", now=1001.0, lease_seconds=30, max_attempts=3)
+    record = UploadRecord("k", "u1", 5 * MIB)
+    assert not UploadLedger(store, task_id, claim.token).keep(0, record)  # downloading: not yet
+    assert store.advance(task_id, claim.token, State.CLAIMED, State.DOWNLOADING, now=1002.0, lease_seconds=30)
+    reply, token = store.finish_download(
+        task_id, claim.token, now=1003.0, lease_seconds=30, progress=(1, 1, 1), finalize_limit=0
+    )
+    holder = UploadLedger(store, task_id, token)
+    assert holder.keep(0, record) and holder.get(0) == record
+    assert not UploadLedger(store, task_id, token - 1).keep(0, UploadRecord("k", "u2", 5 * MIB))
+    assert holder.get(0) == record
+    assert not UploadLedger(store, task_id, token - 1).forget(0) and holder.get(0) == record
+    assert holder.forget(0) and holder.get(0) is None
+    # Pruning the task takes its records with it
+    holder.keep(1, record)
+    store.cancel(task_id, now=1004.0)
+    notice = store.begin_notice(task_id, None, busy_until=1005.0)  # its task.canceled, delivered
+    assert store.end_notice(task_id, notice.run)
+    store.prune_ended(cutoff=1004.0 + 10)
+    assert not store.client.exists(f"{store.prefix}uploads:{task_id}")
+
+
+def test_part_sizes_stay_under_the_part_limit() -> None:
+    assert part_size_for(10 * MIB, 8 * MIB) == 8 * MIB
+    assert part_size_for(4 * 1024**4, 8 * MIB) * MAX_PARTS >= 4 * 1024**4
+    assert part_size_for(4 * 1024**4, 8 * MIB) % MIB == 0
+    assert multipart_etag([hashlib.md5(b"a").digest()]).endswith("-1")
+
+
+def test_a_bucket_is_chosen_with_the_standard_aws_variables(tmp_path: Path) -> None:
+    env = {
+        "HAUL_STORAGE_URL": "s3://media/shop/", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY_FILE": str(tmp_path / "secret"), "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "https://s3.example.com", "HAUL_STORAGE_KEY": "{key}/{path}",
+    }  # fmt: skip
+    (tmp_path / "secret").write_text(SECRET_KEY + "\n")
+    settings = Settings.from_env(env)
+    assert settings.object_storage is not None and settings.object_storage.describe() == "s3://media/shop"
+    assert settings.s3.region == "eu-west-1" and settings.s3.secret_access_key == SECRET_KEY
+    assert SECRET_KEY in secrets_of(settings) and SECRET_KEY not in repr(settings)
+    assert Settings.from_env({**env, "AWS_REGION": "us-east-2"}).s3.region == "us-east-2"
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"HAUL_STORAGE_URL": "s3://media/x", "HAUL_STORAGE_DIR": "/srv"}, "keep one"),
+        ({"HAUL_STORAGE_URL": "s3://AKIA:secret@media/x"}, "credentials"),
+        ({"HAUL_STORAGE_URL": "s3://No_Such/x"}, "bucket name"),
+        ({"HAUL_STORAGE_URL": "s3://media/a/../b"}, "'..'"),
+        ({"HAUL_STORAGE_URL": "ftp://media/x"}, "s3://BUCKET/PREFIX"),
+        ({"HAUL_STORAGE_URL": "file://relative/x"}, "absolute path"),
+        ({"HAUL_STORAGE_KEY": "{path}"}, "must name the task"),
+        ({"HAUL_STORAGE_KEY": "{task_id}/{name}/{path}"}, "it takes"),
+        ({"HAUL_STORAGE_KEY": "{task_id}/{path}/x"}, "end with {path}"),
+        ({"HAUL_STORAGE_URL": "s3://media/x", "AWS_ACCESS_KEY_ID": "AKIA"}, "go together"),
+    ],
+)
+def test_a_bad_storage_setting_is_refused_at_start(env: dict[str, str], says: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(env)
+    assert says in str(raised.value)
+
+
+def test_a_file_url_is_the_same_as_the_storage_dir(tmp_path: Path) -> None:
+    settings = Settings.from_env({"HAUL_STORAGE_URL": f"file://{tmp_path}/store"})
+    assert settings.object_storage is None and settings.storage_dir == tmp_path / "store"
