@@ -61,6 +61,19 @@ CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Transfer:
+    """What one download reports to, and asks of, its caller (see :meth:`Fetcher.fetch`)."""
+
+    task_id: str
+    on_progress: Callable[[int], None]
+    on_total: Callable[[int], None] | None
+    guard: Guard | None
+    rules: FetchRules
+    step: Step
+    on_sha256: Callable[[str], None] | None
+
+
+@dataclass(frozen=True)
 class Answer:
     """What the origin's answer says about the transfer ahead."""
 
@@ -113,33 +126,48 @@ class Fetcher:
         ``.part``) with the longest it may take, and may raise to stop; ``on_sha256(hex)``, when
         given, gets the complete file's sha256 (hashed as it arrives, like a task's own sha256,
         which is checked whether or not it is given). Raises haul errors only.
+
+        A ``.part`` that cannot be kept is started over once from zero: a file that changed on
+        the origin, a refused range, a size or sha256 mismatch (a corrupt ``.part`` must not
+        fail a task); the same mismatch from zero is final.
         """
-        where = f"task {task_id}, file {spec.path!r} from {display_url(spec.url)}"
+        transfer = Transfer(task_id, on_progress, on_total, guard, rules, step, on_sha256)
+        try:
+            return self._attempt(spec, part, transfer)
+        except (PartUnusable, ChecksumMismatch) as exc:
+            log.warning("%s; downloading the file again from zero", exc)
+            step(DISK_STEP_SECONDS)  # the fence: a stale holder deletes nothing
+            discard_part(part)
+            return self._attempt(spec, part, transfer)
+
+    def _attempt(self, spec: FileSpec, part: Path, t: Transfer) -> int:
+        """One try at :meth:`fetch`."""
+        where = f"task {t.task_id}, file {spec.path!r} from {display_url(spec.url)}"
         asked, validator = resume_point(part)
         # Hash what the .part holds before asking for the rest: hashing many GiB after the
         # request would leave the origin waiting past its own send timeout.
-        hashing = bool(spec.sha256) or on_sha256 is not None
-        kept = hash_file(part, asked, lambda: step(DISK_STEP_SECONDS)) if hashing and asked else None
-        with interruptible(guard):
-            response = self._get(spec.url, request_headers(asked, validator), where, step)
+        hashing = bool(spec.sha256) or t.on_sha256 is not None
+        kept = hash_file(part, asked, lambda: t.step(DISK_STEP_SECONDS)) if hashing and asked else None
+        with interruptible(t.guard):
+            response = self._get(spec.url, request_headers(asked, validator), where, t.step)
         hasher: Hasher | None = None
         try:
-            answer = self._judge(response, spec, asked, validator, rules, where)
-            if answer.total is not None and on_total is not None:
-                on_total(answer.total)
-            on_progress(answer.offset)
+            answer = self._judge(response, spec, asked, validator, t.rules, where)
+            if answer.total is not None and t.on_total is not None:
+                t.on_total(answer.total)
+            t.on_progress(answer.offset)
             if hashing:
                 hasher = Hasher(kept if kept is not None and answer.offset == asked else hashlib.sha256())
             shutter = shutter_of(response)
-            with guard(shutter) if guard is not None else nullcontext():
-                served = self._stream(response, part, answer, hasher, on_progress, step, rules, where)
+            with t.guard(shutter) if t.guard is not None else nullcontext():
+                served = self._stream(response, part, answer, hasher, t.on_progress, t.step, t.rules, where)
             if shutter.shut:  # the end of the body was ours, not the origin's
                 raise OriginUnavailable(f"{where}: the transfer was interrupted after {answer.offset + served} bytes")
         finally:
             response.close()
             if hasher is not None:
                 hasher.close()
-        return _verified(spec, answer.offset + served, answer.total, hasher, on_sha256, where)
+        return _verified(spec, answer.offset + served, answer.total, hasher, t.on_sha256, where)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -284,37 +312,3 @@ def _verified(
     if on_sha256 is not None and digest is not None:
         on_sha256(digest)
     return size
-
-
-def fetch_file(
-    fetcher: Fetcher,
-    spec: FileSpec,
-    part: Path,
-    *,
-    task_id: str,
-    on_progress: Callable[[int], None],
-    on_total: Callable[[int], None] | None = None,
-    guard: Guard | None = None,
-    rules: FetchRules = NO_RULES,
-    step: Step = no_step,
-    on_sha256: Callable[[str], None] | None = None,
-) -> int:
-    """:meth:`Fetcher.fetch`, starting over once from zero when the ``.part`` cannot be kept.
-
-    That covers a file that changed on the origin, a refused range, and a size or sha256
-    mismatch (a corrupt ``.part`` must not fail a task); the same mismatch from zero is final.
-    """
-
-    def attempt() -> int:
-        return fetcher.fetch(
-            spec, part, task_id=task_id, on_progress=on_progress, on_total=on_total, guard=guard, rules=rules,
-            step=step, on_sha256=on_sha256,
-        )  # fmt: skip
-
-    try:
-        return attempt()
-    except (PartUnusable, ChecksumMismatch) as exc:
-        log.warning("%s; downloading the file again from zero", exc)
-        step(DISK_STEP_SECONDS)  # the fence: a stale holder deletes nothing
-        discard_part(part)
-        return attempt()

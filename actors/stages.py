@@ -16,7 +16,6 @@ import time
 
 from actors.ending import end_run
 from actors.errors import HaulError, LeaseLost, NoWebhookSecret, TooLarge
-from actors.fetch import fetch_file
 from actors.finalize import finish_task
 from actors.httprules import FetchRules
 from actors.lease import DISK_STEP_SECONDS, Lease, no_figures
@@ -153,8 +152,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
             if size is None:
                 part = sandbox.claim_part(index, lease.token)
                 progress.start_file(index)
-                size = fetch_file(
-                    rt.fetcher,
+                size = rt.fetcher.fetch(
                     spec,
                     part,
                     task_id=task_id,

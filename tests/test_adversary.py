@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from actors.errors import OriginUnavailable, Stopping
-from actors.fetch import Fetcher, fetch_file
+from actors.fetch import Fetcher
 from actors.manifest import spec_from_manifest
 from actors.netguard import DestinationPolicy
 from actors.sandbox import Sandbox
@@ -191,7 +191,7 @@ def test_a_restart_interrupted_after_the_new_version_arrived_never_splices(tmp_p
     # Given a first attempt that kept 200 KiB of version 1 ...
     origin.fault("/v.mp4", Fault("drop", after=200 * KIB))
     with pytest.raises(OriginUnavailable):
-        fetch_file(fetcher, spec, part, task_id="t", on_progress=lambda position: None)
+        fetcher.fetch(spec, part, task_id="t", on_progress=lambda position: None)
     assert part.stat().st_size == 200 * KIB
     # ... and an origin that now serves version 2, whose answer arrives just as the worker is
     # told to stop (or its fence trips) ...
@@ -201,9 +201,9 @@ def test_a_restart_interrupted_after_the_new_version_arrived_never_splices(tmp_p
         raise Stopping("the worker is stopping")
 
     with pytest.raises(Stopping):
-        fetch_file(fetcher, spec, part, task_id="t", on_progress=stop)
+        fetcher.fetch(spec, part, task_id="t", on_progress=stop)
     # When the next attempt resumes, it ends with version 2 whole, never 1 spliced with 2
-    size = fetch_file(fetcher, spec, part, task_id="t", on_progress=lambda position: None)
+    size = fetcher.fetch(spec, part, task_id="t", on_progress=lambda position: None)
     assert size == len(new) and part.read_bytes() == new
 
 
@@ -272,13 +272,13 @@ def test_a_stale_holder_still_writing_never_reaches_the_restarted_file(tmp_path:
     origin.put("/v.mp4", old)
     origin.fault("/v.mp4", Fault("drop", after=300 * KIB))
     with pytest.raises(OriginUnavailable):
-        fetch_file(fetcher, spec, part, task_id="t", on_progress=lambda position: None)
+        fetcher.fetch(spec, part, task_id="t", on_progress=lambda position: None)
     # Given a holder that lost the task (a cancel and a retry) but still has the .part open ...
     stale = os.open(part, os.O_WRONLY)
     try:
         # When its successor restarts the file, which changed on the origin ...
         origin.put("/v.mp4", new)
-        assert fetch_file(fetcher, spec, part, task_id="t", on_progress=lambda position: None) == len(new)
+        assert fetcher.fetch(spec, part, task_id="t", on_progress=lambda position: None) == len(new)
         # ... the stale holder's late writes land in the old file, never in the new one
         os.pwrite(stale, old[: 600 * KIB], 0)
     finally:

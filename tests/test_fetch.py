@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from actors.errors import ChecksumMismatch, ForbiddenDestination, OriginRejected, OriginUnavailable, TooManyRedirects
-from actors.fetch import Fetcher, fetch_file
+from actors.fetch import Fetcher
 from actors.httprules import parse_retry_after
 from actors.netguard import DestinationPolicy
 from actors.task import FileSpec
@@ -24,7 +24,7 @@ def make_fetcher(allow_private: bool = True) -> Fetcher:
 
 def fetch(fetcher: Fetcher, spec: FileSpec, part: Path) -> int:
     positions: list[int] = []
-    return fetch_file(fetcher, spec, part, task_id="t" * 32, on_progress=positions.append)
+    return fetcher.fetch(spec, part, task_id="t" * 32, on_progress=positions.append)
 
 
 def test_a_dropped_body_resumes_with_range_and_if_range(origin: Origin, tmp_path: Path) -> None:
@@ -254,7 +254,7 @@ def test_a_resumed_file_without_a_task_sha256_reports_the_sha256_of_all_its_byte
     digests: list[str] = []
 
     def run() -> int:
-        return fetch_file(fetcher, spec, part, task_id="t" * 32, on_progress=lambda _: None, on_sha256=digests.append)
+        return fetcher.fetch(spec, part, task_id="t" * 32, on_progress=lambda _: None, on_sha256=digests.append)
 
     # Given a first attempt cut after a MiB, which reports no digest
     with pytest.raises(OriginUnavailable):

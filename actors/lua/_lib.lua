@@ -44,6 +44,18 @@ local function is_active(state)
   return member(ACTIVE_STATES, state)
 end
 
+-- The reply of a script that acts on live tasks only: {'missing'} when the record is gone,
+-- {'final', state} when the task ended, nil when it is live.
+local function not_live(state)
+  if not state then
+    return {'missing'}
+  end
+  if is_final(state) then
+    return {'final', state}
+  end
+  return nil
+end
+
 -- Ended other than done: owes task.failed or task.canceled, an operator may retry it, and a new
 -- request may replace it under its key.
 local function is_retryable(state)

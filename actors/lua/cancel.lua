@@ -14,11 +14,9 @@
 -- Returns {'ok'} | {'missing'} | {'final', state} | {'announcing', state}
 local id, now = ARGV[2], tonumber(ARGV[3])
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then
-  return {'missing'}
-end
-if is_final(state) then
-  return {'final', state}
+local ended = not_live(state)
+if ended then
+  return ended
 end
 if announcing(KEYS[1]) then
   return {'announcing', state}

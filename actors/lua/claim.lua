@@ -25,11 +25,9 @@
 local id, now, lease, worker, max_attempts = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local t = redis.call('HMGET', KEYS[1], 'state', 'lease_until', 'not_before', 'attempts')
 local state = t[1]
-if not state then
-  return {'missing'}
-end
-if is_final(state) then
-  return {'final', state}
+local ended = not_live(state)
+if ended then
+  return ended
 end
 local attempts = tonumber(t[4] or '0')
 if state == 'queued' then
