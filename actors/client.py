@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from actors.errors import InvalidTask
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.settings import Settings
 from actors.states import CancelReply, RetryReply, State
+from actors.storagetarget import check_keys
 from actors.store import TaskStore
 from actors.task import Task, TaskSpec
 
@@ -105,6 +107,10 @@ class Client:
 
     def submit_spec(self, spec: TaskSpec, *, replace: bool = False) -> str:
         """Store a validated spec and send its claim message; return the task's id."""
+        settings = self.settings
+        problem = check_keys(settings.object_storage, settings.storage_key, spec.key, [f.path for f in spec.files])
+        if problem is not None:
+            raise InvalidTask(problem)
         task_id, created = self.store.create(spec, now=self.clock(), replace=replace)
         if created:
             log.info("task %s: submitted (%d file(s), key %r)", task_id, len(spec.files), spec.key)

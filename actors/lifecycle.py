@@ -45,6 +45,13 @@ class Lifecycle(Middleware):
             self.heartbeat.start(info)
         except redis.RedisError as exc:
             log.warning("could not register worker %s (%s); the heartbeat will register it", rt.worker_id, exc)
+        probe = getattr(rt.storage, "probe", None)
+        if probe is not None:  # a bucket: say now, not after a download, that it cannot be written
+            problems, warnings = probe(rt.worker_id.replace(":", "-"))
+            for problem in problems:
+                log.error("storage: %s", problem)
+            for warning in warnings:
+                log.warning("storage: %s", warning)
 
     def before_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         log.info("worker stopping: in-flight downloads hand their tasks back")
@@ -53,4 +60,5 @@ class Lifecycle(Middleware):
     def after_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        self.rt.storage.close()
         sentry_sdk.flush(SENTRY_FLUSH_SECONDS)

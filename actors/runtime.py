@@ -106,4 +106,5 @@ def open_storage(settings: Settings) -> Storage:
         settings.object_storage, settings.s3, key_template=settings.storage_key, part_bytes=settings.s3_part_bytes,
         concurrency=settings.s3_concurrency, connect_timeout=settings.connect_timeout_seconds,
         read_timeout=settings.read_timeout_seconds, pool_size=settings.worker_threads * settings.s3_concurrency,
+        link_seconds=settings.storage_link_seconds,
     )  # fmt: skip

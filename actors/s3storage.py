@@ -13,7 +13,8 @@ An upload interrupted by a crash is resumed: its upload id and part size are kep
 (ListParts), reuses those whose ETag is the MD5 of the staged bytes of that part, and sends the
 rest. An upload the service no longer knows (``NoSuchUpload``) starts over. The object appears
 only with CompleteMultipartUpload, right after the lease fence, so a holder that lost the task
-never replaces what its successor stored.
+never replaces what its successor stored. (Past 300 lines: the resume, which lists, checks and
+sends the rest, reads best beside the upload it continues.)
 """
 
 from __future__ import annotations
@@ -21,44 +22,34 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import mimetypes
 import os
-import re
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from actors.errors import InvalidTask, StorageUnavailable, TransientError
 from actors.lease import Step, no_step
+from actors.s3client import NotFound, UploadGone, call, s3_client
+from actors.s3parts import DEFAULT_PART_BYTES, content_disposition, content_type, multipart_etag, part_size_for
 from actors.sandbox import Sandbox
 from actors.storagetarget import S3Access, StorageTarget
 from actors.store_uploads import NoLedger, UploadRecord, Uploads
-from actors.task import FileSpec
+from actors.task import FileSpec, iso_time
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
-#: S3's smallest part (but the last), and the most parts one upload may have.
-MIN_PART_BYTES = 5 * 1024 * 1024
-MAX_PARTS = 10_000
-#: The part size haul starts from; grown (in whole MiB) so a file stays under MAX_PARTS.
-DEFAULT_PART_BYTES = 8 * 1024 * 1024
-#: Parts of one file in flight at once.
-DEFAULT_PART_CONCURRENCY = 4
 #: Files below this size go in one PUT (with its Content-MD5) instead of a multipart upload.
 SINGLE_PUT_BYTES = DEFAULT_PART_BYTES
+#: Parts of one file in flight at once.
+DEFAULT_PART_CONCURRENCY = 4
 #: Longest one request to the service may take before the lease stops being renewed, beyond
 #: the client's own timeouts (seconds).
 REQUEST_STEP_SECONDS = 120.0
 #: Metadata key (``x-amz-meta-haul-task-id``) naming the task that stored an object.
 TASK_METADATA = "haul-task-id"
-
-
-class UploadGone(Exception):
-    """The service no longer knows a recorded multipart upload (aborted, or expired)."""
 
 
 @dataclass(frozen=True)
@@ -68,32 +59,6 @@ class Stored:
     key: str
     size: int
     verified: str
-
-
-def part_size_for(size: int, wanted: int = DEFAULT_PART_BYTES) -> int:
-    """``wanted``, grown to whole MiB just large enough for ``size`` in :data:`MAX_PARTS` parts."""
-    part = max(wanted, MIN_PART_BYTES)
-    if size > part * MAX_PARTS:
-        least = -(-size // MAX_PARTS)  # ceiling division
-        part = -(-least // MIB) * MIB
-    return part
-
-
-def multipart_etag(md5s: Sequence[bytes]) -> str:
-    """The ETag S3 gives a multipart object: MD5 of the parts' MD5s, a dash, the part count."""
-    return f"{hashlib.md5(b''.join(md5s)).hexdigest()}-{len(md5s)}"
-
-
-def content_disposition(path: str) -> str:
-    """``attachment`` with the file's name (RFC 6266: an ASCII fallback and the UTF-8 name)."""
-    name = path.rsplit("/", 1)[-1]
-    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
-    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
-
-
-def content_type(spec: FileSpec) -> str:
-    """The file's type by its extension (the origin's own is not kept with the staged file)."""
-    return mimetypes.guess_type(spec.path)[0] or "application/octet-stream"
 
 
 class S3Storage:
@@ -110,9 +75,13 @@ class S3Storage:
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         pool_size: int = 10,
+        link_seconds: float = 0.0,
         client: Any = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.target, self.access, self.key_template = target, access, key_template
+        #: HAUL_STORAGE_LINK_SECONDS: each stored file gets a presigned GET this long (0: none).
+        self.link_seconds, self.clock = link_seconds, clock
         self.part_bytes, self.concurrency = part_bytes, concurrency
         self.client = client or s3_client(access, connect_timeout, read_timeout, pool_size)
 
@@ -127,10 +96,38 @@ class S3Storage:
         return self.target.object_key(filled)
 
     def location(self, key: str) -> str:
-        return f"s3://{self.target.bucket}/{key}"
+        return self.target.location(key)
 
     def describe(self) -> str:
         return self.target.describe()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def probe(self, who: str) -> tuple[list[str], list[str]]:
+        """Write and delete a small object under ``PREFIX/.haul-probe/``: (problems, warnings).
+
+        A wrong key or secret, a missing bucket or no write permission is a problem (no task
+        could be stored); a missing delete permission only a warning (probes stay behind)."""
+        key = self.target.object_key(f".haul-probe/{who}")
+        where = f"storage probe at {self.location(key)}"
+        try:
+            call(self.client, "put_object", where, Bucket=self.target.bucket, Key=key, Body=b"haul")
+        except StorageUnavailable as exc:
+            return [f"HAUL_STORAGE_URL={self.describe()}: {exc}; no task can be stored until this is fixed"], []
+        try:
+            call(self.client, "delete_object", where, Bucket=self.target.bucket, Key=key)
+        except StorageUnavailable as exc:
+            return [], [f"{exc}; haul stores files but cannot delete its probe objects"]
+        return [], []
+
+    def link(self, key: str) -> dict[str, str]:
+        """A presigned GET of the object (SigV4, signed here: no request to the service) and
+        when it stops working; anyone holding it may download the file until then."""
+        url = self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.target.bucket, "Key": key}, ExpiresIn=int(self.link_seconds)
+        )
+        return {"link": str(url), "link_expires_at": iso_time(self.clock() + int(self.link_seconds)) or ""}
 
     def commit(
         self,
@@ -164,6 +161,8 @@ class S3Storage:
             digest = spec.sha256 or (sandbox.sha256(index) if sha256 else None)
             if digest:
                 entry["sha256"] = digest
+            if self.link_seconds:
+                entry.update(self.link(done.key))
             stored.append(entry)
         return stored
 
@@ -199,7 +198,7 @@ class S3Storage:
         part = part_size_for(size, self.part_bytes)
         record = ledger.get(index)
         if record is not None and (record.key != key or record.part_size != part):
-            self._abort(record, where)
+            self.abort(record, where)
             record = None
         try:
             return self._multipart(source, size, key, headers, part, record, index, step, fence, ledger, where)
@@ -218,7 +217,7 @@ class S3Storage:
         md5 = hashlib.md5(data).digest()
         fence()
         step(REQUEST_STEP_SECONDS)
-        answer = self._call(
+        answer = call(self.client,
             "put_object", where, Bucket=self.target.bucket, Key=key, Body=data,
             ContentMD5=base64.b64encode(md5).decode(), **headers,
         )  # fmt: skip
@@ -247,10 +246,12 @@ class S3Storage:
             fd = reader.fileno()
             if record is None:
                 step(REQUEST_STEP_SECONDS)
-                created = self._call("create_multipart_upload", where, Bucket=self.target.bucket, Key=key, **headers)
+                created = call(
+                    self.client, "create_multipart_upload", where, Bucket=self.target.bucket, Key=key, **headers
+                )
                 record = UploadRecord(key, str(created["UploadId"]), part)
                 if not ledger.keep(index, record):
-                    self._abort(record, where)
+                    self.abort(record, where)
                     fence()  # raises: this run no longer holds the task
             else:
                 md5s = self._reusable_parts(record, fd, size, part, count, step, where)
@@ -260,7 +261,7 @@ class S3Storage:
         ordered = [md5s[n] for n in range(1, count + 1)]
         fence()  # a stale or canceled holder stops before the object appears
         step(REQUEST_STEP_SECONDS)
-        completed = self._call(
+        completed = call(self.client,
             "complete_multipart_upload", where, Bucket=self.target.bucket, Key=key, UploadId=record.upload_id,
             MultipartUpload={"Parts": [{"PartNumber": n, "ETag": f'"{m.hex()}"'} for n, m in enumerate(ordered, 1)]},
         )  # fmt: skip
@@ -302,7 +303,7 @@ class S3Storage:
         offset = (number - 1) * part
         data = os.pread(fd, min(part, size - offset), offset)
         md5 = hashlib.md5(data).digest()
-        answer = self._call(
+        answer = call(self.client,
             "upload_part", where, Bucket=self.target.bucket, Key=record.key, UploadId=record.upload_id,
             PartNumber=number, Body=data, ContentMD5=base64.b64encode(md5).decode(),
         )  # fmt: skip
@@ -322,7 +323,7 @@ class S3Storage:
         marker = 0
         while True:
             step(REQUEST_STEP_SECONDS)
-            listed = self._call(
+            listed = call(self.client,
                 "list_parts", where, Bucket=self.target.bucket, Key=record.key, UploadId=record.upload_id,
                 PartNumberMarker=marker,
             )  # fmt: skip
@@ -332,7 +333,7 @@ class S3Storage:
                 length = min(part, size - offset)
                 md5 = hashlib.md5(os.pread(fd, length, offset)).digest() if 0 < number <= count else b""
                 if int(item["Size"]) != length or md5.hex() != etag:
-                    self._abort(record, where)
+                    self.abort(record, where)
                     raise UploadGone(f"part {number} is not what staging holds")
                 found[number] = md5
             if not listed.get("IsTruncated"):
@@ -343,8 +344,8 @@ class S3Storage:
 
     def _head(self, key: str, where: str) -> dict[str, Any] | None:
         try:
-            return dict(self._call("head_object", where, Bucket=self.target.bucket, Key=key))
-        except _NotFound:
+            return dict(call(self.client, "head_object", where, Bucket=self.target.bucket, Key=key))
+        except NotFound:
             return None
 
     def _check_size(self, key: str, size: int, where: str) -> None:
@@ -352,70 +353,13 @@ class S3Storage:
         if found is None or int(found["ContentLength"]) != size:
             raise StorageUnavailable(f"{where}: the stored object is not {size} bytes after the upload")
 
-    def _abort(self, record: UploadRecord, where: str) -> None:
+    def abort(self, record: UploadRecord, where: str) -> None:
+        """Abort a multipart upload (its parts are deleted); one already gone is no error."""
         try:
-            self._call("abort_multipart_upload", where, Bucket=self.target.bucket, Key=record.key,
+            call(self.client, "abort_multipart_upload", where, Bucket=self.target.bucket, Key=record.key,
                        UploadId=record.upload_id)  # fmt: skip
-        except (StorageUnavailable, UploadGone):
+        except UploadGone:
+            pass
+        except StorageUnavailable:
             log.warning("%s: could not abort the upload %s; the bucket's lifecycle rule removes it", where,
                         record.upload_id)  # fmt: skip
-
-    def _call(self, operation: str, where: str, **params: Any) -> Any:
-        """One request; the service's refusals as haul's errors, with its error code."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return getattr(self.client, operation)(**params)
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            code = str(error.get("Code", "")) or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
-            if code == "NoSuchUpload":
-                raise UploadGone("the service no longer has the upload") from exc
-            if code in ("404", "NoSuchKey", "NotFound") and operation == "head_object":
-                raise _NotFound from exc
-            said = f" ({error['Message']})" if error.get("Message") else ""
-            raise StorageUnavailable(
-                f"{where}: {operation} was refused by the service: {code}{said}{_advice(code)}",
-                code="s3_" + re.sub(r"[^a-z0-9]+", "_", code.lower()).strip("_"),
-            ) from exc
-        except BotoCoreError as exc:
-            raise StorageUnavailable(f"{where}: {operation} failed ({exc})") from exc
-
-
-class _NotFound(Exception):
-    """head_object found no object at the key."""
-
-
-def _advice(code: str) -> str:
-    if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"):
-        return "; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the key's permissions on the bucket"
-    if code == "NoSuchBucket":
-        return "; create the bucket, or fix the bucket in HAUL_STORAGE_URL"
-    return ""
-
-
-def s3_client(access: S3Access, connect_timeout: float, read_timeout: float, pool_size: int) -> Any:
-    """A boto3 S3 client from what :func:`actors.storagetarget.s3_access` resolved (boto3 is
-    imported here: only a process that stores into S3 pays for it)."""
-    import boto3
-    from botocore.config import Config
-
-    session = boto3.session.Session(profile_name=access.profile) if access.profile else boto3.session.Session()
-    addressing = "virtual" if access.virtual_hosted or access.endpoint_url is None else "path"
-    config = Config(
-        region_name=access.region or "us-east-1",
-        signature_version="s3v4",
-        s3={"addressing_style": addressing},
-        connect_timeout=connect_timeout,
-        read_timeout=read_timeout,
-        retries={"mode": "standard", "max_attempts": 3},
-        max_pool_connections=pool_size,
-    )
-    return session.client(
-        "s3",
-        endpoint_url=access.endpoint_url,
-        aws_access_key_id=access.access_key_id,
-        aws_secret_access_key=access.secret_access_key,
-        aws_session_token=access.session_token,
-        config=config,
-    )

@@ -70,7 +70,7 @@ class Settings:
     redis_url: str = field(default=DEFAULT_REDIS_URL, repr=False)
     staging_dir: Path = Path(".haul/staging").absolute()
     storage_dir: Path = Path(".haul/storage").absolute()
-    #: HAUL_STORAGE_URL when it names a bucket (s3://); None: files go to storage_dir.
+    #: HAUL_STORAGE_URL when it names a bucket (s3://) or an rclone remote; None: storage_dir.
     object_storage: StorageTarget | None = None
     #: HAUL_STORAGE_KEY: where a file lands below the bucket's prefix.
     storage_key: str = DEFAULT_KEY_TEMPLATE
@@ -80,6 +80,8 @@ class Settings:
     #: under 10,000 parts) and parts of one file in flight.
     s3_part_bytes: int = 8 * 1024 * 1024
     s3_concurrency: int = 4
+    #: HAUL_STORAGE_LINK_SECONDS: stored files get a presigned link this long (0: none).
+    storage_link_seconds: float = 0.0
     webhook_url: str | None = None
     webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     lease_seconds: float = DEFAULT_LEASE_SECONDS
@@ -145,18 +147,19 @@ class Settings:
         if webhook_url is not None:
             envvars.http_url(webhook_url, "HAUL_WEBHOOK_URL")
         target = storagetarget.storage_target(env, cls.storage_dir)
-        in_bucket = target.kind == "s3"
+        in_bucket = target.kind in ("s3", "rclone")
         return cls(
             redis_url=_redis_url_of(env),
             staging_dir=envvars.directory(env, "HAUL_STAGING_DIR", cls.staging_dir) or cls.staging_dir,
             storage_dir=target.folder or cls.storage_dir,
             object_storage=target if in_bucket else None,
             storage_key=storagetarget.key_template(env),
-            s3=storagetarget.s3_access(env) if in_bucket else S3Access(),
+            s3=storagetarget.s3_access(env) if target.kind == "s3" else S3Access(),
             s3_part_bytes=int(
                 envvars.number(env, "HAUL_S3_PART_BYTES", cls.s3_part_bytes, minimum=5 * 1024 * 1024, integer=True)
             ),
             s3_concurrency=int(envvars.number(env, "HAUL_S3_CONCURRENCY", cls.s3_concurrency, minimum=1, integer=True)),
+            storage_link_seconds=storagetarget.link_seconds(env, in_bucket),
             webhook_url=webhook_url,
             webhook_secrets=envvars.webhook_secrets(secret_text),
             lease_seconds=envvars.number(env, "HAUL_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=1),

@@ -68,6 +68,10 @@ class Storage(Protocol):
         """Where files go, for log lines and messages."""
         ...
 
+    def close(self) -> None:
+        """Release connections (a worker's at its exit)."""
+        ...
+
 
 class LocalStorage:
     """A directory tree on a local or mounted filesystem (it needs no key or upload ledger)."""
@@ -84,6 +88,9 @@ class LocalStorage:
 
     def describe(self) -> str:
         return str(self.root)
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def commit(
         self,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from actors.envvars import SettingsError, directory, flag, secret
+from actors.envvars import SettingsError, directory, flag, number, secret
 
 #: The object key template unless HAUL_STORAGE_KEY says otherwise.
 DEFAULT_KEY_TEMPLATE = "{task_id}/{path}"
@@ -50,17 +50,21 @@ class S3Access:
 
 @dataclass(frozen=True)
 class StorageTarget:
-    """A local folder (``file``) or an S3 bucket and key prefix (``s3``)."""
+    """A local folder (``file``), an S3 bucket and key prefix (``s3``), or an rclone remote and
+    path (``rclone``)."""
 
     kind: str
     folder: Path | None = None
     bucket: str = ""
     prefix: str = ""
+    remote: str = ""
 
     def location(self, key: str) -> str:
-        """Where an object with ``key`` (below the prefix) lives, as task.completed says it."""
+        """Where an object with full ``key`` (prefix included) lives, as task.completed says it."""
         if self.kind == "s3":
-            return f"s3://{self.bucket}/{self.object_key(key)}"
+            return f"s3://{self.bucket}/{key}"
+        if self.kind == "rclone":
+            return f"rclone:{self.remote}:{key}"
         assert self.folder is not None
         return str(self.folder / key)
 
@@ -68,7 +72,11 @@ class StorageTarget:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def describe(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}" if self.kind == "s3" else str(self.folder)
+        if self.kind == "s3":
+            return f"s3://{self.bucket}/{self.prefix}"
+        if self.kind == "rclone":
+            return f"rclone:{self.remote}:{self.prefix}"
+        return str(self.folder)
 
 
 def storage_target(env: Mapping[str, str], default_folder: Path) -> StorageTarget:
@@ -92,9 +100,38 @@ def storage_target(env: Mapping[str, str], default_folder: Path) -> StorageTarge
         return StorageTarget("file", folder=path)
     if parts.scheme == "s3":
         return _s3_target(url)
+    if url.startswith("rclone:"):
+        return _rclone_target(url)
     raise SettingsError(
-        f"HAUL_STORAGE_URL has scheme {parts.scheme!r}; it takes file:///ABSOLUTE/PATH or s3://BUCKET/PREFIX"
+        f"HAUL_STORAGE_URL has scheme {parts.scheme!r}; it takes file:///ABSOLUTE/PATH, s3://BUCKET/PREFIX "
+        "or rclone:REMOTE:PATH"
     )
+
+
+#: An rclone remote's name as rclone's config allows it (no connection string).
+REMOTE_NAME = re.compile(r"^[\w.][\w.\- ]*$")
+
+
+def _rclone_target(url: str) -> StorageTarget:
+    """``rclone:REMOTE:PATH`` with REMOTE a remote configured the way rclone users do
+    (RCLONE_CONFIG's file or RCLONE_CONFIG_<NAME>_* variables); a connection string
+    (``:s3,secret_access_key=...:``) would put credentials on a command line: refused."""
+    remote, colon, path = url.removeprefix("rclone:").partition(":")
+    if not colon or not remote:
+        raise SettingsError(
+            "HAUL_STORAGE_URL: give rclone:REMOTE:PATH, REMOTE a remote of your rclone config (connection "
+            "strings such as rclone::s3,...: are refused: they carry credentials on a command line)"
+        )
+    if not REMOTE_NAME.match(remote):
+        raise SettingsError(
+            "HAUL_STORAGE_URL does not name a configured rclone remote (the value is not shown: it may hold "
+            "credentials); connection strings and parameters are refused, since they carry credentials on a "
+            "command line: configure the remote in RCLONE_CONFIG's file or with RCLONE_CONFIG_<NAME>_* variables"
+        )
+    prefix = path.strip("/")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise SettingsError(f"HAUL_STORAGE_URL: the path {prefix!r} has an empty, '.' or '..' part")
+    return StorageTarget("rclone", remote=remote, prefix=prefix)
 
 
 def _s3_target(url: str) -> StorageTarget:
@@ -113,6 +150,21 @@ def _s3_target(url: str) -> StorageTarget:
     if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
         raise SettingsError(f"HAUL_STORAGE_URL: the prefix {prefix!r} has an empty, '.' or '..' part")
     return StorageTarget("s3", bucket=bucket, prefix=prefix)
+
+
+def link_seconds(env: Mapping[str, str], in_bucket: bool) -> float:
+    """HAUL_STORAGE_LINK_SECONDS: at most SigV4's week, and only where links can be made."""
+    seconds = number(env, "HAUL_STORAGE_LINK_SECONDS", 0, minimum=0, integer=True)
+    if seconds > MAX_LINK_SECONDS:
+        raise SettingsError(
+            f"HAUL_STORAGE_LINK_SECONDS={seconds:g} is longer than a presigned link may live ({MAX_LINK_SECONDS} s, "
+            "a week); set it lower"
+        )
+    if seconds and not in_bucket:
+        raise SettingsError(
+            "HAUL_STORAGE_LINK_SECONDS needs HAUL_STORAGE_URL=s3://... or rclone:...: a local folder has no links"
+        )
+    return seconds
 
 
 def key_template(env: Mapping[str, str]) -> str:
@@ -161,3 +213,29 @@ def s3_access(env: Mapping[str, str]) -> S3Access:
         profile=env.get("AWS_PROFILE", "").strip() or None,
         virtual_hosted=flag(env, "HAUL_S3_VIRTUAL_HOSTED", False),
     )
+
+
+def check_keys(target: StorageTarget | None, template: str, task_key: str | None, paths: list[str]) -> str | None:
+    """What is wrong with the object keys a task would get (None: nothing), known at submit: a
+    template that needs the task's key when it has none, a key that is not a plain path segment,
+    an S3 key longer than S3 takes."""
+    if target is None:
+        return None
+    if "{key}" in template:
+        if not task_key:
+            return f"HAUL_STORAGE_KEY={template!r} files tasks under their key, and this task has none; give it a key"
+        if "/" in task_key or task_key in (".", "..") or any(ord(c) < 32 for c in task_key):
+            return (
+                f"the key {task_key!r} goes into object keys (HAUL_STORAGE_KEY), so it may not hold '/' or "
+                "control characters, nor be '.' or '..'"
+            )
+    if target.kind != "s3":
+        return None
+    longest = max(paths, key=lambda p: len(p.encode()), default="")
+    key = target.object_key(template.format(task_id="0" * 32, key=task_key or "", path=longest))
+    if len(key.encode()) > MAX_S3_KEY_BYTES:
+        return (
+            f"the file {longest!r} would be stored at a key of {len(key.encode())} bytes (prefix and HAUL_STORAGE_KEY "
+            f"included); S3 takes at most {MAX_S3_KEY_BYTES}: give it a shorter path"
+        )
+    return None

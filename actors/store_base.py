@@ -21,6 +21,7 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:stats:refused   hash: claims answered full, by reason (haul_claims_refused_total)
     haul:uploads:<id>    hash: file index -> the multipart upload in progress (JSON: key, upload
                          id, part size), kept by the run holding the task (actors/store_uploads.py)
+    haul:uploading       set: the tasks that have such records
 
 Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter. The
 operations are :class:`actors.store.TaskStore` (a task's runs and reads) on top of

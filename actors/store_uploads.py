@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Protocol
 
+from actors.states import FINAL_STATES, State
 from actors.store_base import StoreBase, text_of
 
 
@@ -42,17 +43,10 @@ class UploadLedger:
 
     def __init__(self, store: StoreBase, task_id: str, token: int) -> None:
         self.store, self.task_id, self.token = store, task_id, token
-        self._keys = [store.task_key(task_id), f"{store.prefix}uploads:{task_id}"]
+        self._keys = [store.task_key(task_id), uploads_key(store, task_id), f"{store.prefix}uploading"]
 
     def get(self, index: int) -> UploadRecord | None:
-        raw = self.store.client.hget(self._keys[1], str(index))
-        if raw is None:
-            return None
-        try:
-            found = json.loads(text_of(raw))
-            return UploadRecord(str(found["key"]), str(found["upload_id"]), int(found["part_size"]))
-        except (ValueError, KeyError, TypeError):
-            return None  # unreadable: the upload starts over
+        return _record(self.store.client.hget(self._keys[1], str(index)))
 
     def keep(self, index: int, record: UploadRecord) -> bool:
         """Record ``record`` for file ``index``; False when this run no longer holds the task."""
@@ -77,3 +71,43 @@ class NoLedger:
 
     def forget(self, index: int) -> bool:
         return True
+
+
+def uploads_key(store: StoreBase, task_id: str) -> str:
+    return f"{store.prefix}uploads:{task_id}"
+
+
+def abandoned_uploads(store: StoreBase, limit: int = 100) -> dict[str, list[UploadRecord]]:
+    """The upload records of tasks that ended (failed, dead, canceled) or are gone: their
+    uploads will never be finished, and their parts cost storage until aborted."""
+    ids = [text_of(i) for i in store.client.srandmember(f"{store.prefix}uploading", limit) or []]
+    if not ids:
+        return {}
+    pipe = store.client.pipeline(transaction=False)
+    for task_id in ids:
+        pipe.hget(store.task_key(task_id), "state")
+        pipe.hvals(uploads_key(store, task_id))
+    replies = pipe.execute()
+    found: dict[str, list[UploadRecord]] = {}
+    for task_id, state, values in zip(ids, replies[::2], replies[1::2], strict=True):
+        if state is None or State(text_of(state)) in FINAL_STATES:
+            found[task_id] = [r for r in map(_record, values) if r is not None]
+    return found
+
+
+def drop_uploads(store: StoreBase, task_id: str) -> None:
+    """Forget an ended task's upload records (its uploads were aborted)."""
+    pipe = store.client.pipeline(transaction=True)
+    pipe.delete(uploads_key(store, task_id))
+    pipe.srem(f"{store.prefix}uploading", task_id)
+    pipe.execute()
+
+
+def _record(raw: bytes | str | None) -> UploadRecord | None:
+    if raw is None:
+        return None
+    try:
+        found = json.loads(text_of(raw))
+        return UploadRecord(str(found["key"]), str(found["upload_id"]), int(found["part_size"]))
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable: the upload starts over

@@ -9,6 +9,8 @@ event), so it is kept here for :mod:`supervisor.health` to read.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from actors.registry import WorkerRegistry
 from actors.settings import Settings
@@ -19,18 +21,51 @@ from supervisor.metrics import Metrics
 log = logging.getLogger(__name__)
 
 
+#: The bucket is probed at most this often (seconds): a write and a delete each time.
+STORAGE_PROBE_SECONDS = 600.0
+
+
 class ConfigCheck:
     """What the last check found, and which problems were already reported."""
 
-    def __init__(self, settings: Settings, store: TaskStore, registry: WorkerRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: TaskStore,
+        registry: WorkerRegistry,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings, self.store, self.registry, self.metrics = settings, store, registry, metrics
         #: Redis's persistence as last read, or None before the first read.
         self.persistence: limits.Persistence | None = None
         self._reported: set[str] = set()
+        self.clock = clock
+        self._storage: tuple[float, list[str]] | None = None  # (when probed, problems found)
+
+    def storage_problems(self) -> list[str]:
+        """A bucket that cannot be written (probed at most every STORAGE_PROBE_SECONDS)."""
+        if self.settings.object_storage is None:
+            return []
+        now = self.clock()
+        if self._storage is None or now - self._storage[0] >= STORAGE_PROBE_SECONDS:
+            from actors.runtime import open_storage  # here: it loads boto3, which only a bucket needs
+            from actors.s3storage import S3Storage
+
+            storage = open_storage(self.settings)
+            assert isinstance(storage, S3Storage)
+            try:
+                problems, warnings = storage.probe("supervisor")
+            finally:
+                storage.close()
+            for warning in warnings:
+                log.warning("storage: %s", warning)
+            self._storage = (now, problems)
+        return self._storage[1]
 
     def run(self) -> list[str]:
-        """Every problem found now (limits, timing, persistence); new ones are logged."""
-        problems = limits.check(self.settings, self.registry.workers())
+        """Every problem found now (limits, timing, storage, persistence); new ones are logged."""
+        problems = limits.check(self.settings, self.registry.workers()) + self.storage_problems()
         self.check_persistence()
         persistence = list(self.persistence.problems) if self.persistence is not None else []
         self.metrics.config_problems.set(len(problems) + len(persistence))

@@ -119,6 +119,7 @@ class Supervisor:
     def stop(self) -> None:
         self.scheduler.shutdown(wait=True)
         self.lead.resign()
+        self.jobs.close()
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """``/healthz``: a real round trip to Redis, and what the last election and sweeps saw."""

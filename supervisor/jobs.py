@@ -13,16 +13,21 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from actors.messages import Messages
 from actors.registry import WorkerRegistry
 from actors.settings import Settings
 from actors.storage import LocalStorage
 from actors.store import TaskStore
+from actors.store_uploads import abandoned_uploads, drop_uploads
 from supervisor import alerts, sweeps
 from supervisor.configcheck import ConfigCheck
 from supervisor.leadership import Leadership
 from supervisor.metrics import Metrics
+
+if TYPE_CHECKING:
+    from actors.s3storage import S3Storage
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,7 @@ class SweepJobs:
         self.send_finalize = lead.fenced(messages.finalize)
         #: clock() when requeue_stuck last ended (health, and the last-sweep metric), or None.
         self.last_sweep: float | None = None
+        self._storage: S3Storage | None = None
 
     def by_name(self) -> dict[str, Callable[[], None]]:
         """Every sweep by its job name (the monitor is ``haul-`` and the name with dashes)."""
@@ -81,6 +87,7 @@ class SweepJobs:
             "watch_workers": self.watch_workers,
             "check_config": self.check_config,
             "prune": self.prune,
+            **({"abort_uploads": self.abort_uploads} if self.settings.object_storage is not None else {}),
         }
 
     def every(self, job: str) -> float:
@@ -140,7 +147,38 @@ class SweepJobs:
         if outcome:
             log.info("pruned: %s", dict(outcome))
 
+    @_sweep
+    def abort_uploads(self, now: float) -> None:
+        """Multipart uploads of tasks that ended without finishing them (failed, dead, canceled,
+        or pruned) are aborted, so their parts stop costing storage."""
+        aborted = 0
+        for task_id, records in abandoned_uploads(self.store).items():
+            bucket = self._bucket()
+            for record in records:
+                bucket.abort(record, f"task {task_id}, an upload it left at {bucket.location(record.key)}")
+            drop_uploads(self.store, task_id)
+            aborted += len(records)
+        if aborted:
+            log.info("aborted %d unfinished upload(s) of ended tasks", aborted)
+
     # -- helpers ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the bucket's connections, if a sweep opened them."""
+        if self._storage is not None:
+            self._storage.close()
+            self._storage = None
+
+    def _bucket(self) -> S3Storage:
+        """The bucket's client, built on first use (it loads boto3)."""
+        if self._storage is None:
+            from actors.runtime import open_storage
+            from actors.s3storage import S3Storage
+
+            storage = open_storage(self.settings)
+            assert isinstance(storage, S3Storage)
+            self._storage = storage
+        return self._storage
 
     def _orphan_seconds(self) -> float:
         return max(self.settings.orphan_seconds, 3 * self.settings.sweep_seconds)

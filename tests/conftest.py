@@ -197,6 +197,7 @@ def in_process_worker(settings: Settings, store: TaskStore, threads: int = 4) ->
     finally:
         worker.stop()
         broker.close()
+        rt.storage.close()
 
 
 def settle(running: InProcessWorker, timeout: float = 30.0) -> None:

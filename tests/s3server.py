@@ -39,6 +39,7 @@ class S3Server:
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = folder.parent / f"{folder.name}-rclone.log"
+        self.clients: list[Any] = []
 
     @property
     def endpoint(self) -> str:
@@ -63,6 +64,8 @@ class S3Server:
                 time.sleep(0.05)
 
     def stop(self) -> None:
+        for client in self.clients:
+            client.close()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -96,8 +99,10 @@ class S3Server:
             "AWS_REGION": "us-east-1",
         }
 
-    def client(self) -> Any:
-        """A plain boto3 client, for the tests' own reads."""
-        from actors.s3storage import s3_client
+    def client(self, secret: str = SECRET_KEY) -> Any:
+        """A plain boto3 client (closed when the server stops)."""
+        from actors.s3client import s3_client
 
-        return s3_client(self.access(), 5, 30, 4)
+        client = s3_client(self.access(secret), 5, 30, 4)
+        self.clients.append(client)
+        return client

@@ -9,22 +9,27 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
-from actors.errors import LeaseLost, StorageUnavailable
+from actors.client import Client
+from actors.errors import InvalidTask, LeaseLost, StorageUnavailable
 from actors.manifest import spec_from_manifest
 from actors.redact import secrets_of
-from actors.s3storage import MAX_PARTS, MIB, S3Storage, multipart_etag, part_size_for
+from actors.s3parts import MAX_PARTS, MIB, multipart_etag, part_size_for
+from actors.s3storage import S3Storage
 from actors.sandbox import Sandbox
 from actors.settings import Settings, SettingsError
 from actors.states import State
+from actors.storagetarget import StorageTarget
 from actors.store import TaskStore
 from actors.store_uploads import UploadLedger, UploadRecord
 from actors.task import FileSpec
-from tests.conftest import in_process_worker, submit_spec, wait_for
+from tests.conftest import ClaimsOnly, dramatiq_supervisor, in_process_worker, submit_spec, wait_for
 from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
 from tests.servers import Origin, Receiver
 
@@ -83,7 +88,7 @@ def staged(tmp_path: Path, files: dict[str, bytes]) -> tuple[Sandbox, list[FileS
 
 
 def bucket_storage(s3: S3Server, client: Any = None, **options: Any) -> S3Storage:
-    return S3Storage(s3.target("shop"), s3.access(), key_template="{task_id}/{path}", client=client,
+    return S3Storage(s3.target("shop"), s3.access(), key_template="{task_id}/{path}", client=client or s3.client(),
                      part_bytes=5 * MIB, **options)  # fmt: skip
 
 
@@ -92,7 +97,11 @@ def test_a_course_is_stored_in_the_bucket_under_the_key_template_and_announced(
 ) -> None:
     files = {"lesson-01/intro.mp4": os.urandom(12 * MIB + 5), "notes.pdf": b"%PDF small", "a b/ü.mp4": os.urandom(MIB)}
     bucket = settings.replace(
-        object_storage=s3.target("shop"), s3=s3.access(), storage_key="orders/{key}/{path}", s3_part_bytes=5 * MIB
+        object_storage=s3.target("shop"),
+        s3=s3.access(),
+        storage_key="orders/{key}/{path}",
+        s3_part_bytes=5 * MIB,
+        storage_link_seconds=600,
     )
     entries = [{"url": origin.put(f"/f{n}", data), "path": path} for n, (path, data) in enumerate(files.items())]
     with in_process_worker(bucket, store, threads=2):
@@ -111,6 +120,14 @@ def test_a_course_is_stored_in_the_bucket_under_the_key_template_and_announced(
     assert listed["lesson-01/intro.mp4"]["location"] == "s3://media/shop/orders/order-7/lesson-01/intro.mp4"
     assert {f["verified"] for f in listed.values()} == {"etag"}
     assert listed["notes.pdf"]["sha256"] == hashlib.sha256(b"%PDF small").hexdigest()
+    # Each file's link downloads it, under its name, until it expires
+    for path, data in files.items():
+        answer = requests.get(listed[path]["link"], timeout=10)
+        assert answer.status_code == 200 and answer.content == data
+        assert answer.headers["Content-Disposition"].startswith("attachment")
+    expires = datetime.fromisoformat(listed["notes.pdf"]["link_expires_at"])
+    assert 590 <= expires.timestamp() - time.time() <= 600
+    assert requests.get(listed["notes.pdf"]["link"] + "0", timeout=10).status_code == 403  # tampered
     assert not (bucket.staging_dir / task_id).exists()  # staging goes only after the announcement
     # Nothing is left half-uploaded
     assert not client.list_multipart_uploads(Bucket="media").get("Uploads")
@@ -194,7 +211,9 @@ def test_the_fence_stops_a_holder_before_the_object_appears(s3: S3Server, tmp_pa
 
 def test_a_wrong_secret_is_a_storage_error_that_names_the_fix(s3: S3Server, tmp_path: Path) -> None:
     sandbox, specs = staged(tmp_path, {"a.mp4": b"a"})
-    storage = S3Storage(s3.target(), s3.access("not-the-secret"), key_template="{task_id}/{path}")
+    storage = S3Storage(
+        s3.target(), s3.access("not-the-secret"), key_template="{task_id}/{path}", client=s3.client("not-the-secret")
+    )
     with pytest.raises(StorageUnavailable) as raised:
         storage.commit(sandbox, specs)
     assert "403" in str(raised.value) and "AWS_SECRET_ACCESS_KEY" in str(raised.value)
@@ -280,6 +299,8 @@ def test_a_bucket_is_chosen_with_the_standard_aws_variables(tmp_path: Path) -> N
         ({"HAUL_STORAGE_KEY": "{task_id}/{name}/{path}"}, "it takes"),
         ({"HAUL_STORAGE_KEY": "{task_id}/{path}/x"}, "end with {path}"),
         ({"HAUL_STORAGE_URL": "s3://media/x", "AWS_ACCESS_KEY_ID": "AKIA"}, "go together"),
+        ({"HAUL_STORAGE_URL": "s3://media/x", "HAUL_STORAGE_LINK_SECONDS": "604801"}, "a week"),
+        ({"HAUL_STORAGE_LINK_SECONDS": "60"}, "a local folder has no links"),
     ],
 )
 def test_a_bad_storage_setting_is_refused_at_start(env: dict[str, str], says: str) -> None:
@@ -291,3 +312,78 @@ def test_a_bad_storage_setting_is_refused_at_start(env: dict[str, str], says: st
 def test_a_file_url_is_the_same_as_the_storage_dir(tmp_path: Path) -> None:
     settings = Settings.from_env({"HAUL_STORAGE_URL": f"file://{tmp_path}/store"})
     assert settings.object_storage is None and settings.storage_dir == tmp_path / "store"
+
+
+def test_object_keys_that_cannot_work_are_refused_at_submit(settings: Settings, store: TaskStore) -> None:
+    bucket = settings.replace(
+        object_storage=StorageTarget("s3", bucket="media", prefix="p"), storage_key="{key}/{path}"
+    )
+    client = Client(bucket, store=store, messages=ClaimsOnly())
+    before = store.counts()
+    url = "https://cdn.example.com/v.mp4"
+    for files, key, says in (
+        ([url], None, "has none; give it a key"),
+        ([url], "a/b", "may not hold '/'"),
+        ([{"url": url, "path": "d/" * 520 + "v.mp4"}], "k", "at most 1024"),
+    ):
+        with pytest.raises(InvalidTask) as raised:
+            client.submit(files, key=key)
+        assert says in str(raised.value)
+    assert store.counts() == before  # nothing stored, nothing queued
+    assert client.submit([url], key="order-1")  # a plain key goes through
+
+
+def finalizing(store: TaskStore) -> tuple[str, int]:
+    """A task in finalizing, held by a run: its id and token."""
+    spec = spec_from_manifest({"files": [{"url": "https://cdn.example.com/v.mp4", "path": "v.mp4"}]})
+    task_id, _ = store.create(spec, now=time.time())
+    claim = store.claim(task_id, worker="w", now=time.time(), lease_seconds=30, max_attempts=3)
+    store.advance(task_id, claim.token, State.CLAIMED, State.DOWNLOADING, now=time.time(), lease_seconds=30)
+    _, token = store.finish_download(
+        task_id, claim.token, now=time.time(), lease_seconds=30, progress=(1, 1, 1), finalize_limit=0
+    )
+    return task_id, token
+
+
+def test_the_supervisor_aborts_the_uploads_of_tasks_that_ended_without_finishing_them(
+    s3: S3Server, store: TaskStore, settings: Settings
+) -> None:
+    bucket = settings.replace(object_storage=s3.target(), s3=s3.access())
+    client = s3.client()
+    uploads = {}
+    # Given two finalizes that each started an upload and sent a part, one of whose tasks is
+    # then canceled
+    for task_id, token in (finalizing(store), finalizing(store)):
+        key = f"{task_id}/v.mp4"
+        upload = client.create_multipart_upload(Bucket="media", Key=key)["UploadId"]
+        client.upload_part(Bucket="media", Key=key, UploadId=upload, PartNumber=1, Body=b"x" * MIB)
+        assert UploadLedger(store, task_id, token).keep(0, UploadRecord(key, upload, 5 * MIB))
+        uploads[task_id] = (token, upload)
+    ended, live = list(uploads)
+    store.cancel(ended, now=time.time())
+    # When the supervisor's sweep runs: the ended task's upload is aborted and forgotten, the
+    # live one's kept
+    sup = dramatiq_supervisor(bucket, store, node_id="s")
+    sup.elect()
+    sup.jobs.abort_uploads()
+    sup.jobs.close()
+    left = [u["UploadId"] for u in client.list_multipart_uploads(Bucket="media").get("Uploads", [])]
+    assert left == [uploads[live][1]]
+    assert UploadLedger(store, ended, uploads[ended][0]).get(0) is None
+    assert UploadLedger(store, live, uploads[live][0]).get(0) is not None
+    assert store.client.smembers(f"{store.prefix}uploading") == {live.encode()}
+    # ... and a local folder has no such sweep
+    assert "abort_uploads" not in dramatiq_supervisor(settings, store, node_id="t").jobs.by_name()
+
+
+def test_a_wrong_secret_is_reported_by_the_supervisor_before_any_task_runs(
+    s3: S3Server, store: TaskStore, settings: Settings
+) -> None:
+    wrong = settings.replace(object_storage=s3.target("shop"), s3=s3.access("not-the-secret"))
+    problems = dramatiq_supervisor(wrong, store, node_id="s").check_config()
+    [storage] = [p for p in problems if "HAUL_STORAGE_URL" in p]
+    assert "s3://media/shop" in storage and "SignatureDoesNotMatch" in storage and "AWS_SECRET_ACCESS_KEY" in storage
+    assert "not-the-secret" not in storage
+    right = settings.replace(object_storage=s3.target("shop"), s3=s3.access())
+    assert not [p for p in dramatiq_supervisor(right, store, node_id="s").check_config() if "HAUL_STORAGE_URL" in p]
+    assert not s3.client().list_objects_v2(Bucket="media").get("Contents")  # the probe cleaned up

@@ -44,6 +44,7 @@ local function prunable(id, keys)
   table.insert(keys, task_key)
   table.insert(keys, prefix .. 'spec:' .. id)
   table.insert(keys, prefix .. 'uploads:' .. id)
+  redis.call('SREM', prefix .. 'uploading', id)
   if redis.call('HEXISTS', staged, id) == 1 then  -- done tasks' were dropped as they ended
     set_staged(id, 0)
   end

@@ -4,6 +4,8 @@
 -- (ListParts) and each is checked against the staged bytes before it is reused.
 -- KEYS[1]  $prefix task:$id
 -- KEYS[2]  $prefix uploads:$id
+-- KEYS[3]  $prefix uploading (the ids of tasks with a record: the supervisor aborts the uploads
+--          of those that ended without finishing them)
 -- ARGV[1]  prefix
 -- ARGV[2]  fencing token
 -- ARGV[3]  the file's index in the task
@@ -13,9 +15,14 @@ local t = redis.call('HMGET', KEYS[1], 'state', 'token')
 if t[2] ~= ARGV[2] or t[1] ~= 'finalizing' then
   return 0
 end
+local id = string.sub(KEYS[1], string.len(ARGV[1]) + 6)  -- after '$prefix task:'
 if ARGV[4] == '' then
   redis.call('HDEL', KEYS[2], ARGV[3])
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('SREM', KEYS[3], id)
+  end
 else
   redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+  redis.call('SADD', KEYS[3], id)
 end
 return 1
