@@ -45,13 +45,12 @@ class Lifecycle(Middleware):
             self.heartbeat.start(info)
         except redis.RedisError as exc:
             log.warning("could not register worker %s (%s); the heartbeat will register it", rt.worker_id, exc)
-        probe = getattr(rt.storage, "probe", None)
-        if probe is not None:  # a bucket: say now, not after a download, that it cannot be written
-            problems, warnings = probe(rt.worker_id.replace(":", "-"))
-            for problem in problems:
-                log.error("storage: %s", problem)
-            for warning in warnings:
-                log.warning("storage: %s", warning)
+        # A bucket or remote: say now, not after a download, that it cannot be written
+        problems, warnings = rt.storage.probe(rt.worker_id.replace(":", "-"))
+        for problem in problems:
+            log.error("storage: %s", problem)
+        for warning in warnings:
+            log.warning("storage: %s", warning)
 
     def before_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         log.info("worker stopping: in-flight downloads hand their tasks back")

@@ -97,13 +97,18 @@ class Runtime:
 
 
 def open_storage(settings: Settings) -> Storage:
-    """The bucket HAUL_STORAGE_URL names, else the folder (HAUL_STORAGE_DIR)."""
-    if settings.object_storage is None:
+    """The bucket or rclone remote HAUL_STORAGE_URL names, else the folder (HAUL_STORAGE_DIR)."""
+    target = settings.object_storage
+    if target is None:
         return LocalStorage(settings.storage_dir)
+    if target.kind == "rclone":
+        from actors.rclonestorage import RcloneStorage
+
+        return RcloneStorage(target, key_template=settings.storage_key, link_seconds=settings.storage_link_seconds)
     from actors.s3storage import S3Storage  # here: it loads boto3, which only a bucket needs
 
     return S3Storage(
-        settings.object_storage, settings.s3, key_template=settings.storage_key, part_bytes=settings.s3_part_bytes,
+        target, settings.s3, key_template=settings.storage_key, part_bytes=settings.s3_part_bytes,
         concurrency=settings.s3_concurrency, connect_timeout=settings.connect_timeout_seconds,
         read_timeout=settings.read_timeout_seconds, pool_size=settings.worker_threads * settings.s3_concurrency,
         link_seconds=settings.storage_link_seconds,

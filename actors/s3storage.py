@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.errors import InvalidTask, StorageUnavailable, TransientError
+from actors.errors import StorageUnavailable, TransientError
 from actors.lease import Step, no_step
 from actors.s3client import NotFound, UploadGone, call, s3_client
 from actors.s3parts import DEFAULT_PART_BYTES, content_disposition, content_type, multipart_etag, part_size_for
@@ -85,16 +85,6 @@ class S3Storage:
         self.part_bytes, self.concurrency = part_bytes, concurrency
         self.client = client or s3_client(access, connect_timeout, read_timeout, pool_size)
 
-    def object_key(self, task_id: str, task_key: str | None, path: str) -> str:
-        """The object's full key: the prefix, then the template filled in."""
-        if "{key}" in self.key_template and not task_key:
-            raise InvalidTask(
-                f"task {task_id}: HAUL_STORAGE_KEY={self.key_template!r} needs the task's key, and it has none; "
-                "submit it with a key"
-            )
-        filled = self.key_template.format(task_id=task_id, key=task_key or "", path=path)
-        return self.target.object_key(filled)
-
     def location(self, key: str) -> str:
         return self.target.location(key)
 
@@ -145,7 +135,7 @@ class S3Storage:
         ledger = ledger or NoLedger()
         stored = []
         for index, spec in enumerate(files):
-            key = self.object_key(task_id, task_key, spec.path)
+            key = self.target.key_for(self.key_template, task_id, task_key, spec.path)
             source = sandbox.file(spec)
             try:
                 done = self.store_file(task_id, index, spec, source, key, step, fence, ledger)

@@ -72,6 +72,10 @@ class Storage(Protocol):
         """Release connections (a worker's at its exit)."""
         ...
 
+    def probe(self, who: str) -> tuple[list[str], list[str]]:
+        """Whether files can be stored now (a write and a delete): (problems, warnings)."""
+        ...
+
 
 class LocalStorage:
     """A directory tree on a local or mounted filesystem (it needs no key or upload ledger)."""
@@ -91,6 +95,10 @@ class LocalStorage:
 
     def close(self) -> None:
         """Nothing to release."""
+
+    def probe(self, who: str) -> tuple[list[str], list[str]]:
+        """A local folder is checked where files are placed (its errors name it)."""
+        return [], []
 
     def commit(
         self,

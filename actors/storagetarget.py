@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from actors.envvars import SettingsError, directory, flag, number, secret
+from actors.errors import InvalidTask
 
 #: The object key template unless HAUL_STORAGE_KEY says otherwise.
 DEFAULT_KEY_TEMPLATE = "{task_id}/{path}"
@@ -70,6 +71,15 @@ class StorageTarget:
 
     def object_key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def key_for(self, template: str, task_id: str, task_key: str | None, path: str) -> str:
+        """A file's full key: the prefix, then ``template`` filled in (checked at submit)."""
+        if "{key}" in template and not task_key:
+            raise InvalidTask(
+                f"task {task_id}: HAUL_STORAGE_KEY={template!r} needs the task's key, and it has none; "
+                "submit it with a key"
+            )
+        return self.object_key(template.format(task_id=task_id, key=task_key or "", path=path))
 
     def describe(self) -> str:
         if self.kind == "s3":
@@ -128,10 +138,10 @@ def _rclone_target(url: str) -> StorageTarget:
             "credentials); connection strings and parameters are refused, since they carry credentials on a "
             "command line: configure the remote in RCLONE_CONFIG's file or with RCLONE_CONFIG_<NAME>_* variables"
         )
-    prefix = path.strip("/")
-    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+    prefix = path.rstrip("/")  # a leading '/' stays: rclone:sftp:/srv is not rclone:sftp:srv
+    if prefix.strip("/") and any(part in ("", ".", "..") for part in prefix.strip("/").split("/")):
         raise SettingsError(f"HAUL_STORAGE_URL: the path {prefix!r} has an empty, '.' or '..' part")
-    return StorageTarget("rclone", remote=remote, prefix=prefix)
+    return StorageTarget("rclone", remote=remote, prefix=prefix if prefix.strip("/") else prefix.rstrip("/"))
 
 
 def _s3_target(url: str) -> StorageTarget:

@@ -49,11 +49,9 @@ class ConfigCheck:
             return []
         now = self.clock()
         if self._storage is None or now - self._storage[0] >= STORAGE_PROBE_SECONDS:
-            from actors.runtime import open_storage  # here: it loads boto3, which only a bucket needs
-            from actors.s3storage import S3Storage
+            from actors.runtime import open_storage  # here: a bucket's loads boto3
 
             storage = open_storage(self.settings)
-            assert isinstance(storage, S3Storage)
             try:
                 problems, warnings = storage.probe("supervisor")
             finally:

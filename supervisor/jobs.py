@@ -87,7 +87,7 @@ class SweepJobs:
             "watch_workers": self.watch_workers,
             "check_config": self.check_config,
             "prune": self.prune,
-            **({"abort_uploads": self.abort_uploads} if self.settings.object_storage is not None else {}),
+            **({"abort_uploads": self.abort_uploads} if self._in_bucket() else {}),
         }
 
     def every(self, job: str) -> float:
@@ -162,6 +162,10 @@ class SweepJobs:
             log.info("aborted %d unfinished upload(s) of ended tasks", aborted)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _in_bucket(self) -> bool:
+        target = self.settings.object_storage
+        return target is not None and target.kind == "s3"
 
     def close(self) -> None:
         """Release the bucket's connections, if a sweep opened them."""

