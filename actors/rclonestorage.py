@@ -98,10 +98,15 @@ class RcloneStorage:
                     "it will be downloaded again"
                 )
             fence()  # a stale or canceled holder stops before the file appears on the remote
-            self.run(["copyto", "--checksum", str(source), self._remote(key)], where, step)
+            try:
+                self.run(["copyto", "--checksum", str(source), self._remote(key)], where, step)
+                verified = self._verify(source, key, where, step)
+            except StorageUnavailable as exc:
+                exc.file = spec.path  # task.failed and Sentry name the file
+                raise
             entry: dict[str, Any] = {
                 "path": spec.path, "size": source.stat().st_size, "url": spec.url,
-                "location": self.target.location(key), "verified": self._verify(source, key, where, step),
+                "location": self.target.location(key), "verified": verified,
             }  # fmt: skip
             digest = spec.sha256 or (sandbox.sha256(index) if sha256 else None)
             if digest:

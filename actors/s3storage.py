@@ -139,6 +139,9 @@ class S3Storage:
             source = sandbox.file(spec)
             try:
                 done = self.store_file(task_id, index, spec, source, key, step, fence, ledger)
+            except StorageUnavailable as exc:
+                exc.file = exc.file or spec.path  # task.failed and Sentry name the file
+                raise
             except FileNotFoundError as exc:
                 raise TransientError(
                     f"task {task_id}: the finished file {spec.path!r} is missing from staging; "

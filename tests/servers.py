@@ -347,3 +347,47 @@ class _ReceiverHandler(_Quiet):
         self.send_response(answer)
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target_port`` that counts the bytes clients send
+    through it (what a server receives, headers included)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.sent = 0
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
+        while True:
+            try:
+                data = source.recv(1 << 20)
+                if not data:
+                    sink.shutdown(socket.SHUT_WR)
+                    return
+                if counted:
+                    with self._lock:
+                        self.sent += len(data)
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()

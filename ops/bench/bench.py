@@ -17,6 +17,7 @@ from typing import Any
 
 from ops.bench.control_plane import bench_prune, bench_redis, bench_scrape, bench_sweep
 from ops.bench.harness import HERE, Bench
+from ops.bench.storage import bench_upload
 from ops.bench.tasks import bench_pickup, bench_recovery_and_resume, bench_rss, bench_throughput
 from ops.bench.transfer import bench_cli, bench_download, bench_end_to_end, bench_hash
 
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "scrape": bench_scrape,
     "redis": bench_redis,
     "cli": bench_cli,
+    "upload": bench_upload,
 }
 
 
