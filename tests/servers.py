@@ -349,18 +349,21 @@ class _ReceiverHandler(_Quiet):
         self.end_headers()
 
 
-class CountingProxy:
-    """A TCP proxy on 127.0.0.1 in front of ``target_port`` that counts the bytes clients send
-    through it (what a server receives, headers included)."""
+class TcpProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target_port``. Subclasses look at each chunk a
+    client sends (:meth:`passes`) and may stop the connection there, leaving it open."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.sent = 0
-        self._lock = threading.Lock()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.listener.getsockname()[1])
         self.sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def passes(self, data: bytes) -> bool:
+        """Whether a chunk a client sent goes on; False stops forwarding on that connection,
+        both ways, while it stays open."""
+        return True
 
     def _accept(self) -> None:
         while True:
@@ -370,19 +373,22 @@ class CountingProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+            stalled = threading.Event()
+            threading.Thread(target=self._pump, args=(client, upstream, stalled, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, stalled, False), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, counted: bool) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, stalled: threading.Event, requests: bool) -> None:
         while True:
             try:
                 data = source.recv(1 << 20)
-                if not data:
-                    sink.shutdown(socket.SHUT_WR)
-                    return
-                if counted:
-                    with self._lock:
-                        self.sent += len(data)
+            except OSError:
+                return
+            if not data or stalled.is_set():
+                return
+            if requests and not self.passes(data):
+                stalled.set()
+                return
+            try:
                 sink.sendall(data)
             except OSError:
                 return
@@ -391,3 +397,17 @@ class CountingProxy:
         self.listener.close()
         for sock in self.sockets:
             sock.close()
+
+
+class CountingProxy(TcpProxy):
+    """Counts the bytes clients send through it (what the server receives, headers included)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.sent = 0
+        self._lock = threading.Lock()
+        super().__init__(target_port)
+
+    def passes(self, data: bytes) -> bool:
+        with self._lock:
+            self.sent += len(data)
+        return True

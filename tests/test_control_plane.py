@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -28,7 +27,7 @@ from tests.conftest import ClaimsOnly
 from tests.processes import base_env, running, wait_until
 from tests.redisserver import RedisServer
 from tests.sentry_sink import SentrySink
-from tests.servers import free_port
+from tests.servers import TcpProxy, free_port
 
 #: Added to every time bound: scheduling jitter of threads and processes on a busy machine.
 SLACK_SECONDS = 0.5
@@ -165,59 +164,27 @@ def test_no_sweep_job_runs_while_another_replica_holds_the_lock(fast: Any, store
     assert len(sent) == 1
 
 
-class StallingProxy:
-    """A TCP proxy on 127.0.0.1 in front of a redis-server that, once armed, stops forwarding on
-    the connection that carries a request holding every one of ``marks``: that request and
-    everything after it, both ways, while the connection stays open (a half-open connection, or
-    a Redis that stopped answering, as its client sees it)."""
+class StallingProxy(TcpProxy):
+    """A proxy in front of a redis-server that, once armed, stops forwarding on the connection
+    that carries a request holding every one of ``marks``: that request and everything after
+    it, both ways, while the connection stays open (a half-open connection, or a Redis that
+    stopped answering, as its client sees it)."""
 
     def __init__(self, target_port: int, marks: tuple[bytes, ...]) -> None:
-        self.target_port = target_port
         self.marks = marks
         self.armed = threading.Event()
         self.stalled_at: float | None = None
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(target_port)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.sockets += [client, upstream]
-            stalled = threading.Event()
-            threading.Thread(target=self._pump, args=(client, upstream, stalled, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, stalled, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, stalled: threading.Event, requests: bool) -> None:
-        while True:
-            try:
-                data = source.recv(65536)
-            except OSError:
-                return
-            if not data or stalled.is_set():
-                return
-            if requests and self.armed.is_set() and all(mark in data for mark in self.marks):
-                self.stalled_at = self.stalled_at or time.monotonic()
-                stalled.set()
-                return
-            try:
-                sink.sendall(data)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            sock.close()
+    def passes(self, data: bytes) -> bool:
+        if self.armed.is_set() and all(mark in data for mark in self.marks):
+            self.stalled_at = self.stalled_at or time.monotonic()
+            return False
+        return True
 
 
 def supervisor_env(tmp_path: Path, redis_url: str, port: int, **more: str) -> dict[str, str]:
