@@ -17,15 +17,17 @@ from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
 
 #: One haul upload in a process of its own: prints its seconds and its peak RSS (KiB).
 HAUL_UPLOAD = """
-import json, resource, sys, time, uuid
+import json, os, resource, sys, time
+from pathlib import Path
 from actors.s3storage import S3Storage
 from actors.sandbox import Sandbox
 from actors.storagetarget import S3Access, StorageTarget
 from actors.task import FileSpec
 staging, endpoint = Path(sys.argv[1]), sys.argv[2]
-access = S3Access(region="us-east-1", endpoint_url=endpoint, access_key_id=sys.argv[3], secret_access_key=sys.argv[4])
+access = S3Access(region="us-east-1", endpoint_url=endpoint, access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+                  secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"])
 storage = S3Storage(StorageTarget("s3", bucket="media", prefix="haul"), access, key_template="{task_id}/{path}")
-sandbox = Sandbox(staging, sys.argv[5])
+sandbox = Sandbox(staging, sys.argv[3])
 started = time.perf_counter()
 storage.commit(sandbox, [FileSpec(url="https://origin.example/big.bin", path="big.bin")])
 took = time.perf_counter() - started
@@ -35,10 +37,10 @@ print(json.dumps({"seconds": took, "rss_kib": resource.getrusage(resource.RUSAGE
 BOTO3_UPLOAD = """
 import sys, time, boto3
 from botocore.config import Config
-client = boto3.client("s3", endpoint_url=sys.argv[2], aws_access_key_id=sys.argv[3], aws_secret_access_key=sys.argv[4],
-                      region_name="us-east-1", config=Config(s3={"addressing_style": "path"}))
+client = boto3.client("s3", endpoint_url=sys.argv[2], region_name="us-east-1",
+                      config=Config(s3={"addressing_style": "path"}))
 started = time.perf_counter()
-client.upload_file(sys.argv[1], "media", "boto3/big.bin")
+client.upload_file(sys.argv[1], "media", sys.argv[3])
 print(time.perf_counter() - started)
 """
 
@@ -47,8 +49,11 @@ def bench_upload(bench: Bench) -> dict[str, Any]:
     """14: 1 GiB from staging into an S3 server: haul vs rclone copyto vs boto3 upload_file."""
     server = S3Server(bench.root / "s3")
     server.start()
-    task_id = uuid.uuid4().hex
-    source = bench.root / "upload-staging" / task_id / "big.bin"
+    from actors.sandbox import Sandbox
+    from actors.task import FileSpec
+
+    staging = bench.root / "upload-staging"
+    source = Sandbox(staging, uuid.uuid4().hex).file(FileSpec(url="https://origin.example/big.bin", path="big.bin"))
     source.parent.mkdir(parents=True, exist_ok=True)
     with source.open("wb") as handle:
         for _ in range(GIB // (1 << 20)):
@@ -57,14 +62,21 @@ def bench_upload(bench: Bench) -> dict[str, Any]:
            "RCLONE_CONFIG_B_PROVIDER": "Other", "RCLONE_CONFIG_B_ENDPOINT": server.endpoint,
            "RCLONE_CONFIG_B_ACCESS_KEY_ID": ACCESS_KEY, "RCLONE_CONFIG_B_SECRET_ACCESS_KEY": SECRET_KEY,
            "RCLONE_CONFIG_B_FORCE_PATH_STYLE": "true", "RCLONE_CONFIG_B_REGION": "us-east-1"}  # fmt: skip
-    secrets = [server.endpoint, ACCESS_KEY, SECRET_KEY]
+    keys = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     rss: list[int] = []
 
     def haul() -> float:
+        """A task of its own each run (the object's key names it), so nothing is skipped."""
+        run_id = uuid.uuid4().hex
+        placed = Sandbox(staging, run_id).file(FileSpec(url="https://origin.example/big.bin", path="big.bin"))
+        placed.parent.mkdir(parents=True)
+        os.link(source, placed)
         answer = subprocess.run(
-            [sys.executable, "-c", HAUL_UPLOAD, str(source.parent.parent), *secrets, task_id],
-            cwd=REPO, capture_output=True, text=True, check=True,
+            [sys.executable, "-c", HAUL_UPLOAD, str(staging), server.endpoint, run_id],
+            cwd=REPO, env=keys, capture_output=True, text=True,
         )  # fmt: skip
+        if answer.returncode != 0:
+            raise RuntimeError(f"haul's upload failed: {answer.stderr[-2000:]}")
         figures = json.loads(answer.stdout.splitlines()[-1])
         rss.append(int(figures["rss_kib"]))
         return float(figures["seconds"])
@@ -73,25 +85,22 @@ def bench_upload(bench: Bench) -> dict[str, Any]:
         from actors.rclonestorage import rclone_binary
 
         started = time.perf_counter()
-        subprocess.run([rclone_binary(), "copyto", str(source), "b:media/rclone/big.bin"], env=env, check=True)
+        target = f"b:media/rclone/{uuid.uuid4().hex}/big.bin"
+        subprocess.run([rclone_binary(), "copyto", str(source), target], env=env, check=True)
         return time.perf_counter() - started
 
     def boto3() -> float:
         answer = subprocess.run(
-            [sys.executable, "-c", BOTO3_UPLOAD, str(source), *secrets], capture_output=True, text=True, check=True
+            [sys.executable, "-c", BOTO3_UPLOAD, str(source), server.endpoint, f"boto3/{uuid.uuid4().hex}/big.bin"],
+            env=keys,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return float(answer.stdout.strip())
 
-    def fresh(side: Any) -> Any:
-        def run() -> float:
-            for stored in (server.folder / "media").rglob("big.bin"):
-                stored.unlink()  # each run uploads the whole file
-            return float(side())
-
-        return run
-
     try:
-        times = ratio_runs(bench.runs, {"haul": fresh(haul), "rclone": fresh(rclone), "boto3": fresh(boto3)})
+        times = ratio_runs(bench.runs, {"haul": haul, "rclone": rclone, "boto3": boto3})
     finally:
         server.stop()
     rate = {name: round(GIB / med(t) / 1e6) for name, t in times.items()}
