@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -365,6 +366,11 @@ class TcpProxy:
         both ways, while it stays open."""
         return True
 
+    def answer(self, data: bytes) -> bytes | None:
+        """A reply to send the client instead of forwarding ``data`` (the connection then
+        closes), or None to forward it."""
+        return None
+
     def _accept(self) -> None:
         while True:
             try:
@@ -387,6 +393,15 @@ class TcpProxy:
                 return
             if requests and not self.passes(data):
                 stalled.set()
+                return
+            reply = self.answer(data) if requests else None
+            if reply is not None:
+                stalled.set()
+                try:
+                    source.sendall(reply)
+                finally:
+                    source.close()
+                    sink.close()
                 return
             try:
                 sink.sendall(data)
@@ -411,3 +426,26 @@ class CountingProxy(TcpProxy):
         with self._lock:
             self.sent += len(data)
         return True
+
+
+class FailingPartsProxy(TcpProxy):
+    """In front of an S3 server: answers ``503 Slow Down`` to the first try of each of the
+    multipart upload's parts ``numbers`` (the retry goes through)."""
+
+    def __init__(self, target_port: int, numbers: set[int]) -> None:
+        self.numbers = set(numbers)
+        self.refused: list[int] = []
+        super().__init__(target_port)
+
+    def answer(self, data: bytes) -> bytes | None:
+        for number in list(self.numbers):
+            if re.search(rb"PUT [^ ]*[?&]partNumber=%d[& ]" % number, data):
+                self.numbers.discard(number)
+                self.refused.append(number)
+                body = b"<Error><Code>SlowDown</Code><Message>try again</Message></Error>"
+                return (
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+        return None

@@ -20,18 +20,19 @@ from actors.client import Client
 from actors.errors import InvalidTask, LeaseLost, StorageUnavailable
 from actors.manifest import spec_from_manifest
 from actors.redact import secrets_of
+from actors.s3client import s3_client
 from actors.s3parts import MAX_PARTS, MIB, multipart_etag, part_size_for
 from actors.s3storage import S3Storage
 from actors.sandbox import Sandbox
 from actors.settings import Settings, SettingsError
 from actors.states import State
-from actors.storagetarget import StorageTarget
+from actors.storagetarget import S3Access, StorageTarget
 from actors.store import TaskStore
 from actors.store_uploads import UploadLedger, UploadRecord
 from actors.task import FileSpec
 from tests.conftest import ClaimsOnly, dramatiq_supervisor, in_process_worker, submit_spec, wait_for
 from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
-from tests.servers import Origin, Receiver
+from tests.servers import FailingPartsProxy, Origin, Receiver
 
 
 @pytest.fixture
@@ -387,3 +388,22 @@ def test_a_wrong_secret_is_reported_by_the_supervisor_before_any_task_runs(
     right = settings.replace(object_storage=s3.target("shop"), s3=s3.access())
     assert not [p for p in dramatiq_supervisor(right, store, node_id="s").check_config() if "HAUL_STORAGE_URL" in p]
     assert not s3.client().list_objects_v2(Bucket="media").get("Contents")  # the probe cleaned up
+
+
+def test_parts_the_service_refuses_once_are_sent_again_and_the_object_is_whole(s3: S3Server, tmp_path: Path) -> None:
+    proxy = FailingPartsProxy(s3.port, {2, 3})
+    try:
+        data = os.urandom(16 * MIB)  # three parts of 5 MiB and one of 1 MiB
+        sandbox, [spec] = staged(tmp_path, {"v.mp4": data})
+        through = S3Access(region="us-east-1", endpoint_url=f"http://127.0.0.1:{proxy.port}",
+                           access_key_id=ACCESS_KEY, secret_access_key=SECRET_KEY)  # fmt: skip
+        client = s3_client(through, 5, 30, 4)
+        try:
+            [entry] = S3Storage(s3.target(), through, key_template="{task_id}/{path}", part_bytes=5 * MIB,
+                                client=client).commit(sandbox, [spec])  # fmt: skip
+        finally:
+            client.close()
+        assert sorted(proxy.refused) == [2, 3] and entry["verified"] == "etag"
+        assert s3.client().get_object(Bucket="media", Key=f"{sandbox.task_id}/v.mp4")["Body"].read() == data
+    finally:
+        proxy.close()
