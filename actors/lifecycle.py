@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 import redis
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds a stopping worker waits for Sentry to send what it has queued.
 SENTRY_FLUSH_SECONDS = 2.0
+#: Seconds between two probes of the storage (a write and a delete of a small object).
+STORAGE_PROBE_SECONDS = 600.0
 
 
 class Lifecycle(Middleware):
@@ -28,6 +31,7 @@ class Lifecycle(Middleware):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.heartbeat: Heartbeat | None = None
+        self.prober: threading.Thread | None = None
 
     def after_worker_boot(self, broker: Broker, worker: Any) -> None:
         rt = self.rt
@@ -45,12 +49,24 @@ class Lifecycle(Middleware):
             self.heartbeat.start(info)
         except redis.RedisError as exc:
             log.warning("could not register worker %s (%s); the heartbeat will register it", rt.worker_id, exc)
-        # A bucket or remote: say now, not after a download, that it cannot be written
-        problems, warnings = rt.storage.probe(rt.worker_id.replace(":", "-"))
-        for problem in problems:
-            log.error("storage: %s", problem)
-        for warning in warnings:
-            log.warning("storage: %s", warning)
+        # A bucket or remote: say now, not after a download, that it cannot be written, and
+        # again every STORAGE_PROBE_SECONDS (credentials get revoked, buckets deleted)
+        self.prober = threading.Thread(target=self._probe_storage, name="haul-storage-probe", daemon=True)
+        self.prober.start()
+
+    def _probe_storage(self) -> None:
+        who = self.rt.worker_id.replace(":", "-")
+        while True:
+            try:
+                problems, warnings = self.rt.storage.probe(who)
+            except Exception as exc:  # a probe must never end the thread that repeats it
+                problems, warnings = [f"storage probe failed: {exc}"], []
+            for problem in problems:
+                log.error("storage: %s", problem)
+            for warning in warnings:
+                log.warning("storage: %s", warning)
+            if self.rt.stopper.wait(STORAGE_PROBE_SECONDS):
+                return
 
     def before_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         log.info("worker stopping: in-flight downloads hand their tasks back")

@@ -37,6 +37,10 @@ class Stopper(Interrupter):
     def stop(self) -> None:
         self.fire()
 
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``, ending early (True) once the process is stopping."""
+        return self._fired.wait(seconds)
+
 
 @dataclass
 class Runtime:

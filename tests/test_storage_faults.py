@@ -102,3 +102,19 @@ def test_a_service_away_for_a_while_keeps_the_task_waiting_then_done(
         stack.close()
         s3.resume()
         s3.stop()
+
+
+@pytest.mark.e2e
+def test_a_worker_with_a_wrong_secret_says_so_when_it_starts(tmp_path: Path, receiver: Receiver) -> None:
+    s3 = S3Server(tmp_path / "s3")
+    s3.start()
+    stack = Stack(tmp_path, receiver, **{**s3.env("shop"), "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
+    del stack.env["HAUL_STORAGE_DIR"]
+    try:
+        worker = stack.worker()
+        with running(worker):
+            wait_until(lambda: "storage: HAUL_STORAGE_URL=s3://media/shop" in worker.output(), 30, "the probe's error")
+        assert "SignatureDoesNotMatch" in worker.output() and "not-the-secret" not in worker.output()
+    finally:
+        stack.close()
+        s3.stop()
