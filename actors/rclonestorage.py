@@ -4,11 +4,13 @@ package installs beside haul.
 
 The remote is configured the way rclone users already do (the file RCLONE_CONFIG names, or
 RCLONE_CONFIG_<NAME>_* variables); rclone reads it from the environment it inherits, so no
-credential is ever on its command line. Each file is one ``rclone copyto --checksum``: a file
-an earlier run already put there (same size, and same hash where the remote keeps one) is
-skipped, a partly uploaded one starts over (rclone does not resume uploads), and rclone checks
-the copy's hash itself where the remote has one. haul then reads the stored file's size and
-hash back (``verified: "checksum"``, or ``"size"`` on a remote without hashes).
+credential is ever on its command line, and its errors are redacted of those values. A file an
+earlier run already put there (same size and hash) stays. Otherwise the file is copied to a name
+of this run's own (``<key>.haul-<random>.partial``; rclone checks the copy's hash where the
+remote keeps one; an interrupted copy starts over, rclone does not resume uploads), the lease
+fence is checked, and the copy is moved into place on the remote. haul then reads the stored
+file's size and hash back (``verified: "checksum"``, or ``"size"`` on a remote without hashes).
+A worker killed mid-copy leaves its ``.partial`` behind; nothing else is touched.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from actors.errors import StorageUnavailable, TransientError
 from actors.lease import DISK_STEP_SECONDS, Step, no_step
+from actors.redact import redact_text
 from actors.sandbox import Sandbox
 from actors.storagetarget import StorageTarget
 from actors.store_uploads import Uploads
@@ -97,10 +102,8 @@ class RcloneStorage:
                     f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
                     "it will be downloaded again"
                 )
-            fence()  # a stale or canceled holder stops before the file appears on the remote
             try:
-                self.run(["copyto", "--checksum", str(source), self._remote(key)], where, step)
-                verified = self._verify(source, key, where, step)
+                verified = self._place(source, key, fence, where, step)
             except StorageUnavailable as exc:
                 exc.file = spec.path  # task.failed and Sentry name the file
                 raise
@@ -115,6 +118,28 @@ class RcloneStorage:
                 entry.update(self.link(key, where, step))
             stored.append(entry)
         return stored
+
+    def _place(self, source: Path, key: str, fence: Callable[[], None], where: str, step: Step) -> str:
+        """Make ``key`` the staged file; how it was checked. A file an earlier run stored (same
+        size and hash) stays. Otherwise the copy goes to a name of this run's own, and is moved
+        into place (on the remote) only after the fence: a holder that lost the task, or its
+        rclone outliving a killed worker, never writes over what the successor stored."""
+        found = self._stat(key, where, step)
+        if found is not None and self._matches(source, found, step) == "checksum":
+            return "checksum"
+        temporary = f"{key}.haul-{uuid.uuid4().hex[:12]}.partial"
+        self.run(["copyto", str(source), self._remote(temporary)], where, step)
+        try:
+            fence()
+        except BaseException:
+            self._discard(temporary, where)
+            raise
+        self.run(["moveto", self._remote(temporary), self._remote(key)], where, step)
+        found = self._stat(key, where, step)
+        verified = self._matches(source, found, step) if found is not None else None
+        if verified is None:
+            raise StorageUnavailable(f"{where}: the remote does not hold the file as sent after the move")
+        return verified
 
     def link(self, key: str, where: str, step: Step = no_step) -> dict[str, Any]:
         """``rclone link``: a public link where the backend makes one. Only an S3 remote's
@@ -166,25 +191,39 @@ class RcloneStorage:
                 process.wait()
         if process.returncode != 0:
             lines = [line for line in err.decode(errors="replace").splitlines() if line.strip()]
-            last = lines[-1].split(": ", 1)[-1] if lines else "no message"
+            last = redact_text(lines[-1].split(": ", 1)[-1] if lines else "no message", _remote_secrets())
             raise StorageUnavailable(f"{where}: rclone {args[0]} failed (exit {process.returncode}): {last[:500]}")
         return out.decode(errors="replace")
 
-    def _verify(self, source: Path, key: str, where: str, step: Step) -> str:
-        """What the remote holds, against the staged file: a hash haul can compute, else the size."""
-        listing = json.loads(self.run(["lsjson", "--stat", "--hash", self._remote(key)], where, step) or "null")
-        size = source.stat().st_size
-        if not isinstance(listing, dict) or int(listing.get("Size", -1)) != size:
-            raise StorageUnavailable(f"{where}: the remote holds {listing and listing.get('Size')} bytes, not {size}")
-        hashes = listing.get("Hashes") or {}
+    def _discard(self, key: str, where: str) -> None:
+        """Delete this run's own copy (best effort: prune-like leftovers are harmless)."""
+        try:
+            self.run(["deletefile", self._remote(key)], where, no_step)
+        except StorageUnavailable as exc:
+            log.warning("%s: its copy %s stays behind (%s)", where, key, exc)
+
+    def _stat(self, key: str, where: str, step: Step) -> dict[str, Any] | None:
+        """What the remote holds at ``key`` (size, hashes), or None when nothing."""
+        try:
+            listing = json.loads(self.run(["lsjson", "--stat", "--hash", self._remote(key)], where, step) or "null")
+        except StorageUnavailable as exc:
+            if "not found" in str(exc):
+                return None
+            raise
+        return listing if isinstance(listing, dict) else None
+
+    @staticmethod
+    def _matches(source: Path, found: dict[str, Any], step: Step) -> str | None:
+        """ "checksum" when the remote's file has the staged file's size and a hash haul can
+        check, "size" when the remote keeps no such hash, None when it is another file."""
+        if int(found.get("Size", -1)) != source.stat().st_size:
+            return None
+        hashes = found.get("Hashes") or {}
         kind = next((h for h in CHECKABLE_HASHES if hashes.get(h)), None)
         if kind is None:
             return "size"
         step(DISK_STEP_SECONDS)
-        local = _hash_file(source, kind)
-        if local != str(hashes[kind]).lower():
-            raise StorageUnavailable(f"{where}: the remote's {kind} is {hashes[kind]}, the staged file's {local}")
-        return "checksum"
+        return "checksum" if _hash_file(source, kind) == str(hashes[kind]).lower() else None
 
     def _remote(self, key: str) -> str:
         return f"{self.target.remote}:{key}"
@@ -195,6 +234,11 @@ class RcloneStorage:
         except (StorageUnavailable, ValueError):
             return False
         return str(features.get("String", "")).startswith("S3 ")  # "S3 root", "S3 bucket ..."
+
+
+def _remote_secrets() -> list[str]:
+    """Values of the RCLONE_CONFIG_* variables: a remote's credentials, kept out of errors."""
+    return [v for k, v in os.environ.items() if k.startswith("RCLONE_CONFIG_") and len(v) >= 4]
 
 
 def _hash_file(path: Path, kind: str) -> str:

@@ -11,8 +11,9 @@ from actors.errors import StorageUnavailable
 from actors.storagetarget import S3Access
 
 
-class UploadGone(Exception):
-    """The service no longer knows a recorded multipart upload (aborted, or expired)."""
+class UploadGone(StorageUnavailable):
+    """The service no longer knows a recorded multipart upload (aborted, or expired); the
+    upload starts over (and, should that happen twice, the finalize tries again later)."""
 
 
 class NotFound(Exception):
@@ -29,7 +30,7 @@ def call(client: Any, operation: str, where: str, **params: Any) -> Any:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", "")) or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
         if code == "NoSuchUpload":
-            raise UploadGone("the service no longer has the upload") from exc
+            raise UploadGone(f"{where}: the service no longer has the upload") from exc
         if code in ("404", "NoSuchKey", "NotFound") and operation == "head_object":
             raise NotFound from exc
         said = f" ({error['Message']})" if error.get("Message") else ""

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.errors import StorageUnavailable, TransientError
-from actors.lease import Step, no_step
+from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.s3client import NotFound, UploadGone, call, s3_client
 from actors.s3parts import DEFAULT_PART_BYTES, content_disposition, content_type, multipart_etag, part_size_for
 from actors.sandbox import Sandbox
@@ -50,6 +50,14 @@ DEFAULT_PART_CONCURRENCY = 4
 REQUEST_STEP_SECONDS = 120.0
 #: Metadata key (``x-amz-meta-haul-task-id``) naming the task that stored an object.
 TASK_METADATA = "haul-task-id"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A part on the service: the MD5 of its staged bytes and the ETag the service gave it."""
+
+    md5: bytes
+    etag: str
 
 
 @dataclass(frozen=True)
@@ -111,13 +119,19 @@ class S3Storage:
             return [], [f"{exc}; haul stores files but cannot delete its probe objects"]
         return [], []
 
-    def link(self, key: str) -> dict[str, str]:
+    def link(self, key: str) -> dict[str, str | None]:
         """A presigned GET of the object (SigV4, signed here: no request to the service) and
-        when it stops working; anyone holding it may download the file until then."""
-        url = self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.target.bucket, "Key": key}, ExpiresIn=int(self.link_seconds)
-        )
-        return {"link": str(url), "link_expires_at": iso_time(self.clock() + int(self.link_seconds)) or ""}
+        when it stops working; anyone holding it may download the file until then. Temporary
+        credentials (a role's) would put their session token in the link and end it early:
+        then no link, and a warning."""
+        url = str(call(
+            self.client, "generate_presigned_url", f"a link to {self.location(key)}", ClientMethod="get_object",
+            Params={"Bucket": self.target.bucket, "Key": key}, ExpiresIn=int(self.link_seconds),
+        ))  # fmt: skip
+        if "X-Amz-Security-Token=" in url:
+            log.warning("no link for %s: the credentials are temporary (a session token)", self.location(key))
+            return {"link": None, "link_expires_at": None}
+        return {"link": url, "link_expires_at": iso_time(self.clock() + int(self.link_seconds))}
 
     def commit(
         self,
@@ -177,10 +191,11 @@ class S3Storage:
         already = self._head(key, where)
         # Metadata names are case-insensitive headers; some services answer them capitalized.
         metadata = {str(k).lower(): v for k, v in (already or {}).get("Metadata", {}).items()}
-        if already is not None and metadata.get(TASK_METADATA) == task_id:
-            if int(already["ContentLength"]) == size:
+        if already is not None and metadata.get(TASK_METADATA) == task_id and int(already["ContentLength"]) == size:
+            step(DISK_STEP_SECONDS)
+            if str(already.get("ETag", "")).strip('"') in self._etags_of(source, size):
                 ledger.forget(index)
-                return Stored(key, size, "size")  # stored by an earlier run, killed before it said so
+                return Stored(key, size, "etag")  # stored by an earlier run, killed before it said so
         headers = {
             "ContentType": content_type(spec),
             "ContentDisposition": content_disposition(spec.path),
@@ -191,6 +206,7 @@ class S3Storage:
         part = part_size_for(size, self.part_bytes)
         record = ledger.get(index)
         if record is not None and (record.key != key or record.part_size != part):
+            fence()  # only the holder may abort the upload it recorded
             self.abort(record, where)
             record = None
         try:
@@ -234,7 +250,7 @@ class S3Storage:
         where: str,
     ) -> Stored:
         count = -(-size // part)
-        md5s: dict[int, bytes] = {}
+        parts: dict[int, Part] = {}
         with source.open("rb", buffering=0) as reader:
             fd = reader.fileno()
             if record is None:
@@ -247,32 +263,50 @@ class S3Storage:
                     self.abort(record, where)
                     fence()  # raises: this run no longer holds the task
             else:
-                md5s = self._reusable_parts(record, fd, size, part, count, step, where)
-                log.info("%s: continuing its upload, %d of %d parts already there", where, len(md5s), count)
-            missing = [n for n in range(1, count + 1) if n not in md5s]
-            md5s.update(self._send_parts(record, fd, size, part, missing, step, where))
-        ordered = [md5s[n] for n in range(1, count + 1)]
+                parts = self._reusable_parts(record, fd, size, part, count, step, where)
+                log.info("%s: continuing its upload, %d of %d parts already there", where, len(parts), count)
+            missing = [n for n in range(1, count + 1) if n not in parts]
+            parts.update(self._send_parts(record, fd, size, part, missing, step, where))
+        ordered = [parts[n] for n in range(1, count + 1)]
         fence()  # a stale or canceled holder stops before the object appears
         step(REQUEST_STEP_SECONDS)
-        completed = call(self.client,
-            "complete_multipart_upload", where, Bucket=self.target.bucket, Key=key, UploadId=record.upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": f'"{m.hex()}"'} for n, m in enumerate(ordered, 1)]},
-        )  # fmt: skip
+        listing = [{"PartNumber": n, "ETag": f'"{p.etag}"'} for n, p in enumerate(ordered, 1)]
+        try:
+            completed = call(
+                self.client, "complete_multipart_upload", where, Bucket=self.target.bucket, Key=key,
+                UploadId=record.upload_id, MultipartUpload={"Parts": listing},
+            )  # fmt: skip
+        except UploadGone:
+            # A retried complete whose first try went through: the object is there, ours
+            found = self._head(key, where) or {}
+            if str(found.get("ETag", "")).strip('"') != multipart_etag([p.md5 for p in ordered]):
+                raise
+            completed = found
         ledger.forget(index)
-        etag = str(completed.get("ETag", "")).strip('"')
-        if etag == multipart_etag(ordered):
+        return self._verified(key, size, ordered, str(completed.get("ETag", "")).strip('"'), fence, where)
+
+    def _verified(
+        self, key: str, size: int, parts: list[Part], etag: str, fence: Callable[[], None], where: str
+    ) -> Stored:
+        """How the completed object was checked: its multipart ETag against the parts' MD5s
+        ("etag"), else (a service whose ETags are not MD5s: SSE-KMS, SSE-C) its size. An
+        object whose ETag is the standard kind but not these parts' is deleted: never announced."""
+        md5_etags = all(p.etag == p.md5.hex() for p in parts)
+        if md5_etags and etag == multipart_etag([p.md5 for p in parts]):
             return Stored(key, size, "etag")
-        if "-" in etag:  # a multipart ETag that is not the one these parts make: not our bytes
-            raise StorageUnavailable(f"{where}: the service's ETag {etag} is not that of the parts sent")
+        if md5_etags and "-" in etag:
+            fence()
+            call(self.client, "delete_object", where, Bucket=self.target.bucket, Key=key)
+            raise StorageUnavailable(f"{where}: the service's ETag {etag} is not that of the parts sent; deleted")
         self._check_size(key, size, where)
         return Stored(key, size, "size")
 
     def _send_parts(
         self, record: UploadRecord, fd: int, size: int, part: int, numbers: list[int], step: Step, where: str
-    ) -> dict[int, bytes]:
-        """Upload parts ``numbers``, ``concurrency`` at a time; their MD5s by number."""
-        done: dict[int, bytes] = {}
-        pending: set[Future[tuple[int, bytes]]] = set()
+    ) -> dict[int, Part]:
+        """Upload parts ``numbers``, ``concurrency`` at a time; what each became, by number."""
+        done: dict[int, Part] = {}
+        pending: set[Future[tuple[int, Part]]] = set()
         queue = list(reversed(numbers))
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="haul-s3-part") as pool:
             try:
@@ -282,8 +316,8 @@ class S3Storage:
                     step(REQUEST_STEP_SECONDS)
                     finished, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                     for future in finished:
-                        number, md5 = future.result()
-                        done[number] = md5
+                        number, sent = future.result()
+                        done[number] = sent
             finally:
                 queue.clear()
                 for future in pending:
@@ -292,27 +326,26 @@ class S3Storage:
 
     def _send_part(
         self, record: UploadRecord, fd: int, size: int, part: int, number: int, where: str
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, Part]:
         offset = (number - 1) * part
         data = os.pread(fd, min(part, size - offset), offset)
         md5 = hashlib.md5(data).digest()
-        answer = call(self.client,
-            "upload_part", where, Bucket=self.target.bucket, Key=record.key, UploadId=record.upload_id,
+        answer = call(
+            self.client, "upload_part", where, Bucket=self.target.bucket, Key=record.key, UploadId=record.upload_id,
             PartNumber=number, Body=data, ContentMD5=base64.b64encode(md5).decode(),
         )  # fmt: skip
-        if str(answer.get("ETag", "")).strip('"') not in (md5.hex(), ""):
-            raise StorageUnavailable(f"{where}: part {number} came back with ETag {answer.get('ETag')}, not its MD5")
-        return number, md5
+        # The service checked Content-MD5; its ETag is that MD5, or (SSE-KMS, SSE-C) opaque
+        return number, Part(md5, str(answer.get("ETag", "")).strip('"') or md5.hex())
 
     def _reusable_parts(
         self, record: UploadRecord, fd: int, size: int, part: int, count: int, step: Step, where: str
-    ) -> dict[int, bytes]:
+    ) -> dict[int, Part]:
         """The parts the service has, by number, each the MD5 of the staged bytes it stands for.
 
         Raises :class:`UploadGone` (the upload starts over) when a part is not what staging
         holds now (the file was downloaded again since): a new upload, never a splice of old
         and new bytes, and no part replaced (some services refuse that)."""
-        found: dict[int, bytes] = {}
+        found: dict[int, Part] = {}
         marker = 0
         while True:
             step(REQUEST_STEP_SECONDS)
@@ -328,12 +361,23 @@ class S3Storage:
                 if int(item["Size"]) != length or md5.hex() != etag:
                     self.abort(record, where)
                     raise UploadGone(f"part {number} is not what staging holds")
-                found[number] = md5
+                found[number] = Part(md5, etag)
             if not listed.get("IsTruncated"):
                 return found
             marker = int(listed["NextPartNumberMarker"])
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _etags_of(self, source: Path, size: int) -> set[str]:
+        """The ETags an object holding exactly ``source`` may have: its MD5 (one PUT, or a
+        service that reports it), and the multipart ETag of the parts this storage sends."""
+        whole, parts = hashlib.md5(), []
+        part = part_size_for(size, self.part_bytes)
+        with source.open("rb", buffering=0) as reader:
+            while chunk := reader.read(part):
+                whole.update(chunk)
+                parts.append(hashlib.md5(chunk).digest())
+        return {whole.hexdigest(), multipart_etag(parts)}
 
     def _head(self, key: str, where: str) -> dict[str, Any] | None:
         try:
@@ -346,13 +390,16 @@ class S3Storage:
         if found is None or int(found["ContentLength"]) != size:
             raise StorageUnavailable(f"{where}: the stored object is not {size} bytes after the upload")
 
-    def abort(self, record: UploadRecord, where: str) -> None:
-        """Abort a multipart upload (its parts are deleted); one already gone is no error."""
+    def abort(self, record: UploadRecord, where: str) -> bool:
+        """Abort a multipart upload (its parts are deleted); True when it is gone (one already
+        gone included), False when the service refused or did not answer."""
         try:
             call(self.client, "abort_multipart_upload", where, Bucket=self.target.bucket, Key=record.key,
-                       UploadId=record.upload_id)  # fmt: skip
+                 UploadId=record.upload_id)  # fmt: skip
         except UploadGone:
-            pass
-        except StorageUnavailable:
-            log.warning("%s: could not abort the upload %s; the bucket's lifecycle rule removes it", where,
-                        record.upload_id)  # fmt: skip
+            return True
+        except StorageUnavailable as exc:
+            log.warning("could not abort the upload %s (%s); the bucket's lifecycle rule removes it", record.upload_id,
+                        exc)  # fmt: skip
+            return False
+        return True

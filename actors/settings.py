@@ -155,9 +155,7 @@ class Settings:
             object_storage=target if in_bucket else None,
             storage_key=storagetarget.key_template(env),
             s3=storagetarget.s3_access(env) if target.kind == "s3" else S3Access(),
-            s3_part_bytes=int(
-                envvars.number(env, "HAUL_S3_PART_BYTES", cls.s3_part_bytes, minimum=5 * 1024 * 1024, integer=True)
-            ),
+            s3_part_bytes=storagetarget.part_bytes(env, cls.s3_part_bytes),
             s3_concurrency=int(envvars.number(env, "HAUL_S3_CONCURRENCY", cls.s3_concurrency, minimum=1, integer=True)),
             storage_link_seconds=storagetarget.link_seconds(env, in_bucket),
             webhook_url=webhook_url,

@@ -74,11 +74,9 @@ class StorageTarget:
 
     def key_for(self, template: str, task_id: str, task_key: str | None, path: str) -> str:
         """A file's full key: the prefix, then ``template`` filled in (checked at submit)."""
-        if "{key}" in template and not task_key:
-            raise InvalidTask(
-                f"task {task_id}: HAUL_STORAGE_KEY={template!r} needs the task's key, and it has none; "
-                "submit it with a key"
-            )
+        problem = key_problem(template, task_key)
+        if problem is not None:
+            raise InvalidTask(f"task {task_id}: {problem}")
         return self.object_key(template.format(task_id=task_id, key=task_key or "", path=path))
 
     def describe(self) -> str:
@@ -103,10 +101,12 @@ def storage_target(env: Mapping[str, str], default_folder: Path) -> StorageTarge
     parts = urlsplit(url)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-            raise SettingsError(f"HAUL_STORAGE_URL={url!r}: a file URL names an absolute path, as file:///srv/media")
+            raise SettingsError(
+                "HAUL_STORAGE_URL: a file URL names an absolute path on this machine, as file:///srv/media"
+            )
         path = Path(unquote(parts.path))
         if path.exists() and not path.is_dir():
-            raise SettingsError(f"HAUL_STORAGE_URL={url} names {path}, which is not a directory")
+            raise SettingsError(f"HAUL_STORAGE_URL names {path}, which is not a directory")
         return StorageTarget("file", folder=path)
     if parts.scheme == "s3":
         return _s3_target(url)
@@ -140,7 +140,9 @@ def _rclone_target(url: str) -> StorageTarget:
         )
     prefix = path.rstrip("/")  # a leading '/' stays: rclone:sftp:/srv is not rclone:sftp:srv
     if prefix.strip("/") and any(part in ("", ".", "..") for part in prefix.strip("/").split("/")):
-        raise SettingsError(f"HAUL_STORAGE_URL: the path {prefix!r} has an empty, '.' or '..' part")
+        raise SettingsError(
+            "HAUL_STORAGE_URL: the remote's path has an empty, '.' or '..' part (not shown: it may hold credentials)"
+        )
     return StorageTarget("rclone", remote=remote, prefix=prefix if prefix.strip("/") else prefix.rstrip("/"))
 
 
@@ -154,12 +156,22 @@ def _s3_target(url: str) -> StorageTarget:
     bucket = parts.netloc
     if not BUCKET_NAME.match(bucket) or ".." in bucket:
         raise SettingsError(
-            f"HAUL_STORAGE_URL: {bucket!r} is not a bucket name (3-63 lower-case letters, digits, dots, hyphens)"
+            "HAUL_STORAGE_URL: the bucket is not a bucket name (3-63 lower-case letters, digits, dots, hyphens; "
+            "not shown: it may hold credentials)"
         )
     prefix = unquote(parts.path).strip("/")
     if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
         raise SettingsError(f"HAUL_STORAGE_URL: the prefix {prefix!r} has an empty, '.' or '..' part")
     return StorageTarget("s3", bucket=bucket, prefix=prefix)
+
+
+def part_bytes(env: Mapping[str, str], default: int) -> int:
+    """HAUL_S3_PART_BYTES: S3 takes parts of 5 MiB to 5 GiB."""
+    value = int(number(env, "HAUL_S3_PART_BYTES", default, minimum=5 * 1024 * 1024, integer=True))
+    if value > 5 * 1024**3:
+        raise SettingsError(f"HAUL_S3_PART_BYTES={value} is above S3's largest part (5 GiB); memory holds "
+                            "HAUL_S3_CONCURRENCY parts per file, so keep it to tens of MiB")  # fmt: skip
+    return value
 
 
 def link_seconds(env: Mapping[str, str], in_bucket: bool) -> float:
@@ -169,6 +181,11 @@ def link_seconds(env: Mapping[str, str], in_bucket: bool) -> float:
         raise SettingsError(
             f"HAUL_STORAGE_LINK_SECONDS={seconds:g} is longer than a presigned link may live ({MAX_LINK_SECONDS} s, "
             "a week); set it lower"
+        )
+    if seconds and (env.get("AWS_SESSION_TOKEN", "").strip() or env.get("AWS_SESSION_TOKEN_FILE")):
+        raise SettingsError(
+            "HAUL_STORAGE_LINK_SECONDS with AWS_SESSION_TOKEN: links would carry the session token and stop working "
+            "when it expires; sign links with a user's long-term keys, or unset HAUL_STORAGE_LINK_SECONDS"
         )
     if seconds and not in_bucket:
         raise SettingsError(
@@ -182,19 +199,22 @@ def key_template(env: Mapping[str, str]) -> str:
     ``{path}`` last (a file's own path, which may hold folders)."""
     template = env.get("HAUL_STORAGE_KEY", "").strip() or DEFAULT_KEY_TEMPLATE
     try:
-        fields = {name for _, name, spec, conversion in string.Formatter().parse(template) if name is not None}
+        items = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise SettingsError(f"HAUL_STORAGE_KEY={template!r} is not a template ({exc})") from None
+    fields = {name for _, name, _, _ in items if name is not None}
     unknown = fields - KEY_FIELDS
-    if unknown or "" in fields:
+    if unknown or "" in fields or any(spec or conversion for _, name, spec, conversion in items if name is not None):
         raise SettingsError(
-            f"HAUL_STORAGE_KEY={template!r} uses {sorted(unknown) or ['{}']}; "
-            "it takes {task_id}, {key} and {path}"
+            f"HAUL_STORAGE_KEY={template!r}: it takes {{task_id}}, {{key}} and {{path}}, plain (no format specs or "
+            "conversions)"
         )
-    if not fields & NAMING_FIELDS or "path" not in fields or not template.endswith("{path}"):
+    after = [items[i + 1][0] if i + 1 < len(items) else "" for i in range(len(items))]
+    apart = all(after[i].startswith("/") for i, (_, name, _, _) in enumerate(items) if name in NAMING_FIELDS)
+    if not fields & NAMING_FIELDS or not template.endswith("{path}") or not apart:
         raise SettingsError(
-            f"HAUL_STORAGE_KEY={template!r} must name the task ({{task_id}} or {{key}}) and end with {{path}}, "
-            "as {task_id}/{path} or orders/{key}/{path}: two tasks must never share a key"
+            f"HAUL_STORAGE_KEY={template!r} must name the task ({{task_id}} or {{key}}, each followed by '/') and end "
+            "with {path}, as {task_id}/{path} or orders/{key}/{path}: two tasks must never share a key"
         )
     if template.startswith("/") or any(p in ("", ".", "..") for p in template.split("/")[:-1]):
         raise SettingsError(f"HAUL_STORAGE_KEY={template!r} has an empty, '.' or '..' folder, or starts with '/'")
@@ -212,8 +232,13 @@ def s3_access(env: Mapping[str, str]) -> S3Access:
             "or neither to use AWS_PROFILE or the machine's role"
         )
     endpoint = env.get("AWS_ENDPOINT_URL_S3", "").strip() or env.get("AWS_ENDPOINT_URL", "").strip() or None
-    if endpoint is not None and urlsplit(endpoint).scheme not in ("http", "https"):
-        raise SettingsError(f"AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL={endpoint!r} is not an http(s) URL")
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.query:
+            raise SettingsError(
+                "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL must be an http(s) URL with a host and no credentials or "
+                "query (not shown: it may hold credentials)"
+            )
     return S3Access(
         region=env.get("AWS_REGION", "").strip() or env.get("AWS_DEFAULT_REGION", "").strip() or None,
         endpoint_url=endpoint,
@@ -225,20 +250,34 @@ def s3_access(env: Mapping[str, str]) -> S3Access:
     )
 
 
+def key_problem(template: str, task_key: str | None) -> str | None:
+    """Why a task's key cannot go into object keys under ``template`` (None: it can)."""
+    if "{key}" not in template:
+        return None
+    if not task_key:
+        return f"HAUL_STORAGE_KEY={template!r} files tasks under their key, and this task has none; give it a key"
+    if (
+        "/" in task_key
+        or task_key in (".", "..")
+        or task_key.startswith(".haul-")
+        or any(ord(c) < 32 for c in task_key)
+    ):
+        return (
+            f"the key {task_key!r} goes into object keys (HAUL_STORAGE_KEY), so it may not hold '/' or control "
+            "characters, be '.' or '..', or start with '.haul-' (haul's own probes live there)"
+        )
+    return None
+
+
 def check_keys(target: StorageTarget | None, template: str, task_key: str | None, paths: list[str]) -> str | None:
     """What is wrong with the object keys a task would get (None: nothing), known at submit: a
     template that needs the task's key when it has none, a key that is not a plain path segment,
     an S3 key longer than S3 takes."""
     if target is None:
         return None
-    if "{key}" in template:
-        if not task_key:
-            return f"HAUL_STORAGE_KEY={template!r} files tasks under their key, and this task has none; give it a key"
-        if "/" in task_key or task_key in (".", "..") or any(ord(c) < 32 for c in task_key):
-            return (
-                f"the key {task_key!r} goes into object keys (HAUL_STORAGE_KEY), so it may not hold '/' or "
-                "control characters, nor be '.' or '..'"
-            )
+    problem = key_problem(template, task_key)
+    if problem is not None:
+        return problem
     if target.kind != "s3":
         return None
     longest = max(paths, key=lambda p: len(p.encode()), default="")

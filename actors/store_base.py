@@ -96,6 +96,7 @@ class StoreBase:
                 "park",
                 "finalize_resend",
                 "upload",
+                "upload_drop",
             )  # fmt: skip
         }
 

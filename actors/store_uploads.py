@@ -77,7 +77,16 @@ def uploads_key(store: StoreBase, task_id: str) -> str:
     return f"{store.prefix}uploads:{task_id}"
 
 
-def abandoned_uploads(store: StoreBase, limit: int = 100) -> dict[str, list[UploadRecord]]:
+@dataclass(frozen=True)
+class Abandoned:
+    """A record of an ended task's unfinished upload, as stored (to forget exactly that)."""
+
+    field: str
+    value: str
+    record: UploadRecord
+
+
+def abandoned_uploads(store: StoreBase, limit: int = 100) -> dict[str, list[Abandoned]]:
     """The upload records of tasks that ended (failed, dead, canceled) or are gone: their
     uploads will never be finished, and their parts cost storage until aborted."""
     ids = [text_of(i) for i in store.client.srandmember(f"{store.prefix}uploading", limit) or []]
@@ -86,21 +95,23 @@ def abandoned_uploads(store: StoreBase, limit: int = 100) -> dict[str, list[Uplo
     pipe = store.client.pipeline(transaction=False)
     for task_id in ids:
         pipe.hget(store.task_key(task_id), "state")
-        pipe.hvals(uploads_key(store, task_id))
+        pipe.hgetall(uploads_key(store, task_id))
     replies = pipe.execute()
-    found: dict[str, list[UploadRecord]] = {}
-    for task_id, state, values in zip(ids, replies[::2], replies[1::2], strict=True):
+    found: dict[str, list[Abandoned]] = {}
+    for task_id, state, fields in zip(ids, replies[::2], replies[1::2], strict=True):
         if state is None or State(text_of(state)) in FINAL_STATES:
-            found[task_id] = [r for r in map(_record, values) if r is not None]
+            found[task_id] = [
+                Abandoned(text_of(f), text_of(v), r) for f, v in fields.items() if (r := _record(v)) is not None
+            ]
     return found
 
 
-def drop_uploads(store: StoreBase, task_id: str) -> None:
-    """Forget an ended task's upload records (its uploads were aborted)."""
-    pipe = store.client.pipeline(transaction=True)
-    pipe.delete(uploads_key(store, task_id))
-    pipe.srem(f"{store.prefix}uploading", task_id)
-    pipe.execute()
+def drop_uploads(store: StoreBase, task_id: str, aborted: list[Abandoned]) -> bool:
+    """Forget the records of uploads that were aborted, unless the task is live again (an
+    operator's retry since): False then, and nothing is forgotten."""
+    keys = [store.task_key(task_id), uploads_key(store, task_id), f"{store.prefix}uploading"]
+    pairs = [item for a in aborted for item in (a.field, a.value)]
+    return bool(store._call("upload_drop", keys, task_id, *pairs))
 
 
 def _record(raw: bytes | str | None) -> UploadRecord | None:

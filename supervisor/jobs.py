@@ -154,10 +154,12 @@ class SweepJobs:
         aborted = 0
         for task_id, records in abandoned_uploads(self.store).items():
             bucket = self._bucket()
-            for record in records:
-                bucket.abort(record, f"task {task_id}, an upload it left at {bucket.location(record.key)}")
-            drop_uploads(self.store, task_id)
-            aborted += len(records)
+            gone = [
+                r for r in records
+                if bucket.abort(r.record, f"task {task_id}, an upload it left at {bucket.location(r.record.key)}")
+            ]  # fmt: skip
+            if drop_uploads(self.store, task_id, gone):
+                aborted += len(gone)
         if aborted:
             log.info("aborted %d unfinished upload(s) of ended tasks", aborted)
 

@@ -120,7 +120,7 @@ def test_the_fence_stops_a_holder_before_the_file_reaches_the_remote(remotes: Pa
 
     with pytest.raises(LeaseLost):
         storage.commit(sandbox, specs, fence=lost)
-    assert not any(remotes.iterdir())
+    assert not [p for p in remotes.rglob("*") if p.is_file()]  # nothing placed, and its own copy deleted
 
 
 def test_a_webdav_remote_stores_and_a_dead_one_is_a_storage_error(webdav: Path, tmp_path: Path) -> None:
@@ -136,7 +136,8 @@ def test_a_webdav_remote_stores_and_a_dead_one_is_a_storage_error(webdav: Path, 
     dead = RcloneStorage(StorageTarget("rclone", remote="nosuch", prefix="x"), key_template="{task_id}/{path}")
     with pytest.raises(StorageUnavailable) as raised:
         dead.commit(sandbox, specs)
-    assert "rclone copyto failed" in str(raised.value) and "rclone:nosuch:x/" in str(raised.value)
+    assert "failed (exit" in str(raised.value) and "rclone:nosuch:x/" in str(raised.value)
+    assert "didn't find section in config file" in str(raised.value)
     [problem] = dead.probe("w1")[0]
     assert "HAUL_STORAGE_URL=rclone:nosuch:x" in problem
 
@@ -168,7 +169,7 @@ def test_an_s3_remote_gives_links_that_download_the_file_until_they_expire(
 def test_the_supervisor_says_when_the_remote_cannot_be_written(store: TaskStore, settings: Settings) -> None:
     unknown = settings.replace(object_storage=StorageTarget("rclone", remote="nosuch", prefix="media"))
     problems = dramatiq_supervisor(unknown, store, node_id="s").check_config()
-    assert [p for p in problems if "HAUL_STORAGE_URL=rclone:nosuch:media" in p and "rclone rcat failed" in p]
+    assert [p for p in problems if "HAUL_STORAGE_URL=rclone:nosuch:media" in p and "rclone rcat failed" in p], problems
 
 
 @pytest.mark.parametrize(
@@ -184,3 +185,16 @@ def test_a_remote_is_chosen_by_its_url() -> None:
     settings = Settings.from_env({"HAUL_STORAGE_URL": "rclone:gdrive:Courses/2026/", "HAUL_STORAGE_LINK_SECONDS": "60"})
     assert settings.object_storage == StorageTarget("rclone", remote="gdrive", prefix="Courses/2026")
     assert settings.storage_link_seconds == 60
+
+
+def test_an_error_from_rclone_never_shows_the_remote_s_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RCLONE_CONFIG", str(tmp_path / "rclone.conf"))
+    monkeypatch.setenv("RCLONE_CONFIG_BAD_TYPE", "webdav")
+    monkeypatch.setenv("RCLONE_CONFIG_BAD_URL", f"http://127.0.0.1:{free_port()}/token-TOPSECRET123")
+    sandbox, specs = staged(tmp_path, {"v.mp4": b"v"})
+    storage = RcloneStorage(StorageTarget("rclone", remote="bad", prefix="x"), key_template="{task_id}/{path}")
+    with pytest.raises(StorageUnavailable) as raised:
+        storage.commit(sandbox, specs)
+    assert "TOPSECRET123" not in str(raised.value) and "failed (exit" in str(raised.value)

@@ -28,7 +28,7 @@ from actors.settings import Settings, SettingsError
 from actors.states import State
 from actors.storagetarget import S3Access, StorageTarget
 from actors.store import TaskStore
-from actors.store_uploads import UploadLedger, UploadRecord
+from actors.store_uploads import Abandoned, UploadLedger, UploadRecord, drop_uploads
 from actors.task import FileSpec
 from tests.conftest import ClaimsOnly, dramatiq_supervisor, in_process_worker, submit_spec, wait_for
 from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
@@ -196,6 +196,12 @@ def test_a_file_stored_by_a_run_that_died_before_saying_so_is_not_sent_again(s3:
     again = Counting(s3.client())
     entries = bucket_storage(s3, again).commit(sandbox, specs)
     assert again.parts == [] and [e["size"] for e in entries] == [6 * MIB, 1]
+    assert [e["verified"] for e in entries] == ["etag", "etag"]
+    # ... but an object of the same task and size with other bytes is replaced, never announced
+    changed = os.urandom(6 * MIB)
+    sandbox.file(specs[0]).write_bytes(changed)
+    bucket_storage(s3).commit(sandbox, specs)
+    assert s3.client().get_object(Bucket="media", Key=f"shop/{sandbox.task_id}/a.mp4")["Body"].read() == changed
 
 
 def test_the_fence_stops_a_holder_before_the_object_appears(s3: S3Server, tmp_path: Path) -> None:
@@ -299,6 +305,12 @@ def test_a_bucket_is_chosen_with_the_standard_aws_variables(tmp_path: Path) -> N
         ({"HAUL_STORAGE_KEY": "{path}"}, "must name the task"),
         ({"HAUL_STORAGE_KEY": "{task_id}/{name}/{path}"}, "it takes"),
         ({"HAUL_STORAGE_KEY": "{task_id}/{path}/x"}, "end with {path}"),
+        ({"HAUL_STORAGE_KEY": "{task_id:.4}/{path}"}, "no format specs"),
+        ({"HAUL_STORAGE_KEY": "{key!r}/{path}"}, "no format specs"),
+        ({"HAUL_STORAGE_KEY": "{key}{path}"}, "each followed by '/'"),
+        ({"HAUL_STORAGE_URL": "s3://media/x", "HAUL_S3_PART_BYTES": str(6 * 1024**3)}, "5 GiB"),
+        ({"HAUL_STORAGE_URL": "s3://media/x", "HAUL_STORAGE_LINK_SECONDS": "60", "AWS_SESSION_TOKEN": "t"}, "session"),
+        ({"HAUL_STORAGE_URL": "s3://media/x", "AWS_ENDPOINT_URL": "http://u:SECRET@h"}, "no credentials"),
         ({"HAUL_STORAGE_URL": "s3://media/x", "AWS_ACCESS_KEY_ID": "AKIA"}, "go together"),
         ({"HAUL_STORAGE_URL": "s3://media/x", "HAUL_STORAGE_LINK_SECONDS": "604801"}, "a week"),
         ({"HAUL_STORAGE_LINK_SECONDS": "60"}, "a local folder has no links"),
@@ -326,6 +338,7 @@ def test_object_keys_that_cannot_work_are_refused_at_submit(settings: Settings, 
         ([url], None, "has none; give it a key"),
         ([url], "a/b", "may not hold '/'"),
         ([{"url": url, "path": "d/" * 520 + "v.mp4"}], "k", "at most 1024"),
+        ([url], ".haul-probe", "haul's own probes"),
     ):
         with pytest.raises(InvalidTask) as raised:
             client.submit(files, key=key)
@@ -373,6 +386,14 @@ def test_the_supervisor_aborts_the_uploads_of_tasks_that_ended_without_finishing
     assert UploadLedger(store, ended, uploads[ended][0]).get(0) is None
     assert UploadLedger(store, live, uploads[live][0]).get(0) is not None
     assert store.client.smembers(f"{store.prefix}uploading") == {live.encode()}
+    # A task retried after the sweep read it as ended keeps its records: they are a live run's now
+    retried, token = finalizing(store)
+    record = UploadRecord(f"{retried}/v.mp4", "u-9", 5 * MIB)
+    assert UploadLedger(store, retried, token).keep(0, record)
+    raw = store.client.hget(f"{store.prefix}uploads:{retried}", "0")
+    assert raw is not None
+    assert not drop_uploads(store, retried, [Abandoned("0", raw.decode() if isinstance(raw, bytes) else raw, record)])
+    assert UploadLedger(store, retried, token).get(0) == record
     # ... and a local folder has no such sweep
     assert "abort_uploads" not in dramatiq_supervisor(settings, store, node_id="t").jobs.by_name()
 
