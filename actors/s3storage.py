@@ -3,10 +3,10 @@
 Each file is streamed from staging in parts (bounded memory: at most ``concurrency`` parts of a
 file in flight, each read when it is sent), every part with its Content-MD5, and verified once
 complete: the multipart ETag the service answers must equal the one computed here from the
-parts' MD5s (``verified: "etag"``); a service whose ETag is not that (some answer another
-checksum) is checked by size (``verified: "size"``). The object carries the origin's content
-type, ``Content-Disposition: attachment`` with the file's name (a link downloads the file under
-its name and never renders HTML from the bucket's origin) and the task id as metadata.
+parts' MD5s (``verified: "etag"``); a service whose ETags are not MD5s (SSE-KMS, SSE-C) is
+checked by size (``verified: "size"``). The object carries the content type of its extension,
+``Content-Disposition: attachment`` with the file's name (a link downloads the file under its
+name and never renders HTML from the bucket's origin) and the task id as metadata.
 
 An upload interrupted by a crash is resumed: its upload id and part size are kept with the task
 (:mod:`actors.store_uploads`), and the next run asks the service which parts it has
@@ -226,8 +226,8 @@ class S3Storage:
         md5 = hashlib.md5(data).digest()
         fence()
         step(REQUEST_STEP_SECONDS)
-        answer = call(self.client,
-            "put_object", where, Bucket=self.target.bucket, Key=key, Body=data,
+        answer = call(
+            self.client, "put_object", where, Bucket=self.target.bucket, Key=key, Body=data,
             ContentMD5=base64.b64encode(md5).decode(), **headers,
         )  # fmt: skip
         verified = "etag" if answer.get("ETag", "").strip('"') == md5.hex() else "size"
@@ -349,9 +349,9 @@ class S3Storage:
         marker = 0
         while True:
             step(REQUEST_STEP_SECONDS)
-            listed = call(self.client,
-                "list_parts", where, Bucket=self.target.bucket, Key=record.key, UploadId=record.upload_id,
-                PartNumberMarker=marker,
+            listed = call(
+                self.client, "list_parts", where, Bucket=self.target.bucket, Key=record.key,
+                UploadId=record.upload_id, PartNumberMarker=marker,
             )  # fmt: skip
             for item in listed.get("Parts", []):
                 number, etag = int(item["PartNumber"]), str(item["ETag"]).strip('"')
