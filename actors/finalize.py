@@ -56,11 +56,28 @@ def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 
     if entry is not StepReply.OK:
         log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
         return NOTHING
-    with rt.leases.hold(task_id, token, since=since) as lease:
-        return finish_task(rt, task, lease, failing_since)
+    stored = StoredBytes()
+    with rt.leases.hold(task_id, token, since=since, stored=stored.value) as lease:
+        return finish_task(rt, task, lease, failing_since, stored)
 
 
-def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.0) -> Outcome:
+class StoredBytes:
+    """Bytes a finalize has put in storage so far, written with each lease renewal (status's
+    ``bytes_stored``); told by the storage, from the finalizing thread."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def add(self, more: int) -> None:
+        self.bytes += more
+
+    def value(self) -> int | None:
+        return self.bytes
+
+
+def finish_task(
+    rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.0, in_storage: StoredBytes | None = None
+) -> Outcome:
     """Store, announce, mark done, clean up: in that order, so nothing is lost on a crash.
 
     When storage or the webhook receiver is down, the task stays ``finalizing`` with its files
@@ -80,7 +97,7 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
         stored = rt.storage.commit(
             sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=lambda: _fence(rt, lease, step),
             sha256=rt.settings.file_hash == "sha256", task_key=task.spec.key,
-            ledger=UploadLedger(rt.store, task_id, token),
+            ledger=UploadLedger(rt.store, task_id, token), on_stored=(in_storage or StoredBytes()).add,
         )  # fmt: skip
         url = task.spec.webhook or rt.settings.webhook_url
         if url:

@@ -56,7 +56,12 @@ def no_step(seconds: float) -> None:
 
 
 def no_figures() -> Figures | None:
-    """For a lease whose run writes no progress (a finalize)."""
+    """For a lease whose run writes no download progress (a finalize)."""
+    return None
+
+
+def nothing_stored() -> int | None:
+    """For a lease whose run stores nothing (a download)."""
     return None
 
 
@@ -75,6 +80,7 @@ class Lease:
         *,
         renewed_at: float,
         figures: Callable[[], Figures | None] = no_figures,
+        stored: Callable[[], int | None] = nothing_stored,
     ) -> None:
         self.task_id = task_id
         self.token = token
@@ -87,6 +93,7 @@ class Lease:
         #: Why the lease is lost, once the keeper learnt it (the token moved on).
         self.lost: str | None = None
         self.figures = figures
+        self.stored = stored
         #: The deadline of the step last woken for overrunning it (woken once per step).
         self.woken_for = 0.0
         self._interrupter = Interrupter()
@@ -147,11 +154,18 @@ class LeaseKeeper:
 
     @contextmanager
     def hold(
-        self, task_id: str, token: int, *, since: float, figures: Callable[[], Figures | None] = no_figures
+        self,
+        task_id: str,
+        token: int,
+        *,
+        since: float,
+        figures: Callable[[], Figures | None] = no_figures,
+        stored: Callable[[], int | None] = nothing_stored,
     ) -> Iterator[Lease]:
         """Keep the lease of ``token`` renewed while the block runs; ``since`` is the
-        time.monotonic() taken just before the call that granted it."""
-        lease = Lease(task_id, token, self.lease_seconds, renewed_at=since, figures=figures)
+        time.monotonic() taken just before the call that granted it. ``figures`` (a download's)
+        and ``stored`` (a finalize's bytes in storage) are written with each renewal."""
+        lease = Lease(task_id, token, self.lease_seconds, renewed_at=since, figures=figures, stored=stored)
         with self._lock:
             self._held[(task_id, token)] = lease
             if self._thread is None:
@@ -205,7 +219,7 @@ class LeaseKeeper:
         leases = [lease for lease in held if lease.due(started)]
         if not leases:
             return 0
-        renewals = [Renewal(lease.task_id, lease.token, lease.figures()) for lease in leases]
+        renewals = [Renewal(lease.task_id, lease.token, lease.figures(), lease.stored()) for lease in leases]
         try:
             results = self.store.renew_many(renewals, now=self.clock(), lease_seconds=self.lease_seconds)
         except redis.RedisError as exc:  # the holders' own check stops them if this lasts

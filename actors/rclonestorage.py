@@ -32,6 +32,7 @@ from actors.errors import StorageUnavailable, TransientError
 from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.redact import redact_text
 from actors.sandbox import Sandbox
+from actors.storage import not_followed
 from actors.storagetarget import StorageTarget
 from actors.store_uploads import Uploads
 from actors.task import FileSpec, iso_time
@@ -89,6 +90,7 @@ class RcloneStorage:
         sha256: bool = False,
         task_key: str | None = None,
         ledger: Uploads | None = None,
+        on_stored: Callable[[int], None] = not_followed,
     ) -> list[dict[str, Any]]:
         """Copy every finished file of the sandbox to the remote; return what the webhook reports."""
         task_id = sandbox.task_id
@@ -107,6 +109,7 @@ class RcloneStorage:
             except StorageUnavailable as exc:
                 exc.file = spec.path  # task.failed and Sentry name the file
                 raise
+            on_stored(source.stat().st_size)
             entry: dict[str, Any] = {
                 "path": spec.path, "size": source.stat().st_size, "url": spec.url,
                 "location": self.target.location(key), "verified": verified,

@@ -35,6 +35,7 @@ from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.s3client import NotFound, UploadGone, call, s3_client
 from actors.s3parts import DEFAULT_PART_BYTES, content_disposition, content_type, multipart_etag, part_size_for
 from actors.sandbox import Sandbox
+from actors.storage import not_followed
 from actors.storagetarget import S3Access, StorageTarget
 from actors.store_uploads import NoLedger, UploadRecord, Uploads
 from actors.task import FileSpec, iso_time
@@ -58,6 +59,19 @@ class Part:
 
     md5: bytes
     etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file's multipart upload: where, with which headers and part size, and whom to tell."""
+
+    key: str
+    headers: dict[str, Any]
+    part_size: int
+    index: int
+    ledger: Uploads
+    on_stored: Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,7 @@ class S3Storage:
         sha256: bool = False,
         task_key: str | None = None,
         ledger: Uploads | None = None,
+        on_stored: Callable[[int], None] = not_followed,
     ) -> list[dict[str, Any]]:
         """Upload every finished file of the sandbox; return what the webhook reports."""
         task_id = sandbox.task_id
@@ -152,7 +167,7 @@ class S3Storage:
             key = self.target.key_for(self.key_template, task_id, task_key, spec.path)
             source = sandbox.file(spec)
             try:
-                done = self.store_file(task_id, index, spec, source, key, step, fence, ledger)
+                done = self.store_file(task_id, index, spec, source, key, step, fence, ledger, on_stored)
             except StorageUnavailable as exc:
                 exc.file = exc.file or spec.path  # task.failed and Sentry name the file
                 raise
@@ -183,6 +198,7 @@ class S3Storage:
         step: Step,
         fence: Callable[[], None],
         ledger: Uploads,
+        on_stored: Callable[[int], None] = not_followed,
     ) -> Stored:
         """Put one staged file at ``key`` (or find it there from an earlier run of this task)."""
         size = source.stat().st_size
@@ -195,6 +211,7 @@ class S3Storage:
             step(DISK_STEP_SECONDS)
             if str(already.get("ETag", "")).strip('"') in self._etags_of(source, size):
                 ledger.forget(index)
+                on_stored(size)
                 return Stored(key, size, "etag")  # stored by an earlier run, killed before it said so
         headers = {
             "ContentType": content_type(spec),
@@ -202,19 +219,22 @@ class S3Storage:
             "Metadata": {TASK_METADATA: task_id},
         }
         if size < SINGLE_PUT_BYTES:
-            return self._put(source, size, key, headers, step, fence, where)
+            stored = self._put(source, size, key, headers, step, fence, where)
+            on_stored(size)
+            return stored
         part = part_size_for(size, self.part_bytes)
         record = ledger.get(index)
         if record is not None and (record.key != key or record.part_size != part):
             fence()  # only the holder may abort the upload it recorded
             self.abort(record, where)
             record = None
+        upload = Upload(key, headers, part, index, ledger, on_stored)
         try:
-            return self._multipart(source, size, key, headers, part, record, index, step, fence, ledger, where)
+            return self._multipart(source, size, upload, record, step, fence, where)
         except UploadGone as exc:
             log.warning("%s: starting its upload over (%s)", where, exc)
             ledger.forget(index)
-            return self._multipart(source, size, key, headers, part, None, index, step, fence, ledger, where)
+            return self._multipart(source, size, upload, None, step, fence, where)
 
     # -- the two ways up ------------------------------------------------------------------
 
@@ -239,16 +259,13 @@ class S3Storage:
         self,
         source: Path,
         size: int,
-        key: str,
-        headers: dict[str, Any],
-        part: int,
+        upload: Upload,
         record: UploadRecord | None,
-        index: int,
         step: Step,
         fence: Callable[[], None],
-        ledger: Uploads,
         where: str,
     ) -> Stored:
+        key, part, ledger, index = upload.key, upload.part_size, upload.ledger, upload.index
         count = -(-size // part)
         parts: dict[int, Part] = {}
         with source.open("rb", buffering=0) as reader:
@@ -256,7 +273,7 @@ class S3Storage:
             if record is None:
                 step(REQUEST_STEP_SECONDS)
                 created = call(
-                    self.client, "create_multipart_upload", where, Bucket=self.target.bucket, Key=key, **headers
+                    self.client, "create_multipart_upload", where, Bucket=self.target.bucket, Key=key, **upload.headers
                 )
                 record = UploadRecord(key, str(created["UploadId"]), part)
                 if not ledger.keep(index, record):
@@ -265,8 +282,9 @@ class S3Storage:
             else:
                 parts = self._reusable_parts(record, fd, size, part, count, step, where)
                 log.info("%s: continuing its upload, %d of %d parts already there", where, len(parts), count)
+                upload.on_stored(sum(p.size for p in parts.values()))
             missing = [n for n in range(1, count + 1) if n not in parts]
-            parts.update(self._send_parts(record, fd, size, part, missing, step, where))
+            parts.update(self._send_parts(record, fd, size, part, missing, step, upload.on_stored, where))
         ordered = [parts[n] for n in range(1, count + 1)]
         fence()  # a stale or canceled holder stops before the object appears
         step(REQUEST_STEP_SECONDS)
@@ -302,7 +320,15 @@ class S3Storage:
         return Stored(key, size, "size")
 
     def _send_parts(
-        self, record: UploadRecord, fd: int, size: int, part: int, numbers: list[int], step: Step, where: str
+        self,
+        record: UploadRecord,
+        fd: int,
+        size: int,
+        part: int,
+        numbers: list[int],
+        step: Step,
+        on_stored: Callable[[int], None],
+        where: str,
     ) -> dict[int, Part]:
         """Upload parts ``numbers``, ``concurrency`` at a time; what each became, by number."""
         done: dict[int, Part] = {}
@@ -318,6 +344,7 @@ class S3Storage:
                     for future in finished:
                         number, sent = future.result()
                         done[number] = sent
+                        on_stored(sent.size)
             finally:
                 queue.clear()
                 for future in pending:
@@ -335,7 +362,7 @@ class S3Storage:
             PartNumber=number, Body=data, ContentMD5=base64.b64encode(md5).decode(),
         )  # fmt: skip
         # The service checked Content-MD5; its ETag is that MD5, or (SSE-KMS, SSE-C) opaque
-        return number, Part(md5, str(answer.get("ETag", "")).strip('"') or md5.hex())
+        return number, Part(md5, str(answer.get("ETag", "")).strip('"') or md5.hex(), len(data))
 
     def _reusable_parts(
         self, record: UploadRecord, fd: int, size: int, part: int, count: int, step: Step, where: str
@@ -361,7 +388,7 @@ class S3Storage:
                 if int(item["Size"]) != length or md5.hex() != etag:
                     self.abort(record, where)
                     raise UploadGone(f"part {number} is not what staging holds")
-                found[number] = Part(md5, etag)
+                found[number] = Part(md5, etag, length)
             if not listed.get("IsTruncated"):
                 return found
             marker = int(listed["NextPartNumberMarker"])

@@ -43,6 +43,10 @@ def _no_fence() -> None:
     """For callers that hold no lease (tests, tools)."""
 
 
+def not_followed(stored: int) -> None:
+    """For callers that do not follow how much is stored."""
+
+
 class Storage(Protocol):
     """Where a finalize puts a task's finished files: :class:`LocalStorage` or
     :class:`actors.s3storage.S3Storage`."""
@@ -57,6 +61,7 @@ class Storage(Protocol):
         sha256: bool = False,
         task_key: str | None = None,
         ledger: Uploads | None = None,
+        on_stored: Callable[[int], None] = not_followed,
     ) -> list[dict[str, Any]]:
         """Store every finished file of ``sandbox`` (idempotent: committing twice leaves one
         copy); return the entries task.completed lists. ``fence`` is called right before each
@@ -110,6 +115,7 @@ class LocalStorage:
         sha256: bool = False,
         task_key: str | None = None,
         ledger: Uploads | None = None,
+        on_stored: Callable[[int], None] = not_followed,
     ) -> list[dict[str, Any]]:
         """Put every finished file of the sandbox into storage; return what the webhook reports.
 
@@ -146,6 +152,7 @@ class LocalStorage:
                 raise StorageUnavailable(
                     f"task {task_id}: storing {spec.path!r} in {target_root} failed ({exc.strerror})"
                 ) from exc
+            on_stored(size)
             entry: dict[str, Any] = {"path": spec.path, "size": size, "url": spec.url, "location": str(target)}
             digest = spec.sha256 or (sandbox.sha256(index) or _hash_file(target, step) if sha256 else None)
             if digest:

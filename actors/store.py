@@ -44,6 +44,8 @@ class Renewal:
     task_id: str
     token: int
     figures: tuple[int, int, int] | None = None
+    #: Bytes a finalize has put in storage so far, or None.
+    stored: int | None = None
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,8 @@ class TaskStore(SweepStore):
         pipe = self.client.pipeline(transaction=False)
         for r in renewals:
             keys = [self.task_key(r.task_id), self.leases_key]
-            self._call("heartbeat", keys, r.task_id, r.token, now, lease_seconds, *(r.figures or ()), client=pipe)
+            progress = [*(r.figures or ("", "", "")), "" if r.stored is None else r.stored]
+            self._call("heartbeat", keys, r.task_id, r.token, now, lease_seconds, *progress, client=pipe)
         return [bool(written) for written in pipe.execute()]
 
     def release(
@@ -440,6 +443,7 @@ def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str, r
         error_code=data.get("error_code", ""),
         error_file=data.get("error_file", ""),
         bytes_done=int(data.get("bytes_done", 0)),
+        bytes_stored=int(data.get("bytes_stored", 0)),
         bytes_total=int(data.get("bytes_total", 0)),
         files_done=int(data.get("files_done", 0)),
         created_at=float(data.get("created_at", 0)),

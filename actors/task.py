@@ -90,6 +90,8 @@ class Task:
     worker: str = ""
     error: str = ""
     bytes_done: int = 0
+    #: Bytes the latest finalize put in storage (resumed parts included).
+    bytes_stored: int = 0
     bytes_total: int = 0
     files_done: int = 0
     created_at: float = 0.0
@@ -153,6 +155,7 @@ class Task:
             "bytes_total": self.bytes_total,
             "bytes_total_known": self.bytes_total_known,
             "bytes_done": self.bytes_done,
+            "bytes_stored": self.bytes_stored,
             "error": self.error or None,
             "waiting": self.waiting(),
             "worker": self.worker or None,

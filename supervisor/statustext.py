@@ -18,6 +18,8 @@ def format_task(status: dict[str, Any]) -> str:
         f"bytes     {_size(status['bytes_done'])} of {'' if status['bytes_total_known'] else 'at least '}"
         f"{_size(status['bytes_total'])}",
     ]
+    if status.get("bytes_stored"):
+        lines.append(f"stored    {_size(status['bytes_stored'])} of {_size(status['bytes_total'])}")
     if status.get("key"):
         lines.append(f"key       {status['key']}")
     waiting = status.get("waiting")

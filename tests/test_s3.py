@@ -18,6 +18,7 @@ import requests
 
 from actors.client import Client
 from actors.errors import InvalidTask, LeaseLost, StorageUnavailable
+from actors.lease import LeaseKeeper
 from actors.manifest import spec_from_manifest
 from actors.redact import secrets_of
 from actors.s3client import s3_client
@@ -428,3 +429,23 @@ def test_parts_the_service_refuses_once_are_sent_again_and_the_object_is_whole(s
         assert s3.client().get_object(Bucket="media", Key=f"{sandbox.task_id}/v.mp4")["Body"].read() == data
     finally:
         proxy.close()
+
+
+def test_status_shows_the_bytes_an_upload_has_stored(
+    s3: S3Server, store: TaskStore, origin: Origin, receiver: Receiver, settings: Settings
+) -> None:
+    # While it runs: what the storage reports goes out with each renewal of the lease
+    task_id, token = finalizing(store)
+    keeper = LeaseKeeper(store, 30)
+    with keeper.hold(task_id, token, since=time.monotonic(), stored=lambda: 12 * MIB):
+        assert keeper.renew_due() == 1
+    keeper.stop()
+    task = store.get(task_id)
+    assert task is not None and task.bytes_stored == 12 * MIB and task.bytes_done == 1  # download figures kept
+    # Once done: all of it
+    data = os.urandom(12 * MIB)
+    bucket = settings.replace(object_storage=s3.target(), s3=s3.access(), s3_part_bytes=5 * MIB)
+    with in_process_worker(bucket, store, threads=2):
+        task_id = submit_spec(spec_from_manifest({"files": [{"url": origin.put("/v", data), "path": "v.mp4"}]}), store)
+        done = wait_for(store, task_id)
+    assert done.state is State.DONE and done.as_status()["bytes_stored"] == len(data)

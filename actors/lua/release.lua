@@ -37,6 +37,7 @@ end
 free_slots(KEYS[1], id)
 if target == 'done' then
   set_staged(id, 0)  -- the sandbox is removed right after
+  redis.call('HSET', KEYS[1], 'bytes_stored', redis.call('HGET', KEYS[1], 'bytes_done') or 0)  -- all of it
 end
 set_state(KEYS[1], id, t[1], target, now)
 local error = ARGV[6]
