@@ -85,6 +85,8 @@ class Answer:
     validator: Validator
     #: The body is content-coded: decoded on the way, never resumed.
     coded: bool
+    #: The origin's Content-Type, if it gave one.
+    content_type: str | None = None
 
 
 class Fetcher:
@@ -200,7 +202,7 @@ class Fetcher:
                 f"{where}: the origin serves {total} bytes but the task says size {spec.size}; "
                 "check the task's size or the URL"
             )
-        return Answer(offset, total, validator, coded)
+        return Answer(offset, total, validator, coded, content_type)
 
     @staticmethod
     def _stream(
@@ -227,7 +229,7 @@ class Fetcher:
         fd = open_part(part, offset, where)
         writeback, floor = Writeback(fd, offset), SpeedFloor(rules, where)
         try:
-            write_meta(part, answer.validator, where)
+            write_meta(part, answer.validator, where, answer.content_type)
             while chunk := _read(response, answer.coded, where, offset + received):
                 on_progress(offset + received)  # may raise: a stale holder must not write
                 if rules.max_bytes and offset + received + len(chunk) > rules.max_bytes:

@@ -91,9 +91,11 @@ def start_point(response: requests.Response, offset: int, validator: Validator, 
     return 0, length
 
 
-def write_meta(part: Path, validator: Validator, where: str) -> None:
-    """Record the version of ``part``'s bytes (only once it holds exactly the bytes kept)."""
-    data = json.dumps({"etag": validator.etag, "last_modified": validator.last_modified}).encode()
+def write_meta(part: Path, validator: Validator, where: str, content_type: str | None = None) -> None:
+    """Record the version of ``part``'s bytes (only once it holds exactly the bytes kept), and
+    the content type the origin gave them (the stored file gets it)."""
+    meta = {"etag": validator.etag, "last_modified": validator.last_modified, "content_type": content_type}
+    data = json.dumps(meta).encode()
     try:
         fd = os.open(meta_path_of(part), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:

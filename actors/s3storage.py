@@ -4,9 +4,10 @@ Each file is streamed from staging in parts (bounded memory: at most ``concurren
 file in flight, each read when it is sent), every part with its Content-MD5, and verified once
 complete: the multipart ETag the service answers must equal the one computed here from the
 parts' MD5s (``verified: "etag"``); a service whose ETags are not MD5s (SSE-KMS, SSE-C) is
-checked by size (``verified: "size"``). The object carries the content type of its extension,
-``Content-Disposition: attachment`` with the file's name (a link downloads the file under its
-name and never renders HTML from the bucket's origin) and the task id as metadata.
+checked by size (``verified: "size"``). The object carries the origin's content type (else
+the extension's), ``Content-Disposition: attachment`` with the file's name (a link downloads
+the file under its name and never renders HTML from the bucket's origin) and the task id as
+metadata.
 
 An upload interrupted by a crash is resumed: its upload id and part size are kept with the task
 (:mod:`actors.store_uploads`), and the next run asks the service which parts it has
@@ -167,7 +168,8 @@ class S3Storage:
             key = self.target.key_for(self.key_template, task_id, task_key, spec.path)
             source = sandbox.file(spec)
             try:
-                done = self.store_file(task_id, index, spec, source, key, step, fence, ledger, on_stored)
+                kind = sandbox.content_type(index) or content_type(spec)
+                done = self.store_file(task_id, index, spec, source, key, step, fence, ledger, on_stored, kind)
             except StorageUnavailable as exc:
                 exc.file = exc.file or spec.path  # task.failed and Sentry name the file
                 raise
@@ -199,6 +201,7 @@ class S3Storage:
         fence: Callable[[], None],
         ledger: Uploads,
         on_stored: Callable[[int], None] = not_followed,
+        kind: str | None = None,
     ) -> Stored:
         """Put one staged file at ``key`` (or find it there from an earlier run of this task)."""
         size = source.stat().st_size
@@ -214,7 +217,7 @@ class S3Storage:
                 on_stored(size)
                 return Stored(key, size, "etag")  # stored by an earlier run, killed before it said so
         headers = {
-            "ContentType": content_type(spec),
+            "ContentType": kind or content_type(spec),
             "ContentDisposition": content_disposition(spec.path),
             "Metadata": {TASK_METADATA: task_id},
         }

@@ -6,7 +6,8 @@ never delete another's. Layout::
     <task id>/files/<path>              finished, verified files (renamed in only when complete)
     <task id>/.parts/<n>.<token>.part   bytes of file number n so far, named for the run that
                                         holds them (kept across attempts, see claim_part)
-    <task id>/.parts/<n>.<token>.part.json   what identifies the version those bytes belong to
+    <task id>/.parts/<n>.<token>.part.json   what identifies the version those bytes belong to,
+                                        and their content type (kept as <n>.type on promotion)
     <task id>/.parts/<n>.<token>.sha256 the sha256 of that run's part (HAUL_HASH), hashed while it
                                         downloaded; named <n>.sha256 when the file is promoted
 """
@@ -14,6 +15,7 @@ never delete another's. Layout::
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -129,6 +131,14 @@ class Sandbox:
                 f"task {self.task_id}: cannot record the sha256 of {part.name} in staging ({exc.strerror})"
             ) from exc
 
+    def content_type(self, index: int) -> str | None:
+        """The Content-Type the origin gave file ``index``, kept when it was promoted, or None."""
+        try:
+            found = (self.parts_dir / f"{index}.type").read_text().strip()
+        except OSError:
+            return None
+        return found if found and len(found) <= 255 and found.isprintable() else None
+
     def sha256(self, index: int) -> str | None:
         """The recorded sha256 of file ``index``, or None (not recorded, or HAUL_HASH=none then)."""
         try:
@@ -143,9 +153,15 @@ class Sandbox:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(part, final)  # a run whose part was taken over stops here: its name is gone
+            index = int(part.name.split(".", 1)[0])
             digest = part.with_suffix(".sha256")
             if digest.exists():
-                os.replace(digest, self._sha256_path(int(part.name.split(".", 1)[0])))
+                os.replace(digest, self._sha256_path(index))
+            kept = _content_type_of(_meta(part))
+            if kept:
+                temporary = self.parts_dir / f"{index}.type.tmp"
+                temporary.write_text(kept)
+                os.replace(temporary, self.parts_dir / f"{index}.type")
             fsync_dir(final.parent)
             _meta(part).unlink(missing_ok=True)
         except OSError as exc:
@@ -180,3 +196,12 @@ class Sandbox:
                 folder.rmdir()
         except (OSError, UnsafePath):
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _content_type_of(meta: Path) -> str | None:
+    """The content type a ``.part``'s record names, if it names one."""
+    try:
+        found = json.loads(meta.read_text()).get("content_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None

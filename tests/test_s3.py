@@ -116,6 +116,7 @@ def test_a_course_is_stored_in_the_bucket_under_the_key_template_and_announced(
         got = client.get_object(Bucket="media", Key=key)
         assert got["Body"].read() == data
         assert {k.lower(): v for k, v in got["Metadata"].items()} == {"haul-task-id": task_id}
+        assert got["ContentType"] == "video/mp4"  # the origin's, for the PDF too (the origin says so)
         assert got["ContentDisposition"].startswith("attachment; filename=")
     [delivery] = receiver.accepted()
     listed = {f["path"]: f for f in delivery.event["data"]["files"]}
