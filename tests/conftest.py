@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ from actors.broker import worker_broker
 from actors.client import Client
 from actors.messages import QUEUES, Messages, redis_broker
 from actors.runtime import Runtime
+from actors.sandbox import Sandbox
 from actors.settings import Settings
 from actors.states import State
 from actors.store import TaskStore
-from actors.task import Task, TaskSpec
+from actors.task import FileSpec, Task, TaskSpec
 from supervisor.daemon import Supervisor
 from tests.redisserver import RedisServer
 from tests.servers import Origin, Receiver
@@ -250,3 +252,14 @@ def part_bytes(sandbox: Path, index: int = 0) -> int:
     """Bytes staged so far for file ``index`` of a task's sandbox (its runs' ``.part`` files)."""
     sizes = [p.stat().st_size for p in (sandbox / ".parts").glob(f"{index}.*.part") if p.exists()]
     return max(sizes, default=0)
+
+
+def staged(tmp_path: Path, files: dict[str, bytes]) -> tuple[Sandbox, list[FileSpec]]:
+    """A new task's sandbox holding ``files`` as finished downloads."""
+    sandbox = Sandbox(tmp_path / "staging", uuid.uuid4().hex)
+    specs = [FileSpec(url=f"https://cdn.example.com/{p}", path=p) for p in files]
+    for spec, data in zip(specs, files.values(), strict=True):
+        target = sandbox.file(spec)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return sandbox, specs

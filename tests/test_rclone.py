@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,13 +17,11 @@ import requests
 from actors.errors import LeaseLost, StorageUnavailable
 from actors.manifest import spec_from_manifest
 from actors.rclonestorage import RcloneStorage, rclone_binary
-from actors.sandbox import Sandbox
 from actors.settings import Settings, SettingsError
 from actors.states import State
 from actors.storagetarget import StorageTarget
 from actors.store import TaskStore
-from actors.task import FileSpec
-from tests.conftest import dramatiq_supervisor, in_process_worker, submit_spec, wait_for
+from tests.conftest import dramatiq_supervisor, in_process_worker, staged, submit_spec, wait_for
 from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
 from tests.servers import Origin, Receiver, free_port
 
@@ -67,16 +64,6 @@ def webdav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield folder
     server.terminate()
     server.wait(10)
-
-
-def staged(tmp_path: Path, files: dict[str, bytes]) -> tuple[Sandbox, list[FileSpec]]:
-    sandbox = Sandbox(tmp_path / "staging", uuid.uuid4().hex)
-    specs = [FileSpec(url=f"https://cdn.example.com/{p}", path=p) for p in files]
-    for spec, data in zip(specs, files.values(), strict=True):
-        target = sandbox.file(spec)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return sandbox, specs
 
 
 def test_a_course_lands_on_a_remote_under_the_key_template_and_is_announced(

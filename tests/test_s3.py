@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -24,14 +23,12 @@ from actors.redact import secrets_of
 from actors.s3client import s3_client
 from actors.s3parts import MAX_PARTS, MIB, multipart_etag, part_size_for
 from actors.s3storage import S3Storage
-from actors.sandbox import Sandbox
 from actors.settings import Settings, SettingsError
 from actors.states import State
 from actors.storagetarget import S3Access, StorageTarget
 from actors.store import TaskStore
 from actors.store_uploads import Abandoned, UploadLedger, UploadRecord, drop_uploads
-from actors.task import FileSpec
-from tests.conftest import ClaimsOnly, dramatiq_supervisor, in_process_worker, submit_spec, wait_for
+from tests.conftest import ClaimsOnly, dramatiq_supervisor, in_process_worker, staged, submit_spec, wait_for
 from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
 from tests.servers import FailingPartsProxy, Origin, Receiver
 
@@ -76,17 +73,6 @@ class Counting:
     def upload_part(self, **params: Any) -> Any:
         self.parts.append(int(params["PartNumber"]))
         return self.client.upload_part(**params)
-
-
-def staged(tmp_path: Path, files: dict[str, bytes]) -> tuple[Sandbox, list[FileSpec]]:
-    """A new task's sandbox holding ``files`` as finished downloads."""
-    sandbox = Sandbox(tmp_path / "staging", uuid.uuid4().hex)
-    specs = [FileSpec(url=f"https://cdn.example.com/{p}", path=p) for p in files]
-    for spec, data in zip(specs, files.values(), strict=True):
-        target = sandbox.file(spec)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return sandbox, specs
 
 
 def bucket_storage(s3: S3Server, client: Any = None, **options: Any) -> S3Storage:
