@@ -46,7 +46,8 @@ print(time.perf_counter() - started)
 
 
 def bench_upload(bench: Bench) -> dict[str, Any]:
-    """14: 1 GiB from staging into an S3 server: haul vs rclone copyto vs boto3 upload_file."""
+    """14: 1 GiB from staging into an S3 server: haul vs rclone copyto vs boto3 upload_file.
+    (Past 50 lines: the three sides are set up here, beside the figures they feed.)"""
     server = S3Server(bench.root / "s3")
     server.start()
     from actors.sandbox import Sandbox
