@@ -45,6 +45,10 @@ COMMAND_STEP_SECONDS = 120.0
 #: rclone's idle I/O and connect timeouts, passed to every command.
 IO_TIMEOUT = "60s"
 CONNECT_TIMEOUT = "15s"
+#: rclone retries a low-level request a few times, and a whole command not again: a remote that
+#: stays down must surface as an error haul parks the task on (and says why), not as minutes of
+#: rclone retrying out of sight; haul's own finalize retries then follow the outage.
+RETRY_FLAGS = ("--retries", "1", "--low-level-retries", "3")
 #: Hashes haul can compute to check what rclone reports, in order of preference.
 CHECKABLE_HASHES = ("md5", "sha1", "sha256")
 
@@ -174,7 +178,15 @@ class RcloneStorage:
     def run(self, args: list[str], where: str, step: Step, stdin: bytes | None = None) -> str:
         """One rclone command, renewing the lease each second it runs; its standard output.
         A failure is :class:`StorageUnavailable` with rclone's last error line."""
-        command = [self.binary or rclone_binary(), *args, "--timeout", IO_TIMEOUT, "--contimeout", CONNECT_TIMEOUT]
+        command = [
+            self.binary or rclone_binary(),
+            *args,
+            "--timeout",
+            IO_TIMEOUT,
+            "--contimeout",
+            CONNECT_TIMEOUT,
+            *RETRY_FLAGS,
+        ]
         process = subprocess.Popen(
             command, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -39,31 +39,46 @@ def remotes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
+class WebDav:
+    """``rclone serve webdav`` over a folder, on a port of its own (kept across restarts)."""
+
+    def __init__(self, folder: Path, config: Path) -> None:
+        self.folder, self.config, self.port = folder, config, free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        folder.mkdir(exist_ok=True)
+
+    def start(self) -> None:
+        env = {**os.environ, "RCLONE_CONFIG": str(self.config)}
+        self.process = subprocess.Popen(
+            [rclone_binary(), "serve", "webdav", "--addr", f"127.0.0.1:{self.port}", str(self.folder)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "rclone serve webdav did not start"
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
 @pytest.fixture
-def webdav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """``rclone serve webdav`` over a folder, and a ``dav`` remote pointed at it."""
-    folder, port = tmp_path / "dav", free_port()
-    folder.mkdir()
-    env = {**os.environ, "RCLONE_CONFIG": str(tmp_path / "none.conf")}
-    server = subprocess.Popen(
-        [rclone_binary(), "serve", "webdav", "--addr", f"127.0.0.1:{port}", str(folder)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "rclone serve webdav did not start"
-            time.sleep(0.05)
+def dav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDav]:
+    """A WebDAV server, and a ``dav`` remote pointed at it."""
+    server = WebDav(tmp_path / "dav", tmp_path / "none.conf")
+    server.start()
     monkeypatch.setenv("RCLONE_CONFIG", str(tmp_path / "rclone.conf"))
     monkeypatch.setenv("RCLONE_CONFIG_DAV_TYPE", "webdav")
-    monkeypatch.setenv("RCLONE_CONFIG_DAV_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("RCLONE_CONFIG_DAV_URL", f"http://127.0.0.1:{server.port}")
     monkeypatch.setenv("RCLONE_CONFIG_DAV_VENDOR", "other")
-    yield folder
-    server.terminate()
-    server.wait(10)
+    yield server
+    server.kill()
 
 
 def test_a_course_lands_on_a_remote_under_the_key_template_and_is_announced(
@@ -110,7 +125,8 @@ def test_the_fence_stops_a_holder_before_the_file_reaches_the_remote(remotes: Pa
     assert not [p for p in remotes.rglob("*") if p.is_file()]  # nothing placed, and its own copy deleted
 
 
-def test_a_webdav_remote_stores_and_a_dead_one_is_a_storage_error(webdav: Path, tmp_path: Path) -> None:
+def test_a_webdav_remote_stores_and_a_dead_one_is_a_storage_error(dav: WebDav, tmp_path: Path) -> None:
+    webdav = dav.folder
     data = os.urandom(2 * MIB)
     sandbox, specs = staged(tmp_path, {"v.mp4": data})
     storage = RcloneStorage(StorageTarget("rclone", remote="dav", prefix="media"), key_template="{task_id}/{path}")
@@ -185,3 +201,32 @@ def test_an_error_from_rclone_never_shows_the_remote_s_configuration(
     with pytest.raises(StorageUnavailable) as raised:
         storage.commit(sandbox, specs)
     assert "TOPSECRET123" not in str(raised.value) and "failed (exit" in str(raised.value)
+
+
+def test_a_webdav_server_killed_mid_copy_keeps_the_task_waiting_then_it_completes(
+    dav: WebDav, store: TaskStore, origin: Origin, receiver: Receiver, settings: Settings
+) -> None:
+    data = os.urandom(200 * MIB)
+    remote = settings.replace(object_storage=StorageTarget("rclone", remote="dav", prefix="media"))
+    with in_process_worker(remote, store, threads=2):
+        task_id = submit_spec(spec_from_manifest({"files": [{"url": origin.put("/v", data), "path": "v.mp4"}]}), store)
+        # Given the copy under way (its own .partial name on the remote), the server is killed
+        deadline = time.monotonic() + 60
+        while not any(dav.folder.rglob("*.partial")):
+            assert time.monotonic() < deadline, "the copy did not start"
+            time.sleep(0.005)
+        dav.kill()
+        # Then the task waits in finalizing, its file in staging, and says why
+        deadline = time.monotonic() + 60
+        while not ((task := store.get(task_id)) and (task.error or task.state is State.DONE)):
+            assert time.monotonic() < deadline, f"no storage error: {task}"
+            time.sleep(0.05)
+        assert task.state is State.FINALIZING and "rclone:dav:media/" in task.error, task
+        assert (remote.staging_dir / task_id).exists()
+        # When the server is back, the task completes on its first attempt
+        dav.start()
+        done = wait_for(store, task_id, timeout=120)
+    assert done.state is State.DONE and done.attempts == 1, done.error
+    assert (dav.folder / "media" / task_id / "v.mp4").read_bytes() == data
+    [delivery] = receiver.accepted()
+    assert delivery.event["data"]["files"][0]["verified"] in ("checksum", "size")
