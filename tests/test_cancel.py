@@ -70,6 +70,7 @@ def test_a_cancel_while_the_files_are_stored_wins_and_a_retry_announces_the_new_
             assert wait_for(store, task_id).state.value == "canceled"
         finally:
             stop.set()
+            canceler.join(10)  # its cancel landed before it recorded the answer: wait for that
         assert outcomes == ["ok"]  # the cancel landed while the task was finalizing
         wait_until(lambda: accepted_ids(receiver), 10, "task.canceled")
         settle(running)
