@@ -77,6 +77,7 @@ class RcloneStorage:
         self.target, self.key_template = target, key_template
         self.link_seconds, self.clock = link_seconds, clock
         self.binary = binary
+        self._expiring_links: bool | None = None  # asked of rclone once
 
     def describe(self) -> str:
         return self.target.describe()
@@ -244,11 +245,15 @@ class RcloneStorage:
         return f"{self.target.remote}:{key}"
 
     def _enforces_expiry(self) -> bool:
-        try:
-            features = json.loads(self.run(["backend", "features", f"{self.target.remote}:"], "link", no_step))
-        except (StorageUnavailable, ValueError):
-            return False
-        return str(features.get("String", "")).startswith("S3 ")  # "S3 root", "S3 bucket ..."
+        """Whether the remote's links end when asked (an S3 remote's presigned ones), asked of
+        rclone once per storage."""
+        if self._expiring_links is None:
+            try:
+                features = json.loads(self.run(["backend", "features", f"{self.target.remote}:"], "link", no_step))
+            except (StorageUnavailable, ValueError):
+                return False  # asked again next time
+            self._expiring_links = str(features.get("String", "")).startswith("S3 ")  # "S3 root", "S3 bucket ..."
+        return self._expiring_links
 
 
 def _remote_secrets() -> list[str]:

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from actors.rclonestorage import rclone_binary
 from actors.storagetarget import S3Access, StorageTarget
-from tests.servers import free_port
+from tests.servers import free_port, wait_port
 
 ACCESS_KEY = "HAULTESTKEY"
 SECRET_KEY = "haul-test-secret-key-not-a-real-one"
@@ -43,15 +41,7 @@ class S3Server:
                 [rclone_binary(), "serve", "s3", "--addr", f"127.0.0.1:{self.port}", str(self.folder)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"rclone serve s3 did not start; see {self.log}") from None
-                time.sleep(0.05)
+        wait_port(self.port, f"rclone serve s3 (see {self.log})", process=self.process)
 
     def stop(self) -> None:
         for client in self.clients:

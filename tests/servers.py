@@ -11,6 +11,7 @@ import json
 import random
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter, defaultdict, deque
@@ -28,6 +29,20 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # connections that tests cut on purpose are not errors
+
+
+def wait_port(port: int, what: str, *, timeout: float = 15, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something listens on 127.0.0.1:``port``; ``what`` names it in the error (a
+    server ``process`` that exited fails at once)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            if (process is not None and process.poll() is not None) or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
 
 
 def free_port() -> int:

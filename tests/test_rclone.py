@@ -5,7 +5,6 @@ remote served by ``rclone serve webdav``, and an ``s3`` remote pointed at ``rclo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from actors.storagetarget import StorageTarget
 from actors.store import TaskStore
 from tests.conftest import dramatiq_supervisor, in_process_worker, staged, submit_spec, wait_for
 from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
-from tests.servers import Origin, Receiver, free_port
+from tests.servers import Origin, Receiver, free_port, wait_port
 
 MIB = 1024 * 1024
 
@@ -53,14 +52,7 @@ class WebDav:
             [rclone_binary(), "serve", "webdav", "--addr", f"127.0.0.1:{self.port}", str(self.folder)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "rclone serve webdav did not start"
-                time.sleep(0.05)
+        wait_port(self.port, "rclone serve webdav", process=self.process)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

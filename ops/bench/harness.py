@@ -8,7 +8,6 @@ import hashlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,24 +22,12 @@ import redis
 from actors.messages import Messages, redis_broker
 from actors.settings import Settings
 from tests.processes import stack_env
-from tests.servers import Receiver, free_port
+from tests.servers import Receiver, free_port, wait_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 MIB, GIB = 1 << 20, 1 << 30
 SECRET = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1rZXktMzItYnl0ZXMhIQ=="
-
-
-def wait_port(port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 class Bench:
@@ -59,7 +46,7 @@ class Bench:
              "--appendonly", "yes", "--appendfsync", os.environ.get("HAUL_BENCH_APPENDFSYNC", "always"), "--save", ""],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        wait_port(self.redis_port)
+        wait_port(self.redis_port, "redis-server", process=self.redis)
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
         self.client = redis.Redis(port=self.redis_port)
         conf = self.root / "nginx.conf"
@@ -83,7 +70,7 @@ http {{
 }}
 """)
         subprocess.run([shutil.which("nginx") or "/usr/sbin/nginx", "-c", str(conf)], check=True)
-        wait_port(self.nginx_port)
+        wait_port(self.nginx_port, "nginx")
         self.receiver = Receiver(SECRET)
 
     def url(self, name: str, slow: bool = False) -> str:
