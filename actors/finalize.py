@@ -115,7 +115,9 @@ def finish_task(
         else:
             log.warning("task %s: no webhook URL (task or HAUL_WEBHOOK_URL); nobody is told it is done", task_id)
         lease.check()
-        reached = rt.store.release(task_id, token, State.DONE, now=rt.clock(), max_attempts=rt.settings.max_attempts)
+        reached = rt.store.release(
+            task_id, token, State.DONE, now=rt.clock(), max_attempts=rt.settings.max_attempts, stored=stored
+        )
         if reached is None:
             raise LeaseLost(f"task {task_id}: lease lost before it could be marked done")
     except (StorageUnavailable, WebhookUndelivered) as exc:

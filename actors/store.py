@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,7 +20,16 @@ from urllib.parse import urlsplit
 from actors.states import CancelReply, ClaimReply, CreateReply, RetryReply, State, StepReply
 from actors.store_base import text_of
 from actors.store_sweeps import SweepStore
-from actors.task import DEFAULT_ACCEPT, KeyConflict, Task, TaskSpec, files_from_json, first_difference, request_hash
+from actors.task import (
+    DEFAULT_ACCEPT,
+    KeyConflict,
+    Task,
+    TaskSpec,
+    files_from_json,
+    first_difference,
+    request_hash,
+    storage_fields,
+)
 
 
 @dataclass(frozen=True)
@@ -296,6 +305,7 @@ class TaskStore(SweepStore):
         code: str = "",
         file: str = "",
         notes: tuple[str, str] = ("", ""),
+        stored: Sequence[Mapping[str, Any]] = (),
     ) -> State | None:
         """End the current run in ``target``; ``queued`` turns ``dead`` once attempts are used.
 
@@ -304,7 +314,8 @@ class TaskStore(SweepStore):
 
         ``refund`` gives the attempt back (a graceful stop handed the task over); ``code`` is the
         error's machine-readable code (actors/errors.py), kept as ``error_code``, and ``file``
-        the path of the file it is about, as ``error_file``. Returns the
+        the path of the file it is about, as ``error_file``. ``stored`` (for ``done``): where
+        each file went (:func:`actors.task.storage_fields`), which status shows. Returns the
         state reached, or None when the token is stale (someone else owns the task).
         """
         reply = self._call(
@@ -321,6 +332,7 @@ class TaskStore(SweepStore):
             code,
             file,
             *notes,
+            json.dumps([storage_fields(f) for f in stored], separators=(",", ":")) if stored else "",
         )
         return State(text_of(reply[1])) if StepReply(text_of(reply[0])) is StepReply.OK else None
 
@@ -454,4 +466,5 @@ def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str, r
         waiting_since=float(data.get("waiting_since", 0)),
         waiting_on=data.get("waiting_on", ""),
         waiting_host=data.get("waiting_host", ""),
+        stored=tuple(json.loads(data["stored"])) if data.get("stored") else (),
     )

@@ -111,6 +111,8 @@ class Task:
     #: per-host slot.
     waiting_on: str = ""
     waiting_host: str = ""
+    #: A done task's files as stored (:func:`storage_fields` of each task.completed entry).
+    stored: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def bytes_total_known(self) -> bool:
@@ -164,8 +166,23 @@ class Task:
             "webhook": self.spec.webhook,
             "created_at": iso_time(self.created_at),
             "updated_at": iso_time(self.updated_at),
-            "files": [f.to_json() for f in self.spec.files],
+            "files": self._files_status(),
         }
+
+    def _files_status(self) -> list[dict[str, Any]]:
+        """Each file as asked for; once done, with where it was stored (and its link) as
+        task.completed said."""
+        stored = {entry.get("path"): entry for entry in self.stored}
+        return [f.to_json() | dict(stored.get(f.path, {})) for f in self.spec.files]
+
+
+#: What status keeps of a task.completed file entry: not its URL (the spec's, shown as given).
+STORED_FIELDS = ("path", "size", "sha256", "location", "verified", "link", "link_expires_at")
+
+
+def storage_fields(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a task.completed file entry that says where and how the file was stored."""
+    return {name: entry[name] for name in STORED_FIELDS if name in entry}
 
 
 def iso_time(seconds: float) -> str | None:

@@ -351,6 +351,8 @@ def test_without_haul_redis_url_haul_up_runs_its_own_redis_and_other_shells_find
         assert record.read_text().strip() == url
         status = haul(tmp_path, env, "status", task_id, "--json")
         assert status.returncode == 0 and json.loads(status.stdout)["state"] == "done", status.stderr
+        [shown] = json.loads(status.stdout)["files"]  # where the file went, as task.completed said
+        assert shown["location"] == str(tmp_path / ".haul" / "storage" / task_id / "first.mp4")
     finally:
         stopped = stop_up(up)
     assert stopped == 0

@@ -117,6 +117,9 @@ def test_a_course_is_stored_in_the_bucket_under_the_key_template_and_announced(
     expires = datetime.fromisoformat(listed["notes.pdf"]["link_expires_at"])
     assert 590 <= expires.timestamp() - time.time() <= 600
     assert requests.get(listed["notes.pdf"]["link"] + "0", timeout=10).status_code == 403  # tampered
+    # `haul status ID --json` shows each file where task.completed put it, with the same link
+    shown = {f["path"]: f for f in task.as_status()["files"]}
+    assert {p: f | {"url": None} for p, f in shown.items()} == {p: f | {"url": None} for p, f in listed.items()}
     assert not (bucket.staging_dir / task_id).exists()  # staging goes only after the announcement
     # Nothing is left half-uploaded
     assert not client.list_multipart_uploads(Bucket="media").get("Uploads")

@@ -14,6 +14,7 @@
 -- ARGV[11] (optional) the path of the file the error is about ('' for none)
 -- ARGV[12] (optional) appended to the error when a run ending 'queued' stays queued
 -- ARGV[13] (optional) appended to the error when it turns 'dead' instead (attempts used)
+-- ARGV[14] (optional, for done) where each file was stored, JSON (status's files show it)
 -- Returns {'ok', state reached} | {'stale', current state or ''}
 -- A run whose completion is being announced (announcing(), see announce.lua) that ends in
 -- 'queued' stays queued whatever its attempts: dead would send task.failed for a run whose
@@ -38,6 +39,9 @@ free_slots(KEYS[1], id)
 if target == 'done' then
   set_staged(id, 0)  -- the sandbox is removed right after
   redis.call('HSET', KEYS[1], 'bytes_stored', redis.call('HGET', KEYS[1], 'bytes_done') or 0)  -- all of it
+  if ARGV[14] and ARGV[14] ~= '' then
+    redis.call('HSET', KEYS[1], 'stored', ARGV[14])
+  end
 end
 set_state(KEYS[1], id, t[1], target, now)
 local error = ARGV[6]
