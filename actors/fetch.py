@@ -71,6 +71,7 @@ class Transfer:
     rules: FetchRules
     step: Step
     on_sha256: Callable[[str], None] | None
+    on_received: Callable[[int], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class Fetcher:
         rules: FetchRules = NO_RULES,
         step: Step = no_step,
         on_sha256: Callable[[str], None] | None = None,
+        on_received: Callable[[int], None] | None = None,
     ) -> int:
         """Bring ``part`` to the complete file (returning its size), resuming what it already holds.
 
@@ -127,13 +129,15 @@ class Fetcher:
         before each blocking step that is not a body read (a request, hashing or syncing the
         ``.part``) with the longest it may take, and may raise to stop; ``on_sha256(hex)``, when
         given, gets the complete file's sha256 (hashed as it arrives, like a task's own sha256,
-        which is checked whether or not it is given). Raises haul errors only.
+        which is checked whether or not it is given); ``on_received(n)`` the size of each chunk
+        once it is written (what this run brought over the network, resumed bytes apart).
+        Raises haul errors only.
 
         A ``.part`` that cannot be kept is started over once from zero: a file that changed on
         the origin, a refused range, a size or sha256 mismatch (a corrupt ``.part`` must not
         fail a task); the same mismatch from zero is final.
         """
-        transfer = Transfer(task_id, on_progress, on_total, guard, rules, step, on_sha256)
+        transfer = Transfer(task_id, on_progress, on_total, guard, rules, step, on_sha256, on_received)
         try:
             return self._attempt(spec, part, transfer)
         except (PartUnusable, ChecksumMismatch) as exc:
@@ -162,7 +166,7 @@ class Fetcher:
                 hasher = Hasher(kept if kept is not None and answer.offset == asked else hashlib.sha256())
             shutter = shutter_of(response)
             with t.guard(shutter) if t.guard is not None else nullcontext():
-                served = self._stream(response, part, answer, hasher, t.on_progress, t.step, t.rules, where)
+                served = self._stream(response, part, answer, hasher, t, where)
             if shutter.shut:  # the end of the body was ours, not the origin's
                 raise OriginUnavailable(f"{where}: the transfer was interrupted after {answer.offset + served} bytes")
         finally:
@@ -210,9 +214,7 @@ class Fetcher:
         part: Path,
         answer: Answer,
         hasher: Hasher | None,
-        on_progress: Callable[[int], None],
-        step: Step,
-        rules: FetchRules,
+        t: Transfer,
         where: str,
     ) -> int:
         """Copy the body into ``part`` from ``answer.offset``; return the bytes received.
@@ -227,6 +229,7 @@ class Fetcher:
         """
         offset, received = answer.offset, 0
         fd = open_part(part, offset, where)
+        on_progress, rules = t.on_progress, t.rules
         writeback, floor = Writeback(fd, offset), SpeedFloor(rules, where)
         try:
             write_meta(part, answer.validator, where, answer.content_type)
@@ -243,8 +246,10 @@ class Fetcher:
                     hasher.update(chunk)
                 received += len(chunk)
                 writeback.advance(offset + received)
+                if t.on_received is not None:
+                    t.on_received(len(chunk))
             on_progress(offset + received)
-            step(DISK_STEP_SECONDS)
+            t.step(DISK_STEP_SECONDS)
             os.fdatasync(fd)  # the bytes and the size; timestamps need not be durable
         except OSError as exc:
             raise StorageUnavailable(f"{where}: syncing {part} failed ({exc.strerror})") from exc

@@ -28,6 +28,7 @@ from actors.progress import guard_lease
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
 from actors.sentry import report_task
+from actors.stagemeter import FINALIZE
 from actors.states import State, StepReply
 from actors.store_uploads import UploadLedger
 from actors.task import Task
@@ -56,28 +57,29 @@ def finalize_task(rt: Runtime, task_id: str, token: int, failing_since: float = 
     if entry is not StepReply.OK:
         log.info("task %s: finalize message with stale token %d ignored (%s)", task_id, token, task.state.value)
         return NOTHING
-    stored = StoredBytes()
-    with rt.leases.hold(task_id, token, since=since, stored=stored.value) as lease:
-        return finish_task(rt, task, lease, failing_since, stored)
+    with rt.leases.hold(task_id, token, since=since, stage=FINALIZE) as lease:
+        return finish_task(rt, task, lease, failing_since)
 
 
 class StoredBytes:
     """Bytes a finalize has put in storage so far, written with each lease renewal (status's
-    ``bytes_stored``); told by the storage, from the finalizing thread."""
+    ``bytes_stored``), and those it sent itself, counted in the stage metrics; told by the
+    storage, from the finalizing thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, lease: Lease) -> None:
         self.bytes = 0
+        self.lease = lease
 
-    def add(self, more: int) -> None:
+    def add(self, more: int, sent: bool) -> None:
         self.bytes += more
+        if sent:
+            self.lease.tally.moved += more
 
     def value(self) -> int | None:
         return self.bytes
 
 
-def finish_task(
-    rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.0, in_storage: StoredBytes | None = None
-) -> Outcome:
+def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.0) -> Outcome:
     """Store, announce, mark done, clean up: in that order, so nothing is lost on a crash.
 
     When storage or the webhook receiver is down, the task stays ``finalizing`` with its files
@@ -93,11 +95,14 @@ def finish_task(
     sandbox = Sandbox(rt.settings.staging_dir, task_id)
     announced = task.announced
     step = _finalize_step(rt, lease, task_id)
+    lease.tally.enter(FINALIZE)
+    in_storage = StoredBytes(lease)
+    lease.stored = in_storage.value
     try:
         stored = rt.storage.commit(
             sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=lambda: _fence(rt, lease, step),
             sha256=rt.settings.file_hash == "sha256", task_key=task.spec.key,
-            ledger=UploadLedger(rt.store, task_id, token), on_stored=(in_storage or StoredBytes()).add,
+            ledger=UploadLedger(rt.store, task_id, token), on_stored=in_storage.add,
         )  # fmt: skip
         url = task.spec.webhook or rt.settings.webhook_url
         if url:

@@ -29,6 +29,7 @@ import redis
 
 from actors.errors import LeaseLost, StorageUnavailable
 from actors.interrupt import Interrupter
+from actors.stagemeter import DOWNLOAD, StageClock, StageMeter
 from actors.store import Renewal, TaskStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ LEASE_SAFETY = 0.8
 STEP_SLACK_SECONDS = 2.0
 #: Longest a local disk step may take (syncing a file, hashing or copying a chunk), in seconds.
 DISK_STEP_SECONDS = 60.0
+
+#: Longest :meth:`LeaseKeeper.stop` waits for the keeper's last tick, in seconds.
+STOP_JOIN_SECONDS = 5.0
 
 Figures = tuple[int, int, int]
 #: What a lease holder calls before a blocking step with the longest it may take (seconds);
@@ -81,6 +85,8 @@ class Lease:
         renewed_at: float,
         figures: Callable[[], Figures | None] = no_figures,
         stored: Callable[[], int | None] = nothing_stored,
+        meter: StageMeter | None = None,
+        stage: str = DOWNLOAD,
     ) -> None:
         self.task_id = task_id
         self.token = token
@@ -96,6 +102,8 @@ class Lease:
         self.stored = stored
         #: The deadline of the step last woken for overrunning it (woken once per step).
         self.woken_for = 0.0
+        #: The run's bytes and seconds in its current stage (the stage metrics).
+        self.tally = StageClock(meter or StageMeter(), stage, renewed_at)
         self._interrupter = Interrupter()
 
     def step(self, seconds: float, doing: str) -> None:
@@ -143,6 +151,8 @@ class LeaseKeeper:
 
     def __init__(self, store: TaskStore, lease_seconds: float, clock: Callable[[], float] = time.time) -> None:
         self.store = store
+        #: What this process's runs moved and spent per stage, added to Redis's totals each tick.
+        self.meter = StageMeter()
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.interval = min(RENEW_SECONDS, lease_seconds / RENEWALS_PER_LEASE)
@@ -161,11 +171,16 @@ class LeaseKeeper:
         since: float,
         figures: Callable[[], Figures | None] = no_figures,
         stored: Callable[[], int | None] = nothing_stored,
+        stage: str = DOWNLOAD,
     ) -> Iterator[Lease]:
         """Keep the lease of ``token`` renewed while the block runs; ``since`` is the
         time.monotonic() taken just before the call that granted it. ``figures`` (a download's)
-        and ``stored`` (a finalize's bytes in storage) are written with each renewal."""
-        lease = Lease(task_id, token, self.lease_seconds, renewed_at=since, figures=figures, stored=stored)
+        and ``stored`` (a finalize's bytes in storage) are written with each renewal; the run's
+        time from ``since`` on counts as ``stage``'s until it enters another."""
+        lease = Lease(
+            task_id, token, self.lease_seconds, renewed_at=since, figures=figures, stored=stored, meter=self.meter,
+            stage=stage,
+        )  # fmt: skip
         with self._lock:
             self._held[(task_id, token)] = lease
             if self._thread is None:
@@ -176,9 +191,13 @@ class LeaseKeeper:
         finally:
             with self._lock:
                 self._held.pop((task_id, token), None)
+            lease.tally.tell()
 
     def stop(self) -> None:
+        """Stop renewing, after one last tick (the stage counts of the runs that ended)."""
         self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(STOP_JOIN_SECONDS)
 
     def confirm(self, lease: Lease) -> None:
         """Raise :class:`LeaseLost` unless Redis still names ``lease``'s token, asked now from the
@@ -199,6 +218,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         while not self._stopped.wait(self.interval):
             self.renew_due()
+        self.renew_due()  # the stage counts of the runs that ended since the last tick
 
     def renew_due(self) -> int:
         """Renew every held lease whose step is within its deadline, and wake the steps past
@@ -216,13 +236,19 @@ class LeaseKeeper:
                     lease.doing,
                 )
                 lease.wake(deadline)
+        for lease in held:
+            lease.tally.tell(started)
+        tallies = self.meter.take()
         leases = [lease for lease in held if lease.due(started)]
-        if not leases:
+        if not leases and not tallies:
             return 0
         renewals = [Renewal(lease.task_id, lease.token, lease.figures(), lease.stored()) for lease in leases]
         try:
-            results = self.store.renew_many(renewals, now=self.clock(), lease_seconds=self.lease_seconds)
+            results = self.store.renew_many(
+                renewals, now=self.clock(), lease_seconds=self.lease_seconds, tallies=tallies
+            )
         except redis.RedisError as exc:  # the holders' own check stops them if this lasts
+            self.meter.put_back(tallies)
             if not self._failing:
                 log.warning("leases not renewed, Redis unreachable (%s); runs go on until their fence", exc)
             self._failing = True

@@ -75,5 +75,6 @@ class Lifecycle(Middleware):
     def after_worker_shutdown(self, broker: Broker, worker: Any) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        self.rt.leases.stop()  # after the worker threads: their runs' last stage counts go out
         self.rt.storage.close()
         sentry_sdk.flush(SENTRY_FLUSH_SECONDS)

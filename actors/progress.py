@@ -59,6 +59,10 @@ class Progress:
             raise Stopping(f"task {self.task.id}: the worker is stopping; handing the task back")
         self.lease.step(self.read_seconds, self.doing)
 
+    def on_received(self, size: int) -> None:
+        """A chunk came over the network and was written (the stage metrics' bytes)."""
+        self.lease.tally.moved += size
+
     def step(self, seconds: float) -> None:
         self.lease.step(seconds, self.doing)
 

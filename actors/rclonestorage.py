@@ -32,7 +32,7 @@ from actors.errors import StorageUnavailable, TransientError
 from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.redact import redact_text
 from actors.sandbox import Sandbox
-from actors.storage import not_followed
+from actors.storage import OnStored, not_followed
 from actors.storagetarget import StorageTarget
 from actors.store_uploads import Uploads
 from actors.task import FileSpec, iso_time
@@ -95,7 +95,7 @@ class RcloneStorage:
         sha256: bool = False,
         task_key: str | None = None,
         ledger: Uploads | None = None,
-        on_stored: Callable[[int], None] = not_followed,
+        on_stored: OnStored = not_followed,
     ) -> list[dict[str, Any]]:
         """Copy every finished file of the sandbox to the remote; return what the webhook reports."""
         task_id = sandbox.task_id
@@ -110,11 +110,11 @@ class RcloneStorage:
                     "it will be downloaded again"
                 )
             try:
-                verified = self._place(source, key, fence, where, step)
+                verified, sent = self._place(source, key, fence, where, step)
             except StorageUnavailable as exc:
                 exc.file = spec.path  # task.failed and Sentry name the file
                 raise
-            on_stored(source.stat().st_size)
+            on_stored(source.stat().st_size, sent)
             entry: dict[str, Any] = {
                 "path": spec.path, "size": source.stat().st_size, "url": spec.url,
                 "location": self.target.location(key), "verified": verified,
@@ -127,14 +127,14 @@ class RcloneStorage:
             stored.append(entry)
         return stored
 
-    def _place(self, source: Path, key: str, fence: Callable[[], None], where: str, step: Step) -> str:
-        """Make ``key`` the staged file; how it was checked. A file an earlier run stored (same
+    def _place(self, source: Path, key: str, fence: Callable[[], None], where: str, step: Step) -> tuple[str, bool]:
+        """Make ``key`` the staged file; how it was checked, and whether it was sent. A file an earlier run stored (same
         size and hash) stays. Otherwise the copy goes to a name of this run's own, and is moved
         into place (on the remote) only after the fence: a holder that lost the task, or its
         rclone outliving a killed worker, never writes over what the successor stored."""
         found = self._stat(key, where, step)
         if found is not None and self._matches(source, found, step) == "checksum":
-            return "checksum"
+            return "checksum", False
         temporary = f"{key}.haul-{uuid.uuid4().hex[:12]}.partial"
         self.run(["copyto", str(source), self._remote(temporary)], where, step)
         try:
@@ -147,7 +147,7 @@ class RcloneStorage:
         verified = self._matches(source, found, step) if found is not None else None
         if verified is None:
             raise StorageUnavailable(f"{where}: the remote does not hold the file as sent after the move")
-        return verified
+        return verified, True
 
     def link(self, key: str, where: str, step: Step = no_step) -> dict[str, Any]:
         """``rclone link``: a public link where the backend makes one. Only an S3 remote's

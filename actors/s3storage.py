@@ -36,7 +36,7 @@ from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.s3client import NotFound, UploadGone, call, s3_client
 from actors.s3parts import DEFAULT_PART_BYTES, content_disposition, content_type, multipart_etag, part_size_for
 from actors.sandbox import Sandbox
-from actors.storage import not_followed
+from actors.storage import OnStored, not_followed
 from actors.storagetarget import S3Access, StorageTarget
 from actors.store_uploads import NoLedger, UploadRecord, Uploads
 from actors.task import FileSpec, iso_time
@@ -72,7 +72,7 @@ class Upload:
     part_size: int
     index: int
     ledger: Uploads
-    on_stored: Callable[[int], None]
+    on_stored: OnStored
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class S3Storage:
         sha256: bool = False,
         task_key: str | None = None,
         ledger: Uploads | None = None,
-        on_stored: Callable[[int], None] = not_followed,
+        on_stored: OnStored = not_followed,
     ) -> list[dict[str, Any]]:
         """Upload every finished file of the sandbox; return what the webhook reports."""
         task_id = sandbox.task_id
@@ -200,7 +200,7 @@ class S3Storage:
         step: Step,
         fence: Callable[[], None],
         ledger: Uploads,
-        on_stored: Callable[[int], None] = not_followed,
+        on_stored: OnStored = not_followed,
         kind: str | None = None,
     ) -> Stored:
         """Put one staged file at ``key`` (or find it there from an earlier run of this task)."""
@@ -214,7 +214,7 @@ class S3Storage:
             step(DISK_STEP_SECONDS)
             if str(already.get("ETag", "")).strip('"') in self._etags_of(source, size):
                 ledger.forget(index)
-                on_stored(size)
+                on_stored(size, False)
                 return Stored(key, size, "etag")  # stored by an earlier run, killed before it said so
         headers = {
             "ContentType": kind or content_type(spec),
@@ -223,7 +223,7 @@ class S3Storage:
         }
         if size < SINGLE_PUT_BYTES:
             stored = self._put(source, size, key, headers, step, fence, where)
-            on_stored(size)
+            on_stored(size, True)
             return stored
         part = part_size_for(size, self.part_bytes)
         record = ledger.get(index)
@@ -285,7 +285,7 @@ class S3Storage:
             else:
                 parts = self._reusable_parts(record, fd, size, part, count, step, where)
                 log.info("%s: continuing its upload, %d of %d parts already there", where, len(parts), count)
-                upload.on_stored(sum(p.size for p in parts.values()))
+                upload.on_stored(sum(p.size for p in parts.values()), False)
             missing = [n for n in range(1, count + 1) if n not in parts]
             parts.update(self._send_parts(record, fd, size, part, missing, step, upload.on_stored, where))
         ordered = [parts[n] for n in range(1, count + 1)]
@@ -330,7 +330,7 @@ class S3Storage:
         part: int,
         numbers: list[int],
         step: Step,
-        on_stored: Callable[[int], None],
+        on_stored: OnStored,
         where: str,
     ) -> dict[int, Part]:
         """Upload parts ``numbers``, ``concurrency`` at a time; what each became, by number."""
@@ -347,7 +347,7 @@ class S3Storage:
                     for future in finished:
                         number, sent = future.result()
                         done[number] = sent
-                        on_stored(sent.size)
+                        on_stored(sent.size, True)
             finally:
                 queue.clear()
                 for future in pending:

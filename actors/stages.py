@@ -162,6 +162,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
                     rules=_rules(rt, task, progress.bytes_done),
                     step=progress.step,
                     on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
+                    on_received=progress.on_received,
                 )
                 lease.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
                 sandbox.promote(part, spec)

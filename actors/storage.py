@@ -43,7 +43,13 @@ def _no_fence() -> None:
     """For callers that hold no lease (tests, tools)."""
 
 
-def not_followed(stored: int) -> None:
+#: Told as a file (or a part of one) is in storage: its bytes, and whether this run sent them
+#: (False: an earlier run did). Status's ``bytes_stored`` counts both; the stage metrics count
+#: only what was sent.
+OnStored = Callable[[int, bool], None]
+
+
+def not_followed(stored: int, sent: bool) -> None:
     """For callers that do not follow how much is stored."""
 
 
@@ -61,7 +67,7 @@ class Storage(Protocol):
         sha256: bool = False,
         task_key: str | None = None,
         ledger: Uploads | None = None,
-        on_stored: Callable[[int], None] = not_followed,
+        on_stored: OnStored = not_followed,
     ) -> list[dict[str, Any]]:
         """Store every finished file of ``sandbox`` (idempotent: committing twice leaves one
         copy); return the entries task.completed lists. ``fence`` is called right before each
@@ -115,7 +121,7 @@ class LocalStorage:
         sha256: bool = False,
         task_key: str | None = None,
         ledger: Uploads | None = None,
-        on_stored: Callable[[int], None] = not_followed,
+        on_stored: OnStored = not_followed,
     ) -> list[dict[str, Any]]:
         """Put every finished file of the sandbox into storage; return what the webhook reports.
 
@@ -137,7 +143,7 @@ class LocalStorage:
             target = inside(self.root, spec.path, under=task_id, what=f"task {task_id}")
             try:
                 temporary = self.temporary_dir / f"{task_id}-{uuid.uuid4().hex}"
-                size = self._place(source, target, temporary, nested="/" in spec.path, step=step, fence=fence)
+                size, placed = self._place(source, target, temporary, nested="/" in spec.path, step=step, fence=fence)
             except FileNotFoundError as exc:
                 raise TransientError(
                     f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
@@ -152,7 +158,7 @@ class LocalStorage:
                 raise StorageUnavailable(
                     f"task {task_id}: storing {spec.path!r} in {target_root} failed ({exc.strerror})"
                 ) from exc
-            on_stored(size)
+            on_stored(size, placed)
             entry: dict[str, Any] = {"path": spec.path, "size": size, "url": spec.url, "location": str(target)}
             digest = spec.sha256 or (sandbox.sha256(index) or _hash_file(target, step) if sha256 else None)
             if digest:
@@ -160,13 +166,15 @@ class LocalStorage:
             stored.append(entry)
         return stored
 
-    def _place(self, source: Path, target: Path, temporary: Path, *, nested: bool, step: Step, fence: Fence) -> int:
+    def _place(
+        self, source: Path, target: Path, temporary: Path, *, nested: bool, step: Step, fence: Fence
+    ) -> tuple[int, bool]:
         """Make ``target`` the finished ``source`` (unless an earlier run did), through
-        ``temporary``; return its size. ``nested``: the path has folders of its own below the
-        task's (made here)."""
+        ``temporary``; return its size and whether this run placed it. ``nested``: the path
+        has folders of its own below the task's (made here)."""
         placed, staged = _stat(target), _stat(source)
         if placed is not None and (staged is None or os.path.samestat(placed, staged)):
-            return placed.st_size  # committed by an earlier run (and maybe staging cleaned since)
+            return placed.st_size, False  # committed by an earlier run (and maybe staging cleaned since)
         if staged is None:
             raise FileNotFoundError(errno.ENOENT, "missing from staging", str(source))
         if nested:
@@ -185,7 +193,7 @@ class LocalStorage:
             temporary.unlink(missing_ok=True)
             raise
         fsync_dir(target.parent)
-        return staged.st_size
+        return staged.st_size, True
 
 
 def _copy(source: Path, temporary: Path, step: Step) -> None:

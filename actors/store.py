@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from actors.stagemeter import Tallies
 from actors.states import CancelReply, ClaimReply, CreateReply, RetryReply, State, StepReply
 from actors.store_base import text_of
 from actors.store_sweeps import SweepStore
@@ -281,15 +282,23 @@ class TaskStore(SweepStore):
         state, current = self.client.hmget(self.task_key(task_id), "state", "token")
         return current is not None and text_of(current) == str(token) and State(text_of(state)).active
 
-    def renew_many(self, renewals: Sequence[Renewal], *, now: float, lease_seconds: float) -> list[bool]:
-        """Renew several leases (writing progress where given) in one pipelined round trip;
-        for each, False when its token is stale or the task is no longer active."""
+    def renew_many(
+        self, renewals: Sequence[Renewal], *, now: float, lease_seconds: float, tallies: Tallies | None = None
+    ) -> list[bool]:
+        """Renew several leases (writing progress where given) in one pipelined round trip,
+        adding ``tallies`` (:mod:`actors.stagemeter`) to the stage totals in the same trip; for
+        each lease, False when its token is stale or the task is no longer active."""
         pipe = self.client.pipeline(transaction=False)
         for r in renewals:
             keys = [self.task_key(r.task_id), self.leases_key]
             progress = [*(r.figures or ("", "", "")), "" if r.stored is None else r.stored]
             self._call("heartbeat", keys, r.task_id, r.token, now, lease_seconds, *progress, client=pipe)
-        return [bool(written) for written in pipe.execute()]
+        for stage, (moved, seconds) in (tallies or {}).items():
+            if moved:
+                pipe.hincrby(self.stage_totals_key, f"{stage}:bytes", moved)
+            if seconds:
+                pipe.hincrbyfloat(self.stage_totals_key, f"{stage}:seconds", round(seconds, 6))
+        return [bool(written) for written in pipe.execute()[: len(renewals)]]
 
     def release(
         self,

@@ -19,6 +19,8 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:outbox:claim    sorted set: tasks queued again whose claim message is not confirmed sent
     haul:stats:dead      counter: tasks that ever went dead (haul_dead_tasks_total)
     haul:stats:refused   hash: claims answered full, by reason (haul_claims_refused_total)
+    haul:stats:stages    hash: <stage>:bytes and <stage>:seconds, added by every worker's lease
+                         keeper (haul_stage_bytes_total, haul_stage_seconds_total)
     haul:uploads:<id>    hash: file index -> the multipart upload in progress (JSON: key, upload
                          id, part size), kept by the run holding the task (actors/store_uploads.py)
     haul:uploading       set: the tasks that have such records
@@ -122,6 +124,10 @@ class StoreBase:
     @property
     def notify_key(self) -> str:
         return f"{self.prefix}notify"
+
+    @property
+    def stage_totals_key(self) -> str:
+        return f"{self.prefix}stats:stages"
 
     @property
     def leader_key(self) -> str:

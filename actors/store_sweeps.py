@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from actors.stagemeter import STAGES, Tallies
 from actors.states import FINAL_STATES, RequeueReply, State
 from actors.store_base import StoreBase, text_of
 
@@ -130,6 +131,13 @@ class SweepStore(StoreBase):
         """Claims answered ``full`` ever, by reason (``stats:refused``, kept by claim.lua)."""
         counts: dict[Any, Any] = self.client.hgetall(f"{self.prefix}stats:refused")
         return {text_of(reason): int(n) for reason, n in counts.items()}
+
+    def stage_totals(self) -> Tallies:
+        """Bytes moved and seconds spent in each stage ever, by every worker (``stats:stages``)."""
+        fields = {text_of(k): text_of(v) for k, v in self.client.hgetall(self.stage_totals_key).items()}
+        return {
+            stage: (int(fields.get(f"{stage}:bytes", 0)), float(fields.get(f"{stage}:seconds", 0))) for stage in STAGES
+        }
 
     def prune_batch(
         self, state: State, *, cutoff: float, limit: int, skip: int = 0

@@ -79,6 +79,19 @@ class _Live(Collector):
             refused.add_metric([reason], count)
         yield refused
         yield GaugeMetricFamily("haul_staged_bytes", "Bytes held in staging sandboxes", value=self.store.staged_bytes())
+        moved = CounterMetricFamily(
+            "haul_stage_bytes",
+            "Bytes moved by every worker, by stage: received from origins (download), sent to storage (finalize)",
+            labels=["stage"],
+        )
+        spent = CounterMetricFamily(
+            "haul_stage_seconds", "Seconds runs spent in each stage, added up over every worker", labels=["stage"]
+        )
+        for stage, (count, seconds) in self.store.stage_totals().items():
+            moved.add_metric([stage], count)
+            spent.add_metric([stage], seconds)
+        yield moved
+        yield spent
         last = self.last_sweep()
         age = GaugeMetricFamily("haul_last_sweep_age_seconds", "Seconds since this replica last finished a sweep")
         age.add_metric([], time.time() - last if last is not None else float("inf"))

@@ -118,3 +118,21 @@ def test_parked_tasks_the_finalize_backlog_and_refused_claims(store: TaskStore, 
     assert samples['haul_claims_refused_total{reason="download_per_host"}'] == 0
     assert samples['haul_claims_refused_total{reason="staging_bytes"}'] == 0
     assert samples['haul_stage_slots_in_use{slots="download"}'] == 1
+
+
+def test_bytes_and_seconds_per_stage_add_up_over_every_worker(store: TaskStore, metrics_url: str) -> None:
+    # Given nothing counted yet, both stages read 0
+    samples = scrape(metrics_url)
+    for stage in ("download", "finalize"):
+        assert samples[f'haul_stage_bytes_total{{stage="{stage}"}}'] == 0
+        assert samples[f'haul_stage_seconds_total{{stage="{stage}"}}'] == 0
+    # When two workers' lease keepers add what their runs did (with no lease to renew)
+    now = time.time()
+    store.renew_many([], now=now, lease_seconds=30, tallies={"download": (5 * 1024, 1.5)})
+    store.renew_many([], now=now, lease_seconds=30, tallies={"download": (1024, 0.25), "finalize": (6 * 1024, 0.5)})
+    # Then the supervisor shows the sums, whichever replica is scraped
+    samples = scrape(metrics_url)
+    assert samples['haul_stage_bytes_total{stage="download"}'] == 6 * 1024
+    assert samples['haul_stage_seconds_total{stage="download"}'] == 1.75
+    assert samples['haul_stage_bytes_total{stage="finalize"}'] == 6 * 1024
+    assert samples['haul_stage_seconds_total{stage="finalize"}'] == 0.5

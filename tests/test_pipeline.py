@@ -12,6 +12,7 @@ from actors.manifest import spec_from_manifest
 from actors.settings import Settings
 from actors.store import TaskStore
 from tests.conftest import InProcessWorker, eventually_gone, messages, settle, submit_spec, wait_for
+from tests.processes import wait_until
 from tests.servers import Delivery, Fault, Origin, Receiver
 
 MIB = 1024 * 1024
@@ -56,6 +57,12 @@ def test_a_dropped_connection_resumes_and_the_origin_serves_the_file_about_once(
     assert stored(settings, task_id, "big.mp4") == data
     assert origin.served["/big.mp4"] <= len(data) * 1.02
     assert origin.requests_for("/big.mp4")[1].headers["Range"] == f"bytes={5 * MIB}-"
+    # The stage metrics count what came over the network (the resumed bytes once) and what
+    # went into storage, added to Redis by the worker's lease keeper at its next tick
+    wait_until(lambda: store.stage_totals()["finalize"][0] == len(data), 5, "the finalize's bytes in the totals")
+    totals = store.stage_totals()
+    assert totals["download"][0] == origin.served["/big.mp4"]
+    assert totals["download"][1] > 0 and totals["finalize"][1] > 0
 
 
 def test_a_file_changed_between_attempts_ends_as_the_new_file(
