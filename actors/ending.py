@@ -43,12 +43,13 @@ def end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
     if reached is State.FAILED:
         log.error("task %s: failed: %s", task.id, end.error)
         report_task(end.error, kind=type(exc).__name__, task_id=task.id, stage=stage, attempt=task.attempts,
-                    origin_host=origin_host(task))  # fmt: skip
+                    origin_host=origin_host(task), file=end.file, error_code=end.code)  # fmt: skip
         return Outcome(Next.NOTIFY)
     if reached is State.DEAD:
         log.error("task %s: dead after %d attempts: %s%s", task.id, task.attempts, end.error, end.dead_note)
         report_task(f"task {task.id} is dead after {task.attempts} attempts: {end.error}{end.dead_note}", kind="dead",
-                    task_id=task.id, stage=stage, attempt=task.attempts, origin_host=origin_host(task))  # fmt: skip
+                    task_id=task.id, stage=stage, attempt=task.attempts, origin_host=origin_host(task), file=end.file,
+                    error_code=end.code)  # fmt: skip
         return Outcome(Next.NOTIFY)
     return NOTHING
 

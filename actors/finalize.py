@@ -171,7 +171,10 @@ def _park(rt: Runtime, task: Task, token: int, exc: TransientError, failing_sinc
         log.error("task %s: dead: %s", task.id, message)
         if reached is None:
             return NOTHING
-        report_task(message, kind="dead", task_id=task.id, stage="finalizing", attempt=task.attempts)
+        report_task(
+            message, kind="dead", task_id=task.id, stage="finalizing", attempt=task.attempts, file=exc.file,
+            storage=rt.storage.describe() if isinstance(exc, StorageUnavailable) else None, error_code=exc.code,
+        )  # fmt: skip
         return Outcome(Next.NOTIFY)
     delay = outage_wait(now - failing_since, timing(rt))
     # Parked without a lease: however long the message then waits in a queue, the task is not

@@ -27,19 +27,43 @@ def call(client: Any, operation: str, where: str, **params: Any) -> Any:
     try:
         return getattr(client, operation)(**params)
     except ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "")) or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+        code, message = _error_of(exc)
         if code == "NoSuchUpload":
             raise UploadGone(f"{where}: the service no longer has the upload") from exc
         if code in ("404", "NoSuchKey", "NotFound") and operation == "head_object":
             raise NotFound from exc
-        said = f" ({error['Message']})" if error.get("Message") else ""
+        if code.isdigit() and operation == "head_object":
+            code, message = _why_head_was_refused(client, params) or (code, message)
+        said = f" ({message})" if message else ""
         raise StorageUnavailable(
             f"{where}: {operation} was refused by the service: {code}{said}{_advice(code)}",
             code="s3_" + re.sub(r"[^a-z0-9]+", "_", code.lower()).strip("_"),
         ) from exc
     except BotoCoreError as exc:
         raise StorageUnavailable(f"{where}: {operation} failed ({exc})") from exc
+
+
+def _error_of(exc: Any) -> tuple[str, str]:
+    """The service's error code (else the HTTP status) and message from a ClientError."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", "")) or str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+    return code, str(error.get("Message", ""))
+
+
+def _why_head_was_refused(client: Any, params: dict[str, Any]) -> tuple[str, str] | None:
+    """A refused HEAD has no body, so only its status (403) is known. Asking for the object's
+    first byte is refused the same way, with a body that names the reason (a wrong secret, an
+    unknown key id, a missing permission): that is what the operator needs to read."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.get_object(Range="bytes=0-0", **params)
+    except ClientError as exc:
+        code, message = _error_of(exc)
+        return None if code.isdigit() else (code, message)
+    except BotoCoreError:
+        return None
+    return None
 
 
 def _advice(code: str) -> str:

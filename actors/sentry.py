@@ -80,15 +80,28 @@ def init_sentry(settings: Settings, component: str) -> bool:
 
 
 def report_task(
-    message: str, *, kind: str, task_id: str, stage: str, attempt: int, origin_host: str | None = None
+    message: str,
+    *,
+    kind: str,
+    task_id: str,
+    stage: str,
+    attempt: int,
+    origin_host: str | None = None,
+    file: str | None = None,
+    storage: str | None = None,
+    error_code: str | None = None,
 ) -> None:
     """An event about one task (``kind``: the error class, or ``dead``), tagged with the task,
-    and grouped by kind and stage rather than by its message (which names the task)."""
+    and grouped by kind and stage rather than by its message (which names the task). A file
+    that could not be stored adds the file, the storage (bucket and prefix, or remote) and the
+    error's code (``s3_accessdenied``: the service's own)."""
     with sentry_sdk.new_scope() as scope:
         scope.set_tag("task_id", task_id)
         scope.set_tag("stage", stage)
         scope.set_tag("attempt", str(attempt))
-        if origin_host:
-            scope.set_tag("origin_host", origin_host)
+        optional = {"origin_host": origin_host, "file": file, "storage": storage, "error_code": error_code}
+        for name, value in optional.items():
+            if value:
+                scope.set_tag(name, value)
         scope.fingerprint = ["haul", kind, stage]
         sentry_sdk.capture_message(message, level="error")

@@ -14,6 +14,7 @@ from actors.states import State
 from tests.conftest import wait_for
 from tests.processes import running, wait_until
 from tests.s3server import S3Server
+from tests.sentry_sink import SentrySink
 from tests.servers import CountingProxy, Origin, Receiver
 from tests.test_faults import Stack
 
@@ -105,16 +106,34 @@ def test_a_service_away_for_a_while_keeps_the_task_waiting_then_done(
 
 
 @pytest.mark.e2e
-def test_a_worker_with_a_wrong_secret_says_so_when_it_starts(tmp_path: Path, receiver: Receiver) -> None:
-    s3 = S3Server(tmp_path / "s3")
+def test_a_wrong_secret_is_said_at_start_and_a_file_that_never_stores_is_reported_to_sentry(
+    tmp_path: Path, origin: Origin, receiver: Receiver
+) -> None:
+    s3, sink = S3Server(tmp_path / "s3"), SentrySink()
     s3.start()
-    stack = Stack(tmp_path, receiver, **{**s3.env("shop"), "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
+    stack = Stack(tmp_path, receiver, **{**s3.env("shop"), "AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+                  HAUL_SENTRY_DSN=sink.dsn, HAUL_FINALIZE_GIVE_UP_SECONDS="2")  # fmt: skip
     del stack.env["HAUL_STORAGE_DIR"]
     try:
         worker = stack.worker()
         with running(worker):
+            # The worker says so when it starts, before any task runs
             wait_until(lambda: "storage: HAUL_STORAGE_URL=s3://media/shop" in worker.output(), 30, "the probe's error")
-        assert "SignatureDoesNotMatch" in worker.output() and "not-the-secret" not in worker.output()
+            assert "SignatureDoesNotMatch" in worker.output()
+            # A task run anyway waits in finalizing, then ends dead past the give-up time
+            task_id = stack.submit(origin, {"lesson-1/intro.mp4": b"video"})
+            task = wait_for(stack.store, task_id, {"dead"}, timeout=60)
+            wait_until(lambda: any(task_id in json.dumps(e) for e in sink.events()), 15, "the dead task's event")
+        # The Sentry event names the task, the file, the bucket and the service's error code
+        event = next(e for e in sink.events() if task_id in json.dumps(e))
+        tags = dict(event["tags"]) if isinstance(event["tags"], dict) else dict(event["tags"])
+        assert tags["task_id"] == task_id and tags["stage"] == "finalizing"
+        assert tags["file"] == "lesson-1/intro.mp4" and tags["storage"] == "s3://media/shop"
+        assert tags["error_code"] == "s3_signaturedoesnotmatch" == task.error_code
+        # The secret is in no log line, no Sentry envelope, no task record
+        assert "not-the-secret" not in worker.output() and b"not-the-secret" not in sink.all_bytes()
+        assert "not-the-secret" not in task.error
     finally:
         stack.close()
         s3.stop()
+        sink.close()
