@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.s3parts import MIB, multipart_etag, part_size_for
 from actors.s3storage import DEFAULT_PART_CONCURRENCY
-from ops.bench.harness import GIB, REPO, Bench, med, ratio_runs
+from ops.bench.harness import GIB, REPO, Bench, Worker, med, ratio_runs, submit, wait_done
 from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server
 from tests.servers import CountingProxy
 
@@ -102,13 +103,16 @@ def bench_upload(bench: Bench) -> dict[str, Any]:
         s5cmd = s5cmd_binary()
         if s5cmd is not None:
             runners["s5cmd"] = functools.partial(sides.s5cmd, s5cmd[0])
-        times = ratio_runs(bench.runs, runners)
+        cpu: dict[str, list[float]] = {name: [] for name in runners}
+        times = ratio_runs(bench.runs, {name: with_cpu(side, cpu[name]) for name, side in runners.items()})
         resumed = resume_after_kill(bench, server, sides.staging, sides.source)
+        worker_rss = worker_storing(bench, server)
     finally:
         server.stop()
     faster = [min(r, b) for r, b in zip(times["rclone"], times["boto3"], strict=True)]
     figures: dict[str, Any] = {
         "MB/s": {name: round(GIB / med(t) / 1e6) for name, t in times.items()},
+        "client CPU seconds per GiB (user + system)": {name: round(med(c), 2) for name, c in cpu.items()},
         "haul / faster of rclone and boto3": speed_ratio(times["haul"], faster),
         "haul / put (one plain PUT: the server's single-stream ceiling)": speed_ratio(times["haul"], times["put"]),
     }
@@ -116,8 +120,40 @@ def bench_upload(bench: Bench) -> dict[str, Any]:
         figures["haul / s5cmd"] = speed_ratio(times["haul"], times["s5cmd"])
     figures["s5cmd"] = f"ran ({s5cmd[1]}, {s5cmd[0]})" if s5cmd is not None else "not installed"
     figures["peak RSS of the storing process MiB"] = round(max(sides.rss) / 1024, 1)
+    figures["peak RSS of a haul worker downloading and storing 1 GiB into the bucket MiB"] = worker_rss
     figures["resume after SIGKILL at ~50%"] = resumed
     return figures
+
+
+def worker_storing(bench: Bench, server: S3Server) -> float:
+    """Peak RSS (MiB) of a ``haul worker`` process (one thread) that downloads a 1 GiB file from
+    the bench's origin and stores it into the bucket: the whole task, as a user runs it."""
+    bucket = {
+        "HAUL_STORAGE_URL": "s3://media/worker", "HAUL_STORAGE_DIR": "", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_ENDPOINT_URL_S3": server.endpoint, "AWS_REGION": "us-east-1",
+    }  # fmt: skip
+    url = bench.file("upload-worker.bin", GIB)
+    worker = Worker(bench, threads=1, **bucket)
+    try:
+        wait_done(bench, submit(bench, url))
+        return round(worker.peak_rss_kib() / 1024, 1)
+    finally:
+        worker.stop()
+
+
+def with_cpu(side: Callable[[], float], spent: list[float]) -> Callable[[], float]:
+    """``side``, also noting the CPU seconds its child processes used (every side uploads from
+    a process of its own): on a machine where client and server share the cores, a client's
+    CPU is what it takes from the server."""
+
+    def run() -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        took = side()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        spent.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        return took
+
+    return run
 
 
 def speed_ratio(haul: list[float], other: list[float]) -> float:
