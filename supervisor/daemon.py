@@ -23,6 +23,7 @@ import redis
 from apscheduler.events import EVENT_JOB_ERROR, JobExecutionEvent
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from actors.events import EventLog
 from actors.messages import Messages, redis_broker
 from actors.redact import install_log_redaction, secrets_of
 from actors.registry import WorkerRegistry
@@ -104,6 +105,9 @@ class Supervisor:
         down or refuse writes now: the jobs keep trying and /healthz says why (no crash loop)."""
         try:
             self.check_config()
+            EventLog(self.store.client, self.store.prefix).configure(
+                self.settings.events_retain, self.settings.events_retain_task
+            )
         except redis.RedisError as exc:
             log.warning("supervisor %s: configuration not checked yet, Redis did not answer (%s)", self.node_id, exc)
         self.elect()

@@ -19,6 +19,11 @@
 --                          be sent yet, by when they were queued (supervisor/sweeps.py)
 --   $prefix stats:dead     counter: transitions into 'dead' ever (haul_dead_tasks_total)
 --   $prefix stats:refused  hash: claims answered 'full', by reason (haul_claims_refused_total)
+--   $prefix events         stream: every task's events, trimmed to about events_retain entries
+--   $prefix events:$id     stream: one task's events, trimmed to about events_retain_task; pruned
+--                          with the task (actors/events.py reads both)
+--   $prefix config         hash: events_retain, events_retain_task (written by workers and the
+--                          supervisor at start from HAUL_EVENTS_RETAIN, HAUL_EVENTS_RETAIN_TASK)
 
 local prefix = ARGV[1]
 
@@ -150,7 +155,63 @@ local function set_staged(id, bytes)
   redis.call('INCRBY', prefix .. 'staged:total', bytes - old)
 end
 
--- Move task `id` from state `old` (false for a new task) to `new` at time `now`.
+-- The event each state is entered with (actors/events.py: EVENT_OF_STATE, checked by tests).
+local EVENT_OF_STATE = {
+  queued = 'task.queued', claimed = 'task.claimed', downloading = 'task.started',
+  finalizing = 'task.finalizing', done = 'task.completed', failed = 'task.failed', dead = 'task.failed',
+  canceled = 'task.canceled',
+}
+
+-- Append an event to the task's stream and to the stream of all tasks, in the step that makes
+-- it: no state change without its event, no event without its change. `fields` is a flat list
+-- of names and values; the entry of all tasks also names the task stream's entry id ('tid'),
+-- so a reader of the one stream can tell where the other stands.
+local function emit(id, now, kind, fields)
+  local c = redis.call('HMGET', prefix .. 'config', 'events_retain', 'events_retain_task')
+  local entry = {'type', kind, 'task', id, 'at', string.format('%d', math.floor(now * 1000))}
+  for _, value in ipairs(fields) do
+    table.insert(entry, value)
+  end
+  local tid = redis.call('XADD', prefix .. 'events:' .. id, 'MAXLEN', '~', tonumber(c[2] or '') or 1000, '*',
+    unpack(entry))
+  table.insert(entry, 'tid')
+  table.insert(entry, tid)
+  redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', tonumber(c[1] or '') or 100000, '*', unpack(entry))
+end
+
+-- After progress was written: a file.completed for each file finished since the last event,
+-- and a task.progress at most once a second (`force`: now, as the stage ends), with the speed
+-- since the previous one (bytes downloaded and stored).
+local function progress_event(task_key, id, now, force)
+  local t = redis.call('HMGET', task_key, 'bytes_done', 'bytes_total', 'files_done', 'bytes_stored', 'ev_at',
+    'ev_bytes', 'ev_files', 'state')
+  local done, stored, files = tonumber(t[1] or '0'), tonumber(t[4] or '0'), tonumber(t[3] or '0')
+  local told = tonumber(t[7] or '0')
+  if files > told then
+    local spec = cjson.decode(redis.call('GET', prefix .. 'spec:' .. id) or '{"files":[]}')
+    for index = told + 1, files do
+      local file = spec.files[index] or {}
+      emit(id, now, 'file.completed', {'state', t[8], 'index', index - 1, 'path', file.path or '',
+        'size', file.size or ''})
+    end
+    redis.call('HSET', task_key, 'ev_files', files)
+  end
+  local last = tonumber(t[5] or '0')
+  if not force and now - last < 1 then
+    return
+  end
+  local moved = done + stored
+  local speed = 0
+  if last > 0 and now > last then
+    speed = math.max(0, math.floor((moved - tonumber(t[6] or '0')) / (now - last)))
+  end
+  emit(id, now, 'task.progress', {'state', t[8], 'bytes_done', t[1] or '0', 'bytes_total', t[2] or '0',
+    'files_done', files, 'bytes_stored', stored, 'speed', speed})
+  redis.call('HSET', task_key, 'ev_at', now, 'ev_bytes', moved)
+end
+
+-- Move task `id` from state `old` (false for a new task) to `new` at time `now`, with its event
+-- (call it after the fields the event reports, the error among them, are written).
 local function set_state(task_key, id, old, new, now)
   redis.call('HSET', task_key, 'state', new, 'updated_at', now)
   if old then
@@ -169,6 +230,35 @@ local function set_state(task_key, id, old, new, now)
   if is_retryable(new) then  -- owes task.failed or task.canceled
     redis.call('ZADD', prefix .. 'notify', now, id)
   end
+  if old == new then
+    return
+  end
+  local t = redis.call('HMGET', task_key, 'attempts', 'error', 'error_code', 'error_file', 'not_before', 'stored',
+    'run', 'worker')
+  local fields = {'state', new, 'attempt', t[1] or '0', 'run', t[7] or '0'}
+  local kind = EVENT_OF_STATE[new]
+  if new == 'queued' and old and is_retryable(old) then
+    kind = 'task.retried'  -- an operator's retry
+  end
+  if new == 'queued' or is_retryable(new) then
+    for i, name in ipairs({'error', 'error_code', 'error_file'}) do
+      if t[i + 1] and t[i + 1] ~= '' then
+        table.insert(fields, name)
+        table.insert(fields, t[i + 1])
+      end
+    end
+    if new == 'queued' and tonumber(t[5] or '0') > 0 then
+      table.insert(fields, 'not_before')
+      table.insert(fields, t[5])
+    end
+  elseif is_active(new) and t[8] then
+    table.insert(fields, 'worker')
+    table.insert(fields, t[8])
+  elseif new == 'done' and t[6] then
+    table.insert(fields, 'files')
+    table.insert(fields, t[6])
+  end
+  emit(id, now, kind, fields)
 end
 
 -- Let a 'finalizing' task wait between runs without a lease: the time its finalize message then

@@ -24,12 +24,13 @@ end
 if ARGV[5] == 'finalizing' then
   free_slots(KEYS[1], id)  -- the download stage is over
 end
-set_state(KEYS[1], id, t[1], ARGV[5], now)
 redis.call('HSET', KEYS[1], 'lease_until', now + lease)
 if ARGV[11] then
   redis.call('HSET', KEYS[1], 'bytes_done', ARGV[9], 'bytes_total', ARGV[10], 'files_done', ARGV[11])
   set_staged(id, tonumber(ARGV[9]))
+  progress_event(KEYS[1], id, now, true)  -- the last file's, and the figures the download ended with
 end
+set_state(KEYS[1], id, t[1], ARGV[5], now)
 renew_slots(KEYS[1], id, now + lease)
 redis.call('ZADD', KEYS[2], now + lease, id)
 if ARGV[5] == 'finalizing' and not take_finalize_slot(KEYS[1], id, tonumber(ARGV[8]), now, now + lease) then

@@ -27,8 +27,8 @@ free_slots(KEYS[1], id)
 -- retry): the fence is the latest of all of them.
 local f = redis.call('HMGET', KEYS[1], 'lease_until', 'not_before', 'fenced_until')
 local fenced_until = math.max(now, tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0'))
-set_state(KEYS[1], id, state, 'canceled', now)
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', 'canceled by an operator', 'error_code', 'canceled', 'error_file', '',
   'fenced_until', fenced_until)
+set_state(KEYS[1], id, state, 'canceled', now)
 redis.call('ZREM', KEYS[2], id)
 return {'ok'}

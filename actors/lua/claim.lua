@@ -46,10 +46,10 @@ elseif is_active(state) then
   -- current run, see announce.lua): the receiver may hold task.completed already, so this
   -- claim goes on and re-delivers it under the same webhook-id instead of sending task.failed.
   if attempts >= max_attempts and not announcing(KEYS[1]) then
-    set_state(KEYS[1], id, state, 'dead', now)
     redis.call('HSET', KEYS[1], 'lease_until', 0,
       'error', 'lease expired during ' .. state .. ' (worker stopped or hung) and all ' .. max_attempts .. ' attempts are used',
       'error_code', 'lease_expired', 'error_file', '')
+    set_state(KEYS[1], id, state, 'dead', now)
     redis.call('ZREM', KEYS[2], id)
     return {'dead', attempts}
   end
@@ -98,8 +98,8 @@ end
 redis.call('HSET', KEYS[1], 'slots', table.concat(held, ' '))
 local token = next_token(KEYS[1])
 attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-set_state(KEYS[1], id, state, ARGV[11], now)
 redis.call('HSET', KEYS[1], 'lease_until', now + lease, 'worker', worker, 'not_before', 0)
 redis.call('HDEL', KEYS[1], 'waiting_since', 'waiting_on', 'waiting_host')
+set_state(KEYS[1], id, state, ARGV[11], now)
 redis.call('ZADD', KEYS[2], now + lease, id)
 return {'ok', token, attempts, redis.call('GET', KEYS[3]) or '', redis.call('HGETALL', KEYS[1])}

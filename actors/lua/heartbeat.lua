@@ -26,4 +26,7 @@ if ARGV[9] and ARGV[9] ~= '' then
 end
 redis.call('ZADD', KEYS[2], deadline, ARGV[2])
 renew_slots(KEYS[1], ARGV[2], deadline)
+if (ARGV[8] and ARGV[8] ~= '') or (ARGV[9] and ARGV[9] ~= '') then
+  progress_event(KEYS[1], ARGV[2], now, false)
+end
 return 1

@@ -1,5 +1,5 @@
 -- Delete a batch of ended tasks of one final state once their retention period is over: the
--- record, its spec, its record of unfinished uploads, its idempotency key while the key still
+-- record, its spec, its record of unfinished uploads, its event stream, its idempotency key while the key still
 -- names this task, its staged bytes and its state entry. One call serves a batch, so a sweep
 -- removes thousands a second.
 -- KEYS[1]  $prefix state:$state (a final state)
@@ -44,6 +44,7 @@ local function prunable(id, keys)
   table.insert(keys, task_key)
   table.insert(keys, prefix .. 'spec:' .. id)
   table.insert(keys, prefix .. 'uploads:' .. id)
+  table.insert(keys, prefix .. 'events:' .. id)
   redis.call('SREM', prefix .. 'uploading', id)
   if redis.call('HEXISTS', staged, id) == 1 then  -- done tasks' were dropped as they ended
     set_staged(id, 0)

@@ -43,12 +43,12 @@ if target == 'done' then
     redis.call('HSET', KEYS[1], 'stored', ARGV[14])
   end
 end
-set_state(KEYS[1], id, t[1], target, now)
 local error = ARGV[6]
 if ARGV[4] == 'queued' then  -- the note follows what happened, not what the caller guessed
   error = error .. (((target == 'dead') and ARGV[13] or ARGV[12]) or '')
 end
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', error, 'not_before', (target == 'queued') and ARGV[7] or 0,
   'error_code', ARGV[10] or '', 'error_file', ARGV[11] or '')
+set_state(KEYS[1], id, t[1], target, now)
 redis.call('ZREM', KEYS[2], id)
 return {'ok', target}

@@ -32,17 +32,17 @@ next_token(KEYS[1])
 redis.call('ZREM', KEYS[2], id)
 free_slots(KEYS[1], id)
 if attempts >= max_attempts and not announcing(KEYS[1]) then
-  set_state(KEYS[1], id, state, 'dead', now)
   redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', reason .. '; all ' .. max_attempts .. ' attempts are used',
     'error_code', 'lease_expired', 'error_file', '')
+  set_state(KEYS[1], id, state, 'dead', now)
   return {'dead', attempts}
 end
 if announcing(KEYS[1]) then
   reason = reason .. ' while task.completed was being announced; queued to announce it again'
 end
-set_state(KEYS[1], id, state, 'queued', now)
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'not_before', 0, 'error', reason, 'error_code', 'lease_expired',
   'error_file', '')
+set_state(KEYS[1], id, state, 'queued', now)
 -- Until the supervisor confirms its claim message went out (a lost connection in between
 -- would leave the task without one until the orphan rescue, minutes later).
 redis.call('ZADD', prefix .. 'outbox:claim', now, id)

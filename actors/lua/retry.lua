@@ -26,11 +26,11 @@ if t[2] and t[2] ~= '' then
 end
 next_token(KEYS[1])
 local run = redis.call('HINCRBY', KEYS[1], 'run', 1)
-set_state(KEYS[1], id, state, 'queued', now)
 -- A canceled run's holder may write until its old lease deadline (cancel.lua): start after it.
 local fenced_until = tonumber(redis.call('HGET', KEYS[1], 'fenced_until') or '0')
 redis.call('HSET', KEYS[1], 'attempts', 0, 'error', '', 'error_code', '', 'error_file', '', 'lease_until', 0,
   'not_before', (fenced_until > now) and fenced_until or 0)
-redis.call('HDEL', KEYS[1], 'announcing', 'announced_at', 'notify_tries', 'fenced_until')
+redis.call('HDEL', KEYS[1], 'announcing', 'announced_at', 'notify_tries', 'fenced_until', 'ev_at', 'ev_bytes', 'ev_files')
+set_state(KEYS[1], id, state, 'queued', now)
 redis.call('ZREM', prefix .. 'notify', id)
 return {'ok', run}

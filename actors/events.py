@@ -1,0 +1,173 @@
+"""Task events: what the store's scripts append to Redis Streams as they change a task.
+
+Every state change and progress step is appended by the Lua script that makes it (``emit`` in
+``actors/lua/_lib.lua``), in the same atomic step: no state change without its event, no event
+without its change. Each event goes to two streams: the task's own (``events:<id>``, replayed
+from its start to a client that follows the task) and the stream of all tasks (``events``,
+which an API process reads once and fans out). Both are trimmed to a bounded length; a reader
+whose position was trimmed away is told so (:meth:`EventLog.lost`) rather than shown a gap.
+
+Names are the webhook types plus the steps a live view needs:
+
+====================  =============================================================
+``task.queued``       created, or queued again after a failed attempt (with ``error``)
+``task.retried``      queued again by an operator's retry
+``task.claimed``      taken by a worker that has not started downloading yet
+``task.started``      downloading (``worker``)
+``task.progress``     at most once a second: bytes and files done, bytes stored, speed
+``file.completed``    one file downloaded (``index``, ``path``, ``size``)
+``task.finalizing``   downloaded; storing and announcing
+``task.completed``    done (``files``: where each was stored, as the webhook says)
+``task.failed``       failed or dead (``state`` says which; ``error``, ``error_code``)
+``task.canceled``     canceled by an operator
+====================  =============================================================
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from actors.states import FINAL_STATES, State
+from actors.store_base import DEFAULT_PREFIX, text_of
+
+#: The event a task enters each state with (the same table as EVENT_OF_STATE in _lib.lua).
+EVENT_OF_STATE = {
+    State.QUEUED: "task.queued",
+    State.CLAIMED: "task.claimed",
+    State.DOWNLOADING: "task.started",
+    State.FINALIZING: "task.finalizing",
+    State.DONE: "task.completed",
+    State.FAILED: "task.failed",
+    State.DEAD: "task.failed",
+    State.CANCELED: "task.canceled",
+}
+#: Events that change the task's state (the others report progress within one).
+STATE_EVENTS = frozenset({*EVENT_OF_STATE.values(), "task.retried"})
+#: Events after which nothing follows unless an operator retries the task.
+FINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled"})
+
+#: Default retention: entries of the stream of all tasks, and of each task's stream.
+DEFAULT_RETAIN = 100_000
+DEFAULT_RETAIN_TASK = 1_000
+
+#: Fields whose values are whole numbers.
+_NUMBERS = frozenset(
+    {"attempt", "run", "index", "size", "bytes_done", "bytes_total", "files_done", "bytes_stored", "speed"}
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a stream: its id there, its type, its task and what it says."""
+
+    id: str
+    type: str
+    task_id: str
+    #: When the script appended it, in milliseconds since the epoch.
+    at: int
+    data: dict[str, Any] = field(default_factory=dict)
+    #: In the stream of all tasks: the same event's id in the task's own stream.
+    task_stream_id: str = ""
+
+    @property
+    def state(self) -> State | None:
+        value = self.data.get("state")
+        return State(value) if value else None
+
+    @property
+    def final(self) -> bool:
+        """The task ended with it (until an operator's retry)."""
+        return self.type in FINAL_EVENTS and self.state in FINAL_STATES
+
+    def payload(self) -> dict[str, Any]:
+        """What a client receives: the type, the task, when, and the event's own fields."""
+        return {"type": self.type, "id": self.task_id, "at": self.at, **self.data}
+
+
+def event_of(entry_id: Any, fields: dict[Any, Any]) -> Event:
+    """An :class:`Event` from a stream entry as redis-py returns it."""
+    data: dict[str, Any] = {}
+    for name, value in fields.items():
+        key, text = text_of(name), text_of(value)
+        if key in _NUMBERS and text.lstrip("-").isdigit():
+            data[key] = int(text)
+        elif key == "files":
+            data[key] = json.loads(text)
+        elif key == "not_before":
+            data[key] = float(text)
+        else:
+            data[key] = text
+    return Event(
+        id=text_of(entry_id),
+        type=data.pop("type"),
+        task_id=data.pop("task"),
+        at=int(data.pop("at")),
+        task_stream_id=str(data.pop("tid", "")),
+        data=data,
+    )
+
+
+def stream_id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as numbers, for ordering."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class EventLog:
+    """Reads the event streams (synchronously; the API reads them with redis.asyncio through
+    the same keys and :func:`event_of`)."""
+
+    def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    @property
+    def all_key(self) -> str:
+        return f"{self.prefix}events"
+
+    def task_key(self, task_id: str) -> str:
+        return f"{self.prefix}events:{task_id}"
+
+    def configure(self, retain: int, retain_task: int) -> None:
+        """Tell the scripts how long the streams may grow (HAUL_EVENTS_RETAIN, _TASK)."""
+        self.client.hset(f"{self.prefix}config", mapping={"events_retain": retain, "events_retain_task": retain_task})
+
+    def of_task(self, task_id: str, after: str = "0", count: int = 1000) -> list[Event]:
+        """The task's retained events after ``after`` (an id of its stream), oldest first."""
+        start = "(" + after if after != "0" else "-"
+        entries: list[Any] = self.client.xrange(self.task_key(task_id), start, "+", count) or []
+        return [event_of(i, f) for i, f in entries]
+
+    def lost(self, key: str, after: str) -> bool:
+        """Whether entries after ``after`` ('0': from the start) may have been trimmed from
+        stream ``key``: the reader would miss them, and must re-read the state instead. Trimming
+        keeps no record of which ids went, so a reader whose position is older than the first
+        entry kept is told so even when the one it read last was the last trimmed (a re-read
+        too many, never a gap)."""
+        try:
+            info = self.client.xinfo_stream(key)
+        except redis.ResponseError:  # no such stream: nothing was ever trimmed from it
+            return False
+        if int(info.get("entries-added", 0)) <= int(info.get("length", 0)):
+            return False
+        first = info.get("first-entry")
+        return first is None or after == "0" or stream_id_key(after) < stream_id_key(text_of(first[0]))
+
+    def follow(self, after: str = "$", block_ms: int = 1000) -> Iterator[list[Event]]:
+        """Batches of events of every task as they are appended, from after ``after`` ('$': from
+        now on); an empty batch when ``block_ms`` passed with none (a chance to stop)."""
+        position = after
+        if position == "$":
+            last = self.client.xrevrange(self.all_key, "+", "-", count=1)
+            position = text_of(last[0][0]) if last else "0"
+        while True:
+            answer: Any = self.client.xread({self.all_key: position}, count=500, block=block_ms) or []
+            batch = [event_of(i, f) for _, entries in answer for i, f in entries]
+            if batch:
+                position = batch[-1].id
+            yield batch
