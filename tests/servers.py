@@ -365,6 +365,13 @@ class _ReceiverHandler(_Quiet):
         self.end_headers()
 
 
+def _end(sock: socket.socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
 class TcpProxy:
     """A TCP proxy on 127.0.0.1 in front of ``target_port``. Subclasses look at each chunk a
     client sends (:meth:`passes`) and may stop the connection there, leaving it open."""
@@ -402,9 +409,13 @@ class TcpProxy:
         while True:
             try:
                 data = source.recv(1 << 20)
-            except OSError:
+            except OSError:  # reset (a killed process's socket): the other side learns it too
+                _end(sink, socket.SHUT_RDWR)
                 return
-            if not data or stalled.is_set():
+            if stalled.is_set():
+                return
+            if not data:  # closed: passed on, as a direct connection would pass it
+                _end(sink, socket.SHUT_WR)
                 return
             if requests and not self.passes(data):
                 stalled.set()
