@@ -17,6 +17,7 @@ dead or canceled task. Files may be plain URLs (named after their last path segm
 
 from __future__ import annotations
 
+import builtins
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,7 @@ from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.settings import Settings
 from actors.states import CancelReply, RetryReply, State
 from actors.storagetarget import check_keys
-from actors.store import TaskStore
+from actors.store import Cursor, TaskStore
 from actors.task import Task, TaskSpec
 
 if TYPE_CHECKING:
@@ -107,6 +108,10 @@ class Client:
 
     def submit_spec(self, spec: TaskSpec, *, replace: bool = False) -> str:
         """Store a validated spec and send its claim message; return the task's id."""
+        return self.create(spec, replace=replace)[0]
+
+    def create(self, spec: TaskSpec, *, replace: bool = False) -> tuple[str, bool]:
+        """:meth:`submit_spec`, also saying whether the task is new (False: its key named it)."""
         settings = self.settings
         problem = check_keys(settings.object_storage, settings.storage_key, spec.key, [f.path for f in spec.files])
         if problem is not None:
@@ -115,12 +120,12 @@ class Client:
         if created:
             log.info("task %s: submitted (%d file(s), key %r)", task_id, len(spec.files), spec.key)
             self.messages.claim(task_id)
-            return task_id
+            return task_id, True
         log.info("task %s: key %r seen before; not created again", task_id, spec.key)
         task = self.store.get(task_id)
         if task is not None and task.state is State.QUEUED:
             self.messages.claim(task_id)  # harmless if its message exists; recovers one that was lost
-        return task_id
+        return task_id, False
 
     def get(self, task_id: str) -> Task:
         task = self.store.get(task_id)
@@ -138,6 +143,13 @@ class Client:
     def list(self, state: State, limit: int = 50) -> list[Task]:
         """The newest tasks in ``state``, newest first."""
         return [t for t in (self.store.get(i) for i in self.store.ids(state, limit)) if t is not None]
+
+    def page(self, state: State, limit: int, after: Cursor | None = None) -> tuple[builtins.list[Task], Cursor | None]:
+        """Up to ``limit`` tasks in ``state``, newest first, after ``after``; and the cursor of
+        the next page (None at the end)."""
+        entries = self.store.page(state, limit + 1, after)
+        tasks = [t for t in (self.store.get(i) for i, _ in entries[:limit]) if t is not None]
+        return tasks, (Cursor(entries[limit - 1][1], entries[limit - 1][0]) if len(entries) > limit else None)
 
     def counts(self) -> dict[State, int]:
         return self.store.counts()

@@ -118,6 +118,18 @@ def stream_id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+def trimmed_past(info: dict[Any, Any], after: str) -> bool:
+    """Whether a stream (its XINFO STREAM) may have lost entries after ``after`` ('0': from the
+    start) to trimming: the reader would miss them, and must re-read the state instead.
+    Trimming keeps no record of which ids went, so a reader whose position is older than the
+    first entry kept is told so even when the one it read last was the last trimmed (a re-read
+    too many, never a gap)."""
+    if int(info.get("entries-added", 0)) <= int(info.get("length", 0)):
+        return False
+    first = info.get("first-entry")
+    return first is None or after == "0" or stream_id_key(after) < stream_id_key(text_of(first[0]))
+
+
 class EventLog:
     """Reads the event streams (synchronously; the API reads them with redis.asyncio through
     the same keys and :func:`event_of`)."""
@@ -145,18 +157,12 @@ class EventLog:
 
     def lost(self, key: str, after: str) -> bool:
         """Whether entries after ``after`` ('0': from the start) may have been trimmed from
-        stream ``key``: the reader would miss them, and must re-read the state instead. Trimming
-        keeps no record of which ids went, so a reader whose position is older than the first
-        entry kept is told so even when the one it read last was the last trimmed (a re-read
-        too many, never a gap)."""
+        stream ``key`` (:func:`trimmed_past`)."""
         try:
             info = self.client.xinfo_stream(key)
         except redis.ResponseError:  # no such stream: nothing was ever trimmed from it
             return False
-        if int(info.get("entries-added", 0)) <= int(info.get("length", 0)):
-            return False
-        first = info.get("first-entry")
-        return first is None or after == "0" or stream_id_key(after) < stream_id_key(text_of(first[0]))
+        return trimmed_past(info, after)
 
     def follow(self, after: str = "$", block_ms: int = 1000) -> Iterator[list[Event]]:
         """Batches of events of every task as they are appended, from after ``after`` ('$': from

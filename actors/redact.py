@@ -33,6 +33,7 @@ def secrets_of(settings: Settings) -> list[str]:
     if settings.sentry_dsn:
         values.append(settings.sentry_dsn)
     values.extend(settings.s3.secrets())
+    values.extend(settings.api.secrets())
     return [v for v in values if len(v) >= 4]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors import envvars, storagetarget
+from actors.apisettings import ApiSettings
 from actors.envvars import SettingsError as SettingsError  # its public name
 from actors.events import DEFAULT_RETAIN, DEFAULT_RETAIN_TASK
 from actors.storagetarget import DEFAULT_KEY_TEMPLATE, S3Access, StorageTarget
@@ -77,6 +78,8 @@ class Settings:
     storage_key: str = DEFAULT_KEY_TEMPLATE
     #: The AWS_* variables, resolved (read only when HAUL_STORAGE_URL names a bucket).
     s3: S3Access = S3Access()
+    #: HAUL_API_*: the HTTP API's address, tokens and limits (read by ``haul api``).
+    api: ApiSettings = ApiSettings()
     #: HAUL_S3_PART_BYTES and HAUL_S3_CONCURRENCY: a multipart upload's part size (grown to stay
     #: under 10,000 parts) and parts of one file in flight.
     s3_part_bytes: int = 8 * 1024 * 1024
@@ -160,6 +163,7 @@ class Settings:
             object_storage=target if in_bucket else None,
             storage_key=storagetarget.key_template(env),
             s3=storagetarget.s3_access(env) if target.kind == "s3" else S3Access(),
+            api=ApiSettings.from_env(env),
             s3_part_bytes=storagetarget.part_bytes(env, cls.s3_part_bytes),
             s3_concurrency=int(envvars.number(env, "HAUL_S3_CONCURRENCY", cls.s3_concurrency, minimum=1, integer=True)),
             storage_link_seconds=storagetarget.link_seconds(env, in_bucket),

@@ -47,6 +47,14 @@ NO_LIMITS = StageLimits()
 
 
 @dataclass(frozen=True)
+class Cursor:
+    """Where a page of a state's tasks ended: the last task's time in the state, and its id."""
+
+    at: float
+    task_id: str
+
+
+@dataclass(frozen=True)
 class Renewal:
     """One lease to renew: the task, the holder's token, and progress to write with it
     (bytes done, bytes total, files done) or None."""
@@ -437,6 +445,20 @@ class TaskStore(SweepStore):
     def ids(self, state: State, limit: int = 100) -> list[str]:
         """The most recent task ids in ``state``, newest first."""
         return [text_of(v) for v in self.client.zrevrange(self.state_key(state), 0, limit - 1)]
+
+    def page(self, state: State, limit: int, after: Cursor | None = None) -> list[tuple[str, float]]:
+        """Up to ``limit`` (id, time entered) of tasks in ``state``, newest first, after the
+        cursor ``after``. Tasks that entered in the same millisecond share a score and are
+        listed by id, descending: the cursor's id places it among them, so none is skipped."""
+        key = self.state_key(state)
+        found: Any
+        if after is None:
+            found = self.client.zrevrange(key, 0, limit - 1, withscores=True)
+            return [(text_of(m), float(s)) for m, s in found]
+        ties = int(self.client.zcount(key, after.at, after.at))
+        found = self.client.zrevrangebyscore(key, after.at, "-inf", start=0, num=limit + ties, withscores=True)
+        entries = [(text_of(m), float(s)) for m, s in found]
+        return [(i, s) for i, s in entries if s < after.at or (s == after.at and i < after.task_id)][:limit]
 
 
 def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str, resting_until: float = 0.0) -> Task:

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help="run Dramatiq workers for every stage (other options go to dramatiq)")
 
     commands.add_parser("supervisor", help="run the supervisor daemon (sweeps, alerts, /healthz, /metrics)")
+    commands.add_parser("api", help="serve the HTTP API (HAUL_API_HOST:HAUL_API_PORT, default 127.0.0.1:9320)")
     commands.add_parser("up", help="a local stack: its own Redis (or HAUL_REDIS_URL's), workers, supervisor")
 
     webhook = commands.add_parser("webhook", help="webhook helpers")
@@ -122,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup_logging(settings.log_format)
             logging.getLogger("apscheduler").setLevel(logging.WARNING)  # a line per job run is noise
             return run(settings)
+        if args.command == "api":
+            from supervisor.api.server import run_api
+
+            return run_api(settings)
         handler = {"submit": cmd_submit, "status": cmd_status, "retry": cmd_retry, "cancel": cmd_cancel}
         return handler[args.command](settings, args)
     except (SettingsError, InvalidTask) as exc:

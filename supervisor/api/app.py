@@ -1,0 +1,330 @@
+"""The API's routes: submit, read, list, count, retry, cancel, follow events, health.
+
+Every route goes through the same :class:`actors.client.Client` a Python backend uses (its
+calls run in Starlette's thread pool: a Redis round trip each), so the API holds no task logic
+of its own. Events are read with redis.asyncio (:mod:`supervisor.api.sse`). Refusals are
+problem details (:mod:`supervisor.api.problems`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+import swagger_ui_bundle
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
+from actors.errors import InvalidTask
+from actors.manifest import spec_from_manifest, spec_from_urls
+from actors.settings import Settings
+from actors.states import State
+from actors.store import Cursor
+from actors.task import KeyConflict, Task, TaskSpec
+from supervisor.api.auth import Caller, authenticate, make_watch_token
+from supervisor.api.openapi import DOCS_JS, docs_page, document
+from supervisor.api.problems import Problem, invalid_input
+from supervisor.api.sse import EventStreams
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 500
+#: A URLs body: the manifest's fields, with ``urls`` in place of ``files``.
+URLS_FIELDS = frozenset({"urls", "name", "key", "webhook", "accept"})
+
+
+class Api:
+    """The handlers, bound to one client, one async Redis for events, and the settings."""
+
+    def __init__(self, settings: Settings, client: Client, clock: Callable[[], float] = time.time) -> None:
+        self.settings, self.api, self.client, self.clock = settings, settings.api, client, clock
+        self.events_redis = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5, socket_keepalive=True, max_connections=4096
+        )
+        self.streams = EventStreams(self.events_redis, client.store.prefix)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def caller(self, request: Request, *, write: bool = False, task_id: str | None = None) -> Caller:
+        """Who calls, if they may: a 401 without a valid token, a 403 for a read token acting or
+        a watch token reaching past its task."""
+        found = authenticate(self.api, request.headers.get("authorization"),
+                             request.query_params.get("watch_token"), self.clock())  # fmt: skip
+        if write and not found.write:
+            raise Problem(403, f"token {found.name!r} may read only; this needs a token from HAUL_API_TOKENS")
+        if not found.may_read(task_id):
+            raise Problem(403, "a watch token reads its own task only")
+        return found
+
+    async def task(self, task_id: str) -> Task:
+        try:
+            return await run_in_threadpool(self.client.get, task_id)
+        except TaskNotFound as exc:
+            raise Problem(404, str(exc)) from exc
+
+    # -- routes -------------------------------------------------------------------------
+
+    async def submit(self, request: Request) -> Response:
+        caller = self.caller(request, write=True)
+        body = await read_json(request, self.api.max_body_bytes)
+        spec = spec_of(body, idempotency_key(request.headers.get("idempotency-key")))
+        try:
+            task_id, created = await run_in_threadpool(self.client.create, spec)
+        except KeyConflict as exc:
+            raise Problem(422, str(exc), errors=[{"pointer": "/key", "detail": str(exc)}]) from exc
+        except InvalidTask as exc:
+            raise invalid_input(str(exc)) from exc
+        task = await self.task(task_id)
+        if created:
+            log.info("api: task %s submitted by %s", task_id, caller.name)
+        answer = task.as_status()
+        watch = make_watch_token(self.api, task_id, self.clock())
+        if watch is not None:
+            answer["watch_token"] = watch
+        headers = {"Location": f"/v1/tasks/{task_id}"} | ({} if created else {"Idempotent-Replayed": "true"})
+        return JSONResponse(answer, status_code=201 if created else 200, headers=headers)
+
+    async def get(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        self.caller(request, task_id=task_id)
+        return JSONResponse((await self.task(task_id)).as_status())
+
+    async def listing(self, request: Request) -> Response:
+        self.caller(request, task_id="")  # not a watch token
+        query = request.query_params
+        limit = bounded_int(query.get("limit"), "limit", 50, 1, MAX_PAGE)
+        if query.get("key"):
+            try:
+                tasks = [await run_in_threadpool(self.client.find, query["key"])]
+            except TaskNotFound:
+                tasks = []
+            return JSONResponse({"tasks": [t.as_status() for t in tasks], "next_cursor": None})
+        state = state_of(query.get("state"))
+        after = cursor_of(query.get("cursor"))
+        tasks, following = await run_in_threadpool(self.client.page, state, limit, after)
+        return JSONResponse({"tasks": [t.as_status() for t in tasks], "next_cursor": cursor_text(following)})
+
+    async def counts(self, request: Request) -> Response:
+        self.caller(request, task_id="")
+        return JSONResponse(await self._counts())
+
+    async def _counts(self) -> dict[str, int]:
+        counts = await run_in_threadpool(self.client.counts)
+        return {state.value: n for state, n in counts.items()}
+
+    async def retry(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        caller = self.caller(request, write=True)
+        try:
+            await run_in_threadpool(self.client.retry, task_id)
+        except TaskNotFound as exc:
+            raise Problem(404, str(exc)) from exc
+        except RetryRefused as exc:
+            raise Problem(409, str(exc)) from exc
+        log.info("api: task %s retried by %s", task_id, caller.name)
+        return JSONResponse((await self.task(task_id)).as_status())
+
+    async def cancel(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        caller = self.caller(request, write=True)
+        try:
+            await run_in_threadpool(self.client.cancel, task_id)
+        except TaskNotFound as exc:
+            raise Problem(404, str(exc)) from exc
+        except CancelRefused as exc:
+            raise Problem(409, str(exc)) from exc
+        log.info("api: task %s canceled by %s", task_id, caller.name)
+        return JSONResponse((await self.task(task_id)).as_status())
+
+    async def task_events(self, request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        self.caller(request, task_id=task_id)
+        task = await self.task(task_id)
+
+        async def snapshot() -> dict[str, Any]:
+            return (await self.task(task_id)).as_status()
+
+        return await self.streams.task(task_id, request.headers.get("last-event-id"), task.state.final, snapshot)
+
+    async def all_events(self, request: Request) -> Response:
+        self.caller(request, task_id="")
+        return await self.streams.everything(request.headers.get("last-event-id"), self._counts)
+
+    async def healthz(self, request: Request) -> Response:
+        try:
+            await self.events_redis.ping()
+        except redis.RedisError as exc:
+            raise Problem(503, f"Redis at HAUL_REDIS_URL does not answer ({type(exc).__name__})") from exc
+        return JSONResponse({"status": "ok"})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(document())
+
+    async def docs(self, request: Request) -> Response:
+        return docs_page()
+
+    async def docs_js(self, request: Request) -> Response:
+        return Response(DOCS_JS, media_type="text/javascript")
+
+    async def close(self) -> None:
+        await self.events_redis.aclose()
+        await run_in_threadpool(self.client.close)
+
+
+# -- reading requests ---------------------------------------------------------------------
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON; 413 past ``limit`` bytes (read no further), 400 when it is not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, f"the body is {declared} bytes; at most {limit} (HAUL_API_MAX_BODY_BYTES)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"the body is larger than {limit} bytes (HAUL_API_MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Problem(400, f"the body is not JSON ({exc})") from exc
+
+
+def idempotency_key(header: str | None) -> str | None:
+    """The Idempotency-Key header's value: a plain string, or a quoted one (its quotes dropped)."""
+    if header is None:
+        return None
+    value = header.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    if not value:
+        raise Problem(422, "Idempotency-Key is empty", errors=[{"pointer": "", "detail": "Idempotency-Key is empty"}])
+    return value
+
+
+def spec_of(body: Any, header_key: str | None) -> TaskSpec:
+    """A validated spec from a manifest or a ``{"urls": [...]}`` body, keyed by the header's
+    key (which must agree with the body's)."""
+    if not isinstance(body, dict):
+        raise invalid_input("manifest: must be a JSON object with a 'files' list (or 'urls')")
+    if header_key is not None and body.get("key") not in (None, header_key):
+        detail = f"Idempotency-Key {header_key!r} differs from the body's key {body.get('key')!r}; send one key"
+        raise Problem(422, detail, errors=[{"pointer": "/key", "detail": detail}])
+    key = header_key if header_key is not None else body.get("key")
+    try:
+        if "urls" in body and "files" not in body:
+            extra = set(body) - URLS_FIELDS
+            if extra:
+                raise InvalidTask(
+                    f"manifest: unknown field(s) {sorted(extra)}; with urls, allowed are {sorted(URLS_FIELDS)}"
+                )
+            urls = body["urls"]
+            if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+                raise InvalidTask("manifest.urls: must be a list of URL strings")
+            return spec_from_urls(urls, name=body.get("name") or "", key=key, webhook=body.get("webhook"),
+                                  accept=body.get("accept"))  # fmt: skip
+        return spec_from_manifest({**body, "key": key} if key is not None else body)
+    except InvalidTask as exc:
+        raise invalid_input(str(exc)) from exc
+
+
+def bounded_int(text: str | None, name: str, default: int, lowest: int, highest: int) -> int:
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or not lowest <= int(text) <= highest:
+        detail = f"{name} must be a whole number from {lowest} to {highest}"
+        raise Problem(422, detail, errors=[{"pointer": "", "detail": detail}])
+    return int(text)
+
+
+def state_of(text: str | None) -> State:
+    try:
+        return State(text or "")
+    except ValueError:
+        detail = f"state must be one of {', '.join(s.value for s in State)}"
+        raise Problem(422, detail, errors=[{"pointer": "", "detail": detail}]) from None
+
+
+def cursor_of(text: str | None) -> Cursor | None:
+    if not text:
+        return None
+    try:
+        at, task_id = json.loads(base64.urlsafe_b64decode(text.encode() + b"=" * (-len(text) % 4)))
+        return Cursor(float(at), str(task_id))
+    except (ValueError, TypeError, binascii.Error):
+        detail = "cursor is not one this API gave; start again without it"
+        raise Problem(422, detail, errors=[{"pointer": "", "detail": detail}]) from None
+
+
+def cursor_text(cursor: Cursor | None) -> str | None:
+    if cursor is None:
+        return None
+    return base64.urlsafe_b64encode(json.dumps([cursor.at, cursor.task_id]).encode()).decode().rstrip("=")
+
+
+# -- the application ----------------------------------------------------------------------
+
+
+def create_app(settings: Settings, client: Client | None = None) -> Starlette:
+    """The ASGI application for ``settings`` (a client of its own unless one is given)."""
+    api = Api(settings, client or Client(settings))
+    routes = [
+        Route("/v1/tasks", api.submit, methods=["POST"]),
+        Route("/v1/tasks", api.listing, methods=["GET"]),
+        Route("/v1/tasks/{task_id}", api.get, methods=["GET"]),
+        Route("/v1/tasks/{task_id}/retry", api.retry, methods=["POST"]),
+        Route("/v1/tasks/{task_id}/cancel", api.cancel, methods=["POST"]),
+        Route("/v1/tasks/{task_id}/events", api.task_events, methods=["GET"]),
+        Route("/v1/events", api.all_events, methods=["GET"]),
+        Route("/v1/counts", api.counts, methods=["GET"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route("/docs", api.docs, methods=["GET"]),
+        Route("/docs/static/docs.js", api.docs_js, methods=["GET"]),
+        Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
+    ]
+    middleware = []
+    if settings.api.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(settings.api.cors_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Location", "Idempotent-Replayed"],
+        ))  # fmt: skip
+
+    async def problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Problem)
+        return exc.response(request.url.path)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        detail = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return Problem(exc.status_code, detail, headers=dict(exc.headers or {})).response(request.url.path)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await api.close()
+
+    app = Starlette(
+        routes=routes, middleware=middleware, exception_handlers={Problem: problem, HTTPException: http_error},
+        lifespan=lifespan,
+    )  # fmt: skip
+    app.state.api = api
+    return app

@@ -1,0 +1,90 @@
+"""Who calls: a bearer token (full or read-only, by name), or a watch token that lets a
+customer's browser read one task and follow its events.
+
+Tokens are compared in constant time against every configured one (the loop does not stop at
+a match). A watch token is ``w1.<expires>.<signature>``: an HMAC-SHA256 with
+HAUL_API_SIGNING_KEY of the task id and the expiry, so it is bound to one task and cannot be
+stretched; it goes in ``?watch_token=`` because a browser's EventSource cannot send headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from actors.apisettings import ApiSettings
+from supervisor.api.problems import Problem
+
+WATCH_PREFIX = "w1"
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="haul"'}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: a token's name, whether it may act, and for a watch token its task."""
+
+    name: str
+    write: bool
+    task_id: str | None = None
+
+    def may_read(self, task_id: str | None) -> bool:
+        return self.task_id is None or self.task_id == task_id
+
+
+def authenticate(api: ApiSettings, authorization: str | None, watch_token: str | None, now: float) -> Caller:
+    """The caller a request's ``Authorization`` header (or watch token) names; raises a 401
+    :class:`Problem` otherwise. With no token configured every caller may do everything (the
+    API then listens on loopback only)."""
+    if authorization:
+        scheme, _, given = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise Problem(401, "Authorization must be 'Bearer <token>'", headers=_CHALLENGE)
+        match = _matching(api, given.strip())
+        if match is not None:
+            return match
+        if api.open:
+            return Caller("anonymous", write=True)
+        raise Problem(401, "the bearer token is not one of HAUL_API_TOKENS or HAUL_API_READ_TOKENS",
+                      headers=_CHALLENGE)  # fmt: skip
+    if watch_token:
+        task_id = read_watch_token(api, watch_token, now)
+        if task_id is not None:
+            return Caller(f"watch:{task_id}", write=False, task_id=task_id)
+        raise Problem(401, "the watch token is not valid (expired, or for another task)", headers=_CHALLENGE)
+    if api.open:
+        return Caller("anonymous", write=True)
+    raise Problem(401, "this API needs 'Authorization: Bearer <token>'", headers=_CHALLENGE)
+
+
+def _matching(api: ApiSettings, given: str) -> Caller | None:
+    found = None
+    for token in api.tokens:  # every one compared: the time does not say which matched
+        if hmac.compare_digest(token.token.encode(), given.encode()):
+            found = Caller(token.name, write=token.write)
+    return found
+
+
+def make_watch_token(api: ApiSettings, task_id: str, now: float) -> str | None:
+    """A watch token for ``task_id`` valid for HAUL_API_WATCH_SECONDS; None without a signing key."""
+    if not api.signing_key:
+        return None
+    expires = int(now + api.watch_seconds)
+    return f"{WATCH_PREFIX}.{task_id}.{expires}.{_signature(api.signing_key, task_id, expires)}"
+
+
+def read_watch_token(api: ApiSettings, token: str, now: float) -> str | None:
+    """The task a valid, unexpired watch token is for; None otherwise."""
+    if not api.signing_key:
+        return None
+    parts = token.split(".")
+    if len(parts) != 4 or parts[0] != WATCH_PREFIX or not parts[2].isdigit():
+        return None
+    _, task_id, expires, signature = parts
+    if not hmac.compare_digest(signature, _signature(api.signing_key, task_id, int(expires))):
+        return None
+    return task_id if int(expires) > now else None
+
+
+def _signature(key: str, task_id: str, expires: int) -> str:
+    return hmac.new(key.encode(), f"{WATCH_PREFIX}.{task_id}.{expires}".encode(), hashlib.sha256).hexdigest()

@@ -1,0 +1,247 @@
+"""The HTTP API over a real ``haul api`` process (issue 15): submit, idempotency, every refusal
+as problem+json, tokens and watch tokens, listing with cursors, the OpenAPI document, and the
+Server-Sent Events of a task and of all tasks, with a real worker process doing the work."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from actors.states import State
+from actors.store import TaskStore
+from tests.processes import Process, running, stack_env, wait_until
+from tests.servers import Origin, Receiver, free_port
+
+pytestmark = pytest.mark.e2e
+
+FULL = "ci-backend-0123456789abcdef"
+READ = "ci-reader-0123456789abcdef"
+SIGNING = "signing-key-0123456789abcdef"
+
+
+@dataclass
+class Api:
+    url: str
+    process: Process
+
+    def call(self, method: str, path: str, token: str | None = FULL, **kwargs: Any) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return requests.request(method, self.url + path, headers=headers, timeout=10, **kwargs)
+
+
+def start_api(tmp_path: Path, env: dict[str, str]) -> Api:
+    port = free_port()
+    process = Process([sys.executable, "-m", "supervisor.cli", "api"], {**env, "HAUL_API_PORT": str(port)},
+                      tmp_path / "api.log")  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(url + "/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_until(up, 20, f"haul api to answer ({tmp_path / 'api.log'})")
+    return Api(url, process)
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_url: str, receiver: Receiver) -> dict[str, str]:
+    return stack_env(tmp_path, redis_url, receiver.url, HAUL_API_TOKENS=f"backend:{FULL}",
+                     HAUL_API_READ_TOKENS=f"dashboard:{READ}", HAUL_API_SIGNING_KEY=SIGNING)  # fmt: skip
+
+
+@pytest.fixture
+def api(tmp_path: Path, env: dict[str, str]) -> Iterator[Api]:
+    started = start_api(tmp_path, env)
+    with running(started.process):
+        yield started
+
+
+def sse(response: requests.Response) -> Iterator[tuple[str, str, Any]]:
+    """(id, event, data) of each event of a text/event-stream response; comments skipped."""
+    event_id, name, data = "", "message", list[str]()
+    for raw in response.iter_lines(decode_unicode=True):
+        if raw == "":
+            if data:
+                yield event_id, name, json.loads("\n".join(data))
+            name, data = "message", []
+            continue
+        if raw.startswith(":"):
+            continue
+        field, _, value = raw.partition(": ")
+        if field == "id":
+            event_id = value
+        elif field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+
+
+def test_submit_is_idempotent_on_the_key_and_refusals_are_problem_details(api: Api, store: TaskStore) -> None:
+    manifest = {"name": "Course 7", "files": [{"url": "https://cdn.example.com/a.mp4", "path": "a.mp4"}]}
+    first = api.call("POST", "/v1/tasks", json=manifest, headers={"Idempotency-Key": '"order-7"'})
+    assert first.status_code == 201, first.text
+    task = first.json()
+    assert first.headers["Location"] == f"/v1/tasks/{task['id']}" and task["key"] == "order-7"
+    assert task["state"] == "queued" and task["watch_token"].startswith("w1.")
+    again = api.call("POST", "/v1/tasks", json=manifest, headers={"Idempotency-Key": "order-7"})
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == task["id"] and store.counts()[State.QUEUED] == 1
+    # The same key with another request, or a header that contradicts the body: 422
+    other = {**manifest, "name": "Course 8"}
+    conflict = api.call("POST", "/v1/tasks", json=other, headers={"Idempotency-Key": "order-7"})
+    assert conflict.status_code == 422 and conflict.headers["Content-Type"] == "application/problem+json"
+    assert "name" in conflict.json()["detail"]
+    mismatch = api.call("POST", "/v1/tasks", json={**manifest, "key": "a"}, headers={"Idempotency-Key": "b"})
+    assert mismatch.status_code == 422 and mismatch.json()["errors"][0]["pointer"] == "/key"
+    # Bad input points at the field; nothing is enqueued
+    bad = {"files": [{"url": "https://cdn.example.com/a.mp4", "path": "a.mp4"},
+                     {"url": "https://cdn.example.com/b.mp4", "path": "../../etc/passwd"}]}  # fmt: skip
+    refused = api.call("POST", "/v1/tasks", json=bad)
+    assert refused.status_code == 422
+    [error] = refused.json()["errors"]
+    assert error["pointer"] == "/files/1/path" and "'..'" in error["detail"]
+    urls = api.call("POST", "/v1/tasks", json={"urls": ["https://cdn.example.com/x.mp4", "ftp://nope"]})
+    assert urls.status_code == 422 and urls.json()["errors"][0]["pointer"] == "/urls/1"
+    too_big = api.call("POST", "/v1/tasks", data=b"{" + b" " * (1024 * 1024) + b"}",
+                       headers={"Content-Type": "application/json"})  # fmt: skip
+    assert too_big.status_code == 413 and too_big.json()["status"] == 413
+    assert store.counts()[State.QUEUED] == 1
+    # Unknown ids, states that refuse the action, tokens that may not act
+    assert api.call("GET", "/v1/tasks/nope").status_code == 404
+    assert api.call("POST", f"/v1/tasks/{task['id']}/retry").status_code == 409
+    unauthorized = api.call("GET", "/v1/counts", token=None)
+    assert unauthorized.status_code == 401 and unauthorized.headers["WWW-Authenticate"].startswith("Bearer")
+    assert api.call("GET", "/v1/counts", token="not-a-token-at-all-really").status_code == 401
+    reader = api.call("POST", "/v1/tasks", token=READ, json=manifest)
+    assert reader.status_code == 403 and reader.headers["Content-Type"] == "application/problem+json"
+    assert api.call("GET", "/v1/counts", token=READ).json()["queued"] == 1
+    canceled = api.call("POST", f"/v1/tasks/{task['id']}/cancel")
+    assert canceled.status_code == 200 and canceled.json()["state"] == "canceled"
+    assert api.call("POST", f"/v1/tasks/{task['id']}/cancel").status_code == 409
+    # No token ever reaches the log
+    assert FULL not in api.process.output() and READ not in api.process.output()
+
+
+def test_a_watch_token_reads_its_task_and_nothing_else(api: Api) -> None:
+    one = api.call("POST", "/v1/tasks", json={"urls": ["https://cdn.example.com/1.mp4"]}).json()
+    two = api.call("POST", "/v1/tasks", json={"urls": ["https://cdn.example.com/2.mp4"]}).json()
+    watch = {"watch_token": one["watch_token"]}
+    assert api.call("GET", f"/v1/tasks/{one['id']}", token=None, params=watch).json()["id"] == one["id"]
+    assert api.call("GET", f"/v1/tasks/{two['id']}", token=None, params=watch).status_code == 403
+    assert api.call("GET", "/v1/tasks", token=None, params={**watch, "state": "queued"}).status_code == 403
+    assert api.call("GET", "/v1/events", token=None, params=watch).status_code == 403
+    assert api.call("POST", f"/v1/tasks/{one['id']}/cancel", token=None, params=watch).status_code == 403
+    forged = one["watch_token"].rsplit(".", 1)[0] + "." + "0" * 64
+    assert api.call("GET", f"/v1/tasks/{one['id']}", token=None, params={"watch_token": forged}).status_code == 401
+    stretched = one["watch_token"].split(".")
+    stretched[2] = str(int(stretched[2]) + 3600)
+    assert api.call("GET", f"/v1/tasks/{one['id']}", token=None,
+                    params={"watch_token": ".".join(stretched)}).status_code == 401  # fmt: skip
+    with api.call("GET", f"/v1/tasks/{one['id']}/events", token=None, params=watch, stream=True) as stream:
+        assert stream.status_code == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+        first = next(sse(stream))
+        assert first[1] == "task.queued" and first[2]["id"] == one["id"]
+
+
+def test_listing_pages_through_a_state_without_skipping_or_repeating(api: Api, store: TaskStore) -> None:
+    ids = {api.call("POST", "/v1/tasks", json={"urls": [f"https://cdn.example.com/{n}.mp4"]}).json()["id"]
+           for n in range(23)}  # fmt: skip
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = api.call(
+            "GET", "/v1/tasks", params={"state": "queued", "limit": 5, **({"cursor": cursor} if cursor else {})}
+        )
+        assert page.status_code == 200
+        seen += [t["id"] for t in page.json()["tasks"]]
+        cursor = page.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(ids) and len(seen) == 23
+    assert api.call("GET", "/v1/tasks", params={"state": "sleeping"}).status_code == 422
+    assert api.call("GET", "/v1/tasks", params={"state": "queued", "cursor": "garbage"}).status_code == 422
+    assert api.call("GET", "/v1/tasks", params={"state": "queued", "limit": "0"}).status_code == 422
+
+
+def test_the_openapi_document_validates_and_lists_exactly_the_routes(api: Api) -> None:
+    from openapi_spec_validator import validate
+    from starlette.routing import Route
+
+    from actors.settings import Settings
+    from supervisor.api.app import create_app
+
+    document = api.call("GET", "/openapi.json", token=None).json()
+    validate(document)
+    app = create_app(Settings())
+    routes = {(r.path, m.lower()) for r in app.routes if isinstance(r, Route) for m in r.methods or () if m != "HEAD"}
+    documented = {
+        (path, method) for path, item in document["paths"].items() for method in item if method != "parameters"
+    }
+    assert documented == routes - {("/docs/static/docs.js", "get")}
+    docs = api.call("GET", "/docs", token=None)
+    assert docs.status_code == 200 and "frame-ancestors 'none'" in docs.headers["Content-Security-Policy"]
+    assert api.call("GET", "/docs/static/swagger-ui-bundle.js", token=None).status_code == 200
+
+
+def test_a_task_is_followed_to_the_end_and_a_reconnect_misses_nothing(
+    tmp_path: Path, api: Api, env: dict[str, str], origin: Origin, receiver: Receiver, store: TaskStore
+) -> None:
+    from tests.processes import worker
+
+    origin.rate = 1024 * 1024
+    files = [{"url": origin.put(f"/{n}.mp4", bytes([n]) * 700_000), "path": f"{n}.mp4"} for n in range(3)]
+    task = api.call("POST", "/v1/tasks", json={"files": files}).json()
+    events: list[tuple[str, str, Any]] = []
+    with running(worker(env, tmp_path / "worker.log")):
+        # Follow until two events came, drop the connection, reconnect with the last id
+        with api.call("GET", f"/v1/tasks/{task['id']}/events", stream=True) as stream:
+            for event in sse(stream):
+                events.append(event)
+                if len(events) == 2:
+                    break
+        with api.call("GET", f"/v1/tasks/{task['id']}/events", stream=True,
+                      headers={"Last-Event-ID": events[-1][0]}) as stream:  # fmt: skip
+            assert stream.status_code == 200
+            events += list(sse(stream))  # the server closes after the final event
+    assert events[-1][1] == "task.completed" and events[-1][2]["state"] == "done"
+    assert [e[2]["path"] for e in events if e[1] == "file.completed"] == ["0.mp4", "1.mp4", "2.mp4"]
+    # Exactly the task's stream, in order: nothing missed, nothing twice
+    from actors.events import EventLog
+
+    kept = EventLog(store.client, store.prefix).of_task(task["id"])
+    assert [e[0] for e in events] == [f"T{e.id}" for e in kept]
+    # A reconnect at the final event gets 204 (an EventSource stops there)
+    done = api.call("GET", f"/v1/tasks/{task['id']}/events", headers={"Last-Event-ID": events[-1][0]})
+    assert done.status_code == 204
+    # An id of another stream, or one trimmed away, gets a reset with the task's state
+    with api.call("GET", f"/v1/tasks/{task['id']}/events", stream=True,
+                  headers={"Last-Event-ID": "A" + events[0][0][1:]}) as stream:  # fmt: skip
+        reset = next(sse(stream))
+    assert reset[1] == "reset" and reset[2]["state"] == "done"
+
+
+def test_every_tasks_events_from_now_on(api: Api, store: TaskStore) -> None:
+    with api.call("GET", "/v1/events", token=READ, stream=True) as stream:
+        assert stream.headers["Cache-Control"] == "no-cache" and stream.headers["X-Accel-Buffering"] == "no"
+        made = api.call("POST", "/v1/tasks", json={"urls": ["https://cdn.example.com/v.mp4"]}).json()
+        event_id, name, data = next(sse(stream))
+    assert name == "task.queued" and data["id"] == made["id"] and event_id.startswith("A")
+    # The stream goes on from a Last-Event-ID of its own
+    api.call("POST", f"/v1/tasks/{made['id']}/cancel")
+    with api.call("GET", "/v1/events", token=READ, stream=True, headers={"Last-Event-ID": event_id}) as stream:
+        _, name, data = next(sse(stream))
+    assert name == "task.canceled" and data["id"] == made["id"]
+    deadline = time.monotonic() + 5
+    assert time.monotonic() < deadline
