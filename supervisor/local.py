@@ -10,23 +10,26 @@ HAUL_REDIS_URL set, it uses that Redis if it answers and keeps an append-only fi
 every write, refuses one that does not (exit 2), and starts one there if nothing answers and
 the URL is local. It says which Redis it uses, and why (:mod:`supervisor.localredis`).
 
-Then the workers and the supervisor, and it stops them all on Ctrl-C, SIGTERM or SIGHUP.
+Then the workers, the supervisor and the HTTP API, and it stops them all on Ctrl-C, SIGTERM or
+SIGHUP.
 Private networks are allowed by default here, since a first run usually downloads from a server
 on the same machine. When HAUL_SUPERVISOR_PORT is not set and 9310 is taken, the supervisor
-serves on a free port, which it prints; a port that was set (HAUL_SUPERVISOR_PORT,
-HAUL_WORKER_METRICS_PORT) and is taken stops it before anything starts. With no webhook secret
+serves on a free port, which it prints (so does the API when 9320 is taken); a port that was set
+(HAUL_SUPERVISOR_PORT, HAUL_API_PORT, HAUL_WORKER_METRICS_PORT) and is taken stops it before
+anything starts. With no webhook secret
 configured, it signs webhooks with one of its own, made once in ``$HAUL_HOME/webhook-secret``.
 
 Each child runs in a session (and process group) of its own, so a terminal's Ctrl-C, which
 goes to every process of the foreground group, reaches ``haul up`` alone; it then stops the
-children in order: the workers first (they hand in-flight tasks back, which needs Redis), the
-supervisor, Redis last. Were Redis stopped at the same time, a downloading task would stay
+children in order: the API first (nothing new comes in), the workers (they hand in-flight tasks
+back, which needs Redis), the supervisor, Redis last. Were Redis stopped at the same time, a downloading task would stay
 ``downloading`` until its lease ran out, burn an attempt and start its file again from 0.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
 import os
 import secrets
@@ -115,22 +118,19 @@ def keep_webhook_secret(home: Path, secret: str) -> tuple[Path, bool]:
     return path, True
 
 
-def supervisor_port(settings: Settings, environ: Mapping[str, str]) -> int:
-    """The supervisor's port: HAUL_SUPERVISOR_PORT's, which must be free, or 9310, or when that
-    is taken a free one."""
-    host, port = settings.supervisor_host, settings.supervisor_port
+def chosen_port(host: str, port: int, variable: str, serves: str, environ: Mapping[str, str]) -> int:
+    """A port for what ``serves``: ``variable``'s, which must be free, or the default ``port``,
+    or when that is taken a free one."""
     if not port or port_free(host, port):
         return port
-    if environ.get("HAUL_SUPERVISOR_PORT"):
+    if environ.get(variable):
         raise UpRefused(
-            f"{host}:{port} is in use (another haul up, or a supervisor?), so the supervisor could not serve "
-            "/healthz there; stop that one, or set HAUL_SUPERVISOR_PORT to a free port"
+            f"{host}:{port} is in use (another haul up?), so {serves} could not be served there; "
+            f"stop what uses it, or set {variable} to a free port"
         )
     chosen = free_port(port, host)
-    say(
-        f"{host}:{port} is in use (another haul up?), so this supervisor serves /healthz and /metrics on "
-        f"{host}:{chosen}; set HAUL_SUPERVISOR_PORT to choose the port"
-    )
+    say(f"{host}:{port} is in use (another haul up?), so {serves} is served on {host}:{chosen}; set {variable} "
+        "to choose the port")  # fmt: skip
     return chosen
 
 
@@ -215,9 +215,16 @@ def _prepared(environ: Mapping[str, str], env: dict[str, str], home: Path) -> Se
     # The Redis URL is haul up's to choose when unset
     checked = env if env.get("HAUL_REDIS_URL") else {**env, "HAUL_REDIS_URL": DEFAULT_REDIS_URL}
     settings = Settings.from_env(checked if secret is None else {**checked, "HAUL_WEBHOOK_SECRET": secret})
-    port = supervisor_port(settings, environ)
+    port = chosen_port(settings.supervisor_host, settings.supervisor_port, "HAUL_SUPERVISOR_PORT",
+                       "the supervisor's /healthz and /metrics", environ)  # fmt: skip
     env["HAUL_SUPERVISOR_PORT"] = str(port)
-    settings = settings.replace(supervisor_port=port)
+    api = settings.api
+    api_port = chosen_port(api.host, api.port, "HAUL_API_PORT", "the HTTP API", environ)
+    if api_port == port:
+        raise UpRefused(f"HAUL_API_PORT and HAUL_SUPERVISOR_PORT are both {port}; give them different ports")
+    env["HAUL_API_PORT"] = str(api_port)
+    settings = settings.replace(supervisor_port=port, api=dataclasses.replace(api, port=api_port))
+    settings.api.check_exposure()
     metrics_port = settings.worker_metrics_port
     if metrics_port and (metrics_port == port or not port_free(settings.supervisor_host, metrics_port)):
         raise UpRefused(
@@ -246,9 +253,12 @@ def _start_children(
     children.append(("workers", subprocess.Popen(worker_command(settings), env=worker_env, start_new_session=True)))
     supervisor = subprocess.Popen([sys.executable, "-m", "supervisor"], env=env, start_new_session=True)
     children.append(("supervisor", supervisor))
+    api = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "api"], env=env, start_new_session=True)
+    children.insert(0, ("api", api))  # stopped first: nothing new comes in while the rest stops
     haul = haul_command(Path.cwd())
     say(
-        f"workers and supervisor running; files land in {settings.storage_dir}; "
-        f"health and metrics on http://{settings.supervisor_host}:{settings.supervisor_port}/healthz"
+        f"workers, supervisor and API running; files land in {settings.storage_dir}; "
+        f"health and metrics on http://{settings.supervisor_host}:{settings.supervisor_port}/healthz; "
+        f"the HTTP API on http://{settings.api.host}:{settings.api.port} (docs at /docs)"
     )
     say(f"in another shell: {haul} submit URL, then {haul} status ID. Ctrl-C stops everything.")

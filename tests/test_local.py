@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import requests
 from standardwebhooks import Webhook
 
 from actors.settings import DEFAULT_SUPERVISOR_PORT
@@ -260,7 +261,7 @@ def test_a_first_run_without_port_or_secret_settings_picks_a_port_makes_a_secret
     try:
         up = haul_up(env, tmp_path, log)
         try:
-            wait_until(lambda: "workers and supervisor running" in log.read_text(), 30, "haul up to start")
+            wait_until(lambda: "workers, supervisor and API running" in log.read_text(), 30, "haul up to start")
             output = log.read_text()
             # It serves the supervisor on another port, and says which
             found = re.search(r"health and metrics on http://127\.0\.0\.1:(\d+)/healthz", output)
@@ -304,14 +305,21 @@ def test_a_first_run_without_port_or_secret_settings_picks_a_port_makes_a_secret
     assert output.rstrip().endswith("haul up: stopped") and "Traceback" not in output, output
 
 
+def _answers_http(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def test_without_haul_redis_url_haul_up_runs_its_own_redis_and_other_shells_find_it(
     tmp_path: Path, origin: Origin, receiver: Receiver
 ) -> None:
     # Given no HAUL_REDIS_URL and no HAUL_HOME: haul up's home is ./.haul; and a receiver in
     # HAUL_WEBHOOK_URL without a secret, which haul up makes (workers alone would refuse)
     env = base_env(
-        HAUL_SUPERVISOR_PORT=str(free_port()), HAUL_WORKER_PROCESSES="1", HAUL_WORKER_THREADS="2",
-        HAUL_WEBHOOK_URL=receiver.url,
+        HAUL_SUPERVISOR_PORT=str(free_port()), HAUL_API_PORT=str(free_port()), HAUL_WORKER_PROCESSES="1",
+        HAUL_WORKER_THREADS="2", HAUL_WEBHOOK_URL=receiver.url,
     )  # fmt: skip
     record = tmp_path / ".haul" / "redis.url"
     up = haul_up(env, tmp_path, tmp_path / "up.log")
@@ -347,10 +355,15 @@ def test_without_haul_redis_url_haul_up_runs_its_own_redis_and_other_shells_find
     # Then a second haul up finds the same Redis, on the same port, with its data
     up = haul_up(env, tmp_path, tmp_path / "up2.log")
     try:
-        wait_until(lambda: "workers and supervisor running" in (tmp_path / "up2.log").read_text(), 20, "the restart")
+        started = "workers, supervisor and API running"
+        wait_until(lambda: started in (tmp_path / "up2.log").read_text(), 20, "the restart")
         assert record.read_text().strip() == url
         status = haul(tmp_path, env, "status", task_id, "--json")
         assert status.returncode == 0 and json.loads(status.stdout)["state"] == "done", status.stderr
+        # Its HTTP API serves the same tasks (no token: loopback only)
+        api = f"http://127.0.0.1:{env['HAUL_API_PORT']}"
+        wait_until(lambda: _answers_http(f"{api}/healthz"), 20, "haul up's API")
+        assert requests.get(f"{api}/v1/tasks/{task_id}", timeout=5).json()["state"] == "done"
         [shown] = json.loads(status.stdout)["files"]  # where the file went, as task.completed said
         assert shown["location"] == str(tmp_path / ".haul" / "storage" / task_id / "first.mp4")
     finally:
