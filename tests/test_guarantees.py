@@ -67,6 +67,9 @@ process, and checks:
 - R1  a fencing token is never issued twice: one token of a task is never seen with two
   holders, and a token first seen after others is larger than all of them (a token issued
   after a restore is above every token issued before it; a counter would go back).
+- E0  a task's events, streamed by a real ``haul api`` (Server-Sent Events, replayed from the
+  start), are exactly what its event stream holds, and its state events walk the state machine
+  from ``queued`` to the state it ended in, with no repeated state and the final event last.
 - R2  a task is never done twice with different files: every ``task.completed`` delivery of
   a task (of a forgotten task id too) names files that storage holds as it arrives, with the
   same bytes for every delivery, and a done task's files at the end are those bytes.
@@ -1006,7 +1009,7 @@ class Run:
     def check(self) -> tuple[dict[str, list[str]], list[str], str]:
         """Violations per property, notes, and the summary line."""
         tasks = self.tasks()
-        violations: dict[str, list[str]] = {p: [] for p in ("P0", "P1", "P2", "P3", "P4", "P5", "R0", "R1", "R2")}
+        violations: dict[str, list[str]] = {p: [] for p in ("P0", "P1", "P2", "P3", "P4", "P5", "R0", "R1", "R2", "E0")}
         notes: list[str] = []
         #: What a rollback cannot undo (see the module docstring): excused, and listed.
         undone: list[str] = []
@@ -1253,6 +1256,9 @@ class Run:
                 else:
                     violations["P5"].append(line)
 
+        # E0: each task's events, as a real `haul api` streams them, are its state changes in order
+        violations["E0"] = self.check_events(tasks, label)
+
         states = Counter(t.state.value for t in tasks.values())
         kills = sum(1 for s in self.stops if s.kind == "SIGKILL")
         terms = [s for s in self.stops if s.kind.startswith("SIGTERM")]
@@ -1276,6 +1282,48 @@ class Run:
         )
         self.undone = undone
         return violations, notes, summary
+
+    def check_events(self, tasks: dict[str, Task], label: Callable[[str], str]) -> list[str]:
+        """E0 for every task that ended: what ``haul api`` streams of it (Server-Sent Events,
+        replayed and closed after the final event) is exactly what its event stream holds, and
+        its state events walk the state machine from ``queued`` to the state the task ended in,
+        without a repeated state, the final event last. The scripts append an event in the step
+        that changes the state, so under SIGKILLs, lease expiries, cancels and rollbacks alike
+        the events must never disagree with the states."""
+        import requests
+
+        from actors.events import STATE_EVENTS, EventLog
+        from actors.states import TRANSITIONS
+        from tests.apiserver import sse, start_api
+
+        problems: list[str] = []
+        log = EventLog(self.stack.store.client, self.stack.store.prefix)
+        api = start_api(self.tmp_path, self.stack.env)
+        try:
+            for task_id, task in tasks.items():
+                if not task.state.final:
+                    continue  # P0 reports it
+                kept = log.of_task(task_id, count=1_000_000)
+                with requests.get(f"{api.url}/v1/tasks/{task_id}/events", stream=True, timeout=30) as answer:
+                    streamed = [event_id for event_id, _, _ in sse(answer)]
+                if streamed != [f"T{e.id}" for e in kept]:
+                    problems.append(f"{label(task_id)}: the API streamed {len(streamed)} events, the stream holds "
+                                    f"{len(kept)}, not the same")  # fmt: skip
+                moves = [State(e.data["state"]) for e in kept if e.type in STATE_EVENTS]
+                if not moves or moves[0] is not State.QUEUED:
+                    problems.append(f"{label(task_id)}: its first state event is {moves[:1]}, not queued")
+                for before, after in zip(moves, moves[1:], strict=False):
+                    if after is before or after not in TRANSITIONS[before]:
+                        problems.append(f"{label(task_id)}: events move {before.value} -> {after.value}: {moves}")
+                        break
+                if not kept or not kept[-1].final or moves[-1:] != [task.state]:
+                    last = kept[-1].type if kept else None
+                    problems.append(
+                        f"{label(task_id)}: ended {task.state.value}, its last event is {last} ({moves[-1:]})"
+                    )
+        finally:
+            api.process.close()
+        return problems
 
     def check_completions(
         self,
