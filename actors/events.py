@@ -15,7 +15,7 @@ Names are the webhook types plus the steps a live view needs:
 ``task.claimed``      taken by a worker that has not started downloading yet
 ``task.started``      downloading (``worker``)
 ``task.progress``     at most once a second: bytes and files done, bytes stored, speed
-``file.completed``    one file downloaded (``index``, ``path``, ``size``)
+``file.completed``    one file downloaded (``index``, ``path``, ``size``, the task's ``bytes_done``)
 ``task.finalizing``   downloaded; storing and announcing
 ``task.completed``    done (``files``: where each was stored, as the webhook says)
 ``task.failed``       failed or dead (``state`` says which; ``error``, ``error_code``)

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("worker", help="run Dramatiq workers for every stage (other options go to dramatiq)")
 
     commands.add_parser("supervisor", help="run the supervisor daemon (sweeps, alerts, /healthz, /metrics)")
+    watch = commands.add_parser("watch", help="live progress of tasks (every active task without ids)")
+    watch.add_argument("task_ids", nargs="*", metavar="ID")
     commands.add_parser("api", help="serve the HTTP API (HAUL_API_HOST:HAUL_API_PORT, default 127.0.0.1:9320)")
     commands.add_parser("up", help="a local stack: its own Redis (or HAUL_REDIS_URL's), workers, supervisor")
 
@@ -127,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from supervisor.api.server import run_api
 
             return run_api(settings)
-        handler = {"submit": cmd_submit, "status": cmd_status, "retry": cmd_retry, "cancel": cmd_cancel}
+        handler = {
+            "submit": cmd_submit, "status": cmd_status, "retry": cmd_retry, "cancel": cmd_cancel, "watch": cmd_watch,
+        }  # fmt: skip
         return handler[args.command](settings, args)
     except (SettingsError, InvalidTask) as exc:
         print(f"haul: {exc}", file=sys.stderr)
@@ -205,6 +209,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         width = max(len(s) for s in counts)
         print("\n".join(f"{state:<{width}}  {n}" for state, n in counts.items()))
     return 0
+
+
+def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
+    from supervisor.watch import watch
+
+    try:
+        return watch(_client(settings), args.task_ids)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:

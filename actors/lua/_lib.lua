@@ -192,7 +192,7 @@ local function progress_event(task_key, id, now, force)
     for index = told + 1, files do
       local file = spec.files[index] or {}
       emit(id, now, 'file.completed', {'state', t[8], 'index', index - 1, 'path', file.path or '',
-        'size', file.size or ''})
+        'size', file.size or '', 'bytes_done', t[1] or '0'})
     end
     redis.call('HSET', task_key, 'ev_files', files)
   end
