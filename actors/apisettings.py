@@ -92,11 +92,13 @@ def parse_tokens(text: str, *, write: bool, start: int) -> tuple[ApiToken, ...]:
         name, sep, token = entry.partition(":")
         if not sep:
             name, token = f"token-{position}", entry
+        # The messages name the entry by position: a bare token holding ':' would be split, and
+        # its first half, taken for a name, must not be shown.
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise SettingsError(f"API token #{position}: its name must be letters, digits, '-', '_' or '.'")
         if len(token) < MIN_SECRET_CHARS:
             raise SettingsError(
-                f"API token {name!r} is shorter than {MIN_SECRET_CHARS} characters; use a random one "
+                f"API token #{position} is shorter than {MIN_SECRET_CHARS} characters; use a random one "
                 "(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         tokens.append(ApiToken(name, token, write))

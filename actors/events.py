@@ -4,8 +4,11 @@ Every state change and progress step is appended by the Lua script that makes it
 ``actors/lua/_lib.lua``), in the same atomic step: no state change without its event, no event
 without its change. Each event goes to two streams: the task's own (``events:<id>``, replayed
 from its start to a client that follows the task) and the stream of all tasks (``events``,
-which an API process reads once and fans out). Both are trimmed to a bounded length; a reader
-whose position was trimmed away is told so (:meth:`EventLog.lost`) rather than shown a gap.
+which an API process reads once and fans out). A task's stream is never trimmed: its latest
+task.progress replaces the one before it, so it grows with files and state changes, not with
+time, and goes when the task is pruned. The stream of all tasks is trimmed to about
+HAUL_EVENTS_RETAIN entries; a reader whose position was trimmed away is told so
+(:meth:`EventLog.lost`) rather than shown a gap.
 
 Names are the webhook types plus the steps a live view needs:
 
@@ -51,9 +54,8 @@ STATE_EVENTS = frozenset({*EVENT_OF_STATE.values(), "task.retried"})
 #: Events after which nothing follows unless an operator retries the task.
 FINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled"})
 
-#: Default retention: entries of the stream of all tasks, and of each task's stream.
+#: Default retention: entries of the stream of all tasks.
 DEFAULT_RETAIN = 100_000
-DEFAULT_RETAIN_TASK = 1_000
 
 #: Fields whose values are whole numbers.
 _NUMBERS = frozenset(
@@ -124,8 +126,9 @@ def trimmed_past(info: dict[Any, Any], after: str) -> bool:
     Trimming keeps no record of which ids went, so a reader whose position is older than the
     first entry kept is told so even when the one it read last was the last trimmed (a re-read
     too many, never a gap)."""
-    if int(info.get("entries-added", 0)) <= int(info.get("length", 0)):
-        return False
+    added = info.get("entries-added")
+    if added is not None and int(added) <= int(info.get("length", 0)):
+        return False  # nothing trimmed (before Redis 7 it cannot be told: a reader is told it may be)
     first = info.get("first-entry")
     return first is None or after == "0" or stream_id_key(after) < stream_id_key(text_of(first[0]))
 
@@ -145,9 +148,10 @@ class EventLog:
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}events:{task_id}"
 
-    def configure(self, retain: int, retain_task: int) -> None:
-        """Tell the scripts how long the streams may grow (HAUL_EVENTS_RETAIN, _TASK)."""
-        self.client.hset(f"{self.prefix}config", mapping={"events_retain": retain, "events_retain_task": retain_task})
+    def configure(self, retain: int) -> None:
+        """Tell the scripts how long the stream of all tasks may grow (HAUL_EVENTS_RETAIN; the
+        supervisor's, so that one setting holds whichever worker started last)."""
+        self.client.hset(f"{self.prefix}config", "events_retain", retain)
 
     def of_task(self, task_id: str, after: str = "0", count: int = 1000) -> list[Event]:
         """The task's retained events after ``after`` (an id of its stream), oldest first."""

@@ -12,7 +12,6 @@ import redis
 import sentry_sdk
 from dramatiq import Broker, Middleware
 
-from actors.events import EventLog
 from actors.registry import Heartbeat, WorkerInfo, WorkerLimits, WorkerRegistry, queues_of
 from actors.runtime import Runtime
 
@@ -48,8 +47,6 @@ class Lifecycle(Middleware):
         )
         try:
             self.heartbeat.start(info)
-            events = EventLog(rt.store.client, rt.store.prefix)
-            events.configure(rt.settings.events_retain, rt.settings.events_retain_task)
         except redis.RedisError as exc:
             log.warning("could not register worker %s (%s); the heartbeat will register it", rt.worker_id, exc)
         # A bucket or remote: say now, not after a download, that it cannot be written, and

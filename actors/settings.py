@@ -18,7 +18,7 @@ from pathlib import Path
 from actors import envvars, storagetarget
 from actors.apisettings import ApiSettings
 from actors.envvars import SettingsError as SettingsError  # its public name
-from actors.events import DEFAULT_RETAIN, DEFAULT_RETAIN_TASK
+from actors.events import DEFAULT_RETAIN
 from actors.storagetarget import DEFAULT_KEY_TEMPLATE, S3Access, StorageTarget
 
 #: Where workers and the CLI find Redis unless told otherwise (and no ``haul up`` ran here).
@@ -110,10 +110,9 @@ class Settings:
     supervisor_host: str = "127.0.0.1"
     supervisor_port: int = DEFAULT_SUPERVISOR_PORT
     retain_seconds: float = DEFAULT_RETAIN_SECONDS
-    #: HAUL_EVENTS_RETAIN, HAUL_EVENTS_RETAIN_TASK: entries kept in the stream of every task's
-    #: events, and in each task's own (actors/events.py).
+    #: HAUL_EVENTS_RETAIN: entries kept in the stream of every task's events (actors/events.py;
+    #: the supervisor tells the scripts).
     events_retain: int = DEFAULT_RETAIN
-    events_retain_task: int = DEFAULT_RETAIN_TASK
     worker_metrics_port: int = 0
     worker_metrics_dir: Path | None = None
     download_concurrency: int = 0
@@ -208,9 +207,6 @@ class Settings:
             ),
             retain_seconds=envvars.number(env, "HAUL_RETAIN_SECONDS", DEFAULT_RETAIN_SECONDS, minimum=0),
             events_retain=int(envvars.number(env, "HAUL_EVENTS_RETAIN", DEFAULT_RETAIN, minimum=100, integer=True)),
-            events_retain_task=int(
-                envvars.number(env, "HAUL_EVENTS_RETAIN_TASK", DEFAULT_RETAIN_TASK, minimum=10, integer=True)
-            ),
             worker_metrics_port=envvars.limit(env, "HAUL_WORKER_METRICS_PORT"),
             worker_metrics_dir=envvars.directory(env, "HAUL_WORKER_METRICS_DIR", None),
             download_concurrency=envvars.limit(env, "HAUL_DOWNLOAD_CONCURRENCY"),

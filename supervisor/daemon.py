@@ -105,9 +105,7 @@ class Supervisor:
         down or refuse writes now: the jobs keep trying and /healthz says why (no crash loop)."""
         try:
             self.check_config()
-            EventLog(self.store.client, self.store.prefix).configure(
-                self.settings.events_retain, self.settings.events_retain_task
-            )
+            EventLog(self.store.client, self.store.prefix).configure(self.settings.events_retain)
         except redis.RedisError as exc:
             log.warning("supervisor %s: configuration not checked yet, Redis did not answer (%s)", self.node_id, exc)
         self.elect()

@@ -4,15 +4,19 @@ Server-Sent Events of a task and of all tasks, with a real worker process doing 
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from actors.states import State
 from actors.store import TaskStore
+from supervisor.api.sse import task_sse_id
 from tests.apiserver import FULL, READ, Api, api_env, sse, start_api
 from tests.processes import running
 from tests.servers import Origin, Receiver
@@ -119,6 +123,15 @@ def test_listing_pages_through_a_state_without_skipping_or_repeating(api: Api, s
     assert api.call("GET", "/v1/tasks", params={"state": "queued", "limit": "0"}).status_code == 422
 
 
+def assert_nothing_missed_or_repeated(received: list[tuple[str, str]], kept: list[str]) -> None:
+    """A live client got every event the task's stream keeps, in order, none twice; the others
+    it got are task.progress events that a later one replaced in the stream."""
+    ids = [event_id for event_id, _ in received]
+    assert len(ids) == len(set(ids)), ids
+    assert [i for i in ids if i in set(kept)] == kept
+    assert all(kind == "task.progress" for event_id, kind in received if event_id not in set(kept))
+
+
 def test_the_openapi_document_validates_and_lists_exactly_the_routes(api: Api) -> None:
     from openapi_spec_validator import validate
     from starlette.routing import Route
@@ -165,7 +178,7 @@ def test_a_task_is_followed_to_the_end_and_a_reconnect_misses_nothing(
     from actors.events import EventLog
 
     kept = EventLog(store.client, store.prefix).of_task(task["id"])
-    assert [e[0] for e in events] == [f"T{e.id}" for e in kept]
+    assert_nothing_missed_or_repeated([(i, t) for i, t, _ in events], [task_sse_id(task["id"], e.id) for e in kept])
     # A reconnect at the final event gets 204 (an EventSource stops there)
     done = api.call("GET", f"/v1/tasks/{task['id']}/events", headers={"Last-Event-ID": events[-1][0]})
     assert done.status_code == 204
@@ -189,3 +202,64 @@ def test_every_tasks_events_from_now_on(api: Api, store: TaskStore) -> None:
     assert name == "task.canceled" and data["id"] == made["id"]
     deadline = time.monotonic() + 5
     assert time.monotonic() < deadline
+
+
+def test_what_a_hostile_page_or_input_sends_is_refused_without_a_500(api: Api, tmp_path: Path, redis_url: str) -> None:
+    manifest = json.dumps({"urls": ["https://cdn.example.com/v.mp4"]})
+    # A form a page of another site posts (no preflight: text/plain), or any other origin's call
+    plain = api.call("POST", "/v1/tasks", data=manifest, headers={"Content-Type": "text/plain"})
+    assert plain.status_code == 415
+    other = api.call("POST", "/v1/tasks", data=manifest, headers={"Content-Type": "application/json",
+                                                                    "Origin": "https://evil.example"})  # fmt: skip
+    assert other.status_code == 403 and "HAUL_API_CORS_ORIGINS" in other.json()["detail"]
+    # Tokens and ids that are not text the API expects: 401 or 422, never a 500
+    task = api.call("POST", "/v1/tasks", json={"urls": ["https://cdn.example.com/v.mp4"]}).json()
+    odd = task["watch_token"].rsplit(".", 1)[0] + ".é"
+    assert api.call("GET", f"/v1/tasks/{task['id']}", token=None, params={"watch_token": odd}).status_code == 401
+    digits = task["watch_token"].split(".")
+    digits[2] = "²" * 3
+    assert api.call("GET", f"/v1/tasks/{task['id']}", token=None,
+                    params={"watch_token": ".".join(digits)}).status_code == 401  # fmt: skip
+    nan = base64.urlsafe_b64encode(b'[NaN, "x"]').decode().rstrip("=")
+    assert api.call("GET", "/v1/tasks", params={"state": "queued", "cursor": nan}).status_code == 422
+    deep = api.call("POST", "/v1/tasks", data="[" * 100_000, headers={"Content-Type": "application/json"})
+    assert deep.status_code == 400
+    # What a watch token's holder sees leaves out the webhook, the source URLs and the worker
+    secret_url = {"url": "https://cdn.example.com/a.mp4?sig=s3cret", "path": "a.mp4"}
+    made = api.call("POST", "/v1/tasks", json={"files": [secret_url], "webhook": "https://backend.example/h?k=1"})
+    seen = api.call("GET", f"/v1/tasks/{made.json()['id']}", token=None,
+                    params={"watch_token": made.json()["watch_token"]}).json()  # fmt: skip
+    assert "webhook" not in seen and "url" not in seen["files"][0] and "s3cret" not in json.dumps(seen)
+    # Without tokens (loopback only), a Host that is not the API's own is refused (DNS rebinding)
+    env = api_env(tmp_path, redis_url, "http://127.0.0.1:9/")
+    for name in ("HAUL_API_TOKENS", "HAUL_API_READ_TOKENS"):
+        del env[name]
+    (tmp_path / "open").mkdir()
+    open_api = start_api(tmp_path / "open", env)
+    with running(open_api.process):
+        rebound = requests.get(f"{open_api.url}/v1/counts", headers={"Host": "attacker.example"}, timeout=5)
+        assert rebound.status_code == 403
+        assert requests.get(f"{open_api.url}/v1/counts", timeout=5).status_code == 200
+
+
+def test_a_reset_on_an_ended_task_closes_and_an_id_of_another_task_is_a_reset(api: Api, store: TaskStore) -> None:
+    one = api.call("POST", "/v1/tasks", json={"urls": ["https://cdn.example.com/1.mp4"]}).json()
+    two = api.call("POST", "/v1/tasks", json={"urls": ["https://cdn.example.com/2.mp4"]}).json()
+    api.call("POST", f"/v1/tasks/{one['id']}/cancel")
+    with api.call("GET", f"/v1/tasks/{two['id']}/events", stream=True) as stream:
+        first_of_two = next(sse(stream))[0]
+    # An id of task two given to task one: reset with its state; it ended, so the stream closes
+    with api.call("GET", f"/v1/tasks/{one['id']}/events", stream=True,
+                  headers={"Last-Event-ID": first_of_two}) as stream:  # fmt: skip
+        frames = list(sse(stream))
+    assert [name for _, name, _ in frames] == ["reset"] and frames[0][2]["state"] == "canceled"
+    # Many subscribers of one task all get its next event once (one reader of Redis fans out)
+    streams = [api.call("GET", f"/v1/tasks/{two['id']}/events", stream=True) for _ in range(20)]
+    try:
+        readers = [sse(s) for s in streams]
+        assert all(next(r)[1] == "task.queued" for r in readers)
+        api.call("POST", f"/v1/tasks/{two['id']}/cancel")
+        assert all(next(r)[1] == "task.canceled" for r in readers)
+    finally:
+        for s in streams:
+            s.close()

@@ -14,9 +14,11 @@ import pytest
 
 from actors.events import EventLog
 from actors.store import TaskStore
+from supervisor.api.sse import task_sse_id
 from tests.apiserver import FULL, api_env, start_api
 from tests.processes import running, worker
 from tests.servers import Origin, Receiver
+from tests.test_api import assert_nothing_missed_or_repeated
 
 pytestmark = pytest.mark.e2e
 
@@ -53,6 +55,8 @@ def test_a_node_backend_submits_once_and_follows_its_task_across_a_reconnect(
     task_id = first["body"]["id"]
     # Every event the task's stream holds, once each and in order, across the reconnect
     kept = EventLog(store.client, store.prefix).of_task(task_id)
-    assert [e["id"] for e in events] == [f"T{e.id}" for e in kept]
+    assert_nothing_missed_or_repeated(
+        [(e["id"], e["type"]) for e in events], [task_sse_id(task_id, e.id) for e in kept]
+    )
     assert events[-1]["type"] == "task.completed" and events[-1]["data"]["state"] == "done"
     assert [e["data"]["path"] for e in events if e["type"] == "file.completed"] == [f["path"] for f in files]

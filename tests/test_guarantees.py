@@ -1294,6 +1294,7 @@ class Run:
 
         from actors.events import STATE_EVENTS, EventLog
         from actors.states import TRANSITIONS
+        from supervisor.api.sse import task_sse_id
         from tests.apiserver import sse, start_api
 
         problems: list[str] = []
@@ -1306,7 +1307,7 @@ class Run:
                 kept = log.of_task(task_id, count=1_000_000)
                 with requests.get(f"{api.url}/v1/tasks/{task_id}/events", stream=True, timeout=30) as answer:
                     streamed = [event_id for event_id, _, _ in sse(answer)]
-                if streamed != [f"T{e.id}" for e in kept]:
+                if streamed != [task_sse_id(task_id, e.id) for e in kept]:
                     problems.append(f"{label(task_id)}: the API streamed {len(streamed)} events, the stream holds "
                                     f"{len(kept)}, not the same")  # fmt: skip
                 moves = [State(e.data["state"]) for e in kept if e.type in STATE_EVENTS]

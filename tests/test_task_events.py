@@ -9,10 +9,10 @@ import os
 import re
 import time
 from importlib import resources
+from typing import Any
 
 from actors.events import EVENT_OF_STATE, Event, EventLog
 from actors.manifest import spec_from_manifest, spec_from_urls
-from actors.settings import Settings
 from actors.states import TRANSITIONS, RetryReply, State
 from actors.store import TaskStore
 from tests.conftest import InProcessWorker, end_task, submit_spec, wait_for
@@ -120,7 +120,8 @@ def test_progress_is_at_most_once_a_second_with_a_speed(
     origin.rate = 2 * MIB  # 6 MiB in about 3 s
     task_id = submit_spec(spec_from_urls([origin.put("/slow.mp4", os.urandom(6 * MIB))]), store)
     assert wait_for(store, task_id).state is State.DONE
-    progress = [e for e in EventLog(store.client, store.prefix).of_task(task_id) if e.type == "task.progress"]
+    everything = [e for batch in _drain(EventLog(store.client, store.prefix)) for e in batch]
+    progress = [e for e in everything if e.task_id == task_id and e.type == "task.progress"]
     downloading = [e for e in progress if e.data["state"] == "downloading"]
     assert len(downloading) >= 2
     gaps = [b.at - a.at for a, b in zip(downloading, downloading[1:], strict=False)]
@@ -129,27 +130,37 @@ def test_progress_is_at_most_once_a_second_with_a_speed(
     assert any(0.5 * 2 * MIB < e.data["speed"] < 2 * 2 * MIB for e in downloading[1:-1]), downloading
 
 
-def test_retention_is_bounded_and_a_reader_behind_it_is_told(store: TaskStore, settings: Settings) -> None:
+def test_the_stream_of_all_tasks_is_bounded_and_a_reader_behind_it_is_told(store: TaskStore) -> None:
     log = EventLog(store.client, store.prefix)
-    log.configure(retain=50, retain_task=10)
+    log.configure(retain=50)
     # Streams are trimmed by whole nodes (MAXLEN ~): small nodes make a small test trim
     store.client.config_set("stream-node-max-entries", 4)
     first = submit_spec(spec_from_urls(["https://cdn.example.com/a.mp4"]), store)
-    [created] = log.of_task(first)
-    assert not log.lost(log.task_key(first), "0") and not log.lost(log.task_key(first), created.id)
-    # Many more events than either stream keeps
-    now = time.time()
-    for _ in range(30):
-        claim = store.claim(first, worker="w", now=now, lease_seconds=60, max_attempts=100)
-        assert claim.ok
-        assert store.release(first, claim.token, State.QUEUED, now=now, max_attempts=100) is State.QUEUED
+    [created] = log.follow("0", block_ms=10).__next__()
+    assert not log.lost(log.all_key, created.id)
     for n in range(200):
         submit_spec(spec_from_urls([f"https://cdn.example.com/{n}.mp4"]), store)
-    assert store.client.xlen(log.task_key(first)) <= 10 + 4 and store.client.xlen(log.all_key) <= 50 + 4
+    assert store.client.xlen(log.all_key) <= 50 + 4
     # A reader whose position was trimmed away learns it; one within what is kept does not
-    assert log.lost(log.task_key(first), created.id) and log.lost(log.task_key(first), "0")
-    latest = log.of_task(first)[-1]
-    assert not log.lost(log.task_key(first), latest.id)
+    assert log.lost(log.all_key, created.id)
+    newest: Any = store.client.xrevrange(log.all_key, "+", "-", count=1)
+    latest = newest[0][0].decode()
+    assert not log.lost(log.all_key, latest)
+    # A task's own stream is never trimmed: a replay from its start holds its first event
+    assert log.of_task(first)[0].type == "task.queued" and not log.lost(log.task_key(first), "0")
+
+
+def test_a_tasks_stream_keeps_one_progress_between_other_events(
+    store: TaskStore, worker: InProcessWorker, origin: Origin, receiver: Receiver
+) -> None:
+    origin.rate = 2 * MIB  # about 3 s: several task.progress events, each replacing the last
+    task_id = submit_spec(spec_from_urls([origin.put("/slow.mp4", os.urandom(6 * MIB))]), store)
+    assert wait_for(store, task_id).state is State.DONE
+    kept = [e.type for e in EventLog(store.client, store.prefix).of_task(task_id)]
+    assert all(not (a == b == "task.progress") for a, b in zip(kept, kept[1:], strict=False)), kept
+    # ... while the stream of all tasks had every one of them
+    everything = [e for batch in _drain(EventLog(store.client, store.prefix)) for e in batch if e.task_id == task_id]
+    assert sum(e.type == "task.progress" for e in everything) > sum(t == "task.progress" for t in kept)
 
 
 def test_prune_takes_a_tasks_event_stream_with_its_record(store: TaskStore) -> None:

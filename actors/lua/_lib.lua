@@ -20,10 +20,10 @@
 --   $prefix stats:dead     counter: transitions into 'dead' ever (haul_dead_tasks_total)
 --   $prefix stats:refused  hash: claims answered 'full', by reason (haul_claims_refused_total)
 --   $prefix events         stream: every task's events, trimmed to about events_retain entries
---   $prefix events:$id     stream: one task's events, trimmed to about events_retain_task; pruned
---                          with the task (actors/events.py reads both)
---   $prefix config         hash: events_retain, events_retain_task (written by workers and the
---                          supervisor at start from HAUL_EVENTS_RETAIN, HAUL_EVENTS_RETAIN_TASK)
+--   $prefix events:$id     stream: one task's events, never trimmed (its latest task.progress
+--                          replaces the one before it); pruned with the task (actors/events.py)
+--   $prefix config         hash: events_retain (written by the supervisor at start from
+--                          HAUL_EVENTS_RETAIN)
 
 local prefix = ARGV[1]
 
@@ -165,18 +165,31 @@ local EVENT_OF_STATE = {
 -- Append an event to the task's stream and to the stream of all tasks, in the step that makes
 -- it: no state change without its event, no event without its change. `fields` is a flat list
 -- of names and values; the entry of all tasks also names the task stream's entry id ('tid'),
--- so a reader of the one stream can tell where the other stands.
-local function emit(id, now, kind, fields)
-  local c = redis.call('HMGET', prefix .. 'config', 'events_retain', 'events_retain_task')
+-- so a reader of the one stream can tell where the other stands. A task's stream is never
+-- trimmed (a replay from its start must hold every state change): a task.progress there
+-- replaces the one before it when nothing came between (task_key's 'ev_progress'), so the
+-- stream grows with files and state changes, not with time. The stream of all tasks keeps
+-- every event, trimmed to about events_retain entries.
+local function emit(task_key, id, now, kind, fields)
   local entry = {'type', kind, 'task', id, 'at', string.format('%d', math.floor(now * 1000))}
   for _, value in ipairs(fields) do
     table.insert(entry, value)
   end
-  local tid = redis.call('XADD', prefix .. 'events:' .. id, 'MAXLEN', '~', tonumber(c[2] or '') or 1000, '*',
-    unpack(entry))
+  local stream = prefix .. 'events:' .. id
+  local superseded = redis.call('HGET', task_key, 'ev_progress')
+  if kind == 'task.progress' and superseded then
+    redis.call('XDEL', stream, superseded)
+  end
+  local tid = redis.call('XADD', stream, '*', unpack(entry))
+  if kind == 'task.progress' then
+    redis.call('HSET', task_key, 'ev_progress', tid)
+  else
+    redis.call('HDEL', task_key, 'ev_progress')
+  end
   table.insert(entry, 'tid')
   table.insert(entry, tid)
-  redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', tonumber(c[1] or '') or 100000, '*', unpack(entry))
+  local retain = tonumber(redis.call('HGET', prefix .. 'config', 'events_retain') or '') or 100000
+  redis.call('XADD', prefix .. 'events', 'MAXLEN', '~', retain, '*', unpack(entry))
 end
 
 -- After progress was written: a file.completed for each file finished since the last event,
@@ -191,7 +204,7 @@ local function progress_event(task_key, id, now, force)
     local spec = cjson.decode(redis.call('GET', prefix .. 'spec:' .. id) or '{"files":[]}')
     for index = told + 1, files do
       local file = spec.files[index] or {}
-      emit(id, now, 'file.completed', {'state', t[8], 'index', index - 1, 'path', file.path or '',
+      emit(task_key, id, now, 'file.completed', {'state', t[8], 'index', index - 1, 'path', file.path or '',
         'size', file.size or '', 'bytes_done', t[1] or '0'})
     end
     redis.call('HSET', task_key, 'ev_files', files)
@@ -205,7 +218,7 @@ local function progress_event(task_key, id, now, force)
   if last > 0 and now > last then
     speed = math.max(0, math.floor((moved - tonumber(t[6] or '0')) / (now - last)))
   end
-  emit(id, now, 'task.progress', {'state', t[8], 'bytes_done', t[1] or '0', 'bytes_total', t[2] or '0',
+  emit(task_key, id, now, 'task.progress', {'state', t[8], 'bytes_done', t[1] or '0', 'bytes_total', t[2] or '0',
     'files_done', files, 'bytes_stored', stored, 'speed', speed})
   redis.call('HSET', task_key, 'ev_at', now, 'ev_bytes', moved)
 end
@@ -258,7 +271,7 @@ local function set_state(task_key, id, old, new, now)
     table.insert(fields, 'files')
     table.insert(fields, t[6])
   end
-  emit(id, now, kind, fields)
+  emit(task_key, id, now, kind, fields)
 end
 
 -- Let a 'finalizing' task wait between runs without a lease: the time its finalize message then

@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -32,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 
 from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
 from actors.errors import InvalidTask
+from actors.events import Event
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.settings import Settings
 from actors.states import State
@@ -40,11 +42,15 @@ from actors.task import KeyConflict, Task, TaskSpec
 from supervisor.api.auth import Caller, authenticate, make_watch_token
 from supervisor.api.openapi import DOCS_JS, docs_page, document
 from supervisor.api.problems import Problem, invalid_input
-from supervisor.api.sse import EventStreams
+from supervisor.api.sse import EventStreams, Hub
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 500
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+#: What a watch token's holder (a customer's browser) is not shown: where haul fetches from
+#: and reports to (signed URLs, the backend's webhook) and which worker runs the task.
+HIDDEN_FROM_WATCHERS = frozenset({"webhook", "worker", "lease_until"})
 #: A URLs body: the manifest's fields, with ``urls`` in place of ``files``.
 URLS_FIELDS = frozenset({"urls", "name", "key", "webhook", "accept"})
 
@@ -55,15 +61,17 @@ class Api:
     def __init__(self, settings: Settings, client: Client, clock: Callable[[], float] = time.time) -> None:
         self.settings, self.api, self.client, self.clock = settings, settings.api, client, clock
         self.events_redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, socket_keepalive=True, max_connections=4096
+            settings.redis_url, socket_connect_timeout=5, socket_keepalive=True, max_connections=64
         )
-        self.streams = EventStreams(self.events_redis, client.store.prefix)
+        self.hub = Hub(settings.redis_url, f"{client.store.prefix}events")
+        self.streams = EventStreams(self.events_redis, self.hub, client.store.prefix)
 
     # -- helpers ------------------------------------------------------------------------
 
     def caller(self, request: Request, *, write: bool = False, task_id: str | None = None) -> Caller:
         """Who calls, if they may: a 401 without a valid token, a 403 for a read token acting or
-        a watch token reaching past its task."""
+        a watch token reaching past its task, or for a page of another origin (below)."""
+        self.same_site(request)
         found = authenticate(self.api, request.headers.get("authorization"),
                              request.query_params.get("watch_token"), self.clock())  # fmt: skip
         if write and not found.write:
@@ -71,6 +79,18 @@ class Api:
         if not found.may_read(task_id):
             raise Problem(403, "a watch token reads its own task only")
         return found
+
+    def same_site(self, request: Request) -> None:
+        """Refuse what a web page of another site makes a browser send: a request whose Origin
+        is not one of HAUL_API_CORS_ORIGINS, and, while no token is set (any caller may act), a
+        Host other than the address the API listens on (DNS rebinding)."""
+        origin = request.headers.get("origin")
+        if origin is not None and origin not in self.api.cors_origins:
+            raise Problem(403, f"requests from pages of {origin} are refused; add it to HAUL_API_CORS_ORIGINS")
+        if self.api.open:
+            host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]").lower()
+            if host not in LOOPBACK_NAMES and host != self.api.host:
+                raise Problem(403, f"Host {host!r} is not this API's address; without tokens it answers loopback only")
 
     async def task(self, task_id: str) -> Task:
         try:
@@ -82,6 +102,9 @@ class Api:
 
     async def submit(self, request: Request) -> Response:
         caller = self.caller(request, write=True)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise Problem(415, f"the body must be application/json, not {kind or 'unstated'}")
         body = await read_json(request, self.api.max_body_bytes)
         spec = spec_of(body, idempotency_key(request.headers.get("idempotency-key")))
         try:
@@ -102,8 +125,8 @@ class Api:
 
     async def get(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
-        self.caller(request, task_id=task_id)
-        return JSONResponse((await self.task(task_id)).as_status())
+        caller = self.caller(request, task_id=task_id)
+        return JSONResponse(view_for(caller, (await self.task(task_id)).as_status()))
 
     async def listing(self, request: Request) -> Response:
         self.caller(request, task_id="")  # not a watch token
@@ -154,13 +177,16 @@ class Api:
 
     async def task_events(self, request: Request) -> Response:
         task_id = request.path_params["task_id"]
-        self.caller(request, task_id=task_id)
-        task = await self.task(task_id)
+        caller = self.caller(request, task_id=task_id)
+        await self.task(task_id)  # 404 before any stream
 
         async def snapshot() -> dict[str, Any]:
-            return (await self.task(task_id)).as_status()
+            return view_for(caller, (await self.task(task_id)).as_status())
 
-        return await self.streams.task(task_id, request.headers.get("last-event-id"), task.state.final, snapshot)
+        def shown(event: Event) -> dict[str, Any]:
+            return view_for(caller, event.payload())
+
+        return await self.streams.task(task_id, request.headers.get("last-event-id"), snapshot, shown)
 
     async def all_events(self, request: Request) -> Response:
         self.caller(request, task_id="")
@@ -183,8 +209,19 @@ class Api:
         return Response(DOCS_JS, media_type="text/javascript")
 
     async def close(self) -> None:
+        await self.hub.stop()
         await self.events_redis.aclose()
         await run_in_threadpool(self.client.close)
+
+
+def view_for(caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a task's status or an event) as ``caller`` may see it."""
+    if caller.task_id is None:
+        return data
+    shown = {k: v for k, v in data.items() if k not in HIDDEN_FROM_WATCHERS}
+    if isinstance(shown.get("files"), list):
+        shown["files"] = [{k: v for k, v in f.items() if k != "url"} for f in shown["files"]]
+    return shown
 
 
 # -- reading requests ---------------------------------------------------------------------
@@ -205,6 +242,8 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Problem(400, f"the body is not JSON ({exc})") from exc
+    except RecursionError:
+        raise Problem(400, "the body is JSON nested too deeply") from None
 
 
 def idempotency_key(header: str | None) -> str | None:
@@ -267,6 +306,8 @@ def cursor_of(text: str | None) -> Cursor | None:
         return None
     try:
         at, task_id = json.loads(base64.urlsafe_b64decode(text.encode() + b"=" * (-len(text) % 4)))
+        if not math.isfinite(float(at)):
+            raise ValueError("not a time")
         return Cursor(float(at), str(task_id))
     except (ValueError, TypeError, binascii.Error):
         detail = "cursor is not one this API gave; start again without it"
@@ -319,11 +360,19 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await api.hub.start()
         yield
         await api.close()
 
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        return Problem(503, f"Redis at HAUL_REDIS_URL does not answer ({type(exc).__name__}); try again").response(
+            request.url.path
+        )
+
     app = Starlette(
-        routes=routes, middleware=middleware, exception_handlers={Problem: problem, HTTPException: http_error},
+        routes=routes, middleware=middleware, exception_handlers={
+            Problem: problem, HTTPException: http_error, redis.RedisError: unavailable,
+        },
         lifespan=lifespan,
     )  # fmt: skip
     app.state.api = api

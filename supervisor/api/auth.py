@@ -60,7 +60,7 @@ def authenticate(api: ApiSettings, authorization: str | None, watch_token: str |
 def _matching(api: ApiSettings, given: str) -> Caller | None:
     found = None
     for token in api.tokens:  # every one compared: the time does not say which matched
-        if hmac.compare_digest(token.token.encode(), given.encode()):
+        if hmac.compare_digest(token.token.encode(), given.encode("utf-8", "replace")):
             found = Caller(token.name, write=token.write)
     return found
 
@@ -78,10 +78,11 @@ def read_watch_token(api: ApiSettings, token: str, now: float) -> str | None:
     if not api.signing_key:
         return None
     parts = token.split(".")
-    if len(parts) != 4 or parts[0] != WATCH_PREFIX or not parts[2].isdigit():
+    if len(parts) != 4 or parts[0] != WATCH_PREFIX or not (parts[2].isascii() and parts[2].isdigit()):
         return None
     _, task_id, expires, signature = parts
-    if not hmac.compare_digest(signature, _signature(api.signing_key, task_id, int(expires))):
+    expected = _signature(api.signing_key, task_id, int(expires))
+    if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected.encode()):
         return None
     return task_id if int(expires) > now else None
 

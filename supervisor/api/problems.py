@@ -17,6 +17,7 @@ _TITLES = {
     404: "Not found",
     409: "Conflict",
     413: "Content too large",
+    415: "Unsupported media type",
     422: "Unprocessable content",
     503: "Service unavailable",
 }

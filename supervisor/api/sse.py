@@ -1,121 +1,286 @@
 """Server-Sent Events: a task's stream (replayed from its start, closed after its final event)
-and the stream of every task (from now on), read from Redis with redis.asyncio so a thousand
-subscribers cost a thousand waiting coroutines, not a thousand threads.
+and the stream of every task (from now on).
 
-Event ids name their stream (``T<entry>`` for a task's, ``A<entry>`` for all tasks'), so an id
-given to the wrong stream is recognized, and answered as one whose events are lost: ``event:
-reset`` with the task's state (re-read it), never a silent gap. So is an id older than what
-the stream retains. A comment goes out after every KEEPALIVE_SECONDS without an event, so
-proxies and load balancers keep the connection open.
+One :class:`Hub` per API process reads the stream of all tasks (one blocking read on a Redis
+connection of its own) and hands each event to the subscribers that follow its task, so a
+thousand subscribers cost a thousand queues, not a thousand Redis connections. A subscriber
+subscribes first, then replays what the streams hold (a task's from its start, or from its
+Last-Event-ID), then takes live events from its queue, skipping those the replay already sent:
+nothing between the two is lost or sent twice. A subscriber that falls behind by more than
+QUEUE_EVENTS events is disconnected; its EventSource reconnects with its Last-Event-ID and
+replays from Redis.
+
+Event ids name their stream: ``T<entry>.<task>`` for a task's (the task's id prefix guards
+against an id of another task), ``A<entry>`` for all tasks'. An id that does not name a place
+in this stream (another stream's, another task's, one trimmed away or lost to a Redis restart,
+one from the future) is answered with ``event: reset`` carrying the task's state (re-read it),
+never a silent gap. In a task's stream a task.progress replaces the one before it, so an id of
+a replaced progress event is a place too: the next entry after it is the progress that
+replaced it. A comment goes out after KEEPALIVE_SECONDS without an event.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from starlette.responses import Response, StreamingResponse
 
-from actors.events import Event, event_of, trimmed_past
+from actors.events import Event, event_of, stream_id_key
+from actors.states import FINAL_STATES
 from actors.store_base import text_of
 
-#: Longest silence on a stream before a keep-alive comment (the issue's bound is 15 s).
+log = logging.getLogger(__name__)
+
+#: Longest silence on a stream before a keep-alive comment (at most 15 s, by contract).
 KEEPALIVE_SECONDS = 10
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+#: Events a subscriber may fall behind by before it is disconnected (it then replays).
+QUEUE_EVENTS = 2000
+#: Entries read per replay request.
+PAGE = 200
+#: Tells an EventSource how long to wait before it reconnects (milliseconds).
+RETRY_MS = 2000
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TASK_MARK, ALL_MARK = "T", "A"
+TAG_CHARS = 8
+FINAL = frozenset(state.value for state in FINAL_STATES)
 
-
-def sse_id(mark: str, entry_id: str) -> str:
-    return f"{mark}{entry_id}"
-
-
-def entry_of(mark: str, event_id: str | None) -> str | None:
-    """The stream entry a Last-Event-ID names, if it is one of this stream's ids."""
-    if not event_id or not event_id.startswith(mark):
-        return None
-    entry = event_id[len(mark) :]
-    ms, dash, seq = entry.partition("-")
-    return entry if dash and ms.isdigit() and seq.isdigit() else None
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 
 
 def frame(event_id: str, name: str, data: Any) -> str:
     return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-class EventStreams:
-    """The SSE responses, over one redis.asyncio client (a connection per waiting subscriber,
-    from its pool)."""
+def task_sse_id(task_id: str, entry_id: str) -> str:
+    return f"{TASK_MARK}{entry_id}.{task_id[:TAG_CHARS]}"
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+
+def entry_of(event_id: str | None, mark: str, task_id: str = "") -> str | None:
+    """The stream entry an SSE id names, if it is one of this stream's ids (None otherwise)."""
+    if not event_id or not event_id.startswith(mark):
+        return None
+    entry, _, tag = event_id[len(mark) :].partition(".")
+    if tag != task_id[:TAG_CHARS]:
+        return None
+    ms, dash, seq = entry.partition("-")
+    ascii_digits = ms.isascii() and seq.isascii() and ms.isdigit() and seq.isdigit()
+    return entry if dash and ascii_digits else None
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One subscriber's queue of live events, and whether it fell too far behind."""
+
+    task_id: str | None
+    queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_EVENTS))
+    overflowed: bool = False
+
+
+class Hub:
+    """The one reader of the stream of all tasks in this process (see the module docstring)."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.client = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True)
+        self.key = key
+        self.subscribers: dict[str | None, set[Subscription]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._run(), name="haul-events-hub")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self.client.aclose()
+
+    def subscribe(self, task_id: str | None) -> Subscription:
+        sub = Subscription(task_id)
+        self.subscribers.setdefault(task_id, set()).add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        group = self.subscribers.get(sub.task_id)
+        if group is not None:
+            group.discard(sub)
+            if not group:
+                del self.subscribers[sub.task_id]
+
+    async def _run(self) -> None:
+        position: str | None = None
+        while True:
+            try:
+                if position is None:
+                    last = await self.client.xrevrange(self.key, "+", "-", count=1)
+                    position = text_of(last[0][0]) if last else "0"
+                answer: Any = await self.client.xread({self.key: position}, count=500, block=KEEPALIVE_SECONDS * 1000)
+            except redis.RedisError as exc:  # the position is kept: nothing is skipped once it answers
+                log.warning("api: cannot read the event stream (%s); trying again", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for _, entries in answer or []:
+                for entry_id, fields in entries:
+                    event = event_of(entry_id, fields)
+                    position = event.id
+                    self._dispatch(event)
+
+    def _dispatch(self, event: Event) -> None:
+        for group in (self.subscribers.get(event.task_id, ()), self.subscribers.get(None, ())):
+            for sub in group:
+                if sub.overflowed:
+                    continue
+                try:
+                    sub.queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    sub.overflowed = True
+
+
+class EventStreams:
+    """The two SSE responses, over the hub and a pooled client for replays."""
+
+    def __init__(self, client: aioredis.Redis, hub: Hub, prefix: str) -> None:
         self.client = client
+        self.hub = hub
         self.prefix = prefix
 
-    async def _lost(self, key: str, after: str) -> bool:
-        try:
-            info = await self.client.xinfo_stream(key)
-        except redis.ResponseError:
-            return False
-        return trimmed_past(info, after)
+    async def _range(self, key: str, start: str, end: str, count: int | None = None) -> list[Any]:
+        entries: Any = await self.client.xrange(key, start, end, count=count)
+        return list(entries or [])
 
-    async def _last_entry(self, key: str) -> str:
+    async def _place(self, key: str, entry: str | None) -> bool:
+        """Whether ``entry`` is a place to go on from in stream ``key``: an entry it holds, or a
+        task.progress replaced since (the next entry is then a task.progress)."""
+        if entry is None:
+            return False
+        if await self._range(key, entry, entry):
+            return True
+        following = await self._range(key, "(" + entry, "+", count=1)
+        return bool(following) and event_of(*following[0]).type == "task.progress"
+
+    async def _end(self, key: str) -> str:
         last = await self.client.xrevrange(key, "+", "-", count=1)
         return text_of(last[0][0]) if last else "0"
 
     async def task(
-        self, task_id: str, last_event_id: str | None, final: bool, snapshot: Callable[[], Awaitable[dict[str, Any]]]
+        self, task_id: str, last_event_id: str | None, snapshot: Snapshot, shown: Callable[[Event], dict[str, Any]]
     ) -> Response:
-        """A task's events after ``last_event_id`` (all retained, without one); 204 when the
-        client already has the task's final event (``final``: the task has ended)."""
+        """A task's events after ``last_event_id`` (all of them, without one); 204 when the
+        client has the task's final event already."""
         key = f"{self.prefix}events:{task_id}"
-        position, reset = "0", False
+        position, reset = "0", None
         if last_event_id is not None:
-            entry = entry_of(TASK_MARK, last_event_id)
-            if entry is None or await self._lost(key, entry):
-                reset, position = True, await self._last_entry(key)
-            else:
+            entry = entry_of(last_event_id, TASK_MARK, task_id)
+            if await self._place(key, entry):
+                assert entry is not None
                 position = entry
-                ahead = await self.client.xrange(key, "(" + entry, "+", count=1)
-                if not ahead and final:
+                ahead = await self._range(key, "(" + entry, "+", count=1)
+                if not ahead and (await snapshot())["state"] in FINAL:
                     return Response(status_code=204, headers=SSE_HEADERS)
-        first = (await snapshot()) if reset else None
-        return StreamingResponse(
-            self._follow(key, TASK_MARK, position, first, closes=True), media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )  # fmt: skip
+            else:
+                position = await self._end(key)
+                reset = await snapshot()
+        sub = self.hub.subscribe(task_id)  # before the replay: nothing after it is missed
+        body = self._follow_task(key, task_id, position, reset, sub, shown)
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def everything(self, last_event_id: str | None, counts: Callable[[], Awaitable[dict[str, Any]]]) -> Response:
+    async def _follow_task(
+        self, key: str, task_id: str, position: str, reset: dict[str, Any] | None, sub: Subscription,
+        shown: Callable[[Event], dict[str, Any]],
+    ) -> AsyncIterator[str]:  # fmt: skip
+        try:
+            yield f"retry: {RETRY_MS}\n\n"
+            if reset is not None:
+                yield frame(task_sse_id(task_id, position), "reset", reset)
+                if reset["state"] in FINAL:
+                    return  # at the end already: a reconnect gets 204
+            last = position
+            while True:  # the replay
+                start = "-" if last == "0" else "(" + last
+                entries = await self._range(key, start, "+", count=PAGE)
+                for number, (entry_id, fields) in enumerate(entries):
+                    event = event_of(entry_id, fields)
+                    last = event.id
+                    yield frame(task_sse_id(task_id, event.id), event.type, shown(event))
+                    if event.final and number == len(entries) - 1 and len(entries) < PAGE:
+                        return  # its final event, the stream's last
+                if len(entries) < PAGE:
+                    break
+            async for live in self._live(sub):  # then live, past what the replay sent
+                if live is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                tid = live.task_stream_id
+                if stream_id_key(tid) <= stream_id_key(last):
+                    continue
+                last = tid
+                yield frame(task_sse_id(task_id, tid), live.type, shown(live))
+                if live.final:
+                    return
+        finally:
+            self.hub.unsubscribe(sub)
+
+    async def everything(self, last_event_id: str | None, counts: Callable[[], Awaitable[dict[str, int]]]) -> Response:
         """Every task's events from now on (or after ``last_event_id``); never closes."""
         key = f"{self.prefix}events"
-        position = await self._last_entry(key)
-        first = None
-        if last_event_id is not None:
-            entry = entry_of(ALL_MARK, last_event_id)
-            if entry is None or await self._lost(key, entry):
-                first = {"counts": await counts()}
-            else:
-                position = entry
+        entry = entry_of(last_event_id, ALL_MARK)
+        sub = self.hub.subscribe(None)
+        reset = None
+        if last_event_id is not None and (entry is None or not await self._range(key, entry, entry)):
+            reset = {"counts": await counts()}
+            entry = None
+        position = entry or await self._end(key)
         return StreamingResponse(
-            self._follow(key, ALL_MARK, position, first, closes=False), media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )  # fmt: skip
+            self._follow_all(key, position, reset, sub), media_type="text/event-stream", headers=SSE_HEADERS
+        )
 
-    async def _follow(
-        self, key: str, mark: str, position: str, reset: dict[str, Any] | None, *, closes: bool
+    async def _follow_all(
+        self, key: str, position: str, reset: dict[str, Any] | None, sub: Subscription
     ) -> AsyncIterator[str]:
-        if reset is not None:  # the id of the reset is where the stream goes on from
-            yield frame(sse_id(mark, position), "reset", reset)
-        while True:
-            answer: Any = await self.client.xread({key: position}, count=200, block=KEEPALIVE_SECONDS * 1000)
-            if not answer:
-                yield ": keep-alive\n\n"
-                continue
-            for _, entries in answer:
+        try:
+            yield f"retry: {RETRY_MS}\n\n"
+            if reset is not None:
+                yield frame(f"{ALL_MARK}{position}", "reset", reset)
+            last = position
+            while True:  # what came after the client's id, before it subscribed
+                entries = await self._range(key, "(" + last, "+", count=PAGE)
                 for entry_id, fields in entries:
-                    event: Event = event_of(entry_id, fields)
-                    position = event.id
-                    yield frame(sse_id(mark, event.id), event.type, event.payload())
-                    if closes and event.final:
-                        return
+                    event = event_of(entry_id, fields)
+                    last = event.id
+                    yield frame(f"{ALL_MARK}{event.id}", event.type, event.payload())
+                if len(entries) < PAGE:
+                    break
+            async for live in self._live(sub):
+                if live is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                if stream_id_key(live.id) <= stream_id_key(last):
+                    continue
+                last = live.id
+                yield frame(f"{ALL_MARK}{live.id}", live.type, live.payload())
+        finally:
+            self.hub.unsubscribe(sub)
+
+    async def _live(self, sub: Subscription) -> AsyncIterator[Event | None]:
+        """The subscriber's live events, None after KEEPALIVE_SECONDS without one (the caller
+        sends a keep-alive comment); ends once the subscriber fell behind and its queue is
+        drained (the client reconnects with its last id and replays from Redis)."""
+        while True:
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                if sub.overflowed:
+                    return
+                yield None
+                continue
+            yield event
+            if sub.overflowed and sub.queue.empty():
+                return
