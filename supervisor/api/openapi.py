@@ -115,6 +115,7 @@ def document() -> dict[str, Any]:
                         "201": _ok("created", "Task", headers={"Location": {"schema": {"type": "string"}}}),
                         "200": _ok("the same key and request again: the same task", "Task"),
                         "413": _problem("body too large"),
+                        "415": _problem("the body is not application/json"),
                         "422": _problem("bad input or a key conflict"),
                         **_AUTH,
                     },  # fmt: skip
