@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from ops.bench.api import bench_api_events, bench_api_submit
 from ops.bench.control_plane import bench_prune, bench_redis, bench_scrape, bench_sweep
 from ops.bench.harness import HERE, Bench
 from ops.bench.storage import bench_upload
@@ -49,6 +50,8 @@ BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "redis": bench_redis,
     "cli": bench_cli,
     "upload": bench_upload,
+    "api_submit": bench_api_submit,
+    "api_events": bench_api_events,
 }
 
 

@@ -53,7 +53,9 @@ def bench_sweep(bench: Bench, tasks: int = 100_000, expired: int = 1000) -> dict
 
 
 def bench_redis(bench: Bench, tasks: int = 10_000, idle_seconds: float = 10) -> dict[str, Any]:
-    """9: Redis memory per finished task; Redis commands per second of idle processes."""
+    """9: Redis memory per finished task (its record, spec, key, state entry, its own event
+    stream and its events in the stream of all tasks); Redis commands per second of idle
+    processes."""
     from actors.manifest import spec_from_manifest
     from actors.states import State
     from actors.store import TaskStore
@@ -69,8 +71,21 @@ def bench_redis(bench: Bench, tasks: int = 10_000, idle_seconds: float = 10) -> 
         task_id, _ = store.create(spec.__class__(files=spec.files, name=spec.name, key=f"order-{n}"), now=time.time())
         c = store.claim(task_id, worker="bench:1", now=time.time(), lease_seconds=60, max_attempts=5)
         store.advance(task_id, c.token, State.CLAIMED, State.DOWNLOADING, now=time.time(), lease_seconds=60)
-        store.advance(task_id, c.token, State.DOWNLOADING, State.FINALIZING, now=time.time(), lease_seconds=60)
-        store.release(task_id, c.token, State.DONE, now=time.time(), max_attempts=5)
+        # progress as a worker writes it: each renewal a task.progress (the last one kept), then
+        # the file's file.completed with the download's end, as a real run leaves its events
+        for done in (20, 40, 60):
+            store.heartbeat(task_id, c.token, now=time.time() + done, lease_seconds=60,
+                            bytes_done=done * 1024 * 1024, bytes_total=73400320, files_done=0)  # fmt: skip
+        store.finish_download(task_id, c.token, now=time.time() + 70, lease_seconds=60,
+                              progress=(73400320, 73400320, 1), finalize_limit=0)  # fmt: skip
+        store.release(
+            task_id,
+            c.token,
+            State.DONE,
+            now=time.time() + 80,
+            max_attempts=5,
+            stored=[{"path": "lesson-01.mp4", "size": 73400320, "location": "/srv/media/x/lesson-01.mp4"}],
+        )
     per_task = (int(client.info("memory")["used_memory"]) - before) / tasks
     client.flushdb()
 
