@@ -152,27 +152,22 @@ class Api:
         return {state.value: n for state, n in counts.items()}
 
     async def retry(self, request: Request) -> Response:
-        task_id = request.path_params["task_id"]
-        caller = self.caller(request, write=True)
-        try:
-            await run_in_threadpool(self.client.retry, task_id)
-        except TaskNotFound as exc:
-            raise Problem(404, str(exc)) from exc
-        except RetryRefused as exc:
-            raise Problem(409, str(exc)) from exc
-        log.info("api: task %s retried by %s", task_id, caller.name)
-        return JSONResponse((await self.task(task_id)).as_status())
+        return await self._act(request, self.client.retry, "retried")
 
     async def cancel(self, request: Request) -> Response:
+        return await self._act(request, self.client.cancel, "canceled")
+
+    async def _act(self, request: Request, action: Callable[[str], object], done: str) -> Response:
+        """An operator's action on one task: 404 when it is unknown, 409 when its state refuses."""
         task_id = request.path_params["task_id"]
         caller = self.caller(request, write=True)
         try:
-            await run_in_threadpool(self.client.cancel, task_id)
+            await run_in_threadpool(action, task_id)
         except TaskNotFound as exc:
             raise Problem(404, str(exc)) from exc
-        except CancelRefused as exc:
+        except (RetryRefused, CancelRefused) as exc:
             raise Problem(409, str(exc)) from exc
-        log.info("api: task %s canceled by %s", task_id, caller.name)
+        log.info("api: task %s %s by %s", task_id, done, caller.name)
         return JSONResponse((await self.task(task_id)).as_status())
 
     async def task_events(self, request: Request) -> Response:
