@@ -90,16 +90,16 @@ def test_promtool_accepts_rules_and_config_and_the_rule_tests_pass() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("unit", ["haul-worker@.service", "haul-supervisor.service"])
+@pytest.mark.parametrize("unit", ["haul-worker@.service", "haul-supervisor.service", "haul-api.service"])
 def test_systemd_units_stop_gracefully_and_keep_secrets_out_of_the_environment(unit: str) -> None:
     text = (OPS / "systemd" / unit).read_text()
     settings = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
     assert settings["KillSignal"] == "SIGTERM" and settings["KillMode"] == "mixed"
     assert settings["Restart"] == "always" and int(settings["TimeoutStopSec"]) <= 120
-    assert "LoadCredential" in settings and "HAUL_WEBHOOK_SECRET=" not in text
+    assert "LoadCredential" in settings and "HAUL_WEBHOOK_SECRET=" not in text and "HAUL_API_TOKENS=" not in text
 
 
-@pytest.mark.parametrize("unit", ["haul-worker@.service", "haul-supervisor.service"])
+@pytest.mark.parametrize("unit", ["haul-worker@.service", "haul-supervisor.service", "haul-api.service"])
 def test_systemd_units_log_json(unit: str) -> None:
     assert "Environment=HAUL_LOG_FORMAT=json" in (OPS / "systemd" / unit).read_text().splitlines()
 
@@ -165,5 +165,5 @@ def test_ops_setup_editable_install_prints_nothing(tmp_path: Path) -> None:
 def test_compose_keeps_redis_persistent_and_secrets_in_files() -> None:
     compose = yaml.safe_load((OPS / "docker" / "docker-compose.yml").read_text())
     assert "--appendonly" in compose["services"]["redis"]["command"]
-    assert set(compose["secrets"]) == {"webhook-secret", "sentry-dsn"}
-    assert all("healthcheck" in compose["services"][name] for name in ("redis", "worker", "supervisor"))
+    assert set(compose["secrets"]) == {"webhook-secret", "sentry-dsn", "api-tokens", "api-signing-key"}
+    assert all("healthcheck" in compose["services"][name] for name in ("redis", "worker", "supervisor", "api"))
