@@ -94,7 +94,16 @@ class Hub:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._reader = asyncio.create_task(self._run(), name="haul-events-hub")
+        """Read where the stream ends before the API takes its first request: an event appended
+        after a subscriber's replay is then always one the hub reads (were the position read
+        later, an event in between would be in neither)."""
+        position = None
+        try:
+            last = await self.client.xrevrange(self.key, "+", "-", count=1)
+            position = text_of(last[0][0]) if last else "0"
+        except redis.RedisError as exc:  # nothing is appended while Redis is down: read it later
+            log.warning("api: cannot read the event stream yet (%s)", exc)
+        self._reader = asyncio.create_task(self._run(position), name="haul-events-hub")
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -115,8 +124,7 @@ class Hub:
             if not group:
                 del self.subscribers[sub.task_id]
 
-    async def _run(self) -> None:
-        position: str | None = None
+    async def _run(self, position: str | None) -> None:
         while True:
             try:
                 if position is None:
