@@ -64,6 +64,9 @@ class _Running:
 
     def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
         self.server = _Server(("127.0.0.1", 0), handler)
+        # A connection reset between the server's select and its accept (a SIGKILLed worker's)
+        # would leave a blocking accept waiting for the next client, and shutdown() with it.
+        self.server.socket.settimeout(1.0)
         self.server.owner = self  # type: ignore[attr-defined]
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)

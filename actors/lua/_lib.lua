@@ -209,11 +209,10 @@ local function progress_event(task_key, id, now, force)
     end
     redis.call('HSET', task_key, 'ev_files', files)
   end
-  local last = tonumber(t[5] or '0')
-  if not force and now - last < 1 then
-    return
+  local last, moved = tonumber(t[5] or '0'), done + stored
+  if not force and (now - last < 1 or moved == tonumber(t[6] or '-1')) then
+    return  -- at most one a second, and none while nothing moves (a stall, a slow receiver)
   end
-  local moved = done + stored
   local speed = 0
   if last > 0 and now > last then
     speed = math.max(0, math.floor((moved - tonumber(t[6] or '0')) / (now - last)))
