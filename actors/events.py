@@ -91,8 +91,9 @@ class Event:
         return {"type": self.type, "id": self.task_id, "at": self.at, **self.data}
 
 
-def event_of(entry_id: Any, fields: dict[Any, Any]) -> Event:
-    """An :class:`Event` from a stream entry as redis-py returns it."""
+def event_of(entry_id: Any, fields: dict[Any, Any], task_id: str = "") -> Event:
+    """An :class:`Event` from a stream entry as redis-py returns it (``task_id``: the task whose
+    own stream it comes from; entries there do not repeat it)."""
     data: dict[str, Any] = {}
     for name, value in fields.items():
         key, text = text_of(name), text_of(value)
@@ -107,7 +108,7 @@ def event_of(entry_id: Any, fields: dict[Any, Any]) -> Event:
     return Event(
         id=text_of(entry_id),
         type=data.pop("type"),
-        task_id=data.pop("task"),
+        task_id=data.pop("task", task_id),
         at=int(data.pop("at")),
         task_stream_id=str(data.pop("tid", "")),
         data=data,
@@ -157,7 +158,7 @@ class EventLog:
         """The task's retained events after ``after`` (an id of its stream), oldest first."""
         start = "(" + after if after != "0" else "-"
         entries: list[Any] = self.client.xrange(self.task_key(task_id), start, "+", count) or []
-        return [event_of(i, f) for i, f in entries]
+        return [event_of(i, f, task_id) for i, f in entries]
 
     def lost(self, key: str, after: str) -> bool:
         """Whether entries after ``after`` ('0': from the start) may have been trimmed from

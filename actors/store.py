@@ -425,10 +425,11 @@ class TaskStore(SweepStore):
         pipe.hgetall(self.task_key(task_id))
         pipe.get(self.spec_key(task_id))
         pipe.zscore(f"{self.prefix}resting", task_id)
-        raw, described_json, resting_until = pipe.execute()
+        pipe.get(f"{self.prefix}stored:{task_id}")
+        raw, described_json, resting_until, stored_json = pipe.execute()
         if not raw or described_json is None:
             return None
-        return _task_from(task_id, raw, described_json, float(resting_until or 0))
+        return _task_from(task_id, raw, described_json, float(resting_until or 0), stored_json)
 
     def id_by_key(self, key: str) -> str | None:
         """The id of the task an idempotency key names now (the newest, after a replace)."""
@@ -461,8 +462,14 @@ class TaskStore(SweepStore):
         return [(i, s) for i, s in entries if s < after.at or (s == after.at and i < after.task_id)][:limit]
 
 
-def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str, resting_until: float = 0.0) -> Task:
-    """A Task from its hash fields and its spec JSON, as stored."""
+def _task_from(
+    task_id: str,
+    raw: dict[Any, Any],
+    described_json: bytes | str,
+    resting_until: float = 0.0,
+    stored_json: bytes | str | None = None,
+) -> Task:
+    """A Task from its hash fields, its spec JSON and (done) where its files were stored."""
     data = {text_of(k): text_of(v) for k, v in raw.items()}
     described = json.loads(described_json)
     spec = TaskSpec(
@@ -497,5 +504,5 @@ def _task_from(task_id: str, raw: dict[Any, Any], described_json: bytes | str, r
         waiting_since=float(data.get("waiting_since", 0)),
         waiting_on=data.get("waiting_on", ""),
         waiting_host=data.get("waiting_host", ""),
-        stored=tuple(json.loads(data["stored"])) if data.get("stored") else (),
+        stored=tuple(json.loads(stored_json)) if stored_json else (),
     )

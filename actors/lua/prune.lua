@@ -45,6 +45,7 @@ local function prunable(id, keys)
   table.insert(keys, prefix .. 'spec:' .. id)
   table.insert(keys, prefix .. 'uploads:' .. id)
   table.insert(keys, prefix .. 'events:' .. id)
+  table.insert(keys, prefix .. 'stored:' .. id)
   redis.call('SREM', prefix .. 'uploading', id)
   if redis.call('HEXISTS', staged, id) == 1 then  -- done tasks' were dropped as they ended
     set_staged(id, 0)

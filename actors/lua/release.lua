@@ -39,8 +39,8 @@ free_slots(KEYS[1], id)
 if target == 'done' then
   set_staged(id, 0)  -- the sandbox is removed right after
   redis.call('HSET', KEYS[1], 'bytes_stored', redis.call('HGET', KEYS[1], 'bytes_done') or 0)  -- all of it
-  if ARGV[14] and ARGV[14] ~= '' then
-    redis.call('HSET', KEYS[1], 'stored', ARGV[14])
+  if ARGV[14] and ARGV[14] ~= '' then  -- a key of its own: a long value would unpack the hash
+    redis.call('SET', prefix .. 'stored:' .. id, ARGV[14])
   end
 end
 local error = ARGV[6]

@@ -38,7 +38,7 @@ end
 
 #: The subscribers, in a process of their own: SUBSCRIBERS raw keep-alive connections on
 #: asyncio, each following one of the tasks' streams, noting how long each task.progress took
-#: from the script that appended it (its ``at``) to here.
+#: from the script that appended it (the millisecond in its stream id, Redis's clock) to here.
 SUBSCRIBE = r"""
 import asyncio, json, sys, time
 port, token, seconds = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
@@ -53,11 +53,14 @@ async def follow(task_id):
     await writer.drain()
     since = time.time() * 1000  # events appended before this are the replay: not timed
     connected += 1
+    appended = 0.0
     while line := await reader.readline():
-        if line.startswith(b"data: "):
+        if line.startswith(b"id: T"):  # T<ms>-<seq>.<task>: the ms Redis appended the event at
+            appended = float(line[5:].split(b"-")[0])
+        elif line.startswith(b"data: "):
             event = json.loads(line[6:])
-            if event["type"] == "task.progress" and event["at"] > since:
-                latencies.append(time.time() * 1000 - event["at"])
+            if event["type"] == "task.progress" and appended > since:
+                latencies.append(time.time() * 1000 - appended)
 
 async def main():
     followers = [asyncio.create_task(follow(tasks[i % len(tasks)])) for i in range(count)]

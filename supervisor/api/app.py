@@ -33,13 +33,12 @@ from starlette.staticfiles import StaticFiles
 
 from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
 from actors.errors import InvalidTask
-from actors.events import Event
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.settings import Settings
 from actors.states import State
 from actors.store import Cursor
 from actors.task import KeyConflict, Task, TaskSpec
-from supervisor.api.auth import Caller, authenticate, make_watch_token
+from supervisor.api.auth import Caller, authenticate, make_watch_token, view_for
 from supervisor.api.openapi import DOCS_JS, docs_page, document
 from supervisor.api.problems import Problem, invalid_input
 from supervisor.api.sse import EventStreams, Hub
@@ -48,9 +47,7 @@ log = logging.getLogger(__name__)
 
 MAX_PAGE = 500
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-#: What a watch token's holder (a customer's browser) is not shown: where haul fetches from
-#: and reports to (signed URLs, the backend's webhook) and which worker runs the task.
-HIDDEN_FROM_WATCHERS = frozenset({"webhook", "worker", "lease_until"})
+
 #: A URLs body: the manifest's fields, with ``urls`` in place of ``files``.
 URLS_FIELDS = frozenset({"urls", "name", "key", "webhook", "accept"})
 
@@ -178,10 +175,8 @@ class Api:
         async def snapshot() -> dict[str, Any]:
             return view_for(caller, (await self.task(task_id)).as_status())
 
-        def shown(event: Event) -> dict[str, Any]:
-            return view_for(caller, event.payload())
-
-        return await self.streams.task(task_id, request.headers.get("last-event-id"), snapshot, shown)
+        watcher = caller.task_id is not None
+        return await self.streams.task(task_id, request.headers.get("last-event-id"), snapshot, watcher)
 
     async def all_events(self, request: Request) -> Response:
         self.caller(request, task_id="")
@@ -207,16 +202,6 @@ class Api:
         await self.hub.stop()
         await self.events_redis.aclose()
         await run_in_threadpool(self.client.close)
-
-
-def view_for(caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` (a task's status or an event) as ``caller`` may see it."""
-    if caller.task_id is None:
-        return data
-    shown = {k: v for k, v in data.items() if k not in HIDDEN_FROM_WATCHERS}
-    if isinstance(shown.get("files"), list):
-        shown["files"] = [{k: v for k, v in f.items() if k != "url"} for f in shown["files"]]
-    return shown
 
 
 # -- reading requests ---------------------------------------------------------------------

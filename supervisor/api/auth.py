@@ -12,11 +12,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Any
 
 from actors.apisettings import ApiSettings
 from supervisor.api.problems import Problem
 
 WATCH_PREFIX = "w1"
+#: What a watch token's holder (a customer's browser) is not shown: where haul fetches from
+#: and reports to (signed URLs, the backend's webhook) and which worker runs the task.
+HIDDEN_FROM_WATCHERS = frozenset({"webhook", "worker", "lease_until"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="haul"'}
 
 
@@ -30,6 +34,19 @@ class Caller:
 
     def may_read(self, task_id: str | None) -> bool:
         return self.task_id is None or self.task_id == task_id
+
+
+def watcher_view(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a task's status or an event) without what a watcher is not shown."""
+    shown = {k: v for k, v in data.items() if k not in HIDDEN_FROM_WATCHERS}
+    if isinstance(shown.get("files"), list):
+        shown["files"] = [{k: v for k, v in f.items() if k != "url"} for f in shown["files"]]
+    return shown
+
+
+def view_for(caller: Caller, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as ``caller`` may see it."""
+    return data if caller.task_id is None else watcher_view(data)
 
 
 def authenticate(api: ApiSettings, authorization: str | None, watch_token: str | None, now: float) -> Caller:

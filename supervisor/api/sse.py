@@ -36,6 +36,7 @@ from starlette.responses import Response, StreamingResponse
 from actors.events import Event, event_of, stream_id_key
 from actors.states import FINAL_STATES
 from actors.store_base import text_of
+from supervisor.api.auth import watcher_view
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ RETRY_MS = 2000
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 TASK_MARK, ALL_MARK = "T", "A"
 TAG_CHARS = 8
+#: Encoded frames kept for the subscribers of the same events (cleared when full).
+FRAME_CACHE = 10_000
 FINAL = frozenset(state.value for state in FINAL_STATES)
 
 Snapshot = Callable[[], Awaitable[dict[str, Any]]]
@@ -159,6 +162,7 @@ class EventStreams:
         self.client = client
         self.hub = hub
         self.prefix = prefix
+        self._frames: dict[tuple[str, str, bool], str] = {}
 
     async def _range(self, key: str, start: str, end: str, count: int | None = None) -> list[Any]:
         entries: Any = await self.client.xrange(key, start, end, count=count)
@@ -178,9 +182,7 @@ class EventStreams:
         last = await self.client.xrevrange(key, "+", "-", count=1)
         return text_of(last[0][0]) if last else "0"
 
-    async def task(
-        self, task_id: str, last_event_id: str | None, snapshot: Snapshot, shown: Callable[[Event], dict[str, Any]]
-    ) -> Response:
+    async def task(self, task_id: str, last_event_id: str | None, snapshot: Snapshot, watcher: bool) -> Response:
         """A task's events after ``last_event_id`` (all of them, without one); 204 when the
         client has the task's final event already."""
         key = f"{self.prefix}events:{task_id}"
@@ -197,13 +199,12 @@ class EventStreams:
                 position = await self._end(key)
                 reset = await snapshot()
         sub = self.hub.subscribe(task_id)  # before the replay: nothing after it is missed
-        body = self._follow_task(key, task_id, position, reset, sub, shown)
+        body = self._follow_task(key, task_id, position, reset, sub, watcher)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _follow_task(
-        self, key: str, task_id: str, position: str, reset: dict[str, Any] | None, sub: Subscription,
-        shown: Callable[[Event], dict[str, Any]],
-    ) -> AsyncIterator[str]:  # fmt: skip
+        self, key: str, task_id: str, position: str, reset: dict[str, Any] | None, sub: Subscription, watcher: bool
+    ) -> AsyncIterator[str]:
         try:
             yield f"retry: {RETRY_MS}\n\n"
             if reset is not None:
@@ -215,9 +216,9 @@ class EventStreams:
                 start = "-" if last == "0" else "(" + last
                 entries = await self._range(key, start, "+", count=PAGE)
                 for number, (entry_id, fields) in enumerate(entries):
-                    event = event_of(entry_id, fields)
+                    event = event_of(entry_id, fields, task_id)
                     last = event.id
-                    yield frame(task_sse_id(task_id, event.id), event.type, shown(event))
+                    yield self._frame(task_id, event.id, event, watcher)
                     if event.final and number == len(entries) - 1 and len(entries) < PAGE:
                         return  # its final event, the stream's last
                 if len(entries) < PAGE:
@@ -230,11 +231,24 @@ class EventStreams:
                 if stream_id_key(tid) <= stream_id_key(last):
                     continue
                 last = tid
-                yield frame(task_sse_id(task_id, tid), live.type, shown(live))
+                yield self._frame(task_id, tid, live, watcher)
                 if live.final:
                     return
         finally:
             self.hub.unsubscribe(sub)
+
+    def _frame(self, task_id: str, entry_id: str, event: Event, watcher: bool) -> str:
+        """A task event's frame, encoded once for all the task's subscribers of one view (a
+        thousand subscribers cost one JSON encoding per event, not a thousand)."""
+        cache_key = (entry_id, task_id, watcher)
+        found = self._frames.get(cache_key)
+        if found is None:
+            data = watcher_view(event.payload()) if watcher else event.payload()
+            found = frame(task_sse_id(task_id, entry_id), event.type, data)
+            if len(self._frames) >= FRAME_CACHE:
+                self._frames.clear()
+            self._frames[cache_key] = found
+        return found
 
     async def everything(self, last_event_id: str | None, counts: Callable[[], Awaitable[dict[str, int]]]) -> Response:
         """Every task's events from now on (or after ``last_event_id``); never closes."""
