@@ -7,6 +7,7 @@ API process's peak RSS."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from typing import Any
 
 from ops.bench.harness import REPO, Bench, med, ratio_runs
 from tests.servers import free_port, wait_port
+
+HERE = Path(__file__).resolve().parent
 
 TOKEN = "bench-token-0123456789abcdef"
 CONNECTIONS, SECONDS = 32, 10
@@ -34,45 +37,6 @@ request = function()
     ["Authorization"] = "Bearer %s", ["Idempotency-Key"] = prefix .. "-" .. n},
     '{"urls": ["https://cdn.example.com/course/lesson.mp4"]}')
 end
-"""
-
-#: The subscribers, in a process of their own: SUBSCRIBERS raw keep-alive connections on
-#: asyncio, each following one of the tasks' streams, noting how long each task.progress took
-#: from the script that appended it (the millisecond in its stream id, Redis's clock) to here.
-SUBSCRIBE = r"""
-import asyncio, json, sys, time
-port, token, seconds = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
-tasks, count = sys.argv[4].split(","), int(sys.argv[5])
-latencies, connected = [], 0
-
-async def follow(task_id):
-    global connected
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write((f"GET /v1/tasks/{task_id}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n").encode())
-    await writer.drain()
-    since = time.time() * 1000  # events appended before this are the replay: not timed
-    connected += 1
-    appended = 0.0
-    while line := await reader.readline():
-        if line.startswith(b"id: T"):  # T<ms>-<seq>.<task>: the ms Redis appended the event at
-            appended = float(line[5:].split(b"-")[0])
-        elif line.startswith(b"data: "):
-            event = json.loads(line[6:])
-            if event["type"] == "task.progress" and appended > since:
-                latencies.append(time.time() * 1000 - appended)
-
-async def main():
-    followers = [asyncio.create_task(follow(tasks[i % len(tasks)])) for i in range(count)]
-    while connected < count:
-        await asyncio.sleep(0.05)
-    print("connected", flush=True)
-    await asyncio.sleep(seconds)
-    print(json.dumps(latencies), flush=True)
-    for f in followers:
-        f.cancel()
-
-asyncio.run(main())
 """
 
 
@@ -164,8 +128,9 @@ def bench_api_events(bench: Bench, seconds: float = 20) -> dict[str, Any]:
                                       max_attempts=5, start=State.DOWNLOADING).token  # fmt: skip
     api, port = start_api(bench)
     subscribers = subprocess.Popen(
-        [sys.executable, "-c", SUBSCRIBE, str(port), TOKEN, str(seconds), ",".join(tokens), str(SUBSCRIBERS)],
-        stdout=subprocess.PIPE, text=True,
+        ["node", str(HERE / "subscribers.mjs")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "BENCH_PORT": str(port), "BENCH_TOKEN": TOKEN, "BENCH_TASKS": ",".join(tokens),
+             "BENCH_COUNT": str(SUBSCRIBERS), "BENCH_SECONDS": str(seconds)},
     )  # fmt: skip
     stop = threading.Event()
 
