@@ -108,24 +108,26 @@ class Client:
 
     def submit_spec(self, spec: TaskSpec, *, replace: bool = False) -> str:
         """Store a validated spec and send its claim message; return the task's id."""
-        return self.create(spec, replace=replace)[0]
+        return self.create(spec, replace=replace)[0].id
 
-    def create(self, spec: TaskSpec, *, replace: bool = False) -> tuple[str, bool]:
-        """:meth:`submit_spec`, also saying whether the task is new (False: its key named it)."""
+    def create(self, spec: TaskSpec, *, replace: bool = False) -> tuple[Task, bool]:
+        """:meth:`submit_spec`, answering the task as it is stored and whether it is new (False:
+        its key named it). A new task is answered as the create wrote it, without reading it."""
         settings = self.settings
         problem = check_keys(settings.object_storage, settings.storage_key, spec.key, [f.path for f in spec.files])
         if problem is not None:
             raise InvalidTask(problem)
-        task_id, created = self.store.create(spec, now=self.clock(), replace=replace)
+        now = self.clock()
+        task_id, created = self.store.create(spec, now=now, replace=replace)
         if created:
             log.info("task %s: submitted (%d file(s), key %r)", task_id, len(spec.files), spec.key)
             self.messages.claim(task_id)
-            return task_id, True
+            return Task(id=task_id, spec=spec, state=State.QUEUED, created_at=now, updated_at=now), True
         log.info("task %s: key %r seen before; not created again", task_id, spec.key)
-        task = self.store.get(task_id)
-        if task is not None and task.state is State.QUEUED:
+        task = self.get(task_id)
+        if task.state is State.QUEUED:
             self.messages.claim(task_id)  # harmless if its message exists; recovers one that was lost
-        return task_id, False
+        return task, False
 
     def get(self, task_id: str) -> Task:
         task = self.store.get(task_id)

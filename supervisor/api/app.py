@@ -105,12 +105,14 @@ class Api:
         body = await read_json(request, self.api.max_body_bytes)
         spec = spec_of(body, idempotency_key(request.headers.get("idempotency-key")))
         try:
-            task_id, created = await run_in_threadpool(self.client.create, spec)
+            task, created = await run_in_threadpool(self.client.create, spec)
         except KeyConflict as exc:
             raise Problem(422, str(exc), errors=[{"pointer": "/key", "detail": str(exc)}]) from exc
         except InvalidTask as exc:
             raise invalid_input(str(exc)) from exc
-        task = await self.task(task_id)
+        except TaskNotFound as exc:  # pruned between the create and the read: rare, and transient
+            raise Problem(503, str(exc)) from exc
+        task_id = task.id
         if created:
             log.info("api: task %s submitted by %s", task_id, caller.name)
         answer = task.as_status()
