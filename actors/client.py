@@ -122,7 +122,9 @@ class Client:
         if created:
             log.info("task %s: submitted (%d file(s), key %r)", task_id, len(spec.files), spec.key)
             self.messages.claim(task_id)
-            return Task(id=task_id, spec=spec, state=State.QUEUED, created_at=now, updated_at=now), True
+            known = sum(f.size or 0 for f in spec.files)  # as the create records it
+            return Task(id=task_id, spec=spec, state=State.QUEUED, created_at=now, updated_at=now,
+                        bytes_total=known), True  # fmt: skip
         log.info("task %s: key %r seen before; not created again", task_id, spec.key)
         task = self.get(task_id)
         if task.state is State.QUEUED:

@@ -169,13 +169,16 @@ class EventLog:
             return False
         return trimmed_past(info, after)
 
-    def follow(self, after: str = "$", block_ms: int = 1000) -> Iterator[list[Event]]:
-        """Batches of events of every task as they are appended, from after ``after`` ('$': from
-        now on); an empty batch when ``block_ms`` passed with none (a chance to stop)."""
+    def position(self) -> str:
+        """Where the stream of all tasks ends now (to follow it from there)."""
+        last: Any = self.client.xrevrange(self.all_key, "+", "-", count=1)
+        return text_of(last[0][0]) if last else "0"
+
+    def follow(self, after: str, block_ms: int = 1000) -> Iterator[list[Event]]:
+        """Batches of events of every task as they are appended, from after ``after`` (a
+        :meth:`position`, read before whatever the caller reads, so nothing in between is
+        missed); an empty batch when ``block_ms`` passed with none (a chance to stop)."""
         position = after
-        if position == "$":
-            last = self.client.xrevrange(self.all_key, "+", "-", count=1)
-            position = text_of(last[0][0]) if last else "0"
         while True:
             answer: Any = self.client.xread({self.all_key: position}, count=500, block=block_ms) or []
             batch = [event_of(i, f) for _, entries in answer for i, f in entries]

@@ -504,5 +504,5 @@ def _task_from(
         waiting_since=float(data.get("waiting_since", 0)),
         waiting_on=data.get("waiting_on", ""),
         waiting_host=data.get("waiting_host", ""),
-        stored=tuple(json.loads(stored_json)) if stored_json else (),
+        stored=tuple(json.loads(stored_json or data.get("stored") or "[]")),
     )

@@ -195,7 +195,7 @@ def watch(client: Client, task_ids: Iterable[str], out: TextIO = sys.stdout, tty
     active task until interrupted."""
     ids = list(task_ids)
     log = EventLog(client.store.client, client.store.prefix)
-    follow = log.follow("$", block_ms=500)  # the position first: nothing after it is missed
+    follow = log.follow(log.position(), block_ms=500)  # the position first: nothing after it is missed
     watched: dict[str, Watched] = {}
     for task_id in ids:
         watched[task_id] = Watched.of(client.get(task_id).as_status())  # TaskNotFound: the caller says so

@@ -263,3 +263,20 @@ def test_a_reset_on_an_ended_task_closes_and_an_id_of_another_task_is_a_reset(ap
     finally:
         for s in streams:
             s.close()
+
+
+def test_a_replay_whose_final_event_ends_a_full_page_still_closes(api: Api, store: TaskStore) -> None:
+    # 195 files: queued, started, 195 file.completed, the last progress, finalizing, completed:
+    # 200 entries, one full page of the replay, the final event its last
+    files = [{"url": f"https://cdn.example.com/{n}.mp4", "path": f"{n}.mp4", "size": 1} for n in range(195)]
+    task_id = api.call("POST", "/v1/tasks", json={"files": files}).json()["id"]
+    now = time.time()
+    claim = store.claim(task_id, worker="w", now=now, lease_seconds=60, max_attempts=5, start=State.DOWNLOADING)
+    store.finish_download(task_id, claim.token, now=now, lease_seconds=60, progress=(195, 195, 195), finalize_limit=0)
+    assert store.release(task_id, claim.token, State.DONE, now=now, max_attempts=5) is State.DONE
+    assert store.client.xlen(f"{store.prefix}events:{task_id}") == 200
+    # The server ends the stream after the final event (a read past it would time out instead)
+    with requests.get(f"{api.url}/v1/tasks/{task_id}/events", headers={"Authorization": f"Bearer {FULL}"},
+                      stream=True, timeout=(5, 3)) as stream:  # fmt: skip
+        frames = list(sse(stream))
+    assert len(frames) == 200 and frames[-1][1] == "task.completed"

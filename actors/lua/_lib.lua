@@ -179,6 +179,7 @@ local function emit(task_key, id, now, kind, fields)
   local superseded = redis.call('HGET', task_key, 'ev_progress')
   if kind == 'task.progress' and superseded then
     redis.call('XDEL', stream, superseded)
+    redis.call('HSET', task_key, 'ev_replaced', 1)  -- compact_events has something to drop
   end
   local tid = redis.call('XADD', stream, '*', unpack(entry))
   if kind == 'task.progress' then
@@ -199,14 +200,22 @@ end
 -- dumped and restored: a stream's last node is allocated 4 KiB ahead for appends, which an
 -- ended task will rarely make, and a restored node is as large as what it holds (measured: 8
 -- entries, 4.7 KiB -> 1.1 KiB). An operator's retry appends to it as to any stream.
-local function compact_events(id)
+local function compact_events(task_key, id)
+  if not redis.call('HGET', task_key, 'ev_replaced') then
+    return  -- nothing was replaced: nothing to drop (and a short stream stays as it is)
+  end
+  redis.call('HDEL', task_key, 'ev_replaced')
   local key = prefix .. 'events:' .. id
   local entries = redis.call('XRANGE', key, '-', '+')
   redis.call('DEL', key)
   for _, entry in ipairs(entries) do
     redis.call('XADD', key, entry[1], unpack(entry[2]))
   end
-  redis.call('RESTORE', key, 0, redis.call('DUMP', key), 'REPLACE')
+  -- A server that refuses DUMP or RESTORE (renamed, or an ACL) keeps the stream as re-added
+  local blob = redis.pcall('DUMP', key)
+  if type(blob) == 'string' then
+    redis.pcall('RESTORE', key, 0, blob, 'REPLACE')
+  end
 end
 
 -- After progress was written: a file.completed for each file finished since the last event,
@@ -292,7 +301,7 @@ local function set_state(task_key, id, old, new, now)
   end
   emit(task_key, id, now, kind, fields)
   if is_final(new) then
-    compact_events(id)
+    compact_events(task_key, id)
   end
 end
 

@@ -189,6 +189,8 @@ class Api:
             await self.events_redis.ping()
         except redis.RedisError as exc:
             raise Problem(503, f"Redis at HAUL_REDIS_URL does not answer ({type(exc).__name__})") from exc
+        if not self.hub.alive:
+            raise Problem(503, "the event stream reader stopped (see the log); restart haul api")
         return JSONResponse({"status": "ok"})
 
     async def openapi(self, request: Request) -> Response:

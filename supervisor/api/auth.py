@@ -19,8 +19,9 @@ from supervisor.api.problems import Problem
 
 WATCH_PREFIX = "w1"
 #: What a watch token's holder (a customer's browser) is not shown: where haul fetches from
-#: and reports to (signed URLs, the backend's webhook) and which worker runs the task.
-HIDDEN_FROM_WATCHERS = frozenset({"webhook", "worker", "lease_until"})
+#: and reports to (signed URLs, the backend's webhook), which worker runs the task, and the
+#: error texts, which name them (the machine-readable ``error_code`` stays).
+HIDDEN_FROM_WATCHERS = frozenset({"webhook", "worker", "lease_until", "error", "error_file"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="haul"'}
 
 

@@ -37,6 +37,7 @@ from actors.events import Event, event_of, stream_id_key
 from actors.states import FINAL_STATES
 from actors.store_base import text_of
 from supervisor.api.auth import watcher_view
+from supervisor.api.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ KEEPALIVE_SECONDS = 10
 QUEUE_EVENTS = 2000
 #: Entries read per replay request.
 PAGE = 200
+#: Longest a new stream waits for the hub to know where it reads from (seconds).
+READY_SECONDS = 5.0
 #: Tells an EventSource how long to wait before it reconnects (milliseconds).
 RETRY_MS = 2000
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -95,6 +98,9 @@ class Hub:
         self.key = key
         self.subscribers: dict[str | None, set[Subscription]] = {}
         self._reader: asyncio.Task[None] | None = None
+        #: Set once the hub knows where it reads from: a stream opened before that could miss
+        #: an event between its replay and the hub's first read.
+        self.ready = asyncio.Event()
 
     async def start(self) -> None:
         """Read where the stream ends before the API takes its first request: an event appended
@@ -107,6 +113,23 @@ class Hub:
         except redis.RedisError as exc:  # nothing is appended while Redis is down: read it later
             log.warning("api: cannot read the event stream yet (%s)", exc)
         self._reader = asyncio.create_task(self._run(position), name="haul-events-hub")
+        self._reader.add_done_callback(self._ended)
+
+    def _ended(self, reader: asyncio.Task[None]) -> None:
+        if not reader.cancelled() and reader.exception() is not None:
+            log.error("api: the event stream reader stopped: %r; event streams answer 503", reader.exception())
+
+    @property
+    def alive(self) -> bool:
+        return self._reader is not None and not self._reader.done()
+
+    async def wait_ready(self) -> None:
+        """Return once the hub reads the stream; raise a 503 problem when it cannot."""
+        if self.alive:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), READY_SECONDS)
+        if not (self.alive and self.ready.is_set()):
+            raise Problem(503, "the API cannot read the event stream from Redis now; reconnect in a moment")
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -133,6 +156,7 @@ class Hub:
                 if position is None:
                     last = await self.client.xrevrange(self.key, "+", "-", count=1)
                     position = text_of(last[0][0]) if last else "0"
+                self.ready.set()
                 answer: Any = await self.client.xread({self.key: position}, count=500, block=KEEPALIVE_SECONDS * 1000)
             except redis.RedisError as exc:  # the position is kept: nothing is skipped once it answers
                 log.warning("api: cannot read the event stream (%s); trying again", exc)
@@ -140,9 +164,11 @@ class Hub:
                 continue
             for _, entries in answer or []:
                 for entry_id, fields in entries:
-                    event = event_of(entry_id, fields)
-                    position = event.id
-                    self._dispatch(event)
+                    position = text_of(entry_id)
+                    try:
+                        self._dispatch(event_of(entry_id, fields))
+                    except Exception:  # one unreadable entry must not end every stream
+                        log.exception("api: event %s could not be read; skipped", position)
 
     def _dispatch(self, event: Event) -> None:
         for group in (self.subscribers.get(event.task_id, ()), self.subscribers.get(None, ())):
@@ -198,6 +224,7 @@ class EventStreams:
             else:
                 position = await self._end(key)
                 reset = await snapshot()
+        await self.hub.wait_ready()
         sub = self.hub.subscribe(task_id)  # before the replay: nothing after it is missed
         body = self._follow_task(key, task_id, position, reset, sub, watcher)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -211,23 +238,25 @@ class EventStreams:
                 yield frame(task_sse_id(task_id, position), "reset", reset)
                 if reset["state"] in FINAL:
                     return  # at the end already: a reconnect gets 204
-            last = position
-            while True:  # the replay
+            last, ended = position, False
+            while True:  # the replay, to the stream's end
                 start = "-" if last == "0" else "(" + last
                 entries = await self._range(key, start, "+", count=PAGE)
-                for number, (entry_id, fields) in enumerate(entries):
+                for entry_id, fields in entries:
                     event = event_of(entry_id, fields, task_id)
-                    last = event.id
+                    last, ended = event.id, event.final
                     yield self._frame(task_id, event.id, event, watcher)
-                    if event.final and number == len(entries) - 1 and len(entries) < PAGE:
-                        return  # its final event, the stream's last
                 if len(entries) < PAGE:
                     break
+            if ended:
+                return  # the task's final event was the stream's last: a reconnect gets 204
             async for live in self._live(sub):  # then live, past what the replay sent
                 if live is None:
                     yield ": keep-alive\n\n"
                     continue
                 tid = live.task_stream_id
+                if not tid:
+                    return  # written by a script older than the tid: the client replays from Redis
                 if stream_id_key(tid) <= stream_id_key(last):
                     continue
                 last = tid
@@ -254,6 +283,7 @@ class EventStreams:
         """Every task's events from now on (or after ``last_event_id``); never closes."""
         key = f"{self.prefix}events"
         entry = entry_of(last_event_id, ALL_MARK)
+        await self.hub.wait_ready()
         sub = self.hub.subscribe(None)
         reset = None
         if last_event_id is not None and (entry is None or not await self._range(key, entry, entry)):
