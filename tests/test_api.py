@@ -280,3 +280,20 @@ def test_a_replay_whose_final_event_ends_a_full_page_still_closes(api: Api, stor
                       stream=True, timeout=(5, 3)) as stream:  # fmt: skip
         frames = list(sse(stream))
     assert len(frames) == 200 and frames[-1][1] == "task.completed"
+
+
+def test_a_page_of_an_allowed_origin_may_call_and_others_may_not(tmp_path: Path, redis_url: str) -> None:
+    env = api_env(tmp_path, redis_url, "http://127.0.0.1:9/") | {"HAUL_API_CORS_ORIGINS": "https://shop.example"}
+    started = start_api(tmp_path, env)
+    with running(started.process):
+        preflight = {"Origin": "https://shop.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization, content-type, idempotency-key"}  # fmt: skip
+        allowed = requests.options(f"{started.url}/v1/tasks", headers=preflight, timeout=5)
+        assert allowed.status_code == 200
+        assert allowed.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+        other = requests.options(f"{started.url}/v1/tasks", headers=preflight | {"Origin": "https://evil.example"},
+                                 timeout=5)  # fmt: skip
+        assert other.status_code == 400 and "Access-Control-Allow-Origin" not in other.headers
+        read = started.call("GET", "/v1/counts", headers={"Origin": "https://shop.example"})
+        assert read.status_code == 200 and read.headers["Access-Control-Allow-Origin"] == "https://shop.example"
+        assert started.call("GET", "/v1/counts", headers={"Origin": "https://evil.example"}).status_code == 403
