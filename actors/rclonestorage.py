@@ -28,11 +28,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from actors.errors import StorageUnavailable, TransientError
+from actors.errors import StorageUnavailable
 from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.redact import redact_text
 from actors.sandbox import Sandbox
-from actors.storage import OnStored, not_followed
+from actors.storage import OnStored, file_entry, missing_from_staging, not_followed
 from actors.storagetarget import StorageTarget
 from actors.store_uploads import Uploads
 from actors.task import FileSpec, iso_time
@@ -104,24 +104,18 @@ class RcloneStorage:
             key = self.target.key_for(self.key_template, task_id, task_key, spec.path)
             source = sandbox.file(spec)
             where = f"task {task_id}, file {spec.path!r} to {self.target.location(key)}"
-            if not source.exists():
-                raise TransientError(
-                    f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
-                    "it will be downloaded again"
-                )
+            try:
+                size = source.stat().st_size
+            except FileNotFoundError as exc:
+                raise missing_from_staging(task_id, spec) from exc
             try:
                 verified, sent = self._place(source, key, fence, where, step)
             except StorageUnavailable as exc:
                 exc.file = spec.path  # task.failed and Sentry name the file
                 raise
-            on_stored(source.stat().st_size, sent)
-            entry: dict[str, Any] = {
-                "path": spec.path, "size": source.stat().st_size, "url": spec.url,
-                "location": self.target.location(key), "verified": verified,
-            }  # fmt: skip
+            on_stored(size, sent)
             digest = spec.sha256 or (sandbox.sha256(index) if sha256 else None)
-            if digest:
-                entry["sha256"] = digest
+            entry = file_entry(spec, size, self.target.location(key), digest, verified)
             if self.link_seconds:
                 entry.update(self.link(key, where, step))
             stored.append(entry)

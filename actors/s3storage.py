@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.errors import StorageUnavailable, TransientError
+from actors.errors import StorageUnavailable
 from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.s3client import NotFound, UploadGone, call, s3_client
 from actors.s3parts import DEFAULT_PART_BYTES, content_disposition, content_type, multipart_etag, part_size_for
 from actors.sandbox import Sandbox
-from actors.storage import OnStored, not_followed
+from actors.storage import OnStored, file_entry, missing_from_staging, not_followed
 from actors.storagetarget import S3Access, StorageTarget
 from actors.store_uploads import NoLedger, UploadRecord, Uploads
 from actors.task import FileSpec, iso_time
@@ -174,17 +174,9 @@ class S3Storage:
                 exc.file = exc.file or spec.path  # task.failed and Sentry name the file
                 raise
             except FileNotFoundError as exc:
-                raise TransientError(
-                    f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
-                    "it will be downloaded again"
-                ) from exc
-            entry: dict[str, Any] = {
-                "path": spec.path, "size": done.size, "url": spec.url, "location": self.location(done.key),
-                "verified": done.verified,
-            }  # fmt: skip
+                raise missing_from_staging(task_id, spec) from exc
             digest = spec.sha256 or (sandbox.sha256(index) if sha256 else None)
-            if digest:
-                entry["sha256"] = digest
+            entry = file_entry(spec, done.size, self.location(done.key), digest, done.verified)
             if self.link_seconds:
                 entry.update(self.link(done.key))
             stored.append(entry)

@@ -53,6 +53,25 @@ def not_followed(stored: int, sent: bool) -> None:
     """For callers that do not follow how much is stored."""
 
 
+def missing_from_staging(task_id: str, spec: FileSpec) -> TransientError:
+    """A finished file gone from staging (cleaned up by hand, a lost disk): downloaded again."""
+    return TransientError(
+        f"task {task_id}: the finished file {spec.path!r} is missing from staging; it will be downloaded again"
+    )
+
+
+def file_entry(
+    spec: FileSpec, size: int, location: str, digest: str | None, verified: str | None = None
+) -> dict[str, Any]:
+    """A stored file as task.completed lists it (every storage alike)."""
+    entry: dict[str, Any] = {"path": spec.path, "size": size, "url": spec.url, "location": location}
+    if verified is not None:
+        entry["verified"] = verified
+    if digest:
+        entry["sha256"] = digest
+    return entry
+
+
 class Storage(Protocol):
     """Where a finalize puts a task's finished files: :class:`LocalStorage` or
     :class:`actors.s3storage.S3Storage`."""
@@ -145,10 +164,7 @@ class LocalStorage:
                 temporary = self.temporary_dir / f"{task_id}-{uuid.uuid4().hex}"
                 size, placed = self._place(source, target, temporary, nested="/" in spec.path, step=step, fence=fence)
             except FileNotFoundError as exc:
-                raise TransientError(
-                    f"task {task_id}: the finished file {spec.path!r} is missing from staging; "
-                    "it will be downloaded again"
-                ) from exc
+                raise missing_from_staging(task_id, spec) from exc
             except OSError as exc:
                 if exc.errno == errno.ENAMETOOLONG:
                     raise UnsafePath(
@@ -159,11 +175,8 @@ class LocalStorage:
                     f"task {task_id}: storing {spec.path!r} in {target_root} failed ({exc.strerror})"
                 ) from exc
             on_stored(size, placed)
-            entry: dict[str, Any] = {"path": spec.path, "size": size, "url": spec.url, "location": str(target)}
             digest = spec.sha256 or (sandbox.sha256(index) or _hash_file(target, step) if sha256 else None)
-            if digest:
-                entry["sha256"] = digest
-            stored.append(entry)
+            stored.append(file_entry(spec, size, str(target), digest))
         return stored
 
     def _place(
