@@ -297,3 +297,24 @@ def test_a_page_of_an_allowed_origin_may_call_and_others_may_not(tmp_path: Path,
         read = started.call("GET", "/v1/counts", headers={"Origin": "https://shop.example"})
         assert read.status_code == 200 and read.headers["Access-Control-Allow-Origin"] == "https://shop.example"
         assert started.call("GET", "/v1/counts", headers={"Origin": "https://evil.example"}).status_code == 403
+
+
+def test_the_id_of_a_replaced_progress_event_is_a_place_to_go_on_from(api: Api, store: TaskStore) -> None:
+    from actors.events import EventLog
+    from tests.test_task_events import drain
+
+    task_id = api.call("POST", "/v1/tasks", json={"urls": ["https://cdn.example.com/v.mp4"]}).json()["id"]
+    now = time.time()
+    claim = store.claim(task_id, worker="w", now=now, lease_seconds=60, max_attempts=5, start=State.DOWNLOADING)
+    for n in (1, 2):  # two progress events; the second replaces the first in the task's stream
+        store.heartbeat(task_id, claim.token, now=now + 2 * n, lease_seconds=60, bytes_done=n, bytes_total=9,
+                        files_done=0)  # fmt: skip
+    everything = [e for batch in drain(EventLog(store.client, store.prefix)) for e in batch if e.task_id == task_id]
+    first, second = [e.task_stream_id for e in everything if e.type == "task.progress"]
+    kept = [e.id for e in EventLog(store.client, store.prefix).of_task(task_id)]
+    assert first not in kept and second in kept
+    # A client whose last event was the replaced one goes on with what replaced it, no reset
+    with api.call("GET", f"/v1/tasks/{task_id}/events", stream=True,
+                  headers={"Last-Event-ID": task_sse_id(task_id, first)}) as stream:  # fmt: skip
+        event_id, name, data = next(sse(stream))
+    assert name == "task.progress" and event_id == task_sse_id(task_id, second) and data["bytes_done"] == 2

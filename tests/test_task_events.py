@@ -69,11 +69,11 @@ def test_a_course_tells_every_step_once_in_order(
     assert final.final and [f["path"] for f in final.data["files"]] == list(files)
     assert all(f["location"] for f in final.data["files"])
     # The stream of all tasks holds the same events, each naming its entry in the task's stream
-    everything = [e for batch in _drain(EventLog(store.client, store.prefix)) for e in batch]
+    everything = [e for batch in drain(EventLog(store.client, store.prefix)) for e in batch]
     assert [e.task_stream_id for e in everything if e.task_id == task_id] == [e.id for e in events]
 
 
-def _drain(log: EventLog) -> list[list[Event]]:
+def drain(log: EventLog) -> list[list[Event]]:
     batches: list[list[Event]] = []
     for batch in log.follow("0", block_ms=10):
         if not batch:
@@ -120,7 +120,7 @@ def test_progress_is_at_most_once_a_second_with_a_speed(
     origin.rate = 2 * MIB  # 6 MiB in about 3 s
     task_id = submit_spec(spec_from_urls([origin.put("/slow.mp4", os.urandom(6 * MIB))]), store)
     assert wait_for(store, task_id).state is State.DONE
-    everything = [e for batch in _drain(EventLog(store.client, store.prefix)) for e in batch]
+    everything = [e for batch in drain(EventLog(store.client, store.prefix)) for e in batch]
     progress = [e for e in everything if e.task_id == task_id and e.type == "task.progress"]
     downloading = [e for e in progress if e.data["state"] == "downloading"]
     assert len(downloading) >= 2
@@ -159,7 +159,7 @@ def test_a_tasks_stream_keeps_one_progress_between_other_events(
     kept = [e.type for e in EventLog(store.client, store.prefix).of_task(task_id)]
     assert all(not (a == b == "task.progress") for a, b in zip(kept, kept[1:], strict=False)), kept
     # ... while the stream of all tasks had every one of them
-    everything = [e for batch in _drain(EventLog(store.client, store.prefix)) for e in batch if e.task_id == task_id]
+    everything = [e for batch in drain(EventLog(store.client, store.prefix)) for e in batch if e.task_id == task_id]
     assert sum(e.type == "task.progress" for e in everything) > sum(t == "task.progress" for t in kept)
 
 
