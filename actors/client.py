@@ -20,7 +20,9 @@ from __future__ import annotations
 import builtins
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -34,7 +36,7 @@ from actors.store import Cursor, TaskStore
 from actors.task import Task, TaskSpec
 
 if TYPE_CHECKING:
-    from actors.messages import Messages
+    from actors.messages import Messages, QueuedMessage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,18 @@ class RetryRefused(ClientError):
 
 class CancelRefused(ClientError):
     """The task has ended, or its completion is being announced."""
+
+
+@dataclass(frozen=True)
+class Creation:
+    """A task about to be created (:meth:`Client.prepare`): the create step writes it and its
+    claim message together (``claim`` None: the broker is not Redis's, the message goes apart)."""
+
+    spec: TaskSpec
+    task_id: str
+    now: float
+    replace: bool
+    claim: QueuedMessage | None
 
 
 class Client:
@@ -110,26 +124,41 @@ class Client:
         """Store a validated spec and send its claim message; return the task's id."""
         return self.create(spec, replace=replace)[0].id
 
-    def create(self, spec: TaskSpec, *, replace: bool = False) -> tuple[Task, bool]:
+    def create(self, spec: TaskSpec, *, replace: bool = False, by: str = "") -> tuple[Task, bool]:
         """:meth:`submit_spec`, answering the task as it is stored and whether it is new (False:
-        its key named it). A new task is answered as the create wrote it, without reading it."""
-        settings = self.settings
-        problem = check_keys(settings.object_storage, settings.storage_key, spec.key, [f.path for f in spec.files])
-        if problem is not None:
-            raise InvalidTask(problem)
-        now = self.clock()
-        task_id, created = self.store.create(spec, now=now, replace=replace)
+        its key named it). ``by`` names the submitter in the log (the API's token name)."""
+        creation = self.prepare(spec, replace=replace)
+        task_id, created = self.store.create(
+            spec, now=creation.now, task_id=creation.task_id, replace=replace, claim=creation.claim
+        )
         if created:
-            log.info("task %s: submitted (%d file(s), key %r)", task_id, len(spec.files), spec.key)
-            self.messages.claim(task_id)
-            known = sum(f.size or 0 for f in spec.files)  # as the create records it
-            return Task(id=task_id, spec=spec, state=State.QUEUED, created_at=now, updated_at=now,
-                        bytes_total=known), True  # fmt: skip
+            return self.created(creation, by=by), True
         log.info("task %s: key %r seen before; not created again", task_id, spec.key)
         task = self.get(task_id)
         if task.state is State.QUEUED:
             self.messages.claim(task_id)  # harmless if its message exists; recovers one that was lost
         return task, False
+
+    def prepare(self, spec: TaskSpec, *, replace: bool = False) -> Creation:
+        """A new task's id, time and claim message, once its storage keys are known to be valid."""
+        settings = self.settings
+        problem = check_keys(settings.object_storage, settings.storage_key, spec.key, [f.path for f in spec.files])
+        if problem is not None:
+            raise InvalidTask(problem)
+        task_id = uuid.uuid4().hex
+        return Creation(spec, task_id, self.clock(), replace, self.messages.queued_claim(task_id))
+
+    def created(self, creation: Creation, *, by: str = "") -> Task:
+        """The task ``creation`` made, as the create wrote it (no read), its claim message sent
+        where the create could not queue it."""
+        spec, task_id, now = creation.spec, creation.task_id, creation.now
+        log.info(
+            "task %s: submitted%s (%d file(s), key %r)", task_id, f" by {by}" if by else "", len(spec.files), spec.key
+        )
+        if creation.claim is None:
+            self.messages.claim(task_id)
+        known = sum(f.size or 0 for f in spec.files)  # as the create records it
+        return Task(id=task_id, spec=spec, state=State.QUEUED, created_at=now, updated_at=now, bytes_total=known)
 
     def get(self, task_id: str) -> Task:
         task = self.store.get(task_id)

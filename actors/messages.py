@@ -9,7 +9,9 @@ download, finalize in one thread), ``finalize`` goes on with a finalizing task t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+from uuid import uuid4
 
 import redis
 from dramatiq import Broker, Message
@@ -34,6 +36,18 @@ def redis_broker(settings: Settings) -> RedisBroker:
     return RedisBroker(connection_pool=pool)  # type: ignore[no-untyped-call]
 
 
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message as the entries Dramatiq's Redis broker keeps for it (the queue list and its
+    hash of message bodies), for a script to write in the step that creates the task: a new
+    task and its claim message exist together or not at all, in one round trip."""
+
+    queue_key: str
+    bodies_key: str
+    redis_id: str
+    body: bytes
+
+
 class Messages:
     """Sends haul's messages through ``broker``."""
 
@@ -43,6 +57,19 @@ class Messages:
     def claim(self, task_id: str, delay_seconds: float = 0.0) -> None:
         """Ask a worker to run the task (submit, retry, a rescued orphan, the next attempt)."""
         self._send("claim", (task_id,), delay_seconds)
+
+    def queued_claim(self, task_id: str) -> QueuedMessage | None:
+        """The claim message of a new task as :meth:`claim` would enqueue it with Dramatiq's
+        Redis broker, for :meth:`actors.store.TaskStore.create` to write (None: this broker is
+        not Redis's; send with :meth:`claim`). The layout is ``RedisBroker.enqueue``'s
+        (dramatiq 2.x): the body in ``<namespace>:<queue>.msgs`` under a fresh id, the id
+        pushed on ``<namespace>:<queue>``; no default middleware acts on enqueue."""
+        if not isinstance(self.broker, RedisBroker):
+            return None
+        redis_id = str(uuid4())
+        message = self._message("claim", (task_id,)).copy(options={"redis_message_id": redis_id})
+        queue = f"{self.broker.namespace}:{CLAIM_QUEUE}"
+        return QueuedMessage(queue, f"{queue}.msgs", redis_id, message.encode())
 
     def finalize(self, task_id: str, token: int, failing_since: float = 0.0, delay_seconds: float = 0.0) -> None:
         """Go on finalizing a task that rests under ``token`` (a slot wait, an outage, a resend)."""
@@ -63,7 +90,8 @@ class Messages:
             self.notify(task_id)
 
     def _send(self, actor: str, args: tuple[Any, ...], delay_seconds: float) -> None:
-        message: Message[Any] = Message(
-            queue_name=ACTOR_QUEUES[actor], actor_name=actor, args=args, kwargs={}, options={}
-        )
-        self.broker.enqueue(message, delay=int(delay_seconds * 1000) or None)
+        self.broker.enqueue(self._message(actor, args), delay=int(delay_seconds * 1000) or None)
+
+    @staticmethod
+    def _message(actor: str, args: tuple[Any, ...]) -> Message[Any]:
+        return Message(queue_name=ACTOR_QUEUES[actor], actor_name=actor, args=args, kwargs={}, options={})

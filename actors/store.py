@@ -14,7 +14,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from actors.stagemeter import Tallies
@@ -31,6 +31,9 @@ from actors.task import (
     request_hash,
     storage_fields,
 )
+
+if TYPE_CHECKING:
+    from actors.messages import QueuedMessage
 
 
 @dataclass(frozen=True)
@@ -105,22 +108,28 @@ class TaskStore(SweepStore):
     """Typed operations on tasks, each one round trip."""
 
     def create(
-        self, spec: TaskSpec, now: float, task_id: str | None = None, *, replace: bool = False
+        self,
+        spec: TaskSpec,
+        now: float,
+        task_id: str | None = None,
+        *,
+        replace: bool = False,
+        claim: QueuedMessage | None = None,
     ) -> tuple[str, bool]:
         """Store a new ``queued`` task; with ``spec.key`` seen before for the same request,
-        return that task instead. Returns ``(task id, created)``.
+        return that task instead. Returns ``(task id, created)``. A new task's ``claim``
+        message is queued in the same step (none is queued for a task found by its key).
 
         Raises :class:`KeyConflict` naming the first differing field when the key was seen
         with a different request. With ``replace``, a key whose task ended failed, dead or
         canceled names a new task (the old record stays); any other state raises KeyConflict.
         """
-        task_id = task_id or uuid.uuid4().hex
-        keys, arguments = self._creation(spec, task_id, now, replace)
-        reply = self._call("create", keys, *arguments)
+        keys, argv = self.create_call(spec, now, task_id or uuid.uuid4().hex, replace=replace, claim=claim)
+        reply = self._scripts["create"](keys=keys, args=argv)
         found, outcome = text_of(reply[0]), CreateReply(text_of(reply[1]))
         first = self.get(found) if outcome is CreateReply.DIFFERENT else None
         if outcome is CreateReply.DIFFERENT and first is None:  # pruned since: its key is free now
-            reply = self._call("create", keys, *arguments)
+            reply = self._scripts["create"](keys=keys, args=argv)
             found, outcome = text_of(reply[0]), CreateReply(text_of(reply[1]))
             first = self.get(found) if outcome is CreateReply.DIFFERENT else None
         if outcome is CreateReply.NOT_REPLACEABLE:
@@ -139,8 +148,12 @@ class TaskStore(SweepStore):
                 )
         return found, outcome is CreateReply.CREATED
 
-    def _creation(self, spec: TaskSpec, task_id: str, now: float, replace: bool) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of create.lua for ``spec`` as task ``task_id``."""
+    def create_call(
+        self, spec: TaskSpec, now: float, task_id: str, *, replace: bool = False, claim: QueuedMessage | None = None
+    ) -> tuple[list[str], list[Any]]:
+        """create.lua's KEYS and ARGV for ``spec`` as task ``task_id``, also for a caller that
+        runs the script on a connection of its own (:meth:`script_text`; the API does, from its
+        event loop) and goes on with :meth:`create` for any answer other than ``created``."""
         described: dict[str, Any] = {"files": [f.to_json() for f in spec.files]}
         if spec.name:
             described["name"] = spec.name
@@ -148,6 +161,7 @@ class TaskStore(SweepStore):
             described["webhook"] = spec.webhook
         if spec.accept != DEFAULT_ACCEPT:
             described["accept"] = list(spec.accept)
+        asked = request_hash(spec)
         fields: dict[str, Any] = {
             "key": spec.key or "",
             "hosts": " ".join(sorted({urlsplit(f.url).hostname or "" for f in spec.files})),
@@ -158,14 +172,14 @@ class TaskStore(SweepStore):
             "token": 0,
             "run": 0,
             "created_at": now,
-            "request_hash": request_hash(spec),
+            "request_hash": asked,
         }
-        keys = [self.task_key(task_id), self.spec_key(task_id)]
-        if spec.key:
-            keys.append(f"{self.prefix}key:{spec.key}")
+        keys = [self.task_key(task_id), self.spec_key(task_id), f"{self.prefix}key:{spec.key}" if spec.key else ""]
+        keys += [claim.queue_key, claim.bodies_key] if claim else ["", ""]
+        message = [claim.redis_id, claim.body] if claim else ["", ""]
         flat = [item for pair in fields.items() for item in pair]
         spec_json = json.dumps(described, separators=(",", ":"))
-        return keys, [task_id, now, spec_json, request_hash(spec), "1" if replace else "0", *flat]
+        return keys, self._argv((task_id, now, spec_json, asked, "1" if replace else "0", *message, *flat))
 
     def claim(
         self,

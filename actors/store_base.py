@@ -134,7 +134,15 @@ class StoreBase:
         return f"{self.prefix}supervisor:leader"
 
     def _call(self, name: str, keys: list[str], *args: Any, client: Any = None) -> Any:
-        """Run a script (or queue it on a pipeline ``client``); times (floats) go as
-        milliseconds-precise text, which is all we need."""
-        texts = [f"{a:.3f}" if isinstance(a, float) else a for a in args]
-        return self._scripts[name](keys=keys, args=[self.prefix, *texts], client=client)
+        """Run a script (or queue it on a pipeline ``client``)."""
+        return self._scripts[name](keys=keys, args=self._argv(args), client=client)
+
+    def _argv(self, args: tuple[Any, ...]) -> list[Any]:
+        """A script's ARGV: the prefix, then ``args`` with times (floats) as milliseconds-precise
+        text, which is all we need."""
+        return [self.prefix, *(f"{a:.3f}" if isinstance(a, float) else a for a in args)]
+
+    @staticmethod
+    def script_text(name: str) -> str:
+        """A script's source, for a client of another kind (redis.asyncio) to run it."""
+        return _load_script(name)

@@ -153,6 +153,9 @@ class ClaimsOnly(Messages):
     def claim(self, task_id: str, delay_seconds: float = 0.0) -> None:
         self.on_claim(task_id)
 
+    def queued_claim(self, task_id: str) -> None:
+        return None  # a new task's claim goes to on_claim too
+
     def finalize(self, task_id: str, token: int, failing_since: float = 0.0, delay_seconds: float = 0.0) -> None:
         pass
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 
 from actors.states import State
@@ -19,6 +20,7 @@ from actors.store import TaskStore
 from supervisor.api.sse import task_sse_id
 from tests.apiserver import FULL, READ, Api, api_env, sse, start_api
 from tests.processes import running
+from tests.redisserver import RedisServer
 from tests.servers import Origin, Receiver
 
 pytestmark = pytest.mark.e2e
@@ -80,6 +82,31 @@ def test_submit_is_idempotent_on_the_key_and_refusals_are_problem_details(api: A
     assert api.call("POST", f"/v1/tasks/{task['id']}/cancel").status_code == 409
     # No token ever reaches the log
     assert FULL not in api.process.output() and READ not in api.process.output()
+
+
+def test_a_submit_while_redis_is_down_is_a_503_and_the_next_one_once_it_is_back_is_queued(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    client = redis.Redis.from_url(server.url)
+    course = {"urls": ["https://cdn.example.com/a.mp4"]}
+    try:
+        api = start_api(tmp_path, api_env(tmp_path, server.url, receiver.url))
+        with running(api.process):
+            assert api.call("POST", "/v1/tasks", json=course).status_code == 201
+            server.kill()
+            down = api.call("POST", "/v1/tasks", json=course)
+            assert down.status_code == 503 and down.headers["Content-Type"] == "application/problem+json"
+            assert "HAUL_REDIS_URL" in down.json()["detail"]
+            server.start()
+            assert api.call("POST", "/v1/tasks", json=course).status_code == 201
+        # Each task with its claim message, and no message without its task
+        assert len(client.zrange("haul:state:queued", 0, -1)) == 2 == client.llen("dramatiq:claim")
+        assert "submitted by API token 'backend'" in api.process.output()
+    finally:
+        client.close()
+        server.stop()
 
 
 def test_a_watch_token_reads_its_task_and_nothing_else(api: Api) -> None:

@@ -5,10 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from dramatiq import Message
 
 from actors.manifest import spec_from_urls
+from actors.messages import CLAIM_QUEUE, Messages, redis_broker
+from actors.settings import Settings
 from actors.states import CancelReply, State
 from actors.store import Claim, TaskStore
+from actors.store_base import text_of
+from actors.task import KeyConflict
 
 pytestmark = pytest.mark.fast
 
@@ -35,6 +40,31 @@ def test_create_is_idempotent_on_key(store: TaskStore) -> None:
     unkeyed = spec_from_urls(["https://cdn.example.com/a.mp4"])
     assert store.create(unkeyed, now=NOW)[0] != store.create(unkeyed, now=NOW)[0]
     assert store.counts()[State.QUEUED] == 3
+
+
+def test_a_new_task_and_its_claim_message_are_written_in_one_step(store: TaskStore, redis_url: str) -> None:
+    broker = redis_broker(Settings(redis_url=redis_url))
+    sender = Messages(broker)
+    try:
+        queue = f"{broker.namespace}:{CLAIM_QUEUE}"
+        first, created = store.create(SPEC, now=NOW, task_id="t1", claim=sender.queued_claim("t1"))
+        [queued] = [text_of(i) for i in store.client.lrange(queue, 0, -1)]
+        body = store.client.hget(f"{queue}.msgs", queued)
+        assert created and isinstance(body, bytes)
+        message = Message.decode(body)
+        assert (message.actor_name, tuple(message.args), message.options["redis_message_id"]) == (
+            "claim",
+            ("t1",),
+            queued,
+        )
+        # A key seen before, or one used for another request, queues nothing: its task was queued once
+        assert store.create(SPEC, now=NOW, task_id="t2", claim=sender.queued_claim("t2")) == ("t1", False)
+        other = spec_from_urls(["https://cdn.example.com/b.mp4"], key="order-7")
+        with pytest.raises(KeyConflict):
+            store.create(other, now=NOW, task_id="t3", claim=sender.queued_claim("t3"))
+        assert store.client.llen(queue) == 1 and store.client.hlen(f"{queue}.msgs") == 1
+    finally:
+        broker.close()
 
 
 def test_claim_gives_a_lease_and_skips_live_or_final_tasks(store: TaskStore) -> None:

@@ -5,18 +5,22 @@
 -- record stays; prune.lua deletes a key only while it still names the pruned task).
 -- KEYS[1]  $prefix task:$id       the task hash
 -- KEYS[2]  $prefix spec:$id       what the task asks for (JSON)
--- KEYS[3]  $prefix key:$key       (optional) idempotency index: key -> task id
+-- KEYS[3]  $prefix key:$key       idempotency index: key -> task id ('' for a task without key)
+-- KEYS[4]  the claim queue         Dramatiq's list of message ids ('' to send the message apart)
+-- KEYS[5]  its message bodies      Dramatiq's hash: message id -> body
 -- ARGV[1]  prefix
 -- ARGV[2]  task id
 -- ARGV[3]  now (seconds)
 -- ARGV[4]  the spec JSON
 -- ARGV[5]  the request hash
 -- ARGV[6]  '1' to replace an ended (failed, dead, canceled) task under the key, else '0'
--- ARGV[7..] field, value, ... of the new task hash
--- Returns {id, 'created'} | {existing id, 'same'} | {existing id, 'different'}
+-- ARGV[7]  the claim message's id in the queue
+-- ARGV[8]  the claim message's body
+-- ARGV[9..] field, value, ... of the new task hash
+-- Returns {id, 'created'} (its claim message queued when one was given) | {existing id, 'same'} | {existing id, 'different'}
 --       | {existing id, 'not_replaceable', its state} (replace asked for a task not failed/dead/canceled)
 local id = ARGV[2]
-if KEYS[3] then
+if KEYS[3] ~= '' then
   local existing = redis.call('GET', KEYS[3])
   if existing then
     local t = redis.call('HMGET', prefix .. 'task:' .. existing, 'state', 'request_hash')
@@ -37,6 +41,10 @@ if KEYS[3] then
   redis.call('SET', KEYS[3], id)
 end
 redis.call('SET', KEYS[2], ARGV[4])
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 set_state(KEYS[1], id, false, 'queued', ARGV[3])
+if KEYS[4] ~= '' then  -- as Dramatiq's RedisBroker enqueues: body first, then the id on the list
+  redis.call('HSET', KEYS[5], ARGV[7], ARGV[8])
+  redis.call('RPUSH', KEYS[4], ARGV[7])
+end
 return {id, 'created'}

@@ -2,8 +2,9 @@
 
 Every route goes through the same :class:`actors.client.Client` a Python backend uses (its
 calls run in Starlette's thread pool: a Redis round trip each), so the API holds no task logic
-of its own. Events are read with redis.asyncio (:mod:`supervisor.api.sse`). Refusals are
-problem details (:mod:`supervisor.api.problems`).
+of its own. Two things run on redis.asyncio instead: a submit's create step, the one call a
+busy backend makes hundreds of times a second (:meth:`Api.create`), and the events
+(:mod:`supervisor.api.sse`). Refusals are problem details (:mod:`supervisor.api.problems`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -35,8 +37,9 @@ from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
 from actors.errors import InvalidTask
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.settings import Settings
-from actors.states import State
+from actors.states import CreateReply, State
 from actors.store import Cursor
+from actors.store_base import REDIS_SOCKET_TIMEOUT_SECONDS, redis_options, text_of
 from actors.task import KeyConflict, Task, TaskSpec
 from supervisor.api.auth import Caller, authenticate, make_watch_token, view_for
 from supervisor.api.openapi import DOCS_JS, docs_page, document
@@ -57,11 +60,14 @@ class Api:
 
     def __init__(self, settings: Settings, client: Client, clock: Callable[[], float] = time.time) -> None:
         self.settings, self.api, self.client, self.clock = settings, settings.api, client, clock
-        self.events_redis = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, socket_keepalive=True, max_connections=64
+        # Requests past the pool's size wait for a connection rather than fail.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=64, timeout=REDIS_SOCKET_TIMEOUT_SECONDS, **redis_options()
         )
+        self.redis = aioredis.Redis(connection_pool=pool)
+        self.create_script = self.redis.register_script(client.store.script_text("create"))
         self.hub = Hub(settings.redis_url, f"{client.store.prefix}events")
-        self.streams = EventStreams(self.events_redis, self.hub, client.store.prefix)
+        self.streams = EventStreams(self.redis, self.hub, client.store.prefix)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -89,6 +95,19 @@ class Api:
             if host not in LOOPBACK_NAMES and host != self.api.host:
                 raise Problem(403, f"Host {host!r} is not this API's address; without tokens it answers loopback only")
 
+    async def create(self, spec: TaskSpec, caller: Caller) -> tuple[Task, bool]:
+        """Create a task from the event loop: create.lua runs on the API's async connection, so
+        a new task costs one round trip and no thread. An answer other than ``created`` (the key
+        names a task: read it, compare the requests, refuse) is the client's, in a thread."""
+        by = f"API token {caller.name!r}"
+        creation = self.client.prepare(spec)
+        store = self.client.store
+        keys, argv = store.create_call(spec, creation.now, creation.task_id, claim=creation.claim)
+        reply = await self.create_script(keys=keys, args=argv)
+        if CreateReply(text_of(reply[1])) is CreateReply.CREATED:
+            return self.client.created(creation, by=by), True
+        return await run_in_threadpool(functools.partial(self.client.create, spec, by=by))
+
     async def task(self, task_id: str) -> Task:
         try:
             return await run_in_threadpool(self.client.get, task_id)
@@ -105,7 +124,7 @@ class Api:
         body = await read_json(request, self.api.max_body_bytes)
         spec = spec_of(body, idempotency_key(request.headers.get("idempotency-key")))
         try:
-            task, created = await run_in_threadpool(self.client.create, spec)
+            task, created = await self.create(spec, caller)
         except KeyConflict as exc:
             raise Problem(422, str(exc), errors=[{"pointer": "/key", "detail": str(exc)}]) from exc
         except InvalidTask as exc:
@@ -113,8 +132,6 @@ class Api:
         except TaskNotFound as exc:  # pruned between the create and the read: rare, and transient
             raise Problem(503, str(exc)) from exc
         task_id = task.id
-        if created:
-            log.info("api: task %s submitted by %s", task_id, caller.name)
         answer = task.as_status()
         watch = make_watch_token(self.api, task_id, self.clock())
         if watch is not None:
@@ -186,7 +203,7 @@ class Api:
 
     async def healthz(self, request: Request) -> Response:
         try:
-            await self.events_redis.ping()
+            await self.redis.ping()
         except redis.RedisError as exc:
             raise Problem(503, f"Redis at HAUL_REDIS_URL does not answer ({type(exc).__name__})") from exc
         if not self.hub.alive:
@@ -204,7 +221,7 @@ class Api:
 
     async def close(self) -> None:
         await self.hub.stop()
-        await self.events_redis.aclose()
+        await self.redis.aclose()
         await run_in_threadpool(self.client.close)
 
 
