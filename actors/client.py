@@ -157,8 +157,8 @@ class Client:
         )
         if creation.claim is None:
             self.messages.claim(task_id)
-        known = sum(f.size or 0 for f in spec.files)  # as the create records it
-        return Task(id=task_id, spec=spec, state=State.QUEUED, created_at=now, updated_at=now, bytes_total=known)
+        return Task(id=task_id, spec=spec, state=State.QUEUED, created_at=now, updated_at=now,
+                    bytes_total=spec.known_bytes)  # fmt: skip
 
     def get(self, task_id: str) -> Task:
         task = self.store.get(task_id)

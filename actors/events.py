@@ -7,8 +7,8 @@ from its start to a client that follows the task) and the stream of all tasks (`
 which an API process reads once and fans out). A task's stream is never trimmed: its latest
 task.progress replaces the one before it, so it grows with files and state changes, not with
 time, and goes when the task is pruned. The stream of all tasks is trimmed to about
-HAUL_EVENTS_RETAIN entries; a reader whose position was trimmed away is told so
-(:meth:`EventLog.lost`) rather than shown a gap.
+HAUL_EVENTS_RETAIN entries; the API answers a reader whose position is no longer in it with a
+reset rather than a gap (:mod:`supervisor.api.sse`).
 
 Names are the webhook types plus the steps a live view needs:
 
@@ -121,19 +121,6 @@ def stream_id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def trimmed_past(info: dict[Any, Any], after: str) -> bool:
-    """Whether a stream (its XINFO STREAM) may have lost entries after ``after`` ('0': from the
-    start) to trimming: the reader would miss them, and must re-read the state instead.
-    Trimming keeps no record of which ids went, so a reader whose position is older than the
-    first entry kept is told so even when the one it read last was the last trimmed (a re-read
-    too many, never a gap)."""
-    added = info.get("entries-added")
-    if added is not None and int(added) <= int(info.get("length", 0)):
-        return False  # nothing trimmed (before Redis 7 it cannot be told: a reader is told it may be)
-    first = info.get("first-entry")
-    return first is None or after == "0" or stream_id_key(after) < stream_id_key(text_of(first[0]))
-
-
 class EventLog:
     """Reads the event streams (synchronously; the API reads them with redis.asyncio through
     the same keys and :func:`event_of`)."""
@@ -159,15 +146,6 @@ class EventLog:
         start = "(" + after if after != "0" else "-"
         entries: list[Any] = self.client.xrange(self.task_key(task_id), start, "+", count) or []
         return [event_of(i, f, task_id) for i, f in entries]
-
-    def lost(self, key: str, after: str) -> bool:
-        """Whether entries after ``after`` ('0': from the start) may have been trimmed from
-        stream ``key`` (:func:`trimmed_past`)."""
-        try:
-            info = self.client.xinfo_stream(key)
-        except redis.ResponseError:  # no such stream: nothing was ever trimmed from it
-            return False
-        return trimmed_past(info, after)
 
     def position(self) -> str:
         """Where the stream of all tasks ends now (to follow it from there)."""

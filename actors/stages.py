@@ -140,7 +140,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
         )
     sandbox = Sandbox(s.staging_dir, task_id)
     sandbox.prepare()
-    known = sum(f.size or 0 for f in task.spec.files)
+    known = task.spec.known_bytes
     if s.max_task_bytes and known > s.max_task_bytes:
         raise TooLarge(
             f"task {task_id}: its files add up to {known} bytes, above HAUL_MAX_TASK_BYTES={s.max_task_bytes}"

@@ -165,7 +165,7 @@ class TaskStore(SweepStore):
         fields: dict[str, Any] = {
             "key": spec.key or "",
             "hosts": " ".join(sorted({urlsplit(f.url).hostname or "" for f in spec.files})),
-            "bytes_total": sum(f.size or 0 for f in spec.files),
+            "bytes_total": spec.known_bytes,
             "bytes_done": 0,
             "files_done": 0,
             "attempts": 0,
@@ -174,8 +174,9 @@ class TaskStore(SweepStore):
             "created_at": now,
             "request_hash": asked,
         }
-        keys = [self.task_key(task_id), self.spec_key(task_id), f"{self.prefix}key:{spec.key}" if spec.key else ""]
-        keys += [claim.queue_key, claim.bodies_key] if claim else ["", ""]
+        keys = [self.task_key(task_id), self.spec_key(task_id)]
+        keys += [claim.queue_key, claim.bodies_key] if claim else []
+        keys += [f"{self.prefix}key:{spec.key}"] if spec.key else []
         message = [claim.redis_id, claim.body] if claim else ["", ""]
         flat = [item for pair in fields.items() for item in pair]
         spec_json = json.dumps(described, separators=(",", ":"))

@@ -74,6 +74,12 @@ class TaskSpec:
     webhook: str | None = None
     accept: tuple[str, ...] = DEFAULT_ACCEPT
 
+    @property
+    def known_bytes(self) -> int:
+        """The sum of the sizes the caller gave (a new task's ``bytes_total`` until the origins
+        tell the rest)."""
+        return sum(f.size or 0 for f in self.files)
+
 
 @dataclass(frozen=True)
 class Task:

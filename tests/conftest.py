@@ -127,6 +127,18 @@ def runtime_for(settings: Settings, store: TaskStore) -> Runtime:
     return Runtime.build(settings, store=store)
 
 
+@contextmanager
+def small_stream_nodes(client: redis.Redis) -> Iterator[None]:
+    """Streams of 4 entries a node while it lasts: MAXLEN ~ trims whole nodes, so a test trims
+    a stream with a few dozen entries (the setting is the session Redis's, hence restored)."""
+    before: Any = client.config_get("stream-node-max-entries")["stream-node-max-entries"]
+    client.config_set("stream-node-max-entries", 4)
+    try:
+        yield
+    finally:
+        client.config_set("stream-node-max-entries", before)
+
+
 def messages() -> Messages:
     """Messages sent as a backend or an operator sends them: through the test session's own
     broker on its Redis, so any worker on that Redis takes them."""

@@ -47,7 +47,8 @@ def test_a_new_task_and_its_claim_message_are_written_in_one_step(store: TaskSto
     sender = Messages(broker)
     try:
         queue = f"{broker.namespace}:{CLAIM_QUEUE}"
-        first, created = store.create(SPEC, now=NOW, task_id="t1", claim=sender.queued_claim("t1"))
+        sent = sender.queued_claim("t1")
+        first, created = store.create(SPEC, now=NOW, task_id="t1", claim=sent)
         [queued] = [text_of(i) for i in store.client.lrange(queue, 0, -1)]
         body = store.client.hget(f"{queue}.msgs", queued)
         assert created and isinstance(body, bytes)
@@ -63,6 +64,14 @@ def test_a_new_task_and_its_claim_message_are_written_in_one_step(store: TaskSto
         with pytest.raises(KeyConflict):
             store.create(other, now=NOW, task_id="t3", claim=sender.queued_claim("t3"))
         assert store.client.llen(queue) == 1 and store.client.hlen(f"{queue}.msgs") == 1
+        # The same call resent (redis-py retries a command whose reply was lost) once a worker
+        # runs the task: answered as created, and neither the task nor the queue change
+        running = claim(store, "t1")
+        keys, argv = store.create_call(SPEC, NOW, "t1", claim=sent)
+        assert store.client.evalsha(store._scripts["create"].sha, len(keys), *keys, *argv)[1] == b"created"
+        again = store.get("t1")
+        assert again is not None and (again.state, again.token) == (State.CLAIMED, running.token)
+        assert store.client.llen(queue) == 1 and store.counts()[State.QUEUED] == 0
     finally:
         broker.close()
 

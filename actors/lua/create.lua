@@ -5,23 +5,31 @@
 -- record stays; prune.lua deletes a key only while it still names the pruned task).
 -- KEYS[1]  $prefix task:$id       the task hash
 -- KEYS[2]  $prefix spec:$id       what the task asks for (JSON)
--- KEYS[3]  $prefix key:$key       idempotency index: key -> task id ('' for a task without key)
--- KEYS[4]  the claim queue         Dramatiq's list of message ids ('' to send the message apart)
--- KEYS[5]  its message bodies      Dramatiq's hash: message id -> body
+-- KEYS[3]  the claim queue         (with a message, ARGV[7]) Dramatiq's list of message ids
+-- KEYS[4]  its message bodies      (with a message) Dramatiq's hash: message id -> body
+-- KEYS[n]  $prefix key:$key       (last, optional) idempotency index: key -> task id
 -- ARGV[1]  prefix
 -- ARGV[2]  task id
 -- ARGV[3]  now (seconds)
 -- ARGV[4]  the spec JSON
 -- ARGV[5]  the request hash
 -- ARGV[6]  '1' to replace an ended (failed, dead, canceled) task under the key, else '0'
--- ARGV[7]  the claim message's id in the queue
+-- ARGV[7]  the claim message's id in the queue ('' when the caller sends the message apart)
 -- ARGV[8]  the claim message's body
 -- ARGV[9..] field, value, ... of the new task hash
--- Returns {id, 'created'} (its claim message queued when one was given) | {existing id, 'same'} | {existing id, 'different'}
+-- Returns {id, 'created'} (its claim message queued when one was given) | {existing id, 'same'}
+--       | {existing id, 'different'}
 --       | {existing id, 'not_replaceable', its state} (replace asked for a task not failed/dead/canceled)
 local id = ARGV[2]
-if KEYS[3] ~= '' then
-  local existing = redis.call('GET', KEYS[3])
+-- The same call again (a client library resending it after a lost reply) must not reset a task
+-- a worker may already be running: the id is new to every call but a resent one.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {id, 'created'}
+end
+local with_message = ARGV[7] ~= ''
+local key_index = KEYS[with_message and 5 or 3]
+if key_index then
+  local existing = redis.call('GET', key_index)
   if existing then
     local t = redis.call('HMGET', prefix .. 'task:' .. existing, 'state', 'request_hash')
     if t[1] then  -- a key naming a record that is gone is free again
@@ -38,13 +46,13 @@ if KEYS[3] ~= '' then
       end
     end
   end
-  redis.call('SET', KEYS[3], id)
+  redis.call('SET', key_index, id)
 end
 redis.call('SET', KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 set_state(KEYS[1], id, false, 'queued', ARGV[3])
-if KEYS[4] ~= '' then  -- as Dramatiq's RedisBroker enqueues: body first, then the id on the list
-  redis.call('HSET', KEYS[5], ARGV[7], ARGV[8])
-  redis.call('RPUSH', KEYS[4], ARGV[7])
+if with_message then  -- as Dramatiq's RedisBroker enqueues: body first, then the id on the list
+  redis.call('HSET', KEYS[4], ARGV[7], ARGV[8])
+  redis.call('RPUSH', KEYS[3], ARGV[7])
 end
 return {id, 'created'}

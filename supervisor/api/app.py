@@ -2,9 +2,9 @@
 
 Every route goes through the same :class:`actors.client.Client` a Python backend uses (its
 calls run in Starlette's thread pool: a Redis round trip each), so the API holds no task logic
-of its own. Two things run on redis.asyncio instead: a submit's create step, the one call a
-busy backend makes hundreds of times a second (:meth:`Api.create`), and the events
-(:mod:`supervisor.api.sse`). Refusals are problem details (:mod:`supervisor.api.problems`).
+of its own. Two things run on redis.asyncio instead: the events (:mod:`supervisor.api.sse`),
+and a submit's create step, the call a busy backend makes hundreds of times a second: the
+client prepares it and reads its answer, the API only sends the script (:meth:`Api.create`). Refusals are problem details (:mod:`supervisor.api.problems`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 import swagger_ui_bundle
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialWithJitterBackoff
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -60,11 +62,14 @@ class Api:
 
     def __init__(self, settings: Settings, client: Client, clock: Callable[[], float] = time.time) -> None:
         self.settings, self.api, self.client, self.clock = settings, settings.api, client, clock
-        # Requests past the pool's size wait for a connection rather than fail.
+        # Requests past the pool's size wait for a connection rather than fail; a command whose
+        # connection broke is sent again (create.lua answers a resent call without a second task).
         pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=64, timeout=REDIS_SOCKET_TIMEOUT_SECONDS, **redis_options()
-        )
+            settings.redis_url, max_connections=64, timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
+            retry=AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 3), **redis_options(),
+        )  # fmt: skip
         self.redis = aioredis.Redis(connection_pool=pool)
+        client.messages  # noqa: B018  built now, not by two requests at once
         self.create_script = self.redis.register_script(client.store.script_text("create"))
         self.hub = Hub(settings.redis_url, f"{client.store.prefix}events")
         self.streams = EventStreams(self.redis, self.hub, client.store.prefix)
@@ -101,6 +106,8 @@ class Api:
         names a task: read it, compare the requests, refuse) is the client's, in a thread."""
         by = f"API token {caller.name!r}"
         creation = self.client.prepare(spec)
+        if creation.claim is None:  # a broker that is not Redis's: its send blocks
+            return await run_in_threadpool(functools.partial(self.client.create, spec, by=by))
         store = self.client.store
         keys, argv = store.create_call(spec, creation.now, creation.task_id, claim=creation.claim)
         reply = await self.create_script(keys=keys, args=argv)
@@ -221,7 +228,7 @@ class Api:
 
     async def close(self) -> None:
         await self.hub.stop()
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
         await run_in_threadpool(self.client.close)
 
 

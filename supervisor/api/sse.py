@@ -35,7 +35,7 @@ from starlette.responses import Response, StreamingResponse
 
 from actors.events import Event, event_of, stream_id_key
 from actors.states import FINAL_STATES
-from actors.store_base import text_of
+from actors.store_base import REDIS_SOCKET_TIMEOUT_SECONDS, redis_options, text_of
 from supervisor.api.auth import watcher_view
 from supervisor.api.problems import Problem
 
@@ -94,7 +94,9 @@ class Hub:
     """The one reader of the stream of all tasks in this process (see the module docstring)."""
 
     def __init__(self, url: str, key: str) -> None:
-        self.client = aioredis.Redis.from_url(url, socket_connect_timeout=5, socket_keepalive=True)
+        # Its reads block up to KEEPALIVE_SECONDS; a half-open connection is cut after that.
+        timeout = KEEPALIVE_SECONDS + REDIS_SOCKET_TIMEOUT_SECONDS
+        self.client = aioredis.Redis.from_url(url, **(redis_options() | {"socket_timeout": timeout}))
         self.key = key
         self.subscribers: dict[str | None, set[Subscription]] = {}
         self._reader: asyncio.Task[None] | None = None
