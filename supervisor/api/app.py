@@ -4,7 +4,8 @@ Every route goes through the same :class:`actors.client.Client` a Python backend
 calls run in Starlette's thread pool: a Redis round trip each), so the API holds no task logic
 of its own. Two things run on redis.asyncio instead: the events (:mod:`supervisor.api.sse`),
 and a submit's create step, the call a busy backend makes hundreds of times a second: the
-client prepares it and reads its answer, the API only sends the script (:meth:`Api.create`). Refusals are problem details (:mod:`supervisor.api.problems`).
+client prepares it and reads its answer, the API only sends the script (:meth:`Api.create`).
+Refusals are problem details (:mod:`supervisor.api.problems`).
 """
 
 from __future__ import annotations
