@@ -73,7 +73,15 @@ def directory(env: Mapping[str, str], name: str, default: Path | None) -> Path |
     return path.absolute()
 
 
-def number(env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False) -> float:
+def number(
+    env: Mapping[str, str],
+    name: str,
+    default: float,
+    *,
+    minimum: float,
+    maximum: float | None = None,
+    integer: bool = False,
+) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -84,6 +92,8 @@ def number(env: Mapping[str, str], name: str, default: float, *, minimum: float,
         raise SettingsError(f"{name} must be {kind} (got {raw!r})") from None
     if value < minimum or value != value:
         raise SettingsError(f"{name} must be at least {minimum:g} (got {raw!r})")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name} must be at most {maximum:g} (got {raw!r})")
     return value
 
 

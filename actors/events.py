@@ -17,7 +17,8 @@ Names are the webhook types plus the steps a live view needs:
 ``task.retried``      queued again by an operator's retry
 ``task.claimed``      taken by a worker that has not started downloading yet
 ``task.started``      downloading (``worker``)
-``task.progress``     at most once a second: bytes and files done, bytes stored, speed
+``task.progress``     at most once a second: bytes and files done, bytes stored, speed; while
+                      downloading, the files in flight (``active``) and ``connections``
 ``file.completed``    one file downloaded (``index``, ``path``, ``size``, the task's ``bytes_done``)
 ``task.finalizing``   downloaded; storing and announcing
 ``task.completed``    done (``files``: where each was stored, as the webhook says)
@@ -59,7 +60,18 @@ DEFAULT_RETAIN = 100_000
 
 #: Fields whose values are whole numbers.
 _NUMBERS = frozenset(
-    {"attempt", "run", "index", "size", "bytes_done", "bytes_total", "files_done", "bytes_stored", "speed"}
+    {
+        "attempt",
+        "run",
+        "index",
+        "size",
+        "bytes_done",
+        "bytes_total",
+        "files_done",
+        "bytes_stored",
+        "speed",
+        "connections",
+    }
 )
 
 
@@ -101,6 +113,9 @@ def event_of(entry_id: Any, fields: dict[Any, Any], task_id: str = "") -> Event:
             data[key] = int(text)
         elif key == "files":
             data[key] = json.loads(text)
+        elif key == "active":  # files in flight: [index, bytes done, bytes total or 0, connections]
+            data[key] = [dict(zip(("index", "bytes_done", "bytes_total", "connections"), e, strict=True))
+                         for e in json.loads(text)]  # fmt: skip
         elif key == "not_before":
             data[key] = float(text)
         else:

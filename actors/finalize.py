@@ -73,7 +73,7 @@ class StoredBytes:
     def add(self, more: int, sent: bool) -> None:
         self.bytes += more
         if sent:
-            self.lease.tally.moved += more
+            self.lease.tally.add(more)
 
     def value(self) -> int | None:
         return self.bytes

@@ -30,7 +30,7 @@ import redis
 from actors.errors import LeaseLost, StorageUnavailable
 from actors.interrupt import Interrupter
 from actors.stagemeter import DOWNLOAD, StageClock, StageMeter
-from actors.store import Renewal, TaskStore
+from actors.store import FilesProgress, Renewal, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,56 @@ def no_figures() -> Figures | None:
     return None
 
 
+def no_files() -> FilesProgress | None:
+    """For a lease whose run reports no files (a finalize)."""
+    return None
+
+
 def nothing_stored() -> int | None:
     """For a lease whose run stores nothing (a download)."""
     return None
 
 
+class Lane:
+    """One thread's steps within a run: the deadline of the step it is in, and the sockets that
+    step waits on (shut when it overruns its deadline or the lease is lost). A run has its
+    working thread's lane, and one more for each file it downloads beside (:meth:`Lease.lane`).
+    """
+
+    def __init__(self, lease: Lease, deadline: float) -> None:
+        self.lease = lease
+        #: Renewal stops after this time.monotonic() unless the thread starts a new step.
+        self.deadline = deadline
+        self.doing = "starting"
+        #: The deadline of the step last woken for overrunning it (woken once per step).
+        self.woken_for = 0.0
+        self._interrupter = Interrupter()
+
+    def step(self, seconds: float, doing: str) -> None:
+        """Say that this thread starts a blocking step that may take ``seconds``."""
+        now = time.monotonic()
+        self.lease.check(now, doing)
+        self.doing = doing
+        self.deadline = now + seconds + STEP_SLACK_SECONDS
+
+    def wake(self, deadline: float) -> None:
+        """Close the socket the overrunning step waits on (a peer dripping a byte now and then
+        defeats the read timeout): the step fails, and the run ends as for any transient error
+        while its token is still valid, instead of holding its thread until the lease runs out.
+        Only the step that overran ``deadline``: a step started since is left alone."""
+        if self.deadline == deadline:
+            self._interrupter.interrupt()
+
+    def fire(self) -> None:
+        self._interrupter.fire()
+
+    def guard(self, closeable: Any) -> AbstractContextManager[None]:
+        """Close ``closeable`` if the lease is lost, or this step overruns, while the block runs."""
+        return self._interrupter.guard(closeable)
+
+
 class Lease:
-    """One run's lease on one task, shared by the working thread and the keeper.
+    """One run's lease on one task, shared by the run's threads and the keeper.
 
     Plain attributes written by one thread and read by the other: each is replaced whole, so
     the reader sees the old or the new value, never half of one.
@@ -93,57 +136,67 @@ class Lease:
         self.lease_seconds = lease_seconds
         #: time.monotonic() just before the last renewal Redis confirmed (or the claim).
         self.renewed_at = renewed_at
-        #: Renewal stops after this time.monotonic() unless the working thread starts a new step.
-        self.deadline = renewed_at + lease_seconds
-        self.doing = "starting"
+        #: The working thread's steps.
+        self.main = Lane(self, renewed_at + lease_seconds)
+        #: The lanes of files downloading beside the working thread's (replaced whole).
+        self.beside: tuple[Lane, ...] = ()
         #: Why the lease is lost, once the keeper learnt it (the token moved on).
         self.lost: str | None = None
         self.figures = figures
+        #: A download's files (which finished, which are in flight), written with each renewal.
+        self.files: Callable[[], FilesProgress | None] = no_files
         self.stored = stored
-        #: The deadline of the step last woken for overrunning it (woken once per step).
-        self.woken_for = 0.0
         #: The run's bytes and seconds in its current stage (the stage metrics).
         self.tally = StageClock(meter or StageMeter(), stage, renewed_at)
-        self._interrupter = Interrupter()
+        self._lanes_lock = threading.Lock()
 
     def step(self, seconds: float, doing: str) -> None:
         """Say that the working thread starts a blocking step that may take ``seconds``."""
-        now = time.monotonic()
-        self.check(now)
-        self.doing = doing
-        self.deadline = now + seconds + STEP_SLACK_SECONDS
+        self.main.step(seconds, doing)
 
-    def check(self, now: float | None = None) -> None:
+    def check(self, now: float | None = None, doing: str | None = None) -> None:
         """Raise :class:`LeaseLost` when this holder can no longer be sure it owns the task."""
         if self.lost is not None:
             raise LeaseLost(f"task {self.task_id}: {self.lost}; stopping")
         now = time.monotonic() if now is None else now
         if now > self.renewed_at + self.lease_seconds * LEASE_SAFETY:
             raise LeaseLost(
-                f"task {self.task_id}: lease not renewed for {now - self.renewed_at:.1f}s (while {self.doing}: "
-                "a hung step, a paused process or Redis unreachable); stopping before another write"
+                f"task {self.task_id}: lease not renewed for {now - self.renewed_at:.1f}s (while "
+                f"{doing or self.main.doing}: a hung step, a paused process or Redis unreachable); stopping "
+                "before another write"
             )
 
-    def due(self, now: float) -> bool:
-        """Whether the keeper should renew: the current step is within its deadline."""
-        return self.lost is None and now <= self.deadline
+    def lanes(self) -> tuple[Lane, ...]:
+        return (self.main, *self.beside)
 
-    def wake(self, deadline: float) -> None:
-        """Close the socket the overrunning step waits on (a peer dripping a byte now and then
-        defeats the read timeout): the step fails, and the run ends as for any transient error
-        while its token is still valid, instead of holding its thread until the lease runs out.
-        Only the step that overran ``deadline``: a step started since is left alone."""
-        if self.deadline == deadline:
-            self._interrupter.interrupt()
+    def due(self, now: float) -> bool:
+        """Whether the keeper should renew: every lane's step is within its deadline."""
+        return self.lost is None and all(now <= lane.deadline for lane in self.lanes())
+
+    @contextmanager
+    def lane(self) -> Iterator[Lane]:
+        """A lane for a thread working beside the main one while the block runs (its first
+        step must come within STEP_SLACK_SECONDS)."""
+        lane = Lane(self, time.monotonic() + STEP_SLACK_SECONDS)
+        with self._lanes_lock:
+            self.beside = (*self.beside, lane)
+        if self.lost is not None:
+            lane.fire()
+        try:
+            yield lane
+        finally:
+            with self._lanes_lock:
+                self.beside = tuple(other for other in self.beside if other is not lane)
 
     def lose(self, reason: str) -> None:
-        """The token moved on: wake the working thread if it is blocked on a socket."""
+        """The token moved on: wake every lane's thread blocked on a socket."""
         self.lost = reason
-        self._interrupter.fire()
+        for lane in self.lanes():
+            lane.fire()
 
     def guard(self, closeable: Any) -> AbstractContextManager[None]:
         """Close ``closeable`` if the lease is lost while the block runs."""
-        return self._interrupter.guard(closeable)
+        return self.main.guard(closeable)
 
 
 class LeaseKeeper:
@@ -227,22 +280,25 @@ class LeaseKeeper:
         with self._lock:
             held = list(self._held.values())
         for lease in held:
-            deadline = lease.deadline  # read once: the working thread may start a new step meanwhile
-            if lease.lost is None and started > deadline and lease.woken_for != deadline:
-                lease.woken_for = deadline
-                log.warning(
-                    "task %s: %s took longer than its deadline; its lease is no longer renewed",
-                    lease.task_id,
-                    lease.doing,
-                )
-                lease.wake(deadline)
+            for lane in lease.lanes():
+                deadline = lane.deadline  # read once: the thread may start a new step meanwhile
+                if lease.lost is None and started > deadline and lane.woken_for != deadline:
+                    lane.woken_for = deadline
+                    log.warning(
+                        "task %s: %s took longer than its deadline; its lease is no longer renewed",
+                        lease.task_id,
+                        lane.doing,
+                    )
+                    lane.wake(deadline)
         for lease in held:
             lease.tally.tell(started)
         tallies = self.meter.take()
         leases = [lease for lease in held if lease.due(started)]
         if not leases and not tallies:
             return 0
-        renewals = [Renewal(lease.task_id, lease.token, lease.figures(), lease.stored()) for lease in leases]
+        renewals = [
+            Renewal(lease.task_id, lease.token, lease.figures(), lease.stored(), lease.files()) for lease in leases
+        ]
         try:
             results = self.store.renew_many(
                 renewals, now=self.clock(), lease_seconds=self.lease_seconds, tallies=tallies

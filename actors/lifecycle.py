@@ -44,6 +44,7 @@ class Lifecycle(Middleware):
             threads=worker.worker_threads,
             started=rt.clock(),
             limits=WorkerLimits.of(rt.settings),  # what this process enforces, for the supervisor's check
+            parallel_files=rt.settings.task_parallel_files,
         )
         try:
             self.heartbeat.start(info)
@@ -76,5 +77,5 @@ class Lifecycle(Middleware):
         if self.heartbeat is not None:
             self.heartbeat.stop()
         self.rt.leases.stop()  # after the worker threads: their runs' last stage counts go out
-        self.rt.storage.close()
+        self.rt.close()
         sentry_sdk.flush(SENTRY_FLUSH_SECONDS)

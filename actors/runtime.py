@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from actors.fetch import Fetcher
@@ -53,6 +54,8 @@ class Runtime:
     clock: Callable[[], float] = time.time
     stopper: Stopper = field(default_factory=Stopper)
     _local: threading.local = field(default_factory=threading.local, repr=False)
+    _beside: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _beside_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, store: TaskStore | None = None) -> Runtime:
@@ -78,6 +81,23 @@ class Runtime:
             )
             self._local.fetcher = fetcher
         return fetcher
+
+    @property
+    def beside(self) -> ThreadPoolExecutor:
+        """The threads that download files beside the working threads (each its own session,
+        kept across tasks): HAUL_TASK_PARALLEL_FILES - 1 per working thread."""
+        with self._beside_lock:
+            if self._beside is None:
+                extra = max(1, self.settings.worker_threads * (self.settings.task_parallel_files - 1))
+                self._beside = ThreadPoolExecutor(extra, thread_name_prefix="haul-lane")
+            return self._beside
+
+    def close(self) -> None:
+        """Once the working threads ended: the lanes' threads (idle by then) and the storage."""
+        with self._beside_lock:
+            if self._beside is not None:
+                self._beside.shutdown(wait=False, cancel_futures=True)
+        self.storage.close()
 
     @property
     def webhook_policy(self) -> DestinationPolicy:

@@ -54,6 +54,11 @@ DEFAULT_FINALIZE_GIVE_UP_SECONDS = 24 * 3600.0
 #: Worker process layout used by ``haul worker`` and ``haul up``.
 DEFAULT_WORKER_PROCESSES = 2
 DEFAULT_WORKER_THREADS = 8
+#: Files of one task downloaded at once (HAUL_TASK_PARALLEL_FILES): README's Performance
+#: section has the measurement behind it.
+DEFAULT_TASK_PARALLEL_FILES = 4
+#: The most HAUL_TASK_PARALLEL_FILES may be: connections one task opens at once.
+MAX_TASK_PARALLEL_FILES = 16
 #: Longest pause, in ms, between two polls of an idle queue: Dramatiq's Redis broker polls (it
 #: has no blocking fetch), and its default of 1000 ms makes an idle worker pick a task up after
 #: up to a second. 80 ms costs an idle process a few dozen Redis commands a second.
@@ -105,6 +110,8 @@ class Settings:
     worker_processes: int = DEFAULT_WORKER_PROCESSES
     worker_threads: int = DEFAULT_WORKER_THREADS
     worker_poll_ms: int = DEFAULT_WORKER_POLL_MS
+    #: HAUL_TASK_PARALLEL_FILES: files of one task downloaded at once (actors/lanes.py).
+    task_parallel_files: int = DEFAULT_TASK_PARALLEL_FILES
     sweep_seconds: float = DEFAULT_SWEEP_SECONDS
     orphan_seconds: float = DEFAULT_ORPHAN_SECONDS
     supervisor_host: str = "127.0.0.1"
@@ -199,6 +206,16 @@ class Settings:
             worker_poll_ms=int(
                 envvars.number(env, "HAUL_WORKER_POLL_MS", DEFAULT_WORKER_POLL_MS, minimum=10, integer=True)
             ),
+            task_parallel_files=int(
+                envvars.number(
+                    env,
+                    "HAUL_TASK_PARALLEL_FILES",
+                    DEFAULT_TASK_PARALLEL_FILES,
+                    minimum=1,
+                    maximum=MAX_TASK_PARALLEL_FILES,
+                    integer=True,
+                )
+            ),  # fmt: skip
             sweep_seconds=envvars.number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
             orphan_seconds=envvars.number(env, "HAUL_ORPHAN_SECONDS", DEFAULT_ORPHAN_SECONDS, minimum=1),
             supervisor_host=env.get("HAUL_SUPERVISOR_HOST") or "127.0.0.1",

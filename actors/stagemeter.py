@@ -50,8 +50,8 @@ class StageMeter:
 class StageClock:
     """One run's counts in its current stage, told to the meter as they pass.
 
-    The working thread adds the bytes it moves (:attr:`moved`, written by it alone) and says
-    when the run enters another stage; the keeper calls :meth:`tell` each tick, so a run of an
+    The run's threads add the bytes they move (:meth:`add`) and the working thread says when
+    the run enters another stage; the keeper calls :meth:`tell` each tick, so a run of an
     hour shows in the totals while it runs, not in one step when it ends.
     """
 
@@ -62,6 +62,12 @@ class StageClock:
         self._told = 0
         self._told_at = since
         self._lock = threading.Lock()
+
+    def add(self, size: int) -> None:
+        """``size`` more bytes moved (by any of the run's threads: a task's files download in
+        parallel)."""
+        with self._lock:
+            self.moved += size
 
     def enter(self, stage: str) -> None:
         """The run moves on to ``stage``: what came before is told as the old one's."""

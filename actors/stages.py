@@ -13,12 +13,15 @@ import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from actors.ending import end_run
 from actors.errors import HaulError, LeaseLost, NoWebhookSecret, TooLarge
 from actors.finalize import finish_task
 from actors.httprules import FetchRules
-from actors.lease import DISK_STEP_SECONDS, Lease, no_figures
+from actors.lanes import FileLanes
+from actors.lease import DISK_STEP_SECONDS, Lane, Lease, no_figures, no_files
 from actors.outcome import NOTHING, Next, Outcome
 from actors.policy import FINALIZE_BACKLOG_FACTOR, SLOT_WAIT_MAX_SECONDS, slot_wait
 from actors.progress import Progress
@@ -28,7 +31,7 @@ from actors.sandbox import Sandbox
 from actors.sentry import report_task
 from actors.states import ClaimReply, State, StepReply
 from actors.store import StageLimits
-from actors.task import Task
+from actors.task import FileSpec, Task
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ def run_task(rt: Runtime, task_id: str) -> Outcome:
     with rt.leases.hold(task_id, outcome.token, since=since) as lease:
         outcome = download_task(rt, task, lease)
         if outcome.next is Next.FINALIZE and not outcome.delay_seconds:
-            lease.figures = no_figures  # the download's final figures are written already
+            lease.figures, lease.files = no_figures, no_files  # the download's are written already
             outcome = finish_task(rt, dataclasses.replace(task, state=State.FINALIZING), lease)
     return outcome
 
@@ -105,9 +108,10 @@ def download_task(rt: Runtime, task: Task, lease: Lease) -> Outcome:
         if task.announced:
             # Its files were all in storage before its completion was announced: only the
             # delivery is left, and nothing may fail it now (the receiver may hold it already).
-            figures = (task.bytes_done, task.bytes_total, task.files_done)
+            figures, finished = (task.bytes_done, task.bytes_total, task.files_done), None
         else:
-            figures = _fetch_all(rt, task, lease)
+            progress = _fetch_all(rt, task, lease)
+            figures, finished = progress.figures(), progress.files().finished
         entry, token = rt.store.finish_download(
             task_id,
             token,
@@ -115,6 +119,7 @@ def download_task(rt: Runtime, task: Task, lease: Lease) -> Outcome:
             lease_seconds=s.lease_seconds,
             progress=figures,
             finalize_limit=s.finalize_concurrency,
+            finished=finished,
         )
         if entry is StepReply.STALE:
             raise LeaseLost(f"task {task_id}: lease lost as the download finished")
@@ -125,12 +130,12 @@ def download_task(rt: Runtime, task: Task, lease: Lease) -> Outcome:
         return end_run(rt, task, token, exc)
 
 
-def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
-    """Every file into the sandbox (skipping finished ones); return the final figures."""
+def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
+    """Every file into the sandbox (skipping finished ones); return the download's progress."""
     s = rt.settings
     task_id = task.id
     progress = Progress(rt, task, lease)
-    lease.figures = progress.figures
+    lease.figures, lease.files = progress.figures, progress.files
     if task.spec.webhook:  # a receiver the task may not reach fails it before any byte is fetched
         rt.webhook_policy.check(task.spec.webhook, purpose=f"task {task_id}: webhook {display_url(task.spec.webhook)}")
     if (task.spec.webhook or s.webhook_url) and not s.webhook_secrets:  # nor one it cannot sign for
@@ -146,32 +151,54 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> tuple[int, int, int]:
             f"task {task_id}: its files add up to {known} bytes, above HAUL_MAX_TASK_BYTES={s.max_task_bytes}"
         )
     hashing = s.file_hash == "sha256"
-    for index, spec in enumerate(task.spec.files):
-        try:
+    pending = []
+    # Files an earlier run finished go first, in the order it reported them: their
+    # file.completed events follow that order (files finish out of order side by side).
+    reported = [i for i in dict.fromkeys(task.finished) if i < len(task.spec.files)]
+    for index in [*reported, *(i for i in range(len(task.spec.files)) if i not in set(reported))]:
+        spec = task.spec.files[index]
+        with _naming(spec):
             size = sandbox.finished_size(spec)
-            if size is None:
-                part = sandbox.claim_part(index, lease.token)
-                progress.start_file(index)
-                size = rt.fetcher.fetch(
-                    spec,
-                    part,
-                    task_id=task_id,
-                    on_progress=progress.on_progress,
-                    on_total=progress.on_total,
-                    guard=progress.guard,
-                    rules=_rules(rt, task, progress.bytes_done),
-                    step=progress.step,
-                    on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
-                    on_received=progress.on_received,
-                )
-                lease.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
-                sandbox.promote(part, spec)
-                log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
-        except HaulError as exc:
-            exc.file = exc.file or spec.path  # the backend is told which file failed
-            raise
+        if size is None:
+            pending.append(index)
+        else:
+            progress.file_done(index, size)
+    pending.sort()
+
+    def fetch(index: int, lane: Lane) -> None:
+        spec = task.spec.files[index]
+        lane.step(DISK_STEP_SECONDS, f"preparing {spec.path!r}")  # a resumed .part's validator, DNS
+        with _naming(spec), progress.file(index, lane) as file:
+            part = sandbox.claim_part(index, lease.token)
+            size = rt.fetcher.fetch(
+                spec,
+                part,
+                task_id=task_id,
+                on_progress=file.on_progress,
+                on_total=file.on_total,
+                guard=file.guard,
+                rules=_rules(rt, task, progress.bytes_done),
+                step=file.step,
+                on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
+                on_received=file.on_received,
+            )
+            lane.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
+            sandbox.promote(part, spec)
+        log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
         progress.file_done(index, size)
-    return progress.figures()
+
+    FileLanes(rt, task, lease, progress, s.task_parallel_files).run(pending, fetch)
+    return progress
+
+
+@contextmanager
+def _naming(spec: FileSpec) -> Iterator[None]:
+    """A haul error raised in the block names the file (the backend is told which failed)."""
+    try:
+        yield
+    except HaulError as exc:
+        exc.file = exc.file or spec.path
+        raise
 
 
 def _rules(rt: Runtime, task: Task, task_bytes_so_far: int) -> FetchRules:

@@ -67,6 +67,29 @@ class Renewal:
     figures: tuple[int, int, int] | None = None
     #: Bytes a finalize has put in storage so far, or None.
     stored: int | None = None
+    #: A download's files: which finished, and how far the ones downloading are.
+    files: FilesProgress | None = None
+
+
+@dataclass(frozen=True)
+class FilesProgress:
+    """A download's files beyond its totals, for status and events: the indexes of the files
+    finished, in the order they finished (files of a task finish out of order side by side),
+    and for each file downloading its index, bytes done, bytes total (0: unknown yet) and
+    connections."""
+
+    finished: tuple[int, ...] = ()
+    active: tuple[tuple[int, int, int, int], ...] = ()
+
+    def finished_text(self) -> str:
+        return " ".join(map(str, self.finished))
+
+    def active_json(self) -> str:
+        return json.dumps([list(entry) for entry in self.active], separators=(",", ":"))
+
+    @property
+    def connections(self) -> int:
+        return sum(entry[3] for entry in self.active)
 
 
 @dataclass(frozen=True)
@@ -251,13 +274,16 @@ class TaskStore(SweepStore):
         lease_seconds: float,
         progress: tuple[int, int, int],
         finalize_limit: int,
+        finished: Sequence[int] | None = None,
     ) -> tuple[StepReply, int]:
-        """``downloading`` -> ``finalizing`` with the final progress, taking a finalize slot in
-        the same step: ``ok`` (slot held, ``token`` kept), ``full`` (finalizing, resting until a
-        slot is free; the new token is for the finalize message) or ``stale``."""
+        """``downloading`` -> ``finalizing`` with the final progress (and ``finished``, the files
+        in the order they finished), taking a finalize slot in the same step: ``ok`` (slot
+        held, ``token`` kept), ``full`` (finalizing, resting until a slot is free; the new token
+        is for the finalize message) or ``stale``."""
         return self._advance(
-            task_id, token, State.DOWNLOADING, State.FINALIZING, now, lease_seconds, finalize_limit, progress
-        )
+            task_id, token, State.DOWNLOADING, State.FINALIZING, now, lease_seconds, finalize_limit, progress,
+            finished,
+        )  # fmt: skip
 
     def _advance(
         self,
@@ -269,7 +295,9 @@ class TaskStore(SweepStore):
         lease_seconds: float,
         finalize_limit: int,
         progress: tuple[int, int, int] | None,
+        finished: Sequence[int] | None = None,
     ) -> tuple[StepReply, int]:
+        order = [" ".join(map(str, finished))] if progress and finished is not None else []
         reply = self._call(
             "advance",
             [self.task_key(task_id), self.leases_key],
@@ -281,6 +309,7 @@ class TaskStore(SweepStore):
             lease_seconds,
             finalize_limit,
             *(progress or ()),
+            *order,
         )
         outcome = StepReply(text_of(reply[0]))
         return outcome, int(reply[1]) if outcome is StepReply.FULL else token
@@ -300,6 +329,18 @@ class TaskStore(SweepStore):
         renewal = Renewal(task_id, token, (bytes_done, bytes_total, files_done))
         return self.renew_many([renewal], now=now, lease_seconds=lease_seconds)[0]
 
+    def connection(
+        self, task_id: str, token: int, host: str, number: int, *, limit: int, now: float, take: bool
+    ) -> StepReply:
+        """Take (``take``) or give back connection ``number`` of the run holding ``token`` to
+        ``host``: a slot of the host's set beside the one the claim took, bound to the run's
+        lease (HAUL_DOWNLOAD_PER_HOST counts connections, not tasks). FULL: the host is at
+        ``limit``; STALE: the token moved on or the task left ``downloading``."""
+        keys = [self.task_key(task_id), f"{self.prefix}slots:host:{host}"]
+        reply = int(self._call("connection", keys, task_id, str(token), now, f"{task_id}#{number}", limit,
+                               "take" if take else "give"))  # fmt: skip
+        return StepReply.OK if reply == 1 else StepReply.FULL if reply == 0 else StepReply.STALE
+
     def holds(self, task_id: str, token: int) -> bool:
         """Whether ``token`` is still the task's and the task still active (a read only)."""
         state, current = self.client.hmget(self.task_key(task_id), "state", "token")
@@ -315,7 +356,8 @@ class TaskStore(SweepStore):
         for r in renewals:
             keys = [self.task_key(r.task_id), self.leases_key]
             progress = [*(r.figures or ("", "", "")), "" if r.stored is None else r.stored]
-            self._call("heartbeat", keys, r.task_id, r.token, now, lease_seconds, *progress, client=pipe)
+            files = [r.files.finished_text(), r.files.active_json(), r.files.connections] if r.files else []
+            self._call("heartbeat", keys, r.task_id, r.token, now, lease_seconds, *progress, *files, client=pipe)
         for stage, (moved, seconds) in (tallies or {}).items():
             if moved:
                 pipe.hincrby(self.stage_totals_key, f"{stage}:bytes", moved)
@@ -520,4 +562,6 @@ def _task_from(
         waiting_on=data.get("waiting_on", ""),
         waiting_host=data.get("waiting_host", ""),
         stored=tuple(json.loads(stored_json or data.get("stored") or "[]")),
+        finished=tuple(int(index) for index in data.get("finished", "").split()),
+        active=tuple(tuple(entry) for entry in json.loads(data.get("active") or "[]")),
     )

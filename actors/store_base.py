@@ -12,6 +12,8 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
                          owed, by when its next try is due (see actors/notify.py)
     haul:supervisor:leader  string with TTL: the supervisor replica that runs the sweeps
     haul:slots:<stage>   sorted sets: stage slots, by the lease deadline of their holder
+    haul:slots:host:<h>  the same per origin host; a task's run that downloads several files from
+                         one host at once holds one member more per connection ('<id>#<n>')
     haul:slotkeys        set: the slot sets that exist (read by /metrics instead of a scan)
     haul:staged          hash: bytes each sandbox holds (and haul:staged:total, their sum)
     haul:resting         sorted set: finalizing tasks between runs, by when their message is due
@@ -79,6 +81,7 @@ class StoreBase:
             for name in (
                 "create",
                 "claim",
+                "connection",
                 "advance",
                 "heartbeat",
                 "release",

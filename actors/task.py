@@ -119,15 +119,25 @@ class Task:
     waiting_host: str = ""
     #: A done task's files as stored (:func:`storage_fields` of each task.completed entry).
     stored: tuple[Mapping[str, Any], ...] = ()
+    #: The files finished (indexes, in the order they finished) as the last run reported them.
+    finished: tuple[int, ...] = ()
+    #: While downloading: each file in flight as (index, bytes done, bytes total or 0, connections).
+    active: tuple[tuple[int, int, int, int], ...] = ()
+
+    @property
+    def connections(self) -> int:
+        """Connections to origins the task's download holds open now."""
+        return sum(entry[3] for entry in self.active) if self.state is State.DOWNLOADING else 0
 
     @property
     def bytes_total_known(self) -> bool:
-        """False while a file without a size in the spec has not started downloading (files
-        are fetched in order: the one at ``files_done`` is the current one when downloading)."""
+        """False while a file without a size in the spec has not started downloading."""
         if self.state in (State.FINALIZING, State.DONE):
             return True
-        first_unstarted = self.files_done + (1 if self.state is State.DOWNLOADING else 0)
-        return all(f.size is not None for f in self.spec.files[first_unstarted:])
+        # Files finish out of order side by side; a run reporting no order fetched in order
+        finished = set(self.finished) if self.finished else set(range(self.files_done))
+        sized = finished | {index for index, _, total, _ in self.active if total}
+        return all(f.size is not None or i in sized for i, f in enumerate(self.spec.files))
 
     def waiting(self) -> dict[str, Any] | None:
         """What the task waits for, and until (or since) when; None when it waits for nothing
@@ -172,14 +182,28 @@ class Task:
             "webhook": self.spec.webhook,
             "created_at": iso_time(self.created_at),
             "updated_at": iso_time(self.updated_at),
+            "connections": self.connections,
             "files": self._files_status(),
         }
 
     def _files_status(self) -> list[dict[str, Any]]:
-        """Each file as asked for; once done, with where it was stored (and its link) as
-        task.completed said."""
+        """Each file as asked for, with how far it is (``state``: ``done``, ``downloading``
+        with its ``bytes_done`` and ``connections``, or ``waiting``); once stored, with where
+        (and its link) as task.completed said."""
         stored = {entry.get("path"): entry for entry in self.stored}
-        return [f.to_json() | dict(stored.get(f.path, {})) for f in self.spec.files]
+        finished = set(self.finished) if self.finished else set(range(self.files_done))
+        active = {index: (done, conns) for index, done, _, conns in self.active} if self.connections else {}
+        entries = []
+        for index, f in enumerate(self.spec.files):
+            if self.state in (State.FINALIZING, State.DONE) or index in finished:
+                progress: dict[str, Any] = {"state": "done"}
+            elif index in active:
+                done, conns = active[index]
+                progress = {"state": "downloading", "bytes_done": done, "connections": conns}
+            else:
+                progress = {"state": "waiting"}
+            entries.append(f.to_json() | progress | dict(stored.get(f.path, {})))
+        return entries
 
 
 #: What status keeps of a task.completed file entry: not its URL (the spec's, shown as given).

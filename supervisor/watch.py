@@ -55,18 +55,20 @@ class Watched:
     bytes_total: int = 0
     bytes_done: int = 0
     bytes_stored: int = 0
-    #: The task's bytes done when its current file started (the file's own bytes are the rest).
-    file_start: int = 0
+    #: The files downloading now: index -> (bytes done, bytes total or 0), as last reported.
+    active: dict[int, tuple[int, int]] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
     error: str = ""
     last_plain: float = 0.0
 
     @classmethod
     def of(cls, status: dict[str, Any]) -> Watched:
+        active = {i: (f["bytes_done"], f.get("size") or 0) for i, f in enumerate(status["files"])
+                  if f.get("state") == "downloading"}  # fmt: skip
         return cls(
             task_id=status["id"], name=status["name"] or "", state=status["state"],
             files_total=status["files_total"], files_done=status["files_done"], bytes_total=status["bytes_total"],
-            bytes_done=status["bytes_done"], bytes_stored=status.get("bytes_stored") or 0,
+            bytes_done=status["bytes_done"], bytes_stored=status.get("bytes_stored") or 0, active=active,
             paths=[f["path"] for f in status["files"]], error=status["error"] or "",
         )  # fmt: skip
 
@@ -75,22 +77,21 @@ class Watched:
         if event.type in STATE_EVENTS:
             self.state = data["state"]
             self.error = data.get("error", "") if self.state != "done" else ""
+            if self.state != "downloading":
+                self.active = {}
         if event.type == "task.progress":
             self.bytes_done, self.bytes_total = data["bytes_done"], data["bytes_total"]
             self.files_done, self.bytes_stored = data["files_done"], data["bytes_stored"]
-        elif event.type == "file.completed":
-            self.files_done = max(self.files_done, data["index"] + 1)
-            self.file_start = data.get("bytes_done", self.bytes_done)
+            self.active = {f["index"]: (f["bytes_done"], f["bytes_total"]) for f in data.get("active", [])}
+        elif event.type == "file.completed":  # files finish in any order side by side
+            self.files_done = min(self.files_total, self.files_done + 1)
+            self.active.pop(data["index"], None)
         elif event.type in ("task.retried", "task.queued") and event.data.get("attempt") == 0:
-            self.files_done = self.bytes_done = self.file_start = 0
+            self.files_done = self.bytes_done = 0
 
     @property
     def label(self) -> str:
         return self.name or self.task_id[:12]
-
-    @property
-    def current_path(self) -> str:
-        return self.paths[self.files_done] if self.files_done < len(self.paths) else ""
 
     @property
     def final(self) -> bool:
@@ -98,7 +99,7 @@ class Watched:
 
 
 class Screen:
-    """Bars on a terminal (rich): a task's, and its current file's under it."""
+    """Bars on a terminal (rich): a task's, and one under it for each file downloading."""
 
     def __init__(self, console: Console, with_counts: bool) -> None:
         self.console = console
@@ -108,7 +109,9 @@ class Screen:
             TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[files]}"), DownloadColumn(),
             TransferSpeedColumn(), TimeRemainingColumn(), console=console,
         )  # fmt: skip
-        self.bars: dict[str, tuple[TaskID, TaskID]] = {}
+        self.bars: dict[str, TaskID] = {}
+        #: Per task, the bar of each file downloading (removed once it no longer is).
+        self.file_bars: dict[str, dict[int, TaskID]] = {}
         #: Why each failing task failed (or its last attempt did), shown in red under the bars.
         self.reasons: dict[str, str] = {}
         self.failures = Text(style="red")
@@ -128,23 +131,22 @@ class Screen:
 
     def show(self, task: Watched, event: Event | None) -> None:
         if task.task_id not in self.bars:
-            self.bars[task.task_id] = (
-                self.progress.add_task("", total=None, files=""),
-                self.progress.add_task("", total=None, files=""),
-            )
-        whole, current = self.bars[task.task_id]
+            self.bars[task.task_id] = self.progress.add_task("", total=None, files="")
+        whole, bars = self.bars[task.task_id], self.file_bars.setdefault(task.task_id, {})
         colour = {"done": "green", "failed": "red", "dead": "red", "canceled": "yellow"}.get(task.state, "cyan")
         files = f"{task.files_done}/{task.files_total} files"
         self.progress.update(
             whole, description=f"[{colour}]{escape(task.label)}[/] [dim]{task.state}[/]",
             total=task.bytes_total or None, completed=task.bytes_done, files=files,
         )  # fmt: skip
-        # Under it: the file it is on; why it failed goes below the bars, in full
-        on = "" if task.final else task.current_path
-        self.progress.update(
-            current, description=f"  [dim]{escape(on[-60:])}[/]", completed=max(0, task.bytes_done - task.file_start),
-            total=None, files="", visible=bool(on),
-        )  # fmt: skip
+        # Under it: each file downloading; why it failed goes below the bars, in full
+        for index, (done, total) in task.active.items():
+            if index not in bars:
+                path = task.paths[index] if index < len(task.paths) else f"file {index}"
+                bars[index] = self.progress.add_task(f"  [dim]{escape(path[-60:])}[/]", total=None, files="")
+            self.progress.update(bars[index], completed=done, total=total or None, visible=True)
+        for index in [i for i in bars if i not in task.active]:
+            self.progress.remove_task(bars.pop(index))
         if task.error and task.state in ("failed", "dead", "queued"):
             self.reasons[task.task_id] = f"{task.label} ({task.state}): {task.error}"
         else:

@@ -214,7 +214,7 @@ def in_process_worker(settings: Settings, store: TaskStore, threads: int = 4) ->
     finally:
         worker.stop()
         broker.close()
-        rt.storage.close()
+        rt.close()
 
 
 def settle(running: InProcessWorker, timeout: float = 30.0) -> None:

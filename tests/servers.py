@@ -256,14 +256,22 @@ class _OriginHandler(_Quiet):
             origin.max_active = max(origin.max_active, origin.active)
             origin.in_flight[path] += 1
             origin.served_etags[path].add(etag)
-        try:
-            self._send_body(origin, path, body, fault)
-        finally:
-            with origin.lock:
-                origin.active -= 1
-                origin.in_flight[path] -= 1
+        sending = [True]
 
-    def _send_body(self, origin: Origin, path: str, body: bytes, fault: Fault | None) -> None:
+        def ended() -> None:  # before the body's last byte: a client cannot start another before
+            if sending.pop() if sending else False:
+                with origin.lock:
+                    origin.active -= 1
+                    origin.in_flight[path] -= 1
+
+        try:
+            self._send_body(origin, path, body, fault, ended)
+        finally:
+            ended()
+
+    def _send_body(
+        self, origin: Origin, path: str, body: bytes, fault: Fault | None, ended: Callable[[], None]
+    ) -> None:
         view = memoryview(body)
         step = 64 * 1024 if origin.rate else 256 * 1024
         midway = fault.midway if fault is not None else None
@@ -276,6 +284,8 @@ class _OriginHandler(_Quiet):
             chunk = view[offset : offset + step]
             if origin.rate:  # pause before, not after, the chunk: the body ends with its last byte
                 time.sleep(len(chunk) / origin.rate)
+            if offset + step >= len(view):
+                ended()
             try:
                 self.wfile.write(chunk)
             except OSError:

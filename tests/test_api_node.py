@@ -59,4 +59,4 @@ def test_a_node_backend_submits_once_and_follows_its_task_across_a_reconnect(
         [(e["id"], e["type"]) for e in events], [task_sse_id(task_id, e.id) for e in kept]
     )
     assert events[-1]["type"] == "task.completed" and events[-1]["data"]["state"] == "done"
-    assert [e["data"]["path"] for e in events if e["type"] == "file.completed"] == [f["path"] for f in files]
+    assert sorted(e["data"]["path"] for e in events if e["type"] == "file.completed") == [f["path"] for f in files]

@@ -53,7 +53,7 @@ def test_a_step_past_its_deadline_stops_renewal_and_trips_the_fence(store: Any, 
     with keeper.hold(task_id, token, since=time.monotonic()) as lease:
         # Given a step that should have ended at once (deadline = its slack) ...
         lease.step(0.0, "hashing")
-        lease.deadline = time.monotonic()  # no slack: a thread hung at once
+        lease.main.deadline = time.monotonic()  # no slack: a thread hung at once
         time.sleep(LEASE * (LEASE_SAFETY + 0.3))
         # ... nothing renews it, and the holder refuses to write before the lease runs out
         with pytest.raises(LeaseLost, match="lease not renewed"):

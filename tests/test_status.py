@@ -150,13 +150,13 @@ def test_a_state_list_shows_key_age_attempts_and_error(store: TaskStore) -> None
 def test_a_file_without_a_size_adds_its_content_length_once_its_get_answers(
     settings: Settings, store: TaskStore, origin: Origin
 ) -> None:
-    # Given a course of two files without sizes, the first arriving slowly
+    # Given a course of two files without sizes, the first arriving slowly, one at a time
     origin.rate = 512 * 1024
     first, second = os.urandom(MIB), b"subtitles"
     files = [{"url": origin.put("/01.mp4", first), "path": "01.mp4"},
              {"url": origin.put("/01.vtt", second), "path": "01.vtt"}]  # fmt: skip
     task_id = store.create(spec_from_manifest({"files": files}), now=NOW)[0]
-    with in_process_worker(settings, store, threads=1) as running:
+    with in_process_worker(settings.replace(task_parallel_files=1), store, threads=1) as running:
         running.messages.claim(task_id)
         # While the first downloads, its size is in the total, which is still only a lower bound
 

@@ -42,12 +42,15 @@ def test_plain_lines_follow_a_task_to_the_end_through_the_cli(
 def test_bars_on_a_terminal_and_a_failure_in_red_with_its_reason(
     worker: InProcessWorker, store: TaskStore, origin: Origin, receiver: Receiver, settings: Settings
 ) -> None:
-    good = submit_spec(spec_from_urls([origin.put("/good.mp4", os.urandom(MIB))], name="Good order"), store)
+    origin.rate = MIB  # three lessons side by side, about 2 s: a bar for each while it downloads
+    lessons = [origin.put(f"/good-{n}.mp4", os.urandom(2 * MIB)) for n in range(3)]
+    good = submit_spec(spec_from_urls(lessons, name="Good order"), store)
     bad = submit_spec(spec_from_urls([origin.url("/missing.mp4")], name="Bad order"), store)
     screen = io.StringIO()
     ended = watch(Client(settings, store=store), [good, bad], out=screen, tty=True)
     assert ended == EXIT_SOME_NOT_DONE  # one of them failed
     shown = screen.getvalue()
-    assert "Good order" in shown and "Bad order" in shown and "1/1 files" in shown
+    assert "Good order" in shown and "Bad order" in shown and "3/3 files" in shown
+    assert all(f"good-{n}.mp4" in shown for n in range(3))
     assert "\x1b[" in shown  # drawn for a terminal, with colours
     assert "404" in shown and "failed" in shown

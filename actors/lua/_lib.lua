@@ -89,27 +89,35 @@ local function next_token(task_key)
   return text
 end
 
--- Drop the slots a task holds (listed in its 'slots' field).
-local function free_slots(task_key, id)
-  local held = redis.call('HGET', task_key, 'slots')
-  if held and held ~= '' then
-    for key in string.gmatch(held, '[^ ]+') do
-      redis.call('ZREM', key, id)
-      if redis.call('ZCARD', key) == 0 then  -- keeps slotkeys as small as the hosts in use
-        redis.call('SREM', prefix .. 'slotkeys', key)
-      end
-    end
+-- Drop one slot member; the set leaves slotkeys once empty (as small as the hosts in use).
+local function free_slot(key, member)
+  redis.call('ZREM', key, member)
+  if redis.call('ZCARD', key) == 0 then
+    redis.call('SREM', prefix .. 'slotkeys', key)
   end
-  redis.call('HSET', task_key, 'slots', '')
 end
 
--- Move every slot the task holds to the new lease deadline.
+-- Drop the slots a task holds (listed in its 'slots' field: one per set, named by the task)
+-- and the connections its run took beside them ('conns': 'set|member' entries, connection.lua).
+local function free_slots(task_key, id)
+  local held = redis.call('HMGET', task_key, 'slots', 'conns')
+  for key in string.gmatch(held[1] or '', '[^ ]+') do
+    free_slot(key, id)
+  end
+  for key, member in string.gmatch(held[2] or '', '([^ |]+)|([^ ]+)') do
+    free_slot(key, member)
+  end
+  redis.call('HSET', task_key, 'slots', '', 'conns', '')
+end
+
+-- Move every slot the task holds, and every connection beside them, to the new lease deadline.
 local function renew_slots(task_key, id, deadline)
-  local held = redis.call('HGET', task_key, 'slots')
-  if held and held ~= '' then
-    for key in string.gmatch(held, '[^ ]+') do
-      redis.call('ZADD', key, 'XX', deadline, id)
-    end
+  local held = redis.call('HMGET', task_key, 'slots', 'conns')
+  for key in string.gmatch(held[1] or '', '[^ ]+') do
+    redis.call('ZADD', key, 'XX', deadline, id)
+  end
+  for key, member in string.gmatch(held[2] or '', '([^ |]+)|([^ ]+)') do
+    redis.call('ZADD', key, 'XX', deadline, member)
   end
 end
 
@@ -223,14 +231,21 @@ end
 -- since the previous one (bytes downloaded and stored).
 local function progress_event(task_key, id, now, force)
   local t = redis.call('HMGET', task_key, 'bytes_done', 'bytes_total', 'files_done', 'bytes_stored', 'ev_at',
-    'ev_bytes', 'ev_files', 'state')
+    'ev_bytes', 'ev_files', 'state', 'finished', 'active', 'connections')
   local done, stored, files = tonumber(t[1] or '0'), tonumber(t[4] or '0'), tonumber(t[3] or '0')
   local told = tonumber(t[7] or '0')
   if files > told then
     local spec = cjson.decode(redis.call('GET', prefix .. 'spec:' .. id) or '{"files":[]}')
-    for index = told + 1, files do
-      local file = spec.files[index] or {}
-      emit(task_key, id, now, 'file.completed', {'state', t[8], 'index', index - 1, 'path', file.path or '',
+    -- Files finish out of order side by side: 'finished' says which (a worker that does not
+    -- write it downloads in order)
+    local order = {}
+    for index in string.gmatch(t[9] or '', '%d+') do
+      table.insert(order, tonumber(index))
+    end
+    for n = told + 1, files do
+      local index = order[n] or (n - 1)
+      local file = spec.files[index + 1] or {}
+      emit(task_key, id, now, 'file.completed', {'state', t[8], 'index', index, 'path', file.path or '',
         'size', file.size or '', 'bytes_done', t[1] or '0'})
     end
     redis.call('HSET', task_key, 'ev_files', files)
@@ -243,8 +258,14 @@ local function progress_event(task_key, id, now, force)
   if last > 0 and now > last then
     speed = math.max(0, math.floor((moved - tonumber(t[6] or '0')) / (now - last)))
   end
-  emit(task_key, id, now, 'task.progress', {'state', t[8], 'bytes_done', t[1] or '0', 'bytes_total', t[2] or '0',
-    'files_done', files, 'bytes_stored', stored, 'speed', speed})
+  local fields = {'state', t[8], 'bytes_done', t[1] or '0', 'bytes_total', t[2] or '0',
+    'files_done', files, 'bytes_stored', stored, 'speed', speed}
+  if t[10] and t[10] ~= '' and t[8] == 'downloading' then
+    for _, item in ipairs({'active', t[10], 'connections', t[11] or '0'}) do
+      table.insert(fields, item)
+    end
+  end
+  emit(task_key, id, now, 'task.progress', fields)
   redis.call('HSET', task_key, 'ev_at', now, 'ev_bytes', moved)
 end
 
@@ -260,6 +281,9 @@ local function set_state(task_key, id, old, new, now)
   end
   if old == 'queued' then
     redis.call('HDEL', task_key, 'waiting_since', 'waiting_on', 'waiting_host')
+  end
+  if old == 'downloading' then  -- nothing downloads now; 'finished' stays for the next run's events
+    redis.call('HDEL', task_key, 'active', 'connections')
   end
   redis.call('ZADD', prefix .. 'state:' .. new, now, id)
   if new == 'dead' then

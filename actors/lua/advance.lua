@@ -10,6 +10,7 @@
 -- ARGV[7]  lease length (seconds)
 -- ARGV[8]  finalize slots (0: no limit), when the new state is 'finalizing'
 -- ARGV[9..11] (optional) bytes done, bytes total, files done: progress written in the same step
+-- ARGV[12] (optional, with them) the indexes of the files finished, in the order they finished
 -- Returns {'ok'} | {'full', new token} (now finalizing, resting until a finalize slot is free:
 -- see rest() in _lib.lua; the next finalize message carries the new token)
 --       | {'stale', current state or ''}
@@ -27,6 +28,9 @@ end
 redis.call('HSET', KEYS[1], 'lease_until', now + lease)
 if ARGV[11] then
   redis.call('HSET', KEYS[1], 'bytes_done', ARGV[9], 'bytes_total', ARGV[10], 'files_done', ARGV[11])
+  if ARGV[12] then
+    redis.call('HSET', KEYS[1], 'finished', ARGV[12])
+  end
   set_staged(id, tonumber(ARGV[9]))
   progress_event(KEYS[1], id, now, true)  -- the last file's, and the figures the download ended with
 end

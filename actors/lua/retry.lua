@@ -30,7 +30,8 @@ local run = redis.call('HINCRBY', KEYS[1], 'run', 1)
 local fenced_until = tonumber(redis.call('HGET', KEYS[1], 'fenced_until') or '0')
 redis.call('HSET', KEYS[1], 'attempts', 0, 'error', '', 'error_code', '', 'error_file', '', 'lease_until', 0,
   'not_before', (fenced_until > now) and fenced_until or 0)
-redis.call('HDEL', KEYS[1], 'announcing', 'announced_at', 'notify_tries', 'fenced_until', 'ev_at', 'ev_bytes', 'ev_files')
+redis.call('HDEL', KEYS[1], 'announcing', 'announced_at', 'notify_tries', 'fenced_until', 'ev_at', 'ev_bytes', 'ev_files',
+  'finished')
 set_state(KEYS[1], id, state, 'queued', now)
 redis.call('ZREM', prefix .. 'notify', id)
 return {'ok', run}

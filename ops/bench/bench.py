@@ -17,6 +17,7 @@ from typing import Any
 
 from ops.bench.api import bench_api_events, bench_api_submit
 from ops.bench.control_plane import bench_prune, bench_redis, bench_scrape, bench_sweep
+from ops.bench.course import bench_course, bench_course_default
 from ops.bench.harness import HERE, Bench
 from ops.bench.storage import bench_upload
 from ops.bench.tasks import bench_pickup, bench_recovery_and_resume, bench_rss, bench_throughput
@@ -52,6 +53,8 @@ BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "upload": bench_upload,
     "api_submit": bench_api_submit,
     "api_events": bench_api_events,
+    "course": bench_course,
+    "course_default": bench_course_default,
 }
 
 

@@ -66,6 +66,9 @@ http {{
     listen 127.0.0.1:{self.nginx_port};
     root {self.www};
     location /slow/ {{ alias {self.www}/; limit_rate 150m; }}
+    # A CDN's cap per connection. sendfile would send its first chunk (2 MB) unthrottled.
+    location /cdn20/ {{ alias {self.www}/; limit_rate 20m; sendfile off; }}
+    location /cdn1/ {{ alias {self.www}/; limit_rate 1m; sendfile off; }}
   }}
 }}
 """)

@@ -1,0 +1,163 @@
+"""A task's files side by side: up to HAUL_TASK_PARALLEL_FILES at once, under one lease.
+
+A CDN that caps what one connection gets makes a course of a hundred files take a hundred
+times one file's wait; several files at once make the host's link the limit again. The working
+thread downloads files itself and, beside it, threads from the worker's pool
+(:attr:`actors.runtime.Runtime.beside`), each on a :class:`actors.lease.Lane` of the task's
+one lease: the fence, the stop and the hung-step checks hold for every one of them, and the
+task's lease is renewed only while every lane is within its step.
+
+Politeness: with HAUL_DOWNLOAD_PER_HOST set, each connection to a host counts. The claim took
+one slot of each of the task's hosts; a second connection to the same host takes one more
+(``connection.lua``), held until the file ends and bound to the lease like the first, so the
+limit holds across every worker. A lane that finds the host full waits for a slot (its own
+run's first one included) rather than skipping ahead. HAUL_DOWNLOAD_CONCURRENCY counts tasks,
+not connections.
+
+The first file to fail stops the others at their next chunk (each keeps its ``.part`` for the
+next attempt) and is the error the run ends with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from urllib.parse import urlsplit
+
+import redis
+
+from actors.errors import LeaseLost
+from actors.lease import Lane, Lease
+from actors.progress import Halted, Progress
+from actors.runtime import Runtime
+from actors.states import StepReply
+from actors.task import Task
+
+log = logging.getLogger(__name__)
+
+#: How often a lane waiting for a connection slot asks again, in seconds.
+SLOT_POLL_SECONDS = 1.0
+#: Longest the working thread waits for the lanes beside it between two of its own steps.
+JOIN_STEP_SECONDS = 1.0
+#: Longest it waits for them to stop once the run failed (a lane still in a step that closing
+#: its socket does not end, a disk write, is fenced by its own lease check if it lingers).
+JOIN_AFTER_FAILURE_SECONDS = 10.0
+
+#: Fetches file ``index`` on ``lane`` (the caller's download of one file).
+FetchFile = Callable[[int, Lane], None]
+
+
+class FileLanes:
+    """Runs a task's pending files on up to ``width`` lanes; see the module docstring."""
+
+    def __init__(self, rt: Runtime, task: Task, lease: Lease, progress: Progress, width: int) -> None:
+        self.rt = rt
+        self.task = task
+        self.lease = lease
+        self.progress = progress
+        self.width = width
+        self.per_host = rt.settings.download_per_host
+        self._lock = threading.Condition()
+        self._queue: list[int] = []
+        #: Connections open per host, and the hosts whose claimed slot a lane uses now.
+        self._open: Counter[str] = Counter()
+        self._claimed_in_use: set[str] = set()
+        self._error: BaseException | None = None
+
+    def run(self, indexes: Sequence[int], fetch: FetchFile) -> None:
+        """Fetch every file of ``indexes``; raise the first failure once every lane stopped."""
+        self._queue = list(reversed(indexes))
+        lanes = min(self.width, len(indexes))
+        pending = [self.rt.beside.submit(self._beside, number, fetch) for number in range(1, lanes)]
+        self._lane(0, self.lease.main, fetch)
+        for future in pending:
+            future.cancel()  # not started (the pool busy): the queue is empty or a file failed
+        try:
+            for future in pending:
+                while not future.done():
+                    self.lease.step(JOIN_STEP_SECONDS + 1, "waiting for the files downloading beside it")
+                    futures.wait([future], JOIN_STEP_SECONDS)
+        except BaseException as exc:  # the lease lost, the worker stopping: the lanes stop too
+            self._fail(exc)
+            futures.wait(pending, JOIN_AFTER_FAILURE_SECONDS)  # each is fenced if it lingers
+        if self._error is not None:
+            raise self._error
+
+    def _beside(self, number: int, fetch: FetchFile) -> None:
+        with self.lease.lane() as lane:
+            self._lane(number, lane, fetch)
+
+    def _lane(self, number: int, lane: Lane, fetch: FetchFile) -> None:
+        """Take files from the queue until it is empty or a file failed."""
+        while True:
+            with self._lock:
+                if not self._queue or self._error is not None:
+                    return
+                index = self._queue.pop()
+            host = urlsplit(self.task.spec.files[index].url).hostname or ""
+            try:
+                extra = self._connect(host, number, lane)
+                try:
+                    fetch(index, lane)
+                finally:
+                    self._disconnect(host, number, extra)
+            except Halted:
+                return
+            except BaseException as exc:
+                self._fail(exc)
+                return
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is not None:
+                return
+            self._error = exc
+            self.progress.halted = f"task {self.task.id}: another of its files failed ({exc})"
+            self._lock.notify_all()
+        for lane in self.lease.lanes():  # wake the lanes blocked on a read: they stop now
+            lane.wake(lane.deadline)
+
+    def _connect(self, host: str, number: int, lane: Lane) -> bool:
+        """Open a connection to ``host``: the claimed slot when no lane of this run uses it,
+        else one more slot (True), waiting while the host is full."""
+        while True:
+            with self._lock:
+                if self.progress.halted is not None:
+                    raise Halted(self.progress.halted)
+                if not self.per_host or host not in self._claimed_in_use:
+                    self._open[host] += 1
+                    if self.per_host:
+                        self._claimed_in_use.add(host)
+                    return False
+            lane.step(self.rt.settings.connect_timeout_seconds, f"taking a connection slot of {host}")
+            reply = self.rt.store.connection(
+                self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(), take=True
+            )
+            if reply is StepReply.STALE:
+                raise LeaseLost(f"task {self.task.id}: lease lost while taking a connection to {host}")
+            if reply is StepReply.OK:
+                with self._lock:
+                    self._open[host] += 1
+                return True
+            lane.step(SLOT_POLL_SECONDS, f"waiting for a connection slot of {host} (HAUL_DOWNLOAD_PER_HOST)")
+            with self._lock:  # a file of this run ending frees its claimed slot: woken then
+                self._lock.wait(SLOT_POLL_SECONDS)
+
+    def _disconnect(self, host: str, number: int, extra: bool) -> None:
+        with self._lock:
+            self._open[host] -= 1
+            if not extra:
+                self._claimed_in_use.discard(host)
+            self._lock.notify_all()
+        if not extra:
+            return
+        try:  # given back at once; one Redis could not take back expires with the lease
+            self.rt.store.connection(
+                self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(), take=False
+            )
+        except redis.RedisError as exc:
+            log.warning("task %s: a connection slot of %s not given back (%s); it expires with the lease",
+                        self.task.id, host, exc)  # fmt: skip
