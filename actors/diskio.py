@@ -82,6 +82,13 @@ class Hasher:
             self.chunks.put(None)
             self.thread.join()
 
+    def finish(self) -> Any:
+        """The digest of everything given so far (the hashing thread ended)."""
+        self.close()
+        if self.error is not None:
+            raise self.error
+        return self.digest
+
     def hexdigest(self) -> str:
         self.close()
         if self.error is not None:
@@ -90,27 +97,30 @@ class Hasher:
 
 
 def hash_file(path: Path, size: int, step: Callable[[], None]) -> Any:
-    """sha256 over the ``size`` bytes a resumed ``.part`` holds (all of it: its size was the
-    offset), calling ``step`` before each chunk: hashing a large ``.part`` takes long, and keeps
-    the lease while it progresses."""
+    """sha256 over the first ``size`` bytes of a resumed ``.part`` (all of it for one download
+    over one connection; a split one's may have more after a gap), calling ``step`` before each
+    chunk: hashing a large ``.part`` takes long, and keeps the lease while it progresses."""
     digest = hashlib.sha256()
-    if not size:
-        return digest
+    left = size
     with path.open("rb", buffering=0) as handle:
         buffer = bytearray(HASH_CHUNK_BYTES)
         view = memoryview(buffer)
-        while True:
+        while left:
             step()
-            n = handle.readinto(buffer)
+            n = handle.readinto(view[: min(left, HASH_CHUNK_BYTES)])
             if not n:
-                return digest
+                raise PartUnusable(f"{path} holds fewer than the {size} bytes it should")
             digest.update(view[:n])
+            left -= n
+    return digest
 
 
-def open_part(part: Path, offset: int, where: str) -> int:
+def open_part(part: Path, offset: int, where: str, *, exact: bool = True) -> int:
     """The ``.part`` open for writing at ``offset``. A restart writes a new file rather than
     truncating the old one, and a resume never cuts what it finds: a holder that lost the task
-    without noticing yet keeps writing into its own inode, never into its successor's."""
+    without noticing yet keeps writing into its own inode, never into its successor's. The
+    ``.part`` holds exactly ``offset`` bytes, unless not ``exact`` (a split download's, whose
+    bytes after a gap are written too)."""
     try:
         if offset:
             fd = os.open(part, os.O_WRONLY)
@@ -121,7 +131,7 @@ def open_part(part: Path, offset: int, where: str) -> int:
         raise PartUnusable(f"{where}: the partial file vanished from staging") from exc
     except OSError as exc:
         raise StorageUnavailable(f"{where}: cannot open {part} in staging ({exc.strerror})") from exc
-    if os.fstat(fd).st_size != offset:  # changed since it was measured: never cut it
+    if exact and os.fstat(fd).st_size != offset:  # changed since it was measured: never cut it
         os.close(fd)
         raise PartUnusable(f"{where}: the partial file changed size in staging")
     os.lseek(fd, offset, os.SEEK_SET)

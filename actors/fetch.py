@@ -11,17 +11,19 @@ finished ``.part`` becomes the file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import requests
-import urllib3
 
 from actors.connections import refused_at_connect, shutter_of
 from actors.diskio import Hasher, Writeback, hash_file, open_part, write_all
@@ -44,6 +46,7 @@ from actors.httprules import (
     check_status,
     content_coded,
     content_type_accepted,
+    read_chunk,
     request_failure,
     timeout_code,
 )
@@ -52,12 +55,19 @@ from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.netguard import DestinationPolicy
 from actors.redact import display_url
 from actors.resume import Validator, discard_part, request_headers, resume_point, start_point, write_meta
+from actors.split import (
+    RAMP_SECONDS,
+    WORTH_SPLITTING_SECONDS,
+    Connection,
+    SpanMap,
+    SplitPlan,
+    Splitter,
+    no_connection,
+    qualifies,
+)
 from actors.task import FileSpec
 
 log = logging.getLogger(__name__)
-
-#: Most bytes read from the socket and written to disk per step.
-CHUNK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,8 @@ class Transfer:
     step: Step
     on_sha256: Callable[[str], None] | None
     on_received: Callable[[int], None] | None = None
+    #: Whether and how the file may be split over several connections (:mod:`actors.split`).
+    split: SplitPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,7 @@ class Fetcher:
         step: Step = no_step,
         on_sha256: Callable[[str], None] | None = None,
         on_received: Callable[[int], None] | None = None,
+        split: SplitPlan | None = None,
     ) -> int:
         """Bring ``part`` to the complete file (returning its size), resuming what it already holds.
 
@@ -130,14 +143,16 @@ class Fetcher:
         ``.part``) with the longest it may take, and may raise to stop; ``on_sha256(hex)``, when
         given, gets the complete file's sha256 (hashed as it arrives, like a task's own sha256,
         which is checked whether or not it is given); ``on_received(n)`` the size of each chunk
-        once it is written (what this run brought over the network, resumed bytes apart).
-        Raises haul errors only.
+        once it is written (what this run brought over the network, resumed bytes apart);
+        ``split`` lets a large file go over several connections (:mod:`actors.split`; a
+        ``.part`` a split download left is always continued as one, on one connection without
+        it). Raises haul errors only.
 
         A ``.part`` that cannot be kept is started over once from zero: a file that changed on
         the origin, a refused range, a size or sha256 mismatch (a corrupt ``.part`` must not
         fail a task); the same mismatch from zero is final.
         """
-        transfer = Transfer(task_id, on_progress, on_total, guard, rules, step, on_sha256, on_received)
+        transfer = Transfer(task_id, on_progress, on_total, guard, rules, step, on_sha256, on_received, split)
         try:
             return self._attempt(spec, part, transfer)
         except (PartUnusable, ChecksumMismatch) as exc:
@@ -149,7 +164,8 @@ class Fetcher:
     def _attempt(self, spec: FileSpec, part: Path, t: Transfer) -> int:
         """One try at :meth:`fetch`."""
         where = f"task {t.task_id}, file {spec.path!r} from {display_url(spec.url)}"
-        asked, validator = resume_point(part)
+        spans = SpanMap.load(part)  # a .part a split download left: only what it lacks is asked for
+        asked, validator = (spans.first_missing, spans.validator) if spans else resume_point(part)
         # Hash what the .part holds before asking for the rest: hashing many GiB after the
         # request would leave the origin waiting past its own send timeout.
         hashing = bool(spec.sha256) or t.on_sha256 is not None
@@ -162,13 +178,27 @@ class Fetcher:
             if answer.total is not None and t.on_total is not None:
                 t.on_total(answer.total)
             t.on_progress(answer.offset)
+            if spans is not None and answer.offset and answer.total is not None and not answer.coded:
+                kept_hash = (kept, answer.offset) if kept is not None else None
+                return self._split(spec, part, response, answer, spans, kept_hash, None, t, where)
+            # Worth splitting only if one connection turns out slow: the first RAMP_SECONDS tell
+            splittable = (
+                t.split is not None and t.split.width > 1 and answer.total is not None and not answer.coded
+                and qualifies(response, answer.total, t.split.min_bytes)
+            )  # fmt: skip
             if hashing:
                 hasher = Hasher(kept if kept is not None and answer.offset == asked else hashlib.sha256())
             shutter = shutter_of(response)
             with t.guard(shutter) if t.guard is not None else nullcontext():
-                served = self._stream(response, part, answer, hasher, t, where)
+                served, rate = self._stream(response, part, answer, hasher, t, where, splittable)
             if shutter.shut:  # the end of the body was ours, not the origin's
                 raise OriginUnavailable(f"{where}: the transfer was interrupted after {answer.offset + served} bytes")
+            if rate is not None:  # handed over: the rest goes over several connections
+                position = answer.offset + served
+                hashed = (hasher.finish(), position) if hasher is not None else None
+                hasher = None
+                moved = dataclasses.replace(answer, offset=position)
+                return self._split(spec, part, response, moved, None, hashed, rate, t, where)
         finally:
             response.close()
             if hasher is not None:
@@ -216,8 +246,15 @@ class Fetcher:
         hasher: Hasher | None,
         t: Transfer,
         where: str,
-    ) -> int:
-        """Copy the body into ``part`` from ``answer.offset``; return the bytes received.
+        splittable: bool = False,
+    ) -> tuple[int, float | None]:
+        """Copy the body into ``part`` from ``answer.offset``; return the bytes received, and
+        the rate the body came at when it stopped to go on over several connections (None when
+        it went to its end).
+
+        ``splittable``: after :data:`actors.split.RAMP_SECONDS`, if the rest would take more
+        than :data:`actors.split.WORTH_SPLITTING_SECONDS` at the rate so far, it stops there
+        (the bytes written synced) for :meth:`_split` to go on with the same answer.
 
         The ``.part`` holds exactly ``offset`` bytes before the answer's validator is recorded
         for it: the record must never name a version the bytes on disk are not of, or an
@@ -231,9 +268,10 @@ class Fetcher:
         fd = open_part(part, offset, where)
         on_progress, rules = t.on_progress, t.rules
         writeback, floor = Writeback(fd, offset), SpeedFloor(rules, where)
+        started, rate = time.monotonic(), None
         try:
             write_meta(part, answer.validator, where, answer.content_type)
-            while chunk := _read(response, answer.coded, where, offset + received):
+            while chunk := read_chunk(response, answer.coded, where, offset + received):
                 on_progress(offset + received)  # may raise: a stale holder must not write
                 if rules.max_bytes and offset + received + len(chunk) > rules.max_bytes:
                     raise TooLarge(
@@ -248,6 +286,12 @@ class Fetcher:
                 writeback.advance(offset + received)
                 if t.on_received is not None:
                     t.on_received(len(chunk))
+                if splittable and (elapsed := time.monotonic() - started) >= RAMP_SECONDS:
+                    splittable, speed = False, received / elapsed
+                    assert answer.total is not None
+                    if (answer.total - offset - received) > speed * WORTH_SPLITTING_SECONDS:
+                        rate = speed
+                        break
             on_progress(offset + received)
             t.step(DISK_STEP_SECONDS)
             os.fdatasync(fd)  # the bytes and the size; timestamps need not be durable
@@ -255,7 +299,63 @@ class Fetcher:
             raise StorageUnavailable(f"{where}: syncing {part} failed ({exc.strerror})") from exc
         finally:
             os.close(fd)
-        return received
+        return received, rate
+
+    def _split(
+        self,
+        spec: FileSpec,
+        part: Path,
+        response: requests.Response,
+        answer: Answer,
+        spans: SpanMap | None,
+        hashed: tuple[Any, int] | None,
+        rate: float | None,
+        t: Transfer,
+        where: str,
+    ) -> int:
+        """The rest of the file over up to ``t.split.width`` connections, ``response`` the first
+        one's (:mod:`actors.split`; ``rate``, what it came at alone, if measured); returns the
+        file's size once whole and verified."""
+        assert answer.total is not None
+        plan = t.split or SplitPlan(1, 0, no_connection, lambda n: None, lambda: None)
+        fd = open_part(part, answer.offset, where, exact=False)
+        try:
+            if spans is None:  # the record names this version before a byte of it is written
+                meta = {"etag": answer.validator.etag, "last_modified": answer.validator.last_modified,
+                        "content_type": answer.content_type}  # fmt: skip
+                spans = SpanMap.after(part, answer.total, meta, answer.offset)
+                spans.record(fd, spans.snapshot(), where)
+            [first] = [s for s in spans.spans if s.pos == answer.offset]
+            read_fd = os.open(part, os.O_RDONLY)
+            try:
+                splitter = Splitter(
+                    url=spec.url, fd=fd, spans=spans, width=plan.width, open_connection=plan.open_connection,
+                    on_connections=plan.on_connections, on_received=t.on_received, hashed=hashed, read_fd=read_fd,
+                    where=where, first_rate=rate,
+                )  # fmt: skip
+                main = Connection(ranges=self, tick=t.on_progress, step=t.step, wake=plan.wake)
+                with t.guard(shutter_of(response)) if t.guard is not None else nullcontext():
+                    digest = splitter.run(response, first, main)
+            finally:
+                os.close(read_fd)
+        finally:
+            os.close(fd)
+        if spec.sha256 and digest != spec.sha256:
+            raise ChecksumMismatch(
+                f"{where}: sha256 is {digest} but the task says {spec.sha256}; "
+                "the origin serves other bytes than the task expects"
+            )
+        if t.on_sha256 is not None and digest is not None:
+            t.on_sha256(digest)
+        return _verified(spec, answer.total, answer.total, None, None, where)
+
+    def get_range(self, url: str, start: int, end: int, if_range: str, where: str, step: Step) -> requests.Response:
+        """GET bytes ``[start, end)`` of the version ``if_range`` names (the whole file, 200,
+        when the origin has another)."""
+        headers = {"Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"}
+        if if_range:
+            headers["If-Range"] = if_range
+        return self._get(url, headers, where, step)
 
     def _get(self, url: str, headers: dict[str, str], where: str, step: Step) -> requests.Response:
         """GET with redirects followed by hand, so that every hop passes the policy."""
@@ -285,16 +385,6 @@ class Fetcher:
             check_status(response, url, where)
             return response
         raise TooManyRedirects(f"{where}: more than {MAX_REDIRECTS} redirects; fix the URL")
-
-
-def _read(response: requests.Response, coded: bool, where: str, position: int) -> bytes:
-    try:
-        chunk: bytes = response.raw.read1(CHUNK_BYTES, decode_content=coded)
-    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-        raise OriginUnavailable(
-            f"{where}: the transfer broke after {position} bytes ({exc})", code=timeout_code(exc)
-        ) from exc
-    return chunk
 
 
 def _verified(

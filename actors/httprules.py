@@ -16,6 +16,8 @@ import urllib3
 from actors.errors import OriginRejected, OriginUnavailable, PartUnusable, TooLarge
 from actors.redact import display_url
 
+#: Most bytes read from the socket (and written to disk) per step.
+CHUNK_BYTES = 1024 * 1024
 #: Redirect hops followed before giving up.
 MAX_REDIRECTS = 10
 #: Statuses that mean "try again later"; every other 4xx is the origin's final word.
@@ -134,3 +136,15 @@ class SpeedFloor:
                 code="timeout",
             )
         self.start, self.bytes = time.monotonic(), 0
+
+
+def read_chunk(response: requests.Response, coded: bool, where: str, position: int) -> bytes:
+    """The next bytes of the body as soon as some arrived (at most :data:`CHUNK_BYTES`), so a
+    slow origin still reports progress often; decoded only when the origin applied a coding."""
+    try:
+        chunk: bytes = response.raw.read1(CHUNK_BYTES, decode_content=coded)
+    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+        raise OriginUnavailable(
+            f"{where}: the transfer broke after {position} bytes ({exc})", code=timeout_code(exc)
+        ) from exc
+    return chunk

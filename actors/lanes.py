@@ -20,6 +20,8 @@ next attempt) and is the error the run ends with.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import threading
 from collections import Counter
@@ -30,9 +32,11 @@ from urllib.parse import urlsplit
 import redis
 
 from actors.errors import LeaseLost
+from actors.interrupt import interruptible
 from actors.lease import Lane, Lease
-from actors.progress import Halted, Progress
+from actors.progress import FileProgress, Halted, Progress, guard_lease
 from actors.runtime import Runtime
+from actors.split import Connection, SplitPlan
 from actors.states import StepReply
 from actors.task import Task
 
@@ -66,6 +70,8 @@ class FileLanes:
         self._open: Counter[str] = Counter()
         self._claimed_in_use: set[str] = set()
         self._error: BaseException | None = None
+        #: Connection numbers beyond the lanes' (a split file's connections).
+        self._numbers = itertools.count(width)
 
     def run(self, indexes: Sequence[int], fetch: FetchFile) -> None:
         """Fetch every file of ``indexes``; raise the first failure once every lane stopped."""
@@ -152,12 +158,61 @@ class FileLanes:
             if not extra:
                 self._claimed_in_use.discard(host)
             self._lock.notify_all()
-        if not extra:
-            return
-        try:  # given back at once; one Redis could not take back expires with the lease
+        if extra:
+            self._give_back(host, number)
+
+    def _give_back(self, host: str, number: int) -> None:
+        try:  # at once; a slot Redis could not take back expires with the lease
             self.rt.store.connection(
                 self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(), take=False
             )
         except redis.RedisError as exc:
             log.warning("task %s: a connection slot of %s not given back (%s); it expires with the lease",
                         self.task.id, host, exc)  # fmt: skip
+
+    def split_plan(self, index: int, file: FileProgress, lane: Lane) -> SplitPlan | None:
+        """How file ``index``, downloading on ``lane``, may open connections beside its own
+        (HAUL_SPLIT): each on a thread of the pool, a lane of the lease and a host slot of its
+        own (without waiting: a full host means no more connections for now)."""
+        settings = self.rt.settings
+        if settings.split <= 1:
+            return None
+        host = urlsplit(self.task.spec.files[index].url).hostname or ""
+
+        def open_connection(work: Callable[[Connection], None]) -> futures.Future[None] | None:
+            number = next(self._numbers)
+            if self.per_host:
+                reply = self.rt.store.connection(
+                    self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(), take=True
+                )
+                if reply is StepReply.STALE:
+                    raise LeaseLost(f"task {self.task.id}: lease lost while taking a connection to {host}")
+                if reply is StepReply.FULL:
+                    return None
+
+            def run() -> None:
+                try:
+                    with self.lease.lane() as beside, interruptible(functools.partial(guard_lease, self.rt, beside)):
+                        work(Connection(
+                            ranges=self.rt.fetcher, tick=functools.partial(file.tick, lane=beside),
+                            step=functools.partial(_step, beside, file.doing),
+                            wake=functools.partial(_wake, beside),
+                        ))  # fmt: skip
+                finally:
+                    if self.per_host:
+                        self._give_back(host, number)
+
+            return self.rt.beside.submit(run)
+
+        return SplitPlan(
+            width=settings.split, min_bytes=settings.min_split_bytes, open_connection=open_connection,
+            on_connections=file.on_connections, wake=functools.partial(_wake, lane),
+        )  # fmt: skip
+
+
+def _step(lane: Lane, doing: str, seconds: float) -> None:
+    lane.step(seconds, doing)
+
+
+def _wake(lane: Lane) -> None:
+    lane.wake(lane.deadline)

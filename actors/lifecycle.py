@@ -44,7 +44,7 @@ class Lifecycle(Middleware):
             threads=worker.worker_threads,
             started=rt.clock(),
             limits=WorkerLimits.of(rt.settings),  # what this process enforces, for the supervisor's check
-            parallel_files=rt.settings.task_parallel_files,
+            connections=rt.settings.task_parallel_files * rt.settings.split,
         )
         try:
             self.heartbeat.start(info)

@@ -42,9 +42,10 @@ class Progress:
         self.sizes = [f.size for f in task.spec.files]
         self.done = [0] * len(task.spec.files)
         self.finished = 0
-        #: Indexes of the files finished, in the order they finished, and of those downloading.
+        #: Indexes of the files finished, in the order they finished, and of those downloading
+        #: with the connections each uses.
         self.order: list[int] = []
-        self.active: set[int] = set()
+        self.active: dict[int, int] = {}
         #: Why the files still downloading must stop (another one failed), once one did.
         self.halted: str | None = None
         self._lock = threading.Lock()
@@ -60,19 +61,19 @@ class Progress:
     def files(self) -> FilesProgress:
         """Which files finished, in order, and how far each one downloading is (status, events)."""
         with self._lock:
-            order, active = tuple(self.order), sorted(self.active)
-        return FilesProgress(order, tuple((i, self.done[i], self.sizes[i] or 0, 1) for i in active))
+            order, active = tuple(self.order), sorted(self.active.items())
+        return FilesProgress(order, tuple((i, self.done[i], self.sizes[i] or 0, n) for i, n in active))
 
     @contextmanager
     def file(self, index: int, lane: Lane) -> Iterator[FileProgress]:
         """File ``index`` downloading on ``lane`` while the block runs."""
         with self._lock:
-            self.active.add(index)
+            self.active[index] = 1
         try:
             yield FileProgress(self, index, lane)
         finally:
             with self._lock:
-                self.active.discard(index)
+                self.active.pop(index, None)
 
     def file_done(self, index: int, size: int) -> None:
         with self._lock:
@@ -98,9 +99,33 @@ class FileProgress:
         self.doing = f"downloading {progress.task.spec.files[index].path!r}"
 
     def on_total(self, size: int) -> None:
-        self.progress.sizes[self.index] = size
+        """The file's size, once its answer gives it: refused at once (before a byte of it is
+        written) when with the files finished and in flight it passes the task's budget."""
+        p = self.progress
+        with p._lock:
+            p.sizes[self.index] = size
+            if not p.max_task_bytes:
+                return
+            claimed = sum(p.sizes[i] or p.done[i] for i in {*p.order, *p.active})
+        if claimed > p.max_task_bytes:
+            raise TooLarge(
+                f"task {p.task.id}: {p.task.spec.files[self.index].path!r} is {size} bytes; with its other files "
+                f"the task comes to at least {claimed}, above HAUL_MAX_TASK_BYTES={p.max_task_bytes}; "
+                "nothing more of it was downloaded"
+            )
 
     def on_progress(self, position: int) -> None:
+        self.tick(position, self.lane)
+
+    def on_connections(self, count: int) -> None:
+        """The connections the file uses now (a split download's)."""
+        with self.progress._lock:
+            if self.index in self.progress.active:
+                self.progress.active[self.index] = max(1, count)
+
+    def tick(self, position: int, lane: Lane) -> None:
+        """Before a chunk of the file is written by ``lane``'s thread (one of a split file's
+        connections, or the file's own)."""
         p = self.progress
         p.done[self.index] = position
         if p.rt.stopper.is_set():
@@ -112,7 +137,7 @@ class FileProgress:
                 f"task {p.task.id}: its files grew past HAUL_MAX_TASK_BYTES={p.max_task_bytes} bytes; "
                 f"cut while downloading {p.task.spec.files[self.index].path!r}"
             )
-        self.lane.step(p.read_seconds, self.doing)
+        lane.step(p.read_seconds, self.doing)
 
     def on_received(self, size: int) -> None:
         """A chunk came over the network and was written (the stage metrics' bytes)."""

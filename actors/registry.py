@@ -2,7 +2,7 @@
 one, check that limits match the threads that serve each stage, and check that every worker
 runs with the same stage limits and lease (its own, not the supervisor's).
 
-    haul:workers        hash: worker id -> JSON {host, pid, queues, threads, parallel_files, started, limits}
+    haul:workers        hash: worker id -> JSON {host, pid, queues, threads, connections, started, limits}
                         (``limits`` is missing from records written by an older haul)
     haul:workers:seen   sorted set: worker id by its last heartbeat (seconds)
 """
@@ -63,8 +63,9 @@ class WorkerInfo:
     seen: float = 0.0
     #: None for a worker registered by an older haul, which did not say.
     limits: WorkerLimits | None = None
-    #: Files each of its threads downloads at once (HAUL_TASK_PARALLEL_FILES; 1 before haul had it).
-    parallel_files: int = 1
+    #: Connections each of its threads may open at once: HAUL_TASK_PARALLEL_FILES x HAUL_SPLIT
+    #: (1 for a worker of a haul before either).
+    connections: int = 1
 
 
 def _text(value: Any) -> str:
@@ -100,7 +101,7 @@ class WorkerRegistry:
             "pid": info.pid,
             "queues": list(info.queues),
             "threads": info.threads,
-            "parallel_files": info.parallel_files,
+            "connections": info.connections,
         }
         if info.limits is not None:
             data["limits"] = dataclasses.asdict(info.limits)
@@ -140,7 +141,7 @@ class WorkerRegistry:
                     started=float(data["started"]),
                     seen=seen.get(worker_id, 0.0),
                     limits=_limits_from(data.get("limits")),
-                    parallel_files=int(data.get("parallel_files", 1)),
+                    connections=int(data.get("connections", 1)),
                 )
             )
         return result

@@ -84,11 +84,13 @@ class Runtime:
 
     @property
     def beside(self) -> ThreadPoolExecutor:
-        """The threads that download files beside the working threads (each its own session,
-        kept across tasks): HAUL_TASK_PARALLEL_FILES - 1 per working thread."""
+        """The threads that download beside the working threads, each with its own session
+        kept across tasks: per working thread, the other files of its task and the connections
+        beside each file's own (HAUL_TASK_PARALLEL_FILES x HAUL_SPLIT - 1)."""
         with self._beside_lock:
             if self._beside is None:
-                extra = max(1, self.settings.worker_threads * (self.settings.task_parallel_files - 1))
+                s = self.settings
+                extra = max(1, s.worker_threads * (s.task_parallel_files * s.split - 1))
                 self._beside = ThreadPoolExecutor(extra, thread_name_prefix="haul-lane")
             return self._beside
 

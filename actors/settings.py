@@ -59,6 +59,12 @@ DEFAULT_WORKER_THREADS = 8
 DEFAULT_TASK_PARALLEL_FILES = 4
 #: The most HAUL_TASK_PARALLEL_FILES may be: connections one task opens at once.
 MAX_TASK_PARALLEL_FILES = 16
+#: Connections one large file may use (HAUL_SPLIT): politeness first (aria2 uses one per
+#: server by default, and many connections get an address banned).
+DEFAULT_SPLIT = 4
+MAX_SPLIT = 16
+#: Files smaller than this are never split (HAUL_MIN_SPLIT_BYTES).
+DEFAULT_MIN_SPLIT_BYTES = 20 * 1024 * 1024
 #: Longest pause, in ms, between two polls of an idle queue: Dramatiq's Redis broker polls (it
 #: has no blocking fetch), and its default of 1000 ms makes an idle worker pick a task up after
 #: up to a second. 80 ms costs an idle process a few dozen Redis commands a second.
@@ -112,6 +118,9 @@ class Settings:
     worker_poll_ms: int = DEFAULT_WORKER_POLL_MS
     #: HAUL_TASK_PARALLEL_FILES: files of one task downloaded at once (actors/lanes.py).
     task_parallel_files: int = DEFAULT_TASK_PARALLEL_FILES
+    #: HAUL_SPLIT / HAUL_MIN_SPLIT_BYTES: connections one large file may use (actors/split.py).
+    split: int = DEFAULT_SPLIT
+    min_split_bytes: int = DEFAULT_MIN_SPLIT_BYTES
     sweep_seconds: float = DEFAULT_SWEEP_SECONDS
     orphan_seconds: float = DEFAULT_ORPHAN_SECONDS
     supervisor_host: str = "127.0.0.1"
@@ -216,6 +225,8 @@ class Settings:
                     integer=True,
                 )
             ),  # fmt: skip
+            split=int(envvars.number(env, "HAUL_SPLIT", DEFAULT_SPLIT, minimum=1, maximum=MAX_SPLIT, integer=True)),
+            min_split_bytes=envvars.limit(env, "HAUL_MIN_SPLIT_BYTES", DEFAULT_MIN_SPLIT_BYTES),
             sweep_seconds=envvars.number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
             orphan_seconds=envvars.number(env, "HAUL_ORPHAN_SECONDS", DEFAULT_ORPHAN_SECONDS, minimum=1),
             supervisor_host=env.get("HAUL_SUPERVISOR_HOST") or "127.0.0.1",

@@ -165,6 +165,8 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
             progress.file_done(index, size)
     pending.sort()
 
+    lanes = FileLanes(rt, task, lease, progress, s.task_parallel_files)
+
     def fetch(index: int, lane: Lane) -> None:
         spec = task.spec.files[index]
         lane.step(DISK_STEP_SECONDS, f"preparing {spec.path!r}")  # a resumed .part's validator, DNS
@@ -181,13 +183,14 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                 step=file.step,
                 on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
                 on_received=file.on_received,
+                split=lanes.split_plan(index, file, lane),
             )
             lane.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
             sandbox.promote(part, spec)
         log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
         progress.file_done(index, size)
 
-    FileLanes(rt, task, lease, progress, s.task_parallel_files).run(pending, fetch)
+    lanes.run(pending, fetch)
     return progress
 
 

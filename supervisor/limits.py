@@ -62,21 +62,22 @@ def check(settings: Settings, workers: Sequence[WorkerInfo]) -> list[str]:
     - HAUL_RETAIN_SECONDS is longer than HAUL_FINALIZE_GIVE_UP_SECONDS and than the time an owed
       task.failed / task.canceled is still tried after its task ended (``notice_seconds``);
     - HAUL_DOWNLOAD_PER_HOST (connections) is at most the connections HAUL_DOWNLOAD_CONCURRENCY
-      tasks open, HAUL_TASK_PARALLEL_FILES each.
+      tasks open, HAUL_TASK_PARALLEL_FILES x HAUL_SPLIT each.
 
     With registered workers: no stage limit is above the threads consuming its queue (the
-    per-host limit: above their connections, each thread's HAUL_TASK_PARALLEL_FILES); every
+    per-host limit: above their connections, each thread's HAUL_TASK_PARALLEL_FILES x
+    HAUL_SPLIT); every
     queue has a consumer; every worker runs with the same stage limits and lease as the others
     and as this supervisor (workers registered by an older haul, which did not say, are left out).
     """
     problems = _timing(settings)
-    connections = settings.download_concurrency * settings.task_parallel_files
+    connections = settings.download_concurrency * settings.task_parallel_files * settings.split
     if 0 < connections < settings.download_per_host:
         problems.append(
             f"HAUL_DOWNLOAD_PER_HOST={settings.download_per_host} is above the {connections} connections that "
             f"HAUL_DOWNLOAD_CONCURRENCY={settings.download_concurrency} tasks open at once "
-            f"(HAUL_TASK_PARALLEL_FILES={settings.task_parallel_files} each): the per-host limit can never be "
-            "reached; lower it"
+            f"(HAUL_TASK_PARALLEL_FILES={settings.task_parallel_files} files each, HAUL_SPLIT={settings.split} "
+            "connections a file): the per-host limit can never be reached; lower it"
         )
     if workers:
         problems += _threads(settings, workers) + _disagreements(settings, workers)
@@ -126,12 +127,12 @@ def _threads(settings: Settings, workers: Sequence[WorkerInfo]) -> list[str]:
                 f"queue: the limit is never reached and tasks queue behind busy threads instead; "
                 f"lower it to {served[queue]} or add workers"
             )
-    connections = sum(w.threads * w.parallel_files for w in workers if "claim" in w.queues)
+    connections = sum(w.threads * w.connections for w in workers if "claim" in w.queues)
     if connections and settings.download_per_host > connections:
         problems.append(
             f"HAUL_DOWNLOAD_PER_HOST={settings.download_per_host} is above the {connections} connections the "
-            "worker threads that consume the 'claim' queue open at once (each thread HAUL_TASK_PARALLEL_FILES "
-            f"of them): the limit is never reached; lower it to {connections} or add workers"
+            "worker threads that consume the 'claim' queue open at once (each thread HAUL_TASK_PARALLEL_FILES x "
+            f"HAUL_SPLIT of them): the limit is never reached; lower it to {connections} or add workers"
         )
     for queue, threads in served.items():
         if threads == 0:

@@ -124,8 +124,12 @@ class Origin(_Running):
         self.served: Counter[str] = Counter()
         self.requests: list[Request] = []
         self.lock = threading.Lock()
-        #: Bytes per second each response is throttled to (None: as fast as possible).
+        #: Bytes per second each response is throttled to (None: as fast as possible); with
+        #: ``shared_rate``, what all the bodies of one path get together (a link, not a cap).
         self.rate: float | None = None
+        self.shared_rate = False
+        #: Whether Range requests are honoured (``Accept-Ranges: bytes``).
+        self.ranges = True
         #: Bodies being sent right now, and the most at any one time.
         self.active = 0
         self.max_active = 0
@@ -224,22 +228,24 @@ class _OriginHandler(_Quiet):
 
     def _file(self, origin: Origin, path: str, data: bytes, fault: Fault | None) -> None:
         etag = etag_of(data)
-        start, status = 0, 200
-        wanted = self.headers.get("Range")
+        start, end, status = 0, len(data), 200
+        wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
         condition = self.headers.get("If-Range")
-        if wanted and wanted.startswith("bytes=") and wanted.endswith("-") and condition in (None, etag):
-            start = int(wanted[6:-1])
-            if start >= len(data):
+        if origin.ranges and wanted and condition in (None, etag):
+            start = int(wanted[1])
+            end = min(len(data), int(wanted[2]) + 1) if wanted[2] else len(data)
+            if start >= len(data) or end <= start:
                 self._status(416)
                 return
             status = 206
-        body = data[start:]
+        body = data[start:end]
         if fault is not None and fault.kind == "gzip":
             body = gzip.compress(body)
         self.send_response(status)
         self.send_header("Content-Type", "video/mp4")
         self.send_header("ETag", etag)
-        self.send_header("Accept-Ranges", "bytes")
+        if origin.ranges:
+            self.send_header("Accept-Ranges", "bytes")
         if fault is not None and fault.kind == "gzip":
             self.send_header("Content-Encoding", "gzip")
         if fault is not None and fault.kind == "nolength":
@@ -247,7 +253,7 @@ class _OriginHandler(_Quiet):
         else:
             self.send_header("Content-Length", str(len(body)))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
         if fault is not None and fault.kind == "drop":
             body = body[: fault.after]
@@ -283,7 +289,8 @@ class _OriginHandler(_Quiet):
                 time.sleep(fault.seconds)
             chunk = view[offset : offset + step]
             if origin.rate:  # pause before, not after, the chunk: the body ends with its last byte
-                time.sleep(len(chunk) / origin.rate)
+                sharing = origin.in_flight[path] if origin.shared_rate else 1
+                time.sleep(len(chunk) * sharing / origin.rate)
             if offset + step >= len(view):
                 ended()
             try:

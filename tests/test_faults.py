@@ -138,6 +138,32 @@ def test_sigkill_during_finalize(stack: Stack, origin: Origin, receiver: Receive
     assert receiver.accepted()
 
 
+def test_a_split_download_killed_half_way_resumes_only_the_missing_ranges(
+    tmp_path: Path, origin: Origin, receiver: Receiver
+) -> None:
+    # Four connections at 16 MiB/s each; a SIGKILL loses at most one checkpoint (4 MiB) of each
+    s = Stack(tmp_path, receiver, HAUL_SPLIT="4", HAUL_MIN_SPLIT_BYTES=str(8 * MIB), HAUL_TASK_PARALLEL_FILES="1")
+    try:
+        origin.rate = 16 * MIB
+        data = os.urandom(320 * MIB)
+        first = s.worker(threads=1)
+        with running(first):
+            task_id = s.submit(origin, {"lecture.mp4": data})
+            wait_until(lambda: origin.served["/lecture.mp4"] >= len(data) // 2, 60, "half the file served")
+            assert origin.max_active == 4  # split, and killed while split
+            first.kill()
+        wait_until(lambda: origin.active == 0, 10, "the killed worker's connections closed")
+        with running(s.worker(threads=1), s.supervisor()):
+            task = wait_for(s.store, task_id, timeout=120)
+        assert task.state is State.DONE, task.error
+        assert (
+            hashlib.sha256((s.storage / task_id / "lecture.mp4").read_bytes()).digest() == hashlib.sha256(data).digest()
+        )
+        assert origin.served["/lecture.mp4"] <= len(data) * 1.05
+    finally:
+        s.close()
+
+
 def test_redis_killed_and_restarted_with_tasks_queued_and_running(
     stack: Stack, origin: Origin, receiver: Receiver
 ) -> None:

@@ -119,6 +119,7 @@ def test_a_course_is_stored_in_the_bucket_under_the_key_template_and_announced(
     assert requests.get(listed["notes.pdf"]["link"] + "0", timeout=10).status_code == 403  # tampered
     # `haul status ID --json` shows each file where task.completed put it, with the same link
     shown = {f["path"]: f for f in task.as_status()["files"]}
+    assert all(f.pop("state") == "done" for f in shown.values())  # status says how far each file is
     assert {p: f | {"url": None} for p, f in shown.items()} == {p: f | {"url": None} for p, f in listed.items()}
     assert not (bucket.staging_dir / task_id).exists()  # staging goes only after the announcement
     # Nothing is left half-uploaded

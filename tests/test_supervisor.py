@@ -150,18 +150,15 @@ def test_config_mismatches_are_named(fast: Any, store: Any, caplog: pytest.LogCa
     registry = WorkerRegistry(store.client)
     registry.register(WorkerInfo("w1", "h", 1, ("claim",), 8, 0.0), now=time.time())
     mismatched = fast.replace(lease_seconds=2, sweep_seconds=5, download_concurrency=3, download_per_host=13,
-                              task_parallel_files=4)  # fmt: skip
+                              task_parallel_files=2, split=2)  # fmt: skip
     problems = limits.check(mismatched, registry.workers())
     text = json.dumps(problems)
     assert "HAUL_LEASE_SECONDS=2" in text and "HAUL_SWEEP_SECONDS=5" in text and "'finalize' queue" in text
-    assert "HAUL_DOWNLOAD_PER_HOST=13 is above the 12 connections" in text
-    # Each thread of a worker of an older haul opens one connection; of this one, its parallel files
+    assert "HAUL_DOWNLOAD_PER_HOST=13 is above the 12 connections" in text  # 3 tasks x 2 files x 2
+    # Each thread of a worker of an older haul opens one connection; of this one, files x split
     assert "HAUL_DOWNLOAD_PER_HOST=13 is above the 8 connections the worker threads" in text
-    registry.register(WorkerInfo("w1", "h", 1, ("claim",), 8, 0.0, parallel_files=2), now=time.time())
+    registry.register(WorkerInfo("w1", "h", 1, ("claim",), 8, 0.0, connections=2), now=time.time())
     assert not any("connections the worker threads" in p for p in limits.check(mismatched, registry.workers()))
-    assert limits.check(fast.replace(download_per_host=16, task_parallel_files=2), registry.workers()) == [
-        p for p in limits.check(fast, registry.workers())
-    ]
     # Seed 003: a download limit of 5 in front of 3 threads leaves tasks behind busy threads
     registry.register(WorkerInfo("w1", "h", 1, ("claim", "finalize"), 3, 0.0), now=time.time())
     problems = limits.check(fast.replace(download_concurrency=5), registry.workers())

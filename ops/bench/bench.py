@@ -17,7 +17,7 @@ from typing import Any
 
 from ops.bench.api import bench_api_events, bench_api_submit
 from ops.bench.control_plane import bench_prune, bench_redis, bench_scrape, bench_sweep
-from ops.bench.course import bench_course, bench_course_default
+from ops.bench.course import bench_course, bench_course_default, bench_split
 from ops.bench.harness import HERE, Bench
 from ops.bench.storage import bench_upload
 from ops.bench.tasks import bench_pickup, bench_recovery_and_resume, bench_rss, bench_throughput
@@ -55,6 +55,7 @@ BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "api_events": bench_api_events,
     "course": bench_course,
     "course_default": bench_course_default,
+    "split": bench_split,
 }
 
 

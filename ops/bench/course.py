@@ -1,7 +1,8 @@
-"""Benchmarks of a course over a CDN that caps each connection (issue 16): nginx with
-``limit_rate`` per connection (20 MB/s, and 1 MB/s with files a twentieth the size) on
-127.0.0.1, haul end to end with HAUL_TASK_PARALLEL_FILES=16 against ``aria2c -j16`` and
-``curl --parallel --parallel-max 16``, and haul's default against one file at a time."""
+"""Benchmarks over a CDN that caps each connection (issue 16): nginx with ``limit_rate`` per
+connection (20 MB/s, and 1 MB/s with files a twentieth the size) on 127.0.0.1. A course, haul
+end to end with HAUL_TASK_PARALLEL_FILES=16 against ``aria2c -j16`` and ``curl --parallel
+--parallel-max 16``, and files at once from 1 to 8; one 1 GiB file split over 16 connections
+against ``aria2c -x16 -s16``, and haul's defaults against one connection unthrottled."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ops.bench.harness import MIB, Bench, Worker, med, ratio_runs, wait_done
+from ops.bench.harness import GIB, MIB, Bench, Worker, med, ratio_runs, wait_done
 
 FILES = 100
 
@@ -108,4 +109,47 @@ def bench_course_default(bench: Bench) -> dict[str, Any]:
         }
         times = ratio_runs(bench.runs, sides)
         results[location or "unthrottled"] = {name: round(med(seconds), 2) for name, seconds in times.items()}
+    return results
+
+
+def bench_split(bench: Bench) -> dict[str, Any]:
+    """16a: one 1 GiB file over 20 MB/s per connection, haul with HAUL_SPLIT=16 vs ``aria2c
+    -x16 -s16``; and the unthrottled origin of benchmark 1, haul's defaults vs one connection
+    (HAUL_SPLIT=1, before splitting existed), end to end."""
+    bench.file("big.bin", GIB)
+    capped = f"http://127.0.0.1:{bench.nginx_port}/cdn20/big.bin"
+    out = bench.root / "split-out"
+
+    def aria2c() -> float:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        started = time.perf_counter()
+        subprocess.run(["aria2c", "-x16", "-s16", "--file-allocation=none", "-q", "-d", str(out), capped],
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        took = time.perf_counter() - started
+        shutil.rmtree(out, ignore_errors=True)
+        return took
+
+    def haul(url: str, **env: str) -> float:
+        worker = Worker(bench, threads=1, **env)
+        try:
+            return haul_course(bench, [url])
+        finally:
+            worker.stop()
+
+    results: dict[str, Any] = {}
+    times = ratio_runs(bench.runs, {"haul": functools.partial(haul, capped, HAUL_SPLIT="16"), "aria2c": aria2c})
+    results["1 GiB at 20 MB/s per connection, 16 connections"] = {
+        "haul s": round(med(times["haul"]), 2), "aria2c s": round(med(times["aria2c"]), 2),
+        "haul speed / aria2c": round(med([a / h for h, a in zip(times["haul"], times["aria2c"], strict=True)]), 2),
+    }  # fmt: skip
+    plain = bench.url("big.bin")
+    times = ratio_runs(bench.runs, {"defaults": functools.partial(haul, plain),
+                                    "one connection": functools.partial(haul, plain, HAUL_SPLIT="1")})  # fmt: skip
+    results["1 GiB unthrottled (benchmark 1's origin)"] = {
+        "defaults s": round(med(times["defaults"]), 2), "one connection s": round(med(times["one connection"]), 2),
+        "defaults speed / one connection": round(
+            med([o / d for d, o in zip(times["defaults"], times["one connection"], strict=True)]), 2
+        ),
+    }  # fmt: skip
     return results
