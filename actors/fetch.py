@@ -63,6 +63,7 @@ from actors.split import (
     SplitPlan,
     Splitter,
     no_connection,
+    no_guard,
     qualifies,
 )
 from actors.task import FileSpec
@@ -170,6 +171,9 @@ class Fetcher:
         # request would leave the origin waiting past its own send timeout.
         hashing = bool(spec.sha256) or t.on_sha256 is not None
         kept = hash_file(part, asked, lambda: t.step(DISK_STEP_SECONDS)) if hashing and asked else None
+        if spans is not None and not spans.spans:  # whole already: a run ended before renaming it
+            t.on_progress(spans.size)
+            return self._whole(spec, spans.size, kept, t, where)
         with interruptible(t.guard):
             response = self._get(spec.url, request_headers(asked, validator), where, t.step)
         hasher: Hasher | None = None
@@ -179,6 +183,8 @@ class Fetcher:
                 t.on_total(answer.total)
             t.on_progress(answer.offset)
             if spans is not None and answer.offset and answer.total is not None and not answer.coded:
+                if answer.total != spans.size:
+                    raise PartUnusable(f"{where}: the file changed on the origin (size {answer.total})")
                 kept_hash = (kept, answer.offset) if kept is not None else None
                 return self._split(spec, part, response, answer, spans, kept_hash, None, t, where)
             # Worth splitting only if one connection turns out slow: the first RAMP_SECONDS tell
@@ -331,23 +337,32 @@ class Fetcher:
                 splitter = Splitter(
                     url=spec.url, fd=fd, spans=spans, width=plan.width, open_connection=plan.open_connection,
                     on_connections=plan.on_connections, on_received=t.on_received, hashed=hashed, read_fd=read_fd,
-                    where=where, first_rate=rate,
+                    rules=t.rules, where=where, first_rate=rate,
                 )  # fmt: skip
-                main = Connection(ranges=self, tick=t.on_progress, step=t.step, wake=plan.wake)
-                with t.guard(shutter_of(response)) if t.guard is not None else nullcontext():
-                    digest = splitter.run(response, first, main)
+                main = Connection(ranges=self, tick=t.on_progress, step=t.step, wake=plan.wake,
+                                  guard=t.guard or no_guard)  # fmt: skip
+                digest = splitter.run(response, first, main)
             finally:
                 os.close(read_fd)
         finally:
             os.close(fd)
+        return self._whole(spec, answer.total, digest, t, where)
+
+    @staticmethod
+    def _whole(spec: FileSpec, size: int, digest: Any, t: Transfer, where: str) -> int:
+        """``size``, once the split file is what the task says (its sha256 given to
+        ``on_sha256``); ``digest``: its sha256, as text or a hashlib object, or None."""
+        digest = digest if digest is None or isinstance(digest, str) else digest.hexdigest()
         if spec.sha256 and digest != spec.sha256:
             raise ChecksumMismatch(
                 f"{where}: sha256 is {digest} but the task says {spec.sha256}; "
                 "the origin serves other bytes than the task expects"
             )
+        if spec.size is not None and size != spec.size:
+            raise ChecksumMismatch(f"{where}: got {size} bytes but the task says size {spec.size}")
         if t.on_sha256 is not None and digest is not None:
             t.on_sha256(digest)
-        return _verified(spec, answer.total, answer.total, None, None, where)
+        return size
 
     def get_range(self, url: str, start: int, end: int, if_range: str, where: str, step: Step) -> requests.Response:
         """GET bytes ``[start, end)`` of the version ``if_range`` names (the whole file, 200,

@@ -182,9 +182,14 @@ class FileLanes:
         def open_connection(work: Callable[[Connection], None]) -> futures.Future[None] | None:
             number = next(self._numbers)
             if self.per_host:
-                reply = self.rt.store.connection(
-                    self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(), take=True
-                )
+                try:
+                    reply = self.rt.store.connection(
+                        self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(),
+                        take=True,
+                    )  # fmt: skip
+                except redis.RedisError as exc:  # no connection more, for now
+                    log.warning("task %s: no connection slot of %s taken (%s)", self.task.id, host, exc)
+                    return None
                 if reply is StepReply.STALE:
                     raise LeaseLost(f"task {self.task.id}: lease lost while taking a connection to {host}")
                 if reply is StepReply.FULL:
@@ -192,17 +197,24 @@ class FileLanes:
 
             def run() -> None:
                 try:
-                    with self.lease.lane() as beside, interruptible(functools.partial(guard_lease, self.rt, beside)):
-                        work(Connection(
-                            ranges=self.rt.fetcher, tick=functools.partial(file.tick, lane=beside),
-                            step=functools.partial(_step, beside, file.doing),
-                            wake=functools.partial(_wake, beside),
-                        ))  # fmt: skip
+                    with self.lease.lane() as beside:
+                        guard = functools.partial(guard_lease, self.rt, beside)
+                        with interruptible(guard):
+                            work(Connection(
+                                ranges=self.rt.fetcher, tick=functools.partial(file.tick, lane=beside),
+                                step=functools.partial(_step, beside, file.doing),
+                                wake=functools.partial(_wake, beside), guard=guard,
+                            ))  # fmt: skip
                 finally:
                     if self.per_host:
                         self._give_back(host, number)
 
-            return self.rt.beside.submit(run)
+            try:
+                return self.rt.beside.submit(run)
+            except RuntimeError:  # the worker is stopping: its pool takes nothing new
+                if self.per_host:
+                    self._give_back(host, number)
+                return None
 
         return SplitPlan(
             width=settings.split, min_bytes=settings.min_split_bytes, open_connection=open_connection,

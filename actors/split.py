@@ -34,7 +34,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +42,10 @@ from typing import Any, Protocol
 
 import requests
 
+from actors.connections import shutter_of
 from actors.errors import OriginUnavailable, PartUnusable, StorageUnavailable
-from actors.httprules import read_chunk
+from actors.httprules import FetchRules, SpeedFloor, read_chunk
+from actors.interrupt import Guard
 from actors.lease import DISK_STEP_SECONDS, Step
 from actors.resume import Validator, meta_path_of
 
@@ -63,6 +65,8 @@ MIN_SPAN_BYTES = 4 * MIB
 #: own, no connection waits for it), and as each connection ends: a worker killed loses about
 #: this much, whatever the connections.
 CHECKPOINT_BYTES = 4 * MIB
+#: Longest a failed split waits for its other connections to stop (each is fenced if it lingers).
+JOIN_AFTER_FAILURE_SECONDS = 10.0
 #: Bytes the sha256 follower reads per step.
 FOLLOW_BYTES = MIB
 
@@ -153,6 +157,12 @@ class Ranges(Protocol):
     def get_range(self, url: str, start: int, end: int, if_range: str, where: str, step: Step) -> requests.Response: ...
 
 
+@contextlib.contextmanager
+def no_guard(closeable: Any) -> Iterator[None]:
+    """For a connection nothing needs to wake (tests, tools)."""
+    yield
+
+
 @dataclass
 class Connection:
     """One connection's hold: its lease lane's checks, its session, and its retirement."""
@@ -164,8 +174,13 @@ class Connection:
     #: Shuts the socket its current step waits on (another connection failed).
     wake: Callable[[], None]
     retire: bool = False
+    #: Registers the socket its body is read from, so that a lost lease, an overrun step or a
+    #: failed sibling shuts it.
+    guard: Guard = no_guard
     #: Its first bytes arrived.
     delivered: bool = False
+    #: The doubling that opened it (0: the first connection).
+    generation: int = 0
 
 
 #: Runs ``work`` on a connection beside this one (its own thread, lane, session and host
@@ -207,6 +222,7 @@ class Splitter:
         on_received: Callable[[int], None] | None,
         hashed: tuple[Any, int] | None,
         read_fd: int,
+        rules: FetchRules,
         where: str,
         first_rate: float | None = None,
     ) -> None:
@@ -215,6 +231,7 @@ class Splitter:
         ``.part`` for it; ``first_rate``: what the first connection got alone, when measured
         (a second one is opened at once to see whether two get more)."""
         self.url, self.fd, self.spans, self.width, self.where = url, fd, spans, width, where
+        self.rules = rules
         self.open_connection = open_connection
         self.on_connections = on_connections
         self.on_received = on_received
@@ -233,8 +250,8 @@ class Splitter:
         self._rate_before: float | None = None
         #: Measured already: the first window opens a second connection.
         self._first_rate = first_rate
-        #: Connections the last doubling opened (retired together if they brought nothing).
-        self._added = 0
+        #: Doublings so far: the connections of the last one are retired if they brought nothing.
+        self._generation = 0
         self._follower = _Follower(read_fd, spans, self._lock, *hashed) if hashed is not None else None
 
     def run(self, first: requests.Response, span: Span, main: Connection) -> str | None:
@@ -262,10 +279,15 @@ class Splitter:
             main.step(DISK_STEP_SECONDS)
             self.spans.record(self.fd, [], self.where)
             return self._follower.finish(main.step) if self._follower is not None else None
+        except BaseException as exc:  # the lease lost while waiting, say: the others stop too
+            self._fail(exc, main)
+            futures.wait(self._beside, JOIN_AFTER_FAILURE_SECONDS)  # each writes through an fd of its own
+            raise
         finally:
             self._stop_recording()
-            if self._follower is not None:
+            if self._follower is not None:  # stopped before its file descriptor is closed
                 self._follower.stop(abort=True)
+                self._follower.thread.join()
 
     def _stop_recording(self) -> None:
         with self._lock:
@@ -282,10 +304,14 @@ class Splitter:
         """Fill spans on ``conn`` until none is left, it is retired, or a connection failed;
         never raises (the error is kept for :meth:`run`)."""
         with self._lock:
+            conn.generation = self._generation
             self._connections.append(conn)
             self.on_connections(len(self._connections))
+        fd = -1
         try:
+            fd = os.open(self.spans.part, os.O_WRONLY)  # its own: closing another's never touches it
             while not conn.retire:
+                until = self.spans.size
                 if response is None or span is None:
                     span = self._next_span()
                     if span is None:
@@ -293,12 +319,13 @@ class Splitter:
                     response = conn.ranges.get_range(self.url, span.pos, span.end, self.spans.if_range, self.where,
                                                      conn.step)  # fmt: skip
                     try:
-                        self._check_range(response, span.pos)
+                        until = self._check_range(response, span.pos)
                     except BaseException:
                         response.close()
                         raise
                 try:  # (the first connection's answer was judged already, and continues its body)
-                    self._fill(conn, response, span)
+                    with conn.guard(shutter_of(response)):
+                        self._fill(conn, response, span, fd, until)
                 finally:
                     response.close()
                     with self._lock:  # done, or let go of (retired): another may take the rest
@@ -316,8 +343,10 @@ class Splitter:
                 self.on_connections(len(self._connections))
                 self._lock.notify_all()
                 missing = self.spans.snapshot()
-            with contextlib.suppress(StorageUnavailable):  # what it wrote is kept for the next attempt
-                self.spans.record(self.fd, missing, self.where)
+            if fd >= 0:
+                with contextlib.suppress(StorageUnavailable):  # what it wrote is kept for the next attempt
+                    self.spans.record(fd, missing, self.where)
+                os.close(fd)
 
     def _fail(self, exc: BaseException, failed: Connection | None) -> None:
         with self._lock:
@@ -329,11 +358,11 @@ class Splitter:
         for other in others:  # a connection blocked on a read stops now, not at its timeout
             other.wake()
 
-    def _check_range(self, response: requests.Response, start: int) -> None:
-        """A range answer continues this file: 206 from ``start`` of the same size and version."""
+    def _check_range(self, response: requests.Response, start: int) -> int:
+        """A range answer continues this file: 206 from ``start``, of the same size, naming the
+        same version (an answer that does not name one cannot be trusted to be of it). Returns
+        where its bytes end (an origin may send less than asked)."""
         if response.status_code == 200:
-            if start == 0:
-                return  # the whole file from its first byte: as good as the range asked
             raise PartUnusable(f"{self.where}: the file changed on the origin (a range was answered whole)")
         match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
         if response.status_code != 206 or not match or int(match.group(1)) != start:
@@ -343,9 +372,9 @@ class Splitter:
             )
         if match.group(3) != str(self.spans.size):
             raise PartUnusable(f"{self.where}: the file changed on the origin (size {match.group(3)})")
-        version = Validator.of(response).if_range
-        if version is not None and version != self.spans.if_range:
-            raise PartUnusable(f"{self.where}: the file changed on the origin (new validator)")
+        if Validator.of(response).if_range != self.spans.if_range:
+            raise PartUnusable(f"{self.where}: a range came without the version asked for (or with another)")
+        return int(match.group(2)) + 1
 
     def _next_span(self) -> Span | None:
         """A span no connection fills, else the second half of the largest one being filled."""
@@ -370,19 +399,24 @@ class Splitter:
         self.spans.spans.append(taken)
         return taken
 
-    def _fill(self, conn: Connection, response: requests.Response, span: Span) -> None:
+    def _fill(self, conn: Connection, response: requests.Response, span: Span, fd: int, until: int) -> None:
+        """Write ``response``'s body (bytes up to ``until``) into ``span`` through ``fd``."""
+        floor = SpeedFloor(self.rules, self.where)
         while True:
             with self._lock:
                 if self._error is not None or conn.retire or span.left <= 0:
                     return
-                done = self._done
-            conn.tick(done)
             chunk = read_chunk(response, False, self.where, span.pos)
             if not chunk:
-                raise OriginUnavailable(f"{self.where}: a range ended at byte {span.pos} before byte {span.end}")
+                if span.pos >= until:
+                    return  # the origin sent a shorter range than asked: the rest is asked again
+                raise OriginUnavailable(f"{self.where}: a range ended at byte {span.pos} before byte {until}")
+            floor.passed(len(chunk))
             with self._lock:  # the span may have been halved meanwhile: never past its end
                 data = chunk[: span.left]
-            self._write(data, span.pos)
+                done = self._done
+            conn.tick(done)  # the fence, between the read and the write: a stale holder writes nothing
+            self._write(fd, data, span.pos)
             with self._lock:
                 span.pos += len(data)
                 self._done += len(data)
@@ -418,11 +452,11 @@ class Splitter:
         except BaseException as exc:
             self._fail(exc, None)
 
-    def _write(self, data: bytes, position: int) -> None:
+    def _write(self, fd: int, data: bytes, position: int) -> None:
         try:
             view = memoryview(data)
             while view:
-                written = os.pwrite(self.fd, view, position)
+                written = os.pwrite(fd, view, position)
                 view, position = view[written:], position + written
         except OSError as exc:
             raise StorageUnavailable(
@@ -448,8 +482,9 @@ class Splitter:
                 rate, self._first_rate = self._first_rate, None
             if self._rate_before is not None and rate < self._rate_before * GROWTH:
                 self._ramping = False
-                for conn in self._connections[len(self._connections) - self._added :]:
-                    conn.retire = True
+                for conn in self._connections:  # the ones the last doubling opened, never the first
+                    if conn.generation == self._generation and conn.generation > 0:
+                        conn.retire = True
                 log.debug("%s: more connections brought %.0f B/s against %.0f", self.where, rate, self._rate_before)
                 return
             if self.spans.missing < 2 * MIN_SPAN_BYTES:
@@ -460,7 +495,8 @@ class Splitter:
                 self._ramping = False
                 return
             # The next window measures the connections with the ones added now, once they deliver
-            self._rate_before, self._added, self._window_at = rate, 0, now
+            self._rate_before, self._window_at = rate, now
+            self._generation += 1
         for _ in range(wanted):
             opened = self.open_connection(self._beside_connection)
             with self._lock:
@@ -468,7 +504,6 @@ class Splitter:
                     self._ramping = False
                     return
                 self._beside.append(opened)
-                self._added += 1
                 self._arriving += 1
 
     def _join(self, main: Connection) -> None:

