@@ -24,7 +24,6 @@ import functools
 import itertools
 import logging
 import threading
-from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from urllib.parse import urlsplit
@@ -66,8 +65,7 @@ class FileLanes:
         self.per_host = rt.settings.download_per_host
         self._lock = threading.Condition()
         self._queue: list[int] = []
-        #: Connections open per host, and the hosts whose claimed slot a lane uses now.
-        self._open: Counter[str] = Counter()
+        #: The hosts whose claimed slot a lane of this run uses now.
         self._claimed_in_use: set[str] = set()
         self._error: BaseException | None = None
         #: Connection numbers beyond the lanes' (a split file's connections).
@@ -134,7 +132,6 @@ class FileLanes:
                 if self.progress.halted is not None:
                     raise Halted(self.progress.halted)
                 if not self.per_host or host not in self._claimed_in_use:
-                    self._open[host] += 1
                     if self.per_host:
                         self._claimed_in_use.add(host)
                     return False
@@ -145,8 +142,6 @@ class FileLanes:
             if reply is StepReply.STALE:
                 raise LeaseLost(f"task {self.task.id}: lease lost while taking a connection to {host}")
             if reply is StepReply.OK:
-                with self._lock:
-                    self._open[host] += 1
                 return True
             lane.step(SLOT_POLL_SECONDS, f"waiting for a connection slot of {host} (HAUL_DOWNLOAD_PER_HOST)")
             with self._lock:  # a file of this run ending frees its claimed slot: woken then
@@ -154,7 +149,6 @@ class FileLanes:
 
     def _disconnect(self, host: str, number: int, extra: bool) -> None:
         with self._lock:
-            self._open[host] -= 1
             if not extra:
                 self._claimed_in_use.discard(host)
             self._lock.notify_all()

@@ -79,7 +79,10 @@ _SCHEMAS: dict[str, Any] = {
             "files_total": {"type": "integer"}, "files_done": {"type": "integer"},
             "bytes_total": {"type": "integer"}, "bytes_done": {"type": "integer"},
             "bytes_stored": {"type": "integer"}, "error": {"type": "string", "nullable": True},
-            "files": {"type": "array", "items": {"type": "object"}},
+            "connections": {"type": "integer", "description": "connections to origins open now"},
+            "files": {"type": "array", "items": {"type": "object"},
+                      "description": "each with its state (done, downloading, waiting) and, downloading, "
+                                     "bytes_done and connections"},
             "watch_token": {"type": "string", "description": "only in the answer to a submit"},
         },
     },
