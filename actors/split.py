@@ -5,9 +5,10 @@ minutes to one connection and in seconds to sixteen.
 Only a file the origin can serve in ranges qualifies: its size known, ``Accept-Ranges: bytes``,
 a strong validator (a strong ETag or a Last-Modified) and at least HAUL_MIN_SPLIT_BYTES. It
 starts on one connection. Every RAMP_SECONDS the total rate is measured; while it grows by
-GROWTH when the connections double, they double again (up to HAUL_SPLIT), each new one taking
-the second half of the largest span still to come; the ones a doubling added that brought no
-growth are retired, so an origin that does not cap connections keeps one. Each connection
+GROWTH when the connections double, they double again (up to HAUL_SPLIT; all the rest at
+once when the doubling nearly doubled the rate, CAPPED: the origin caps each connection),
+each new one taking the second half of the largest span still to come; the ones a step added
+that brought no growth are retired, so an origin that does not cap connections keeps one. Each connection
 beside the first takes a per-host slot, bound to the task's lease, and gives it back when it
 ends.
 
@@ -56,6 +57,9 @@ MIB = 1024 * 1024
 RAMP_SECONDS = 0.25
 #: Connections added stay only if the total rate grows by this factor with them.
 GROWTH = 1.3
+#: A doubling that raised the total this much shows an origin capping each connection: the
+#: rest are opened at once rather than doubling again.
+CAPPED = 1.8
 #: A download goes on over several connections only if, at the rate its one connection had
 #: over the first RAMP_SECONDS, the rest would take longer than this: a fast origin keeps one.
 WORTH_SPLITTING_SECONDS = 2.0
@@ -252,6 +256,8 @@ class Splitter:
         self._first_rate = first_rate
         #: Doublings so far: the connections of the last one are retired if they brought nothing.
         self._generation = 0
+        #: The last window showed no growth; the next one decides.
+        self._doubted = False
         self._follower = _Follower(read_fd, spans, self._lock, *hashed) if hashed is not None else None
 
     def run(self, first: requests.Response, span: Span, main: Connection) -> str | None:
@@ -468,8 +474,8 @@ class Splitter:
 
     def _ramp(self) -> None:
         """Every RAMP_SECONDS: double the connections while the total rate grows by GROWTH
-        with them (an origin that caps each connection); once it does not, retire the ones the
-        last doubling added and stop trying."""
+        with them, or open the rest at once when it grew by CAPPED (an origin that caps each
+        connection); once it does not grow, retire the ones the last step added and stop."""
         now = time.monotonic()
         with self._lock:
             if not self._ramping or self._arriving:
@@ -481,6 +487,9 @@ class Splitter:
             if self._first_rate is not None:
                 rate, self._first_rate = self._first_rate, None
             if self._rate_before is not None and rate < self._rate_before * GROWTH:
+                if not self._doubted:  # one window can mislead (a stall, a pause): measure once more
+                    self._doubted = True
+                    return
                 self._ramping = False
                 for conn in self._connections:  # the ones the last doubling opened, never the first
                     if conn.generation == self._generation and conn.generation > 0:
@@ -490,7 +499,10 @@ class Splitter:
             if self.spans.missing < 2 * MIN_SPAN_BYTES:
                 self._ramping = False
                 return
-            wanted = min(len(self._connections), self.width - len(self._connections))
+            self._doubted = False
+            room = self.width - len(self._connections)
+            capped = self._rate_before is not None and rate >= self._rate_before * CAPPED
+            wanted = room if capped else min(len(self._connections), room)  # each one got its own share
             if wanted <= 0:
                 self._ramping = False
                 return
