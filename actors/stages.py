@@ -155,7 +155,8 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
     # Files an earlier run finished go first, in the order it reported them: their
     # file.completed events follow that order (files finish out of order side by side).
     reported = [i for i in dict.fromkeys(task.finished) if i < len(task.spec.files)]
-    for index in [*reported, *(i for i in range(len(task.spec.files)) if i not in set(reported))]:
+    others = sorted(set(range(len(task.spec.files))) - set(reported))
+    for index in [*reported, *others]:
         spec = task.spec.files[index]
         with _naming(spec):
             size = sandbox.finished_size(spec)
