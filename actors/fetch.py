@@ -56,13 +56,13 @@ from actors.netguard import DestinationPolicy
 from actors.redact import display_url
 from actors.resume import Validator, discard_part, request_headers, resume_point, start_point, write_meta
 from actors.split import (
+    ONE_CONNECTION,
     RAMP_SECONDS,
     WORTH_SPLITTING_SECONDS,
     Connection,
     SpanMap,
     SplitPlan,
     Splitter,
-    no_connection,
     no_guard,
     qualifies,
 )
@@ -173,7 +173,7 @@ class Fetcher:
         kept = hash_file(part, asked, lambda: t.step(DISK_STEP_SECONDS)) if hashing and asked else None
         if spans is not None and not spans.spans:  # whole already: a run ended before renaming it
             t.on_progress(spans.size)
-            return self._whole(spec, spans.size, kept, t, where)
+            return _verified(spec, spans.size, spans.size, kept.hexdigest() if kept else None, t.on_sha256, where)
         with interruptible(t.guard):
             response = self._get(spec.url, request_headers(asked, validator), where, t.step)
         hasher: Hasher | None = None
@@ -209,7 +209,8 @@ class Fetcher:
             response.close()
             if hasher is not None:
                 hasher.close()
-        return _verified(spec, answer.offset + served, answer.total, hasher, t.on_sha256, where)
+        digest = hasher.hexdigest() if hasher is not None else None
+        return _verified(spec, answer.offset + served, answer.total, digest, t.on_sha256, where)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -323,7 +324,7 @@ class Fetcher:
         one's (:mod:`actors.split`; ``rate``, what it came at alone, if measured); returns the
         file's size once whole and verified."""
         assert answer.total is not None
-        plan = t.split or SplitPlan(1, 0, no_connection, lambda n: None, lambda: None)
+        plan = t.split or ONE_CONNECTION
         fd = open_part(part, answer.offset, where, exact=False)
         try:
             if spans is None:  # the record names this version before a byte of it is written
@@ -335,9 +336,8 @@ class Fetcher:
             read_fd = os.open(part, os.O_RDONLY)
             try:
                 splitter = Splitter(
-                    url=spec.url, fd=fd, spans=spans, width=plan.width, open_connection=plan.open_connection,
-                    on_connections=plan.on_connections, on_received=t.on_received, hashed=hashed, read_fd=read_fd,
-                    rules=t.rules, where=where, first_rate=rate,
+                    url=spec.url, fd=fd, spans=spans, plan=plan, on_received=t.on_received, hashed=hashed,
+                    read_fd=read_fd, rules=t.rules, where=where, first_rate=rate,
                 )  # fmt: skip
                 main = Connection(ranges=self, tick=t.on_progress, step=t.step, wake=plan.wake,
                                   guard=t.guard or no_guard)  # fmt: skip
@@ -346,23 +346,7 @@ class Fetcher:
                 os.close(read_fd)
         finally:
             os.close(fd)
-        return self._whole(spec, answer.total, digest, t, where)
-
-    @staticmethod
-    def _whole(spec: FileSpec, size: int, digest: Any, t: Transfer, where: str) -> int:
-        """``size``, once the split file is what the task says (its sha256 given to
-        ``on_sha256``); ``digest``: its sha256, as text or a hashlib object, or None."""
-        digest = digest if digest is None or isinstance(digest, str) else digest.hexdigest()
-        if spec.sha256 and digest != spec.sha256:
-            raise ChecksumMismatch(
-                f"{where}: sha256 is {digest} but the task says {spec.sha256}; "
-                "the origin serves other bytes than the task expects"
-            )
-        if spec.size is not None and size != spec.size:
-            raise ChecksumMismatch(f"{where}: got {size} bytes but the task says size {spec.size}")
-        if t.on_sha256 is not None and digest is not None:
-            t.on_sha256(digest)
-        return size
+        return _verified(spec, answer.total, answer.total, digest, t.on_sha256, where)
 
     def get_range(self, url: str, start: int, end: int, if_range: str, where: str, step: Step) -> requests.Response:
         """GET bytes ``[start, end)`` of the version ``if_range`` names (the whole file, 200,
@@ -406,16 +390,16 @@ def _verified(
     spec: FileSpec,
     size: int,
     total: int | None,
-    hasher: Hasher | None,
+    digest: str | None,
     on_sha256: Callable[[str], None] | None,
     where: str,
 ) -> int:
-    """``size``, once the file is whole and what the task says it is."""
+    """``size``, once the file is whole and what the task says it is (``digest``: its sha256,
+    if hashed; given to ``on_sha256``)."""
     if total is not None and size != total:
         raise OriginUnavailable(f"{where}: the connection ended after {size} of {total} bytes")
     if spec.size is not None and size != spec.size:
         raise ChecksumMismatch(f"{where}: got {size} bytes but the task says size {spec.size}")
-    digest = hasher.hexdigest() if hasher else None
     if spec.sha256 and digest != spec.sha256:
         raise ChecksumMismatch(
             f"{where}: sha256 is {digest} but the task says {spec.sha256}; "

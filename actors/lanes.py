@@ -136,12 +136,7 @@ class FileLanes:
                         self._claimed_in_use.add(host)
                     return False
             lane.step(self.rt.settings.connect_timeout_seconds, f"taking a connection slot of {host}")
-            reply = self.rt.store.connection(
-                self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(), take=True
-            )
-            if reply is StepReply.STALE:
-                raise LeaseLost(f"task {self.task.id}: lease lost while taking a connection to {host}")
-            if reply is StepReply.OK:
+            if self._take(host, number):
                 return True
             lane.step(SLOT_POLL_SECONDS, f"waiting for a connection slot of {host} (HAUL_DOWNLOAD_PER_HOST)")
             with self._lock:  # a file of this run ending frees its claimed slot: woken then
@@ -154,6 +149,15 @@ class FileLanes:
             self._lock.notify_all()
         if extra:
             self._give_back(host, number)
+
+    def _take(self, host: str, number: int) -> bool:
+        """Take connection ``number``'s slot of ``host``; False when the host is full."""
+        reply = self.rt.store.connection(
+            self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(), take=True
+        )
+        if reply is StepReply.STALE:
+            raise LeaseLost(f"task {self.task.id}: lease lost while taking a connection to {host}")
+        return reply is StepReply.OK
 
     def _give_back(self, host: str, number: int) -> None:
         try:  # at once; a slot Redis could not take back expires with the lease
@@ -177,16 +181,10 @@ class FileLanes:
             number = next(self._numbers)
             if self.per_host:
                 try:
-                    reply = self.rt.store.connection(
-                        self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(),
-                        take=True,
-                    )  # fmt: skip
+                    if not self._take(host, number):
+                        return None
                 except redis.RedisError as exc:  # no connection more, for now
                     log.warning("task %s: no connection slot of %s taken (%s)", self.task.id, host, exc)
-                    return None
-                if reply is StepReply.STALE:
-                    raise LeaseLost(f"task {self.task.id}: lease lost while taking a connection to {host}")
-                if reply is StepReply.FULL:
                     return None
 
             def run() -> None:

@@ -211,6 +211,10 @@ def no_connection(work: Callable[[Connection], None]) -> None:
     return None
 
 
+#: A ``.part`` a split download left, continued where splitting is off: on its one connection.
+ONE_CONNECTION = SplitPlan(1, 0, no_connection, lambda count: None, lambda: None)
+
+
 class Splitter:
     """Downloads one file over up to ``width`` connections; see the module docstring."""
 
@@ -220,9 +224,7 @@ class Splitter:
         url: str,
         fd: int,
         spans: SpanMap,
-        width: int,
-        open_connection: OpenConnection,
-        on_connections: Callable[[int], None],
+        plan: SplitPlan,
         on_received: Callable[[int], None] | None,
         hashed: tuple[Any, int] | None,
         read_fd: int,
@@ -234,17 +236,16 @@ class Splitter:
         (a fresh one and 0, or what a resumed ``.part`` was hashed to); ``read_fd`` reads the
         ``.part`` for it; ``first_rate``: what the first connection got alone, when measured
         (a second one is opened at once to see whether two get more)."""
-        self.url, self.fd, self.spans, self.width, self.where = url, fd, spans, width, where
+        self.url, self.fd, self.spans, self.where = url, fd, spans, where
+        self.width, self.open_connection, self.on_connections = plan.width, plan.open_connection, plan.on_connections
         self.rules = rules
-        self.open_connection = open_connection
-        self.on_connections = on_connections
         self.on_received = on_received
         self._lock = threading.Condition()
         self._connections: list[Connection] = []
         self._beside: list[futures.Future[None]] = []
         self._error: BaseException | None = None
         self._done = spans.size - spans.missing
-        self._ramping = width > 1
+        self._ramping = plan.width > 1
         #: Connections the last doubling added that have not delivered a byte yet.
         self._arriving = 0
         self._recorded = self._done
@@ -425,8 +426,9 @@ class Splitter:
             self._write(fd, data, span.pos)
             with self._lock:
                 span.pos += len(data)
-                self._done += len(data)
-                self._lock.notify_all()
+                before, self._done = self._done, self._done + len(data)
+                if self._done // FOLLOW_BYTES != before // FOLLOW_BYTES or span.left <= 0:
+                    self._lock.notify_all()  # the follower and the recorder: each MiB, not each chunk
             if self.on_received is not None:
                 self.on_received(len(data))
             if not conn.delivered:
@@ -476,6 +478,8 @@ class Splitter:
         """Every RAMP_SECONDS: double the connections while the total rate grows by GROWTH
         with them, or open the rest at once when it grew by CAPPED (an origin that caps each
         connection); once it does not grow, retire the ones the last step added and stop."""
+        if not self._ramping:  # read without the lock: most chunks come after the ramp ended
+            return
         now = time.monotonic()
         with self._lock:
             if not self._ramping or self._arriving:
