@@ -183,8 +183,8 @@ class Fetcher:
                 t.on_total(answer.total)
             t.on_progress(answer.offset)
             if spans is not None and answer.offset and answer.total is not None and not answer.coded:
-                if answer.total != spans.size:
-                    raise PartUnusable(f"{where}: the file changed on the origin (size {answer.total})")
+                if answer.total != spans.size or answer.validator.if_range != spans.if_range:
+                    raise PartUnusable(f"{where}: the file changed on the origin (or its answer names no version)")
                 kept_hash = (kept, answer.offset) if kept is not None else None
                 return self._split(spec, part, response, answer, spans, kept_hash, None, t, where)
             # Worth splitting only if one connection turns out slow: the first RAMP_SECONDS tell

@@ -70,6 +70,8 @@ class FileLanes:
         self._error: BaseException | None = None
         #: Connection numbers beyond the lanes' (a split file's connections).
         self._numbers = itertools.count(width)
+        #: Slots of connections that ended but Redis did not take back yet: tried again with the next.
+        self._owed: list[tuple[str, int]] = []
 
     def run(self, indexes: Sequence[int], fetch: FetchFile) -> None:
         """Fetch every file of ``indexes``; raise the first failure once every lane stopped."""
@@ -136,8 +138,11 @@ class FileLanes:
                         self._claimed_in_use.add(host)
                     return False
             lane.step(self.rt.settings.connect_timeout_seconds, f"taking a connection slot of {host}")
-            if self._take(host, number):
-                return True
+            try:
+                if self._take(host, number):
+                    return True
+            except redis.RedisError as exc:  # waited out like a full host; the lease's fence bounds it
+                log.warning("task %s: cannot take a connection slot of %s yet (%s)", self.task.id, host, exc)
             lane.step(SLOT_POLL_SECONDS, f"waiting for a connection slot of {host} (HAUL_DOWNLOAD_PER_HOST)")
             with self._lock:  # a file of this run ending frees its claimed slot: woken then
                 self._lock.wait(SLOT_POLL_SECONDS)
@@ -160,13 +165,20 @@ class FileLanes:
         return reply is StepReply.OK
 
     def _give_back(self, host: str, number: int) -> None:
-        try:  # at once; a slot Redis could not take back expires with the lease
-            self.rt.store.connection(
-                self.task.id, self.lease.token, host, number, limit=self.per_host, now=self.rt.clock(), take=False
-            )
-        except redis.RedisError as exc:
-            log.warning("task %s: a connection slot of %s not given back (%s); it expires with the lease",
-                        self.task.id, host, exc)  # fmt: skip
+        """Give the slot back at once, and any an earlier call could not (the lease renews them
+        while the run lasts, so left alone they would hold the host's budget until it ends)."""
+        with self._lock:
+            owed, self._owed = [*self._owed, (host, number)], []
+        for slot in owed:
+            try:
+                self.rt.store.connection(
+                    self.task.id, self.lease.token, slot[0], slot[1], limit=self.per_host, now=self.rt.clock(),
+                    take=False,
+                )  # fmt: skip
+            except redis.RedisError as exc:
+                log.warning("task %s: a connection slot of %s not given back yet (%s)", self.task.id, slot[0], exc)
+                with self._lock:
+                    self._owed.append(slot)
 
     def split_plan(self, index: int, file: FileProgress, lane: Lane) -> SplitPlan | None:
         """How file ``index``, downloading on ``lane``, may open connections beside its own

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -10,8 +11,8 @@ from dramatiq import Message
 from actors.manifest import spec_from_urls
 from actors.messages import CLAIM_QUEUE, Messages, redis_broker
 from actors.settings import Settings
-from actors.states import CancelReply, State
-from actors.store import Claim, TaskStore
+from actors.states import CancelReply, State, StepReply
+from actors.store import Claim, StageLimits, TaskStore
 from actors.store_base import text_of
 from actors.task import KeyConflict
 
@@ -304,3 +305,23 @@ def test_the_error_of_a_run_ending_queued_says_what_the_store_did(store: TaskSto
                             notes=notes)  # fmt: skip
     kept = store.get(announced)
     assert reached is State.QUEUED and kept is not None and kept.error == "reset; will retry (attempt 3 of 3)"
+
+
+def test_connection_slots_beside_the_claim_are_fenced_limited_renewed_and_freed(store: TaskStore) -> None:
+    host_slots = f"{store.prefix}slots:host:cdn.example.com"
+    task_id, _ = store.create(SPEC, now=NOW)
+    run = store.claim(task_id, worker="w1", now=NOW, lease_seconds=30, max_attempts=3, start=State.DOWNLOADING,
+                      limits=StageLimits(downloads_per_host=3))  # fmt: skip
+    take = functools.partial(store.connection, task_id, limit=3, now=NOW, take=True)
+    assert take(run.token, "cdn.example.com", 1) is StepReply.OK
+    assert take(run.token, "cdn.example.com", 2) is StepReply.OK
+    assert take(run.token, "cdn.example.com", 3) is StepReply.FULL  # the claim's slot and two more: 3
+    assert take(run.token + 1, "cdn.example.com", 4) is StepReply.STALE  # another run's token
+    # Renewed with the lease, given back one by one, and all freed when the run leaves the download
+    store.heartbeat(task_id, run.token, now=NOW + 10, lease_seconds=30, bytes_done=0, bytes_total=0, files_done=0)
+    assert store.client.zscore(host_slots, f"{task_id}#1") == NOW + 40
+    assert store.connection(task_id, run.token, "cdn.example.com", 1, limit=3, now=NOW, take=False) is StepReply.OK
+    assert store.client.zcard(host_slots) == 2
+    store.release(task_id, run.token, State.QUEUED, now=NOW + 11, max_attempts=3)
+    assert store.client.zcard(host_slots) == 0 and not store.client.hget(store.task_key(task_id), "conns")
+    assert store.connection(task_id, run.token, "cdn.example.com", 2, limit=3, now=NOW, take=False) is StepReply.STALE
