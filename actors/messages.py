@@ -29,11 +29,20 @@ QUEUES = (CLAIM_QUEUE, FINALIZE_QUEUE)
 ACTOR_QUEUES = {"claim": CLAIM_QUEUE, "finalize": FINALIZE_QUEUE, "notify": FINALIZE_QUEUE}
 
 
+class ClosingRedisBroker(RedisBroker):
+    """Dramatiq's Redis broker, whose ``close`` also closes its connections (Dramatiq's own
+    leaves them open for the garbage collector)."""
+
+    def close(self) -> None:
+        super().close()
+        self.client.connection_pool.disconnect()
+
+
 def redis_broker(settings: Settings) -> RedisBroker:
     """A broker on HAUL_REDIS_URL, for sending messages (and, with actors declared, a worker's)."""
     # Dramatiq drops connection options given beside a URL, so the pool is built here.
     pool = redis.ConnectionPool.from_url(settings.redis_url, **redis_options())
-    return RedisBroker(connection_pool=pool)  # type: ignore[no-untyped-call]
+    return ClosingRedisBroker(connection_pool=pool)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)

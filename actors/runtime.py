@@ -15,6 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import requests
+
 from actors.fetch import Fetcher
 from actors.interrupt import Interrupter
 from actors.lease import LeaseKeeper
@@ -56,6 +58,9 @@ class Runtime:
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _beside: ThreadPoolExecutor | None = field(default=None, repr=False)
     _beside_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Every thread's HTTP sessions, closed with the runtime (a pool thread's would otherwise
+    #: leave its sockets to the garbage collector).
+    _sessions: list[requests.Session] = field(default_factory=list, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, store: TaskStore | None = None) -> Runtime:
@@ -80,6 +85,8 @@ class Runtime:
                 session=self.policy.session(self.settings.proxy),
             )
             self._local.fetcher = fetcher
+            with self._beside_lock:
+                self._sessions.append(fetcher.session)
         return fetcher
 
     @property
@@ -95,10 +102,14 @@ class Runtime:
             return self._beside
 
     def close(self) -> None:
-        """Once the working threads ended: the lanes' threads (idle by then) and the storage."""
+        """Once the working threads ended: the lanes' threads (idle by then), every thread's
+        sessions and the storage."""
         with self._beside_lock:
             if self._beside is not None:
                 self._beside.shutdown(wait=False, cancel_futures=True)
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
         self.storage.close()
 
     @property
@@ -119,6 +130,8 @@ class Runtime:
                 backoff_seconds=min(DEFAULT_DELIVERY_BACKOFF_SECONDS, self.settings.retry_min_seconds),
             )
             self._local.webhooks = sender
+            with self._beside_lock:
+                self._sessions.append(sender.session)
         return sender
 
 
