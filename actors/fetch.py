@@ -57,7 +57,6 @@ from actors.redact import display_url
 from actors.resume import Validator, discard_part, request_headers, resume_point, start_point, write_meta
 from actors.split import (
     ONE_CONNECTION,
-    RAMP_SECONDS,
     WORTH_SPLITTING_SECONDS,
     Connection,
     SpanMap,
@@ -65,6 +64,7 @@ from actors.split import (
     Splitter,
     no_guard,
     qualifies,
+    ramp_window,
 )
 from actors.task import FileSpec
 
@@ -174,8 +174,10 @@ class Fetcher:
         if spans is not None and not spans.spans:  # whole already: a run ended before renaming it
             t.on_progress(spans.size)
             return _verified(spec, spans.size, spans.size, kept.hexdigest() if kept else None, t.on_sha256, where)
+        asked_at = time.monotonic()
         with interruptible(t.guard):
             response = self._get(spec.url, request_headers(asked, validator), where, t.step)
+        latency = time.monotonic() - asked_at  # the window a split measures rates over grows with it
         hasher: Hasher | None = None
         try:
             answer = self._judge(response, spec, asked, validator, t.rules, where)
@@ -186,8 +188,8 @@ class Fetcher:
                 if answer.total != spans.size or answer.validator.if_range != spans.if_range:
                     raise PartUnusable(f"{where}: the file changed on the origin (or its answer names no version)")
                 kept_hash = (kept, answer.offset) if kept is not None else None
-                return self._split(spec, part, response, answer, spans, kept_hash, None, t, where)
-            # Worth splitting only if one connection turns out slow: the first RAMP_SECONDS tell
+                return self._split(spec, part, response, answer, spans, kept_hash, (None, latency), t, where)
+            # Worth splitting only if one connection turns out slow: its first ramp window tells
             splittable = (
                 t.split is not None and t.split.width > 1 and answer.total is not None and not answer.coded
                 and qualifies(response, answer.total, t.split.min_bytes)
@@ -196,7 +198,7 @@ class Fetcher:
                 hasher = Hasher(kept if kept is not None and answer.offset == asked else hashlib.sha256())
             shutter = shutter_of(response)
             with t.guard(shutter) if t.guard is not None else nullcontext():
-                served, rate = self._stream(response, part, answer, hasher, t, where, splittable)
+                served, rate = self._stream(response, part, answer, hasher, t, where, splittable, latency)
             if shutter.shut:  # the end of the body was ours, not the origin's
                 raise OriginUnavailable(f"{where}: the transfer was interrupted after {answer.offset + served} bytes")
             if rate is not None:  # handed over: the rest goes over several connections
@@ -204,7 +206,7 @@ class Fetcher:
                 hashed = (hasher.finish(), position) if hasher is not None else None
                 hasher = None
                 moved = dataclasses.replace(answer, offset=position)
-                return self._split(spec, part, response, moved, None, hashed, rate, t, where)
+                return self._split(spec, part, response, moved, None, hashed, (rate, latency), t, where)
         finally:
             response.close()
             if hasher is not None:
@@ -254,13 +256,15 @@ class Fetcher:
         t: Transfer,
         where: str,
         splittable: bool = False,
+        latency: float = 0.0,
     ) -> tuple[int, float | None]:
         """Copy the body into ``part`` from ``answer.offset``; return the bytes received, and
         the rate the body came at when it stopped to go on over several connections (None when
         it went to its end).
 
-        ``splittable``: after :data:`actors.split.RAMP_SECONDS`, if the rest would take more
-        than :data:`actors.split.WORTH_SPLITTING_SECONDS` at the rate so far, it stops there
+        ``splittable``: after a ramp window (:func:`actors.split.ramp_window` of ``latency``,
+        how long the answer took to start), if the rest would take more than
+        :data:`actors.split.WORTH_SPLITTING_SECONDS` at the rate so far, it stops there
         (the bytes written synced) for :meth:`_split` to go on with the same answer.
 
         The ``.part`` holds exactly ``offset`` bytes before the answer's validator is recorded
@@ -275,7 +279,7 @@ class Fetcher:
         fd = open_part(part, offset, where)
         on_progress, rules = t.on_progress, t.rules
         writeback, floor = Writeback(fd, offset), SpeedFloor(rules, where)
-        started, rate = time.monotonic(), None
+        started, rate, window = time.monotonic(), None, ramp_window(latency)
         try:
             write_meta(part, answer.validator, where, answer.content_type)
             while chunk := read_chunk(response, answer.coded, where, offset + received):
@@ -293,7 +297,7 @@ class Fetcher:
                 writeback.advance(offset + received)
                 if t.on_received is not None:
                     t.on_received(len(chunk))
-                if splittable and (elapsed := time.monotonic() - started) >= RAMP_SECONDS:
+                if splittable and (elapsed := time.monotonic() - started) >= window:
                     splittable, speed = False, received / elapsed
                     assert answer.total is not None
                     if (answer.total - offset - received) > speed * WORTH_SPLITTING_SECONDS:
@@ -316,13 +320,13 @@ class Fetcher:
         answer: Answer,
         spans: SpanMap | None,
         hashed: tuple[Any, int] | None,
-        rate: float | None,
+        measured: tuple[float | None, float],
         t: Transfer,
         where: str,
     ) -> int:
         """The rest of the file over up to ``t.split.width`` connections, ``response`` the first
-        one's (:mod:`actors.split`; ``rate``, what it came at alone, if measured); returns the
-        file's size once whole and verified."""
+        one's (:mod:`actors.split`; ``measured``: the rate it came at alone, if measured, and
+        how long it took to start); returns the file's size once whole and verified."""
         assert answer.total is not None
         plan = t.split or ONE_CONNECTION
         fd = open_part(part, answer.offset, where, exact=False)
@@ -337,7 +341,7 @@ class Fetcher:
             try:
                 splitter = Splitter(
                     url=spec.url, fd=fd, spans=spans, plan=plan, on_received=t.on_received, hashed=hashed,
-                    read_fd=read_fd, rules=t.rules, where=where, first_rate=rate,
+                    read_fd=read_fd, rules=t.rules, where=where, first_rate=measured[0], latency=measured[1],
                 )  # fmt: skip
                 main = Connection(ranges=self, tick=t.on_progress, step=t.step, wake=plan.wake,
                                   guard=t.guard or no_guard)  # fmt: skip

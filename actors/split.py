@@ -6,11 +6,16 @@ Only a file the origin can serve in ranges qualifies: its size known, ``Accept-R
 a strong validator (a strong ETag or a Last-Modified) and at least HAUL_MIN_SPLIT_BYTES. It
 starts on one connection. Every RAMP_SECONDS the total rate is measured; while it grows by
 GROWTH when the connections double, they double again (up to HAUL_SPLIT; all the rest at
-once when the doubling nearly doubled the rate, CAPPED: the origin caps each connection),
-each new one taking the second half of the largest span still to come; the ones a step added
-that brought no growth are retired, so an origin that does not cap connections keeps one. Each connection
-beside the first takes a per-host slot, bound to the task's lease, and gives it back when it
-ends.
+once when the doubling nearly doubled the rate, CAPPED: the origin caps each connection);
+the ones a step added that brought no growth are retired, so an origin that does not cap
+connections keeps one. Each connection beside the first takes a per-host slot, bound to the
+task's lease, and gives it back when it ends.
+
+Connections take the file in pieces, in order: each asks for the next piece no one has, as
+long as ROUND_TRIPS_PER_PIECE of its round trips (so asking again costs under 2%) and at least
+MIN_PIECE_BYTES. The bytes then arrive nearly in order, which lets the sha256 follow the
+transfer, and the connections end together: one that finds nothing left takes the second half
+of the largest piece still being filled, while that half is worth a request.
 
 Bytes are written in place (``pwrite``) into the one ``.part``. What it still lacks is kept in
 the record of its version beside it (``<part>.json``, :class:`SpanMap`), rewritten only after
@@ -53,8 +58,11 @@ from actors.resume import Validator, meta_path_of
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-#: How often the total rate is measured to decide on more connections, in seconds.
-RAMP_SECONDS = 0.25
+#: How often the total rate is measured to decide on more connections: RAMP_ROUND_TRIPS of the
+#: origin's round trips (a rate measured over fewer is mostly TCP's slow start), at least
+#: RAMP_SECONDS.
+RAMP_SECONDS = 0.1
+RAMP_ROUND_TRIPS = 10
 #: Connections added stay only if the total rate grows by this factor with them.
 GROWTH = 1.3
 #: A doubling that raised the total this much shows an origin capping each connection: the
@@ -63,8 +71,15 @@ CAPPED = 1.8
 #: A download goes on over several connections only if, at the rate its one connection had
 #: over the first RAMP_SECONDS, the rest would take longer than this: a fast origin keeps one.
 WORTH_SPLITTING_SECONDS = 2.0
-#: A span is never split into parts smaller than this.
-MIN_SPAN_BYTES = 4 * MIB
+#: The smallest piece a connection asks for; a piece lasts ROUND_TRIPS_PER_PIECE of a
+#: connection's round trips (the wait for an answer's first bytes) at its rate, up to MAX_PIECE_BYTES.
+MIN_PIECE_BYTES = 4 * MIB
+MAX_PIECE_BYTES = 64 * MIB
+ROUND_TRIPS_PER_PIECE = 50
+#: A piece being filled is halved for an idle connection only if the half left to it is at least
+#: this big, and at least STEAL_ROUND_TRIPS round trips long at a connection's rate.
+MIN_SPAN_BYTES = MIB
+STEAL_ROUND_TRIPS = 8
 #: What is written is synced and recorded each time this much more was (by a thread of its
 #: own, no connection waits for it), and as each connection ends: a worker killed loses about
 #: this much, whatever the connections.
@@ -73,6 +88,13 @@ CHECKPOINT_BYTES = 4 * MIB
 JOIN_AFTER_FAILURE_SECONDS = 10.0
 #: Bytes the sha256 follower reads per step.
 FOLLOW_BYTES = MIB
+
+
+def ramp_window(latency: float) -> float:
+    """Seconds the rate is measured over, for an origin whose answers start ``latency`` seconds
+    after they are asked for."""
+    return max(RAMP_SECONDS, RAMP_ROUND_TRIPS * latency)
+
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -231,11 +253,13 @@ class Splitter:
         rules: FetchRules,
         where: str,
         first_rate: float | None = None,
+        latency: float = 0.0,
     ) -> None:
         """``hashed``: to hash the file, a sha256 of its first bytes and how many it covers
         (a fresh one and 0, or what a resumed ``.part`` was hashed to); ``read_fd`` reads the
         ``.part`` for it; ``first_rate``: what the first connection got alone, when measured
-        (a second one is opened at once to see whether two get more)."""
+        (a second one is opened at once to see whether two get more); ``latency``: how long
+        the first answer took to start."""
         self.url, self.fd, self.spans, self.where = url, fd, spans, where
         self.width, self.open_connection, self.on_connections = plan.width, plan.open_connection, plan.on_connections
         self.rules = rules
@@ -259,12 +283,22 @@ class Splitter:
         self._generation = 0
         #: The last window showed no growth; the next one decides.
         self._doubted = False
+        #: What one connection gets (bytes/s), and how long an answer on a connection already
+        #: open takes to start (seconds; 0 until one did): they size the pieces.
+        self._conn_rate = first_rate or 0.0
+        self._latency = 0.0
+        #: The rate is measured over windows this long (the first answer's wait, a new
+        #: connection's included, tells the origin's distance).
+        self._window = ramp_window(latency)
         self._follower = _Follower(read_fd, spans, self._lock, *hashed) if hashed is not None else None
 
     def run(self, first: requests.Response, span: Span, main: Connection) -> str | None:
         """Fill every span, ``first`` (an answer for ``span``) on this thread; return the file's
         sha256 when hashing. Raises the first connection's error once all have stopped."""
-        span.busy = True
+        with self._lock:
+            span.busy = True
+            if self._ramping:  # the first answer runs to the end of the file: it stops after a piece
+                self._cut(span)
         if self._follower is not None:
             self._follower.start()
         self._recorder.start()
@@ -314,7 +348,7 @@ class Splitter:
             conn.generation = self._generation
             self._connections.append(conn)
             self.on_connections(len(self._connections))
-        fd = -1
+        fd, asked_before = -1, False
         try:
             fd = os.open(self.spans.part, os.O_WRONLY)  # its own: closing another's never touches it
             while not conn.retire:
@@ -323,8 +357,12 @@ class Splitter:
                     span = self._next_span()
                     if span is None:
                         return
+                    asked = time.monotonic()
                     response = conn.ranges.get_range(self.url, span.pos, span.end, self.spans.if_range, self.where,
                                                      conn.step)  # fmt: skip
+                    if asked_before:  # a first answer's wait includes connecting
+                        self._answered_after(time.monotonic() - asked)
+                    asked_before = True
                     try:
                         until = self._check_range(response, span.pos)
                     except BaseException:
@@ -384,19 +422,35 @@ class Splitter:
         return int(match.group(2)) + 1
 
     def _next_span(self) -> Span | None:
-        """A span no connection fills, else the second half of the largest one being filled."""
+        """The next piece no connection fills (the whole rest for a connection left alone),
+        else the second half of the largest one being filled."""
         with self._lock:
             if self._error is not None:
                 return None
-            idle = [s for s in self.spans.spans if not s.busy and s.left > 0]
-            if idle:
-                idle[0].busy = True
-                return idle[0]
-            return self._halve()
+            idle = min((s for s in self.spans.spans if not s.busy and s.left > 0), key=lambda s: s.pos, default=None)
+            if idle is None:
+                return self._halve()
+            idle.busy = True
+            if self._ramping or len(self._connections) > 1:
+                self._cut(idle)
+            return idle
+
+    def _cut(self, span: Span) -> None:
+        """End ``span`` after a piece, the rest of it left for the next connection (lock held)."""
+        piece = int(min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, self._conn_rate * self._latency * ROUND_TRIPS_PER_PIECE)))
+        if span.left >= piece + MIN_PIECE_BYTES:  # never a sliver left behind
+            self.spans.spans.append(Span(span.pos + piece, span.end))
+            span.end = span.pos + piece
+
+    def _answered_after(self, seconds: float) -> None:
+        """A range's answer began ``seconds`` after it was asked for (smoothed over the last few)."""
+        with self._lock:
+            self._latency = seconds if not self._latency else 0.8 * self._latency + 0.2 * seconds
 
     def _halve(self) -> Span | None:
         """Split the largest busy span (lock held); None when none is worth splitting."""
-        busy = [s for s in self.spans.spans if s.busy and s.left >= 2 * MIN_SPAN_BYTES]
+        least = max(MIN_SPAN_BYTES, self._conn_rate * self._latency * STEAL_ROUND_TRIPS)
+        busy = [s for s in self.spans.spans if s.busy and s.left >= 2 * least]
         if not busy:
             return None
         largest = max(busy, key=lambda s: s.left)
@@ -484,12 +538,13 @@ class Splitter:
         with self._lock:
             if not self._ramping or self._arriving:
                 return
-            if self._first_rate is None and now - self._window_at < RAMP_SECONDS:
+            if self._first_rate is None and now - self._window_at < self._window:
                 return
             rate = (self._done - self._window_bytes) / (now - self._window_at)
             self._window_at, self._window_bytes = now, self._done
             if self._first_rate is not None:
                 rate, self._first_rate = self._first_rate, None
+            self._conn_rate = rate / max(1, len(self._connections))
             if self._rate_before is not None and rate < self._rate_before * GROWTH:
                 if not self._doubted:  # one window can mislead (a stall, a pause): measure once more
                     self._doubted = True
@@ -514,13 +569,15 @@ class Splitter:
             self._rate_before, self._window_at = rate, now
             self._generation += 1
         for _ in range(wanted):
+            with self._lock:  # counted before it opens: its first bytes may come before open returns
+                self._arriving += 1
             opened = self.open_connection(self._beside_connection)
             with self._lock:
                 if opened is None:  # the host is at its limit: go on with what there is
+                    self._arriving -= 1
                     self._ramping = False
                     return
                 self._beside.append(opened)
-                self._arriving += 1
 
     def _join(self, main: Connection) -> None:
         """Wait for the connections beside this one, stepping this thread's lane meanwhile."""

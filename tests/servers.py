@@ -88,9 +88,13 @@ class Fault:
     'nolength' (the body without Content-Length, ended by closing the connection),
     'gzip' (the body gzip-coded although the client asked for identity),
     'slow_headers' (pause ``seconds`` before the status line, then the normal answer);
+    to a range request, 'short' (``after`` bytes of the range, the Content-Range saying so),
+    'shifted' (the range from ``after`` bytes further on, and a Content-Range saying so),
+    'resized' (a Content-Range naming a size ``after`` bytes larger), 'unversioned' (no ETag);
     ``then`` runs after the answer was sent; ``midway`` runs once the body reaches ``after``
     bytes, before they go out (with 'drop': when the body is cut), e.g. to put a new version
-    of the file on the origin while an old one is being sent."""
+    of the file on the origin while an old one is being sent. A ``ranged`` fault waits in the
+    queue for the first request with a Range header."""
 
     kind: str
     code: int = 0
@@ -99,6 +103,7 @@ class Fault:
     retry_after: str | None = None
     then: Callable[[], object] | None = None
     midway: Callable[[], None] | None = None
+    ranged: bool = False
 
 
 @dataclass
@@ -190,7 +195,9 @@ class _OriginHandler(_Quiet):
         path = self.path.split("?", 1)[0]
         with origin.lock:
             origin.requests.append(Request(path, dict(self.headers.items())))
-            fault = origin.faults[path].popleft() if origin.faults[path] else None
+            queued = origin.faults[path]
+            ranged = "Range" in self.headers
+            fault = queued.popleft() if queued and (ranged or not queued[0].ranged) else None
             data = origin.files.get(path)
             if fault is None and origin.chaos is not None and data is not None:
                 fault = origin.random_fault(len(data))
@@ -238,12 +245,17 @@ class _OriginHandler(_Quiet):
                 self._status(416)
                 return
             status = 206
+            if fault is not None and fault.kind == "short":
+                end = min(end, start + fault.after)
+            elif fault is not None and fault.kind == "shifted":
+                start = min(start + fault.after, end - 1)
         body = data[start:end]
         if fault is not None and fault.kind == "gzip":
             body = gzip.compress(body)
         self.send_response(status)
         self.send_header("Content-Type", "video/mp4")
-        self.send_header("ETag", etag)
+        if fault is None or fault.kind != "unversioned":
+            self.send_header("ETag", etag)
         if origin.ranges:
             self.send_header("Accept-Ranges", "bytes")
         if fault is not None and fault.kind == "gzip":
@@ -253,7 +265,8 @@ class _OriginHandler(_Quiet):
         else:
             self.send_header("Content-Length", str(len(body)))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            size = len(data) + (fault.after if fault is not None and fault.kind == "resized" else 0)
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
         if fault is not None and fault.kind == "drop":
             body = body[: fault.after]
