@@ -4,18 +4,21 @@ minutes to one connection and in seconds to sixteen.
 
 Only a file the origin can serve in ranges qualifies: its size known, ``Accept-Ranges: bytes``,
 a strong validator (a strong ETag or a Last-Modified) and at least HAUL_MIN_SPLIT_BYTES. It
-starts on one connection. Every RAMP_SECONDS the total rate is measured; while it grows by
-GROWTH when the connections double, they double again (up to HAUL_SPLIT; all the rest at
-once when the doubling nearly doubled the rate, CAPPED: the origin caps each connection);
+starts on one connection. The total rate is measured over windows of RAMP_ROUND_TRIPS of the
+origin's round trips (:func:`ramp_window`); while it grows by GROWTH when the connections
+double, they double again (up to HAUL_SPLIT; all the rest at once when the doubling nearly
+doubled the rate, CAPPED: the origin caps each connection);
 the ones a step added that brought no growth are retired, so an origin that does not cap
 connections keeps one. Each connection beside the first takes a per-host slot, bound to the
 task's lease, and gives it back when it ends.
 
 Connections take the file in pieces, in order: each asks for the next piece no one has, as
-long as ROUND_TRIPS_PER_PIECE of its round trips (so asking again costs under 2%) and at least
-MIN_PIECE_BYTES. The bytes then arrive nearly in order, which lets the sha256 follow the
-transfer, and the connections end together: one that finds nothing left takes the second half
-of the largest piece still being filled, while that half is worth a request.
+long as ROUND_TRIPS_PER_PIECE round trips at what one connection gets (so asking again costs
+under 2%), between MIN_PIECE_BYTES and MAX_PIECE_BYTES. The bytes then arrive nearly in order,
+which lets the sha256 follow the transfer, and the connections end together: one that finds
+nothing left takes the second half of the largest piece still being filled, while that half is
+worth a request. (A round trip here is how long an answer on a connection already open takes
+to start, smoothed over the connections.)
 
 Bytes are written in place (``pwrite``) into the one ``.part``. What it still lacks is kept in
 the record of its version beside it (``<part>.json``, :class:`SpanMap`), rewritten only after
@@ -59,9 +62,10 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 #: How often the total rate is measured to decide on more connections: RAMP_ROUND_TRIPS of the
-#: origin's round trips (a rate measured over fewer is mostly TCP's slow start), at least
-#: RAMP_SECONDS.
+#: origin's round trips (a rate measured over fewer is mostly TCP's slow start), from
+#: RAMP_SECONDS to RAMP_MAX_SECONDS.
 RAMP_SECONDS = 0.1
+RAMP_MAX_SECONDS = 1.0
 RAMP_ROUND_TRIPS = 10
 #: Connections added stay only if the total rate grows by this factor with them.
 GROWTH = 1.3
@@ -69,7 +73,7 @@ GROWTH = 1.3
 #: rest are opened at once rather than doubling again.
 CAPPED = 1.8
 #: A download goes on over several connections only if, at the rate its one connection had
-#: over the first RAMP_SECONDS, the rest would take longer than this: a fast origin keeps one.
+#: over its first ramp window, the rest would take longer than this: a fast origin keeps one.
 WORTH_SPLITTING_SECONDS = 2.0
 #: The smallest piece a connection asks for; a piece lasts ROUND_TRIPS_PER_PIECE of a
 #: connection's round trips (the wait for an answer's first bytes) at its rate, up to MAX_PIECE_BYTES.
@@ -77,15 +81,19 @@ MIN_PIECE_BYTES = 4 * MIB
 MAX_PIECE_BYTES = 64 * MIB
 ROUND_TRIPS_PER_PIECE = 50
 #: A piece being filled is halved for an idle connection only if the half left to it is at least
-#: this big, and at least STEAL_ROUND_TRIPS round trips long at a connection's rate.
+#: this big, and at least STEAL_ROUND_TRIPS round trips long at a connection's rate (but never
+#: more than MAX_STEAL_BYTES: a piece can always be halved).
 MIN_SPAN_BYTES = MIB
 STEAL_ROUND_TRIPS = 8
+MAX_STEAL_BYTES = MAX_PIECE_BYTES // 4
 #: What is written is synced and recorded each time this much more was (by a thread of its
 #: own, no connection waits for it), and as each connection ends: a worker killed loses about
 #: this much, whatever the connections.
 CHECKPOINT_BYTES = 4 * MIB
 #: Longest a failed split waits for its other connections to stop (each is fenced if it lingers).
 JOIN_AFTER_FAILURE_SECONDS = 10.0
+#: How often the downloading thread steps its lane while it waits for the others.
+JOIN_POLL_SECONDS = 0.25
 #: Bytes the sha256 follower reads per step.
 FOLLOW_BYTES = MIB
 
@@ -93,7 +101,7 @@ FOLLOW_BYTES = MIB
 def ramp_window(latency: float) -> float:
     """Seconds the rate is measured over, for an origin whose answers start ``latency`` seconds
     after they are asked for."""
-    return max(RAMP_SECONDS, RAMP_ROUND_TRIPS * latency)
+    return min(RAMP_MAX_SECONDS, max(RAMP_SECONDS, RAMP_ROUND_TRIPS * latency))
 
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -101,11 +109,13 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 @dataclass
 class Span:
-    """Bytes ``[pos, end)`` of the file, not written yet; ``busy`` while a connection fills it."""
+    """Bytes ``[pos, end)`` of the file, not written yet; ``busy`` while a connection fills it,
+    ``writing`` the bytes from ``pos`` its connection is writing now (a halving leaves them to it)."""
 
     pos: int
     end: int
     busy: bool = False
+    writing: int = 0
 
     @property
     def left(self) -> int:
@@ -122,6 +132,9 @@ class SpanMap:
         self.meta = meta
         self.spans = spans
         self._recording = threading.Lock()
+        #: Set once its download ended: a connection that outlived it records nothing (a later
+        #: attempt may have started the file over, with a record of its own).
+        self.closed = False
 
     @property
     def validator(self) -> Validator:
@@ -163,6 +176,8 @@ class SpanMap:
         leaves out): the record never lists as written a byte that is not on disk."""
         data = json.dumps({**self.meta, "size": self.size, "missing": missing})
         with self._recording:
+            if self.closed:
+                return
             temporary = meta_path_of(self.part).with_suffix(".tmp")
             try:
                 os.fdatasync(fd)
@@ -170,6 +185,11 @@ class SpanMap:
                 os.replace(temporary, meta_path_of(self.part))
             except OSError as exc:
                 raise StorageUnavailable(f"{where}: cannot record its progress in staging ({exc.strerror})") from exc
+
+    def close(self) -> None:
+        """Record nothing more (waits for a record being written)."""
+        with self._recording:
+            self.closed = True
 
     def snapshot(self) -> list[list[int]]:
         """What is missing now (call with the splitter's lock held)."""
@@ -287,9 +307,9 @@ class Splitter:
         #: open takes to start (seconds; 0 until one did): they size the pieces.
         self._conn_rate = first_rate or 0.0
         self._latency = 0.0
-        #: The rate is measured over windows this long (the first answer's wait, a new
-        #: connection's included, tells the origin's distance).
-        self._window = ramp_window(latency)
+        #: The first answer's wait (connecting included): the origin's distance until answers
+        #: on open connections tell it better.
+        self._first_latency = latency
         self._follower = _Follower(read_fd, spans, self._lock, *hashed) if hashed is not None else None
 
     def run(self, first: requests.Response, span: Span, main: Connection) -> str | None:
@@ -326,6 +346,7 @@ class Splitter:
             raise
         finally:
             self._stop_recording()
+            self.spans.close()
             if self._follower is not None:  # stopped before its file descriptor is closed
                 self._follower.stop(abort=True)
                 self._follower.thread.join()
@@ -348,7 +369,8 @@ class Splitter:
             conn.generation = self._generation
             self._connections.append(conn)
             self.on_connections(len(self._connections))
-        fd, asked_before = -1, False
+        fd, kept_open = -1, False
+        floor = SpeedFloor(self.rules, self.where)  # across its pieces: a slow connection is cut
         try:
             fd = os.open(self.spans.part, os.O_WRONLY)  # its own: closing another's never touches it
             while not conn.retire:
@@ -360,9 +382,8 @@ class Splitter:
                     asked = time.monotonic()
                     response = conn.ranges.get_range(self.url, span.pos, span.end, self.spans.if_range, self.where,
                                                      conn.step)  # fmt: skip
-                    if asked_before:  # a first answer's wait includes connecting
+                    if kept_open:  # a new connection's wait includes connecting
                         self._answered_after(time.monotonic() - asked)
-                    asked_before = True
                     try:
                         until = self._check_range(response, span.pos)
                     except BaseException:
@@ -370,7 +391,8 @@ class Splitter:
                         raise
                 try:  # (the first connection's answer was judged already, and continues its body)
                     with conn.guard(shutter_of(response)):
-                        self._fill(conn, response, span, fd, until)
+                        self._fill(conn, response, span, fd, until, floor)
+                    kept_open = span.pos == until  # read to its end; one given up mid-body drops its connection
                 finally:
                     response.close()
                     with self._lock:  # done, or let go of (retired): another may take the rest
@@ -397,7 +419,7 @@ class Splitter:
         with self._lock:
             if self._error is not None:
                 return
-            self._error = exc
+            self._error, self._ramping = exc, False
             others = [c for c in self._connections if c is not failed]
             self._lock.notify_all()
         for other in others:  # a connection blocked on a read stops now, not at its timeout
@@ -422,8 +444,8 @@ class Splitter:
         return int(match.group(2)) + 1
 
     def _next_span(self) -> Span | None:
-        """The next piece no connection fills (the whole rest for a connection left alone),
-        else the second half of the largest one being filled."""
+        """The next piece no connection fills (a whole span for a connection left alone), else
+        the second half of the largest one being filled."""
         with self._lock:
             if self._error is not None:
                 return None
@@ -449,20 +471,22 @@ class Splitter:
 
     def _halve(self) -> Span | None:
         """Split the largest busy span (lock held); None when none is worth splitting."""
-        least = max(MIN_SPAN_BYTES, self._conn_rate * self._latency * STEAL_ROUND_TRIPS)
-        busy = [s for s in self.spans.spans if s.busy and s.left >= 2 * least]
+        least = max(MIN_SPAN_BYTES, min(MAX_STEAL_BYTES, self._conn_rate * self._latency * STEAL_ROUND_TRIPS))
+        busy = [s for s in self.spans.spans if s.busy and s.left - s.writing >= 2 * least]
         if not busy:
             return None
-        largest = max(busy, key=lambda s: s.left)
-        middle = largest.pos + largest.left // 2
+        largest = max(busy, key=lambda s: s.left - s.writing)
+        start = largest.pos + largest.writing  # the bytes its connection is writing stay its own
+        middle = start + (largest.end - start) // 2
         taken = Span(middle, largest.end, busy=True)
         largest.end = middle
         self.spans.spans.append(taken)
         return taken
 
-    def _fill(self, conn: Connection, response: requests.Response, span: Span, fd: int, until: int) -> None:
+    def _fill(
+        self, conn: Connection, response: requests.Response, span: Span, fd: int, until: int, floor: SpeedFloor
+    ) -> None:
         """Write ``response``'s body (bytes up to ``until``) into ``span`` through ``fd``."""
-        floor = SpeedFloor(self.rules, self.where)
         while True:
             with self._lock:
                 if self._error is not None or conn.retire or span.left <= 0:
@@ -475,11 +499,11 @@ class Splitter:
             floor.passed(len(chunk))
             with self._lock:  # the span may have been halved meanwhile: never past its end
                 data = chunk[: span.left]
-                done = self._done
+                span.writing, done = len(data), self._done
             conn.tick(done)  # the fence, between the read and the write: a stale holder writes nothing
             self._write(fd, data, span.pos)
             with self._lock:
-                span.pos += len(data)
+                span.pos, span.writing = span.pos + len(data), 0
                 before, self._done = self._done, self._done + len(data)
                 if self._done // FOLLOW_BYTES != before // FOLLOW_BYTES or span.left <= 0:
                     self._lock.notify_all()  # the follower and the recorder: each MiB, not each chunk
@@ -529,7 +553,7 @@ class Splitter:
     # -- how many ---------------------------------------------------------------------------
 
     def _ramp(self) -> None:
-        """Every RAMP_SECONDS: double the connections while the total rate grows by GROWTH
+        """Each ramp window: double the connections while the total rate grows by GROWTH
         with them, or open the rest at once when it grew by CAPPED (an origin that caps each
         connection); once it does not grow, retire the ones the last step added and stop."""
         if not self._ramping:  # read without the lock: most chunks come after the ramp ended
@@ -538,7 +562,8 @@ class Splitter:
         with self._lock:
             if not self._ramping or self._arriving:
                 return
-            if self._first_rate is None and now - self._window_at < self._window:
+            window = ramp_window(self._latency or self._first_latency)
+            if self._first_rate is None and now - self._window_at < window:
                 return
             rate = (self._done - self._window_bytes) / (now - self._window_at)
             self._window_at, self._window_bytes = now, self._done
@@ -555,7 +580,7 @@ class Splitter:
                         conn.retire = True
                 log.debug("%s: more connections brought %.0f B/s against %.0f", self.where, rate, self._rate_before)
                 return
-            if self.spans.missing < 2 * MIN_SPAN_BYTES:
+            if self.spans.missing < 2 * MIN_PIECE_BYTES:
                 self._ramping = False
                 return
             self._doubted = False
@@ -565,16 +590,16 @@ class Splitter:
             if wanted <= 0:
                 self._ramping = False
                 return
-            # The next window measures the connections with the ones added now, once they deliver
+            # The next window measures the connections with the ones added now, once they all
+            # delivered (counted now: the first may deliver before the last is opened)
             self._rate_before, self._window_at = rate, now
             self._generation += 1
-        for _ in range(wanted):
-            with self._lock:  # counted before it opens: its first bytes may come before open returns
-                self._arriving += 1
-            opened = self.open_connection(self._beside_connection)
+            self._arriving += wanted
+        for opening in range(wanted):
+            opened = self.open_connection(self._beside_connection) if self._error is None else None
             with self._lock:
-                if opened is None:  # the host is at its limit: go on with what there is
-                    self._arriving -= 1
+                if opened is None:  # the host is at its limit (or the split failed): go on with what there is
+                    self._arriving -= wanted - opening
                     self._ramping = False
                     return
                 self._beside.append(opened)
@@ -588,8 +613,8 @@ class Splitter:
                 pending = [f for f in self._beside if not f.done()]
             if not pending:
                 return
-            main.step(RAMP_SECONDS + 1)
-            futures.wait(pending, RAMP_SECONDS)
+            main.step(JOIN_POLL_SECONDS + 1)
+            futures.wait(pending, JOIN_POLL_SECONDS)
 
 
 class _Follower:

@@ -212,6 +212,19 @@ def test_a_range_slower_than_the_floor_is_cut(capped: Origin, beside: Beside, tm
     assert beside.all_stopped()
 
 
+def test_a_connection_slower_than_the_floor_is_cut_though_each_piece_is_short(
+    origin: Origin, beside: Beside, tmp_path: Path
+) -> None:
+    """Each 4 MiB piece takes 2 s at 2 MiB/s, under the floor's 3 s window: the floor counts
+    a connection's pieces together, or no piece would ever be judged."""
+    origin.rate = 2 * MIB
+    url = origin.put("/lecture.mp4", os.urandom(SIZE))
+    rules = FetchRules(lowest_speed_bytes=3 * MIB, lowest_speed_seconds=3.0)
+    with pytest.raises(OriginUnavailable, match="below HAUL_LOWEST_SPEED_BYTES"):
+        fetch(beside, url, tmp_path / "lecture.mp4.part", rules)
+    assert beside.all_stopped()
+
+
 def assert_resumes_only_what_is_missing(origin: Origin, beside: Beside, url: str, part: Path, data: bytes) -> None:
     """The failed attempt's record lists what is missing; the next attempt asks for that only."""
     spans = SpanMap.load(part)
