@@ -29,6 +29,8 @@ import redis
 
 from actors.errors import InvalidTask
 from actors.manifest import spec_from_manifest, spec_from_urls
+from actors.pages import RESOLVE_EXTRA
+from actors.registry import WorkerRegistry
 from actors.settings import Settings
 from actors.states import CancelReply, RetryReply, State
 from actors.storagetarget import check_keys
@@ -145,6 +147,12 @@ class Client:
         problem = check_keys(settings.object_storage, settings.storage_key, spec.key, [f.path for f in spec.files])
         if problem is not None:
             raise InvalidTask(problem)
+        pages = [f.path for f in spec.files if f.page]
+        if pages and not WorkerRegistry(self.store.client, self.store.prefix).have(RESOLVE_EXTRA):
+            raise InvalidTask(
+                f"manifest.files: {pages[0]!r} is given as a page, but no running worker can resolve pages; install "
+                "the extra on the workers (pip install 'haul[resolve]'), start them, then submit again"
+            )
         task_id = uuid.uuid4().hex
         return Creation(spec, task_id, self.clock(), replace, self.messages.queued_claim(task_id))
 

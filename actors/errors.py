@@ -6,10 +6,12 @@
       TransientError            retried with backoff; every byte already downloaded is kept
         OriginUnavailable       5xx, 429/503 (retry_after), timeouts, resets, short body
           PartUnusable          the .part cannot be continued: start over from zero at once
+        ResolverMissing         a page file reached a worker without haul[resolve]
         StorageUnavailable      the storage root is missing, full or not writable
         WebhookUndelivered      the receiver did not answer 2xx
       PermanentError            fails the task at once, task.failed goes out
         OriginRejected          the origin answered 404/410/403... (status)
+        PageUnresolvable        a page shows no media haul can download (removed, private, none)
         TooManyRedirects        the origin's redirects loop or go on past 10 hops
         ForbiddenDestination    the URL points somewhere haul must not go
         UnsafePath              a file path would land outside the task's folder
@@ -69,6 +71,12 @@ class PartUnusable(OriginUnavailable):
     the partial file changed in staging): the download starts over from zero, at once."""
 
 
+class ResolverMissing(TransientError):
+    """A page file reached a worker that cannot resolve pages: another worker may."""
+
+    code = "resolver_missing"
+
+
 class StorageUnavailable(TransientError):
     """Finished files could not be written to storage (or staging)."""
 
@@ -101,6 +109,13 @@ class OriginRejected(PermanentError):
         self.status = status
         #: ``origin_<status>`` (``origin_404``).
         self.code = f"origin_{status}"
+
+
+class PageUnresolvable(PermanentError):
+    """A page that shows no media haul can download: removed, private, none at all, a playlist,
+    or only formats haul does not download; the message carries the extractor's reason."""
+
+    code = "page_unresolvable"
 
 
 class TooManyRedirects(PermanentError):

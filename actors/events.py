@@ -19,6 +19,8 @@ Names are the webhook types plus the steps a live view needs:
 ``task.started``      downloading (``worker``)
 ``task.progress``     at most once a second: bytes and files done, bytes stored, speed; while
                       downloading, the files in flight (``active``) and ``connections``
+``file.resolved``     a page file resolved (``index``, ``extractor``, ``format_id``, ``title``,
+                      ``duration`` when known, the media's ``host``)
 ``file.completed``    one file downloaded (``index``, ``path``, ``size``, the task's ``bytes_done``)
 ``task.finalizing``   downloaded; storing and announcing
 ``task.completed``    done (``files``: where each was stored, as the webhook says)
@@ -116,7 +118,7 @@ def event_of(entry_id: Any, fields: dict[Any, Any], task_id: str = "") -> Event:
         elif key == "active":  # files in flight: [index, bytes done, bytes total or 0, connections]
             data[key] = [dict(zip(("index", "bytes_done", "bytes_total", "connections"), e, strict=True))
                          for e in json.loads(text)]  # fmt: skip
-        elif key == "not_before":
+        elif key in {"not_before", "duration"}:
             data[key] = float(text)
         else:
             data[key] = text

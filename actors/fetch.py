@@ -16,7 +16,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +85,8 @@ class Transfer:
     on_received: Callable[[int], None] | None = None
     #: Whether and how the file may be split over several connections (:mod:`actors.split`).
     split: SplitPlan | None = None
+    #: Sent with every request for the file (a resolved page's: its Referer, User-Agent).
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class Fetcher:
         on_sha256: Callable[[str], None] | None = None,
         on_received: Callable[[int], None] | None = None,
         split: SplitPlan | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> int:
         """Bring ``part`` to the complete file (returning its size), resuming what it already holds.
 
@@ -147,13 +150,15 @@ class Fetcher:
         once it is written (what this run brought over the network, resumed bytes apart);
         ``split`` lets a large file go over several connections (:mod:`actors.split`; a
         ``.part`` a split download left is always continued as one, on one connection without
-        it). Raises haul errors only.
+        it); ``headers`` go with every request for the file (haul's own replace any of the same name). Raises haul
+        errors only.
 
         A ``.part`` that cannot be kept is started over once from zero: a file that changed on
         the origin, a refused range, a size or sha256 mismatch (a corrupt ``.part`` must not
         fail a task); the same mismatch from zero is final.
         """
-        transfer = Transfer(task_id, on_progress, on_total, guard, rules, step, on_sha256, on_received, split)
+        transfer = Transfer(task_id, on_progress, on_total, guard, rules, step, on_sha256, on_received, split,
+                            dict(headers or {}))  # fmt: skip
         try:
             return self._attempt(spec, part, transfer)
         except (PartUnusable, ChecksumMismatch) as exc:
@@ -176,7 +181,7 @@ class Fetcher:
             return _verified(spec, spans.size, spans.size, kept.hexdigest() if kept else None, t.on_sha256, where)
         asked_at = time.monotonic()
         with interruptible(t.guard):
-            response = self._get(spec.url, request_headers(asked, validator), where, t.step)
+            response = self._get(spec.url, {**t.headers, **request_headers(asked, validator)}, where, t.step)
         latency = time.monotonic() - asked_at  # the window a split measures rates over grows with it
         hasher: Hasher | None = None
         try:
@@ -342,6 +347,7 @@ class Fetcher:
                 splitter = Splitter(
                     url=spec.url, fd=fd, spans=spans, plan=plan, on_received=t.on_received, hashed=hashed,
                     read_fd=read_fd, rules=t.rules, where=where, first_rate=measured[0], latency=measured[1],
+                    headers=t.headers,
                 )  # fmt: skip
                 main = Connection(ranges=self, tick=t.on_progress, step=t.step, wake=plan.wake,
                                   guard=t.guard or no_guard)  # fmt: skip
@@ -352,10 +358,12 @@ class Fetcher:
             os.close(fd)
         return _verified(spec, answer.total, answer.total, digest, t.on_sha256, where)
 
-    def get_range(self, url: str, start: int, end: int, if_range: str, where: str, step: Step) -> requests.Response:
+    def get_range(
+        self, url: str, start: int, end: int, if_range: str, where: str, step: Step, extra: Mapping[str, str]
+    ) -> requests.Response:
         """GET bytes ``[start, end)`` of the version ``if_range`` names (the whole file, 200,
-        when the origin has another)."""
-        headers = {"Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"}
+        when the origin has another), with the file's ``extra`` headers."""
+        headers = {**extra, "Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"}
         if if_range:
             headers["If-Range"] = if_range
         return self._get(url, headers, where, step)

@@ -34,6 +34,8 @@ REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 MAX_EXTENSION_BYTES = 16
 #: Longest task name and idempotency key.
 MAX_LABEL_CHARS = 500
+#: Longest format selector a page file may give.
+MAX_FORMAT_CHARS = 200
 #: Most files one task may hold.
 MAX_FILES = 10_000
 _CONTENT_PATTERN = re.compile(r"^(\*/\*|[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*))$")
@@ -149,14 +151,23 @@ def spec_from_urls(
     key: str | None = None,
     webhook: str | None = None,
     accept: Sequence[str] | None = None,
+    pages: Sequence[str] = (),
+    format: str | None = None,
 ) -> TaskSpec:
-    """A task for plain URLs: each file is named after its URL's last segment."""
+    """A task for plain URLs and ``pages`` (resolved by the worker, with ``format``): each file
+    is named after its URL's last segment."""
     checked = [check_url(url, f"url #{i}") for i, url in enumerate(urls, start=1)]
-    if not checked:
-        raise InvalidTask("a task needs at least one URL")
-    files = tuple(
-        FileSpec(url=u, path=p) for u, p in zip(checked, _unique(name_from_url(u) for u in checked), strict=True)
-    )
+    shown = [check_url(page, f"page #{i}") for i, page in enumerate(pages, start=1)]
+    if not checked and not shown:
+        raise InvalidTask("a task needs at least one URL or page")
+    chosen = check_format(format, "format") if shown else None
+    if format is not None and not shown:
+        raise InvalidTask("format: only pages have formats to choose from; give a page, or no format")
+    names = _unique(name_from_url(u) for u in [*checked, *shown])
+    files = [FileSpec(url=u, path=p) for u, p in zip(checked, names, strict=False)]
+    files += [
+        FileSpec(url=u, path=p, page=True, format=chosen) for u, p in zip(shown, names[len(checked) :], strict=True)
+    ]
     manifest: dict[str, Any] = {"name": name, "key": key, "webhook": webhook, "files": [f.to_json() for f in files]}
     if accept is not None:
         manifest["accept"] = list(accept)
@@ -164,7 +175,8 @@ def spec_from_urls(
 
 
 def spec_from_manifest(data: object) -> TaskSpec:
-    """Validate a manifest (``{"name", "key", "webhook", "files": [{"url", "path", "size"?, "sha256"?}]}``)."""
+    """Validate a manifest (``{"name", "key", "webhook", "files": [{"url" or "page", "path",
+    "size"?, "sha256"?, "format"?}]}``; ``format`` only with ``page``)."""
     if not isinstance(data, dict):
         raise InvalidTask("manifest: must be a JSON object with a 'files' list")
     unknown = set(data) - {"name", "key", "webhook", "files", "accept"}
@@ -180,7 +192,7 @@ def spec_from_manifest(data: object) -> TaskSpec:
         check_url(webhook, "manifest.webhook")
     raw_files = data.get("files")
     if not isinstance(raw_files, list) or not raw_files:
-        raise InvalidTask("manifest.files: must be a non-empty list of {url, path, size?, sha256?}")
+        raise InvalidTask("manifest.files: must be a non-empty list of {url or page, path, size?, sha256?}")
     if len(raw_files) > MAX_FILES:
         raise InvalidTask(f"manifest.files: {len(raw_files)} files; one task holds at most {MAX_FILES}")
     files: list[FileSpec] = []
@@ -189,10 +201,19 @@ def spec_from_manifest(data: object) -> TaskSpec:
         where = f"manifest.files[{index}]"
         if not isinstance(item, dict):
             raise InvalidTask(f"{where}: must be an object with url and path")
-        extra = set(item) - {"url", "path", "size", "sha256"}
+        extra = set(item) - {"url", "page", "path", "size", "sha256", "format"}
         if extra:
             raise InvalidTask(f"{where}: unknown field(s) {sorted(extra)}")
-        url = check_url(item.get("url"), f"{where}.url")
+        page = "page" in item
+        if page == ("url" in item):
+            raise InvalidTask(
+                f"{where}: give either url (the file itself) or page (a page showing it, resolved by the worker), "
+                "not both or neither"
+            )
+        url = check_url(item.get("page" if page else "url"), f"{where}.{'page' if page else 'url'}")
+        chosen = check_format(item.get("format"), f"{where}.format") if page else None
+        if not page and "format" in item:
+            raise InvalidTask(f"{where}.format: only a page has formats to choose from; remove it or give page")
         path = check_relative_path(item.get("path"), f"{where}.path")
         folded = path.casefold()
         if folded in seen:
@@ -206,9 +227,20 @@ def spec_from_manifest(data: object) -> TaskSpec:
             if not isinstance(sha, str) or not _SHA256.match(sha.lower()):
                 raise InvalidTask(f"{where}.sha256: must be 64 hexadecimal characters (got {sha!r})")
             sha = sha.lower()
-        files.append(FileSpec(url=url, path=path, size=size, sha256=sha))
+        files.append(FileSpec(url=url, path=path, size=size, sha256=sha, page=page, format=chosen))
     _check_no_prefix_clash(files)
     return TaskSpec(files=tuple(files), name=name, key=key, webhook=webhook, accept=accept)
+
+
+def check_format(value: object, where: str) -> str | None:
+    """A page's format selector (yt-dlp's syntax, e.g. ``b[height<=720]``), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_FORMAT_CHARS:
+        raise InvalidTask(f"{where}: must be a yt-dlp format selector of 1 to {MAX_FORMAT_CHARS} characters")
+    if _refused_character(value) is not None:
+        raise InvalidTask(f"{where}: {value!r} holds control or invisible formatting characters")
+    return value.strip()
 
 
 def check_accept(value: object, where: str = "manifest.accept") -> tuple[str, ...]:

@@ -2,8 +2,8 @@
 one, check that limits match the threads that serve each stage, and check that every worker
 runs with the same stage limits and lease (its own, not the supervisor's).
 
-    haul:workers        hash: worker id -> JSON {host, pid, queues, threads, connections, started, limits}
-                        (``limits`` is missing from records written by an older haul)
+    haul:workers        hash: worker id -> JSON {host, pid, queues, threads, connections, started, limits,
+                        extras} (``limits`` and ``extras`` are missing from records written by an older haul)
     haul:workers:seen   sorted set: worker id by its last heartbeat (seconds)
 """
 
@@ -66,6 +66,8 @@ class WorkerInfo:
     #: Connections each of its threads may open at once: HAUL_TASK_PARALLEL_FILES x HAUL_SPLIT
     #: (1 for a worker of a haul before either).
     connections: int = 1
+    #: The optional extras installed in it (``resolve``: page files, :mod:`actors.pages`).
+    extras: tuple[str, ...] = ()
 
 
 def _text(value: Any) -> str:
@@ -102,6 +104,7 @@ class WorkerRegistry:
             "queues": list(info.queues),
             "threads": info.threads,
             "connections": info.connections,
+            "extras": list(info.extras),
         }
         if info.limits is not None:
             data["limits"] = dataclasses.asdict(info.limits)
@@ -142,9 +145,14 @@ class WorkerRegistry:
                     seen=seen.get(worker_id, 0.0),
                     limits=_limits_from(data.get("limits")),
                     connections=int(data.get("connections", 1)),
+                    extras=tuple(data.get("extras", ())),
                 )
             )
         return result
+
+    def have(self, extra: str) -> bool:
+        """Whether a registered worker has ``extra`` installed."""
+        return any(extra in worker.extras for worker in self.workers())
 
     def vanished(self, now: float) -> list[WorkerInfo]:
         """Workers whose heartbeats stopped (killed, OOM, host gone); removed from the registry."""

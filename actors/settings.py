@@ -65,6 +65,11 @@ DEFAULT_SPLIT = 4
 MAX_SPLIT = 16
 #: Files smaller than this are never split (HAUL_MIN_SPLIT_BYTES).
 DEFAULT_MIN_SPLIT_BYTES = 20 * 1024 * 1024
+#: How a page file's format is chosen when it gives none (HAUL_RESOLVE_FORMAT, a yt-dlp format
+#: selector): the best single file with video and audio, else the best video and audio to join.
+DEFAULT_RESOLVE_FORMAT = "b/bv*+ba"
+#: Longest a page's resolution may take, all its requests together (HAUL_RESOLVE_TIMEOUT_SECONDS).
+DEFAULT_RESOLVE_TIMEOUT_SECONDS = 120.0
 #: Longest pause, in ms, between two polls of an idle queue: Dramatiq's Redis broker polls (it
 #: has no blocking fetch), and its default of 1000 ms makes an idle worker pick a task up after
 #: up to a second. 80 ms costs an idle process a few dozen Redis commands a second.
@@ -121,6 +126,9 @@ class Settings:
     #: HAUL_SPLIT / HAUL_MIN_SPLIT_BYTES: connections one large file may use (actors/split.py).
     split: int = DEFAULT_SPLIT
     min_split_bytes: int = DEFAULT_MIN_SPLIT_BYTES
+    #: HAUL_RESOLVE_FORMAT / HAUL_RESOLVE_TIMEOUT_SECONDS: page files (actors/pages.py).
+    resolve_format: str = DEFAULT_RESOLVE_FORMAT
+    resolve_timeout_seconds: float = DEFAULT_RESOLVE_TIMEOUT_SECONDS
     sweep_seconds: float = DEFAULT_SWEEP_SECONDS
     orphan_seconds: float = DEFAULT_ORPHAN_SECONDS
     supervisor_host: str = "127.0.0.1"
@@ -227,6 +235,10 @@ class Settings:
             ),  # fmt: skip
             split=int(envvars.number(env, "HAUL_SPLIT", DEFAULT_SPLIT, minimum=1, maximum=MAX_SPLIT, integer=True)),
             min_split_bytes=envvars.limit(env, "HAUL_MIN_SPLIT_BYTES", DEFAULT_MIN_SPLIT_BYTES),
+            resolve_format=(env.get("HAUL_RESOLVE_FORMAT") or "").strip() or DEFAULT_RESOLVE_FORMAT,
+            resolve_timeout_seconds=envvars.number(
+                env, "HAUL_RESOLVE_TIMEOUT_SECONDS", DEFAULT_RESOLVE_TIMEOUT_SECONDS, minimum=1
+            ),
             sweep_seconds=envvars.number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
             orphan_seconds=envvars.number(env, "HAUL_ORPHAN_SECONDS", DEFAULT_ORPHAN_SECONDS, minimum=1),
             supervisor_host=env.get("HAUL_SUPERVISOR_HOST") or "127.0.0.1",

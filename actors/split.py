@@ -43,7 +43,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +200,9 @@ class Ranges(Protocol):
     """How a connection asks the origin for a range: a GET through the destination policy,
     on the calling thread's own session."""
 
-    def get_range(self, url: str, start: int, end: int, if_range: str, where: str, step: Step) -> requests.Response: ...
+    def get_range(
+        self, url: str, start: int, end: int, if_range: str, where: str, step: Step, extra: Mapping[str, str]
+    ) -> requests.Response: ...
 
 
 @contextlib.contextmanager
@@ -274,15 +276,17 @@ class Splitter:
         where: str,
         first_rate: float | None = None,
         latency: float = 0.0,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         """``hashed``: to hash the file, a sha256 of its first bytes and how many it covers
         (a fresh one and 0, or what a resumed ``.part`` was hashed to); ``read_fd`` reads the
         ``.part`` for it; ``first_rate``: what the first connection got alone, when measured
         (a second one is opened at once to see whether two get more); ``latency``: how long
-        the first answer took to start."""
+        the first answer took to start; ``headers``: sent with every range (a resolved page's)."""
         self.url, self.fd, self.spans, self.where = url, fd, spans, where
         self.width, self.open_connection, self.on_connections = plan.width, plan.open_connection, plan.on_connections
         self.rules = rules
+        self.headers = dict(headers or {})
         self.on_received = on_received
         self._lock = threading.Condition()
         self._connections: list[Connection] = []
@@ -381,7 +385,7 @@ class Splitter:
                         return
                     asked = time.monotonic()
                     response = conn.ranges.get_range(self.url, span.pos, span.end, self.spans.if_range, self.where,
-                                                     conn.step)  # fmt: skip
+                                                     conn.step, self.headers)  # fmt: skip
                     if kept_open:  # a new connection's wait includes connecting
                         self._answered_after(time.monotonic() - asked)
                     try:

@@ -23,6 +23,7 @@ from actors.httprules import FetchRules
 from actors.lanes import FileLanes
 from actors.lease import DISK_STEP_SECONDS, Lane, Lease, no_figures, no_files
 from actors.outcome import NOTHING, Next, Outcome
+from actors.pages import resolve
 from actors.policy import FINALIZE_BACKLOG_FACTOR, SLOT_WAIT_MAX_SECONDS, slot_wait
 from actors.progress import Progress
 from actors.redact import display_url
@@ -172,9 +173,10 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
         spec = task.spec.files[index]
         lane.step(DISK_STEP_SECONDS, f"preparing {spec.path!r}")  # a resumed .part's validator, DNS
         with _naming(spec), progress.file(index, lane) as file:
+            media, headers = _media(rt, task, lease.token, index, lane)
             part = sandbox.claim_part(index, lease.token)
             size = rt.fetcher.fetch(
-                spec,
+                media,
                 part,
                 task_id=task_id,
                 on_progress=file.on_progress,
@@ -185,6 +187,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                 on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
                 on_received=file.on_received,
                 split=lanes.split_plan(index, file, lane),
+                headers=headers,
             )
             lane.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
             sandbox.promote(part, spec)
@@ -193,6 +196,23 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
 
     lanes.run(pending, fetch)
     return progress
+
+
+def _media(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -> tuple[FileSpec, dict[str, str]]:
+    """What file ``index`` downloads, and with which headers: the file itself, or the media its
+    page resolves to now (recorded on the task; see :mod:`actors.pages`)."""
+    spec = task.spec.files[index]
+    if not spec.page:
+        return spec, {}
+    s = rt.settings
+    lane.step(s.resolve_timeout_seconds, f"resolving the page of {spec.path!r}")
+    where = f"task {task.id}, file {spec.path!r} from the page {display_url(spec.url)}"
+    found = resolve(spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds)
+    if not rt.store.record_resolved(task.id, token, index, found.record(), now=rt.clock()):
+        raise LeaseLost(f"task {task.id}: lease lost while resolving the page of {spec.path!r}")
+    log.info("task %s: %s resolved by %s to format %s on %s", task.id, spec.path, found.extractor, found.format_id,
+             found.record()["host"])  # fmt: skip
+    return dataclasses.replace(spec, url=found.url, page=False, format=None), found.headers
 
 
 @contextmanager

@@ -341,6 +341,13 @@ class TaskStore(SweepStore):
                                "take" if take else "give"))  # fmt: skip
         return StepReply.OK if reply == 1 else StepReply.FULL if reply == 0 else StepReply.STALE
 
+    def record_resolved(self, task_id: str, token: int, index: int, record: Mapping[str, Any], *, now: float) -> bool:
+        """Keep what page file ``index`` resolved to (:meth:`actors.pages.Resolved.record`) and
+        tell it (``file.resolved``); False when the token is stale."""
+        reply = self._call("resolved", [self.task_key(task_id)], task_id, str(token), now, str(index),
+                           json.dumps(record))  # fmt: skip
+        return int(reply) == 1
+
     def holds(self, task_id: str, token: int) -> bool:
         """Whether ``token`` is still the task's and the task still active (a read only)."""
         state, current = self.client.hmget(self.task_key(task_id), "state", "token")
@@ -564,4 +571,5 @@ def _task_from(
         stored=tuple(json.loads(stored_json or data.get("stored") or "[]")),
         finished=tuple(int(index) for index in data.get("finished", "").split()),
         active=tuple(tuple(entry) for entry in json.loads(data.get("active") or "[]")),
+        resolved={int(index): entry for index, entry in json.loads(data.get("resolved") or "{}").items()},
     )

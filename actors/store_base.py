@@ -82,6 +82,7 @@ class StoreBase:
                 "create",
                 "claim",
                 "connection",
+                "resolved",
                 "advance",
                 "heartbeat",
                 "release",

@@ -10,7 +10,7 @@ import hashlib
 import json
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,15 +48,23 @@ def backoff_seconds(attempt: int, minimum: float, maximum: float, rng: random.Ra
 
 @dataclass(frozen=True)
 class FileSpec:
-    """One file of a task: where it comes from, where it goes inside the task's folder."""
+    """One file of a task: where it comes from, where it goes inside the task's folder.
+
+    ``page``: ``url`` is a page (a share link, a streaming site's page) that the worker resolves
+    to the media's own URL when it downloads (:mod:`actors.pages`), choosing with ``format``
+    (a yt-dlp format selector; HAUL_RESOLVE_FORMAT when None)."""
 
     url: str
     path: str
     size: int | None = None
     sha256: str | None = None
+    page: bool = False
+    format: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"url": self.url, "path": self.path}
+        data: dict[str, Any] = {"page" if self.page else "url": self.url, "path": self.path}
+        if self.format is not None:
+            data["format"] = self.format
         if self.size is not None:
             data["size"] = self.size
         if self.sha256 is not None:
@@ -123,6 +131,9 @@ class Task:
     finished: tuple[int, ...] = ()
     #: While downloading: each file in flight as (index, bytes done, bytes total or 0, connections).
     active: tuple[tuple[int, int, int, int], ...] = ()
+    #: What each page file resolved to in the latest run that resolved it, by index
+    #: (:meth:`actors.pages.Resolved.record`).
+    resolved: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
     def connections(self) -> int:
@@ -202,7 +213,8 @@ class Task:
                 progress = {"state": "downloading", "bytes_done": done, "connections": conns}
             else:
                 progress = {"state": "waiting"}
-            entries.append(f.to_json() | progress | dict(stored.get(f.path, {})))
+            resolved = {"resolved": dict(self.resolved[index])} if index in self.resolved else {}
+            entries.append(f.to_json() | progress | resolved | dict(stored.get(f.path, {})))
         return entries
 
 
@@ -224,9 +236,10 @@ def iso_time(seconds: float) -> str | None:
 
 def request_of(spec: TaskSpec) -> dict[str, Any]:
     """What makes two submissions under one idempotency key "the same request": every file's
-    url, path, size and sha256 (in order), accept (as a set), webhook and name; not the key."""
+    url (or page and format), path, size and sha256 (in order), accept (as a set), webhook and
+    name; not the key."""
     return {
-        "files": [[f.url, f.path, f.size, f.sha256] for f in spec.files],
+        "files": [[f.url, f.path, f.size, f.sha256, *([f.format or ""] if f.page else [])] for f in spec.files],
         "accept": sorted(set(spec.accept)),
         "webhook": spec.webhook,
         "name": spec.name,
@@ -244,9 +257,9 @@ def first_difference(first: TaskSpec, again: TaskSpec) -> str | None:
     if len(first.files) != len(again.files):
         return f"files (the first request has {len(first.files)} file(s), this one {len(again.files)})"
     for index, (a, b) in enumerate(zip(first.files, again.files, strict=True)):
-        for field in ("url", "path", "size", "sha256"):
-            if getattr(a, field) != getattr(b, field):
-                return f"files[{index}].{field}"
+        for name in ("url", "page", "format", "path", "size", "sha256"):
+            if getattr(a, name) != getattr(b, name):
+                return f"files[{index}].{name}"
     if set(first.accept) != set(again.accept):
         return "accept"
     if first.webhook != again.webhook:
@@ -257,4 +270,8 @@ def first_difference(first: TaskSpec, again: TaskSpec) -> str | None:
 
 
 def files_from_json(items: Sequence[Mapping[str, Any]]) -> tuple[FileSpec, ...]:
-    return tuple(FileSpec(url=f["url"], path=f["path"], size=f.get("size"), sha256=f.get("sha256")) for f in items)
+    return tuple(
+        FileSpec(url=f.get("url") or f["page"], path=f["path"], size=f.get("size"), sha256=f.get("sha256"),
+                 page="page" in f, format=f.get("format"))
+        for f in items
+    )  # fmt: skip

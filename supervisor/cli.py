@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="create a task from URLs or a manifest; prints its id last")
     submit.add_argument("urls", nargs="*", metavar="URL")
     submit.add_argument(
+        "--page", action="append", default=[], metavar="URL", help="a page showing the video (a share link, a "
+        "streaming site's page), resolved by a worker with haul[resolve] when it downloads (repeat)",
+    )  # fmt: skip
+    submit.add_argument("--format", help="how to choose among a page's formats (a yt-dlp format selector)")
+    submit.add_argument(
         "--manifest", type=Path, help='JSON file {"name", "key", "webhook", "accept", "files": [...]}; - reads stdin'
     )
     submit.add_argument("--name", default="")
@@ -160,8 +165,8 @@ def read_spec(args: argparse.Namespace) -> TaskSpec:
     if args.replace and not args.key:
         raise InvalidTask("--replace needs --key (or a manifest with a key): it replaces the task a key names")
     if args.manifest is not None:
-        if args.urls:
-            raise InvalidTask("give either URLs or --manifest, not both")
+        if args.urls or args.page or args.format:
+            raise InvalidTask("give either URLs and pages or --manifest, not both")
         source = "from standard input" if str(args.manifest) == "-" else str(args.manifest)
         try:
             text = sys.stdin.read() if str(args.manifest) == "-" else args.manifest.read_text(encoding="utf-8")
@@ -176,9 +181,10 @@ def read_spec(args: argparse.Namespace) -> TaskSpec:
                 if value is not None:
                     data[field] = value
         return spec_from_manifest(data)
-    if not args.urls:
-        raise InvalidTask("nothing to download: give one or more URLs, or --manifest FILE.json")
-    return spec_from_urls(args.urls, name=args.name, key=args.key, webhook=args.webhook, accept=accept)
+    if not args.urls and not args.page:
+        raise InvalidTask("nothing to download: give one or more URLs or --page URLs, or --manifest FILE.json")
+    return spec_from_urls(args.urls, name=args.name, key=args.key, webhook=args.webhook, accept=accept,
+                          pages=args.page, format=args.format)  # fmt: skip
 
 
 def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:

@@ -320,6 +320,45 @@ class _OriginHandler(_Quiet):
             self.connection.shutdown(2)
 
 
+class Site(_Running):
+    """Pages by path (``pages[path] = (status, content type, body)``), redirects by path; every
+    request recorded (path and headers)."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, tuple[int, str, bytes]] = {}
+        self.redirects: dict[str, str] = {}
+        self.requests: list[Request] = []
+        self.lock = threading.Lock()
+        super().__init__(_SiteHandler)
+
+    def page(self, path: str, html: str, status: int = 200) -> str:
+        self.pages[path] = (status, "text/html; charset=utf-8", html.encode())
+        return self.url(path)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+class _SiteHandler(_Quiet):
+    def do_GET(self) -> None:
+        site: Site = self.server.owner  # type: ignore[attr-defined]
+        path = self.path.split("?", 1)[0]
+        with site.lock:
+            site.requests.append(Request(path, dict(self.headers.items())))
+        if path in site.redirects:
+            self.send_response(302)
+            self.send_header("Location", site.redirects[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        status, content_type, body = site.pages.get(path, (404, "text/html", b"<html>not found</html>"))
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
 @dataclass
 class Delivery:
     headers: dict[str, str]

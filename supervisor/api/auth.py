@@ -21,7 +21,9 @@ WATCH_PREFIX = "w1"
 #: What a watch token's holder (a customer's browser) is not shown: where haul fetches from
 #: and reports to (signed URLs, the backend's webhook), which worker runs the task, and the
 #: error texts, which name them (the machine-readable ``error_code`` stays).
-HIDDEN_FROM_WATCHERS = frozenset({"webhook", "worker", "lease_until", "error", "error_file"})
+HIDDEN_FROM_WATCHERS = frozenset({"webhook", "worker", "lease_until", "error", "error_file", "host"})
+#: Of each file in a status: its source (a URL or page) and the host its page resolved to.
+HIDDEN_FILE_FIELDS = frozenset({"url", "page"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="haul"'}
 
 
@@ -41,7 +43,14 @@ def watcher_view(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` (a task's status or an event) without what a watcher is not shown."""
     shown = {k: v for k, v in data.items() if k not in HIDDEN_FROM_WATCHERS}
     if isinstance(shown.get("files"), list):
-        shown["files"] = [{k: v for k, v in f.items() if k != "url"} for f in shown["files"]]
+        shown["files"] = [_watcher_file(f) for f in shown["files"]]
+    return shown
+
+
+def _watcher_file(entry: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: v for k, v in entry.items() if k not in HIDDEN_FILE_FIELDS}
+    if isinstance(shown.get("resolved"), dict):
+        shown["resolved"] = {k: v for k, v in shown["resolved"].items() if k != "host"}
     return shown
 
 

@@ -38,7 +38,8 @@ _LAST_EVENT = {"name": "Last-Event-ID", "in": "header", "required": False, "sche
 _AUTH = {"401": _problem("no valid token"), "403": _problem("the token may not do this")}
 _EVENTS = {
     "description": "Server-Sent Events (task.queued, task.retried, task.claimed, task.started, task.progress, "
-    "file.completed, task.finalizing, task.completed, task.failed, task.canceled; reset when events were lost)",
+    "file.resolved, file.completed, task.finalizing, task.completed, task.failed, task.canceled; reset when "
+    "events were lost)",
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 
@@ -55,9 +56,15 @@ _SCHEMAS: dict[str, Any] = {
     },
     "File": {
         "type": "object",
-        "required": ["url", "path"],
-        "properties": {"url": {"type": "string"}, "path": {"type": "string"}, "size": {"type": "integer"},
-                       "sha256": {"type": "string"}},
+        "description": "a file by its own url, or by a page showing it (resolved by a worker with haul[resolve])",
+        "required": ["path"],
+        "properties": {"url": {"type": "string"}, "page": {"type": "string"}, "path": {"type": "string"},
+                       "size": {"type": "integer"}, "sha256": {"type": "string"},
+                       "format": {"type": "string", "description": "a yt-dlp format selector, for a page"},
+                       "resolved": {"type": "object", "description": "what its page resolved to, in status",
+                                    "properties": {"extractor": {"type": "string"}, "format_id": {"type": "string"},
+                                                   "title": {"type": "string"}, "duration": {"type": "number"},
+                                                   "host": {"type": "string"}}}},
     },
     "Manifest": {
         "type": "object",

@@ -1,0 +1,82 @@
+"""Page files: a share link or a streaming site's page, resolved to the media's own URL.
+
+The systems haul replaces rarely start from a file's URL: a share page, a course page, a
+resolver API. yt-dlp knows those sites (and pages that carry a ``<video>`` or Open Graph
+tags), so a file may be given as ``{"page": URL, "format"?}`` and the worker resolves it when
+it downloads the file, under the task's lease. Never at submit: signed media URLs expire in
+minutes to hours, so each attempt resolves afresh, and a retry after an expired URL simply
+gets a new one.
+
+yt-dlp is the optional extra ``haul[resolve]``: this module only tells whether it is there;
+:mod:`actors.ytdlp` (imported here only when a page is resolved) holds what needs it.
+Workers say in the registry whether they have it, and a page file is refused at submit when
+none does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import unicodedata
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from actors.errors import ResolverMissing
+
+if TYPE_CHECKING:
+    from actors.netguard import DestinationPolicy
+    from actors.task import FileSpec
+
+#: The extra a worker needs to resolve pages (``pip install 'haul[resolve]'``), as the
+#: registry lists it.
+RESOLVE_EXTRA = "resolve"
+#: Longest title kept from a page (it is shown in status and events).
+MAX_TITLE_CHARS = 300
+
+
+def resolver_installed() -> bool:
+    """Whether this process can resolve pages (yt-dlp importable; not imported here)."""
+    return importlib.util.find_spec("yt_dlp") is not None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a page resolved to: the media's URL and the headers to ask for it with (secret:
+    a signed URL is a credential while it lasts), and what was chosen (recorded on the task)."""
+
+    url: str
+    headers: dict[str, str]
+    extractor: str
+    format_id: str
+    title: str
+    duration: float | None
+
+    def record(self) -> dict[str, Any]:
+        """What the task keeps of it: never the media URL, only its host."""
+        return {
+            "extractor": self.extractor,
+            "format_id": self.format_id,
+            "title": self.title,
+            "duration": self.duration,
+            "host": urlsplit(self.url).hostname or "",
+        }
+
+
+def plain_title(value: object) -> str:
+    """A page's title as text that is safe to show: controls and invisible formatting removed, bounded."""
+    text = value if isinstance(value, str) else ""
+    kept = "".join(ch for ch in text if unicodedata.category(ch) not in {"Cc", "Cf", "Cs", "Zl", "Zp"})
+    return kept.strip()[:MAX_TITLE_CHARS]
+
+
+def resolve(spec: FileSpec, default_format: str, policy: DestinationPolicy, *, where: str, timeout: float) -> Resolved:
+    """Resolve page file ``spec`` with its format (``default_format`` when it gives none),
+    every request through ``policy``. Raises haul errors only."""
+    if not resolver_installed():
+        raise ResolverMissing(
+            f"{where}: this worker cannot resolve pages; install the extra on it (pip install 'haul[resolve]') "
+            "and restart it (the task is retried, perhaps by a worker that has it)"
+        )
+    from actors import ytdlp
+
+    return ytdlp.resolve(spec.url, spec.format or default_format, policy, where=where, timeout=timeout)

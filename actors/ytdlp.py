@@ -1,0 +1,184 @@
+"""yt-dlp behind haul's destination policy: imported only where a page is resolved (the
+``resolve`` extra is optional; see :mod:`actors.pages`).
+
+yt-dlp's own networking would reach any address a page names (a link-local metadata service,
+the worker's own Redis). Its requests go through :class:`PolicyRH` instead, the only request
+handler the resolver's YoutubeDL has: yt-dlp's requests handler on haul's guarded adapters
+(each connection's address judged and pinned as it is made, :mod:`actors.connections`), with
+every URL and every redirect's target checked by the policy before it is asked for.
+
+yt-dlp's failures become haul's errors: a page that answers 404 or 410 fails the task
+(:class:`OriginRejected`), as does a page without media or with media removed or private
+(:class:`PageUnresolvable`, with the extractor's reason); a 429, a 5xx or a network failure is
+retried (:class:`OriginUnavailable`); a destination the policy refuses stays that refusal.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+from urllib.parse import urljoin
+
+import requests
+from yt_dlp import YoutubeDL
+from yt_dlp.networking._requests import RequestsRH
+from yt_dlp.networking.common import RequestDirector
+from yt_dlp.networking.exceptions import HTTPError, TransportError
+from yt_dlp.utils import DownloadError, ExtractorError, UnsupportedError, YoutubeDLError
+
+from actors.errors import HaulError, OriginRejected, OriginUnavailable, PageUnresolvable
+from actors.netguard import DestinationPolicy
+from actors.pages import Resolved, plain_title
+from actors.redact import display_url
+
+log = logging.getLogger(__name__)
+
+#: What haul downloads itself: one file over HTTP (HLS and DASH are fragments, joined by ffmpeg).
+PROGRESSIVE = frozenset({"http", "https"})
+#: Statuses of a page that no retry can change.
+GONE = frozenset({401, 403, 404, 410, 451})
+
+
+class PolicyRH(RequestsRH):  # type: ignore[misc]
+    """yt-dlp's requests handler on haul's guarded session, every URL and redirect checked."""
+
+    RH_NAME = "haul"
+
+    def __init__(self, *, policy: DestinationPolicy, where: str, **kwargs: Any) -> None:
+        self.policy, self.where = policy, where
+        super().__init__(**kwargs)
+
+    def _create_instance(self, cookiejar: Any, legacy_ssl_support: Any = None) -> requests.Session:
+        session: requests.Session = super()._create_instance(cookiejar, legacy_ssl_support)
+        guarded = self.policy.session()
+        session.adapters.clear()
+        for prefix, adapter in guarded.adapters.items():
+            session.mount(prefix, adapter)
+        session.hooks["response"].append(self._redirect_checked)
+        return session
+
+    def _redirect_checked(self, response: requests.Response, **kwargs: Any) -> None:
+        """Before requests follows a redirect: its target passes the policy (by name too)."""
+        if response.is_redirect:
+            self.policy.check(urljoin(response.url, response.headers["Location"]), purpose=self.where)
+
+    def _send(self, request: Any) -> Any:
+        self.policy.check(request.url, purpose=self.where)
+        return super()._send(request)
+
+
+class _PolicyYoutubeDL(YoutubeDL):  # type: ignore[misc]
+    """A YoutubeDL whose only way out is :class:`PolicyRH`."""
+
+    def __init__(self, params: dict[str, Any], policy: DestinationPolicy, where: str) -> None:
+        self._haul_handler = functools.partial(PolicyRH, policy=policy, where=where)
+        super().__init__(params)
+
+    @functools.cached_property
+    def _request_director(self) -> RequestDirector:
+        return self.build_request_director([self._haul_handler])
+
+
+class _Log:
+    """yt-dlp's messages into haul's log (it would print them); errors are raised anyway."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def debug(self, message: str) -> None:
+        log.debug("%s: yt-dlp: %s", self.where, message)
+
+    def info(self, message: str) -> None:
+        log.debug("%s: yt-dlp: %s", self.where, message)
+
+    def warning(self, message: str) -> None:
+        log.info("%s: yt-dlp: %s", self.where, message)
+
+    def error(self, message: str) -> None:
+        log.debug("%s: yt-dlp: %s", self.where, message)
+
+
+def resolve(page: str, selector: str, policy: DestinationPolicy, *, where: str, timeout: float) -> Resolved:
+    """The media ``page`` shows, in the format ``selector`` chooses."""
+    params = {
+        "format": selector, "noplaylist": True, "quiet": True, "no_warnings": True, "noprogress": True,
+        "logger": _Log(where), "socket_timeout": timeout, "cachedir": False, "extractor_retries": 0,
+    }  # fmt: skip
+    with _PolicyYoutubeDL(params, policy, where) as ydl:
+        try:
+            info = ydl.extract_info(page, download=False)
+        except YoutubeDLError as exc:  # reported (DownloadError), or raised through it (a handler's)
+            cause = exc.exc_info[1] if isinstance(exc, DownloadError) and exc.exc_info else exc
+            raise _haul_error(cause, page, where) from exc
+    return _chosen(info, where)
+
+
+def _haul_error(cause: BaseException | None, page: str, where: str) -> HaulError:
+    """The haul error a failed extraction of ``page`` is (see the module docstring)."""
+    refused = _haul_error_in(cause)
+    if refused is not None:
+        return refused
+    shown = display_url(page)
+    if isinstance(cause, UnsupportedError):
+        return PageUnresolvable(
+            f"{where}: found no video on {shown} (no site extractor knows it, and it carries no <video> or "
+            "Open Graph video); check that the page shows the video without signing in, or give the file's own url"
+        )
+    inner = cause.cause if isinstance(cause, ExtractorError) else cause
+    if isinstance(inner, HTTPError):
+        if inner.status in GONE:
+            return OriginRejected(
+                f"{where}: the page {shown} answered {inner.status}; check the link (removed, or not public)",
+                inner.status,
+            )
+        return OriginUnavailable(f"{where}: the page {shown} answered {inner.status}; will retry",
+                                 code="resolve_unavailable")  # fmt: skip
+    if isinstance(inner, TransportError):
+        return OriginUnavailable(f"{where}: could not reach {shown} ({inner}); will retry", code="resolve_unavailable")
+    if isinstance(cause, ExtractorError) and cause.expected:  # the extractor's verdict: removed, private...
+        return PageUnresolvable(f"{where}: {shown}: {cause.orig_msg}")
+    return OriginUnavailable(f"{where}: resolving {shown} failed ({cause}); will retry", code="resolve_failed")
+
+
+def _haul_error_in(error: BaseException | None) -> HaulError | None:
+    """A haul error (the policy's refusal) raised inside yt-dlp: its director reports one that
+    a handler raised as an "unexpected error", and extractors wrap what they catch."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, HaulError):
+            return current
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+        pending += list(getattr(current, "unexpected_errors", None) or [])
+    return None
+
+
+def _chosen(info: dict[str, Any], where: str) -> Resolved:
+    """The one file haul downloads from what yt-dlp found."""
+    if info.get("_type") in {"playlist", "multi_video"}:
+        count = len(list(info.get("entries") or []))
+        raise PageUnresolvable(f"{where}: the page holds {count} videos; give each as a file of its own")
+    format_id = str(info.get("format_id") or "")
+    if info.get("requested_formats"):
+        raise PageUnresolvable(
+            f"{where}: format {format_id} is separate video and audio that would need joining, which haul "
+            "does not do yet; choose a single file with the task's format, e.g. 'b'"
+        )
+    protocol = str(info.get("protocol") or "")
+    if protocol not in PROGRESSIVE:
+        raise PageUnresolvable(
+            f"{where}: format {format_id} is streamed ({protocol}), which haul does not download yet; "
+            "choose a progressive one with the task's format, e.g. 'b[protocol^=http]'"
+        )
+    headers = {str(k): str(v) for k, v in (info.get("http_headers") or {}).items()}
+    duration = info.get("duration")
+    return Resolved(
+        url=str(info["url"]), headers=headers, extractor=str(info.get("extractor_key") or info.get("extractor") or ""),
+        format_id=format_id, title=plain_title(info.get("title")),
+        duration=float(duration) if isinstance(duration, int | float) else None,
+    )  # fmt: skip

@@ -1,0 +1,153 @@
+"""Page files (issue 17): a page resolved by yt-dlp when its file downloads, every request
+through haul's destination policy, the choice recorded on the task, failures explained. A real
+site and a real origin on 127.0.0.1, an in-process worker on the real broker, no internet."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from actors.client import Client
+from actors.errors import InvalidTask
+from actors.events import EventLog
+from actors.manifest import spec_from_manifest, spec_from_urls
+from actors.settings import Settings
+from actors.states import State
+from actors.store import TaskStore
+from actors.task import files_from_json, first_difference, request_hash
+from tests.conftest import in_process_worker, wait_for
+from tests.servers import Origin, Site
+
+KIB = 1024
+
+
+def lesson_page(media_url: str, title: str = "Lesson 1: Intro") -> str:
+    """A course page as a site serves it: a <video>, and Open Graph tags naming the same file."""
+    return f"""<!doctype html><html><head><title>{title}</title>
+<meta property="og:title" content="{title}">
+<meta property="og:video" content="{media_url}">
+<meta property="og:video:type" content="video/mp4">
+</head><body><h1>{title}</h1><video src="{media_url}" controls></video></body></html>"""
+
+
+@pytest.fixture
+def site() -> Iterator[Site]:
+    server = Site()
+    yield server
+    server.close()
+
+
+def submit_page(client: Client, page: str, **extra: str) -> str:
+    return client.submit([{"page": page, "path": "lesson-1.mp4", **extra}])
+
+
+def test_a_page_with_a_video_resolves_and_its_file_downloads(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin
+) -> None:
+    data = os.urandom(300 * KIB)
+    media = origin.put("/media/lesson-1.mp4", data)
+    page = site.page("/course/lesson-1", lesson_page(media))
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, submit_page(client, page))
+    assert task.state is State.DONE and task.attempts == 1
+    assert (settings.storage_dir / task.id / "lesson-1.mp4").read_bytes() == data
+    [entry] = task.as_status()["files"]
+    assert entry["page"] == page and "url" not in entry  # the page as given; never the media's URL
+    assert entry["resolved"]["extractor"] and entry["resolved"]["host"] == "127.0.0.1"
+    assert entry["resolved"]["title"].startswith("Lesson 1: Intro")
+    # The media was asked for as yt-dlp would: with the page as Referer
+    [asked] = origin.requests_for("/media/lesson-1.mp4")
+    assert asked.headers.get("Referer") == page
+    resolved = [e.data for e in EventLog(store.client, store.prefix).of_task(task.id) if e.type == "file.resolved"]
+    assert len(resolved) == 1 and resolved[0]["index"] == 0 and resolved[0]["host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("status", [404, 410])
+def test_a_page_that_is_gone_fails_at_once_naming_it(
+    settings: Settings, store: TaskStore, client: Client, site: Site, status: int
+) -> None:
+    page = site.page("/course/removed", "<html><body>gone</body></html>", status=status)
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, submit_page(client, page))
+    assert task.state is State.FAILED and task.attempts == 1
+    assert task.error_code == f"origin_{status}" and task.error_file == "lesson-1.mp4"
+    assert f"the page {page} answered {status}" in task.error
+
+
+def test_a_page_without_media_fails_with_the_reason(
+    settings: Settings, store: TaskStore, client: Client, site: Site
+) -> None:
+    page = site.page("/blog/post", "<html><head><title>Post</title></head><body>Only text.</body></html>")
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, submit_page(client, page))
+    assert task.state is State.FAILED and task.attempts == 1
+    assert task.error_code == "page_unresolvable" and "found no video on" in task.error
+
+
+def test_a_media_url_the_policy_refuses_is_refused_before_any_connection(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin
+) -> None:
+    """Private networks off, only the site's own port allowed: the page resolves, but the
+    loopback port its video points at is never connected to."""
+    media = origin.put("/media/lesson-1.mp4", os.urandom(KIB))
+    page = site.page("/course/lesson-1", lesson_page(media))
+    strict = settings.replace(allow_private_networks=False, allow_hosts=frozenset({f"127.0.0.1:{site.port}"}))
+    with in_process_worker(strict, store, threads=1):
+        task = wait_for(store, submit_page(client, page))
+    assert task.state is State.FAILED and task.error_code == "forbidden_destination"
+    assert "not a public address" in task.error and origin.requests == []
+
+
+def test_a_page_redirecting_to_the_metadata_address_is_refused_before_it_is_asked(
+    settings: Settings, store: TaskStore, client: Client, site: Site
+) -> None:
+    page = site.url("/share/abc")
+    site.redirects["/share/abc"] = "http://169.254.169.254/latest/meta-data/"
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, submit_page(client, page))
+    assert task.state is State.FAILED and task.error_code == "forbidden_destination"
+    assert "169.254.169.254" in task.error and "cloud metadata" in task.error
+
+
+def test_a_page_file_is_refused_at_submit_when_no_worker_can_resolve_pages(
+    client: Client, store: TaskStore, site: Site
+) -> None:
+    with pytest.raises(InvalidTask, match=r"no running worker can resolve pages; install the extra.*haul\[resolve\]"):
+        submit_page(client, site.url("/course/lesson-1"))
+    assert store.client.keys(f"{store.prefix}task:*") == []  # nothing stored
+
+
+def test_a_page_file_is_a_manifest_entry_of_its_own() -> None:
+    spec = spec_from_manifest({"files": [
+        {"page": "https://example.com/watch/1", "path": "a.mp4", "format": "b[height<=720]"},
+        {"url": "https://cdn.example.com/b.mp4", "path": "b.mp4"},
+    ]})  # fmt: skip
+    page, plain = spec.files
+    assert page.page and page.format == "b[height<=720]" and not plain.page
+    assert files_from_json([f.to_json() for f in spec.files]) == spec.files  # stored and read back alike
+    other = spec_from_manifest({"files": [
+        {"page": "https://example.com/watch/1", "path": "a.mp4", "format": "b"},
+        {"url": "https://cdn.example.com/b.mp4", "path": "b.mp4"},
+    ]})  # fmt: skip
+    assert request_hash(other) != request_hash(spec) and first_difference(spec, other) == "files[0].format"
+    pages = spec_from_urls([], pages=["https://example.com/watch/lesson-2"], format="b")
+    assert pages.files[0].page and pages.files[0].path == "lesson-2" and pages.files[0].format == "b"
+
+
+@pytest.mark.parametrize(
+    ("entry", "said"),
+    [
+        ({"url": "https://a.example/x.mp4", "page": "https://a.example/x", "path": "x.mp4"}, "either url"),
+        ({"path": "x.mp4"}, "either url"),
+        ({"url": "https://a.example/x.mp4", "path": "x.mp4", "format": "b"}, "only a page has formats"),
+        ({"page": "https://a.example/x", "path": "x.mp4", "format": ""}, "format selector of 1 to 200"),
+        ({"page": "https://a.example/x", "path": "x.mp4", "format": "b\u202e"}, "invisible formatting"),
+        ({"page": "file:///etc/passwd", "path": "x.mp4"}, "is not an http"),
+    ],
+)
+def test_a_bad_page_entry_is_refused_at_submit_naming_the_field(entry: dict[str, str], said: str) -> None:
+    with pytest.raises(InvalidTask, match="manifest.files\\[0\\]") as refused:
+        spec_from_manifest({"files": [entry]})
+    assert said in str(refused.value)
