@@ -70,6 +70,9 @@ DEFAULT_MIN_SPLIT_BYTES = 20 * 1024 * 1024
 DEFAULT_RESOLVE_FORMAT = "b/bv*+ba"
 #: Longest a page's resolution may take, all its requests together (HAUL_RESOLVE_TIMEOUT_SECONDS).
 DEFAULT_RESOLVE_TIMEOUT_SECONDS = 120.0
+#: Times one attempt resolves a page again when its media URL is refused as expired (403/410)
+#: before the file fails (HAUL_RESOLVE_RETRIES).
+DEFAULT_RESOLVE_RETRIES = 2
 #: Longest pause, in ms, between two polls of an idle queue: Dramatiq's Redis broker polls (it
 #: has no blocking fetch), and its default of 1000 ms makes an idle worker pick a task up after
 #: up to a second. 80 ms costs an idle process a few dozen Redis commands a second.
@@ -129,6 +132,7 @@ class Settings:
     #: HAUL_RESOLVE_FORMAT / HAUL_RESOLVE_TIMEOUT_SECONDS: page files (actors/pages.py).
     resolve_format: str = DEFAULT_RESOLVE_FORMAT
     resolve_timeout_seconds: float = DEFAULT_RESOLVE_TIMEOUT_SECONDS
+    resolve_retries: int = DEFAULT_RESOLVE_RETRIES
     sweep_seconds: float = DEFAULT_SWEEP_SECONDS
     orphan_seconds: float = DEFAULT_ORPHAN_SECONDS
     supervisor_host: str = "127.0.0.1"
@@ -238,6 +242,9 @@ class Settings:
             resolve_format=(env.get("HAUL_RESOLVE_FORMAT") or "").strip() or DEFAULT_RESOLVE_FORMAT,
             resolve_timeout_seconds=envvars.number(
                 env, "HAUL_RESOLVE_TIMEOUT_SECONDS", DEFAULT_RESOLVE_TIMEOUT_SECONDS, minimum=1
+            ),
+            resolve_retries=int(
+                envvars.number(env, "HAUL_RESOLVE_RETRIES", DEFAULT_RESOLVE_RETRIES, minimum=0, integer=True)
             ),
             sweep_seconds=envvars.number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
             orphan_seconds=envvars.number(env, "HAUL_ORPHAN_SECONDS", DEFAULT_ORPHAN_SECONDS, minimum=1),

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from actors.ending import end_run
-from actors.errors import HaulError, LeaseLost, NoWebhookSecret, TooLarge
+from actors.errors import HaulError, LeaseLost, NoWebhookSecret, OriginRejected, TooLarge
 from actors.finalize import finish_task
 from actors.httprules import FetchRules
 from actors.lanes import FileLanes
@@ -173,22 +174,29 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
         spec = task.spec.files[index]
         lane.step(DISK_STEP_SECONDS, f"preparing {spec.path!r}")  # a resumed .part's validator, DNS
         with _naming(spec), progress.file(index, lane) as file:
-            media, headers = _media(rt, task, lease.token, index, lane)
             part = sandbox.claim_part(index, lease.token)
-            size = rt.fetcher.fetch(
-                media,
-                part,
-                task_id=task_id,
-                on_progress=file.on_progress,
-                on_total=file.on_total,
-                guard=file.guard,
-                rules=_rules(rt, task, progress.bytes_done),
-                step=file.step,
-                on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
-                on_received=file.on_received,
-                split=lanes.split_plan(index, file, lane),
-                headers=headers,
-            )
+            for resolutions in itertools.count(1):
+                media, headers = _media(rt, task, lease.token, index, lane)
+                try:
+                    size = rt.fetcher.fetch(
+                        media,
+                        part,
+                        task_id=task_id,
+                        on_progress=file.on_progress,
+                        on_total=file.on_total,
+                        guard=file.guard,
+                        rules=_rules(rt, task, progress.bytes_done),
+                        step=file.step,
+                        on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
+                        on_received=file.on_received,
+                        split=lanes.split_plan(index, file, lane),
+                        headers=headers,
+                    )
+                    break
+                except OriginRejected as exc:  # a signed media URL that expired: the page gives a new one
+                    if not (spec.page and exc.status in EXPIRED_STATUSES and resolutions <= s.resolve_retries):
+                        raise
+                    log.info("task %s: %s: %s; resolving its page again", task_id, spec.path, exc)
             lane.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
             sandbox.promote(part, spec)
         log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
@@ -196,6 +204,10 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
 
     lanes.run(pending, fetch)
     return progress
+
+
+#: What a resolved media URL answers once its signature expired.
+EXPIRED_STATUSES = frozenset({401, 403, 410})
 
 
 def _media(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -> tuple[FileSpec, dict[str, str]]:

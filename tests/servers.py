@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from standardwebhooks import Webhook
 
@@ -75,6 +76,15 @@ class _Running:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def signed_until(url: str) -> float:
+    """When a signed URL's ``expires`` says it stops working (0 when it says nothing)."""
+    values = parse_qs(urlsplit(url).query).get("expires", ["0"])
+    try:
+        return float(values[0])
+    except ValueError:
+        return 0.0
 
 
 def etag_of(data: bytes) -> str:
@@ -135,6 +145,11 @@ class Origin(_Running):
         self.shared_rate = False
         #: Whether Range requests are honoured (``Accept-Ranges: bytes``).
         self.ranges = True
+        #: Paths served only to a URL signed until later (``?expires=<epoch seconds>``), as a
+        #: CDN's signed URLs: 403 once that time passed.
+        self.expiring: set[str] = set()
+        #: Requests answered 403 as expired.
+        self.expired = 0
         #: Bodies being sent right now, and the most at any one time.
         self.active = 0
         self.max_active = 0
@@ -203,7 +218,11 @@ class _OriginHandler(_Quiet):
                 fault = origin.random_fault(len(data))
         if fault is not None and fault.kind == "slow_headers":
             time.sleep(fault.seconds)  # nothing sent yet: the client waits for the status line
-        if path in origin.redirects:
+        if path in origin.expiring and signed_until(self.path) < time.time():
+            with origin.lock:
+                origin.expired += 1
+            self._status(403)
+        elif path in origin.redirects:
             self.send_response(302)
             self.send_header("Location", origin.redirects[path])
             self.send_header("Content-Length", "0")
@@ -321,11 +340,13 @@ class _OriginHandler(_Quiet):
 
 
 class Site(_Running):
-    """Pages by path (``pages[path] = (status, content type, body)``), redirects by path; every
-    request recorded (path and headers)."""
+    """Pages by path (``pages[path] = (status, content type, body)``; ``dynamic[path]()`` makes
+    a page's HTML afresh for each request), redirects by path; every request recorded (path and
+    headers)."""
 
     def __init__(self) -> None:
         self.pages: dict[str, tuple[int, str, bytes]] = {}
+        self.dynamic: dict[str, Callable[[], str]] = {}
         self.redirects: dict[str, str] = {}
         self.requests: list[Request] = []
         self.lock = threading.Lock()
@@ -351,6 +372,8 @@ class _SiteHandler(_Quiet):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if path in site.dynamic:
+            site.pages[path] = (200, "text/html; charset=utf-8", site.dynamic[path]().encode())
         status, content_type, body = site.pages.get(path, (404, "text/html", b"<html>not found</html>"))
         self.send_response(status)
         self.send_header("Content-Type", content_type)

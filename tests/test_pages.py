@@ -4,7 +4,9 @@ site and a real origin on 127.0.0.1, an in-process worker on the real broker, no
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +20,7 @@ from actors.states import State
 from actors.store import TaskStore
 from actors.task import files_from_json, first_difference, request_hash
 from tests.conftest import in_process_worker, wait_for
-from tests.servers import Origin, Site
+from tests.servers import Fault, Origin, Site
 
 KIB = 1024
 
@@ -62,6 +64,51 @@ def test_a_page_with_a_video_resolves_and_its_file_downloads(
     assert asked.headers.get("Referer") == page
     resolved = [e.data for e in EventLog(store.client, store.prefix).of_task(task.id) if e.type == "file.resolved"]
     assert len(resolved) == 1 and resolved[0]["index"] == 0 and resolved[0]["host"] == "127.0.0.1"
+
+
+def test_a_media_url_dead_on_arrival_is_resolved_again_within_the_attempt(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin
+) -> None:
+    """The first resolution hands out a signed URL that has already expired: the origin
+    answers 403, and the worker goes back to the page instead of failing the file."""
+    data = os.urandom(200 * KIB)
+    media = origin.put("/media/lesson-1.mp4", data)
+    origin.expiring.add("/media/lesson-1.mp4")
+    renders = itertools.count()
+    page = site.url("/course/lesson-1")
+    site.dynamic["/course/lesson-1"] = lambda: lesson_page(
+        f"{media}?expires={time.time() + (-10 if next(renders) == 0 else 60):.3f}"
+    )
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, submit_page(client, page))
+    assert task.state is State.DONE and task.attempts == 1
+    assert (settings.storage_dir / task.id / "lesson-1.mp4").read_bytes() == data
+    assert origin.expired == 1 and len(site.requests) == 2
+    events = EventLog(store.client, store.prefix).of_task(task.id)
+    assert [e.type for e in events].count("file.resolved") == 2
+
+
+def test_a_retry_resolves_the_page_afresh_and_resumes_the_file(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin
+) -> None:
+    """Each resolution's URL works for 1.5 s; the first attempt is cut after 2 s, when its URL
+    is dead. The retry never asks with it: it resolves the page again and goes on from the
+    bytes the first attempt kept."""
+    data = os.urandom(600 * KIB)
+    media = origin.put("/media/lesson-1.mp4", data)
+    origin.expiring.add("/media/lesson-1.mp4")
+    origin.rate = 200 * KIB  # 3 s for the file
+    origin.fault("/media/lesson-1.mp4", Fault("drop", after=400 * KIB))
+    page = site.url("/course/lesson-1")
+    site.dynamic["/course/lesson-1"] = lambda: lesson_page(f"{media}?expires={time.time() + 1.5:.3f}")
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, submit_page(client, page))
+    assert task.state is State.DONE and task.attempts == 2
+    assert (settings.storage_dir / task.id / "lesson-1.mp4").read_bytes() == data
+    assert origin.expired == 0 and len(site.requests) == 2
+    first, second = origin.requests_for("/media/lesson-1.mp4")
+    assert second.headers.get("Range") == f"bytes={400 * KIB}-" and second.headers.get("If-Range")
+    assert origin.served["/media/lesson-1.mp4"] <= len(data) * 1.05
 
 
 @pytest.mark.parametrize("status", [404, 410])
