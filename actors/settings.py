@@ -73,6 +73,9 @@ DEFAULT_RESOLVE_TIMEOUT_SECONDS = 120.0
 #: Times one attempt resolves a page again when its media URL is refused as expired (403/410)
 #: before the file fails (HAUL_RESOLVE_RETRIES).
 DEFAULT_RESOLVE_RETRIES = 2
+#: Least time between two page resolutions on one host, across all workers
+#: (HAUL_HOST_MIN_INTERVAL_SECONDS): a batch of links must not get the workers' address banned.
+DEFAULT_HOST_MIN_INTERVAL_SECONDS = 1.0
 #: Longest pause, in ms, between two polls of an idle queue: Dramatiq's Redis broker polls (it
 #: has no blocking fetch), and its default of 1000 ms makes an idle worker pick a task up after
 #: up to a second. 80 ms costs an idle process a few dozen Redis commands a second.
@@ -133,6 +136,7 @@ class Settings:
     resolve_format: str = DEFAULT_RESOLVE_FORMAT
     resolve_timeout_seconds: float = DEFAULT_RESOLVE_TIMEOUT_SECONDS
     resolve_retries: int = DEFAULT_RESOLVE_RETRIES
+    host_min_interval_seconds: float = DEFAULT_HOST_MIN_INTERVAL_SECONDS
     sweep_seconds: float = DEFAULT_SWEEP_SECONDS
     orphan_seconds: float = DEFAULT_ORPHAN_SECONDS
     supervisor_host: str = "127.0.0.1"
@@ -245,6 +249,9 @@ class Settings:
             ),
             resolve_retries=int(
                 envvars.number(env, "HAUL_RESOLVE_RETRIES", DEFAULT_RESOLVE_RETRIES, minimum=0, integer=True)
+            ),
+            host_min_interval_seconds=envvars.number(
+                env, "HAUL_HOST_MIN_INTERVAL_SECONDS", DEFAULT_HOST_MIN_INTERVAL_SECONDS, minimum=0
             ),
             sweep_seconds=envvars.number(env, "HAUL_SWEEP_SECONDS", DEFAULT_SWEEP_SECONDS, minimum=0.1),
             orphan_seconds=envvars.number(env, "HAUL_ORPHAN_SECONDS", DEFAULT_ORPHAN_SECONDS, minimum=1),

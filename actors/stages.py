@@ -16,9 +16,10 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 from actors.ending import end_run
-from actors.errors import HaulError, LeaseLost, NoWebhookSecret, OriginRejected, TooLarge
+from actors.errors import HaulError, LeaseLost, NoWebhookSecret, OriginRejected, Stopping, TooLarge
 from actors.finalize import finish_task
 from actors.httprules import FetchRules
 from actors.lanes import FileLanes
@@ -217,14 +218,29 @@ def _media(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -> tuple
     if not spec.page:
         return spec, {}
     s = rt.settings
-    lane.step(s.resolve_timeout_seconds, f"resolving the page of {spec.path!r}")
     where = f"task {task.id}, file {spec.path!r} from the page {display_url(spec.url)}"
+    _wait_turn(rt, task, spec, lane)
+    lane.step(s.resolve_timeout_seconds, f"resolving the page of {spec.path!r}")
     found = resolve(spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds)
     if not rt.store.record_resolved(task.id, token, index, found.record(), now=rt.clock()):
         raise LeaseLost(f"task {task.id}: lease lost while resolving the page of {spec.path!r}")
     log.info("task %s: %s resolved by %s to format %s on %s", task.id, spec.path, found.extractor, found.format_id,
              found.record()["host"])  # fmt: skip
     return dataclasses.replace(spec, url=found.url, page=False, format=None), found.headers
+
+
+def _wait_turn(rt: Runtime, task: Task, spec: FileSpec, lane: Lane) -> None:
+    """Wait for this page's turn at its host (HAUL_HOST_MIN_INTERVAL_SECONDS, across workers)."""
+    interval = rt.settings.host_min_interval_seconds
+    if not interval:
+        return
+    host = urlsplit(spec.url).hostname or ""
+    lane.step(rt.settings.connect_timeout_seconds, f"taking a turn to ask {host} for a page")
+    wait = rt.store.page_turn(host, interval, now=rt.clock())
+    if wait > 0:
+        lane.step(wait + 1, f"waiting its turn to ask {host} for a page (HAUL_HOST_MIN_INTERVAL_SECONDS)")
+        if rt.stopper.wait(wait):
+            raise Stopping(f"task {task.id}: the worker is stopping; handing the task back")
 
 
 @contextmanager

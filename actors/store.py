@@ -348,6 +348,11 @@ class TaskStore(SweepStore):
                            json.dumps(record))  # fmt: skip
         return int(reply) == 1
 
+    def page_turn(self, host: str, interval: float, *, now: float) -> float:
+        """Reserve the next turn to ask ``host`` for a page, ``interval`` seconds after the
+        last one reserved by any worker; the seconds to wait for it."""
+        return float(self._call("pace", [f"{self.prefix}pace:{host}"], now, float(interval)))
+
     def holds(self, task_id: str, token: int) -> bool:
         """Whether ``token`` is still the task's and the task still active (a read only)."""
         state, current = self.client.hmget(self.task_key(task_id), "state", "token")

@@ -15,6 +15,8 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:slots:host:<h>  the same per origin host; a task's run that downloads several files from
                          one host at once holds one member more per connection ('<id>#<n>')
     haul:slotkeys        set: the slot sets that exist (read by /metrics instead of a scan)
+    haul:pace:<host>     string with TTL: when the next page of that host may be asked for
+                         (HAUL_HOST_MIN_INTERVAL_SECONDS)
     haul:staged          hash: bytes each sandbox holds (and haul:staged:total, their sum)
     haul:resting         sorted set: finalizing tasks between runs, by when their message is due
     haul:parked          sorted set: of those, the ones parked while storage or receiver is down
@@ -83,6 +85,7 @@ class StoreBase:
                 "claim",
                 "connection",
                 "resolved",
+                "pace",
                 "advance",
                 "heartbeat",
                 "release",

@@ -121,6 +121,8 @@ class Request:
     path: str
     headers: dict[str, str]
     method: str = "GET"
+    #: When it came (epoch seconds; recorded by the test site).
+    at: float = 0.0
 
 
 class Origin(_Running):
@@ -365,7 +367,7 @@ class _SiteHandler(_Quiet):
         site: Site = self.server.owner  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]
         with site.lock:
-            site.requests.append(Request(path, dict(self.headers.items())))
+            site.requests.append(Request(path, dict(self.headers.items()), at=time.time()))
         if path in site.redirects:
             self.send_response(302)
             self.send_header("Location", site.redirects[path])

@@ -111,6 +111,25 @@ def test_a_retry_resolves_the_page_afresh_and_resumes_the_file(
     assert origin.served["/media/lesson-1.mp4"] <= len(data) * 1.05
 
 
+def test_pages_of_one_host_take_turns_across_workers(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin
+) -> None:
+    """Six pages in three tasks, two workers, four files at once each: the site is asked for a
+    page at most once every 0.4 s."""
+    media = origin.put("/media/clip.mp4", os.urandom(KIB))
+    paced = settings.replace(host_min_interval_seconds=0.4)
+    with in_process_worker(paced, store, threads=2), in_process_worker(paced, store, threads=2):
+        ids = [
+            client.submit([{"page": site.page(f"/course/{t}-{n}", lesson_page(media)), "path": f"{n}.mp4"}
+                           for n in range(2)])
+            for t in range(3)
+        ]  # fmt: skip
+        assert all(wait_for(store, task_id).state is State.DONE for task_id in ids)
+    asked = sorted(r.at for r in site.requests)
+    assert len(asked) == 6
+    assert min(b - a for a, b in zip(asked, asked[1:], strict=False)) >= 0.35, asked
+
+
 @pytest.mark.parametrize("status", [404, 410])
 def test_a_page_that_is_gone_fails_at_once_naming_it(
     settings: Settings, store: TaskStore, client: Client, site: Site, status: int
