@@ -138,6 +138,18 @@ def open_part(part: Path, offset: int, where: str, *, exact: bool = True) -> int
     return fd
 
 
+def sync_file(path: Path, where: str) -> None:
+    """Make a file another process wrote (ffmpeg's) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StorageUnavailable(f"{where}: syncing {path.name} in staging failed ({exc.strerror})") from exc
+
+
 def write_all(fd: int, chunk: bytes, where: str, position: int) -> None:
     try:
         written = os.write(fd, chunk)

@@ -368,6 +368,11 @@ class Fetcher:
             headers["If-Range"] = if_range
         return self._get(url, headers, where, step)
 
+    def get(self, url: str, headers: Mapping[str, str], where: str, step: Step) -> requests.Response:
+        """GET with redirects followed by hand, so that every hop passes the policy; raises
+        what a status other than 200 or 206 means."""
+        return self._get(url, dict(headers), where, step)
+
     def _get(self, url: str, headers: dict[str, str], where: str, step: Step) -> requests.Response:
         """GET with redirects followed by hand, so that every hop passes the policy."""
         seen: set[str] = set()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -50,6 +51,8 @@ class Resolved:
     format_id: str
     title: str
     duration: float | None
+    #: ``url`` is an HLS playlist, whose fragments are downloaded and joined (:mod:`actors.hls`).
+    stream: bool = False
 
     def record(self) -> dict[str, Any]:
         """What the task keeps of it: never the media URL, only its host."""
@@ -69,9 +72,18 @@ def plain_title(value: object) -> str:
     return kept.strip()[:MAX_TITLE_CHARS]
 
 
-def resolve(spec: FileSpec, default_format: str, policy: DestinationPolicy, *, where: str, timeout: float) -> Resolved:
+def resolve(
+    spec: FileSpec,
+    default_format: str,
+    policy: DestinationPolicy,
+    *,
+    where: str,
+    timeout: float,
+    before: Callable[[], None] = lambda: None,
+) -> Resolved:
     """Resolve page file ``spec`` with its format (``default_format`` when it gives none),
-    every request through ``policy``. Raises haul errors only."""
+    every request through ``policy``; ``before`` is called just before the first request goes
+    out (to wait for the host's turn). Raises haul errors only."""
     if not resolver_installed():
         raise ResolverMissing(
             f"{where}: this worker cannot resolve pages; install the extra on it (pip install 'haul[resolve]') "
@@ -79,4 +91,4 @@ def resolve(spec: FileSpec, default_format: str, policy: DestinationPolicy, *, w
         )
     from actors import ytdlp
 
-    return ytdlp.resolve(spec.url, spec.format or default_format, policy, where=where, timeout=timeout)
+    return ytdlp.resolve(spec.url, spec.format or default_format, policy, where=where, timeout=timeout, before=before)

@@ -8,6 +8,8 @@ never delete another's. Layout::
                                         holds them (kept across attempts, see claim_part)
     <task id>/.parts/<n>.<token>.part.json   what identifies the version those bytes belong to,
                                         and their content type (kept as <n>.type on promotion)
+    <task id>/.parts/<n>.<token>.hls/   a page's stream: its fragments as they complete, what
+                                        stream they are of (stream.json), ffmpeg's playlist
     <task id>/.parts/<n>.<token>.sha256 the sha256 of that run's part (HAUL_HASH), hashed while it
                                         downloaded; named <n>.sha256 when the file is promoted
 """
@@ -95,6 +97,26 @@ class Sandbox:
                 pass  # no validator: the bytes cannot be resumed, the file restarts
             break
         return mine
+
+    def claim_fragments(self, index: int, token: int) -> Path:
+        """The folder of file ``index``'s stream fragments for the run holding ``token`` (an
+        earlier run's renamed to it, as :meth:`claim_part` does with bytes)."""
+        mine = self.parts_dir / f"{index}.{token}.hls"
+        if mine.exists():
+            return mine
+        for candidate in sorted(self.parts_dir.glob(f"{index}.*.hls"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                os.rename(candidate, mine)
+                return mine
+            except FileNotFoundError:
+                continue  # taken by another run meanwhile
+        mine.mkdir()
+        return mine
+
+    def drop_fragments(self, index: int) -> None:
+        """The fragments of file ``index``'s stream, once the file is whole (none: nothing)."""
+        for folder in self.parts_dir.glob(f"{index}.*.hls"):
+            shutil.rmtree(folder, ignore_errors=True)
 
     def finished_size(self, spec: FileSpec) -> int | None:
         """Size of the finished copy of ``spec``, or None when it still needs downloading.

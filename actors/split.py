@@ -197,12 +197,14 @@ class SpanMap:
 
 
 class Ranges(Protocol):
-    """How a connection asks the origin for a range: a GET through the destination policy,
-    on the calling thread's own session."""
+    """How a connection asks the origin for a range (or a whole file: a stream's fragment): a
+    GET through the destination policy, on the calling thread's own session."""
 
     def get_range(
         self, url: str, start: int, end: int, if_range: str, where: str, step: Step, extra: Mapping[str, str]
     ) -> requests.Response: ...
+
+    def get(self, url: str, headers: Mapping[str, str], where: str, step: Step) -> requests.Response: ...
 
 
 @contextlib.contextmanager

@@ -16,22 +16,26 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
+from actors.diskio import hash_file, sync_file
 from actors.ending import end_run
-from actors.errors import HaulError, LeaseLost, NoWebhookSecret, OriginRejected, Stopping, TooLarge
+from actors.errors import ChecksumMismatch, HaulError, LeaseLost, NoWebhookSecret, OriginRejected, Stopping, TooLarge
 from actors.finalize import finish_task
+from actors.hls import StreamTransfer, download_stream
 from actors.httprules import FetchRules
 from actors.lanes import FileLanes
 from actors.lease import DISK_STEP_SECONDS, Lane, Lease, no_figures, no_files
 from actors.outcome import NOTHING, Next, Outcome
-from actors.pages import resolve
+from actors.pages import Resolved, resolve
 from actors.policy import FINALIZE_BACKLOG_FACTOR, SLOT_WAIT_MAX_SECONDS, slot_wait
-from actors.progress import Progress
+from actors.progress import FileProgress, Progress
 from actors.redact import display_url
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
 from actors.sentry import report_task
+from actors.split import Connection, SplitPlan
 from actors.states import ClaimReply, State, StepReply
 from actors.store import StageLimits
 from actors.task import FileSpec, Task
@@ -177,8 +181,13 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
         with _naming(spec), progress.file(index, lane) as file:
             part = sandbox.claim_part(index, lease.token)
             for resolutions in itertools.count(1):
-                media, headers = _media(rt, task, lease.token, index, lane)
+                found = _resolve_page(rt, task, lease.token, index, lane) if spec.page else None
+                rules, plan = _rules(rt, task, progress.bytes_done), lanes.split_plan(index, file, lane)
                 try:
+                    if found is not None and found.stream:
+                        size = _fetch_stream(rt, task, lease.token, index, found, part, file, plan, rules, sandbox)
+                        break
+                    media = dataclasses.replace(spec, url=found.url, page=False, format=None) if found else spec
                     size = rt.fetcher.fetch(
                         media,
                         part,
@@ -186,12 +195,12 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                         on_progress=file.on_progress,
                         on_total=file.on_total,
                         guard=file.guard,
-                        rules=_rules(rt, task, progress.bytes_done),
+                        rules=rules,
                         step=file.step,
                         on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
                         on_received=file.on_received,
-                        split=lanes.split_plan(index, file, lane),
-                        headers=headers,
+                        split=plan,
+                        headers=found.headers if found else None,
                     )
                     break
                 except OriginRejected as exc:  # a signed media URL that expired: the page gives a new one
@@ -200,6 +209,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                     log.info("task %s: %s: %s; resolving its page again", task_id, spec.path, exc)
             lane.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
             sandbox.promote(part, spec)
+            sandbox.drop_fragments(index)
         log.debug("task %s: %s complete (%d bytes)", task_id, spec.path, size)
         progress.file_done(index, size)
 
@@ -211,22 +221,59 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
 EXPIRED_STATUSES = frozenset({401, 403, 410})
 
 
-def _media(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -> tuple[FileSpec, dict[str, str]]:
-    """What file ``index`` downloads, and with which headers: the file itself, or the media its
-    page resolves to now (recorded on the task; see :mod:`actors.pages`)."""
+def _resolve_page(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -> Resolved:
+    """What page file ``index`` resolves to now (recorded on the task; see :mod:`actors.pages`)."""
     spec = task.spec.files[index]
-    if not spec.page:
-        return spec, {}
     s = rt.settings
     where = f"task {task.id}, file {spec.path!r} from the page {display_url(spec.url)}"
-    _wait_turn(rt, task, spec, lane)
     lane.step(s.resolve_timeout_seconds, f"resolving the page of {spec.path!r}")
-    found = resolve(spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds)
+
+    def turn() -> None:
+        _wait_turn(rt, task, spec, lane)
+        lane.step(s.resolve_timeout_seconds, f"resolving the page of {spec.path!r}")
+
+    found = resolve(spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds, before=turn)
     if not rt.store.record_resolved(task.id, token, index, found.record(), now=rt.clock()):
         raise LeaseLost(f"task {task.id}: lease lost while resolving the page of {spec.path!r}")
     log.info("task %s: %s resolved by %s to format %s on %s", task.id, spec.path, found.extractor, found.format_id,
              found.record()["host"])  # fmt: skip
-    return dataclasses.replace(spec, url=found.url, page=False, format=None), found.headers
+    return found
+
+
+def _fetch_stream(
+    rt: Runtime,
+    task: Task,
+    token: int,
+    index: int,
+    found: Resolved,
+    part: Path,
+    file: FileProgress,
+    plan: SplitPlan | None,
+    rules: FetchRules,
+    sandbox: Sandbox,
+) -> int:
+    """A page's HLS stream into ``part`` (:mod:`actors.hls`); its size, once hashed and synced."""
+    spec = task.spec.files[index]
+    where = f"task {task.id}, file {spec.path!r}, the stream of its page"
+    main = Connection(ranges=rt.fetcher, tick=file.on_progress, step=file.step,
+                      wake=plan.wake if plan is not None else _nothing, guard=file.guard)  # fmt: skip
+    transfer = StreamTransfer(main, plan, rules, found.headers, file.on_received, where, token)
+    joined = download_stream(found.url, found.format_id, sandbox.claim_fragments(index, token), part, transfer)
+    size = part.stat().st_size
+    digest = hash_file(part, size, lambda: file.step(DISK_STEP_SECONDS)).hexdigest()
+    if spec.sha256 and digest != spec.sha256:
+        raise ChecksumMismatch(f"{where}: the joined file's sha256 is {digest}, the task says {spec.sha256}")
+    if rt.settings.file_hash == "sha256":
+        sandbox.record_sha256(part, digest)
+    file.step(DISK_STEP_SECONDS)
+    sync_file(part, where)
+    log.info("task %s: %s joined from %d fragments (%.1f s, %d bytes)", task.id, spec.path, joined["fragments"],
+             joined["duration"], size)  # fmt: skip
+    return size
+
+
+def _nothing() -> None:
+    """A connection with nothing to wake."""
 
 
 def _wait_turn(rt: Runtime, task: Task, spec: FileSpec, lane: Lane) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urljoin
 
@@ -34,8 +35,9 @@ from actors.redact import display_url
 
 log = logging.getLogger(__name__)
 
-#: What haul downloads itself: one file over HTTP (HLS and DASH are fragments, joined by ffmpeg).
+#: What haul downloads itself: one file over HTTP, or an HLS stream's fragments (joined by ffmpeg).
 PROGRESSIVE = frozenset({"http", "https"})
+HLS = frozenset({"m3u8", "m3u8_native"})
 #: Statuses of a page that no retry can change.
 GONE = frozenset({401, 403, 404, 410, 451})
 
@@ -45,8 +47,12 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
 
     RH_NAME = "haul"
 
-    def __init__(self, *, policy: DestinationPolicy, where: str, **kwargs: Any) -> None:
+    def __init__(
+        self, *, policy: DestinationPolicy, where: str, before: Callable[[], None] | None, **kwargs: Any
+    ) -> None:
         self.policy, self.where = policy, where
+        #: Called once, just before the first request goes out (the host's turn).
+        self.before = before
         super().__init__(**kwargs)
 
     def _create_instance(self, cookiejar: Any, legacy_ssl_support: Any = None) -> requests.Session:
@@ -65,14 +71,19 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
 
     def _send(self, request: Any) -> Any:
         self.policy.check(request.url, purpose=self.where)
+        if self.before is not None:
+            before, self.before = self.before, None
+            before()
         return super()._send(request)
 
 
 class _PolicyYoutubeDL(YoutubeDL):  # type: ignore[misc]
     """A YoutubeDL whose only way out is :class:`PolicyRH`."""
 
-    def __init__(self, params: dict[str, Any], policy: DestinationPolicy, where: str) -> None:
-        self._haul_handler = functools.partial(PolicyRH, policy=policy, where=where)
+    def __init__(
+        self, params: dict[str, Any], policy: DestinationPolicy, where: str, before: Callable[[], None]
+    ) -> None:
+        self._haul_handler = functools.partial(PolicyRH, policy=policy, where=where, before=before)
         super().__init__(params)
 
     @functools.cached_property
@@ -99,13 +110,16 @@ class _Log:
         log.debug("%s: yt-dlp: %s", self.where, message)
 
 
-def resolve(page: str, selector: str, policy: DestinationPolicy, *, where: str, timeout: float) -> Resolved:
-    """The media ``page`` shows, in the format ``selector`` chooses."""
+def resolve(
+    page: str, selector: str, policy: DestinationPolicy, *, where: str, timeout: float, before: Callable[[], None]
+) -> Resolved:
+    """The media ``page`` shows, in the format ``selector`` chooses (``before``: see
+    :func:`actors.pages.resolve`)."""
     params = {
         "format": selector, "noplaylist": True, "quiet": True, "no_warnings": True, "noprogress": True,
         "logger": _Log(where), "socket_timeout": timeout, "cachedir": False, "extractor_retries": 0,
     }  # fmt: skip
-    with _PolicyYoutubeDL(params, policy, where) as ydl:
+    with _PolicyYoutubeDL(params, policy, where, before) as ydl:
         try:
             info = ydl.extract_info(page, download=False)
         except YoutubeDLError as exc:  # reported (DownloadError), or raised through it (a handler's)
@@ -127,6 +141,7 @@ def _haul_error(cause: BaseException | None, page: str, where: str) -> HaulError
         )
     inner = cause.cause if isinstance(cause, ExtractorError) else cause
     if isinstance(inner, HTTPError):
+        inner.close()  # its response holds a connection, which would otherwise be left open
         if inner.status in GONE:
             return OriginRejected(
                 f"{where}: the page {shown} answered {inner.status}; check the link (removed, or not public)",
@@ -170,15 +185,15 @@ def _chosen(info: dict[str, Any], where: str) -> Resolved:
             "does not do yet; choose a single file with the task's format, e.g. 'b'"
         )
     protocol = str(info.get("protocol") or "")
-    if protocol not in PROGRESSIVE:
+    if protocol not in PROGRESSIVE | HLS:
         raise PageUnresolvable(
-            f"{where}: format {format_id} is streamed ({protocol}), which haul does not download yet; "
-            "choose a progressive one with the task's format, e.g. 'b[protocol^=http]'"
+            f"{where}: format {format_id} is streamed over {protocol} (DASH, say), which haul does not download "
+            "yet; choose one over HTTP or HLS with the task's format, e.g. 'b[protocol^=http]/b[protocol^=m3u8]'"
         )
     headers = {str(k): str(v) for k, v in (info.get("http_headers") or {}).items()}
     duration = info.get("duration")
     return Resolved(
         url=str(info["url"]), headers=headers, extractor=str(info.get("extractor_key") or info.get("extractor") or ""),
         format_id=format_id, title=plain_title(info.get("title")),
-        duration=float(duration) if isinstance(duration, int | float) else None,
+        duration=float(duration) if isinstance(duration, int | float) else None, stream=protocol in HLS,
     )  # fmt: skip
