@@ -148,13 +148,19 @@ class Client:
         if problem is not None:
             raise InvalidTask(problem)
         pages = [f.path for f in spec.files if f.page]
-        if pages and not WorkerRegistry(self.store.client, self.store.prefix).have(RESOLVE_EXTRA):
+        if pages and not self._pages_resolvable():
             raise InvalidTask(
                 f"manifest.files: {pages[0]!r} is given as a page, but no running worker can resolve pages; install "
                 "the extra on the workers (pip install 'haul[resolve]'), start them, then submit again"
             )
         task_id = uuid.uuid4().hex
         return Creation(spec, task_id, self.clock(), replace, self.messages.queued_claim(task_id))
+
+    def _pages_resolvable(self) -> bool:
+        """Whether a running worker that claims tasks can resolve pages."""
+        from actors.messages import CLAIM_QUEUE  # Dramatiq's import only where it is used
+
+        return WorkerRegistry(self.store.client, self.store.prefix).have(RESOLVE_EXTRA, CLAIM_QUEUE)
 
     def created(self, creation: Creation, *, by: str = "") -> Task:
         """The task ``creation`` made, as the create wrote it (no read), its claim message sent

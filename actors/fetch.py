@@ -87,6 +87,8 @@ class Transfer:
     split: SplitPlan | None = None
     #: Sent with every request for the file (a resolved page's: its Referer, User-Agent).
     headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: How the file's URLs may appear in messages (a resolved page's are signed: not at all).
+    shown: Callable[[str], str] = display_url
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class Fetcher:
         on_received: Callable[[int], None] | None = None,
         split: SplitPlan | None = None,
         headers: Mapping[str, str] | None = None,
+        shown: Callable[[str], str] = display_url,
     ) -> int:
         """Bring ``part`` to the complete file (returning its size), resuming what it already holds.
 
@@ -150,15 +153,15 @@ class Fetcher:
         once it is written (what this run brought over the network, resumed bytes apart);
         ``split`` lets a large file go over several connections (:mod:`actors.split`; a
         ``.part`` a split download left is always continued as one, on one connection without
-        it); ``headers`` go with every request for the file (haul's own replace any of the same name). Raises haul
-        errors only.
+        it); ``headers`` go with every request for the file (haul's own replace any of the same name);
+        ``shown`` says how its URLs may appear in messages. Raises haul errors only.
 
         A ``.part`` that cannot be kept is started over once from zero: a file that changed on
         the origin, a refused range, a size or sha256 mismatch (a corrupt ``.part`` must not
         fail a task); the same mismatch from zero is final.
         """
         transfer = Transfer(task_id, on_progress, on_total, guard, rules, step, on_sha256, on_received, split,
-                            dict(headers or {}))  # fmt: skip
+                            dict(headers or {}), shown)  # fmt: skip
         try:
             return self._attempt(spec, part, transfer)
         except (PartUnusable, ChecksumMismatch) as exc:
@@ -169,7 +172,7 @@ class Fetcher:
 
     def _attempt(self, spec: FileSpec, part: Path, t: Transfer) -> int:
         """One try at :meth:`fetch`."""
-        where = f"task {t.task_id}, file {spec.path!r} from {display_url(spec.url)}"
+        where = f"task {t.task_id}, file {spec.path!r} from {t.shown(spec.url)}"
         spans = SpanMap.load(part)  # a .part a split download left: only what it lacks is asked for
         asked, validator = (spans.first_missing, spans.validator) if spans else resume_point(part)
         # Hash what the .part holds before asking for the rest: hashing many GiB after the
@@ -181,7 +184,7 @@ class Fetcher:
             return _verified(spec, spans.size, spans.size, kept.hexdigest() if kept else None, t.on_sha256, where)
         asked_at = time.monotonic()
         with interruptible(t.guard):
-            response = self._get(spec.url, {**t.headers, **request_headers(asked, validator)}, where, t.step)
+            response = self._get(spec.url, {**t.headers, **request_headers(asked, validator)}, where, t.step, t.shown)
         latency = time.monotonic() - asked_at  # the window a split measures rates over grows with it
         hasher: Hasher | None = None
         try:
@@ -347,7 +350,7 @@ class Fetcher:
                 splitter = Splitter(
                     url=spec.url, fd=fd, spans=spans, plan=plan, on_received=t.on_received, hashed=hashed,
                     read_fd=read_fd, rules=t.rules, where=where, first_rate=measured[0], latency=measured[1],
-                    headers=t.headers,
+                    headers=t.headers, shown=t.shown,
                 )  # fmt: skip
                 main = Connection(ranges=self, tick=t.on_progress, step=t.step, wake=plan.wake,
                                   guard=t.guard or no_guard)  # fmt: skip
@@ -359,26 +362,39 @@ class Fetcher:
         return _verified(spec, answer.total, answer.total, digest, t.on_sha256, where)
 
     def get_range(
-        self, url: str, start: int, end: int, if_range: str, where: str, step: Step, extra: Mapping[str, str]
+        self,
+        url: str,
+        start: int,
+        end: int,
+        if_range: str,
+        where: str,
+        step: Step,
+        extra: Mapping[str, str],
+        shown: Callable[[str], str] = display_url,
     ) -> requests.Response:
         """GET bytes ``[start, end)`` of the version ``if_range`` names (the whole file, 200,
         when the origin has another), with the file's ``extra`` headers."""
         headers = {**extra, "Accept-Encoding": "identity", "Range": f"bytes={start}-{end - 1}"}
         if if_range:
             headers["If-Range"] = if_range
-        return self._get(url, headers, where, step)
+        return self._get(url, headers, where, step, shown)
 
-    def get(self, url: str, headers: Mapping[str, str], where: str, step: Step) -> requests.Response:
+    def get(
+        self, url: str, headers: Mapping[str, str], where: str, step: Step, shown: Callable[[str], str] = display_url
+    ) -> requests.Response:
         """GET with redirects followed by hand, so that every hop passes the policy; raises
         what a status other than 200 or 206 means."""
-        return self._get(url, dict(headers), where, step)
+        return self._get(url, dict(headers), where, step, shown)
 
-    def _get(self, url: str, headers: dict[str, str], where: str, step: Step) -> requests.Response:
-        """GET with redirects followed by hand, so that every hop passes the policy."""
+    def _get(
+        self, url: str, headers: dict[str, str], where: str, step: Step, shown: Callable[[str], str] = display_url
+    ) -> requests.Response:
+        """GET with redirects followed by hand, so that every hop passes the policy (``shown``:
+        how a URL may appear in a message)."""
         seen: set[str] = set()
         for _ in range(MAX_REDIRECTS + 1):
             if url in seen:
-                raise TooManyRedirects(f"{where}: redirect loop back to {display_url(url)}; fix the URL")
+                raise TooManyRedirects(f"{where}: redirect loop back to {shown(url)}; fix the URL")
             seen.add(url)
             self.policy.check(url, purpose=where)
             step(sum(self.timeout))
@@ -389,16 +405,16 @@ class Fetcher:
             except requests.RequestException as exc:
                 if refused_at_connect(exc):
                     raise ForbiddenDestination(
-                        f"{where}: {display_url(url)} resolved to a non-public address at connect time; refused"
+                        f"{where}: {shown(url)} resolved to a non-public address at connect time; refused"
                     ) from exc
                 raise OriginUnavailable(
-                    f"{where}: request to {display_url(url)} failed ({request_failure(exc)})", code=timeout_code(exc)
+                    f"{where}: request to {shown(url)} failed ({request_failure(exc)})", code=timeout_code(exc)
                 ) from exc
             if response.status_code in REDIRECT_STATUSES and "Location" in response.headers:
                 response.close()
                 url = urljoin(url, response.headers["Location"])
                 continue
-            check_status(response, url, where)
+            check_status(response, url, where, shown)
             return response
         raise TooManyRedirects(f"{where}: more than {MAX_REDIRECTS} redirects; fix the URL")
 

@@ -42,7 +42,6 @@ from actors.diskio import write_all
 from actors.errors import HaulError, OriginUnavailable, PageUnresolvable, StorageUnavailable, TooLarge
 from actors.httprules import FetchRules, SpeedFloor, read_chunk
 from actors.lease import DISK_STEP_SECONDS
-from actors.redact import display_url
 from actors.split import Connection, SplitPlan
 
 log = logging.getLogger(__name__)
@@ -181,6 +180,8 @@ class StreamTransfer:
     on_received: Callable[[int], None] | None
     where: str
     token: int
+    #: How its URLs may appear in messages (signed: not at all).
+    shown: Callable[[str], str]
 
 
 class StreamDownload:
@@ -246,7 +247,8 @@ class StreamDownload:
         where = f"{t.where}, fragment {index + 1} of {len(self.stream.fragments)}"
         final = self._path(index)
         temporary = final.with_name(f"{final.name}.{t.token}.tmp")
-        response = conn.ranges.get(fragment.url, {**t.headers, "Accept-Encoding": "identity"}, where, conn.step)
+        response = conn.ranges.get(fragment.url, {**t.headers, "Accept-Encoding": "identity"}, where, conn.step,
+                                   t.shown)  # fmt: skip
         floor, received = SpeedFloor(t.rules, where), 0
         try:
             with conn.guard(shutter_of(response)):
@@ -341,15 +343,15 @@ def _local_playlist(stream: Stream, key_names: Mapping[Key, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def read_small(conn: Connection, url: str, headers: Mapping[str, str], limit: int, where: str) -> bytes:
+def read_small(conn: Connection, url: str, t: StreamTransfer, limit: int, where: str) -> bytes:
     """A playlist or key, whole, at most ``limit`` bytes."""
-    response = conn.ranges.get(url, {**headers, "Accept-Encoding": "identity"}, where, conn.step)
+    response = conn.ranges.get(url, {**t.headers, "Accept-Encoding": "identity"}, where, conn.step, t.shown)
     try:
         data = b""
         while chunk := read_chunk(response, False, where, len(data)):
             data += chunk
             if len(data) > limit:
-                raise TooLarge(f"{where}: {display_url(url)} is larger than {limit} bytes")
+                raise TooLarge(f"{where}: {t.shown(url)} is larger than {limit} bytes")
         return data
     finally:
         response.close()
@@ -382,12 +384,12 @@ def download_stream(playlist_url: str, format_id: str, folder: Path, part: Path,
     ``folder`` (those a run before kept are not asked again), joined by ffmpeg. Returns what
     was joined (fragments, their bytes, the playlist's duration)."""
     where = t.where
-    text = read_small(t.main, playlist_url, t.headers, MAX_PLAYLIST_BYTES, where)
+    text = read_small(t.main, playlist_url, t, MAX_PLAYLIST_BYTES, where)
     stream = Stream.parse(text.decode("utf-8", errors="replace"), playlist_url, where)
     with haul_errors_only(where):
         claim_stream(folder, stream, format_id, where)
     fetched = StreamDownload(stream, folder, t).fetch()
-    keys = {key: read_small(t.main, key.url, t.headers, MAX_KEY_BYTES, f"{where}, its key")
+    keys = {key: read_small(t.main, key.url, t, MAX_KEY_BYTES, f"{where}, its key")
             for key in dict.fromkeys(f.key for f in stream.fragments if f.key is not None)}  # fmt: skip
     t.main.step(max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * len(stream.fragments)) + 10)
     with haul_errors_only(where):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import requests
@@ -67,8 +68,9 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def check_status(response: requests.Response, url: str, where: str) -> None:
-    """Pass a 200 or 206; otherwise close the response and raise what the status means."""
+def check_status(response: requests.Response, url: str, where: str, shown: Callable[[str], str] = display_url) -> None:
+    """Pass a 200 or 206; otherwise close the response and raise what the status means (``shown``
+    says how ``url`` may appear in the message)."""
     status = response.status_code
     if status in (200, 206):
         return
@@ -81,7 +83,7 @@ def check_status(response: requests.Response, url: str, where: str) -> None:
     if status == 413:
         raise TooLarge(f"{where}: the origin answered 413 {response.reason}")
     raise OriginRejected(
-        f"{where}: the origin answered {status} {response.reason} at {display_url(url)}; "
+        f"{where}: the origin answered {status} {response.reason} at {shown(url)}; "
         "check that the URL is right and still valid (signed URLs expire)",
         status=status,
     )

@@ -12,7 +12,7 @@ import redis
 import sentry_sdk
 from dramatiq import Broker, Middleware
 
-from actors.pages import RESOLVE_EXTRA, resolver_installed
+from actors.pages import RESOLVE_EXTRA, resolver_works
 from actors.registry import Heartbeat, WorkerInfo, WorkerLimits, WorkerRegistry, queues_of
 from actors.runtime import Runtime
 
@@ -46,7 +46,7 @@ class Lifecycle(Middleware):
             started=rt.clock(),
             limits=WorkerLimits.of(rt.settings),  # what this process enforces, for the supervisor's check
             connections=rt.settings.task_parallel_files * rt.settings.split,
-            extras=(RESOLVE_EXTRA,) if resolver_installed() else (),
+            extras=(RESOLVE_EXTRA,) if resolver_works() else (),
         )
         try:
             self.heartbeat.start(info)

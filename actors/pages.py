@@ -16,6 +16,7 @@ none does.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,8 +26,11 @@ from urllib.parse import urlsplit
 from actors.errors import ResolverMissing
 
 if TYPE_CHECKING:
+    from actors.interrupt import Guard
     from actors.netguard import DestinationPolicy
     from actors.task import FileSpec
+
+log = logging.getLogger(__name__)
 
 #: The extra a worker needs to resolve pages (``pip install 'haul[resolve]'``), as the
 #: registry lists it.
@@ -36,8 +40,21 @@ MAX_TITLE_CHARS = 300
 
 
 def resolver_installed() -> bool:
-    """Whether this process can resolve pages (yt-dlp importable; not imported here)."""
+    """Whether yt-dlp is installed (found, not imported: see :func:`resolver_works`)."""
     return importlib.util.find_spec("yt_dlp") is not None
+
+
+def resolver_works() -> bool:
+    """Whether this process can resolve pages: yt-dlp and its requests handler import (a
+    worker says so in the registry only then). Imports them."""
+    if not resolver_installed():
+        return False
+    try:
+        import actors.ytdlp  # noqa: F401
+    except ImportError as exc:
+        log.warning("yt-dlp is installed but cannot be used (%s); this worker does not resolve pages", exc)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -80,10 +97,14 @@ def resolve(
     where: str,
     timeout: float,
     before: Callable[[], None] = lambda: None,
+    guard: Guard | None = None,
+    proxy: str | None = None,
 ) -> Resolved:
     """Resolve page file ``spec`` with its format (``default_format`` when it gives none),
-    every request through ``policy``; ``before`` is called just before the first request goes
-    out (to wait for the host's turn). Raises haul errors only."""
+    every request through ``policy`` (and ``proxy``, if any); ``before`` is called just before
+    the first request goes out (to wait for the host's turn); ``guard`` may shut every socket
+    the resolution uses (a graceful stop, a lost lease, the step's deadline). Raises haul
+    errors only."""
     if not resolver_installed():
         raise ResolverMissing(
             f"{where}: this worker cannot resolve pages; install the extra on it (pip install 'haul[resolve]') "
@@ -91,4 +112,5 @@ def resolve(
         )
     from actors import ytdlp
 
-    return ytdlp.resolve(spec.url, spec.format or default_format, policy, where=where, timeout=timeout, before=before)
+    return ytdlp.resolve(spec.url, spec.format or default_format, policy, where=where, timeout=timeout, before=before,
+                         guard=guard, proxy=proxy)  # fmt: skip

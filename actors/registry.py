@@ -150,9 +150,9 @@ class WorkerRegistry:
             )
         return result
 
-    def have(self, extra: str) -> bool:
-        """Whether a registered worker has ``extra`` installed."""
-        return any(extra in worker.extras for worker in self.workers())
+    def have(self, extra: str, queue: str) -> bool:
+        """Whether a registered worker that consumes ``queue`` has ``extra`` installed."""
+        return any(extra in worker.extras and queue in worker.queues for worker in self.workers())
 
     def vanished(self, now: float) -> list[WorkerInfo]:
         """Workers whose heartbeats stopped (killed, OOM, host gone); removed from the registry."""

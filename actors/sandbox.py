@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,7 +28,10 @@ from pathlib import Path
 from actors.errors import StorageUnavailable, UnsafePath
 from actors.manifest import MAX_NAME_BYTES, MAX_PATH_BYTES
 from actors.paths import fsync_dir, inside
+from actors.resume import discard_part
 from actors.task import FileSpec
+
+log = logging.getLogger(__name__)
 
 _TASK_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -112,6 +116,31 @@ class Sandbox:
                 continue  # taken by another run meanwhile
         mine.mkdir()
         return mine
+
+    def keep_format(self, index: int, part: Path, format_id: str, task_id: str) -> None:
+        """Keep ``part``'s bytes only if they are of page format ``format_id`` (a page resolved
+        again may choose another format, whose bytes must not be appended to these)."""
+        record = self.parts_dir / f"{index}.format"
+        try:
+            kept = record.read_text()
+        except FileNotFoundError:
+            kept = None
+        except OSError as exc:
+            raise StorageUnavailable(f"task {task_id}: cannot read {record.name} in staging ({exc.strerror})") from exc
+        if kept == format_id:
+            return
+        if kept is not None:
+            log.warning("task %s: file %d resolved to format %s, not %s: downloading it from zero", task_id, index,
+                        format_id, kept)  # fmt: skip
+        discard_part(part)
+        try:
+            temporary = record.with_suffix(".tmp")
+            temporary.write_text(format_id)
+            os.replace(temporary, record)
+        except OSError as exc:
+            raise StorageUnavailable(
+                f"task {task_id}: cannot record {record.name} in staging ({exc.strerror})"
+            ) from exc
 
     def drop_fragments(self, index: int) -> None:
         """The fragments of file ``index``'s stream, once the file is whole (none: nothing)."""

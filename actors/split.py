@@ -56,6 +56,7 @@ from actors.errors import OriginUnavailable, PartUnusable, StorageUnavailable
 from actors.httprules import FetchRules, SpeedFloor, read_chunk
 from actors.interrupt import Guard
 from actors.lease import DISK_STEP_SECONDS, Step
+from actors.redact import display_url
 from actors.resume import Validator, meta_path_of
 
 log = logging.getLogger(__name__)
@@ -201,10 +202,20 @@ class Ranges(Protocol):
     GET through the destination policy, on the calling thread's own session."""
 
     def get_range(
-        self, url: str, start: int, end: int, if_range: str, where: str, step: Step, extra: Mapping[str, str]
+        self,
+        url: str,
+        start: int,
+        end: int,
+        if_range: str,
+        where: str,
+        step: Step,
+        extra: Mapping[str, str],
+        shown: Callable[[str], str] = ...,
     ) -> requests.Response: ...
 
-    def get(self, url: str, headers: Mapping[str, str], where: str, step: Step) -> requests.Response: ...
+    def get(
+        self, url: str, headers: Mapping[str, str], where: str, step: Step, shown: Callable[[str], str] = ...
+    ) -> requests.Response: ...
 
 
 @contextlib.contextmanager
@@ -279,16 +290,18 @@ class Splitter:
         first_rate: float | None = None,
         latency: float = 0.0,
         headers: Mapping[str, str] | None = None,
+        shown: Callable[[str], str] = display_url,
     ) -> None:
         """``hashed``: to hash the file, a sha256 of its first bytes and how many it covers
         (a fresh one and 0, or what a resumed ``.part`` was hashed to); ``read_fd`` reads the
         ``.part`` for it; ``first_rate``: what the first connection got alone, when measured
         (a second one is opened at once to see whether two get more); ``latency``: how long
-        the first answer took to start; ``headers``: sent with every range (a resolved page's)."""
+        the first answer took to start; ``headers``: sent with every range (a resolved page's);
+        ``shown``: how its URL may appear in messages."""
         self.url, self.fd, self.spans, self.where = url, fd, spans, where
         self.width, self.open_connection, self.on_connections = plan.width, plan.open_connection, plan.on_connections
         self.rules = rules
-        self.headers = dict(headers or {})
+        self.headers, self.shown = dict(headers or {}), shown
         self.on_received = on_received
         self._lock = threading.Condition()
         self._connections: list[Connection] = []
@@ -387,7 +400,7 @@ class Splitter:
                         return
                     asked = time.monotonic()
                     response = conn.ranges.get_range(self.url, span.pos, span.end, self.spans.if_range, self.where,
-                                                     conn.step, self.headers)  # fmt: skip
+                                                     conn.step, self.headers, self.shown)  # fmt: skip
                     if kept_open:  # a new connection's wait includes connecting
                         self._answered_after(time.monotonic() - asked)
                     try:

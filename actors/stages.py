@@ -14,7 +14,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,7 +30,7 @@ from actors.lease import DISK_STEP_SECONDS, Lane, Lease, no_figures, no_files
 from actors.outcome import NOTHING, Next, Outcome
 from actors.pages import Resolved, resolve
 from actors.policy import FINALIZE_BACKLOG_FACTOR, SLOT_WAIT_MAX_SECONDS, slot_wait
-from actors.progress import FileProgress, Progress
+from actors.progress import FileProgress, Progress, guard_lease
 from actors.redact import display_url
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
@@ -187,6 +187,8 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                     if found is not None and found.stream:
                         size = _fetch_stream(rt, task, lease.token, index, found, part, file, plan, rules, sandbox)
                         break
+                    if found is not None:  # bytes kept of another format are not of this file
+                        sandbox.keep_format(index, part, found.format_id, task_id)
                     media = dataclasses.replace(spec, url=found.url, page=False, format=None) if found else spec
                     size = rt.fetcher.fetch(
                         media,
@@ -201,6 +203,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                         on_received=file.on_received,
                         split=plan,
                         headers=found.headers if found else None,
+                        shown=_hidden(spec) if found else display_url,
                     )
                     break
                 except OriginRejected as exc:  # a signed media URL that expired: the page gives a new one
@@ -232,7 +235,8 @@ def _resolve_page(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -
         _wait_turn(rt, task, spec, lane)
         lane.step(s.resolve_timeout_seconds, f"resolving the page of {spec.path!r}")
 
-    found = resolve(spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds, before=turn)
+    found = resolve(spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds, before=turn,
+                    guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy)  # fmt: skip
     if not rt.store.record_resolved(task.id, token, index, found.record(), now=rt.clock()):
         raise LeaseLost(f"task {task.id}: lease lost while resolving the page of {spec.path!r}")
     log.info("task %s: %s resolved by %s to format %s on %s", task.id, spec.path, found.extractor, found.format_id,
@@ -257,7 +261,7 @@ def _fetch_stream(
     where = f"task {task.id}, file {spec.path!r}, the stream of its page"
     main = Connection(ranges=rt.fetcher, tick=file.on_progress, step=file.step,
                       wake=plan.wake if plan is not None else _nothing, guard=file.guard)  # fmt: skip
-    transfer = StreamTransfer(main, plan, rules, found.headers, file.on_received, where, token)
+    transfer = StreamTransfer(main, plan, rules, found.headers, file.on_received, where, token, _hidden(spec))
     joined = download_stream(found.url, found.format_id, sandbox.claim_fragments(index, token), part, transfer)
     size = part.stat().st_size
     digest = hash_file(part, size, lambda: file.step(DISK_STEP_SECONDS)).hexdigest()
@@ -270,6 +274,13 @@ def _fetch_stream(
     log.info("task %s: %s joined from %d fragments (%.1f s, %d bytes)", task.id, spec.path, joined["fragments"],
              joined["duration"], size)  # fmt: skip
     return size
+
+
+def _hidden(spec: FileSpec) -> Callable[[str], str]:
+    """How the URLs a page resolved to appear in messages: not at all (they are signed, a
+    credential while they last), only the page they came from."""
+    page = display_url(spec.url)
+    return lambda url: f"the media of the page {page}"
 
 
 def _nothing() -> None:

@@ -15,8 +15,11 @@ retried (:class:`OriginUnavailable`); a destination the policy refuses stays tha
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
+import threading
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urljoin
@@ -28,10 +31,12 @@ from yt_dlp.networking.common import RequestDirector
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import DownloadError, ExtractorError, UnsupportedError, YoutubeDLError
 
+from actors.connections import shutter_of
 from actors.errors import HaulError, OriginRejected, OriginUnavailable, PageUnresolvable
+from actors.interrupt import Guard, interruptible
 from actors.netguard import DestinationPolicy
 from actors.pages import Resolved, plain_title
-from actors.redact import display_url
+from actors.redact import display_url, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +53,15 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
     RH_NAME = "haul"
 
     def __init__(
-        self, *, policy: DestinationPolicy, where: str, before: Callable[[], None] | None, **kwargs: Any
+        self,
+        *,
+        policy: DestinationPolicy,
+        where: str,
+        before: Callable[[], None] | None,
+        sockets: _Sockets,
+        **kwargs: Any,
     ) -> None:
-        self.policy, self.where = policy, where
+        self.policy, self.where, self.sockets = policy, where, sockets
         #: Called once, just before the first request goes out (the host's turn).
         self.before = before
         super().__init__(**kwargs)
@@ -74,16 +85,51 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
         if self.before is not None:
             before, self.before = self.before, None
             before()
-        return super()._send(request)
+        response = super()._send(request)
+        self.sockets.add(shutter_of(response._requests_response))  # its body is read by yt-dlp, unguarded
+        return response
+
+
+class _Sockets:
+    """The sockets a resolution reads answers from: all shut when its guard fires (a graceful
+    stop, a lost lease, the step's deadline), and any opened after."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[Any] = []
+        self._closed = False
+
+    def add(self, shutter: Any) -> None:
+        with self._lock:
+            self._open.append(shutter)
+            closed = self._closed
+        if closed:
+            shutter.close()
+
+    @property
+    def shut(self) -> bool:
+        """Whether the guard fired (the resolution's failure is the cut, whatever yt-dlp says)."""
+        return self._closed
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed, shut = True, list(self._open)
+        for shutter in shut:
+            shutter.close()
 
 
 class _PolicyYoutubeDL(YoutubeDL):  # type: ignore[misc]
     """A YoutubeDL whose only way out is :class:`PolicyRH`."""
 
     def __init__(
-        self, params: dict[str, Any], policy: DestinationPolicy, where: str, before: Callable[[], None]
+        self,
+        params: dict[str, Any],
+        policy: DestinationPolicy,
+        where: str,
+        before: Callable[[], None],
+        sockets: _Sockets,
     ) -> None:
-        self._haul_handler = functools.partial(PolicyRH, policy=policy, where=where, before=before)
+        self._haul_handler = functools.partial(PolicyRH, policy=policy, where=where, before=before, sockets=sockets)
         super().__init__(params)
 
     @functools.cached_property
@@ -111,18 +157,37 @@ class _Log:
 
 
 def resolve(
-    page: str, selector: str, policy: DestinationPolicy, *, where: str, timeout: float, before: Callable[[], None]
+    page: str,
+    selector: str,
+    policy: DestinationPolicy,
+    *,
+    where: str,
+    timeout: float,
+    before: Callable[[], None],
+    guard: Guard | None,
+    proxy: str | None,
 ) -> Resolved:
-    """The media ``page`` shows, in the format ``selector`` chooses (``before``: see
+    """The media ``page`` shows, in the format ``selector`` chooses (the rest: see
     :func:`actors.pages.resolve`)."""
     params = {
-        "format": selector, "noplaylist": True, "quiet": True, "no_warnings": True, "noprogress": True,
-        "logger": _Log(where), "socket_timeout": timeout, "cachedir": False, "extractor_retries": 0,
+        "format": selector, "noplaylist": True, "extract_flat": "in_playlist", "quiet": True, "no_warnings": True,
+        "noprogress": True, "logger": _Log(where), "socket_timeout": timeout, "cachedir": False,
+        "extractor_retries": 0, "proxy": proxy or "",  # "": no proxy from the environment either
     }  # fmt: skip
-    with _PolicyYoutubeDL(params, policy, where, before) as ydl:
+    sockets = _Sockets()
+    try:
+        ydl = _PolicyYoutubeDL(params, policy, where, before, sockets)
+    except (SyntaxError, ValueError) as exc:  # yt-dlp parses the selector here
+        raise PageUnresolvable(f"{where}: {selector!r} is not a format selector yt-dlp understands ({exc})") from exc
+    with ydl, interruptible(guard), guard(sockets) if guard is not None else contextlib.nullcontext():
         try:
             info = ydl.extract_info(page, download=False)
         except YoutubeDLError as exc:  # reported (DownloadError), or raised through it (a handler's)
+            if sockets.shut:
+                raise OriginUnavailable(
+                    f"{where}: resolving {display_url(page)} was cut: it took longer than "
+                    "HAUL_RESOLVE_TIMEOUT_SECONDS, or the worker is stopping", code="timeout",
+                ) from exc  # fmt: skip
             cause = exc.exc_info[1] if isinstance(exc, DownloadError) and exc.exc_info else exc
             raise _haul_error(cause, page, where) from exc
     return _chosen(info, where)
@@ -150,10 +215,14 @@ def _haul_error(cause: BaseException | None, page: str, where: str) -> HaulError
         return OriginUnavailable(f"{where}: the page {shown} answered {inner.status}; will retry",
                                  code="resolve_unavailable")  # fmt: skip
     if isinstance(inner, TransportError):
-        return OriginUnavailable(f"{where}: could not reach {shown} ({inner}); will retry", code="resolve_unavailable")
+        failure = type(inner.cause or inner).__name__
+        return OriginUnavailable(
+            f"{where}: could not reach {shown} ({failure}); will retry", code="resolve_unavailable"
+        )
     if isinstance(cause, ExtractorError) and cause.expected:  # the extractor's verdict: removed, private...
-        return PageUnresolvable(f"{where}: {shown}: {cause.orig_msg}")
-    return OriginUnavailable(f"{where}: resolving {shown} failed ({cause}); will retry", code="resolve_failed")
+        return PageUnresolvable(f"{where}: {shown}: {redact_text(cause.orig_msg)}")
+    said = redact_text(cause.orig_msg) if isinstance(cause, ExtractorError) else type(cause).__name__
+    return OriginUnavailable(f"{where}: resolving {shown} failed ({said}); will retry", code="resolve_failed")
 
 
 def _haul_error_in(error: BaseException | None) -> HaulError | None:
@@ -192,8 +261,10 @@ def _chosen(info: dict[str, Any], where: str) -> Resolved:
         )
     headers = {str(k): str(v) for k, v in (info.get("http_headers") or {}).items()}
     duration = info.get("duration")
+    if not isinstance(duration, int | float) or not math.isfinite(duration) or duration < 0:
+        duration = None
     return Resolved(
         url=str(info["url"]), headers=headers, extractor=str(info.get("extractor_key") or info.get("extractor") or ""),
         format_id=format_id, title=plain_title(info.get("title")),
-        duration=float(duration) if isinstance(duration, int | float) else None, stream=protocol in HLS,
+        duration=None if duration is None else float(duration), stream=protocol in HLS,
     )  # fmt: skip

@@ -349,6 +349,8 @@ class Site(_Running):
     def __init__(self) -> None:
         self.pages: dict[str, tuple[int, str, bytes]] = {}
         self.dynamic: dict[str, Callable[[], str]] = {}
+        #: Paths whose page comes a byte a second, for ever (a peer that never lets a read time out).
+        self.dripping: set[str] = set()
         self.redirects: dict[str, str] = {}
         self.requests: list[Request] = []
         self.lock = threading.Lock()
@@ -373,6 +375,19 @@ class _SiteHandler(_Quiet):
             self.send_header("Location", site.redirects[path])
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if path in site.dripping:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(600):
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                    time.sleep(1)
+            except OSError:
+                return  # the client gave up
             return
         if path in site.dynamic:
             site.pages[path] = (200, "text/html; charset=utf-8", site.dynamic[path]().encode())
