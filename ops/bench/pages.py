@@ -1,0 +1,85 @@
+"""Benchmark of a page's HLS stream (issue 17): a recording made by ffmpeg, served by nginx on
+127.0.0.1 with a page that shows it; haul end to end (resolve, fragments, join) against
+``yt-dlp -N`` with the same fragment concurrency and the same ffmpeg, same run, alternating."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ops.bench.harness import Bench, Worker, med, ratio_runs, wait_done
+
+#: The recording: minutes of 640x360 video and sound, cut in fragments of a second.
+SECONDS = 300
+#: Fragments at once, on both sides (haul: HAUL_SPLIT; yt-dlp: -N).
+AT_ONCE = 4
+
+
+def make_stream(bench: Bench) -> tuple[str, int]:
+    """The page's URL, and the stream's fragments (made once per bench folder)."""
+    from actors.hls import ffmpeg_path
+
+    folder = bench.www / "hls"
+    if not (folder / "index.m3u8").exists():
+        folder.mkdir(exist_ok=True)
+        subprocess.run(
+            [ffmpeg_path(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+             f"testsrc=duration={SECONDS}:size=640x360:rate=25", "-f", "lavfi", "-i", f"sine=duration={SECONDS}",
+             "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-c:a", "aac", "-f", "hls", "-hls_time", "1",
+             "-hls_playlist_type", "vod", "-hls_segment_filename", str(folder / "seg-%04d.ts"),
+             str(folder / "index.m3u8")],
+            check=True,
+        )  # fmt: skip
+    (bench.www / "lecture.html").write_text(
+        '<!doctype html><html><head><title>Lecture</title></head>'
+        '<body><video src="/hls/index.m3u8"></video></body></html>'
+    )
+    return bench.url("lecture.html"), len(list(folder.glob("seg-*.ts")))
+
+
+def bench_hls(bench: Bench) -> dict[str, Any]:
+    """Seconds from submit to done for haul, from start to exit for yt-dlp; fragments a second."""
+    from actors.hls import ffmpeg_path
+    from actors.manifest import spec_from_manifest
+    from actors.store import TaskStore
+
+    page, fragments = make_stream(bench)
+    out = bench.root / "hls-out"
+
+    def haul() -> float:
+        worker = Worker(bench, threads=1, HAUL_SPLIT=str(AT_ONCE), HAUL_HOST_MIN_INTERVAL_SECONDS="0")
+        try:
+            started = time.time()
+            spec = spec_from_manifest({"files": [{"page": page, "path": "lecture.mp4"}]})
+            task_id, _ = TaskStore(bench.client).create(spec, now=time.time())
+            bench.messages.claim(task_id)
+            took = wait_done(bench, task_id, timeout=600) - started
+            shutil.rmtree(bench.root / "storage" / task_id, ignore_errors=True)
+            return took
+        finally:
+            worker.stop()
+
+    def yt_dlp() -> float:
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        subprocess.run(
+            [str(Path(sys.executable).with_name("yt-dlp")), "-q", "--no-warnings", "-N", str(AT_ONCE),
+             "--ffmpeg-location", ffmpeg_path(), "-o", str(out / "lecture.%(ext)s"), page],
+            check=True,
+        )  # fmt: skip
+        took = time.perf_counter() - started
+        shutil.rmtree(out, ignore_errors=True)
+        return took
+
+    times = ratio_runs(bench.runs, {"haul": haul, "yt-dlp": yt_dlp})
+    return {
+        f"{SECONDS} s stream, {fragments} fragments, {AT_ONCE} at once": {
+            "haul s": round(med(times["haul"]), 2), "yt-dlp s": round(med(times["yt-dlp"]), 2),
+            "haul speed / yt-dlp": round(med([y / h for h, y in zip(times["haul"], times["yt-dlp"], strict=True)]), 2),
+            "haul fragments/s": round(fragments / med(times["haul"]), 1),
+        }
+    }  # fmt: skip
