@@ -54,6 +54,7 @@ from actors.interrupt import Guard, interruptible
 from actors.lease import DISK_STEP_SECONDS, Step, no_step
 from actors.netguard import DestinationPolicy
 from actors.redact import display_url
+from actors.requestopts import for_host
 from actors.resume import Validator, discard_part, request_headers, resume_point, start_point, write_meta
 from actors.split import (
     ONE_CONNECTION,
@@ -412,7 +413,8 @@ class Fetcher:
                 ) from exc
             if response.status_code in REDIRECT_STATUSES and "Location" in response.headers:
                 response.close()
-                url = urljoin(url, response.headers["Location"])
+                target = urljoin(url, response.headers["Location"])
+                headers, url = for_host(headers, url, target), target  # no credential to another host
                 continue
             check_status(response, url, where, shown)
             return response

@@ -42,6 +42,7 @@ from actors.diskio import write_all
 from actors.errors import HaulError, OriginUnavailable, PageUnresolvable, StorageUnavailable, TooLarge
 from actors.httprules import FetchRules, SpeedFloor, read_chunk
 from actors.lease import DISK_STEP_SECONDS
+from actors.requestopts import for_host
 from actors.split import Connection, SplitPlan
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ class StreamTransfer:
     token: int
     #: How its URLs may appear in messages (signed: not at all).
     shown: Callable[[str], str]
+    #: The playlist's URL: credentials in ``headers`` go to its host only.
+    playlist: str
 
 
 class StreamDownload:
@@ -247,8 +250,8 @@ class StreamDownload:
         where = f"{t.where}, fragment {index + 1} of {len(self.stream.fragments)}"
         final = self._path(index)
         temporary = final.with_name(f"{final.name}.{t.token}.tmp")
-        response = conn.ranges.get(fragment.url, {**t.headers, "Accept-Encoding": "identity"}, where, conn.step,
-                                   t.shown)  # fmt: skip
+        headers = {**for_host(t.headers, t.playlist, fragment.url), "Accept-Encoding": "identity"}
+        response = conn.ranges.get(fragment.url, headers, where, conn.step, t.shown)
         floor, received = SpeedFloor(t.rules, where), 0
         try:
             with conn.guard(shutter_of(response)):
@@ -345,7 +348,8 @@ def _local_playlist(stream: Stream, key_names: Mapping[Key, str]) -> str:
 
 def read_small(conn: Connection, url: str, t: StreamTransfer, limit: int, where: str) -> bytes:
     """A playlist or key, whole, at most ``limit`` bytes."""
-    response = conn.ranges.get(url, {**t.headers, "Accept-Encoding": "identity"}, where, conn.step, t.shown)
+    headers = {**for_host(t.headers, t.playlist, url), "Accept-Encoding": "identity"}
+    response = conn.ranges.get(url, headers, where, conn.step, t.shown)
     try:
         data = b""
         while chunk := read_chunk(response, False, where, len(data)):
@@ -379,13 +383,13 @@ def haul_errors_only(where: str) -> Iterator[None]:
         raise StorageUnavailable(f"{where}: {exc.strerror} while joining the stream") from exc
 
 
-def download_stream(playlist_url: str, format_id: str, folder: Path, part: Path, t: StreamTransfer) -> dict[str, Any]:
-    """The stream at ``playlist_url`` into ``part``: its playlist read, its fragments into
+def download_stream(format_id: str, folder: Path, part: Path, t: StreamTransfer) -> dict[str, Any]:
+    """The stream at ``t.playlist`` into ``part``: its playlist read, its fragments into
     ``folder`` (those a run before kept are not asked again), joined by ffmpeg. Returns what
     was joined (fragments, their bytes, the playlist's duration)."""
     where = t.where
-    text = read_small(t.main, playlist_url, t, MAX_PLAYLIST_BYTES, where)
-    stream = Stream.parse(text.decode("utf-8", errors="replace"), playlist_url, where)
+    text = read_small(t.main, t.playlist, t, MAX_PLAYLIST_BYTES, where)
+    stream = Stream.parse(text.decode("utf-8", errors="replace"), t.playlist, where)
     with haul_errors_only(where):
         claim_stream(folder, stream, format_id, where)
     fetched = StreamDownload(stream, folder, t).fetch()

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlsplit
 from pathvalidate import sanitize_filename
 
 from actors.errors import InvalidTask
-from actors.task import DEFAULT_ACCEPT, FileSpec, TaskSpec
+from actors.task import DEFAULT_ACCEPT, FileSpec, RequestOptions, TaskSpec
 
 #: Longest single path component (a file or folder name), in bytes of UTF-8: the NAME_MAX of
 #: Linux filesystems (ext4, xfs, btrfs, tmpfs). haul adds no suffix to final names.
@@ -34,6 +34,14 @@ REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 MAX_EXTENSION_BYTES = 16
 #: Longest task name and idempotency key.
 MAX_LABEL_CHARS = 500
+#: A task's headers: how many, how long each value, and the ones haul sets itself.
+MAX_HEADERS = 32
+MAX_HEADER_CHARS = 4096
+HAUL_HEADERS = frozenset({"host", "range", "if-range", "accept-encoding", "content-length", "transfer-encoding",
+                          "connection", "te", "upgrade", "trailer", "proxy-authorization", "cookie"})  # fmt: skip
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")
+#: Longest cookie file content a task may give.
+MAX_COOKIES_CHARS = 256 * 1024
 #: Longest format selector a page file may give.
 MAX_FORMAT_CHARS = 200
 #: Most files one task may hold.
@@ -179,11 +187,13 @@ def spec_from_manifest(data: object) -> TaskSpec:
     "size"?, "sha256"?, "format"?}]}``; ``format`` only with ``page``)."""
     if not isinstance(data, dict):
         raise InvalidTask("manifest: must be a JSON object with a 'files' list")
-    unknown = set(data) - {"name", "key", "webhook", "files", "accept"}
+    unknown = set(data) - {"name", "key", "webhook", "files", "accept", "headers", "cookies"}
     if unknown:
         raise InvalidTask(
-            f"manifest: unknown field(s) {sorted(unknown)}; allowed are name, key, webhook, files, accept"
+            f"manifest: unknown field(s) {sorted(unknown)}; allowed are name, key, webhook, files, accept, headers, "
+            "cookies"
         )
+    request = check_request(data.get("headers"), data.get("cookies"))
     accept = check_accept(data.get("accept"))
     name = _optional_str(data.get("name"), "manifest.name") or ""
     key = _optional_str(data.get("key"), "manifest.key")
@@ -229,7 +239,41 @@ def spec_from_manifest(data: object) -> TaskSpec:
             sha = sha.lower()
         files.append(FileSpec(url=url, path=path, size=size, sha256=sha, page=page, format=chosen))
     _check_no_prefix_clash(files)
-    return TaskSpec(files=tuple(files), name=name, key=key, webhook=webhook, accept=accept)
+    return TaskSpec(files=tuple(files), name=name, key=key, webhook=webhook, accept=accept, request=request)
+
+
+def check_request(headers: object, cookies: object) -> RequestOptions | None:
+    """A task's headers (``{"Name": "value"}``) and cookies (Netscape cookie file content), or
+    None; the messages never repeat a value (they are secrets)."""
+    if headers is None and cookies is None:
+        return None
+    pairs: list[tuple[str, str]] = []
+    if headers is not None:
+        if not isinstance(headers, dict) or len(headers) > MAX_HEADERS:
+            raise InvalidTask(f"manifest.headers: must be an object of at most {MAX_HEADERS} header names to values")
+        for name, value in headers.items():
+            if not _HEADER_NAME.match(name) or name.lower() in HAUL_HEADERS:
+                raise InvalidTask(
+                    f"manifest.headers: {name[:60]!r} is not a header a task may set (haul sets "
+                    f"{', '.join(sorted(HAUL_HEADERS))} itself)"
+                )
+            if not isinstance(value, str) or len(value) > MAX_HEADER_CHARS or _refused_character(value) is not None:
+                raise InvalidTask(f"manifest.headers.{name}: its value must be text of at most {MAX_HEADER_CHARS} "
+                                  "characters, without control characters")  # fmt: skip
+            pairs.append((name, value))
+    text = ""
+    if cookies is not None:
+        if not isinstance(cookies, str) or len(cookies) > MAX_COOKIES_CHARS:
+            raise InvalidTask(f"manifest.cookies: must be Netscape cookie file content, at most {MAX_COOKIES_CHARS} "
+                              "characters")  # fmt: skip
+        for number, line in enumerate(cookies.splitlines(), start=1):
+            if line.strip() and not line.startswith("#") and len(line.split("\t")) != 7:
+                raise InvalidTask(
+                    f"manifest.cookies: line {number} is not a cookie of a Netscape cookie file (7 fields separated "
+                    "by tabs: domain, subdomains, path, secure, expiry, name, value); export the cookies again"
+                )
+        text = cookies
+    return RequestOptions(tuple(pairs), text)
 
 
 def check_format(value: object, where: str) -> str | None:

@@ -28,7 +28,7 @@ from actors.errors import ResolverMissing
 if TYPE_CHECKING:
     from actors.interrupt import Guard
     from actors.netguard import DestinationPolicy
-    from actors.task import FileSpec
+    from actors.task import FileSpec, RequestOptions
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,13 @@ def resolve(
     before: Callable[[], None] = lambda: None,
     guard: Guard | None = None,
     proxy: str | None = None,
+    request: RequestOptions | None = None,
 ) -> Resolved:
     """Resolve page file ``spec`` with its format (``default_format`` when it gives none),
     every request through ``policy`` (and ``proxy``, if any); ``before`` is called just before
     the first request goes out (to wait for the host's turn); ``guard`` may shut every socket
-    the resolution uses (a graceful stop, a lost lease, the step's deadline). Raises haul
-    errors only."""
+    the resolution uses (a graceful stop, a lost lease, the step's deadline); ``request``: the
+    task's headers and cookies, for the page and the media. Raises haul errors only."""
     if not resolver_installed():
         raise ResolverMissing(
             f"{where}: this worker cannot resolve pages; install the extra on it (pip install 'haul[resolve]') "
@@ -113,4 +114,4 @@ def resolve(
     from actors import ytdlp
 
     return ytdlp.resolve(spec.url, spec.format or default_format, policy, where=where, timeout=timeout, before=before,
-                         guard=guard, proxy=proxy)  # fmt: skip
+                         guard=guard, proxy=proxy, request=request)  # fmt: skip

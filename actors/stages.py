@@ -32,6 +32,7 @@ from actors.pages import Resolved, resolve
 from actors.policy import FINALIZE_BACKLOG_FACTOR, SLOT_WAIT_MAX_SECONDS, slot_wait
 from actors.progress import FileProgress, Progress, guard_lease
 from actors.redact import display_url
+from actors.requestopts import headers_for
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
 from actors.sentry import report_task
@@ -202,7 +203,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                         on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
                         on_received=file.on_received,
                         split=plan,
-                        headers=found.headers if found else None,
+                        headers=found.headers if found else headers_for(task.spec.request, spec.url),
                         shown=_hidden(spec) if found else display_url,
                     )
                     break
@@ -235,8 +236,10 @@ def _resolve_page(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -
         _wait_turn(rt, task, spec, lane)
         lane.step(s.resolve_timeout_seconds, f"resolving the page of {spec.path!r}")
 
-    found = resolve(spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds, before=turn,
-                    guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy)  # fmt: skip
+    found = resolve(
+        spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds, before=turn,
+        guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy, request=task.spec.request,
+    )  # fmt: skip
     if not rt.store.record_resolved(task.id, token, index, found.record(), now=rt.clock()):
         raise LeaseLost(f"task {task.id}: lease lost while resolving the page of {spec.path!r}")
     log.info("task %s: %s resolved by %s to format %s on %s", task.id, spec.path, found.extractor, found.format_id,
@@ -261,8 +264,10 @@ def _fetch_stream(
     where = f"task {task.id}, file {spec.path!r}, the stream of its page"
     main = Connection(ranges=rt.fetcher, tick=file.on_progress, step=file.step,
                       wake=plan.wake if plan is not None else _nothing, guard=file.guard)  # fmt: skip
-    transfer = StreamTransfer(main, plan, rules, found.headers, file.on_received, where, token, _hidden(spec))
-    joined = download_stream(found.url, found.format_id, sandbox.claim_fragments(index, token), part, transfer)
+    transfer = StreamTransfer(
+        main, plan, rules, found.headers, file.on_received, where, token, _hidden(spec), found.url
+    )
+    joined = download_stream(found.format_id, sandbox.claim_fragments(index, token), part, transfer)
     size = part.stat().st_size
     digest = hash_file(part, size, lambda: file.step(DISK_STEP_SECONDS)).hexdigest()
     if spec.sha256 and digest != spec.sha256:

@@ -24,6 +24,7 @@ from actors.store_sweeps import SweepStore
 from actors.task import (
     DEFAULT_ACCEPT,
     KeyConflict,
+    RequestOptions,
     Task,
     TaskSpec,
     files_from_json,
@@ -184,6 +185,8 @@ class TaskStore(SweepStore):
             described["webhook"] = spec.webhook
         if spec.accept != DEFAULT_ACCEPT:
             described["accept"] = list(spec.accept)
+        if spec.request is not None:  # secrets: read back by workers only, never shown
+            described["request"] = spec.request.to_json()
         asked = request_hash(spec)
         fields: dict[str, Any] = {
             "key": spec.key or "",
@@ -547,6 +550,7 @@ def _task_from(
         key=data.get("key") or None,
         webhook=described.get("webhook"),
         accept=tuple(described.get("accept", DEFAULT_ACCEPT)),
+        request=RequestOptions.from_json(described.get("request")),
     )
     return Task(
         id=task_id,

@@ -73,6 +73,31 @@ class FileSpec:
 
 
 @dataclass(frozen=True)
+class RequestOptions:
+    """Headers and cookies a task's origins need (a site behind a sign-in): secrets, sent with
+    its requests (pages, and files of the hosts the cookies name) and shown nowhere: not in
+    status, events, webhooks or logs. Kept with the task's spec until the task is pruned."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+    #: Netscape cookie file content (as browsers' export extensions and ``yt-dlp --cookies`` write it).
+    cookies: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"headers": [list(h) for h in self.headers], "cookies": self.cookies}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> RequestOptions | None:
+        if not data:
+            return None
+        return cls(tuple((str(k), str(v)) for k, v in data.get("headers", ())), str(data.get("cookies", "")))
+
+    @property
+    def digest(self) -> str:
+        """What tells two requests' options apart, without holding them."""
+        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """What a caller asks for: validated, immutable once stored."""
 
@@ -81,6 +106,7 @@ class TaskSpec:
     key: str | None = None
     webhook: str | None = None
     accept: tuple[str, ...] = DEFAULT_ACCEPT
+    request: RequestOptions | None = None
 
     @property
     def known_bytes(self) -> int:
@@ -243,6 +269,7 @@ def request_of(spec: TaskSpec) -> dict[str, Any]:
         "accept": sorted(set(spec.accept)),
         "webhook": spec.webhook,
         "name": spec.name,
+        **({"request": spec.request.digest} if spec.request is not None else {}),
     }
 
 
@@ -266,6 +293,8 @@ def first_difference(first: TaskSpec, again: TaskSpec) -> str | None:
         return "webhook"
     if first.name != again.name:
         return "name"
+    if (first.request and first.request.digest) != (again.request and again.request.digest):
+        return "headers or cookies"
     return None
 
 

@@ -16,7 +16,9 @@ retried (:class:`OriginUnavailable`); a destination the policy refuses stays tha
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import io
 import logging
 import math
 import threading
@@ -26,6 +28,7 @@ from urllib.parse import urljoin
 
 import requests
 from yt_dlp import YoutubeDL
+from yt_dlp.cookies import YoutubeDLCookieJar
 from yt_dlp.networking._requests import RequestsRH
 from yt_dlp.networking.common import RequestDirector
 from yt_dlp.networking.exceptions import HTTPError, TransportError
@@ -37,6 +40,8 @@ from actors.interrupt import Guard, interruptible
 from actors.netguard import DestinationPolicy
 from actors.pages import Resolved, plain_title
 from actors.redact import display_url, redact_text
+from actors.requestopts import cookies_text
+from actors.task import RequestOptions
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +171,7 @@ def resolve(
     before: Callable[[], None],
     guard: Guard | None,
     proxy: str | None,
+    request: RequestOptions | None,
 ) -> Resolved:
     """The media ``page`` shows, in the format ``selector`` chooses (the rest: see
     :func:`actors.pages.resolve`)."""
@@ -173,12 +179,17 @@ def resolve(
         "format": selector, "noplaylist": True, "extract_flat": "in_playlist", "quiet": True, "no_warnings": True,
         "noprogress": True, "logger": _Log(where), "socket_timeout": timeout, "cachedir": False,
         "extractor_retries": 0, "proxy": proxy or "",  # "": no proxy from the environment either
+        "http_headers": dict(request.headers) if request is not None else {},
     }  # fmt: skip
     sockets = _Sockets()
     try:
         ydl = _PolicyYoutubeDL(params, policy, where, before, sockets)
     except (SyntaxError, ValueError) as exc:  # yt-dlp parses the selector here
         raise PageUnresolvable(f"{where}: {selector!r} is not a format selector yt-dlp understands ({exc})") from exc
+    if request is not None and request.cookies:  # the task's, read from memory (never a file on disk)
+        jar = YoutubeDLCookieJar()
+        jar.load(io.StringIO(cookies_text(request)))
+        ydl.cookiejar = jar
     with ydl, interruptible(guard), guard(sockets) if guard is not None else contextlib.nullcontext():
         try:
             info = ydl.extract_info(page, download=False)
@@ -190,7 +201,11 @@ def resolve(
                 ) from exc  # fmt: skip
             cause = exc.exc_info[1] if isinstance(exc, DownloadError) and exc.exc_info else exc
             raise _haul_error(cause, page, where) from exc
-    return _chosen(info, where)
+        found = _chosen(info, where)
+        cookie = ydl.cookiejar.get_cookie_header(found.url)  # the task's, and what the site set while resolving
+    if cookie:
+        found = dataclasses.replace(found, headers={**found.headers, "Cookie": cookie})
+    return found
 
 
 def _haul_error(cause: BaseException | None, page: str, where: str) -> HaulError:

@@ -152,6 +152,9 @@ class Origin(_Running):
         self.expiring: set[str] = set()
         #: Requests answered 403 as expired.
         self.expired = 0
+        #: A header every file request must carry (name, a text its value holds), else 403: a
+        #: site behind a sign-in.
+        self.required: tuple[str, str] | None = None
         #: Bodies being sent right now, and the most at any one time.
         self.active = 0
         self.max_active = 0
@@ -220,7 +223,9 @@ class _OriginHandler(_Quiet):
                 fault = origin.random_fault(len(data))
         if fault is not None and fault.kind == "slow_headers":
             time.sleep(fault.seconds)  # nothing sent yet: the client waits for the status line
-        if path in origin.expiring and signed_until(self.path) < time.time():
+        if origin.required and origin.required[1] not in self.headers.get(origin.required[0], ""):
+            self._status(403)
+        elif path in origin.expiring and signed_until(self.path) < time.time():
             with origin.lock:
                 origin.expired += 1
             self._status(403)
@@ -351,6 +356,8 @@ class Site(_Running):
         self.dynamic: dict[str, Callable[[], str]] = {}
         #: Paths whose page comes a byte a second, for ever (a peer that never lets a read time out).
         self.dripping: set[str] = set()
+        #: A header every request must carry (name, a text its value holds), else 403.
+        self.required: tuple[str, str] | None = None
         self.redirects: dict[str, str] = {}
         self.requests: list[Request] = []
         self.lock = threading.Lock()
@@ -373,6 +380,11 @@ class _SiteHandler(_Quiet):
         if path in site.redirects:
             self.send_response(302)
             self.send_header("Location", site.redirects[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if site.required and site.required[1] not in self.headers.get(site.required[0], ""):
+            self.send_response(403)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return

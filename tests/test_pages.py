@@ -5,6 +5,8 @@ site and a real origin on 127.0.0.1, an in-process worker on the real broker, no
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import os
 import re
 import subprocess
@@ -25,7 +27,7 @@ from actors.states import State
 from actors.store import TaskStore
 from actors.task import files_from_json, first_difference, request_hash
 from tests.conftest import in_process_worker, wait_for
-from tests.servers import Fault, Origin, Site
+from tests.servers import Fault, Origin, Receiver, Site
 
 KIB = 1024
 
@@ -358,3 +360,89 @@ def test_a_stream_playlist_is_read_with_its_keys_and_init_section() -> None:
         "https://cdn.example/v/index.m3u8", "t",
     )  # fmt: skip
     assert resigned.identity == stream.identity  # signed anew, the same stream: its fragments are kept
+
+
+COOKIE_VALUE = "SECRETcookie0x5eed"
+TOKEN_VALUE = "SECREThdr0xcafe"
+
+
+def signed_in(files: list[dict[str, str]]) -> dict[str, object]:
+    """A manifest for a site behind a sign-in: its session cookie and a token header."""
+    return {
+        "files": files,
+        "headers": {"X-Course-Token": TOKEN_VALUE},
+        "cookies": f"# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t0\tsession\t{COOKIE_VALUE}\n",
+    }
+
+
+def assert_shown_nowhere(store: TaskStore, task_id: str, receiver: Receiver, logs: str) -> None:
+    """The task's cookie and header are in no status, event, webhook or log."""
+    task = store.get(task_id)
+    assert task is not None
+    events = EventLog(store.client, store.prefix).of_task(task_id)
+    texts = [json.dumps(task.as_status()), json.dumps([e.payload() for e in events]), logs]
+    texts += [repr(d.headers) + d.body.decode() for d in receiver.deliveries]
+    for text in texts:
+        assert COOKIE_VALUE not in text and TOKEN_VALUE not in text, text[:500]
+
+
+def test_a_page_behind_a_sign_in_works_with_the_tasks_cookie_and_header_shown_nowhere(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    data = os.urandom(100 * KIB)
+    page = site.page("/course/lesson-1", lesson_page(origin.put("/media/lesson-1.mp4", data)))
+    site.required = ("Cookie", f"session={COOKIE_VALUE}")  # the page without the session: 403
+    origin.required = ("Cookie", f"session={COOKIE_VALUE}")  # and the media
+    with in_process_worker(settings, store, threads=1):
+        task_id = client.submit_spec(spec_from_manifest(signed_in([{"page": page, "path": "lesson-1.mp4"}])))
+        task = wait_for(store, task_id)
+    assert task.state is State.DONE, task.error
+    assert (settings.storage_dir / task.id / "lesson-1.mp4").read_bytes() == data
+    assert all(r.headers.get("X-Course-Token") == TOKEN_VALUE for r in site.requests)
+    assert_shown_nowhere(store, task_id, receiver, caplog.text)
+
+
+def test_a_files_credentials_go_to_its_host_and_no_further(
+    settings: Settings, store: TaskStore, client: Client, origin: Origin, receiver: Receiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A direct file gets the task's header and cookie; a redirect to another host gets the
+    header, never the cookie."""
+    caplog.set_level(logging.DEBUG)
+    other = Origin()
+    try:
+        data = os.urandom(50 * KIB)
+        origin.put("/here.mp4", data)
+        origin.redirects["/moved.mp4"] = other.put("/there.mp4", data)
+        origin.required = ("Cookie", f"session={COOKIE_VALUE}")
+        files = [
+            {"url": origin.url("/here.mp4"), "path": "here.mp4"},
+            {"url": origin.url("/moved.mp4"), "path": "moved.mp4"},
+        ]
+        with in_process_worker(settings, store, threads=1):
+            task_id = client.submit_spec(spec_from_manifest(signed_in(files)))
+            task = wait_for(store, task_id)
+        assert task.state is State.DONE, task.error
+        [there] = other.requests_for("/there.mp4")
+        assert "Cookie" not in there.headers and there.headers.get("X-Course-Token") == TOKEN_VALUE
+    finally:
+        other.close()
+    assert_shown_nowhere(store, task_id, receiver, caplog.text)
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        ({"headers": {"Host": "evil.example"}}, "is not a header a task may set"),
+        ({"headers": {"Range": "bytes=0-"}}, "is not a header a task may set"),
+        ({"headers": {"X-Token": "a\r\nX-Injected: 1"}}, "without control characters"),
+        ({"headers": {"bad name": "x"}}, "is not a header a task may set"),
+        ({"cookies": "example.com\tTRUE\t/\tsecret-but-broken"}, "line 1 is not a cookie"),
+    ],
+)
+def test_bad_headers_or_cookies_are_refused_without_repeating_them(extra: dict[str, object], said: str) -> None:
+    with pytest.raises(InvalidTask, match=said) as refused:
+        spec_from_manifest({"files": [{"url": "https://a.example/x.mp4", "path": "x.mp4"}], **extra})
+    assert "secret-but-broken" not in str(refused.value) and "X-Injected" not in str(refused.value)

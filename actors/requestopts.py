@@ -1,0 +1,55 @@
+"""A task's own headers and cookies (:class:`actors.task.RequestOptions`), as its requests send
+them: the headers to every request for its files, each cookie only where its domain, path and
+``secure`` flag say (the standard library's cookie jar decides), never past a redirect to
+another host."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import io
+import urllib.request
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from actors.task import RequestOptions
+
+#: What the cookie file format begins with (browsers' exports and ``yt-dlp --cookies`` write it;
+#: the standard library's reader insists on it).
+NETSCAPE_MAGIC = "# Netscape HTTP Cookie File\n"
+#: Headers that name a credential: not sent on to another host.
+CREDENTIAL_HEADERS = frozenset({"cookie", "authorization"})
+
+
+def cookies_text(options: RequestOptions) -> str:
+    """The task's cookies as a cookie file the readers accept."""
+    text = options.cookies
+    first = text.lstrip().split("\n", 1)[0]
+    return text if first.startswith("#") and "HTTP Cookie File" in first else NETSCAPE_MAGIC + text
+
+
+def headers_for(options: RequestOptions | None, url: str) -> dict[str, str]:
+    """The task's headers, and the Cookie header its cookies make for ``url`` (if any)."""
+    if options is None:
+        return {}
+    headers = dict(options.headers)
+    if options.cookies:
+        # Read from memory (the reader's own load takes a path): the secrets never touch a disk
+        jar = http.cookiejar.MozillaCookieJar()
+        jar._really_load(io.StringIO(cookies_text(options)), "the task's cookies", True, True)  # type: ignore[attr-defined]
+        for entry in jar:  # expiry 0 is how the format writes a session cookie (as yt-dlp reads it)
+            if entry.expires == 0:
+                entry.expires, entry.discard = None, True
+        request = urllib.request.Request(url)
+        jar.add_cookie_header(request)
+        cookie = request.get_header("Cookie")
+        if cookie:
+            headers["Cookie"] = cookie
+    return headers
+
+
+def for_host(headers: Mapping[str, str], url: str, target: str) -> dict[str, str]:
+    """``headers`` for ``target``, asked for on the way to ``url``: without credentials when
+    ``target`` is another host (a redirect, a fragment on another CDN)."""
+    if urlsplit(url).netloc.lower() == urlsplit(target).netloc.lower():
+        return dict(headers)
+    return {k: v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
