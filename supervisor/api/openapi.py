@@ -74,6 +74,9 @@ _SCHEMAS: dict[str, Any] = {
             "accept": {"type": "array", "items": {"type": "string"}},
             "files": {"type": "array", "items": _ref("File")},
             "urls": {"type": "array", "items": {"type": "string"}},
+            "headers": {"type": "object", "additionalProperties": {"type": "string"},
+                        "description": "sent with the task's requests (a secret: never shown back)"},
+            "cookies": {"type": "string", "description": "Netscape cookie file content (a secret: never shown back)"},
         },
     },
     "Task": {
