@@ -2,13 +2,15 @@
 
 Importing this module is what starts a worker's set-up, and nothing else imports it: it reads
 the ``HAUL_*`` environment (a bad value exits with status 2 and a message naming the
-variable), installs log redaction and the log format, initialises Sentry (before the broker:
-Sentry's Dramatiq integration patches ``Broker.__init__``), builds the broker with the actors
-declared, and makes it Dramatiq's current one, which the ``dramatiq`` command runs.
+variable), installs log redaction and the log format, keeps yt-dlp from loading plugins,
+initialises Sentry (before the broker: Sentry's Dramatiq integration patches
+``Broker.__init__``), builds the broker with the actors declared, and makes it Dramatiq's
+current one, which the ``dramatiq`` command runs.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import dramatiq
@@ -31,6 +33,8 @@ def start() -> RedisBroker:
         raise SystemExit(2) from None
     install_log_redaction(secrets_of(settings))
     reformat(settings.log_format)  # Dramatiq's handler, now in HAUL_LOG_FORMAT
+    # yt-dlp (page files) would import plugins from the user's folders: code haul never chose
+    os.environ.setdefault("YTDLP_NO_PLUGINS", "1")
     init_sentry(settings, component="worker")
     broker = worker_broker(settings, Runtime.build(settings))
     dramatiq.set_broker(broker)

@@ -35,7 +35,7 @@ def make_stream(bench: Bench) -> tuple[str, int]:
             check=True,
         )  # fmt: skip
     (bench.www / "lecture.html").write_text(
-        '<!doctype html><html><head><title>Lecture</title></head>'
+        "<!doctype html><html><head><title>Lecture</title></head>"
         '<body><video src="/hls/index.m3u8"></video></body></html>'
     )
     return bench.url("lecture.html"), len(list(folder.glob("seg-*.ts")))
