@@ -30,12 +30,13 @@ import re
 import shutil
 import subprocess
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 from actors.connections import shutter_of
 from actors.diskio import write_all
@@ -43,6 +44,7 @@ from actors.errors import HaulError, OriginUnavailable, PageUnresolvable, Storag
 from actors.httprules import FetchRules, SpeedFloor, read_chunk
 from actors.lease import DISK_STEP_SECONDS
 from actors.requestopts import for_host
+from actors.resume import discard_part
 from actors.split import Connection, SplitPlan
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ JOIN_MIN_SECONDS = 60.0
 JOIN_AFTER_FAILURE_SECONDS = 10.0
 
 _ATTRIBUTE = re.compile(r'([A-Z0-9-]+)=("[^"]*"|[^,]*)')
+_IV = re.compile(r"^0[xX][0-9a-fA-F]{1,32}$")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class Stream:
     """A media playlist, read and judged."""
 
     fragments: tuple[Fragment, ...]
+    #: The first fragment's number (``#EXT-X-MEDIA-SEQUENCE``): AES-128 without an IV uses it.
+    sequence: int = 0
 
     @property
     def fmp4(self) -> bool:
@@ -97,11 +102,15 @@ class Stream:
     def duration(self) -> float:
         return sum(f.duration for f in self.fragments)
 
-    @property
-    def identity(self) -> str:
-        """What makes two resolutions the same stream (not the URLs: a new resolution signs them anew)."""
-        shape = [[round(f.duration, 3), f.init, f.key is not None] for f in self.fragments]
-        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()
+    def identity(self, keys: Mapping[Key, bytes]) -> str:
+        """What makes two resolutions the same stream: each fragment's duration and path (not its
+        query: a new resolution signs the URLs anew), its key's bytes and IV, the sequence."""
+        shape = [
+            [round(f.duration, 3), f.init, urlsplit(f.url).path,
+             hashlib.sha256(keys[f.key]).hexdigest() if f.key is not None else None, f.key.iv if f.key else None]
+            for f in self.fragments
+        ]  # fmt: skip
+        return hashlib.sha256(json.dumps([self.sequence, shape]).encode()).hexdigest()
 
     @classmethod
     def parse(cls, text: str, base: str, where: str) -> Stream:
@@ -111,7 +120,7 @@ class Stream:
         fragments: list[Fragment] = []
         key: Key | None = None
         duration: float | None = None
-        ended = False
+        ended, sequence = False, 0
         for raw in text.splitlines():
             line = raw.strip()
             if not line:
@@ -121,6 +130,8 @@ class Stream:
                 raise PageUnresolvable(f"{where}: the stream's playlist lists variants, not fragments")
             if tag == "#EXT-X-ENDLIST":
                 ended = True
+            elif tag == "#EXT-X-MEDIA-SEQUENCE":
+                sequence = int(_number(value, where))
             elif tag in {"#EXT-X-KEY", "#EXT-X-SESSION-KEY"}:
                 key = _key(_attributes(value), base, where)
             elif tag == "#EXT-X-MAP":
@@ -141,7 +152,7 @@ class Stream:
             raise PageUnresolvable(f"{where}: the stream is live (its playlist has no end); haul downloads recordings")
         if not any(not f.init for f in fragments):
             raise PageUnresolvable(f"{where}: the stream's playlist lists no fragments")
-        return cls(tuple(fragments))
+        return cls(tuple(fragments), sequence)
 
 
 def _attributes(text: str) -> dict[str, str]:
@@ -157,7 +168,10 @@ def _key(attributes: Mapping[str, str], base: str, where: str) -> Key | None:
         raise PageUnresolvable(
             f"{where}: the stream is protected by DRM ({method}, {key_format}); haul does not download it"
         )
-    return Key(urljoin(base, attributes["URI"]), attributes.get("IV"))
+    iv = attributes.get("IV")
+    if iv is not None and not _IV.match(iv):
+        raise PageUnresolvable(f"{where}: the stream's key has an IV that is not a hexadecimal number")
+    return Key(urljoin(base, attributes["URI"]), iv)
 
 
 def _number(text: str, where: str) -> float:
@@ -198,6 +212,9 @@ class StreamDownload:
         self._done = sum(self._path(i).stat().st_size for i in range(len(stream.fragments)) if self._path(i).exists())
         self._error: BaseException | None = None
         self._beside: list[futures.Future[None]] = []
+        #: In the names of this download's unfinished fragments: another download of the same run
+        #: (the page resolved again) never writes into them.
+        self._tag = uuid.uuid4().hex[:8]
 
     def _path(self, index: int) -> Path:
         return self.folder / self.stream.fragments[index].name(index, self.stream.fmp4)
@@ -249,13 +266,14 @@ class StreamDownload:
         t, fragment = self.t, self.stream.fragments[index]
         where = f"{t.where}, fragment {index + 1} of {len(self.stream.fragments)}"
         final = self._path(index)
-        temporary = final.with_name(f"{final.name}.{t.token}.tmp")
+        temporary = final.with_name(f"{final.name}.{t.token}.{self._tag}.tmp")
         headers = {**for_host(t.headers, t.playlist, fragment.url), "Accept-Encoding": "identity"}
         response = conn.ranges.get(fragment.url, headers, where, conn.step, t.shown)
         floor, received = SpeedFloor(t.rules, where), 0
+        shutter = shutter_of(response)
         try:
-            with conn.guard(shutter_of(response)):
-                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with conn.guard(shutter):
+                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
                     while chunk := read_chunk(response, False, where, received):
                         with self._lock:
@@ -270,6 +288,8 @@ class StreamDownload:
                             self._done += len(chunk)
                         if t.on_received is not None:
                             t.on_received(len(chunk))
+                    if shutter.shut:  # the end was ours (a stop, a lost lease), not the origin's
+                        raise OriginUnavailable(f"{where}: interrupted after {received} bytes")
                     conn.step(DISK_STEP_SECONDS)
                     os.fdatasync(fd)
                 finally:
@@ -283,11 +303,11 @@ class StreamDownload:
                 temporary.unlink()
 
 
-def claim_stream(folder: Path, stream: Stream, format_id: str, where: str) -> None:
-    """Keep ``folder``'s fragments if they are of ``stream`` (the same shape, the same format),
-    else start it over; record what they are of."""
+def claim_stream(folder: Path, stream: Stream, keys: Mapping[Key, bytes], format_id: str, where: str) -> None:
+    """Keep ``folder``'s fragments if they are of ``stream`` (:meth:`Stream.identity`, the same
+    format), else start it over; record what they are of."""
     record = folder / "stream.json"
-    wanted = {"identity": stream.identity, "format_id": format_id}
+    wanted = {"identity": stream.identity(keys), "format_id": format_id}
     try:
         kept = json.loads(record.read_text())
     except (OSError, ValueError):
@@ -302,9 +322,10 @@ def claim_stream(folder: Path, stream: Stream, format_id: str, where: str) -> No
         os.replace(temporary, record)
 
 
-def join(stream: Stream, folder: Path, keys: Mapping[Key, bytes], part: Path, ffmpeg: str, where: str) -> None:
-    """ffmpeg joins the fragments into ``part`` (an MP4), reading only files haul wrote."""
-    local = folder / "local.m3u8"
+def join(stream: Stream, folder: Path, keys: Mapping[Key, bytes], ffmpeg: str, where: str) -> Path:
+    """ffmpeg joins the fragments into an MP4 in ``folder`` (the run's own: a run that lost the
+    task joins where its successor never looks), reading only files haul wrote; its path."""
+    local, joined = folder / "local.m3u8", folder / "joined.mp4"
     key_names: dict[Key, str] = {}
     for n, (key, data) in enumerate(keys.items()):
         key_names[key] = f"key-{n}.bin"
@@ -313,7 +334,7 @@ def join(stream: Stream, folder: Path, keys: Mapping[Key, bytes], part: Path, ff
     timeout = max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * len(stream.fragments))
     command = [
         ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-protocol_whitelist", "file,crypto",
-        "-i", str(local), "-map", "0:v?", "-map", "0:a?", "-c", "copy", "-f", "mp4", "-y", str(part),
+        "-i", str(local), "-map", "0:v?", "-map", "0:a?", "-c", "copy", "-f", "mp4", "-y", str(joined),
     ]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
@@ -322,12 +343,13 @@ def join(stream: Stream, folder: Path, keys: Mapping[Key, bytes], part: Path, ff
     if done.returncode != 0:
         said = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise PageUnresolvable(f"{where}: ffmpeg could not join the stream's fragments: {' / '.join(said)}")
+    return joined
 
 
 def _local_playlist(stream: Stream, key_names: Mapping[Key, str]) -> str:
     target = math.ceil(max(f.duration for f in stream.fragments))
-    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{target}", "#EXT-X-MEDIA-SEQUENCE:0",
-             "#EXT-X-PLAYLIST-TYPE:VOD"]  # fmt: skip
+    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{target}",
+             f"#EXT-X-MEDIA-SEQUENCE:{stream.sequence}", "#EXT-X-PLAYLIST-TYPE:VOD"]  # fmt: skip
     current: Key | None = None
     for index, fragment in enumerate(stream.fragments):
         if fragment.key != current:
@@ -350,12 +372,16 @@ def read_small(conn: Connection, url: str, t: StreamTransfer, limit: int, where:
     """A playlist or key, whole, at most ``limit`` bytes."""
     headers = {**for_host(t.headers, t.playlist, url), "Accept-Encoding": "identity"}
     response = conn.ranges.get(url, headers, where, conn.step, t.shown)
+    shutter = shutter_of(response)
     try:
         data = b""
-        while chunk := read_chunk(response, False, where, len(data)):
-            data += chunk
-            if len(data) > limit:
-                raise TooLarge(f"{where}: {t.shown(url)} is larger than {limit} bytes")
+        with conn.guard(shutter):
+            while chunk := read_chunk(response, False, where, len(data)):
+                data += chunk
+                if len(data) > limit:
+                    raise TooLarge(f"{where}: {t.shown(url)} is larger than {limit} bytes")
+        if shutter.shut:
+            raise OriginUnavailable(f"{where}: interrupted after {len(data)} bytes")
         return data
     finally:
         response.close()
@@ -390,12 +416,15 @@ def download_stream(format_id: str, folder: Path, part: Path, t: StreamTransfer)
     where = t.where
     text = read_small(t.main, t.playlist, t, MAX_PLAYLIST_BYTES, where)
     stream = Stream.parse(text.decode("utf-8", errors="replace"), t.playlist, where)
-    with haul_errors_only(where):
-        claim_stream(folder, stream, format_id, where)
-    fetched = StreamDownload(stream, folder, t).fetch()
     keys = {key: read_small(t.main, key.url, t, MAX_KEY_BYTES, f"{where}, its key")
             for key in dict.fromkeys(f.key for f in stream.fragments if f.key is not None)}  # fmt: skip
+    with haul_errors_only(where):
+        claim_stream(folder, stream, keys, format_id, where)
+        fetched = StreamDownload(stream, folder, t).fetch()
     t.main.step(max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * len(stream.fragments)) + 10)
     with haul_errors_only(where):
-        join(stream, folder, keys, part, ffmpeg_path(), where)
+        joined = join(stream, folder, keys, ffmpeg_path(), where)
+        t.main.step(DISK_STEP_SECONDS)  # the fence: a run that lost the task moves nothing
+        discard_part(part)  # bytes an earlier download of another kind left, and their record
+        os.replace(joined, part)
     return {"fragments": len(stream.fragments), "bytes": fetched, "duration": stream.duration}

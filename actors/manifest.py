@@ -252,28 +252,59 @@ def check_request(headers: object, cookies: object) -> RequestOptions | None:
         if not isinstance(headers, dict) or len(headers) > MAX_HEADERS:
             raise InvalidTask(f"manifest.headers: must be an object of at most {MAX_HEADERS} header names to values")
         for name, value in headers.items():
-            if not _HEADER_NAME.match(name) or name.lower() in HAUL_HEADERS:
+            if not _HEADER_NAME.match(name) or name.lower() in HAUL_HEADERS or name.lower().startswith("ytdl-"):
                 raise InvalidTask(
                     f"manifest.headers: {name[:60]!r} is not a header a task may set (haul sets "
-                    f"{', '.join(sorted(HAUL_HEADERS))} itself)"
+                    f"{', '.join(sorted(HAUL_HEADERS))} itself, and Ytdl-* are yt-dlp's own)"
                 )
-            if not isinstance(value, str) or len(value) > MAX_HEADER_CHARS or _refused_character(value) is not None:
-                raise InvalidTask(f"manifest.headers.{name}: its value must be text of at most {MAX_HEADER_CHARS} "
-                                  "characters, without control characters")  # fmt: skip
+            if not isinstance(value, str) or not _header_value_ok(value):
+                raise InvalidTask(
+                    f"manifest.headers.{name}: its value must be Latin-1 text of at most {MAX_HEADER_CHARS} "
+                    "characters, without control characters or spaces at either end"
+                )
             pairs.append((name, value))
     text = ""
     if cookies is not None:
         if not isinstance(cookies, str) or len(cookies) > MAX_COOKIES_CHARS:
             raise InvalidTask(f"manifest.cookies: must be Netscape cookie file content, at most {MAX_COOKIES_CHARS} "
                               "characters")  # fmt: skip
-        for number, line in enumerate(cookies.splitlines(), start=1):
-            if line.strip() and not line.startswith("#") and len(line.split("\t")) != 7:
+        lines = cookies.replace("\r\n", "\n").split("\n")
+        for number, line in enumerate(lines, start=1):
+            if not _cookie_line_ok(line):
                 raise InvalidTask(
                     f"manifest.cookies: line {number} is not a cookie of a Netscape cookie file (7 fields separated "
-                    "by tabs: domain, subdomains, path, secure, expiry, name, value); export the cookies again"
+                    "by tabs: domain, TRUE when it starts with a dot, a path from /, TRUE or FALSE, the expiry in "
+                    "seconds, name, value); export the cookies again"
                 )
-        text = cookies
+        text = "\n".join(lines)
     return RequestOptions(tuple(pairs), text)
+
+
+def _header_value_ok(value: str) -> bool:
+    if len(value) > MAX_HEADER_CHARS or value != value.strip() or _refused_character(value) is not None:
+        return False
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _cookie_line_ok(line: str) -> bool:
+    """A blank line, a comment, or a cookie as the standard library's reader takes it."""
+    if line.startswith("#HttpOnly_"):
+        line = line.removeprefix("#HttpOnly_")
+    elif not line.strip() or line.startswith("#"):
+        return True
+    fields = line.split("\t")
+    if len(fields) != 7 or any(_refused_character(f) is not None for f in fields):
+        return False
+    domain, subdomains, path, secure, expiry, name, _ = fields
+    return (
+        bool(domain) and subdomains in {"TRUE", "FALSE"} and (subdomains == "TRUE") == domain.startswith(".")
+        and path.startswith("/") and secure in {"TRUE", "FALSE"} and (expiry == "" or expiry.isdigit())
+        and bool(name)
+    )  # fmt: skip
 
 
 def check_format(value: object, where: str) -> str | None:

@@ -96,13 +96,15 @@ def resolve(
     *,
     where: str,
     timeout: float,
+    limit: float,
     before: Callable[[], None] = lambda: None,
     guard: Guard | None = None,
     proxy: str | None = None,
     request: RequestOptions | None = None,
 ) -> Resolved:
     """Resolve page file ``spec`` with its format (``default_format`` when it gives none),
-    every request through ``policy`` (and ``proxy``, if any); ``before`` is called just before
+    every request through ``policy`` (and ``proxy``, if any), each socket waiting at most
+    ``timeout`` seconds, all of it cut after ``limit`` seconds; ``before`` is called just before
     the first request goes out (to wait for the host's turn); ``guard`` may shut every socket
     the resolution uses (a graceful stop, a lost lease, the step's deadline); ``request``: the
     task's headers and cookies, for the page and the media. Raises haul errors only."""
@@ -113,5 +115,6 @@ def resolve(
         )
     from actors import ytdlp
 
-    return ytdlp.resolve(spec.url, spec.format or default_format, policy, where=where, timeout=timeout, before=before,
+    return ytdlp.resolve(spec.url, spec.format or default_format, policy, where=where, timeout=timeout, limit=limit,
+                         before=before,
                          guard=guard, proxy=proxy, request=request)  # fmt: skip

@@ -23,7 +23,7 @@ from actors.diskio import hash_file, sync_file
 from actors.ending import end_run
 from actors.errors import ChecksumMismatch, HaulError, LeaseLost, NoWebhookSecret, OriginRejected, Stopping, TooLarge
 from actors.finalize import finish_task
-from actors.hls import StreamTransfer, download_stream
+from actors.hls import StreamTransfer, download_stream, haul_errors_only
 from actors.httprules import FetchRules
 from actors.lanes import FileLanes
 from actors.lease import DISK_STEP_SECONDS, Lane, Lease, no_figures, no_files
@@ -185,11 +185,11 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                 found = _resolve_page(rt, task, lease.token, index, lane) if spec.page else None
                 rules, plan = _rules(rt, task, progress.bytes_done), lanes.split_plan(index, file, lane)
                 try:
+                    if found is not None:  # bytes kept of another format are not of this file
+                        sandbox.keep_format(index, part, found.format_id, task_id)
                     if found is not None and found.stream:
                         size = _fetch_stream(rt, task, lease.token, index, found, part, file, plan, rules, sandbox)
                         break
-                    if found is not None:  # bytes kept of another format are not of this file
-                        sandbox.keep_format(index, part, found.format_id, task_id)
                     media = dataclasses.replace(spec, url=found.url, page=False, format=None) if found else spec
                     size = rt.fetcher.fetch(
                         media,
@@ -221,6 +221,8 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
     return progress
 
 
+#: Beyond HAUL_RESOLVE_TIMEOUT_SECONDS, how long the lane waits for a resolution to end on its own.
+RESOLVE_MARGIN_SECONDS = 10.0
 #: What a resolved media URL answers once its signature expired.
 EXPIRED_STATUSES = frozenset({401, 403, 410})
 
@@ -230,14 +232,16 @@ def _resolve_page(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -
     spec = task.spec.files[index]
     s = rt.settings
     where = f"task {task.id}, file {spec.path!r} from the page {display_url(spec.url)}"
-    lane.step(s.resolve_timeout_seconds, f"resolving the page of {spec.path!r}")
+    # The resolution cuts itself at HAUL_RESOLVE_TIMEOUT_SECONDS; the lane's deadline is the backstop
+    lane.step(s.resolve_timeout_seconds + RESOLVE_MARGIN_SECONDS, f"resolving the page of {spec.path!r}")
 
     def turn() -> None:
         _wait_turn(rt, task, spec, lane)
-        lane.step(s.resolve_timeout_seconds, f"resolving the page of {spec.path!r}")
+        lane.step(s.resolve_timeout_seconds + RESOLVE_MARGIN_SECONDS, f"resolving the page of {spec.path!r}")
 
     found = resolve(
-        spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds, before=turn,
+        spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds,
+        limit=s.resolve_timeout_seconds, before=turn,
         guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy, request=task.spec.request,
     )  # fmt: skip
     if not rt.store.record_resolved(task.id, token, index, found.record(), now=rt.clock()):
@@ -267,7 +271,9 @@ def _fetch_stream(
     transfer = StreamTransfer(
         main, plan, rules, found.headers, file.on_received, where, token, _hidden(spec), found.url
     )
-    joined = download_stream(found.format_id, sandbox.claim_fragments(index, token), part, transfer)
+    with haul_errors_only(where):
+        folder = sandbox.claim_fragments(index, token)
+    joined = download_stream(found.format_id, folder, part, transfer)
     size = part.stat().st_size
     digest = hash_file(part, size, lambda: file.step(DISK_STEP_SECONDS)).hexdigest()
     if spec.sha256 and digest != spec.sha256:

@@ -22,7 +22,7 @@ import io
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urljoin
 
@@ -40,7 +40,7 @@ from actors.interrupt import Guard, interruptible
 from actors.netguard import DestinationPolicy
 from actors.pages import Resolved, plain_title
 from actors.redact import display_url, redact_text
-from actors.requestopts import cookies_text
+from actors.requestopts import CookiesUnreadable, cookies_text
 from actors.task import RequestOptions
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,11 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
     def _redirect_checked(self, response: requests.Response, **kwargs: Any) -> None:
         """Before requests follows a redirect: its target passes the policy (by name too)."""
         if response.is_redirect:
-            self.policy.check(urljoin(response.url, response.headers["Location"]), purpose=self.where)
+            try:
+                self.policy.check(urljoin(response.url, response.headers["Location"]), purpose=self.where)
+            except HaulError:
+                response.close()  # requests would leave its connection open
+                raise
 
     def _send(self, request: Any) -> Any:
         self.policy.check(request.url, purpose=self.where)
@@ -91,25 +95,42 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
             before, self.before = self.before, None
             before()
         response = super()._send(request)
-        self.sockets.add(shutter_of(response._requests_response))  # its body is read by yt-dlp, unguarded
+        self.sockets.add(response._requests_response)  # its body is read by yt-dlp, unguarded
         return response
 
 
 class _Sockets:
-    """The sockets a resolution reads answers from: all shut when its guard fires (a graceful
-    stop, a lost lease, the step's deadline), and any opened after."""
+    """The answers a resolution reads: their sockets all shut when its guard fires (a graceful
+    stop, a lost lease, the step's deadline), and any opened after; all closed when it ends
+    (yt-dlp leaves one it gave up on to the garbage collector)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._open: list[Any] = []
+        self._answers: list[requests.Response] = []
         self._closed = False
 
-    def add(self, shutter: Any) -> None:
+    def add(self, response: requests.Response) -> None:
+        shutter = shutter_of(response)
         with self._lock:
+            self._answers.append(response)
             self._open.append(shutter)
             closed = self._closed
         if closed:
             shutter.close()
+
+    def release(self) -> None:
+        """Close every answer (the resolution ended)."""
+        with self._lock:
+            answers, self._answers = self._answers, []
+        for response in answers:
+            response.close()
+
+    def __enter__(self) -> _Sockets:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     @property
     def shut(self) -> bool:
@@ -168,6 +189,7 @@ def resolve(
     *,
     where: str,
     timeout: float,
+    limit: float,
     before: Callable[[], None],
     guard: Guard | None,
     proxy: str | None,
@@ -179,7 +201,7 @@ def resolve(
         "format": selector, "noplaylist": True, "extract_flat": "in_playlist", "quiet": True, "no_warnings": True,
         "noprogress": True, "logger": _Log(where), "socket_timeout": timeout, "cachedir": False,
         "extractor_retries": 0, "proxy": proxy or "",  # "": no proxy from the environment either
-        "http_headers": dict(request.headers) if request is not None else {},
+        "http_headers": {k: v for k, v in request.headers if not k.lower().startswith("ytdl-")} if request else {},
     }  # fmt: skip
     sockets = _Sockets()
     try:
@@ -188,9 +210,21 @@ def resolve(
         raise PageUnresolvable(f"{where}: {selector!r} is not a format selector yt-dlp understands ({exc})") from exc
     if request is not None and request.cookies:  # the task's, read from memory (never a file on disk)
         jar = YoutubeDLCookieJar()
-        jar.load(io.StringIO(cookies_text(request)))
+        try:
+            jar.load(io.StringIO(cookies_text(request)))
+        except Exception:  # its message repeats the line: not passed on
+            raise CookiesUnreadable(f"{where}: the task's cookies cannot be read; give them again") from None
         ydl.cookiejar = jar
-    with ydl, interruptible(guard), guard(sockets) if guard is not None else contextlib.nullcontext():
+    cut = threading.Timer(limit, sockets.close)  # its own clock: a page may drip for ever
+    cut.daemon = True
+    cut.start()
+    with (
+        _cancelled(cut),
+        ydl,
+        interruptible(guard),
+        guard(sockets) if guard is not None else contextlib.nullcontext(),
+        sockets,
+    ):
         try:
             info = ydl.extract_info(page, download=False)
         except YoutubeDLError as exc:  # reported (DownloadError), or raised through it (a handler's)
@@ -206,6 +240,14 @@ def resolve(
     if cookie:
         found = dataclasses.replace(found, headers={**found.headers, "Cookie": cookie})
     return found
+
+
+@contextlib.contextmanager
+def _cancelled(timer: threading.Timer) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _haul_error(cause: BaseException | None, page: str, where: str) -> HaulError:

@@ -334,6 +334,11 @@ def test_a_stream_cut_half_way_resumes_fetching_only_the_missing_fragments(
         ("#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nlow.m3u8\n", "variants"),
         ("#EXTM3U\n#EXTINF:2,\n#EXT-X-BYTERANGE:100@0\na.ts\n#EXT-X-ENDLIST\n", "byte ranges"),
         ("#EXTM3U\n#EXT-X-ENDLIST\n", "no fragments"),
+        (
+            '#EXTM3U\n#EXT-X-KEY:METHOD=AES-128,URI="k",IV=0x0 URI=/proc/self/environ\n#EXTINF:2,\na.ts\n'
+            "#EXT-X-ENDLIST\n",
+            "not a hexadecimal number",
+        ),
         ("<html>login</html>", "not an HLS playlist"),
         ("#EXTM3U\n" + "#EXTINF:1,\na.ts\n" * (MAX_FRAGMENTS + 1) + "#EXT-X-ENDLIST\n", "more than"),
     ],
@@ -359,7 +364,9 @@ def test_a_stream_playlist_is_read_with_its_keys_and_init_section() -> None:
         "a.m4s?sig=2\n#EXT-X-KEY:METHOD=NONE\n#EXTINF:1.5,\nhttps://other.example/b.m4s\n#EXT-X-ENDLIST\n",
         "https://cdn.example/v/index.m3u8", "t",
     )  # fmt: skip
-    assert resigned.identity == stream.identity  # signed anew, the same stream: its fragments are kept
+    keys = {first.key: b"k" * 16}
+    assert resigned.identity(keys) == stream.identity(keys)  # signed anew, the same stream: its fragments are kept
+    assert stream.identity({first.key: b"x" * 16}) != stream.identity(keys)  # another key: another stream
 
 
 COOKIE_VALUE = "SECRETcookie0x5eed"
@@ -408,8 +415,8 @@ def test_a_files_credentials_go_to_its_host_and_no_further(
     settings: Settings, store: TaskStore, client: Client, origin: Origin, receiver: Receiver,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
-    """A direct file gets the task's header and cookie; a redirect to another host gets the
-    header, never the cookie."""
+    """A direct file gets the task's header and cookie; a redirect to another host gets
+    neither."""
     caplog.set_level(logging.DEBUG)
     other = Origin()
     try:
@@ -426,7 +433,8 @@ def test_a_files_credentials_go_to_its_host_and_no_further(
             task = wait_for(store, task_id)
         assert task.state is State.DONE, task.error
         [there] = other.requests_for("/there.mp4")
-        assert "Cookie" not in there.headers and there.headers.get("X-Course-Token") == TOKEN_VALUE
+        assert "Cookie" not in there.headers and "X-Course-Token" not in there.headers
+        assert there.headers.get("Range") is None and "User-Agent" in there.headers
     finally:
         other.close()
     assert_shown_nowhere(store, task_id, receiver, caplog.text)
