@@ -148,7 +148,8 @@ class Client:
         if problem is not None:
             raise InvalidTask(problem)
         pages = [f.path for f in spec.files if f.page]
-        if pages and not self._pages_resolvable():
+        known = spec.key is not None and not replace and self.store.id_by_key(spec.key) is not None
+        if pages and not known and not self._pages_resolvable():  # a key seen before answers as it did
             raise InvalidTask(
                 f"manifest.files: {pages[0]!r} is given as a page, but no running worker can resolve pages; install "
                 "the extra on the workers (pip install 'haul[resolve]'), start them, then submit again"

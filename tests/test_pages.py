@@ -243,6 +243,20 @@ def test_a_page_file_is_refused_at_submit_when_no_worker_can_resolve_pages(
     assert store.client.keys(f"{store.prefix}task:*") == []  # nothing stored
 
 
+def test_a_page_file_submitted_again_under_its_key_gets_its_task_while_no_worker_runs(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin
+) -> None:
+    """A backend retrying its call while the workers restart is answered with the task it made."""
+    page = site.page("/course/lesson-1", lesson_page(origin.put("/media/a.mp4", os.urandom(KIB))))
+    manifest = {"key": "order-42", "files": [{"page": page, "path": "lesson-1.mp4"}]}
+    with in_process_worker(settings, store, threads=1):
+        first = client.submit_spec(spec_from_manifest(manifest))
+        assert wait_for(store, first).state is State.DONE
+    assert client.submit_spec(spec_from_manifest(manifest)) == first
+    with pytest.raises(InvalidTask, match="no running worker can resolve pages"):
+        client.submit_spec(spec_from_manifest({**manifest, "key": "order-43"}))
+
+
 def test_a_page_file_is_a_manifest_entry_of_its_own() -> None:
     spec = spec_from_manifest({"files": [
         {"page": "https://example.com/watch/1", "path": "a.mp4", "format": "b[height<=720]"},
