@@ -117,7 +117,7 @@ class Sandbox:
         mine.mkdir()
         return mine
 
-    def keep_format(self, index: int, part: Path, format_id: str, task_id: str) -> None:
+    def keep_format(self, index: int, part: Path, format_id: str) -> None:
         """Keep ``part``'s bytes only if they are of page format ``format_id`` (a page resolved
         again may choose another format, whose bytes must not be appended to these)."""
         record = self.parts_dir / f"{index}.format"
@@ -126,21 +126,16 @@ class Sandbox:
         except FileNotFoundError:
             kept = None
         except OSError as exc:
-            raise StorageUnavailable(f"task {task_id}: cannot read {record.name} in staging ({exc.strerror})") from exc
+            raise StorageUnavailable(
+                f"task {self.task_id}: cannot read {record.name} in staging ({exc.strerror})"
+            ) from exc
         if kept == format_id:
             return
         if kept is not None:
-            log.warning("task %s: file %d resolved to format %s, not %s: downloading it from zero", task_id, index,
-                        format_id, kept)  # fmt: skip
+            log.warning("task %s: file %d resolved to format %s, not %s: downloading it from zero", self.task_id,
+                        index, format_id, kept)  # fmt: skip
         discard_part(part)
-        try:
-            temporary = record.with_suffix(".tmp")
-            temporary.write_text(format_id)
-            os.replace(temporary, record)
-        except OSError as exc:
-            raise StorageUnavailable(
-                f"task {task_id}: cannot record {record.name} in staging ({exc.strerror})"
-            ) from exc
+        self._record(record, format_id, record.name)
 
     def drop_fragments(self, index: int) -> None:
         """The fragments of file ``index``'s stream, once the file is whole (none: nothing)."""
@@ -172,15 +167,16 @@ class Sandbox:
         """Keep the sha256 of the bytes in ``part`` beside it, under the run's own name: only
         :meth:`promote` gives it the file's name, with the file, so a run that lost the task
         while it hashed cannot replace its successor's digest."""
-        path = part.with_suffix(".sha256")
+        self._record(part.with_suffix(".sha256"), digest, f"the sha256 of {part.name}")
+
+    def _record(self, path: Path, text: str, what: str) -> None:
+        """Write ``text`` to ``path`` whole or not at all (a temporary file renamed)."""
         temporary = path.with_suffix(".tmp")
         try:
-            temporary.write_text(digest)
+            temporary.write_text(text)
             os.replace(temporary, path)
         except OSError as exc:
-            raise StorageUnavailable(
-                f"task {self.task_id}: cannot record the sha256 of {part.name} in staging ({exc.strerror})"
-            ) from exc
+            raise StorageUnavailable(f"task {self.task_id}: cannot record {what} in staging ({exc.strerror})") from exc
 
     def content_type(self, index: int) -> str | None:
         """The Content-Type the origin gave file ``index``, kept when it was promoted, or None."""

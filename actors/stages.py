@@ -186,7 +186,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                 rules, plan = _rules(rt, task, progress.bytes_done), lanes.split_plan(index, file, lane)
                 try:
                     if found is not None:  # bytes kept of another format are not of this file
-                        sandbox.keep_format(index, part, found.format_id, task_id)
+                        sandbox.keep_format(index, part, found.format_id)
                     if found is not None and found.stream:
                         size = _fetch_stream(rt, task, lease.token, index, found, part, file, plan, rules, sandbox)
                         break

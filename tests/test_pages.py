@@ -227,11 +227,11 @@ def test_bytes_kept_of_another_format_are_dropped(tmp_path: Path) -> None:
     sandbox = Sandbox(tmp_path, "0" * 32)
     sandbox.prepare()
     part = sandbox.claim_part(0, 1)
-    sandbox.keep_format(0, part, "720p", "t")
+    sandbox.keep_format(0, part, "720p")
     part.write_bytes(b"x" * 100)
-    sandbox.keep_format(0, part, "720p", "t")  # the same format: kept
+    sandbox.keep_format(0, part, "720p")  # the same format: kept
     assert part.read_bytes() == b"x" * 100
-    sandbox.keep_format(0, part, "1080p", "t")  # another: never appended to
+    sandbox.keep_format(0, part, "1080p")  # another: never appended to
     assert not part.exists()
 
 
