@@ -1,21 +1,17 @@
-"""A page's stream over HLS: fragments downloaded and kept one by one, joined into one file by
-ffmpeg.
+"""A page's stream, fragment by fragment: an HLS media playlist read and judged, or a DASH
+track's fragments as yt-dlp read them from its manifest; its fragments downloaded and kept
+one by one (:mod:`actors.tracks` joins them with the format's other tracks).
 
-Most streaming sites serve video as an HLS playlist of fragments of a few seconds. yt-dlp
-chooses the variant; haul reads its playlist, refuses what it must not download (a live
-stream, which never ends; DRM, whose keys are not for haul; byte-range fragments, not handled
-yet) and bounds the rest (MAX_FRAGMENTS, the task's byte limits). Fragments download several
-at once, on the file's own connection and those its split plan opens (each with a host slot
-and a lane of the lease), each written under a name of its run and renamed once whole and
-synced: a retry keeps every whole fragment and asks only for the others. The fragments of a
-stream are kept with what identifies it (its fragments' durations, init section and
-encryption, not their URLs, which a new resolution signs anew); a stream that differs starts
-over, never a splice.
-
-Then ffmpeg joins them without re-encoding (``-c copy``) into an MP4, reading only files haul
-wrote: a playlist haul writes itself, the fragments and AES-128 keys beside it, with
-``-protocol_whitelist file,crypto`` and a timeout. ffmpeg comes from the ``imageio-ffmpeg``
-wheel (a static build, no apt step), part of the ``resolve`` extra.
+Most streaming sites serve video as an HLS playlist, or a DASH manifest, of fragments of a few
+seconds. yt-dlp chooses the variant; haul reads its playlist, refuses what it must not
+download (a live stream, which never ends; DRM, whose keys are not for haul; byte-range
+fragments, not handled yet) and bounds the rest (MAX_FRAGMENTS, the task's byte limits).
+Fragments download several at once, on the file's own connection and those its split plan
+opens (each with a host slot and a lane of the lease), each written under a name of its run
+and renamed once whole and synced: a retry keeps every whole fragment and asks only for the
+others. The fragments of a stream are kept with what identifies it (its fragments'
+durations and paths, init section and encryption, not their URLs' queries, which a new
+resolution signs anew); a stream that differs starts over, never a splice.
 """
 
 from __future__ import annotations
@@ -28,23 +24,20 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from actors.connections import shutter_of
 from actors.diskio import write_all
-from actors.errors import HaulError, OriginUnavailable, PageUnresolvable, StorageUnavailable, TooLarge
+from actors.errors import OriginUnavailable, PageUnresolvable, StorageUnavailable, TooLarge
 from actors.httprules import FetchRules, SpeedFloor, read_chunk
 from actors.lease import DISK_STEP_SECONDS
 from actors.requestopts import for_host
-from actors.resume import discard_part
 from actors.split import Connection, SplitPlan
 
 log = logging.getLogger(__name__)
@@ -54,9 +47,6 @@ MAX_FRAGMENTS = 20_000
 #: Largest playlist or key haul reads.
 MAX_PLAYLIST_BYTES = 4 * 1024 * 1024
 MAX_KEY_BYTES = 1024
-#: ffmpeg's time to join, per fragment, and at least.
-JOIN_SECONDS_PER_FRAGMENT = 0.2
-JOIN_MIN_SECONDS = 60.0
 #: Longest a failed stream waits for its other connections to stop.
 JOIN_AFTER_FAILURE_SECONDS = 10.0
 
@@ -80,19 +70,26 @@ class Fragment:
     #: The init section (fMP4's ``#EXT-X-MAP``), which comes before the fragments it maps.
     init: bool = False
 
-    def name(self, index: int, fmp4: bool) -> str:
-        if self.init:
-            return f"{index:05}.init.mp4"
-        return f"{index:05}.{'m4s' if fmp4 else 'ts'}"
-
 
 @dataclass(frozen=True)
 class Stream:
-    """A media playlist, read and judged."""
+    """A media playlist, read and judged; or a DASH track's fragments."""
 
     fragments: tuple[Fragment, ...]
     #: The first fragment's number (``#EXT-X-MEDIA-SEQUENCE``): AES-128 without an IV uses it.
     sequence: int = 0
+    #: A DASH track: its fragments (init section first) are concatenated, not listed in a playlist.
+    dash: bool = False
+
+    @classmethod
+    def of_dash(cls, fragments: tuple[tuple[str, float], ...]) -> Stream:
+        return cls(tuple(Fragment(url, duration, None) for url, duration in fragments), dash=True)
+
+    def name(self, index: int) -> str:
+        """Fragment ``index``'s file name."""
+        if self.fragments[index].init:
+            return f"{index:05}.init.mp4"
+        return f"{index:05}.{'frag' if self.dash else 'm4s' if self.fmp4 else 'ts'}"
 
     @property
     def fmp4(self) -> bool:
@@ -110,7 +107,7 @@ class Stream:
              hashlib.sha256(keys[f.key]).hexdigest() if f.key is not None else None, f.key.iv if f.key else None]
             for f in self.fragments
         ]  # fmt: skip
-        return hashlib.sha256(json.dumps([self.sequence, shape]).encode()).hexdigest()
+        return hashlib.sha256(json.dumps([self.sequence, self.dash, shape]).encode()).hexdigest()
 
     @classmethod
     def parse(cls, text: str, base: str, where: str) -> Stream:
@@ -202,10 +199,11 @@ class StreamTransfer:
 
 
 class StreamDownload:
-    """Downloads ``stream``'s fragments missing from ``folder``, then joins them into ``part``."""
+    """Downloads ``stream``'s fragments missing from ``folder`` (``base``: the bytes of the
+    file's tracks before this one, for its progress and limits)."""
 
-    def __init__(self, stream: Stream, folder: Path, t: StreamTransfer) -> None:
-        self.stream, self.folder, self.t = stream, folder, t
+    def __init__(self, stream: Stream, folder: Path, t: StreamTransfer, base: int = 0) -> None:
+        self.stream, self.folder, self.t, self.base = stream, folder, t, base
         self._lock = threading.Lock()
         self._missing = [i for i, f in enumerate(stream.fragments) if not self._path(i).exists()]
         self._missing.reverse()  # taken from the end: the first fragments first
@@ -217,7 +215,7 @@ class StreamDownload:
         self._tag = uuid.uuid4().hex[:8]
 
     def _path(self, index: int) -> Path:
-        return self.folder / self.stream.fragments[index].name(index, self.stream.fmp4)
+        return self.folder / self.stream.name(index)
 
     def fetch(self) -> int:
         """Every missing fragment, on up to the plan's width of connections; the bytes they hold."""
@@ -278,8 +276,8 @@ class StreamDownload:
                     while chunk := read_chunk(response, False, where, received):
                         with self._lock:
                             done = self._done
-                        conn.tick(done)  # the fence: a stale holder writes nothing
-                        if t.rules.max_bytes and done + len(chunk) > t.rules.max_bytes:
+                        conn.tick(self.base + done)  # the fence: a stale holder writes nothing
+                        if t.rules.max_bytes and self.base + done + len(chunk) > t.rules.max_bytes:
                             raise TooLarge(f"{where}: the stream grew past the limit of {t.rules.max_bytes} bytes")
                         floor.passed(len(chunk))
                         write_all(fd, chunk, where, received)
@@ -303,69 +301,23 @@ class StreamDownload:
                 temporary.unlink()
 
 
-def claim_stream(folder: Path, stream: Stream, keys: Mapping[Key, bytes], format_id: str, where: str) -> None:
-    """Keep ``folder``'s fragments if they are of ``stream`` (:meth:`Stream.identity`, the same
-    format), else start it over; record what they are of."""
-    record = folder / "stream.json"
-    wanted = {"identity": stream.identity(keys), "format_id": format_id}
+def claim_track(folder: Path, identity: str, format_id: str, where: str) -> None:
+    """Keep ``folder``'s bytes if they are of the track ``identity`` names (for a stream,
+    :meth:`Stream.identity`) in format ``format_id``, else start it over; record what they are of."""
+    record = folder / "track.json"
+    wanted = {"identity": identity, "format_id": format_id}
     try:
         kept = json.loads(record.read_text())
     except (OSError, ValueError):
         kept = None
     if kept != wanted:
         if kept is not None:
-            log.warning("%s: the stream differs from the one its fragments are of; downloading it again", where)
+            log.warning("%s: the track differs from the one its bytes are of; downloading it again", where)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
         temporary = record.with_suffix(".tmp")
         temporary.write_text(json.dumps(wanted))
         os.replace(temporary, record)
-
-
-def join(stream: Stream, folder: Path, keys: Mapping[Key, bytes], ffmpeg: str, where: str) -> Path:
-    """ffmpeg joins the fragments into an MP4 in ``folder`` (the run's own: a run that lost the
-    task joins where its successor never looks), reading only files haul wrote; its path."""
-    local, joined = folder / "local.m3u8", folder / "joined.mp4"
-    key_names: dict[Key, str] = {}
-    for n, (key, data) in enumerate(keys.items()):
-        key_names[key] = f"key-{n}.bin"
-        (folder / key_names[key]).write_bytes(data)
-    local.write_text(_local_playlist(stream, key_names))
-    timeout = max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * len(stream.fragments))
-    command = [
-        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-protocol_whitelist", "file,crypto",
-        "-i", str(local), "-map", "0:v?", "-map", "0:a?", "-c", "copy", "-f", "mp4", "-y", str(joined),
-    ]  # fmt: skip
-    try:
-        done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise OriginUnavailable(f"{where}: ffmpeg did not join the fragments within {timeout:.0f}s") from None
-    if done.returncode != 0:
-        said = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise PageUnresolvable(f"{where}: ffmpeg could not join the stream's fragments: {' / '.join(said)}")
-    return joined
-
-
-def _local_playlist(stream: Stream, key_names: Mapping[Key, str]) -> str:
-    target = math.ceil(max(f.duration for f in stream.fragments))
-    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{target}",
-             f"#EXT-X-MEDIA-SEQUENCE:{stream.sequence}", "#EXT-X-PLAYLIST-TYPE:VOD"]  # fmt: skip
-    current: Key | None = None
-    for index, fragment in enumerate(stream.fragments):
-        if fragment.key != current:
-            current = fragment.key
-            if current is None:
-                lines.append("#EXT-X-KEY:METHOD=NONE")
-            else:
-                iv = f",IV={current.iv}" if current.iv else ""
-                lines.append(f'#EXT-X-KEY:METHOD=AES-128,URI="{key_names[current]}"{iv}')
-        name = fragment.name(index, stream.fmp4)
-        if fragment.init:
-            lines.append(f'#EXT-X-MAP:URI="{name}"')
-        else:
-            lines += [f"#EXTINF:{fragment.duration:.6f},", name]
-    lines.append("#EXT-X-ENDLIST")
-    return "\n".join(lines) + "\n"
 
 
 def read_small(conn: Connection, url: str, t: StreamTransfer, limit: int, where: str) -> bytes:
@@ -385,46 +337,3 @@ def read_small(conn: Connection, url: str, t: StreamTransfer, limit: int, where:
         return data
     finally:
         response.close()
-
-
-def ffmpeg_path() -> str:
-    """The ffmpeg of the ``imageio-ffmpeg`` wheel."""
-    try:
-        import imageio_ffmpeg
-    except ImportError as exc:
-        raise PageUnresolvable(
-            "this worker has no ffmpeg to join a stream's fragments: install the extra (pip install 'haul[resolve]')"
-        ) from exc
-    return str(imageio_ffmpeg.get_ffmpeg_exe())
-
-
-@contextlib.contextmanager
-def haul_errors_only(where: str) -> Iterator[None]:
-    """Turn an unexpected failure while joining into a retryable one that names the file."""
-    try:
-        yield
-    except HaulError:
-        raise
-    except OSError as exc:
-        raise StorageUnavailable(f"{where}: {exc.strerror} while joining the stream") from exc
-
-
-def download_stream(format_id: str, folder: Path, part: Path, t: StreamTransfer) -> dict[str, Any]:
-    """The stream at ``t.playlist`` into ``part``: its playlist read, its fragments into
-    ``folder`` (those a run before kept are not asked again), joined by ffmpeg. Returns what
-    was joined (fragments, their bytes, the playlist's duration)."""
-    where = t.where
-    text = read_small(t.main, t.playlist, t, MAX_PLAYLIST_BYTES, where)
-    stream = Stream.parse(text.decode("utf-8", errors="replace"), t.playlist, where)
-    keys = {key: read_small(t.main, key.url, t, MAX_KEY_BYTES, f"{where}, its key")
-            for key in dict.fromkeys(f.key for f in stream.fragments if f.key is not None)}  # fmt: skip
-    with haul_errors_only(where):
-        claim_stream(folder, stream, keys, format_id, where)
-        fetched = StreamDownload(stream, folder, t).fetch()
-    t.main.step(max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * len(stream.fragments)) + 10)
-    with haul_errors_only(where):
-        joined = join(stream, folder, keys, ffmpeg_path(), where)
-        t.main.step(DISK_STEP_SECONDS)  # the fence: a run that lost the task moves nothing
-        discard_part(part)  # bytes an earlier download of another kind left, and their record
-        os.replace(joined, part)
-    return {"fragments": len(stream.fragments), "bytes": fetched, "duration": stream.duration}

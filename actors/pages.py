@@ -15,6 +15,7 @@ none does.
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 import logging
 import unicodedata
@@ -57,19 +58,51 @@ def resolver_works() -> bool:
     return True
 
 
+class TrackKind(enum.Enum):
+    """How a track's bytes come (what haul downloads itself)."""
+
+    #: One file over HTTP, through the fetcher (resume, If-Range, split).
+    FILE = "file"
+    #: An HLS media playlist's fragments (:mod:`actors.hls`).
+    HLS = "hls"
+    #: A DASH representation's fragments, as yt-dlp read them from the manifest: their
+    #: concatenation is the track.
+    DASH = "dash"
+
+
+@dataclass(frozen=True)
+class Track:
+    """One of the files a format is made of: a format yt-dlp merges (``bv*+ba``) has a video
+    track and an audio track, joined by ffmpeg; any other has one."""
+
+    #: The media's URL; an HLS track's playlist; a DASH track's manifest.
+    url: str
+    #: What to ask for it with (the site's, the task's, its cookies).
+    headers: dict[str, str]
+    format_id: str
+    kind: TrackKind
+    has_video: bool = True
+    has_audio: bool = True
+    #: A DASH track's fragments in order (the init section first), each its URL and duration.
+    fragments: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class Resolved:
-    """What a page resolved to: the media's URL and the headers to ask for it with (secret:
-    a signed URL is a credential while it lasts), and what was chosen (recorded on the task)."""
+    """What a page resolved to: the media's tracks (their URLs are secret: a signed URL is a
+    credential while it lasts), and what was chosen (recorded on the task)."""
 
-    url: str
-    headers: dict[str, str]
+    tracks: tuple[Track, ...]
     extractor: str
     format_id: str
     title: str
     duration: float | None
-    #: ``url`` is an HLS playlist, whose fragments are downloaded and joined (:mod:`actors.hls`).
-    stream: bool = False
+
+    @property
+    def single_file(self) -> Track | None:
+        """The one file haul downloads as it is, if that is what the format is (else its
+        tracks are downloaded and joined, :mod:`actors.tracks`)."""
+        return self.tracks[0] if len(self.tracks) == 1 and self.tracks[0].kind is TrackKind.FILE else None
 
     def record(self) -> dict[str, Any]:
         """What the task keeps of it: never the media URL, only its host."""
@@ -78,7 +111,7 @@ class Resolved:
             "format_id": self.format_id,
             "title": self.title,
             "duration": self.duration,
-            "host": urlsplit(self.url).hostname or "",
+            "host": urlsplit(self.tracks[0].url).hostname or "",
         }
 
 

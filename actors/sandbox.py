@@ -8,8 +8,9 @@ never delete another's. Layout::
                                         holds them (kept across attempts, see claim_part)
     <task id>/.parts/<n>.<token>.part.json   what identifies the version those bytes belong to,
                                         and their content type (kept as <n>.type on promotion)
-    <task id>/.parts/<n>.<token>.hls/   a page's stream: its fragments as they complete, what
-                                        stream they are of (stream.json), ffmpeg's playlist
+    <task id>/.parts/<n>.<token>.hls/   a page's tracks (track-0/, track-1/...): a stream's
+                                        fragments as they complete, or a file's bytes, what
+                                        each is of (track.json); ffmpeg's inputs and output
     <task id>/.parts/<n>.<token>.sha256 the sha256 of that run's part (HAUL_HASH), hashed while it
                                         downloaded; named <n>.sha256 when the file is promoted
 """

@@ -23,12 +23,12 @@ from actors.diskio import hash_file, sync_file
 from actors.ending import end_run
 from actors.errors import ChecksumMismatch, HaulError, LeaseLost, NoWebhookSecret, OriginRejected, Stopping, TooLarge
 from actors.finalize import finish_task
-from actors.hls import StreamTransfer, download_stream, haul_errors_only
+from actors.hls import StreamTransfer
 from actors.httprules import FetchRules
 from actors.lanes import FileLanes
 from actors.lease import DISK_STEP_SECONDS, Lane, Lease, no_figures, no_files
 from actors.outcome import NOTHING, Next, Outcome
-from actors.pages import Resolved, resolve
+from actors.pages import Resolved, Track, resolve
 from actors.policy import FINALIZE_BACKLOG_FACTOR, SLOT_WAIT_MAX_SECONDS, slot_wait
 from actors.progress import FileProgress, Progress, guard_lease
 from actors.redact import display_url
@@ -40,6 +40,7 @@ from actors.split import Connection, SplitPlan
 from actors.states import ClaimReply, State, StepReply
 from actors.store import StageLimits
 from actors.task import FileSpec, Task
+from actors.tracks import download_tracks, haul_errors_only, muxer_for
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,11 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                 try:
                     if found is not None:  # bytes kept of another format are not of this file
                         sandbox.keep_format(index, part, found.format_id)
-                    if found is not None and found.stream:
-                        size = _fetch_stream(rt, task, lease.token, index, found, part, file, plan, rules, sandbox)
+                    single = found.single_file if found is not None else None
+                    if found is not None and single is None:
+                        size = _fetch_tracks(rt, task, lease.token, index, found, part, file, plan, rules, sandbox)
                         break
-                    media = dataclasses.replace(spec, url=found.url, page=False, format=None) if found else spec
+                    media = dataclasses.replace(spec, url=single.url, page=False, format=None) if single else spec
                     size = rt.fetcher.fetch(
                         media,
                         part,
@@ -203,7 +205,7 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
                         on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
                         on_received=file.on_received,
                         split=plan,
-                        headers=found.headers if found else headers_for(task.spec.request, spec.url),
+                        headers=single.headers if single else headers_for(task.spec.request, spec.url),
                         shown=_hidden(spec) if found else display_url,
                     )
                     break
@@ -251,7 +253,7 @@ def _resolve_page(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -
     return found
 
 
-def _fetch_stream(
+def _fetch_tracks(
     rt: Runtime,
     task: Task,
     token: int,
@@ -263,17 +265,30 @@ def _fetch_stream(
     rules: FetchRules,
     sandbox: Sandbox,
 ) -> int:
-    """A page's HLS stream into ``part`` (:mod:`actors.hls`); its size, once hashed and synced."""
+    """A page's stream, or its format's tracks, into ``part``, joined (:mod:`actors.tracks`);
+    its size, once hashed and synced."""
     spec = task.spec.files[index]
-    where = f"task {task.id}, file {spec.path!r}, the stream of its page"
+    where = f"task {task.id}, file {spec.path!r}, the media of its page"
     main = Connection(ranges=rt.fetcher, tick=file.on_progress, step=file.step,
                       wake=plan.wake if plan is not None else _nothing, guard=file.guard)  # fmt: skip
+    first = found.tracks[0]  # each track's own URL and headers replace these
     transfer = StreamTransfer(
-        main, plan, rules, found.headers, file.on_received, where, token, _hidden(spec), found.url
+        main, plan, rules, first.headers, file.on_received, where, token, _hidden(spec), first.url
     )
+
+    def fetch_file(track: Track, track_part: Path, base: int) -> int:
+        """A file track, through the fetcher as any file (resumed, split), counted after ``base`` bytes."""
+        media = FileSpec(url=track.url, path=spec.path)
+        limited = dataclasses.replace(rules, max_bytes=max(1, rules.max_bytes - base)) if rules.max_bytes else rules
+        return rt.fetcher.fetch(
+            media, track_part, task_id=task.id, on_progress=lambda position: file.on_progress(base + position),
+            guard=file.guard, rules=limited, step=file.step, on_received=file.on_received, split=plan,
+            headers=track.headers, shown=_hidden(spec),
+        )  # fmt: skip
+
     with haul_errors_only(where):
         folder = sandbox.claim_fragments(index, token)
-    joined = download_stream(found.format_id, folder, part, transfer)
+    joined = download_tracks(found, folder, part, transfer, fetch_file, muxer_for(spec.path))
     size = part.stat().st_size
     digest = hash_file(part, size, lambda: file.step(DISK_STEP_SECONDS)).hexdigest()
     if spec.sha256 and digest != spec.sha256:
@@ -282,8 +297,8 @@ def _fetch_stream(
         sandbox.record_sha256(part, digest)
     file.step(DISK_STEP_SECONDS)
     sync_file(part, where)
-    log.info("task %s: %s joined from %d fragments (%.1f s, %d bytes)", task.id, spec.path, joined["fragments"],
-             joined["duration"], size)  # fmt: skip
+    log.info("task %s: %s joined from %d track(s), %d fragment(s), %d bytes downloaded, into %d bytes", task.id,
+             spec.path, joined.tracks, joined.fragments, joined.size, size)  # fmt: skip
     return size
 
 

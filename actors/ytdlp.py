@@ -36,18 +36,21 @@ from yt_dlp.utils import DownloadError, ExtractorError, UnsupportedError, Youtub
 
 from actors.connections import shutter_of
 from actors.errors import HaulError, OriginRejected, OriginUnavailable, PageUnresolvable
+from actors.hls import MAX_FRAGMENTS
 from actors.interrupt import Guard, interruptible
 from actors.netguard import DestinationPolicy
-from actors.pages import Resolved, plain_title
+from actors.pages import Resolved, Track, TrackKind, plain_title
 from actors.redact import display_url, redact_text
 from actors.requestopts import CookiesUnreadable, cookies_text
 from actors.task import RequestOptions
 
 log = logging.getLogger(__name__)
 
-#: What haul downloads itself: one file over HTTP, or an HLS stream's fragments (joined by ffmpeg).
-PROGRESSIVE = frozenset({"http", "https"})
-HLS = frozenset({"m3u8", "m3u8_native"})
+#: yt-dlp's protocols haul downloads itself, and how.
+PROTOCOLS = {
+    "http": TrackKind.FILE, "https": TrackKind.FILE, "m3u8": TrackKind.HLS, "m3u8_native": TrackKind.HLS,
+    "http_dash_segments": TrackKind.DASH,
+}  # fmt: skip
 #: Statuses of a page that no retry can change.
 GONE = frozenset({401, 403, 404, 410, 451})
 
@@ -200,7 +203,8 @@ def resolve(
     params = {
         "format": selector, "noplaylist": True, "extract_flat": "in_playlist", "quiet": True, "no_warnings": True,
         "noprogress": True, "logger": _Log(where), "socket_timeout": timeout, "cachedir": False,
-        "extractor_retries": 0, "proxy": proxy or "",  # "": no proxy from the environment either
+        "extractor_retries": 0, "dynamic_mpd": False,  # a live DASH manifest: no formats (haul downloads recordings)
+        "proxy": proxy or "",  # "": no proxy from the environment either
         "http_headers": {k: v for k, v in request.headers if not k.lower().startswith("ytdl-")} if request else {},
     }  # fmt: skip
     sockets = _Sockets()
@@ -236,10 +240,13 @@ def resolve(
             cause = exc.exc_info[1] if isinstance(exc, DownloadError) and exc.exc_info else exc
             raise _haul_error(cause, page, where) from exc
         found = _chosen(info, where)
-        cookie = ydl.cookiejar.get_cookie_header(found.url)  # the task's, and what the site set while resolving
-    if cookie:
-        found = dataclasses.replace(found, headers={**found.headers, "Cookie": cookie})
-    return found
+        # The task's cookies, and those the site set while resolving, for each track's host.
+        cookies = [ydl.cookiejar.get_cookie_header(track.url) for track in found.tracks]
+    tracks = tuple(
+        dataclasses.replace(track, headers={**track.headers, "Cookie": cookie}) if cookie else track
+        for track, cookie in zip(found.tracks, cookies, strict=True)
+    )
+    return dataclasses.replace(found, tracks=tracks)
 
 
 @contextlib.contextmanager
@@ -259,7 +266,8 @@ def _haul_error(cause: BaseException | None, page: str, where: str) -> HaulError
     if isinstance(cause, UnsupportedError):
         return PageUnresolvable(
             f"{where}: found no video on {shown} (no site extractor knows it, and it carries no <video> or "
-            "Open Graph video); check that the page shows the video without signing in, or give the file's own url"
+            "Open Graph video but perhaps a live stream, which haul does not download); check that the page shows "
+            "the video without signing in, or give the file's own url"
         )
     inner = cause.cause if isinstance(cause, ExtractorError) else cause
     if isinstance(inner, HTTPError):
@@ -300,28 +308,58 @@ def _haul_error_in(error: BaseException | None) -> HaulError | None:
 
 
 def _chosen(info: dict[str, Any], where: str) -> Resolved:
-    """The one file haul downloads from what yt-dlp found."""
+    """What haul downloads from what yt-dlp found: the chosen format's tracks."""
     if info.get("_type") in {"playlist", "multi_video"}:
         count = len(list(info.get("entries") or []))
         raise PageUnresolvable(f"{where}: the page holds {count} videos; give each as a file of its own")
+    if info.get("is_live") or info.get("live_status") in {"is_live", "is_upcoming"}:
+        raise PageUnresolvable(f"{where}: the page's video is live (it never ends); haul downloads recordings")
     format_id = str(info.get("format_id") or "")
-    if info.get("requested_formats"):
-        raise PageUnresolvable(
-            f"{where}: format {format_id} is separate video and audio that would need joining, which haul "
-            "does not do yet; choose a single file with the task's format, e.g. 'b'"
-        )
-    protocol = str(info.get("protocol") or "")
-    if protocol not in PROGRESSIVE | HLS:
-        raise PageUnresolvable(
-            f"{where}: format {format_id} is streamed over {protocol} (DASH, say), which haul does not download "
-            "yet; choose one over HTTP or HLS with the task's format, e.g. 'b[protocol^=http]/b[protocol^=m3u8]'"
-        )
-    headers = {str(k): str(v) for k, v in (info.get("http_headers") or {}).items()}
+    tracks = tuple(_track(f, where) for f in info.get("requested_formats") or [info])
     duration = info.get("duration")
     if not isinstance(duration, int | float) or not math.isfinite(duration) or duration < 0:
         duration = None
     return Resolved(
-        url=str(info["url"]), headers=headers, extractor=str(info.get("extractor_key") or info.get("extractor") or ""),
-        format_id=format_id, title=plain_title(info.get("title")),
-        duration=None if duration is None else float(duration), stream=protocol in HLS,
+        tracks=tracks, extractor=str(info.get("extractor_key") or info.get("extractor") or ""), format_id=format_id,
+        title=plain_title(info.get("title")), duration=None if duration is None else float(duration),
     )  # fmt: skip
+
+
+def _track(fmt: dict[str, Any], where: str) -> Track:
+    """One format of the chosen ones as a track haul downloads, or why it cannot."""
+    format_id = str(fmt.get("format_id") or "")
+    if fmt.get("has_drm"):
+        raise PageUnresolvable(f"{where}: format {format_id} is protected by DRM; haul does not download it")
+    protocol = str(fmt.get("protocol") or "")
+    kind = PROTOCOLS.get(protocol)
+    if kind is None:
+        raise PageUnresolvable(
+            f"{where}: format {format_id} is streamed over {protocol}, which haul does not download; choose one over "
+            "HTTP, HLS or DASH with the task's format, e.g. 'b[protocol^=http]/b[protocol^=m3u8]'"
+        )
+    fragments: tuple[tuple[str, float], ...] = ()
+    if kind is TrackKind.DASH:
+        fragments = _dash_fragments(fmt, format_id, where)
+    return Track(
+        url=str(fmt["url"]), headers={str(k): str(v) for k, v in (fmt.get("http_headers") or {}).items()},
+        format_id=format_id, kind=kind, has_video=fmt.get("vcodec") != "none", has_audio=fmt.get("acodec") != "none",
+        fragments=fragments,
+    )  # fmt: skip
+
+
+def _dash_fragments(fmt: dict[str, Any], format_id: str, where: str) -> tuple[tuple[str, float], ...]:
+    """A DASH format's fragments as yt-dlp read them from the manifest: each URL, whole."""
+    listed = list(fmt.get("fragments") or [])
+    if not listed:
+        raise PageUnresolvable(f"{where}: format {format_id} is DASH without fragments")
+    if len(listed) > MAX_FRAGMENTS:
+        raise PageUnresolvable(f"{where}: format {format_id} has more than {MAX_FRAGMENTS} fragments")
+    fragments = []
+    for fragment in listed:
+        if fragment.get("byte_range"):
+            raise PageUnresolvable(f"{where}: format {format_id}'s fragments are byte ranges, not handled yet")
+        url = fragment.get("url") or urljoin(str(fmt.get("fragment_base_url") or ""), str(fragment.get("path") or ""))
+        duration = fragment.get("duration")
+        ok = isinstance(duration, int | float) and math.isfinite(duration) and duration >= 0
+        fragments.append((str(url), float(duration) if ok else 0.0))
+    return tuple(fragments)

@@ -6,6 +6,7 @@ takeover, are in test_recovery.py.)"""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -20,9 +21,10 @@ from actors.states import State
 from actors.store import TaskStore
 from tests import processes
 from tests.conftest import wait_for
+from tests.media import duration_of, make_hls
 from tests.processes import Process, running, wait_until
 from tests.redisserver import RedisServer
-from tests.servers import Delivery, Origin, Receiver
+from tests.servers import Delivery, Origin, Receiver, Site
 
 pytestmark = pytest.mark.e2e
 KIB, MIB = 1024, 1024 * 1024
@@ -162,6 +164,62 @@ def test_a_split_download_killed_half_way_resumes_only_the_missing_ranges(
         assert origin.served["/lecture.mp4"] <= len(data) * 1.05
     finally:
         s.close()
+
+
+def test_a_stream_killed_half_way_resumes_fetching_only_the_missing_fragments(
+    tmp_path: Path, origin: Origin, receiver: Receiver
+) -> None:
+    folder = tmp_path / "hls"
+    folder.mkdir()
+    make_hls(folder)
+    sizes = {f"/hls/{item.name}": item.stat().st_size for item in folder.iterdir() if item.suffix == ".ts"}
+    for item in folder.iterdir():
+        origin.put(f"/hls/{item.name}", item.read_bytes())
+    site = Site()
+    page = site.page("/lecture", f'<html><body><video src="{origin.url("/hls/index.m3u8")}"></video></body></html>')
+    s = Stack(tmp_path, receiver, HAUL_SPLIT="2", HAUL_HOST_MIN_INTERVAL_SECONDS="0")
+    try:
+        origin.rate = 16 * KIB  # about a second a fragment, two at once
+        manifest = tmp_path / "page.json"
+        manifest.write_text(json.dumps({"files": [{"page": page, "path": "lecture.mp4"}]}))
+        first = s.worker(threads=1)
+        with running(first):
+            task_id = submitted(s.env, manifest)
+
+            def whole() -> int:
+                return sum(origin.served[path] == size for path, size in sizes.items())
+
+            wait_until(lambda: whole() >= len(sizes) // 2, 60, "half the fragments served")
+            first.kill()
+        whole_at_kill = whole()
+        assert whole_at_kill < len(sizes)
+        with running(s.worker(threads=1), s.supervisor()):
+            task = wait_for(s.store, task_id, timeout=120)
+        assert task.state is State.DONE and task.attempts == 2, task.error
+        assert abs(duration_of(s.storage / task_id / "lecture.mp4") - 10.0) <= 0.1
+        asked = {path: len(origin.requests_for(path)) for path in sizes}
+        # Asked again: only what was not whole when the worker died, and what was in flight then
+        # (at most its two connections' fragments, whose last bytes it may not have written).
+        assert sum(n > 1 for n in asked.values()) <= len(sizes) - whole_at_kill + 2, asked
+        assert sum(asked.values()) <= len(sizes) + 2, asked
+    finally:
+        s.close()
+        site.close()
+
+
+def submitted(env: dict[str, str], manifest: Path) -> str:
+    """The task's id, once ``haul submit`` took the manifest: a page file is refused until a
+    worker has said in the registry that it resolves pages."""
+    deadline = time.monotonic() + 30
+    while True:
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor.cli", "submit", "--manifest", str(manifest)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if result.returncode == 0:
+            return result.stdout.strip().splitlines()[-1]
+        assert time.monotonic() < deadline and "resolve" in result.stderr, result.stderr
+        time.sleep(0.5)
 
 
 def test_redis_killed_and_restarted_with_tasks_queued_and_running(

@@ -8,8 +8,6 @@ import itertools
 import json
 import logging
 import os
-import re
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from actors.client import Client
 from actors.errors import InvalidTask, PageUnresolvable
 from actors.events import EventLog
-from actors.hls import MAX_FRAGMENTS, Stream, ffmpeg_path
+from actors.hls import MAX_FRAGMENTS, Stream
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.sandbox import Sandbox
 from actors.settings import Settings
@@ -27,6 +25,7 @@ from actors.states import State
 from actors.store import TaskStore
 from actors.task import files_from_json, first_difference, request_hash
 from tests.conftest import in_process_worker, wait_for
+from tests.media import dash_with_audio_file, duration_of, kinds_of_streams, make_dash, make_hls, probe
 from tests.servers import Fault, Origin, Receiver, Site
 
 KIB = 1024
@@ -293,27 +292,10 @@ def test_a_bad_page_entry_is_refused_at_submit_naming_the_field(entry: dict[str,
 
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 10 s recording as HLS: a playlist and ten 1 s MPEG-TS fragments (H.264 and AAC), made by
-    the ffmpeg haul joins with."""
+    """A 10 s recording as HLS: a playlist and ten 1 s MPEG-TS fragments."""
     folder = tmp_path_factory.mktemp("hls")
-    subprocess.run(
-        [ffmpeg_path(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-         "testsrc=duration=10:size=160x120:rate=25", "-f", "lavfi", "-i", "sine=duration=10", "-c:v", "libx264",
-         "-preset", "ultrafast", "-g", "25", "-c:a", "aac",
-         "-f", "hls", "-hls_time", "1", "-hls_playlist_type", "vod", "-hls_segment_filename",
-         str(folder / "seg-%03d.ts"), str(folder / "index.m3u8")],
-        check=True, timeout=60,
-    )  # fmt: skip
+    make_hls(folder)
     return folder
-
-
-def duration_of(path: Path) -> float:
-    """The duration ffmpeg reads in ``path``'s header, in seconds."""
-    said = subprocess.run([ffmpeg_path(), "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
-    found = re.search(r"Duration: (\d+):(\d+):(\d+\.\d+)", said)
-    assert found, said
-    hours, minutes, seconds = found.groups()
-    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
 def test_a_stream_cut_half_way_resumes_fetching_only_the_missing_fragments(
@@ -333,6 +315,119 @@ def test_a_stream_cut_half_way_resumes_fetching_only_the_missing_fragments(
         assert origin.served[f"/hls/seg-{n:03}.ts"] <= size + (2 * KIB if n == 5 else 0), n
     assert task.as_status()["files"][0]["resolved"]["format_id"] == "hls"
     assert not list((settings.staging_dir / task.id).glob(".parts/*.hls"))  # the fragments went with the join
+
+
+@pytest.fixture(scope="module")
+def presentation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8 s DASH presentation of separate video and audio (1 s fMP4 fragments), and its
+    sound as one file."""
+    folder = tmp_path_factory.mktemp("dash")
+    make_dash(folder)
+    return folder
+
+
+def dash_page(manifest: str) -> str:
+    """A page whose player is given a DASH manifest (yt-dlp's generic extractor reads it)."""
+    return (
+        "<!doctype html><html><head><title>Lesson 2: DASH</title></head><body><video controls>"
+        f'<source src="{manifest}" type="application/dash+xml"></video></body></html>'
+    )
+
+
+def test_separate_video_and_audio_over_dash_are_joined_after_a_cut_fetching_only_missing_fragments(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
+) -> None:
+    for item in presentation.iterdir():
+        origin.put(f"/dash/{item.name}", item.read_bytes())
+    origin.fault("/dash/chunk-stream0-00004.m4s", Fault("drop", after=2 * KIB))
+    page = site.page("/course/dash", dash_page(origin.url("/dash/manifest.mpd")))
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, submit_page(client, page), timeout=60)
+    assert task.state is State.DONE and task.attempts == 2, task.error
+    assert task.as_status()["files"][0]["resolved"]["format_id"] == "0+1"  # the default's best video + best audio
+    joined = settings.storage_dir / task.id / "lesson-1.mp4"
+    assert kinds_of_streams(joined) == ["Video", "Audio"]
+    assert abs(duration_of(joined) - 8.0) <= 0.1
+    assert "mov,mp4" in probe(joined)
+    fragments = [p for p in presentation.iterdir() if p.suffix == ".m4s"]
+    for fragment in fragments:  # each whole once; the one cut, once more
+        cut = fragment.name == "chunk-stream0-00004.m4s"
+        assert origin.served[f"/dash/{fragment.name}"] <= fragment.stat().st_size + (2 * KIB if cut else 0)
+    assert not list((settings.staging_dir / task.id).glob(".parts/*.hls"))
+
+
+def test_a_page_of_a_live_dash_stream_fails_at_once(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
+) -> None:
+    manifest = (presentation / "manifest.mpd").read_text().replace('type="static"', 'type="dynamic"')
+    origin.put("/live/manifest.mpd", manifest.encode())
+    page = site.page("/course/live", dash_page(origin.url("/live/manifest.mpd")))
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, submit_page(client, page))
+    assert task.state is State.FAILED and task.attempts == 1, task.error
+    assert task.error_code == "page_unresolvable" and "live stream" in task.error, task.error
+
+
+def test_a_dash_video_and_an_audio_file_join_into_the_container_the_files_name_asks_for(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
+) -> None:
+    for item in presentation.iterdir():
+        origin.put(f"/mixed/{item.name}", item.read_bytes())
+    origin.put("/mixed/manifest.mpd", dash_with_audio_file((presentation / "manifest.mpd").read_text()).encode())
+    audio = (presentation / "audio.m4a").stat().st_size
+    origin.fault("/mixed/audio.m4a", Fault("drop", after=audio // 2))
+    page = site.page("/course/mixed", dash_page(origin.url("/mixed/manifest.mpd")))
+    with in_process_worker(settings, store, threads=1):
+        task_id = client.submit([{"page": page, "path": "lesson-2.mkv"}])
+        task = wait_for(store, task_id, timeout=60)
+    assert task.state is State.DONE and task.attempts == 2, task.error
+    assert task.as_status()["files"][0]["resolved"]["format_id"] == "0+a"
+    joined = settings.storage_dir / task.id / "lesson-2.mkv"
+    assert "matroska" in probe(joined) and kinds_of_streams(joined) == ["Video", "Audio"]
+    assert abs(duration_of(joined) - 8.0) <= 0.1
+    # The audio file resumed where the cut left it (a range, under If-Range)
+    assert origin.served["/mixed/audio.m4a"] <= audio
+    assert origin.requests_for("/mixed/audio.m4a")[-1].headers.get("Range") == f"bytes={audio // 2}-"
+
+
+VIDEO = {"format_id": "v", "protocol": "https", "url": "https://cdn.example/v.mp4", "vcodec": "avc1", "acodec": "none"}
+
+
+@pytest.mark.parametrize(
+    ("info", "said"),
+    [
+        ({**VIDEO, "is_live": True}, "live"),
+        ({**VIDEO, "live_status": "is_upcoming"}, "live"),
+        ({"format_id": "v+a", "requested_formats": [VIDEO, {**VIDEO, "format_id": "a", "has_drm": True}]}, "DRM"),
+        ({**VIDEO, "protocol": "rtmp"}, "streamed over rtmp"),
+        ({**VIDEO, "protocol": "http_dash_segments", "fragments": []}, "DASH without fragments"),
+        ({**VIDEO, "protocol": "http_dash_segments", "fragments": [{"url": "a", "byte_range": {"start": 0}}]},
+         "byte ranges"),
+        ({**VIDEO, "protocol": "http_dash_segments", "fragments": [{"path": "a"}] * (MAX_FRAGMENTS + 1)},
+         f"more than {MAX_FRAGMENTS}"),
+        ({"_type": "playlist", "entries": [VIDEO, VIDEO]}, "holds 2 videos"),
+    ],
+)  # fmt: skip
+def test_a_format_haul_must_not_download_is_refused_with_the_reason(info: dict[str, object], said: str) -> None:
+    from actors.ytdlp import _chosen
+
+    with pytest.raises(PageUnresolvable, match=said):
+        _chosen(info, "task t, file 'a.mp4'")
+
+
+def test_a_merged_format_is_its_tracks_each_with_what_it_carries() -> None:
+    from actors.pages import TrackKind
+    from actors.ytdlp import _chosen
+
+    dash = {"format_id": "a", "protocol": "http_dash_segments", "url": "https://cdn.example/m.mpd", "vcodec": "none",
+            "acodec": "mp4a", "fragment_base_url": "https://cdn.example/a/",
+            "fragments": [{"path": "init.mp4"}, {"url": "https://cdn2.example/1.m4s", "duration": 2}]}  # fmt: skip
+    found = _chosen({"format_id": "v+a", "requested_formats": [VIDEO, dash], "duration": 2}, "t")
+    assert found.single_file is None and found.format_id == "v+a"
+    video, audio = found.tracks
+    assert (video.kind, video.has_video, video.has_audio) == (TrackKind.FILE, True, False)
+    assert (audio.kind, audio.has_video, audio.has_audio) == (TrackKind.DASH, False, True)
+    assert audio.fragments == (("https://cdn.example/a/init.mp4", 0.0), ("https://cdn2.example/1.m4s", 2.0))
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ AT_ONCE = 4
 
 def make_stream(bench: Bench) -> tuple[str, int]:
     """The page's URL, and the stream's fragments (made once per bench folder)."""
-    from actors.hls import ffmpeg_path
+    from actors.tracks import ffmpeg_path
 
     folder = bench.www / "hls"
     if not (folder / "index.m3u8").exists():
@@ -43,9 +43,9 @@ def make_stream(bench: Bench) -> tuple[str, int]:
 
 def bench_hls(bench: Bench) -> dict[str, Any]:
     """Seconds from submit to done for haul, from start to exit for yt-dlp; fragments a second."""
-    from actors.hls import ffmpeg_path
     from actors.manifest import spec_from_manifest
     from actors.store import TaskStore
+    from actors.tracks import ffmpeg_path
 
     page, fragments = make_stream(bench)
     out = bench.root / "hls-out"

@@ -1,0 +1,66 @@
+"""Recordings made by the ffmpeg haul joins with, for the tests of page files: an HLS stream,
+a DASH presentation of separate video and audio, and what ffmpeg reads back of a joined file."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from actors.tracks import ffmpeg_path
+
+#: A test card and a tone, in H.264 and AAC, with a key frame every second.
+SOURCES = ["-f", "lavfi", "-i", "testsrc=duration={seconds}:size=160x120:rate=25", "-f", "lavfi", "-i",
+           "sine=duration={seconds}", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-c:a", "aac"]  # fmt: skip
+
+
+def _ffmpeg(seconds: int, *output: str) -> None:
+    sources = [part.format(seconds=seconds) for part in SOURCES]
+    subprocess.run([ffmpeg_path(), "-hide_banner", "-loglevel", "error", *sources, *output], check=True, timeout=60)
+
+
+def make_hls(folder: Path, seconds: int = 10) -> None:
+    """``index.m3u8`` and 1 s MPEG-TS fragments ``seg-000.ts``... in ``folder``."""
+    _ffmpeg(seconds, "-f", "hls", "-hls_time", "1", "-hls_playlist_type", "vod", "-hls_segment_filename",
+            str(folder / "seg-%03d.ts"), str(folder / "index.m3u8"))  # fmt: skip
+
+
+def make_dash(folder: Path, seconds: int = 8) -> None:
+    """``manifest.mpd`` in ``folder``: a video and an audio adaptation set (fMP4, 1 s fragments,
+    ``init-stream0.m4s``, ``chunk-stream0-00001.m4s``... for the video, stream1 the audio), and
+    ``audio.m4a``, the same sound as one file."""
+    _ffmpeg(seconds, "-f", "dash", "-seg_duration", "1", "-use_template", "1", "-use_timeline", "0",
+            "-adaptation_sets", "id=0,streams=v id=1,streams=a", str(folder / "manifest.mpd"))  # fmt: skip
+    _ffmpeg(seconds, "-map", "1:a", "-f", "mp4", str(folder / "audio.m4a"))
+
+
+def dash_with_audio_file(manifest: str) -> str:
+    """``manifest`` with its audio as the file ``audio.m4a`` (a representation with only a
+    BaseURL, which yt-dlp downloads as a file) instead of fragments."""
+    start = manifest.index('<AdaptationSet id="1"')
+    end = manifest.index("</AdaptationSet>", start) + len("</AdaptationSet>")
+    audio = (
+        '<AdaptationSet id="1" contentType="audio" mimeType="audio/mp4">'
+        '<Representation id="a" codecs="mp4a.40.2" bandwidth="69000"><BaseURL>audio.m4a</BaseURL></Representation>'
+        "</AdaptationSet>"
+    )
+    return manifest[:start] + audio + manifest[end:]
+
+
+def probe(path: Path) -> str:
+    """What ffmpeg says of ``path``: its container, duration and streams."""
+    return subprocess.run([ffmpeg_path(), "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+
+
+def duration_of(path: Path) -> float:
+    """The duration ffmpeg reads in ``path``'s header, in seconds."""
+    said = probe(path)
+    found = re.search(r"Duration: (\d+):(\d+):(\d+\.\d+)", said)
+    assert found, said
+    hours, minutes, seconds = found.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+def kinds_of_streams(path: Path) -> list[str]:
+    """The kinds of ``path``'s streams in order ("Video", "Audio")."""
+    return re.findall(r"Stream #0:\d+.*?: (Video|Audio)", probe(path))
