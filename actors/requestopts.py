@@ -8,7 +8,7 @@ from __future__ import annotations
 import http.cookiejar
 import io
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from urllib.parse import urlsplit
 
 from actors.errors import PermanentError
@@ -59,10 +59,28 @@ def headers_for(options: RequestOptions | None, url: str) -> dict[str, str]:
     return headers
 
 
+def same_site(url: str, target: str) -> bool:
+    """Whether ``target`` may get what was meant for ``url``: the same host and port, and not
+    from https down to http."""
+    here, there = urlsplit(url), urlsplit(target)
+    return here.netloc.lower() == there.netloc.lower() and (here.scheme == there.scheme or there.scheme == "https")
+
+
 def for_host(headers: Mapping[str, str], url: str, target: str) -> dict[str, str]:
     """``headers`` for ``target``, asked for on the way to ``url``: only the plain ones when
     ``target`` is another host (a redirect, a fragment on another CDN) or drops https."""
-    here, there = urlsplit(url), urlsplit(target)
-    if here.netloc.lower() == there.netloc.lower() and (here.scheme == there.scheme or there.scheme == "https"):
+    if same_site(url, target):
         return dict(headers)
     return {k: v for k, v in headers.items() if k.lower() in PLAIN_HEADERS}
+
+
+def secret_headers(options: RequestOptions | None) -> dict[str, str]:
+    """The task's headers that are credentials: all but the plain ones (User-Agent, Referer...)."""
+    return {k.lower(): v for k, v in options.headers if k.lower() not in PLAIN_HEADERS} if options else {}
+
+
+def drop_secrets(headers: MutableMapping[str, str], secrets: Mapping[str, str]) -> None:
+    """Take the task's credentials ``secrets`` (from :func:`secret_headers`) out of ``headers``,
+    going to a host the task did not give them for (a site's own headers of the same name stay)."""
+    for name in [k for k, v in headers.items() if secrets.get(k.lower()) == v]:
+        del headers[name]

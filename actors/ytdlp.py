@@ -41,7 +41,7 @@ from actors.interrupt import Guard, interruptible
 from actors.netguard import DestinationPolicy
 from actors.pages import Resolved, Track, TrackKind, plain_title
 from actors.redact import display_url, redact_text
-from actors.requestopts import CookiesUnreadable, cookies_text
+from actors.requestopts import CookiesUnreadable, cookies_text, drop_secrets, same_site, secret_headers
 from actors.task import RequestOptions
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,13 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
         where: str,
         before: Callable[[], None] | None,
         sockets: _Sockets,
+        page: str,
+        secrets: dict[str, str],
         **kwargs: Any,
     ) -> None:
         self.policy, self.where, self.sockets = policy, where, sockets
+        #: The task's credential headers, for the page's host only (:func:`secret_headers`).
+        self.page, self.secrets = page, secrets
         #: Called once, just before the first request goes out (the host's turn).
         self.before = before
         super().__init__(**kwargs)
@@ -81,7 +85,23 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
         for prefix, adapter in guarded.adapters.items():
             session.mount(prefix, adapter)
         session.hooks["response"].append(self._redirect_checked)
+        rebuild_auth = session.rebuild_auth
+
+        def rebuild_auth_and_secrets(prepared: requests.PreparedRequest, response: requests.Response) -> None:
+            """Before a redirect is followed: the task's credentials stay behind on another host."""
+            rebuild_auth(prepared, response)  # type: ignore[no-untyped-call]
+            if not same_site(self.page, str(prepared.url)):
+                drop_secrets(prepared.headers, self.secrets)
+
+        session.rebuild_auth = rebuild_auth_and_secrets  # type: ignore[method-assign]
         return session
+
+    def _prepare_headers(self, request: Any, headers: Any) -> None:
+        """The task's credentials go to the page's host only (an extractor may ask an API, or
+        follow an embed, on another)."""
+        super()._prepare_headers(request, headers)
+        if not same_site(self.page, request.url):
+            drop_secrets(headers, self.secrets)
 
     def _redirect_checked(self, response: requests.Response, **kwargs: Any) -> None:
         """Before requests follows a redirect: its target passes the policy (by name too)."""
@@ -157,8 +177,12 @@ class _PolicyYoutubeDL(YoutubeDL):  # type: ignore[misc]
         where: str,
         before: Callable[[], None],
         sockets: _Sockets,
+        page: str,
+        secrets: dict[str, str],
     ) -> None:
-        self._haul_handler = functools.partial(PolicyRH, policy=policy, where=where, before=before, sockets=sockets)
+        self._haul_handler = functools.partial(
+            PolicyRH, policy=policy, where=where, before=before, sockets=sockets, page=page, secrets=secrets
+        )
         super().__init__(params)
 
     @functools.cached_property
@@ -209,7 +233,7 @@ def resolve(
     }  # fmt: skip
     sockets = _Sockets()
     try:
-        ydl = _PolicyYoutubeDL(params, policy, where, before, sockets)
+        ydl = _PolicyYoutubeDL(params, policy, where, before, sockets, page, secret_headers(request))
     except (SyntaxError, ValueError) as exc:  # yt-dlp parses the selector here
         raise PageUnresolvable(f"{where}: {selector!r} is not a format selector yt-dlp understands ({exc})") from exc
     if request is not None and request.cookies:  # the task's, read from memory (never a file on disk)
@@ -242,11 +266,19 @@ def resolve(
         found = _chosen(info, where)
         # The task's cookies, and those the site set while resolving, for each track's host.
         cookies = [ydl.cookiejar.get_cookie_header(track.url) for track in found.tracks]
-    tracks = tuple(
-        dataclasses.replace(track, headers={**track.headers, "Cookie": cookie}) if cookie else track
+    return dataclasses.replace(found, tracks=tuple(
+        dataclasses.replace(track, headers=_scoped(track, page, secret_headers(request), cookie))
         for track, cookie in zip(found.tracks, cookies, strict=True)
-    )
-    return dataclasses.replace(found, tracks=tracks)
+    ))  # fmt: skip
+
+
+def _scoped(track: Track, page: str, secrets: dict[str, str], cookie: str | None) -> dict[str, str]:
+    """What to ask for ``track`` with: the site's headers (yt-dlp's, with the task's in them),
+    the task's credentials only on the page's host, and the cookies the jar has for its URL."""
+    headers = dict(track.headers)
+    if not same_site(page, track.url):
+        drop_secrets(headers, secrets)
+    return {**headers, "Cookie": cookie} if cookie else headers
 
 
 @contextlib.contextmanager

@@ -517,7 +517,28 @@ def test_a_page_behind_a_sign_in_works_with_the_tasks_cookie_and_header_shown_no
     assert task.state is State.DONE, task.error
     assert (settings.storage_dir / task.id / "lesson-1.mp4").read_bytes() == data
     assert all(r.headers.get("X-Course-Token") == TOKEN_VALUE for r in site.requests)
+    # The media's host (another port) gets its cookie, not the token given for the site
+    assert origin.requests and all("X-Course-Token" not in r.headers for r in origin.requests)
     assert_shown_nowhere(store, task_id, receiver, caplog.text)
+
+
+def test_a_share_link_redirecting_to_another_host_leaves_the_tasks_header_behind(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin
+) -> None:
+    data = os.urandom(20 * KIB)
+    other = Site()
+    try:
+        site.redirects["/s/abc"] = other.page("/watch", lesson_page(origin.put("/media/v.mp4", data)))
+        manifest = signed_in([{"page": site.url("/s/abc"), "path": "v.mp4"}])
+        with in_process_worker(settings, store, threads=1):
+            task = wait_for(store, client.submit_spec(spec_from_manifest(manifest)))
+        assert task.state is State.DONE, task.error
+        [asked] = site.requests
+        assert asked.headers.get("X-Course-Token") == TOKEN_VALUE
+        assert other.requests and all("X-Course-Token" not in r.headers for r in other.requests)
+        assert all("X-Course-Token" not in r.headers for r in origin.requests)
+    finally:
+        other.close()
 
 
 def test_a_files_credentials_go_to_its_host_and_no_further(
