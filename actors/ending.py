@@ -34,8 +34,8 @@ def end_run(rt: Runtime, task: Task, token: int, exc: Exception) -> Outcome:
     )  # fmt: skip
     stage = task.state.value if task.state.active else "download"
     if end.refund:
-        log.info("task %s: handed back (worker stopping), %s", task.id, reached)
-        return Outcome(Next.RETRY) if reached is State.QUEUED else NOTHING
+        log.info("task %s: handed back, %s: %s", task.id, reached, end.error)
+        return Outcome(Next.RETRY, delay_seconds=end.delay_seconds) if reached is State.QUEUED else NOTHING
     if reached is State.QUEUED:
         log.warning("task %s: attempt %d failed, retrying in %.1fs: %s%s", task.id, task.attempts,
                     end.delay_seconds, end.error, end.retry_note)  # fmt: skip

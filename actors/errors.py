@@ -75,6 +75,8 @@ class ResolverMissing(TransientError):
     """A page file reached a worker that cannot resolve pages: another worker may."""
 
     code = "resolver_missing"
+    #: A registered worker can resolve pages: the task is handed to it, the attempt given back.
+    elsewhere = False
 
 
 class StorageUnavailable(TransientError):

@@ -141,10 +141,10 @@ def resolve(
     the first request goes out (to wait for the host's turn); ``guard`` may shut every socket
     the resolution uses (a graceful stop, a lost lease, the step's deadline); ``request``: the
     task's headers and cookies, for the page and the media. Raises haul errors only."""
-    if not resolver_installed():
+    if not resolver_works():
         raise ResolverMissing(
             f"{where}: this worker cannot resolve pages; install the extra on it (pip install 'haul[resolve]') "
-            "and restart it (the task is retried, perhaps by a worker that has it)"
+            "and restart it (the task goes to a worker that can, if one is registered)"
         )
     from actors import ytdlp
 

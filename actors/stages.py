@@ -19,19 +19,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import redis
+
 from actors.diskio import hash_file, sync_file
 from actors.ending import end_run
-from actors.errors import ChecksumMismatch, HaulError, LeaseLost, NoWebhookSecret, OriginRejected, Stopping, TooLarge
+from actors.errors import (
+    ChecksumMismatch,
+    HaulError,
+    LeaseLost,
+    NoWebhookSecret,
+    OriginRejected,
+    ResolverMissing,
+    Stopping,
+    TooLarge,
+)
 from actors.finalize import finish_task
 from actors.hls import StreamTransfer
 from actors.httprules import FetchRules
 from actors.lanes import FileLanes
 from actors.lease import DISK_STEP_SECONDS, Lane, Lease, no_figures, no_files
+from actors.messages import CLAIM_QUEUE
 from actors.outcome import NOTHING, Next, Outcome
-from actors.pages import Resolved, Track, resolve
+from actors.pages import RESOLVE_EXTRA, Resolved, Track, resolve
 from actors.policy import FINALIZE_BACKLOG_FACTOR, SLOT_WAIT_MAX_SECONDS, slot_wait
 from actors.progress import FileProgress, Progress, guard_lease
 from actors.redact import display_url
+from actors.registry import WorkerRegistry
 from actors.requestopts import headers_for
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
@@ -241,16 +254,28 @@ def _resolve_page(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -
         _wait_turn(rt, task, spec, lane)
         lane.step(s.resolve_timeout_seconds + RESOLVE_MARGIN_SECONDS, f"resolving the page of {spec.path!r}")
 
-    found = resolve(
-        spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds,
-        limit=s.resolve_timeout_seconds, before=turn,
-        guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy, request=task.spec.request,
-    )  # fmt: skip
+    try:
+        found = resolve(
+            spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds,
+            limit=s.resolve_timeout_seconds, before=turn,
+            guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy, request=task.spec.request,
+        )  # fmt: skip
+    except ResolverMissing as exc:
+        exc.elsewhere = _resolvers_elsewhere(rt)
+        raise
     if not rt.store.record_resolved(task.id, token, index, found.record(), now=rt.clock()):
         raise LeaseLost(f"task {task.id}: lease lost while resolving the page of {spec.path!r}")
     log.info("task %s: %s resolved by %s to format %s on %s", task.id, spec.path, found.extractor, found.format_id,
              found.record()["host"])  # fmt: skip
     return found
+
+
+def _resolvers_elsewhere(rt: Runtime) -> bool:
+    """Whether a registered worker can resolve pages (one that cannot hands a page file over)."""
+    try:
+        return WorkerRegistry(rt.store.client, rt.store.prefix).have(RESOLVE_EXTRA, CLAIM_QUEUE)
+    except redis.RedisError:
+        return False  # the attempt counts, as any failure's
 
 
 def _fetch_tracks(

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.registry import WorkerRegistry
 from actors.states import State
 from actors.store import TaskStore
 from tests import processes
@@ -202,6 +204,42 @@ def test_a_stream_killed_half_way_resumes_fetching_only_the_missing_fragments(
         # (at most its two connections' fragments, whose last bytes it may not have written).
         assert sum(n > 1 for n in asked.values()) <= len(sizes) - whole_at_kill + 2, asked
         assert sum(asked.values()) <= len(sizes) + 2, asked
+    finally:
+        s.close()
+        site.close()
+
+
+def test_a_worker_without_the_resolve_extra_hands_a_page_file_to_one_that_has_it(
+    tmp_path: Path, origin: Origin, receiver: Receiver
+) -> None:
+    data = os.urandom(64 * KIB)
+    site = Site()
+    page = site.page("/lesson", f'<html><body><video src="{origin.put("/v.mp4", data)}"></video></body></html>')
+    # A worker on a machine without yt-dlp: the package's import fails there
+    blocked = tmp_path / "without-yt-dlp" / "yt_dlp"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text('raise ImportError("yt-dlp is not installed on this machine")\n')
+    s = Stack(tmp_path, receiver, HAUL_HOST_MIN_INTERVAL_SECONDS="0")
+    registry = WorkerRegistry(s.store.client, s.store.prefix)
+    try:
+        able = s.worker(threads=1)
+        with running(able):
+            wait_until(lambda: registry.have("resolve", "claim"), 30, "the worker with the extra registered")
+            os.killpg(able.popen.pid, signal.SIGSTOP)  # alive and registered, taking nothing for now
+            s.env["PYTHONPATH"] = str(blocked.parent)
+            unable = s.worker(threads=1)
+            with running(unable):
+                wait_until(lambda: len(registry.workers()) == 2, 30, "the worker without the extra registered")
+                manifest = tmp_path / "page.json"
+                manifest.write_text(json.dumps({"files": [{"page": page, "path": "lesson.mp4"}]}))
+                task_id = submitted(s.env, manifest)
+                wait_until(lambda: unable.output().count("handed back") >= 2, 30, "the task handed back, twice")
+                assert s.store.get(task_id).attempts == 0  # type: ignore[union-attr]
+                os.killpg(able.popen.pid, signal.SIGCONT)
+                task = wait_for(s.store, task_id, timeout=60)
+        assert task.state is State.DONE and task.attempts == 1, task.error
+        assert (s.storage / task_id / "lesson.mp4").read_bytes() == data
+        assert "this worker cannot resolve pages" in unable.output()
     finally:
         s.close()
         site.close()
