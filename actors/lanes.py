@@ -11,8 +11,10 @@ Politeness: with HAUL_DOWNLOAD_PER_HOST set, each connection to a host counts. T
 one slot of each of the task's hosts; a second connection to the same host takes one more
 (``connection.lua``), held until the file ends and bound to the lease like the first, so the
 limit holds across every worker. A lane that finds the host full waits for a slot (its own
-run's first one included) rather than skipping ahead. HAUL_DOWNLOAD_CONCURRENCY counts tasks,
-not connections.
+run's first one included) rather than skipping ahead. A page file's media is often on
+another host than its page (a CDN), which the claim could not know: its download takes a slot
+of that host too (:meth:`FileLanes.connected`), and its split connections count there.
+HAUL_DOWNLOAD_CONCURRENCY counts tasks, not connections.
 
 The first file to fail stops the others at their next chunk (each keeps its ``.part`` for the
 next attempt) and is the error the run ends with.
@@ -24,8 +26,9 @@ import functools
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import redis
@@ -65,7 +68,9 @@ class FileLanes:
         self.per_host = rt.settings.download_per_host
         self._lock = threading.Condition()
         self._queue: list[int] = []
-        #: The hosts whose claimed slot a lane of this run uses now.
+        #: The hosts the claim took a slot of (the task's files' hosts), and those whose
+        #: claimed slot a lane of this run uses now.
+        self._claimed = {urlsplit(f.url).hostname or "" for f in task.spec.files}
         self._claimed_in_use: set[str] = set()
         self._error: BaseException | None = None
         #: Connection numbers beyond the lanes' (a split file's connections).
@@ -126,6 +131,17 @@ class FileLanes:
         for lane in self.lease.lanes():  # wake the lanes blocked on a read: they stop now
             lane.wake(lane.deadline)
 
+    @contextmanager
+    def connected(self, host: str, lane: Lane) -> Iterator[None]:
+        """While the block runs, the lane holds a connection slot of ``host`` too (a page
+        file's media, resolved on another host than the page), waiting while it is full."""
+        number = next(self._numbers)
+        extra = self._connect(host, number, lane)
+        try:
+            yield
+        finally:
+            self._disconnect(host, number, extra)
+
     def _connect(self, host: str, number: int, lane: Lane) -> bool:
         """Open a connection to ``host``: the claimed slot when no lane of this run uses it,
         else one more slot (True), waiting while the host is full."""
@@ -133,7 +149,7 @@ class FileLanes:
             with self._lock:
                 if self.progress.halted is not None:
                     raise Halted(self.progress.halted)
-                if not self.per_host or host not in self._claimed_in_use:
+                if not self.per_host or (host in self._claimed and host not in self._claimed_in_use):
                     if self.per_host:
                         self._claimed_in_use.add(host)
                     return False
@@ -180,14 +196,13 @@ class FileLanes:
                 with self._lock:
                     self._owed.append(slot)
 
-    def split_plan(self, index: int, file: FileProgress, lane: Lane) -> SplitPlan | None:
-        """How file ``index``, downloading on ``lane``, may open connections beside its own
+    def split_plan(self, host: str, file: FileProgress, lane: Lane) -> SplitPlan | None:
+        """How a file of ``host``, downloading on ``lane``, may open connections beside its own
         (HAUL_SPLIT): each on a thread of the pool, a lane of the lease and a host slot of its
         own (without waiting: a full host means no more connections for now)."""
         settings = self.rt.settings
         if settings.split <= 1:
             return None
-        host = urlsplit(self.task.spec.files[index].url).hostname or ""
 
         def open_connection(work: Callable[[Connection], None]) -> futures.Future[None] | None:
             number = next(self._numbers)

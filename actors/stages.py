@@ -10,50 +10,29 @@ backoff (``dead`` once attempts are used), a lost lease stops quietly.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from urllib.parse import urlsplit
 
-import redis
-
-from actors.diskio import hash_file, sync_file
 from actors.ending import end_run
-from actors.errors import (
-    ChecksumMismatch,
-    HaulError,
-    LeaseLost,
-    NoWebhookSecret,
-    OriginRejected,
-    ResolverMissing,
-    Stopping,
-    TooLarge,
-)
+from actors.errors import HaulError, LeaseLost, NoWebhookSecret, TooLarge
+from actors.filerun import FileRun
 from actors.finalize import finish_task
-from actors.hls import StreamTransfer
-from actors.httprules import FetchRules
 from actors.lanes import FileLanes
 from actors.lease import DISK_STEP_SECONDS, Lane, Lease, no_figures, no_files
-from actors.messages import CLAIM_QUEUE
 from actors.outcome import NOTHING, Next, Outcome
-from actors.pages import RESOLVE_EXTRA, Resolved, Track, resolve
+from actors.pagefile import fetch_page_file
 from actors.policy import FINALIZE_BACKLOG_FACTOR, SLOT_WAIT_MAX_SECONDS, slot_wait
-from actors.progress import FileProgress, Progress, guard_lease
+from actors.progress import Progress
 from actors.redact import display_url
-from actors.registry import WorkerRegistry
 from actors.requestopts import headers_for
 from actors.runtime import Runtime
 from actors.sandbox import Sandbox
 from actors.sentry import report_task
-from actors.split import Connection, SplitPlan
 from actors.states import ClaimReply, State, StepReply
 from actors.store import StageLimits
 from actors.task import FileSpec, Task
-from actors.tracks import download_tracks, haul_errors_only, muxer_for
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +151,6 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
         raise TooLarge(
             f"task {task_id}: its files add up to {known} bytes, above HAUL_MAX_TASK_BYTES={s.max_task_bytes}"
         )
-    hashing = s.file_hash == "sha256"
     pending = []
     # Files an earlier run finished go first, in the order it reported them: their
     # file.completed events follow that order (files finish out of order side by side).
@@ -195,37 +173,11 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
         lane.step(DISK_STEP_SECONDS, f"preparing {spec.path!r}")  # a resumed .part's validator, DNS
         with _naming(spec), progress.file(index, lane) as file:
             part = sandbox.claim_part(index, lease.token)
-            for resolutions in itertools.count(1):
-                found = _resolve_page(rt, task, lease.token, index, lane) if spec.page else None
-                rules, plan = _rules(rt, task, progress.bytes_done), lanes.split_plan(index, file, lane)
-                try:
-                    if found is not None:  # bytes kept of another format are not of this file
-                        sandbox.keep_format(index, part, found.format_id)
-                    single = found.single_file if found is not None else None
-                    if found is not None and single is None:
-                        size = _fetch_tracks(rt, task, lease.token, index, found, part, file, plan, rules, sandbox)
-                        break
-                    media = dataclasses.replace(spec, url=single.url, page=False, format=None) if single else spec
-                    size = rt.fetcher.fetch(
-                        media,
-                        part,
-                        task_id=task_id,
-                        on_progress=file.on_progress,
-                        on_total=file.on_total,
-                        guard=file.guard,
-                        rules=rules,
-                        step=file.step,
-                        on_sha256=functools.partial(sandbox.record_sha256, part) if hashing else None,
-                        on_received=file.on_received,
-                        split=plan,
-                        headers=single.headers if single else headers_for(task.spec.request, spec.url),
-                        shown=_hidden(spec) if found else display_url,
-                    )
-                    break
-                except OriginRejected as exc:  # a signed media URL that expired: the page gives a new one
-                    if not (spec.page and exc.status in EXPIRED_STATUSES and resolutions <= s.resolve_retries):
-                        raise
-                    log.info("task %s: %s: %s; resolving its page again", task_id, spec.path, exc)
+            run = FileRun(rt, task, lease.token, index, part, file, lane, lanes, sandbox, progress)
+            if spec.page:
+                size = fetch_page_file(run)
+            else:
+                size = run.fetch(spec, headers_for(task.spec.request, spec.url), display_url)
             lane.step(DISK_STEP_SECONDS, f"placing {spec.path!r} in staging")
             sandbox.promote(part, spec)
             sandbox.drop_fragments(index)
@@ -236,122 +188,6 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
     return progress
 
 
-#: Beyond HAUL_RESOLVE_TIMEOUT_SECONDS, how long the lane waits for a resolution to end on its own.
-RESOLVE_MARGIN_SECONDS = 10.0
-#: What a resolved media URL answers once its signature expired.
-EXPIRED_STATUSES = frozenset({401, 403, 410})
-
-
-def _resolve_page(rt: Runtime, task: Task, token: int, index: int, lane: Lane) -> Resolved:
-    """What page file ``index`` resolves to now (recorded on the task; see :mod:`actors.pages`)."""
-    spec = task.spec.files[index]
-    s = rt.settings
-    where = f"task {task.id}, file {spec.path!r} from the page {display_url(spec.url)}"
-    # The resolution cuts itself at HAUL_RESOLVE_TIMEOUT_SECONDS; the lane's deadline is the backstop
-    lane.step(s.resolve_timeout_seconds + RESOLVE_MARGIN_SECONDS, f"resolving the page of {spec.path!r}")
-
-    def turn() -> None:
-        _wait_turn(rt, task, spec, lane)
-        lane.step(s.resolve_timeout_seconds + RESOLVE_MARGIN_SECONDS, f"resolving the page of {spec.path!r}")
-
-    try:
-        found = resolve(
-            spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds,
-            limit=s.resolve_timeout_seconds, before=turn,
-            guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy, request=task.spec.request,
-        )  # fmt: skip
-    except ResolverMissing as exc:
-        exc.elsewhere = _resolvers_elsewhere(rt)
-        raise
-    if not rt.store.record_resolved(task.id, token, index, found.record(), now=rt.clock()):
-        raise LeaseLost(f"task {task.id}: lease lost while resolving the page of {spec.path!r}")
-    log.info("task %s: %s resolved by %s to format %s on %s", task.id, spec.path, found.extractor, found.format_id,
-             found.record()["host"])  # fmt: skip
-    return found
-
-
-def _resolvers_elsewhere(rt: Runtime) -> bool:
-    """Whether a registered worker can resolve pages (one that cannot hands a page file over)."""
-    try:
-        return WorkerRegistry(rt.store.client, rt.store.prefix).have(RESOLVE_EXTRA, CLAIM_QUEUE)
-    except redis.RedisError:
-        return False  # the attempt counts, as any failure's
-
-
-def _fetch_tracks(
-    rt: Runtime,
-    task: Task,
-    token: int,
-    index: int,
-    found: Resolved,
-    part: Path,
-    file: FileProgress,
-    plan: SplitPlan | None,
-    rules: FetchRules,
-    sandbox: Sandbox,
-) -> int:
-    """A page's stream, or its format's tracks, into ``part``, joined (:mod:`actors.tracks`);
-    its size, once hashed and synced."""
-    spec = task.spec.files[index]
-    where = f"task {task.id}, file {spec.path!r}, the media of its page"
-    main = Connection(ranges=rt.fetcher, tick=file.on_progress, step=file.step,
-                      wake=plan.wake if plan is not None else _nothing, guard=file.guard)  # fmt: skip
-    first = found.tracks[0]  # each track's own URL and headers replace these
-    transfer = StreamTransfer(
-        main, plan, rules, first.headers, file.on_received, where, token, _hidden(spec), first.url
-    )
-
-    def fetch_file(track: Track, track_part: Path, base: int) -> int:
-        """A file track, through the fetcher as any file (resumed, split), counted after ``base`` bytes."""
-        media = FileSpec(url=track.url, path=spec.path)
-        limited = dataclasses.replace(rules, max_bytes=max(1, rules.max_bytes - base)) if rules.max_bytes else rules
-        return rt.fetcher.fetch(
-            media, track_part, task_id=task.id, on_progress=lambda position: file.on_progress(base + position),
-            guard=file.guard, rules=limited, step=file.step, on_received=file.on_received, split=plan,
-            headers=track.headers, shown=_hidden(spec),
-        )  # fmt: skip
-
-    with haul_errors_only(where):
-        folder = sandbox.claim_fragments(index, token)
-    joined = download_tracks(found, folder, part, transfer, fetch_file, muxer_for(spec.path))
-    size = part.stat().st_size
-    digest = hash_file(part, size, lambda: file.step(DISK_STEP_SECONDS)).hexdigest()
-    if spec.sha256 and digest != spec.sha256:
-        raise ChecksumMismatch(f"{where}: the joined file's sha256 is {digest}, the task says {spec.sha256}")
-    if rt.settings.file_hash == "sha256":
-        sandbox.record_sha256(part, digest)
-    file.step(DISK_STEP_SECONDS)
-    sync_file(part, where)
-    log.info("task %s: %s joined from %d track(s), %d fragment(s), %d bytes downloaded, into %d bytes", task.id,
-             spec.path, joined.tracks, joined.fragments, joined.size, size)  # fmt: skip
-    return size
-
-
-def _hidden(spec: FileSpec) -> Callable[[str], str]:
-    """How the URLs a page resolved to appear in messages: not at all (they are signed, a
-    credential while they last), only the page they came from."""
-    page = display_url(spec.url)
-    return lambda url: f"the media of the page {page}"
-
-
-def _nothing() -> None:
-    """A connection with nothing to wake."""
-
-
-def _wait_turn(rt: Runtime, task: Task, spec: FileSpec, lane: Lane) -> None:
-    """Wait for this page's turn at its host (HAUL_HOST_MIN_INTERVAL_SECONDS, across workers)."""
-    interval = rt.settings.host_min_interval_seconds
-    if not interval:
-        return
-    host = urlsplit(spec.url).hostname or ""
-    lane.step(rt.settings.connect_timeout_seconds, f"taking a turn to ask {host} for a page")
-    wait = rt.store.page_turn(host, interval, now=rt.clock())
-    if wait > 0:
-        lane.step(wait + 1, f"waiting its turn to ask {host} for a page (HAUL_HOST_MIN_INTERVAL_SECONDS)")
-        if rt.stopper.wait(wait):
-            raise Stopping(f"task {task.id}: the worker is stopping; handing the task back")
-
-
 @contextmanager
 def _naming(spec: FileSpec) -> Iterator[None]:
     """A haul error raised in the block names the file (the backend is told which failed)."""
@@ -360,17 +196,3 @@ def _naming(spec: FileSpec) -> Iterator[None]:
     except HaulError as exc:
         exc.file = exc.file or spec.path
         raise
-
-
-def _rules(rt: Runtime, task: Task, task_bytes_so_far: int) -> FetchRules:
-    """The limits for the next file: the file limit, or what is left of the task's budget."""
-    s = rt.settings
-    limits = [s.max_file_bytes] if s.max_file_bytes else []
-    if s.max_task_bytes:
-        limits.append(max(1, s.max_task_bytes - task_bytes_so_far))
-    return FetchRules(
-        max_bytes=min(limits) if limits else 0,
-        accept=task.spec.accept,
-        lowest_speed_bytes=s.lowest_speed_bytes,
-        lowest_speed_seconds=s.lowest_speed_seconds,
-    )

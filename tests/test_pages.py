@@ -26,6 +26,7 @@ from actors.store import TaskStore
 from actors.task import files_from_json, first_difference, request_hash
 from tests.conftest import in_process_worker, wait_for
 from tests.media import dash_with_audio_file, duration_of, kinds_of_streams, make_dash, make_hls, probe
+from tests.processes import wait_until
 from tests.servers import Fault, Origin, Receiver, Site
 
 KIB = 1024
@@ -92,6 +93,25 @@ def test_a_media_url_dead_on_arrival_is_resolved_again_within_the_attempt(
     assert origin.expired == 1 and len(site.requests) == 2
     events = EventLog(store.client, store.prefix).of_task(task.id)
     assert [e.type for e in events].count("file.resolved") == 2
+
+
+def test_a_page_files_media_on_another_host_counts_against_that_host(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin
+) -> None:
+    """One connection per host: the page is on 127.0.0.1, its media on ``localhost`` (a CDN), as
+    is a direct file's; the two downloads from ``localhost`` take turns."""
+    origin.rate = 512 * KIB
+    for name in ("lesson.mp4", "notes.pdf"):
+        origin.put(f"/{name}", os.urandom(1024 * KIB))
+    cdn = f"http://localhost:{origin.port}"
+    page = site.page("/course/lesson", lesson_page(f"{cdn}/lesson.mp4"))
+    with in_process_worker(settings.replace(download_per_host=1), store, threads=2):
+        ids = [submit_page(client, page)]
+        wait_until(lambda: origin.in_flight["/lesson.mp4"] > 0, 30, "the page's media downloading")
+        ids.append(client.submit([{"url": f"{cdn}/notes.pdf", "path": "notes.pdf"}]))
+        tasks = [wait_for(store, task_id, timeout=60) for task_id in ids]
+    assert [t.state for t in tasks] == [State.DONE, State.DONE], [t.error for t in tasks]
+    assert origin.max_active == 1
 
 
 def test_a_retry_resolves_the_page_afresh_and_resumes_the_file(

@@ -1,0 +1,75 @@
+"""One file's download within a task's run: what its steps share (the lane, the progress, the
+sandbox, the limits), and its download through the fetcher."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from actors.httprules import FetchRules
+from actors.lanes import FileLanes
+from actors.lease import Lane
+from actors.progress import FileProgress, Progress
+from actors.runtime import Runtime
+from actors.sandbox import Sandbox
+from actors.split import SplitPlan
+from actors.task import FileSpec, Task
+
+
+@dataclass(frozen=True)
+class FileRun:
+    """File ``index`` of ``task``, downloading on ``lane`` into ``part`` for the run holding ``token``."""
+
+    rt: Runtime
+    task: Task
+    token: int
+    index: int
+    part: Path
+    file: FileProgress
+    lane: Lane
+    lanes: FileLanes
+    sandbox: Sandbox
+    progress: Progress
+
+    @property
+    def spec(self) -> FileSpec:
+        return self.task.spec.files[self.index]
+
+    def rules(self) -> FetchRules:
+        """The limits for the file: the file limit, or what is left of the task's budget."""
+        s = self.rt.settings
+        limits = [s.max_file_bytes] if s.max_file_bytes else []
+        if s.max_task_bytes:
+            limits.append(max(1, s.max_task_bytes - self.progress.bytes_done))
+        return FetchRules(
+            max_bytes=min(limits) if limits else 0,
+            accept=self.task.spec.accept,
+            lowest_speed_bytes=s.lowest_speed_bytes,
+            lowest_speed_seconds=s.lowest_speed_seconds,
+        )
+
+    def plan(self, url: str) -> SplitPlan | None:
+        """How a download from ``url`` may open connections beside the lane's (HAUL_SPLIT)."""
+        return self.lanes.split_plan(urlsplit(url).hostname or "", self.file, self.lane)
+
+    def fetch(self, media: FileSpec, headers: Mapping[str, str], shown: Callable[[str], str]) -> int:
+        """``media`` into the file's ``.part`` through the fetcher (resumed, split, checked); its size."""
+        hashing = self.rt.settings.file_hash == "sha256"
+        return self.rt.fetcher.fetch(
+            media,
+            self.part,
+            task_id=self.task.id,
+            on_progress=self.file.on_progress,
+            on_total=self.file.on_total,
+            guard=self.file.guard,
+            rules=self.rules(),
+            step=self.file.step,
+            on_sha256=functools.partial(self.sandbox.record_sha256, self.part) if hashing else None,
+            on_received=self.file.on_received,
+            split=self.plan(media.url),
+            headers=headers,
+            shown=shown,
+        )
