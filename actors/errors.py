@@ -71,6 +71,15 @@ class PartUnusable(OriginUnavailable):
     the partial file changed in staging): the download starts over from zero, at once."""
 
 
+class RangeUnsatisfiable(PartUnusable):
+    """The origin refused the resume range (416); ``size``: the file's size its answer gave
+    (``Content-Range: bytes */N``), if any. A ``.part`` of exactly that size is whole."""
+
+    def __init__(self, message: str, size: int | None) -> None:
+        super().__init__(message)
+        self.size = size
+
+
 class ResolverMissing(TransientError):
     """A page file reached a worker that cannot resolve pages: another worker may."""
 

@@ -32,6 +32,7 @@ from actors.errors import (
     ForbiddenDestination,
     OriginUnavailable,
     PartUnusable,
+    RangeUnsatisfiable,
     StorageUnavailable,
     TooLarge,
     TooManyRedirects,
@@ -184,8 +185,18 @@ class Fetcher:
             t.on_progress(spans.size)
             return _verified(spec, spans.size, spans.size, kept.hexdigest() if kept else None, t.on_sha256, where)
         asked_at = time.monotonic()
-        with interruptible(t.guard):
-            response = self._get(spec.url, {**t.headers, **request_headers(asked, validator)}, where, t.step, t.shown)
+        try:
+            with interruptible(t.guard):
+                response = self._get(
+                    spec.url, {**t.headers, **request_headers(asked, validator)}, where, t.step, t.shown
+                )
+        except RangeUnsatisfiable as exc:  # asked from its end, under If-Range: the .part is whole
+            if not asked or exc.size != asked:
+                raise
+            if t.on_total is not None:
+                t.on_total(asked)
+            t.on_progress(asked)
+            return _verified(spec, asked, asked, kept.hexdigest() if kept else None, t.on_sha256, where)
         latency = time.monotonic() - asked_at  # the window a split measures rates over grows with it
         hasher: Hasher | None = None
         try:

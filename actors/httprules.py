@@ -7,6 +7,7 @@ refusal is one of haul's errors with a message that says what the origin did and
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import requests
 import urllib3
 
-from actors.errors import OriginRejected, OriginUnavailable, PartUnusable, TooLarge
+from actors.errors import OriginRejected, OriginUnavailable, RangeUnsatisfiable, TooLarge
 from actors.redact import display_url
 
 #: Most bytes read from the socket (and written to disk) per step.
@@ -76,7 +77,10 @@ def check_status(response: requests.Response, url: str, where: str, shown: Calla
         return
     response.close()
     if status == 416:
-        raise PartUnusable(f"{where}: the origin refused the resume range (416)")
+        whole = re.fullmatch(r"bytes \*/(\d+)", (response.headers.get("Content-Range") or "").strip())
+        raise RangeUnsatisfiable(
+            f"{where}: the origin refused the resume range (416)", int(whole[1]) if whole else None
+        )
     if status in RETRYABLE_4XX or status >= 500:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         raise OriginUnavailable(f"{where}: the origin answered {status} {response.reason}", retry_after=retry_after)

@@ -267,8 +267,11 @@ class _OriginHandler(_Quiet):
         if origin.ranges and wanted and condition in (None, etag):
             start = int(wanted[1])
             end = min(len(data), int(wanted[2]) + 1) if wanted[2] else len(data)
-            if start >= len(data) or end <= start:
-                self._status(416)
+            if start >= len(data) or end <= start:  # as nginx answers: the size it has
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
             status = 206
             if fault is not None and fault.kind == "short":

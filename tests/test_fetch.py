@@ -45,6 +45,27 @@ def test_a_dropped_body_resumes_with_range_and_if_range(origin: Origin, tmp_path
     assert origin.served["/v.mp4"] == len(data)
 
 
+def test_a_whole_part_a_run_left_unrenamed_is_kept_without_a_byte_asked_again(origin: Origin, tmp_path: Path) -> None:
+    data = os.urandom(MIB)
+    url = origin.put("/v.mp4", data)
+    origin.fault("/v.mp4", Fault("drop", after=MIB // 2))
+    fetcher, part = make_fetcher(), tmp_path / "0.part"
+    spec = FileSpec(url=url, path="v.mp4", sha256=hashlib.sha256(data).hexdigest())
+    with pytest.raises(OriginUnavailable):
+        fetch(fetcher, spec, part)
+    assert fetch(fetcher, spec, part) == len(data)  # whole now; as if the run died before renaming it
+    # Asked again from its end, under If-Range: 416 with the size it has, so nothing is fetched
+    assert fetch(fetcher, spec, part) == len(data)
+    third = origin.requests_for("/v.mp4")[2]
+    assert third.headers["Range"] == f"bytes={len(data)}-" and third.headers["If-Range"].startswith('"')
+    assert origin.served["/v.mp4"] == len(data) and part.read_bytes() == data
+    # A file that changed meanwhile (If-Range fails) is sent whole and replaces it
+    changed = os.urandom(MIB)
+    origin.put("/v.mp4", changed)
+    assert fetch(fetcher, FileSpec(url=url, path="v.mp4"), part) == len(changed)
+    assert part.read_bytes() == changed
+
+
 def test_a_changed_file_restarts_instead_of_splicing(origin: Origin, tmp_path: Path) -> None:
     old, new = os.urandom(3 * MIB), os.urandom(3 * MIB)
     url = origin.put("/v.mp4", old)
