@@ -88,6 +88,13 @@ class ResolverMissing(TransientError):
     elsewhere = False
 
 
+class JoinFailed(TransientError):
+    """ffmpeg could not finish joining a page's tracks for a reason of this worker's (it ran
+    past its time, it was killed): the fragments are kept, the next attempt joins again."""
+
+    code = "join_failed"
+
+
 class StorageUnavailable(TransientError):
     """Finished files could not be written to storage (or staging)."""
 

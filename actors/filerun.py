@@ -51,9 +51,10 @@ class FileRun:
             lowest_speed_seconds=s.lowest_speed_seconds,
         )
 
-    def plan(self, url: str) -> SplitPlan | None:
-        """How a download from ``url`` may open connections beside the lane's (HAUL_SPLIT)."""
-        return self.lanes.split_plan(urlsplit(url).hostname or "", self.file, self.lane)
+    def plan(self, url: str, base: int = 0) -> SplitPlan | None:
+        """How a download from ``url`` may open connections beside the lane's (HAUL_SPLIT)
+        (``base``: bytes of the file before what it writes)."""
+        return self.lanes.split_plan(urlsplit(url).hostname or "", self.file, self.lane, base)
 
     def fetch(self, media: FileSpec, headers: Mapping[str, str], shown: Callable[[str], str]) -> int:
         """``media`` into the file's ``.part`` through the fetcher (resumed, split, checked); its size."""

@@ -34,8 +34,8 @@ from urllib.parse import urljoin, urlsplit
 
 from actors.connections import shutter_of
 from actors.diskio import write_all
-from actors.errors import OriginUnavailable, PageUnresolvable, StorageUnavailable, TooLarge
-from actors.httprules import FetchRules, SpeedFloor, read_chunk
+from actors.errors import OriginUnavailable, PageUnresolvable, StorageUnavailable, TooLarge, UnexpectedContent
+from actors.httprules import FetchRules, SpeedFloor, content_type_accepted, read_chunk
 from actors.lease import DISK_STEP_SECONDS
 from actors.requestopts import for_host
 from actors.split import Connection, SplitPlan
@@ -196,6 +196,17 @@ class StreamTransfer:
     shown: Callable[[str], str]
     #: The playlist's URL: credentials in ``headers`` go to its host only.
     playlist: str
+    #: The cookies the page's cookie jar has for a URL (a fragment on another host has its own).
+    cookies: Callable[[str], str | None] = lambda url: None
+
+    def headers_for(self, url: str) -> dict[str, str]:
+        """What to ask for ``url`` (a fragment, a key) with: the track's headers for its host,
+        only the plain ones for another, and the cookies the jar has for ``url``."""
+        headers = {**for_host(self.headers, self.playlist, url), "Accept-Encoding": "identity"}
+        cookie = self.cookies(url)
+        if cookie:
+            headers["Cookie"] = cookie
+        return headers
 
 
 class StreamDownload:
@@ -209,6 +220,8 @@ class StreamDownload:
         self._missing.reverse()  # taken from the end: the first fragments first
         self._done = sum(self._path(i).stat().st_size for i in range(len(stream.fragments)) if self._path(i).exists())
         self._error: BaseException | None = None
+        #: :meth:`fetch` returned: a connection that outlived it renames nothing into the folder.
+        self._over = False
         self._beside: list[futures.Future[None]] = []
         #: In the names of this download's unfinished fragments: another download of the same run
         #: (the page resolved again) never writes into them.
@@ -236,6 +249,9 @@ class StreamDownload:
             self._fail(exc)
             futures.wait(self._beside, JOIN_AFTER_FAILURE_SECONDS)
             raise
+        finally:
+            with self._lock:
+                self._over = True
         if self._error is not None:
             raise self._error
         return self._done
@@ -265,11 +281,16 @@ class StreamDownload:
         where = f"{t.where}, fragment {index + 1} of {len(self.stream.fragments)}"
         final = self._path(index)
         temporary = final.with_name(f"{final.name}.{t.token}.{self._tag}.tmp")
-        headers = {**for_host(t.headers, t.playlist, fragment.url), "Accept-Encoding": "identity"}
-        response = conn.ranges.get(fragment.url, headers, where, conn.step, t.shown)
+        response = conn.ranges.get(fragment.url, t.headers_for(fragment.url), where, conn.step, t.shown)
         floor, received = SpeedFloor(t.rules, where), 0
         shutter = shutter_of(response)
         try:
+            content_type = response.headers.get("Content-Type")
+            if not content_type_accepted(content_type, t.rules.accept):
+                raise UnexpectedContent(
+                    f"{where}: the origin answered with {content_type!r} where media was expected; that is "
+                    "usually a login, error or 'access denied' page: check that the page still shows the video"
+                )
             with conn.guard(shutter):
                 fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
@@ -292,7 +313,10 @@ class StreamDownload:
                     os.fdatasync(fd)
                 finally:
                     os.close(fd)
-            os.replace(temporary, final)
+            with self._lock:  # a download that ended keeps nothing more (the stream may be resolved anew)
+                if self._over:
+                    raise OriginUnavailable(f"{where}: not kept, the stream's download had ended")
+                os.replace(temporary, final)
         except OSError as exc:
             raise StorageUnavailable(f"{where}: writing it to staging failed ({exc.strerror})") from exc
         finally:
@@ -314,7 +338,7 @@ def claim_track(folder: Path, identity: str, format_id: str, where: str) -> None
         if kept is not None:
             log.warning("%s: the track differs from the one its bytes are of; downloading it again", where)
         shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)  # never the run's folder itself: a run whose folder moved on makes none
         temporary = record.with_suffix(".tmp")
         temporary.write_text(json.dumps(wanted))
         os.replace(temporary, record)
@@ -322,8 +346,7 @@ def claim_track(folder: Path, identity: str, format_id: str, where: str) -> None
 
 def read_small(conn: Connection, url: str, t: StreamTransfer, limit: int, where: str) -> bytes:
     """A playlist or key, whole, at most ``limit`` bytes."""
-    headers = {**for_host(t.headers, t.playlist, url), "Accept-Encoding": "identity"}
-    response = conn.ranges.get(url, headers, where, conn.step, t.shown)
+    response = conn.ranges.get(url, t.headers_for(url), where, conn.step, t.shown)
     shutter = shutter_of(response)
     try:
         data = b""

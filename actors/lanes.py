@@ -196,10 +196,11 @@ class FileLanes:
                 with self._lock:
                     self._owed.append(slot)
 
-    def split_plan(self, host: str, file: FileProgress, lane: Lane) -> SplitPlan | None:
+    def split_plan(self, host: str, file: FileProgress, lane: Lane, base: int = 0) -> SplitPlan | None:
         """How a file of ``host``, downloading on ``lane``, may open connections beside its own
         (HAUL_SPLIT): each on a thread of the pool, a lane of the lease and a host slot of its
-        own (without waiting: a full host means no more connections for now)."""
+        own (without waiting: a full host means no more connections for now). ``base``: bytes
+        of the file before what this download writes (a page's track after another)."""
         settings = self.rt.settings
         if settings.split <= 1:
             return None
@@ -220,7 +221,7 @@ class FileLanes:
                         guard = functools.partial(guard_lease, self.rt, beside)
                         with interruptible(guard):
                             work(Connection(
-                                ranges=self.rt.fetcher, tick=functools.partial(file.tick, lane=beside),
+                                ranges=self.rt.fetcher, tick=functools.partial(_tick, file, beside, base),
                                 step=functools.partial(_step, beside, file.doing),
                                 wake=functools.partial(_wake, beside), guard=guard,
                             ))  # fmt: skip
@@ -239,6 +240,10 @@ class FileLanes:
             width=settings.split, min_bytes=settings.min_split_bytes, open_connection=open_connection,
             on_connections=file.on_connections, wake=functools.partial(_wake, lane),
         )  # fmt: skip
+
+
+def _tick(file: FileProgress, lane: Lane, base: int, position: int) -> None:
+    file.tick(base + position, lane)
 
 
 def _step(lane: Lane, doing: str, seconds: float) -> None:

@@ -135,12 +135,13 @@ def _fetch_tracks(run: FileRun, found: Resolved) -> int:
         return rt.fetcher.fetch(
             FileSpec(url=track.url, path=spec.path), track_part, task_id=run.task.id,
             on_progress=lambda position: file.on_progress(base + position), guard=file.guard, rules=limited,
-            step=file.step, on_received=file.on_received, split=plan, headers=track.headers, shown=_hidden(spec),
+            step=file.step, on_received=file.on_received, split=run.plan(track.url, base), headers=track.headers,
+            shown=_hidden(spec),
         )  # fmt: skip
 
     with haul_errors_only(where):
         folder = run.sandbox.claim_fragments(run.index, run.token)
-    joined = download_tracks(found, folder, run.part, transfer, fetch_file, muxer_for(spec.path))
+    joined = download_tracks(found, folder, run.part, transfer, fetch_file, run.plan, muxer_for(spec.path))
     size = run.part.stat().st_size
     digest = hash_file(run.part, size, lambda: file.step(DISK_STEP_SECONDS)).hexdigest()
     if spec.sha256 and digest != spec.sha256:

@@ -20,7 +20,7 @@ import importlib.util
 import logging
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 RESOLVE_EXTRA = "resolve"
 #: Longest title kept from a page (it is shown in status and events).
 MAX_TITLE_CHARS = 300
+#: Most tracks a format may have (a video and an audio; a few audio languages).
+MAX_TRACKS = 8
 
 
 def resolver_installed() -> bool:
@@ -97,6 +99,9 @@ class Resolved:
     format_id: str
     title: str
     duration: float | None
+    #: The Cookie header the page's cookie jar (the task's cookies, and those the site set while
+    #: resolving) makes for a URL: a stream's fragments may be on hosts of their own.
+    cookies: Callable[[str], str | None] = field(default=lambda url: None, compare=False, repr=False)
 
     @property
     def single_file(self) -> Track | None:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from actors.errors import HaulError, OriginUnavailable, PageUnresolvable, StorageUnavailable
+from actors.errors import HaulError, JoinFailed, PageUnresolvable, ResolverMissing, StorageUnavailable
 from actors.hls import (
     MAX_KEY_BYTES,
     MAX_PLAYLIST_BYTES,
@@ -43,17 +43,26 @@ from actors.hls import (
 from actors.lease import DISK_STEP_SECONDS
 from actors.pages import Resolved, Track, TrackKind
 from actors.resume import discard_part
+from actors.split import SplitPlan
 
-#: ffmpeg's time to join, per fragment (a file track counts as one), and at least.
+#: ffmpeg's time to join: per fragment (a file track counts as one), per byte (at this rate),
+#: and at least.
 JOIN_SECONDS_PER_FRAGMENT = 0.2
+JOIN_BYTES_PER_SECOND = 20 * 1024 * 1024
 JOIN_MIN_SECONDS = 60.0
 #: The joined file's container, by the file's name; any other name: MP4.
-MUXERS = {".mkv": "matroska", ".webm": "webm", ".mov": "mov"}
+MUXERS = {".mkv": "matroska", ".webm": "webm", ".mov": "mov", ".m4a": "ipod", ".ogg": "ogg", ".opus": "ogg"}
 #: The demuxers ffmpeg may read a track with: media containers only (never a playlist that
 #: names other files, which a hostile site could serve as its "video").
-MEDIA_DEMUXERS = "mov,matroska,mpegts,aac,mp3,ogg,flac,wav,flv"
+MEDIA_DEMUXERS = "mov,matroska,mpegts,aac,mp3,ac3,eac3,ogg,flac,wav,flv"
+#: How ffmpeg reads a track that is one file: from the disk, as a media container.
+FILE_INPUT = ("-protocol_whitelist", "file", "-format_whitelist", MEDIA_DEMUXERS)
 #: Bytes copied between lease checks while a DASH track's fragments are concatenated.
 CONCAT_STEP_BYTES = 64 * 1024 * 1024
+#: The end of ffmpeg's complaints kept for the message.
+STDERR_TAIL_BYTES = 4096
+#: What ffmpeg says when this worker's disk, not the media, failed it.
+_DISK_TROUBLE = ("No space left on device", "Input/output error", "Read-only file system", "Disk quota exceeded")
 
 #: Downloads a file track into a part (``base``: the bytes of the tracks before it); its size.
 FetchFile = Callable[[Track, Path, int], int]
@@ -73,8 +82,7 @@ class _Input:
     """A track as ffmpeg reads it."""
 
     path: Path
-    demuxers: str
-    protocols: str
+    options: tuple[str, ...]
     track: Track
 
 
@@ -84,47 +92,85 @@ def muxer_for(path: str) -> str:
 
 
 def download_tracks(
-    found: Resolved, folder: Path, part: Path, t: StreamTransfer, fetch_file: FetchFile, muxer: str
+    found: Resolved,
+    folder: Path,
+    part: Path,
+    t: StreamTransfer,
+    fetch_file: FetchFile,
+    plan_for: Callable[[str], SplitPlan | None],
+    muxer: str,
 ) -> Joined:
     """``found``'s tracks into ``folder`` (the file's stream folder, this run's), what runs
-    before kept not asked again, then joined by ffmpeg into ``part``."""
+    before kept not asked again, then joined by ffmpeg into ``part``; a stream's fragments
+    several at once as ``plan_for(its URL)`` allows."""
+    ffmpeg = ffmpeg_path()  # before a byte is fetched: a worker without it hands the task on
     # In the names of what this run writes to join: a run that lost the task, still joining,
     # writes only into files of its own (the folder it wrote in is renamed to its successor's).
     tag = f"{t.token}.{uuid.uuid4().hex[:8]}"
+    with haul_errors_only(t.where):
+        _drop_leftovers(folder)
     try:
-        return _download(found, folder, part, t, fetch_file, muxer, tag)
+        return _download(found, folder, part, t, fetch_file, plan_for, muxer, ffmpeg, tag)
     finally:
         for leftover in folder.glob(f"**/*.{tag}.*"):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
 
 
+def _drop_leftovers(folder: Path) -> None:
+    """What runs before left of their joins (a run killed while joining): the folder is this
+    run's now, so none of it is in use by a run that may write here."""
+    for pattern in ("joined.*", "*/whole.*", "*/local.*", "*/key-*", "ffmpeg.*"):
+        for leftover in folder.glob(pattern):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
 def _download(
-    found: Resolved, folder: Path, part: Path, t: StreamTransfer, fetch_file: FetchFile, muxer: str, tag: str
+    found: Resolved,
+    folder: Path,
+    part: Path,
+    t: StreamTransfer,
+    fetch_file: FetchFile,
+    plan_for: Callable[[str], SplitPlan | None],
+    muxer: str,
+    ffmpeg: str,
+    tag: str,
 ) -> Joined:
     inputs: list[_Input] = []
     base, fragments = 0, 0
     for n, track in enumerate(found.tracks):
         where = t.where if len(found.tracks) == 1 else f"{t.where}, track {n + 1} (format {track.format_id})"
-        tt = dataclasses.replace(t, headers=track.headers, playlist=track.url, where=where)
+        tt = dataclasses.replace(
+            t, headers=track.headers, playlist=track.url, where=where, cookies=found.cookies,
+            plan=plan_for(track.url) if track.kind is not TrackKind.FILE else None,
+        )  # fmt: skip
         own = folder / f"track-{n}"
         if track.kind is TrackKind.FILE:
+            t.main.step(DISK_STEP_SECONDS)  # the fence: a run whose folder moved on touches nothing
             with haul_errors_only(where):
                 claim_track(own, "file", track.format_id, where)
             base += fetch_file(track, own / "media.part", base)
-            inputs.append(_Input(own / "media.part", MEDIA_DEMUXERS, "file", track))
+            inputs.append(_Input(own / "media.part", FILE_INPUT, track))
             fragments += 1
             continue
         stream, keys = _stream(track, tt)
+        t.main.step(DISK_STEP_SECONDS)
         with haul_errors_only(where):
             claim_track(own, stream.identity(keys), track.format_id, where)
             base += StreamDownload(stream, own, tt, base).fetch()
-            inputs.append(_readable(stream, keys, own, track, t, tag))
+            inputs.append(_readable(stream, keys, own, track, tt, tag))
         fragments += len(stream.fragments)
-    timeout = max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * fragments)
+    timeout = max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * fragments + base / JOIN_BYTES_PER_SECOND)
     t.main.step(timeout + 10)
+    joined = folder / f"joined.{tag}.{muxer}"
     with haul_errors_only(t.where):
-        joined = _join(inputs, folder / f"joined.{tag}.{muxer}", muxer, ffmpeg_path(), timeout, t.where)
+        try:
+            _join(inputs, joined, muxer, ffmpeg, timeout, folder / f"ffmpeg.{tag}.log", t)
+        except PageUnresolvable:  # the media itself: a retry would join the same bytes again
+            for own in folder.glob("track-*"):
+                shutil.rmtree(own, ignore_errors=True)
+            raise
         t.main.step(DISK_STEP_SECONDS)  # the fence: a run that lost the task moves nothing
         discard_part(part)  # bytes an earlier download of another kind left, and their record
         os.replace(joined, part)
@@ -150,14 +196,18 @@ def _readable(
     if stream.dash:
         whole = own / f"whole.{tag}.media"
         _concatenate([own / stream.name(i) for i in range(len(stream.fragments))], whole, t)
-        return _Input(whole, MEDIA_DEMUXERS, "file", track)
+        return _Input(whole, FILE_INPUT, track)
     key_names: dict[Key, str] = {}
     for n, (key, data) in enumerate(keys.items()):
         key_names[key] = f"key-{n}.{tag}.bin"
         (own / key_names[key]).write_bytes(data)
     playlist = own / f"local.{tag}.m3u8"
     playlist.write_text(_local_playlist(stream, key_names))
-    return _Input(playlist, f"hls,{MEDIA_DEMUXERS}", "file,crypto", track)
+    # The fragments are named by haul, not by what they hold (packed audio in a ".ts"): ffmpeg
+    # is not to judge them by their names
+    options = ("-protocol_whitelist", "file,crypto", "-format_whitelist", f"hls,{MEDIA_DEMUXERS}",
+               "-extension_picky", "0")  # fmt: skip
+    return _Input(playlist, options, track)
 
 
 def _concatenate(pieces: list[Path], whole: Path, t: StreamTransfer) -> None:
@@ -173,26 +223,54 @@ def _concatenate(pieces: list[Path], whole: Path, t: StreamTransfer) -> None:
             copied += piece.stat().st_size
 
 
-def _join(inputs: list[_Input], out: Path, muxer: str, ffmpeg: str, timeout: float, where: str) -> Path:
+class _Process:
+    """ffmpeg, killed when the lane's guard fires (the worker stops, the lease is lost, the
+    join overruns its step)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+
+
+def _join(
+    inputs: list[_Input], out: Path, muxer: str, ffmpeg: str, timeout: float, log_path: Path, t: StreamTransfer
+) -> None:
     """ffmpeg joins ``inputs`` into ``out`` (in the run's own folder: a run that lost the task
-    joins where its successor never looks) as ``muxer``; its path."""
+    joins where its successor never looks) as ``muxer``."""
     command = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error"]
     for given in inputs:
-        command += ["-protocol_whitelist", given.protocols, "-format_whitelist", given.demuxers, "-i", str(given.path)]
+        command += [*given.options, "-i", str(given.path)]
     for n, given in enumerate(inputs):  # each track's video and audio (a track may lack either)
         if given.track.has_video or len(inputs) == 1:
             command += ["-map", f"{n}:v?"]
         if given.track.has_audio or len(inputs) == 1:
             command += ["-map", f"{n}:a?"]
     command += ["-c", "copy", "-f", muxer, "-y", str(out)]
-    try:
-        done = subprocess.run(command, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise OriginUnavailable(f"{where}: ffmpeg did not join the tracks within {timeout:.0f}s") from None
-    if done.returncode != 0:
-        said = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
-        raise PageUnresolvable(f"{where}: ffmpeg could not join the media as {muxer}: {' / '.join(said)}")
-    return out
+    with log_path.open("wb") as said:
+        process = _Process(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=said))
+        with t.main.guard(process):
+            try:
+                code = process.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.close()
+                process.popen.wait()
+                raise JoinFailed(f"{t.where}: ffmpeg did not join the media within {timeout:.0f}s") from None
+    if code == 0:
+        return
+    t.main.step(DISK_STEP_SECONDS)  # killed for a stop or a lost lease: that is the run's end
+    with log_path.open("rb") as said:
+        said.seek(max(0, log_path.stat().st_size - STDERR_TAIL_BYTES))
+        lines = said.read().decode(errors="replace").strip().splitlines()[-3:]
+    complaint = " / ".join(lines) or f"exit status {code}"
+    if code < 0 or any(trouble in complaint for trouble in _DISK_TROUBLE):
+        raise JoinFailed(f"{t.where}: ffmpeg could not join the media: {complaint}")
+    raise PageUnresolvable(
+        f"{t.where}: ffmpeg could not join the media as {muxer}: {complaint}; if the codecs do not fit the "
+        "container the file's name asks for, name it .mkv (Matroska holds them all) or choose a format that fits"
+    )
 
 
 def _local_playlist(stream: Stream, key_names: Mapping[Key, str]) -> str:
@@ -221,11 +299,13 @@ def ffmpeg_path() -> str:
     """The ffmpeg of the ``imageio-ffmpeg`` wheel."""
     try:
         import imageio_ffmpeg
-    except ImportError as exc:
-        raise PageUnresolvable(
-            "this worker has no ffmpeg to join a page's media: install the extra (pip install 'haul[resolve]')"
+
+        return str(imageio_ffmpeg.get_ffmpeg_exe())
+    except (ImportError, RuntimeError) as exc:
+        raise ResolverMissing(
+            "this worker has no ffmpeg to join a page's media: install the extra on it "
+            f"(pip install 'haul[resolve]') and restart it ({exc})"
         ) from exc
-    return str(imageio_ffmpeg.get_ffmpeg_exe())
 
 
 @contextlib.contextmanager

@@ -24,7 +24,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from yt_dlp import YoutubeDL
@@ -39,7 +39,7 @@ from actors.errors import HaulError, OriginRejected, OriginUnavailable, PageUnre
 from actors.hls import MAX_FRAGMENTS
 from actors.interrupt import Guard, interruptible
 from actors.netguard import DestinationPolicy
-from actors.pages import Resolved, Track, TrackKind, plain_title
+from actors.pages import MAX_TRACKS, Resolved, Track, TrackKind, plain_title
 from actors.redact import display_url, redact_text
 from actors.requestopts import CookiesUnreadable, cookies_text, drop_secrets, same_site, secret_headers
 from actors.task import RequestOptions
@@ -266,7 +266,7 @@ def resolve(
         found = _chosen(info, where)
         # The task's cookies, and those the site set while resolving, for each track's host.
         cookies = [ydl.cookiejar.get_cookie_header(track.url) for track in found.tracks]
-    return dataclasses.replace(found, tracks=tuple(
+    return dataclasses.replace(found, cookies=ydl.cookiejar.get_cookie_header, tracks=tuple(
         dataclasses.replace(track, headers=_scoped(track, page, secret_headers(request), cookie))
         for track, cookie in zip(found.tracks, cookies, strict=True)
     ))  # fmt: skip
@@ -347,7 +347,10 @@ def _chosen(info: dict[str, Any], where: str) -> Resolved:
     if info.get("is_live") or info.get("live_status") in {"is_live", "is_upcoming"}:
         raise PageUnresolvable(f"{where}: the page's video is live (it never ends); haul downloads recordings")
     format_id = str(info.get("format_id") or "")
-    tracks = tuple(_track(f, where) for f in info.get("requested_formats") or [info])
+    formats = list(info.get("requested_formats") or [info])
+    if len(formats) > MAX_TRACKS:
+        raise PageUnresolvable(f"{where}: format {format_id} joins more than {MAX_TRACKS} tracks; choose fewer")
+    tracks = tuple(_track(f, where) for f in formats)
     duration = info.get("duration")
     if not isinstance(duration, int | float) or not math.isfinite(duration) or duration < 0:
         duration = None
@@ -381,6 +384,8 @@ def _track(fmt: dict[str, Any], where: str) -> Track:
 
 def _dash_fragments(fmt: dict[str, Any], format_id: str, where: str) -> tuple[tuple[str, float], ...]:
     """A DASH format's fragments as yt-dlp read them from the manifest: each URL, whole."""
+    if callable(fmt.get("fragments")):  # yt-dlp makes them as a live stream goes on
+        raise PageUnresolvable(f"{where}: format {format_id} is live (it never ends); haul downloads recordings")
     listed = list(fmt.get("fragments") or [])
     if not listed:
         raise PageUnresolvable(f"{where}: format {format_id} is DASH without fragments")
@@ -390,8 +395,15 @@ def _dash_fragments(fmt: dict[str, Any], format_id: str, where: str) -> tuple[tu
     for fragment in listed:
         if fragment.get("byte_range"):
             raise PageUnresolvable(f"{where}: format {format_id}'s fragments are byte ranges, not handled yet")
-        url = fragment.get("url") or urljoin(str(fmt.get("fragment_base_url") or ""), str(fragment.get("path") or ""))
+        base = str(fmt.get("fragment_base_url") or fmt.get("url") or "")
+        url = str(fragment.get("url") or urljoin(base, str(fragment.get("path") or "")))
+        try:
+            scheme = urlsplit(url).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in {"http", "https"}:
+            raise PageUnresolvable(f"{where}: format {format_id} has a fragment that is not an http(s) URL")
         duration = fragment.get("duration")
         ok = isinstance(duration, int | float) and math.isfinite(duration) and duration >= 0
-        fragments.append((str(url), float(duration) if ok else 0.0))
+        fragments.append((url, float(duration) if ok else 0.0))
     return tuple(fragments)

@@ -32,19 +32,26 @@ def make_dash(folder: Path, seconds: int = 8) -> None:
     _ffmpeg(seconds, "-f", "dash", "-seg_duration", "1", "-use_template", "1", "-use_timeline", "0",
             "-adaptation_sets", "id=0,streams=v id=1,streams=a", str(folder / "manifest.mpd"))  # fmt: skip
     _ffmpeg(seconds, "-map", "1:a", "-f", "mp4", str(folder / "audio.m4a"))
+    _ffmpeg(seconds, "-map", "0:v", "-f", "mp4", str(folder / "video.mp4"))
 
 
-def dash_with_audio_file(manifest: str) -> str:
-    """``manifest`` with its audio as the file ``audio.m4a`` (a representation with only a
-    BaseURL, which yt-dlp downloads as a file) instead of fragments."""
-    start = manifest.index('<AdaptationSet id="1"')
+def dash_with_file(manifest: str, kind: str, url: str) -> str:
+    """``manifest`` with its ``kind`` ("video" or "audio") as one file at ``url`` (a
+    representation with only a BaseURL, which yt-dlp downloads as a file) instead of fragments."""
+    set_id, codecs = ("0", "avc1.f4000b") if kind == "video" else ("1", "mp4a.40.2")
+    start = manifest.index(f'<AdaptationSet id="{set_id}"')
     end = manifest.index("</AdaptationSet>", start) + len("</AdaptationSet>")
-    audio = (
-        '<AdaptationSet id="1" contentType="audio" mimeType="audio/mp4">'
-        '<Representation id="a" codecs="mp4a.40.2" bandwidth="69000"><BaseURL>audio.m4a</BaseURL></Representation>'
+    replaced = (
+        f'<AdaptationSet id="{set_id}" contentType="{kind}" mimeType="{kind}/mp4">'
+        f'<Representation id="{kind[0]}" codecs="{codecs}" bandwidth="69000"><BaseURL>{url}</BaseURL></Representation>'
         "</AdaptationSet>"
     )
-    return manifest[:start] + audio + manifest[end:]
+    return manifest[:start] + replaced + manifest[end:]
+
+
+def dash_on(manifest: str, base: str) -> str:
+    """``manifest`` with its fragments at ``base`` (another host, a CDN's)."""
+    return manifest.replace("<Period ", f"<BaseURL>{base}</BaseURL><Period ", 1)
 
 
 def probe(path: Path) -> str:

@@ -155,6 +155,8 @@ class Origin(_Running):
         #: A header every file request must carry (name, a text its value holds), else 403: a
         #: site behind a sign-in.
         self.required: tuple[str, str] | None = None
+        #: Content types by path (else video/mp4).
+        self.types: dict[str, str] = {}
         #: Bodies being sent right now, and the most at any one time.
         self.active = 0
         self.max_active = 0
@@ -282,7 +284,7 @@ class _OriginHandler(_Quiet):
         if fault is not None and fault.kind == "gzip":
             body = gzip.compress(body)
         self.send_response(status)
-        self.send_header("Content-Type", "video/mp4")
+        self.send_header("Content-Type", origin.types.get(path, "video/mp4"))
         if fault is None or fault.kind != "unversioned":
             self.send_header("ETag", etag)
         if origin.ranges:

@@ -25,7 +25,7 @@ from actors.states import State
 from actors.store import TaskStore
 from actors.task import files_from_json, first_difference, request_hash
 from tests.conftest import in_process_worker, wait_for
-from tests.media import dash_with_audio_file, duration_of, kinds_of_streams, make_dash, make_hls, probe
+from tests.media import dash_on, dash_with_file, duration_of, kinds_of_streams, make_dash, make_hls, probe
 from tests.processes import wait_until
 from tests.servers import Fault, Origin, Receiver, Site
 
@@ -388,26 +388,71 @@ def test_a_page_of_a_live_dash_stream_fails_at_once(
     assert task.error_code == "page_unresolvable" and "live stream" in task.error, task.error
 
 
-def test_a_dash_video_and_an_audio_file_join_into_the_container_the_files_name_asks_for(
+def test_tracks_are_each_kept_across_attempts_and_joined_into_the_container_the_name_asks_for(
     settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
 ) -> None:
+    """The video one file (cut mid-body), the audio DASH fragments (one cut): each attempt asks
+    only for what is missing, the finished video file never again."""
     for item in presentation.iterdir():
         origin.put(f"/mixed/{item.name}", item.read_bytes())
-    origin.put("/mixed/manifest.mpd", dash_with_audio_file((presentation / "manifest.mpd").read_text()).encode())
-    audio = (presentation / "audio.m4a").stat().st_size
-    origin.fault("/mixed/audio.m4a", Fault("drop", after=audio // 2))
+    manifest = dash_with_file((presentation / "manifest.mpd").read_text(), "video", "video.mp4")
+    origin.put("/mixed/manifest.mpd", manifest.encode())
+    video = (presentation / "video.mp4").stat().st_size
+    origin.fault("/mixed/video.mp4", Fault("drop", after=video // 2))
+    origin.fault("/mixed/chunk-stream1-00003.m4s", Fault("drop", after=KIB))
     page = site.page("/course/mixed", dash_page(origin.url("/mixed/manifest.mpd")))
     with in_process_worker(settings, store, threads=1):
         task_id = client.submit([{"page": page, "path": "lesson-2.mkv"}])
         task = wait_for(store, task_id, timeout=60)
-    assert task.state is State.DONE and task.attempts == 2, task.error
-    assert task.as_status()["files"][0]["resolved"]["format_id"] == "0+a"
+    assert task.state is State.DONE and task.attempts == 3, task.error
+    assert task.as_status()["files"][0]["resolved"]["format_id"] == "v+1"
     joined = settings.storage_dir / task.id / "lesson-2.mkv"
     assert "matroska" in probe(joined) and kinds_of_streams(joined) == ["Video", "Audio"]
     assert abs(duration_of(joined) - 8.0) <= 0.1
-    # The audio file resumed where the cut left it (a range, under If-Range)
-    assert origin.served["/mixed/audio.m4a"] <= audio
-    assert origin.requests_for("/mixed/audio.m4a")[-1].headers.get("Range") == f"bytes={audio // 2}-"
+    # The video resumed where the cut left it, then was found whole (416 from its end)
+    assert origin.served["/mixed/video.mp4"] == video
+    ranges = [r.headers.get("Range") for r in origin.requests_for("/mixed/video.mp4")]
+    assert ranges == [None, f"bytes={video // 2}-", f"bytes={video}-"]
+    for fragment in presentation.glob("chunk-stream1-*.m4s"):
+        cut = fragment.name == "chunk-stream1-00003.m4s"
+        assert origin.served[f"/mixed/{fragment.name}"] <= fragment.stat().st_size + (KIB if cut else 0)
+
+
+def test_media_the_container_cannot_hold_fails_with_what_to_do_and_keeps_nothing(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
+) -> None:
+    for item in presentation.iterdir():
+        origin.put(f"/dash/{item.name}", item.read_bytes())
+    page = site.page("/course/webm", dash_page(origin.url("/dash/manifest.mpd")))
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, client.submit([{"page": page, "path": "lesson.webm"}]))
+    assert task.state is State.FAILED and task.attempts == 1, task.error
+    assert task.error_code == "page_unresolvable" and "as webm" in task.error and "name it .mkv" in task.error
+    assert not list((settings.staging_dir / task.id).glob(".parts/*.hls/track-*"))  # a retry starts over
+
+
+def test_fragments_on_another_host_get_its_cookies_and_an_error_page_among_them_fails_the_task(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
+) -> None:
+    cdn = Origin()
+    try:
+        for item in presentation.iterdir():
+            cdn.put(f"/v/{item.name}", item.read_bytes())
+        cdn.required = ("Cookie", f"session={COOKIE_VALUE}")  # a CDN's signed cookie
+        manifest = dash_on((presentation / "manifest.mpd").read_text(), cdn.url("/v/"))
+        origin.put("/dash/manifest.mpd", manifest.encode())
+        page = site.page("/course/cdn", dash_page(origin.url("/dash/manifest.mpd")))
+        with in_process_worker(settings, store, threads=1):
+            task = wait_for(store, client.submit_spec(spec_from_manifest(signed_in([{"page": page, "path": "a.mp4"}]))))
+            assert task.state is State.DONE, task.error
+            assert all("X-Course-Token" not in r.headers for r in cdn.requests)  # the site's credential stays
+            cdn.types["/v/chunk-stream0-00002.m4s"] = "text/html"  # an "access denied" page
+            again = spec_from_manifest(signed_in([{"page": site.url("/course/cdn"), "path": "b.mp4"}]))
+            failed = wait_for(store, client.submit_spec(again))
+        assert failed.state is State.FAILED and failed.error_code == "unexpected_content", failed.error
+        assert "'text/html'" in failed.error and "fragment 3 of" in failed.error
+    finally:
+        cdn.close()
 
 
 VIDEO = {"format_id": "v", "protocol": "https", "url": "https://cdn.example/v.mp4", "vcodec": "avc1", "acodec": "none"}
