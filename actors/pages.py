@@ -48,14 +48,18 @@ def resolver_installed() -> bool:
 
 
 def resolver_works() -> bool:
-    """Whether this process can resolve pages: yt-dlp and its requests handler import (a
-    worker says so in the registry only then). Imports them."""
+    """Whether this process can resolve pages: yt-dlp and its requests handler import, and
+    ffmpeg is there to join tracks (a worker says so in the registry only then). Imports them."""
     if not resolver_installed():
         return False
     try:
+        import imageio_ffmpeg
+
         import actors.ytdlp  # noqa: F401
-    except ImportError as exc:
-        log.warning("yt-dlp is installed but cannot be used (%s); this worker does not resolve pages", exc)
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as exc:
+        log.warning("the resolve extra is installed but cannot be used (%s); this worker does not resolve pages", exc)
         return False
     return True
 
