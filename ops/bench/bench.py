@@ -19,7 +19,7 @@ from ops.bench.api import bench_api_events, bench_api_submit
 from ops.bench.control_plane import bench_prune, bench_redis, bench_scrape, bench_sweep
 from ops.bench.course import bench_course, bench_course_default, bench_split
 from ops.bench.harness import HERE, Bench
-from ops.bench.pages import bench_hls
+from ops.bench.pages import bench_dash, bench_hls
 from ops.bench.storage import bench_upload
 from ops.bench.tasks import bench_pickup, bench_recovery_and_resume, bench_rss, bench_throughput
 from ops.bench.transfer import bench_cli, bench_download, bench_end_to_end, bench_hash
@@ -58,6 +58,7 @@ BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "course_default": bench_course_default,
     "split": bench_split,
     "hls": bench_hls,
+    "dash": bench_dash,
 }
 
 

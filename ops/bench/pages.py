@@ -1,6 +1,8 @@
-"""Benchmark of a page's HLS stream (issue 17): a recording made by ffmpeg, served by nginx on
-127.0.0.1 with a page that shows it; haul end to end (resolve, fragments, join) against
-``yt-dlp -N`` with the same fragment concurrency and the same ffmpeg, same run, alternating."""
+"""Benchmarks of page files (issue 17): a recording made by ffmpeg, served by nginx on 127.0.0.1
+with a page that shows it, as an HLS stream and as a DASH presentation of separate video and
+audio (which both sides download as two tracks and merge); haul end to end (resolve,
+fragments, join) against ``yt-dlp -N`` with the same fragment concurrency and the same ffmpeg,
+same run, alternating."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +20,56 @@ from ops.bench.harness import Bench, Worker, med, ratio_runs, wait_done
 SECONDS = 300
 #: Fragments at once, on both sides (haul: HAUL_SPLIT; yt-dlp: -N).
 AT_ONCE = 4
+#: The recording's sources and codecs, as ffmpeg's arguments.
+SOURCES = [
+    "-f", "lavfi", "-i", f"testsrc=duration={SECONDS}:size=640x360:rate=25", "-f", "lavfi", "-i",
+    f"sine=duration={SECONDS}", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-c:a", "aac",
+]  # fmt: skip
 
 
-def make_stream(bench: Bench) -> tuple[str, int]:
-    """The page's URL, and the stream's fragments (made once per bench folder)."""
+def make_hls(folder: Path) -> tuple[str, int]:
+    """An HLS stream in ``folder``: its playlist's name, and its fragments."""
     from actors.tracks import ffmpeg_path
 
-    folder = bench.www / "hls"
     if not (folder / "index.m3u8").exists():
-        folder.mkdir(exist_ok=True)
         subprocess.run(
-            [ffmpeg_path(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-             f"testsrc=duration={SECONDS}:size=640x360:rate=25", "-f", "lavfi", "-i", f"sine=duration={SECONDS}",
-             "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-c:a", "aac", "-f", "hls", "-hls_time", "1",
+            [ffmpeg_path(), "-hide_banner", "-loglevel", "error", *SOURCES, "-f", "hls", "-hls_time", "1",
              "-hls_playlist_type", "vod", "-hls_segment_filename", str(folder / "seg-%04d.ts"),
              str(folder / "index.m3u8")],
             check=True,
         )  # fmt: skip
-    (bench.www / "lecture.html").write_text(
-        "<!doctype html><html><head><title>Lecture</title></head>"
-        '<body><video src="/hls/index.m3u8"></video></body></html>'
-    )
-    return bench.url("lecture.html"), len(list(folder.glob("seg-*.ts")))
+    return "index.m3u8", len(list(folder.glob("seg-*.ts")))
 
 
-def bench_hls(bench: Bench) -> dict[str, Any]:
+def make_dash(folder: Path) -> tuple[str, int]:
+    """A DASH presentation in ``folder``, video and audio apart: its manifest's name, and its fragments."""
+    from actors.tracks import ffmpeg_path
+
+    if not (folder / "manifest.mpd").exists():
+        subprocess.run(
+            [ffmpeg_path(), "-hide_banner", "-loglevel", "error", *SOURCES, "-f", "dash", "-seg_duration", "1",
+             "-use_template", "1", "-use_timeline", "0", "-adaptation_sets", "id=0,streams=v id=1,streams=a",
+             str(folder / "manifest.mpd")],
+            check=True,
+        )  # fmt: skip
+    return "manifest.mpd", len(list(folder.glob("chunk-*.m4s")))
+
+
+def bench_page(bench: Bench, name: str, make: Callable[[Path], tuple[str, int]], source: str) -> dict[str, Any]:
     """Seconds from submit to done for haul, from start to exit for yt-dlp; fragments a second."""
     from actors.manifest import spec_from_manifest
     from actors.store import TaskStore
     from actors.tracks import ffmpeg_path
 
-    page, fragments = make_stream(bench)
-    out = bench.root / "hls-out"
+    folder = bench.www / name
+    folder.mkdir(exist_ok=True)
+    manifest, fragments = make(folder)
+    (bench.www / f"{name}.html").write_text(
+        "<!doctype html><html><head><title>Lecture</title></head>"
+        f'<body><video controls><source src="/{name}/{manifest}" type="{source}"></video></body></html>'
+    )
+    page = bench.url(f"{name}.html")
+    out = bench.root / f"{name}-out"
 
     def haul() -> float:
         worker = Worker(bench, threads=1, HAUL_SPLIT=str(AT_ONCE), HAUL_HOST_MIN_INTERVAL_SECONDS="0")
@@ -77,9 +98,19 @@ def bench_hls(bench: Bench) -> dict[str, Any]:
 
     times = ratio_runs(bench.runs, {"haul": haul, "yt-dlp": yt_dlp})
     return {
-        f"{SECONDS} s stream, {fragments} fragments, {AT_ONCE} at once": {
+        f"{SECONDS} s {name}, {fragments} fragments, {AT_ONCE} at once": {
             "haul s": round(med(times["haul"]), 2), "yt-dlp s": round(med(times["yt-dlp"]), 2),
             "haul speed / yt-dlp": round(med([y / h for h, y in zip(times["haul"], times["yt-dlp"], strict=True)]), 2),
             "haul fragments/s": round(fragments / med(times["haul"]), 1),
         }
     }  # fmt: skip
+
+
+def bench_hls(bench: Bench) -> dict[str, Any]:
+    """A page's HLS stream (one track of MPEG-TS fragments)."""
+    return bench_page(bench, "hls", make_hls, "application/x-mpegURL")
+
+
+def bench_dash(bench: Bench) -> dict[str, Any]:
+    """A page's DASH presentation of separate video and audio (two tracks of fMP4 fragments, merged)."""
+    return bench_page(bench, "dash", make_dash, "application/dash+xml")
