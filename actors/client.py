@@ -161,7 +161,7 @@ class Client:
         """Whether a running worker that claims tasks can resolve pages."""
         from actors.messages import CLAIM_QUEUE  # Dramatiq's import only where it is used
 
-        return WorkerRegistry(self.store.client, self.store.prefix).have(RESOLVE_EXTRA, CLAIM_QUEUE)
+        return WorkerRegistry(self.store.client, self.store.prefix).have(RESOLVE_EXTRA, CLAIM_QUEUE, time.time())
 
     def created(self, creation: Creation, *, by: str = "") -> Task:
         """The task ``creation`` made, as the create wrote it (no read), its claim message sent

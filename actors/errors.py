@@ -52,6 +52,9 @@ class TransientError(HaulError):
     code = "attempts_exhausted"
     #: Seconds the peer asked us to wait (``Retry-After``), if it said.
     retry_after: float | None = None
+    #: Not the task's failure (this worker cannot do it now, another can): the task is handed
+    #: back with its attempt given back.
+    handback = False
 
     def __init__(self, message: str, retry_after: float | None = None, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -73,19 +76,26 @@ class PartUnusable(OriginUnavailable):
 
 class RangeUnsatisfiable(PartUnusable):
     """The origin refused the resume range (416); ``size``: the file's size its answer gave
-    (``Content-Range: bytes */N``), if any. A ``.part`` of exactly that size is whole."""
+    (``Content-Range: bytes */N``), if any; ``version``: its ETag or Last-Modified, if any. A
+    ``.part`` of exactly that size, of that version, is whole."""
 
-    def __init__(self, message: str, size: int | None) -> None:
+    def __init__(self, message: str, size: int | None, version: str | None) -> None:
         super().__init__(message)
-        self.size = size
+        self.size, self.version = size, version
 
 
 class ResolverMissing(TransientError):
     """A page file reached a worker that cannot resolve pages: another worker may."""
 
     code = "resolver_missing"
-    #: A registered worker can resolve pages: the task is handed to it, the attempt given back.
-    elsewhere = False
+
+
+class HostBusy(TransientError):
+    """A page's media host had no connection slot free for long: the task waits queued, its
+    attempt given back (two tasks each holding the other's host would otherwise wait for ever)."""
+
+    code = "host_busy"
+    handback = True
 
 
 class JoinFailed(TransientError):

@@ -191,7 +191,8 @@ class Fetcher:
                     spec.url, {**t.headers, **request_headers(asked, validator)}, where, t.step, t.shown
                 )
         except RangeUnsatisfiable as exc:  # asked from its end, under If-Range: the .part is whole
-            if not asked or exc.size != asked:
+            whole = spans is None and asked and exc.size == asked == part.stat().st_size
+            if not whole or exc.version not in (None, validator.if_range):
                 raise
             if t.on_total is not None:
                 t.on_total(asked)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -39,11 +40,13 @@ class FileRun:
         return self.task.spec.files[self.index]
 
     def rules(self) -> FetchRules:
-        """The limits for the file: the file limit, or what is left of the task's budget."""
+        """The limits for the file: the file limit, or what the task's other files left of its
+        budget (this file's own bytes so far are not counted against it: it may start again)."""
         s = self.rt.settings
         limits = [s.max_file_bytes] if s.max_file_bytes else []
         if s.max_task_bytes:
-            limits.append(max(1, s.max_task_bytes - self.progress.bytes_done))
+            others = self.progress.bytes_done - self.progress.done[self.index]
+            limits.append(max(1, s.max_task_bytes - others))
         return FetchRules(
             max_bytes=min(limits) if limits else 0,
             accept=self.task.spec.accept,
@@ -55,6 +58,14 @@ class FileRun:
         """How a download from ``url`` may open connections beside the lane's (HAUL_SPLIT)
         (``base``: bytes of the file before what it writes)."""
         return self.lanes.split_plan(urlsplit(url).hostname or "", self.file, self.lane, base)
+
+    def hold(self, url: str) -> AbstractContextManager[None]:
+        """A connection slot of ``url``'s host while the block runs (HAUL_DOWNLOAD_PER_HOST),
+        unless it is the file's own host, whose slot the claim took (a page's media elsewhere)."""
+        host = urlsplit(url).hostname or ""
+        if not self.rt.settings.download_per_host or host == (urlsplit(self.spec.url).hostname or ""):
+            return nullcontext()
+        return self.lanes.connected(host, self.lane)
 
     def fetch(self, media: FileSpec, headers: Mapping[str, str], shown: Callable[[str], str]) -> int:
         """``media`` into the file's ``.part`` through the fetcher (resumed, split, checked); its size."""

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: Most fragments a stream may have (a 10-hour lecture in 2 s fragments is 18,000).
 MAX_FRAGMENTS = 20_000
+#: What a fragment is not: a page (a login, an error, "access denied") served in its place.
+PAGE_TYPES = ("text/html", "application/xhtml+xml")
 #: Largest playlist or key haul reads.
 MAX_PLAYLIST_BYTES = 4 * 1024 * 1024
 MAX_KEY_BYTES = 1024
@@ -135,13 +137,13 @@ class Stream:
                 attributes = _attributes(value)
                 if "BYTERANGE" in attributes or "URI" not in attributes:
                     raise PageUnresolvable(f"{where}: the stream's init section is a byte range, not handled yet")
-                fragments.append(Fragment(urljoin(base, attributes["URI"]), 0.0, key, init=True))
+                fragments.append(Fragment(_joined(base, attributes["URI"], where), 0.0, key, init=True))
             elif tag == "#EXT-X-BYTERANGE":
                 raise PageUnresolvable(f"{where}: the stream's fragments are byte ranges, not handled yet")
             elif tag == "#EXTINF":
                 duration = _number(value.split(",", 1)[0], where)
             elif not line.startswith("#"):
-                fragments.append(Fragment(urljoin(base, line), duration or 0.0, key))
+                fragments.append(Fragment(_joined(base, line, where), duration or 0.0, key))
                 duration = None
             if len(fragments) > MAX_FRAGMENTS:
                 raise PageUnresolvable(f"{where}: the stream has more than {MAX_FRAGMENTS} fragments")
@@ -168,7 +170,19 @@ def _key(attributes: Mapping[str, str], base: str, where: str) -> Key | None:
     iv = attributes.get("IV")
     if iv is not None and not _IV.match(iv):
         raise PageUnresolvable(f"{where}: the stream's key has an IV that is not a hexadecimal number")
-    return Key(urljoin(base, attributes["URI"]), iv)
+    return Key(_joined(base, attributes["URI"], where), iv)
+
+
+def _joined(base: str, reference: str, where: str) -> str:
+    """``reference`` in a playlist at ``base``, as a URL haul asks for (http or https only)."""
+    try:
+        url = urljoin(base, reference)
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in {"http", "https"}:
+        raise PageUnresolvable(f"{where}: the stream's playlist names something that is not an http(s) URL")
+    return url
 
 
 def _number(text: str, where: str) -> float:
@@ -286,7 +300,7 @@ class StreamDownload:
         shutter = shutter_of(response)
         try:
             content_type = response.headers.get("Content-Type")
-            if not content_type_accepted(content_type, t.rules.accept):
+            if content_type and content_type_accepted(content_type, PAGE_TYPES):  # fragments come under any other
                 raise UnexpectedContent(
                     f"{where}: the origin answered with {content_type!r} where media was expected; that is "
                     "usually a login, error or 'access denied' page: check that the page still shows the video"
@@ -344,8 +358,9 @@ def claim_track(folder: Path, identity: str, format_id: str, where: str) -> None
         os.replace(temporary, record)
 
 
-def read_small(conn: Connection, url: str, t: StreamTransfer, limit: int, where: str) -> bytes:
-    """A playlist or key, whole, at most ``limit`` bytes."""
+def read_small(conn: Connection, url: str, t: StreamTransfer, limit: int, where: str) -> tuple[bytes, str]:
+    """A playlist or key, whole, at most ``limit`` bytes; and where it came from (redirects
+    followed: a playlist's fragments are relative to that)."""
     response = conn.ranges.get(url, t.headers_for(url), where, conn.step, t.shown)
     shutter = shutter_of(response)
     try:
@@ -357,6 +372,6 @@ def read_small(conn: Connection, url: str, t: StreamTransfer, limit: int, where:
                     raise TooLarge(f"{where}: {t.shown(url)} is larger than {limit} bytes")
         if shutter.shut:
             raise OriginUnavailable(f"{where}: interrupted after {len(data)} bytes")
-        return data
+        return data, str(response.url or url)
     finally:
         response.close()

@@ -78,8 +78,9 @@ def check_status(response: requests.Response, url: str, where: str, shown: Calla
     response.close()
     if status == 416:
         whole = re.fullmatch(r"bytes \*/(\d+)", (response.headers.get("Content-Range") or "").strip())
+        version = response.headers.get("ETag") or response.headers.get("Last-Modified")
         raise RangeUnsatisfiable(
-            f"{where}: the origin refused the resume range (416)", int(whole[1]) if whole else None
+            f"{where}: the origin refused the resume range (416)", int(whole[1]) if whole else None, version
         )
     if status in RETRYABLE_4XX or status >= 500:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))

@@ -26,6 +26,7 @@ import functools
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-from actors.errors import LeaseLost
+from actors.errors import HostBusy, LeaseLost
 from actors.interrupt import interruptible
 from actors.lease import Lane, Lease
 from actors.progress import FileProgress, Halted, Progress, guard_lease
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: How often a lane waiting for a connection slot asks again, in seconds.
 SLOT_POLL_SECONDS = 1.0
+#: Longest a page file's lane waits for a slot of its media's host before handing the task back.
+HOST_PATIENCE_SECONDS = 60.0
 #: Longest the working thread waits for the lanes beside it between two of its own steps.
 JOIN_STEP_SECONDS = 1.0
 #: Longest it waits for them to stop once the run failed (a lane still in a step that closing
@@ -134,18 +137,26 @@ class FileLanes:
     @contextmanager
     def connected(self, host: str, lane: Lane) -> Iterator[None]:
         """While the block runs, the lane holds a connection slot of ``host`` too (a page
-        file's media, resolved on another host than the page), waiting while it is full."""
+        file's media, resolved on another host than the page), waiting while it is full, for
+        at most HOST_PATIENCE_SECONDS (the lane holds its page's host meanwhile: two tasks
+        could each hold the host the other waits for)."""
         number = next(self._numbers)
-        extra = self._connect(host, number, lane)
+        extra = self._connect(host, number, lane, patience=HOST_PATIENCE_SECONDS)
         try:
             yield
         finally:
             self._disconnect(host, number, extra)
 
-    def _connect(self, host: str, number: int, lane: Lane) -> bool:
+    def _connect(self, host: str, number: int, lane: Lane, patience: float | None = None) -> bool:
         """Open a connection to ``host``: the claimed slot when no lane of this run uses it,
-        else one more slot (True), waiting while the host is full."""
+        else one more slot (True), waiting while the host is full (at most ``patience`` seconds)."""
+        since = time.monotonic()
         while True:
+            if patience is not None and time.monotonic() - since > patience:
+                raise HostBusy(
+                    f"task {self.task.id}: {host} had no connection slot free for {patience:.0f}s "
+                    "(HAUL_DOWNLOAD_PER_HOST); the task waits queued for its turn"
+                )
             with self._lock:
                 if self.progress.halted is not None:
                     raise Halted(self.progress.halted)

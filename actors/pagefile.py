@@ -8,7 +8,6 @@ another host (a CDN) takes a slot of that host while it downloads.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -25,13 +24,13 @@ from actors.filerun import FileRun
 from actors.hls import StreamTransfer
 from actors.lease import DISK_STEP_SECONDS
 from actors.messages import CLAIM_QUEUE
-from actors.pages import RESOLVE_EXTRA, Resolved, Track, resolve
+from actors.pages import NO_RESOLVER, RESOLVE_EXTRA, Resolved, Track, resolve, resolver_works
 from actors.progress import guard_lease
 from actors.redact import display_url
 from actors.registry import WorkerRegistry
 from actors.runtime import Runtime
 from actors.split import Connection
-from actors.task import FileSpec
+from actors.task import FileSpec, Task
 from actors.tracks import download_tracks, haul_errors_only, muxer_for
 
 log = logging.getLogger(__name__)
@@ -45,24 +44,31 @@ EXPIRED_STATUSES = frozenset({401, 403, 410})
 def fetch_page_file(run: FileRun) -> int:
     """Page file ``run.index`` into its ``.part``: resolved, downloaded, resolved again (up to
     HAUL_RESOLVE_RETRIES times) when its media URL expired; its size."""
-    spec, page_host = run.spec, urlsplit(run.spec.url).hostname or ""
+    spec = run.spec
     for resolutions in itertools.count(1):
         found = _resolve_page(run)
-        media_host = str(found.record()["host"])
-        elsewhere = media_host != page_host and run.rt.settings.download_per_host
-        with run.lanes.connected(media_host, run.lane) if elsewhere else contextlib.nullcontext():
-            try:
-                run.sandbox.keep_format(run.index, run.part, found.format_id)  # bytes of another format: not kept
-                single = found.single_file
-                if single is None:
-                    return _fetch_tracks(run, found)
-                media = dataclasses.replace(spec, url=single.url, page=False, format=None)
-                return run.fetch(media, single.headers, _hidden(spec))
-            except OriginRejected as exc:  # a signed media URL that expired: the page gives a new one
-                if not (exc.status in EXPIRED_STATUSES and resolutions <= run.rt.settings.resolve_retries):
-                    raise
-                log.info("task %s: %s: %s; resolving its page again", run.task.id, spec.path, exc)
+        try:
+            run.sandbox.keep_format(run.index, run.part, found.format_id)  # bytes of another format: not kept
+            single = found.single_file
+            if single is None:
+                return _fetch_tracks(run, found)
+            with run.hold(single.url):
+                return run.fetch(dataclasses.replace(spec, url=single.url, page=False, format=None), single.headers,
+                                 _hidden(spec))  # fmt: skip
+        except OriginRejected as exc:  # a signed media URL that expired: the page gives a new one
+            if not (exc.status in EXPIRED_STATUSES and resolutions <= run.rt.settings.resolve_retries):
+                raise
+            log.info("task %s: %s: %s; resolving its page again", run.task.id, spec.path, exc)
     raise AssertionError("unreachable")
+
+
+def require_resolver(rt: Runtime, task: Task) -> None:
+    """Before any file of ``task`` (which has page files) is fetched: this worker can resolve
+    pages, else it hands the task on (to a worker that can, if one is registered)."""
+    if not resolver_works():
+        exc = ResolverMissing(f"task {task.id}: {NO_RESOLVER}")
+        exc.handback = _resolvers_elsewhere(rt)
+        raise exc
 
 
 def _resolve_page(run: FileRun) -> Resolved:
@@ -84,7 +90,7 @@ def _resolve_page(run: FileRun) -> Resolved:
             guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy, request=task.spec.request,
         )  # fmt: skip
     except ResolverMissing as exc:
-        exc.elsewhere = _resolvers_elsewhere(rt)
+        exc.handback = _resolvers_elsewhere(rt)
         raise
     if not rt.store.record_resolved(task.id, run.token, run.index, found.record(), now=rt.clock()):
         raise LeaseLost(f"task {task.id}: lease lost while resolving the page of {spec.path!r}")
@@ -96,7 +102,9 @@ def _resolve_page(run: FileRun) -> Resolved:
 def _resolvers_elsewhere(rt: Runtime) -> bool:
     """Whether a registered worker can resolve pages (one that cannot hands a page file over)."""
     try:
-        return WorkerRegistry(rt.store.client, rt.store.prefix).have(RESOLVE_EXTRA, CLAIM_QUEUE)
+        return WorkerRegistry(rt.store.client, rt.store.prefix).have(
+            RESOLVE_EXTRA, CLAIM_QUEUE, rt.clock(), rt.worker_id
+        )
     except redis.RedisError:
         return False  # the attempt counts, as any failure's
 
@@ -141,7 +149,7 @@ def _fetch_tracks(run: FileRun, found: Resolved) -> int:
 
     with haul_errors_only(where):
         folder = run.sandbox.claim_fragments(run.index, run.token)
-    joined = download_tracks(found, folder, run.part, transfer, fetch_file, run.plan, muxer_for(spec.path))
+    joined = download_tracks(found, folder, run.part, transfer, fetch_file, run, muxer_for(spec.path))
     size = run.part.stat().st_size
     digest = hash_file(run.part, size, lambda: file.step(DISK_STEP_SECONDS)).hexdigest()
     if spec.sha256 and digest != spec.sha256:

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 RESOLVE_EXTRA = "resolve"
 #: Longest title kept from a page (it is shown in status and events).
 MAX_TITLE_CHARS = 300
+#: Why a worker without the extra hands a page file on, and what to do.
+NO_RESOLVER = (
+    "this worker cannot resolve pages; install the extra on it (pip install 'haul[resolve]') and restart it "
+    "(the task goes to a worker that can, if one is registered)"
+)
 #: Most tracks a format may have (a video and an audio; a few audio languages).
 MAX_TRACKS = 8
 
@@ -151,10 +156,7 @@ def resolve(
     the resolution uses (a graceful stop, a lost lease, the step's deadline); ``request``: the
     task's headers and cookies, for the page and the media. Raises haul errors only."""
     if not resolver_works():
-        raise ResolverMissing(
-            f"{where}: this worker cannot resolve pages; install the extra on it (pip install 'haul[resolve]') "
-            "and restart it (the task goes to a worker that can, if one is registered)"
-        )
+        raise ResolverMissing(f"{where}: {NO_RESOLVER}")
     from actors import ytdlp
 
     return ytdlp.resolve(spec.url, spec.format or default_format, policy, where=where, timeout=timeout, limit=limit,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from actors.errors import HaulError, LeaseLost, PermanentError, ResolverMissing, TransientError
+from actors.errors import HaulError, LeaseLost, PermanentError, TransientError
 from actors.states import State
 from actors.task import Task, backoff_seconds
 
@@ -73,9 +73,9 @@ def end_of_run(exc: Exception, task: Task, timing: RetryTiming, *, stopping: boo
         return RunEnd(State.FAILED, str(exc), exc.code, exc.file)
     attempt = task.attempts
     delay = backoff_seconds(attempt, timing.min_seconds, timing.max_seconds, rng)
-    if isinstance(exc, ResolverMissing) and exc.elsewhere:
-        # Not the task's failure: a worker that resolves pages takes it (a mix of workers with
-        # and without the extra, or in a rolling upgrade), and the attempt is given back.
+    if isinstance(exc, TransientError) and exc.handback:
+        # Not the task's failure (a worker without the resolve extra while another has it, a
+        # media host full for long): it waits queued, and the attempt is given back.
         return RunEnd(State.QUEUED, str(exc), exc.code, exc.file, delay, refund=True)
     if isinstance(exc, HaulError):
         message, code, file = str(exc), exc.code, exc.file

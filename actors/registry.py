@@ -150,9 +150,14 @@ class WorkerRegistry:
             )
         return result
 
-    def have(self, extra: str, queue: str) -> bool:
-        """Whether a registered worker that consumes ``queue`` has ``extra`` installed."""
-        return any(extra in worker.extras and queue in worker.queues for worker in self.workers())
+    def have(self, extra: str, queue: str, now: float, but: str = "") -> bool:
+        """Whether a live worker (heard from within ``MISSED_HEARTBEATS`` beats) that consumes
+        ``queue`` has ``extra`` installed; ``but``: a worker not to count (the one asking)."""
+        cutoff = now - HEARTBEAT_SECONDS * MISSED_HEARTBEATS
+        return any(
+            extra in worker.extras and queue in worker.queues and worker.seen >= cutoff and worker.id != but
+            for worker in self.workers()
+        )
 
     def vanished(self, now: float) -> list[WorkerInfo]:
         """Workers whose heartbeats stopped (killed, OOM, host gone); removed from the registry."""

@@ -22,7 +22,7 @@ from actors.finalize import finish_task
 from actors.lanes import FileLanes
 from actors.lease import DISK_STEP_SECONDS, Lane, Lease, no_figures, no_files
 from actors.outcome import NOTHING, Next, Outcome
-from actors.pagefile import fetch_page_file
+from actors.pagefile import fetch_page_file, require_resolver
 from actors.policy import FINALIZE_BACKLOG_FACTOR, SLOT_WAIT_MAX_SECONDS, slot_wait
 from actors.progress import Progress
 from actors.redact import display_url
@@ -166,6 +166,8 @@ def _fetch_all(rt: Runtime, task: Task, lease: Lease) -> Progress:
             progress.file_done(index, size)
     pending.sort()
 
+    if any(task.spec.files[index].page for index in pending):
+        require_resolver(rt, task)  # before any file is fetched: another worker may take the task
     lanes = FileLanes(rt, task, lease, progress, s.task_parallel_files)
 
     def fetch(index: int, lane: Lane) -> None:

@@ -26,8 +26,10 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Protocol
 
 from actors.errors import HaulError, JoinFailed, PageUnresolvable, ResolverMissing, StorageUnavailable
 from actors.hls import (
@@ -61,11 +63,25 @@ FILE_INPUT = ("-protocol_whitelist", "file", "-format_whitelist", MEDIA_DEMUXERS
 CONCAT_STEP_BYTES = 64 * 1024 * 1024
 #: The end of ffmpeg's complaints kept for the message.
 STDERR_TAIL_BYTES = 4096
-#: What ffmpeg says when this worker's disk, not the media, failed it.
-_DISK_TROUBLE = ("No space left on device", "Input/output error", "Read-only file system", "Disk quota exceeded")
+#: What ffmpeg says when the media itself cannot be joined (no attempt will do better): codecs
+#: the container cannot hold, bytes that are not media.
+_MEDIA_TROUBLE = (
+    "Could not find tag for codec", "not currently supported in container", "are supported for",
+    "Could not write header", "Invalid data found when processing input", "moov atom not found",
+)  # fmt: skip
 
 #: Downloads a file track into a part (``base``: the bytes of the tracks before it); its size.
 FetchFile = Callable[[Track, Path, int], int]
+
+
+class Connections(Protocol):
+    """How a track's download takes connections (:class:`actors.filerun.FileRun`)."""
+
+    def hold(self, url: str) -> AbstractContextManager[None]:
+        """A connection slot of ``url``'s host while the block runs (HAUL_DOWNLOAD_PER_HOST)."""
+
+    def plan(self, url: str, base: int = 0) -> SplitPlan | None:
+        """How a download from ``url``'s host may open connections beside its own."""
 
 
 @dataclass(frozen=True)
@@ -97,12 +113,13 @@ def download_tracks(
     part: Path,
     t: StreamTransfer,
     fetch_file: FetchFile,
-    plan_for: Callable[[str], SplitPlan | None],
+    connections: Connections,
     muxer: str,
 ) -> Joined:
     """``found``'s tracks into ``folder`` (the file's stream folder, this run's), what runs
-    before kept not asked again, then joined by ffmpeg into ``part``; a stream's fragments
-    several at once as ``plan_for(its URL)`` allows."""
+    before kept not asked again, then joined by ffmpeg into ``part``; each track holding a
+    connection slot of the host its bytes come from, a stream's fragments several at once as
+    ``connections`` allows."""
     ffmpeg = ffmpeg_path()  # before a byte is fetched: a worker without it hands the task on
     # In the names of what this run writes to join: a run that lost the task, still joining,
     # writes only into files of its own (the folder it wrote in is renamed to its successor's).
@@ -110,7 +127,7 @@ def download_tracks(
     with haul_errors_only(t.where):
         _drop_leftovers(folder)
     try:
-        return _download(found, folder, part, t, fetch_file, plan_for, muxer, ffmpeg, tag)
+        return _download(found, folder, part, t, fetch_file, connections, muxer, ffmpeg, tag)
     finally:
         for leftover in folder.glob(f"**/*.{tag}.*"):
             with contextlib.suppress(FileNotFoundError):
@@ -132,7 +149,7 @@ def _download(
     part: Path,
     t: StreamTransfer,
     fetch_file: FetchFile,
-    plan_for: Callable[[str], SplitPlan | None],
+    connections: Connections,
     muxer: str,
     ffmpeg: str,
     tag: str,
@@ -141,24 +158,26 @@ def _download(
     base, fragments = 0, 0
     for n, track in enumerate(found.tracks):
         where = t.where if len(found.tracks) == 1 else f"{t.where}, track {n + 1} (format {track.format_id})"
-        tt = dataclasses.replace(
-            t, headers=track.headers, playlist=track.url, where=where, cookies=found.cookies,
-            plan=plan_for(track.url) if track.kind is not TrackKind.FILE else None,
-        )  # fmt: skip
+        tt = dataclasses.replace(t, headers=track.headers, playlist=track.url, where=where, cookies=found.cookies)
         own = folder / f"track-{n}"
         if track.kind is TrackKind.FILE:
             t.main.step(DISK_STEP_SECONDS)  # the fence: a run whose folder moved on touches nothing
             with haul_errors_only(where):
                 claim_track(own, "file", track.format_id, where)
-            base += fetch_file(track, own / "media.part", base)
+            with connections.hold(track.url):
+                base += fetch_file(track, own / "media.part", base)
             inputs.append(_Input(own / "media.part", FILE_INPUT, track))
             fragments += 1
             continue
         stream, keys = _stream(track, tt)
+        at = next(f.url for f in stream.fragments if not f.init)  # the fragments' host, a CDN's perhaps
+        tt = dataclasses.replace(tt, plan=connections.plan(at))
         t.main.step(DISK_STEP_SECONDS)
         with haul_errors_only(where):
             claim_track(own, stream.identity(keys), track.format_id, where)
+        with connections.hold(at), haul_errors_only(where):
             base += StreamDownload(stream, own, tt, base).fetch()
+        with haul_errors_only(where):
             inputs.append(_readable(stream, keys, own, track, tt, tag))
         fragments += len(stream.fragments)
     timeout = max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * fragments + base / JOIN_BYTES_PER_SECOND)
@@ -181,9 +200,9 @@ def _stream(track: Track, t: StreamTransfer) -> tuple[Stream, dict[Key, bytes]]:
     """A stream track's fragments (an HLS playlist is read here) and its keys' bytes."""
     if track.kind is TrackKind.DASH:
         return Stream.of_dash(track.fragments), {}
-    text = read_small(t.main, track.url, t, MAX_PLAYLIST_BYTES, t.where)
-    stream = Stream.parse(text.decode("utf-8", errors="replace"), track.url, t.where)
-    keys = {key: read_small(t.main, key.url, t, MAX_KEY_BYTES, f"{t.where}, its key")
+    text, at = read_small(t.main, track.url, t, MAX_PLAYLIST_BYTES, t.where)
+    stream = Stream.parse(text.decode("utf-8", errors="replace"), at, t.where)
+    keys = {key: read_small(t.main, key.url, t, MAX_KEY_BYTES, f"{t.where}, its key")[0]
             for key in dict.fromkeys(f.key for f in stream.fragments if f.key is not None)}  # fmt: skip
     return stream, keys
 
@@ -249,8 +268,14 @@ def _join(
         if given.track.has_audio or len(inputs) == 1:
             command += ["-map", f"{n}:a?"]
     command += ["-c", "copy", "-f", muxer, "-y", str(out)]
-    with log_path.open("wb") as said:
-        process = _Process(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=said))
+    with log_path.open("wb") as log:
+        try:  # a session of its own: a signal meant for the worker's group is the worker's to handle
+            popen = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+            )
+        except OSError as exc:
+            raise ResolverMissing(f"{t.where}: this worker cannot run ffmpeg ({exc.strerror})") from exc
+        process = _Process(popen)
         with t.main.guard(process):
             try:
                 code = process.popen.wait(timeout)
@@ -261,16 +286,17 @@ def _join(
     if code == 0:
         return
     t.main.step(DISK_STEP_SECONDS)  # killed for a stop or a lost lease: that is the run's end
-    with log_path.open("rb") as said:
-        said.seek(max(0, log_path.stat().st_size - STDERR_TAIL_BYTES))
-        lines = said.read().decode(errors="replace").strip().splitlines()[-3:]
+    with log_path.open("rb") as tail:
+        tail.seek(max(0, log_path.stat().st_size - STDERR_TAIL_BYTES))
+        lines = tail.read().decode(errors="replace").strip().splitlines()[-3:]
     complaint = " / ".join(lines) or f"exit status {code}"
-    if code < 0 or any(trouble in complaint for trouble in _DISK_TROUBLE):
-        raise JoinFailed(f"{t.where}: ffmpeg could not join the media: {complaint}")
-    raise PageUnresolvable(
-        f"{t.where}: ffmpeg could not join the media as {muxer}: {complaint}; if the codecs do not fit the "
-        "container the file's name asks for, name it .mkv (Matroska holds them all) or choose a format that fits"
-    )
+    if code > 0 and any(trouble in complaint for trouble in _MEDIA_TROUBLE):
+        raise PageUnresolvable(
+            f"{t.where}: ffmpeg could not join the media as {muxer}: {complaint}; if the codecs do not fit the "
+            "container the file's name asks for, name it .mkv (Matroska holds them all) or choose a format that fits"
+        )
+    # Killed, out of memory or files, a disk that failed: this worker's trouble, worth another attempt
+    raise JoinFailed(f"{t.where}: ffmpeg could not join the media: {complaint}")
 
 
 def _local_playlist(stream: Stream, key_names: Mapping[Key, str]) -> str:

@@ -212,9 +212,10 @@ def test_a_stream_killed_half_way_resumes_fetching_only_the_missing_fragments(
 def test_a_worker_without_the_resolve_extra_hands_a_page_file_to_one_that_has_it(
     tmp_path: Path, origin: Origin, receiver: Receiver
 ) -> None:
-    data = os.urandom(64 * KIB)
+    data, notes = os.urandom(64 * KIB), os.urandom(32 * KIB)
     site = Site()
     page = site.page("/lesson", f'<html><body><video src="{origin.put("/v.mp4", data)}"></video></body></html>')
+    files = [{"page": page, "path": "lesson.mp4"}, {"url": origin.put("/notes.pdf", notes), "path": "notes.pdf"}]
     # A worker on a machine without yt-dlp: the package's import fails there
     blocked = tmp_path / "without-yt-dlp" / "yt_dlp"
     blocked.mkdir(parents=True)
@@ -224,14 +225,14 @@ def test_a_worker_without_the_resolve_extra_hands_a_page_file_to_one_that_has_it
     try:
         able = s.worker(threads=1)
         with running(able):
-            wait_until(lambda: registry.have("resolve", "claim"), 30, "the worker with the extra registered")
+            wait_until(lambda: registry.have("resolve", "claim", time.time()), 30, "a worker with the extra")
             os.killpg(able.popen.pid, signal.SIGSTOP)  # alive and registered, taking nothing for now
             s.env["PYTHONPATH"] = str(blocked.parent)
             unable = s.worker(threads=1)
             with running(unable):
                 wait_until(lambda: len(registry.workers()) == 2, 30, "the worker without the extra registered")
                 manifest = tmp_path / "page.json"
-                manifest.write_text(json.dumps({"files": [{"page": page, "path": "lesson.mp4"}]}))
+                manifest.write_text(json.dumps({"files": files}))
                 task_id = submitted(s.env, manifest)
                 wait_until(lambda: unable.output().count("handed back") >= 2, 30, "the task handed back, twice")
                 assert s.store.get(task_id).attempts == 0  # type: ignore[union-attr]
@@ -239,6 +240,8 @@ def test_a_worker_without_the_resolve_extra_hands_a_page_file_to_one_that_has_it
                 task = wait_for(s.store, task_id, timeout=60)
         assert task.state is State.DONE and task.attempts == 1, task.error
         assert (s.storage / task_id / "lesson.mp4").read_bytes() == data
+        assert (s.storage / task_id / "notes.pdf").read_bytes() == notes
+        assert origin.served["/notes.pdf"] == len(notes)  # the task's direct file waited for the worker that took it
         assert "this worker cannot resolve pages" in unable.output()
     finally:
         s.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from actors import lanes
 from actors.client import Client
 from actors.errors import InvalidTask, PageUnresolvable
 from actors.events import EventLog
@@ -111,6 +112,30 @@ def test_a_page_files_media_on_another_host_counts_against_that_host(
         ids.append(client.submit([{"url": f"{cdn}/notes.pdf", "path": "notes.pdf"}]))
         tasks = [wait_for(store, task_id, timeout=60) for task_id in ids]
     assert [t.state for t in tasks] == [State.DONE, State.DONE], [t.error for t in tasks]
+    assert origin.max_active == 1
+
+
+def test_a_page_file_whose_media_host_stays_full_waits_queued_with_its_attempt_given_back(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Its lane holds the page's host while it waits for the media's: it waits only so long
+    (two tasks could each hold the host the other waits for), then the task waits queued."""
+    monkeypatch.setattr(lanes, "HOST_PATIENCE_SECONDS", 0.5)
+    origin.rate = 512 * KIB
+    origin.put("/long.pdf", os.urandom(2048 * KIB))
+    data = origin.put("/lesson.mp4", os.urandom(64 * KIB))
+    cdn = f"http://localhost:{origin.port}"
+    page = site.page("/course/lesson", lesson_page(data.replace(origin.url(""), f"{cdn}/")))
+    with in_process_worker(settings.replace(download_per_host=1), store, threads=2):
+        first = client.submit([{"url": f"{cdn}/long.pdf", "path": "long.pdf"}])
+        wait_until(lambda: origin.in_flight["/long.pdf"] > 0, 30, "the long download from localhost")
+        task_id = submit_page(client, page)
+        tasks = [wait_for(store, first, timeout=60), wait_for(store, task_id, timeout=60)]
+    assert [t.state for t in tasks] == [State.DONE, State.DONE], [t.error for t in tasks]
+    assert tasks[1].attempts == 1  # handed back while localhost was busy, none of it counted
+    said = json.dumps([e.payload() for e in EventLog(store.client, store.prefix).of_task(task_id)])
+    assert "had no connection slot free" in said, said
     assert origin.max_active == 1
 
 
@@ -506,6 +531,8 @@ def test_a_merged_format_is_its_tracks_each_with_what_it_carries() -> None:
             "DRM",
         ),
         ("#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nlow.m3u8\n", "variants"),
+        ("#EXTM3U\n#EXTINF:2,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n", "not an http\\(s\\) URL"),
+        ("#EXTM3U\n#EXTINF:2,\nhttp://[x/a.ts\n#EXT-X-ENDLIST\n", "not an http\\(s\\) URL"),
         ("#EXTM3U\n#EXTINF:2,\n#EXT-X-BYTERANGE:100@0\na.ts\n#EXT-X-ENDLIST\n", "byte ranges"),
         ("#EXTM3U\n#EXT-X-ENDLIST\n", "no fragments"),
         (
