@@ -127,11 +127,57 @@ def download_tracks(
     with haul_errors_only(t.where):
         _drop_leftovers(folder)
     try:
-        return _download(found, folder, part, t, fetch_file, connections, muxer, ffmpeg, tag)
+        inputs: list[_Input] = []
+        base, fragments = 0, 0
+        for n, track in enumerate(found.tracks):
+            where = t.where if len(found.tracks) == 1 else f"{t.where}, track {n + 1} (format {track.format_id})"
+            tt = dataclasses.replace(t, headers=track.headers, playlist=track.url, where=where, cookies=found.cookies)
+            given, size, count = _track(track, folder / f"track-{n}", tt, fetch_file, connections, base, tag)
+            inputs.append(given)
+            base, fragments = base + size, fragments + count
+        timeout = max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * fragments + base / JOIN_BYTES_PER_SECOND)
+        t.main.step(timeout + 10)
+        joined = folder / f"joined.{tag}.{muxer}"
+        with haul_errors_only(t.where):
+            try:
+                _join(inputs, joined, muxer, ffmpeg, timeout, folder / f"ffmpeg.{tag}.log", t)
+            except PageUnresolvable:  # the media itself: a retry would join the same bytes again
+                for own in folder.glob("track-*"):
+                    shutil.rmtree(own, ignore_errors=True)
+                raise
+            t.main.step(DISK_STEP_SECONDS)  # the fence: a run that lost the task moves nothing
+            discard_part(part)  # bytes an earlier download of another kind left, and their record
+            os.replace(joined, part)
+        return Joined(len(found.tracks), fragments, base)
     finally:
         for leftover in folder.glob(f"**/*.{tag}.*"):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+
+
+def _track(
+    track: Track, own: Path, t: StreamTransfer, fetch_file: FetchFile, connections: Connections, base: int, tag: str
+) -> tuple[_Input, int, int]:
+    """``track`` into its folder ``own``, after ``base`` bytes of the tracks before it: how
+    ffmpeg reads it, its bytes, its fragments."""
+    where = t.where
+    if track.kind is TrackKind.FILE:
+        t.main.step(DISK_STEP_SECONDS)  # the fence: a run whose folder moved on touches nothing
+        with haul_errors_only(where):
+            claim_track(own, "file", track.format_id, where)
+        with connections.hold(track.url):
+            size = fetch_file(track, own / "media.part", base)
+        return _Input(own / "media.part", FILE_INPUT, track), size, 1
+    stream, keys = _stream(track, t)
+    at = next(f.url for f in stream.fragments if not f.init)  # the fragments' host, a CDN's perhaps
+    t = dataclasses.replace(t, plan=connections.plan(at))
+    t.main.step(DISK_STEP_SECONDS)
+    with haul_errors_only(where):
+        claim_track(own, stream.identity(keys), track.format_id, where)
+    with connections.hold(at), haul_errors_only(where):
+        size = StreamDownload(stream, own, t, base).fetch()
+    with haul_errors_only(where):
+        return _readable(stream, keys, own, track, t, tag), size, len(stream.fragments)
 
 
 def _drop_leftovers(folder: Path) -> None:
@@ -141,59 +187,6 @@ def _drop_leftovers(folder: Path) -> None:
         for leftover in folder.glob(pattern):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
-
-
-def _download(
-    found: Resolved,
-    folder: Path,
-    part: Path,
-    t: StreamTransfer,
-    fetch_file: FetchFile,
-    connections: Connections,
-    muxer: str,
-    ffmpeg: str,
-    tag: str,
-) -> Joined:
-    inputs: list[_Input] = []
-    base, fragments = 0, 0
-    for n, track in enumerate(found.tracks):
-        where = t.where if len(found.tracks) == 1 else f"{t.where}, track {n + 1} (format {track.format_id})"
-        tt = dataclasses.replace(t, headers=track.headers, playlist=track.url, where=where, cookies=found.cookies)
-        own = folder / f"track-{n}"
-        if track.kind is TrackKind.FILE:
-            t.main.step(DISK_STEP_SECONDS)  # the fence: a run whose folder moved on touches nothing
-            with haul_errors_only(where):
-                claim_track(own, "file", track.format_id, where)
-            with connections.hold(track.url):
-                base += fetch_file(track, own / "media.part", base)
-            inputs.append(_Input(own / "media.part", FILE_INPUT, track))
-            fragments += 1
-            continue
-        stream, keys = _stream(track, tt)
-        at = next(f.url for f in stream.fragments if not f.init)  # the fragments' host, a CDN's perhaps
-        tt = dataclasses.replace(tt, plan=connections.plan(at))
-        t.main.step(DISK_STEP_SECONDS)
-        with haul_errors_only(where):
-            claim_track(own, stream.identity(keys), track.format_id, where)
-        with connections.hold(at), haul_errors_only(where):
-            base += StreamDownload(stream, own, tt, base).fetch()
-        with haul_errors_only(where):
-            inputs.append(_readable(stream, keys, own, track, tt, tag))
-        fragments += len(stream.fragments)
-    timeout = max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * fragments + base / JOIN_BYTES_PER_SECOND)
-    t.main.step(timeout + 10)
-    joined = folder / f"joined.{tag}.{muxer}"
-    with haul_errors_only(t.where):
-        try:
-            _join(inputs, joined, muxer, ffmpeg, timeout, folder / f"ffmpeg.{tag}.log", t)
-        except PageUnresolvable:  # the media itself: a retry would join the same bytes again
-            for own in folder.glob("track-*"):
-                shutil.rmtree(own, ignore_errors=True)
-            raise
-        t.main.step(DISK_STEP_SECONDS)  # the fence: a run that lost the task moves nothing
-        discard_part(part)  # bytes an earlier download of another kind left, and their record
-        os.replace(joined, part)
-    return Joined(len(found.tracks), fragments, base)
 
 
 def _stream(track: Track, t: StreamTransfer) -> tuple[Stream, dict[Key, bytes]]:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from actors.tracks import ffmpeg_path
+from tests.servers import Origin
 
 #: A test card and a tone, in H.264 and AAC, with a key frame every second.
 SOURCES = ["-f", "lavfi", "-i", "testsrc=duration={seconds}:size=160x120:rate=25", "-f", "lavfi", "-i",
@@ -52,6 +53,12 @@ def dash_with_file(manifest: str, kind: str, url: str) -> str:
 def dash_on(manifest: str, base: str) -> str:
     """``manifest`` with its fragments at ``base`` (another host, a CDN's)."""
     return manifest.replace("<Period ", f"<BaseURL>{base}</BaseURL><Period ", 1)
+
+
+def serve(origin: Origin, folder: Path, prefix: str) -> None:
+    """Every file of ``folder`` on ``origin`` under ``prefix`` (``/hls``: ``/hls/index.m3u8``...)."""
+    for item in folder.iterdir():
+        origin.put(f"{prefix}/{item.name}", item.read_bytes())
 
 
 def probe(path: Path) -> str:

@@ -23,7 +23,7 @@ from actors.states import State
 from actors.store import TaskStore
 from tests import processes
 from tests.conftest import wait_for
-from tests.media import duration_of, make_hls
+from tests.media import duration_of, make_hls, serve
 from tests.processes import Process, running, wait_until
 from tests.redisserver import RedisServer
 from tests.servers import Delivery, Origin, Receiver, Site
@@ -175,8 +175,7 @@ def test_a_stream_killed_half_way_resumes_fetching_only_the_missing_fragments(
     folder.mkdir()
     make_hls(folder)
     sizes = {f"/hls/{item.name}": item.stat().st_size for item in folder.iterdir() if item.suffix == ".ts"}
-    for item in folder.iterdir():
-        origin.put(f"/hls/{item.name}", item.read_bytes())
+    serve(origin, folder, "/hls")
     site = Site()
     page = site.page("/lecture", f'<html><body><video src="{origin.url("/hls/index.m3u8")}"></video></body></html>')
     s = Stack(tmp_path, receiver, HAUL_SPLIT="2", HAUL_HOST_MIN_INTERVAL_SECONDS="0")

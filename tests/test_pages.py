@@ -26,7 +26,7 @@ from actors.states import State
 from actors.store import TaskStore
 from actors.task import files_from_json, first_difference, request_hash
 from tests.conftest import in_process_worker, wait_for
-from tests.media import dash_on, dash_with_file, duration_of, kinds_of_streams, make_dash, make_hls, probe
+from tests.media import dash_on, dash_with_file, duration_of, kinds_of_streams, make_dash, make_hls, probe, serve
 from tests.processes import wait_until
 from tests.servers import Fault, Origin, Receiver, Site
 
@@ -346,8 +346,7 @@ def recording(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_stream_cut_half_way_resumes_fetching_only_the_missing_fragments(
     settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, recording: Path
 ) -> None:
-    for item in recording.iterdir():
-        origin.put(f"/hls/{item.name}", item.read_bytes())
+    serve(origin, recording, "/hls")
     origin.fault("/hls/seg-005.ts", Fault("drop", after=2 * KIB))
     page = site.page("/course/stream", lesson_page(origin.url("/hls/index.m3u8")))
     with in_process_worker(settings, store, threads=1):
@@ -382,8 +381,7 @@ def dash_page(manifest: str) -> str:
 def test_separate_video_and_audio_over_dash_are_joined_after_a_cut_fetching_only_missing_fragments(
     settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
 ) -> None:
-    for item in presentation.iterdir():
-        origin.put(f"/dash/{item.name}", item.read_bytes())
+    serve(origin, presentation, "/dash")
     origin.fault("/dash/chunk-stream0-00004.m4s", Fault("drop", after=2 * KIB))
     page = site.page("/course/dash", dash_page(origin.url("/dash/manifest.mpd")))
     with in_process_worker(settings, store, threads=1):
@@ -418,8 +416,7 @@ def test_tracks_are_each_kept_across_attempts_and_joined_into_the_container_the_
 ) -> None:
     """The video one file (cut mid-body), the audio DASH fragments (one cut): each attempt asks
     only for what is missing, the finished video file never again."""
-    for item in presentation.iterdir():
-        origin.put(f"/mixed/{item.name}", item.read_bytes())
+    serve(origin, presentation, "/mixed")
     manifest = dash_with_file((presentation / "manifest.mpd").read_text(), "video", "video.mp4")
     origin.put("/mixed/manifest.mpd", manifest.encode())
     video = (presentation / "video.mp4").stat().st_size
@@ -446,8 +443,7 @@ def test_tracks_are_each_kept_across_attempts_and_joined_into_the_container_the_
 def test_media_the_container_cannot_hold_fails_with_what_to_do_and_keeps_nothing(
     settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
 ) -> None:
-    for item in presentation.iterdir():
-        origin.put(f"/dash/{item.name}", item.read_bytes())
+    serve(origin, presentation, "/dash")
     page = site.page("/course/webm", dash_page(origin.url("/dash/manifest.mpd")))
     with in_process_worker(settings, store, threads=1):
         task = wait_for(store, client.submit([{"page": page, "path": "lesson.webm"}]))
@@ -461,8 +457,7 @@ def test_fragments_on_another_host_get_its_cookies_and_an_error_page_among_them_
 ) -> None:
     cdn = Origin()
     try:
-        for item in presentation.iterdir():
-            cdn.put(f"/v/{item.name}", item.read_bytes())
+        serve(cdn, presentation, "/v")
         cdn.required = ("Cookie", f"session={COOKIE_VALUE}")  # a CDN's signed cookie
         manifest = dash_on((presentation / "manifest.mpd").read_text(), cdn.url("/v/"))
         origin.put("/dash/manifest.mpd", manifest.encode())
