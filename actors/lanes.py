@@ -27,6 +27,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
@@ -75,6 +76,8 @@ class FileLanes:
         #: claimed slot a lane of this run uses now.
         self._claimed = {urlsplit(f.url).hostname or "" for f in task.spec.files}
         self._claimed_in_use: set[str] = set()
+        #: Slots beyond the claimed ones that lanes of this run hold now, by host.
+        self._extra_held: Counter[str] = Counter()
         self._error: BaseException | None = None
         #: Connection numbers beyond the lanes' (a split file's connections).
         self._numbers = itertools.count(width)
@@ -137,9 +140,10 @@ class FileLanes:
     @contextmanager
     def connected(self, host: str, lane: Lane) -> Iterator[None]:
         """While the block runs, the lane holds a connection slot of ``host`` too (a page
-        file's media, resolved on another host than the page), waiting while it is full, for
-        at most HOST_PATIENCE_SECONDS (the lane holds its page's host meanwhile: two tasks
-        could each hold the host the other waits for)."""
+        file's media, resolved on another host than the page), waiting while it is full: for
+        at most HOST_PATIENCE_SECONDS while other tasks hold it (the lane holds its page's host
+        meanwhile: two tasks could each hold the host the other waits for), for as long as it
+        takes while another lane of this run does (it frees it)."""
         number = next(self._numbers)
         extra = self._connect(host, number, lane, patience=HOST_PATIENCE_SECONDS)
         try:
@@ -152,11 +156,6 @@ class FileLanes:
         else one more slot (True), waiting while the host is full (at most ``patience`` seconds)."""
         since = time.monotonic()
         while True:
-            if patience is not None and time.monotonic() - since > patience:
-                raise HostBusy(
-                    f"task {self.task.id}: {host} had no connection slot free for {patience:.0f}s "
-                    "(HAUL_DOWNLOAD_PER_HOST); the task waits queued for its turn"
-                )
             with self._lock:
                 if self.progress.halted is not None:
                     raise Halted(self.progress.halted)
@@ -164,9 +163,17 @@ class FileLanes:
                     if self.per_host:
                         self._claimed_in_use.add(host)
                     return False
+                ours = host in self._claimed_in_use or self._extra_held[host] > 0
+            if patience is not None and not ours and time.monotonic() - since > patience:
+                raise HostBusy(
+                    f"task {self.task.id}: {host} had no connection slot free for {patience:.0f}s "
+                    "(HAUL_DOWNLOAD_PER_HOST); the task waits queued for its turn"
+                )
             lane.step(self.rt.settings.connect_timeout_seconds, f"taking a connection slot of {host}")
             try:
                 if self._take(host, number):
+                    with self._lock:
+                        self._extra_held[host] += 1
                     return True
             except redis.RedisError as exc:  # waited out like a full host; the lease's fence bounds it
                 log.warning("task %s: cannot take a connection slot of %s yet (%s)", self.task.id, host, exc)
@@ -176,7 +183,9 @@ class FileLanes:
 
     def _disconnect(self, host: str, number: int, extra: bool) -> None:
         with self._lock:
-            if not extra:
+            if extra:
+                self._extra_held[host] -= 1
+            else:
                 self._claimed_in_use.discard(host)
             self._lock.notify_all()
         if extra:

@@ -139,6 +139,28 @@ def test_a_page_file_whose_media_host_stays_full_waits_queued_with_its_attempt_g
     assert origin.max_active == 1
 
 
+def test_a_page_files_media_waits_for_its_own_tasks_file_on_that_host_without_handing_the_task_back(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A lane waiting for a slot another lane of its own task holds waits as long as it takes."""
+    monkeypatch.setattr(lanes, "HOST_PATIENCE_SECONDS", 0.5)
+    origin.rate = 1024 * KIB
+    cdn = f"http://localhost:{origin.port}"
+    origin.put("/notes.pdf", os.urandom(3 * 1024 * KIB))
+    origin.put("/lesson.mp4", os.urandom(1024 * KIB))
+    files = [
+        {"url": f"{cdn}/notes.pdf", "path": "notes.pdf"},
+        {"page": site.page("/course/lesson", lesson_page(f"{cdn}/lesson.mp4")), "path": "lesson.mp4"},
+    ]
+    with in_process_worker(settings.replace(download_per_host=1), store, threads=1):
+        task = wait_for(store, client.submit(files), timeout=60)
+    assert task.state is State.DONE and task.attempts == 1, task.error
+    assert origin.max_active == 1
+    said = json.dumps([e.payload() for e in EventLog(store.client, store.prefix).of_task(task.id)])
+    assert "had no connection slot free" not in said and "task.queued" not in said.replace('"task.queued"', "", 1)
+
+
 def test_a_retry_resolves_the_page_afresh_and_resumes_the_file(
     settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin
 ) -> None:
