@@ -76,12 +76,12 @@ class PartUnusable(OriginUnavailable):
 
 class RangeUnsatisfiable(PartUnusable):
     """The origin refused the resume range (416); ``size``: the file's size its answer gave
-    (``Content-Range: bytes */N``), if any; ``version``: its ETag or Last-Modified, if any. A
-    ``.part`` of exactly that size, of that version, is whole."""
+    (``Content-Range: bytes */N``), if any; ``etag`` and ``last_modified``: its version, as
+    far as it says. A ``.part`` of exactly that size, of that version, is whole."""
 
-    def __init__(self, message: str, size: int | None, version: str | None) -> None:
+    def __init__(self, message: str, size: int | None, etag: str | None, last_modified: str | None) -> None:
         super().__init__(message)
-        self.size, self.version = size, version
+        self.size, self.etag, self.last_modified = size, etag, last_modified
 
 
 class ResolverMissing(TransientError):

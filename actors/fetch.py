@@ -191,8 +191,9 @@ class Fetcher:
                     spec.url, {**t.headers, **request_headers(asked, validator)}, where, t.step, t.shown
                 )
         except RangeUnsatisfiable as exc:  # asked from its end, under If-Range: the .part is whole
-            whole = spans is None and asked and exc.size == asked == part.stat().st_size
-            if not whole or exc.version not in (None, validator.if_range):
+            version = Validator(etag=exc.etag, last_modified=exc.last_modified).if_range
+            whole = spans is None and asked and exc.size == asked == _size_of(part)
+            if not whole or version not in (None, validator.if_range):
                 raise
             if t.on_total is not None:
                 t.on_total(asked)
@@ -431,6 +432,13 @@ class Fetcher:
             check_status(response, url, where, shown)
             return response
         raise TooManyRedirects(f"{where}: more than {MAX_REDIRECTS} redirects; fix the URL")
+
+
+def _size_of(part: Path) -> int | None:
+    try:
+        return part.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _verified(

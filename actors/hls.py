@@ -314,6 +314,11 @@ class StreamDownload:
                         conn.tick(self.base + done)  # the fence: a stale holder writes nothing
                         if t.rules.max_bytes and self.base + done + len(chunk) > t.rules.max_bytes:
                             raise TooLarge(f"{where}: the stream grew past the limit of {t.rules.max_bytes} bytes")
+                        if not received and fragment.key is None and chunk.lstrip()[:1] in (b"<", b"{"):
+                            raise UnexpectedContent(  # no media starts so; an error page or API answer does
+                                f"{where}: the origin answered with a document, not media; that is usually an "
+                                "error or 'access denied' page: check that the page still shows the video"
+                            )
                         floor.passed(len(chunk))
                         write_all(fd, chunk, where, received)
                         received += len(chunk)
@@ -323,6 +328,8 @@ class StreamDownload:
                             t.on_received(len(chunk))
                     if shutter.shut:  # the end was ours (a stop, a lost lease), not the origin's
                         raise OriginUnavailable(f"{where}: interrupted after {received} bytes")
+                    if not received:
+                        raise OriginUnavailable(f"{where}: the origin answered with an empty fragment")
                     conn.step(DISK_STEP_SECONDS)
                     os.fdatasync(fd)
                 finally:

@@ -78,10 +78,10 @@ def check_status(response: requests.Response, url: str, where: str, shown: Calla
     response.close()
     if status == 416:
         whole = re.fullmatch(r"bytes \*/(\d+)", (response.headers.get("Content-Range") or "").strip())
-        version = response.headers.get("ETag") or response.headers.get("Last-Modified")
         raise RangeUnsatisfiable(
-            f"{where}: the origin refused the resume range (416)", int(whole[1]) if whole else None, version
-        )
+            f"{where}: the origin refused the resume range (416)", int(whole[1]) if whole else None,
+            response.headers.get("ETag"), response.headers.get("Last-Modified"),
+        )  # fmt: skip
     if status in RETRYABLE_4XX or status >= 500:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         raise OriginUnavailable(f"{where}: the origin answered {status} {response.reason}", retry_after=retry_after)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -163,12 +164,8 @@ class FileLanes:
                     if self.per_host:
                         self._claimed_in_use.add(host)
                     return False
-                ours = host in self._claimed_in_use or self._extra_held[host] > 0
-            if patience is not None and not ours and time.monotonic() - since > patience:
-                raise HostBusy(
-                    f"task {self.task.id}: {host} had no connection slot free for {patience:.0f}s "
-                    "(HAUL_DOWNLOAD_PER_HOST); the task waits queued for its turn"
-                )
+                if host in self._claimed_in_use or self._extra_held[host] > 0:
+                    since = time.monotonic()  # a lane of this run holds it: it will free it
             lane.step(self.rt.settings.connect_timeout_seconds, f"taking a connection slot of {host}")
             try:
                 if self._take(host, number):
@@ -177,6 +174,12 @@ class FileLanes:
                     return True
             except redis.RedisError as exc:  # waited out like a full host; the lease's fence bounds it
                 log.warning("task %s: cannot take a connection slot of %s yet (%s)", self.task.id, host, exc)
+            if patience is not None and time.monotonic() - since > patience:
+                raise HostBusy(
+                    f"task {self.task.id}: {host} had no connection slot free for {patience:.0f}s "
+                    "(HAUL_DOWNLOAD_PER_HOST); the task waits queued for its turn",
+                    retry_after=patience * random.uniform(0.5, 1.5),
+                )
             lane.step(SLOT_POLL_SECONDS, f"waiting for a connection slot of {host} (HAUL_DOWNLOAD_PER_HOST)")
             with self._lock:  # a file of this run ending frees its claimed slot: woken then
                 self._lock.wait(SLOT_POLL_SECONDS)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -63,12 +65,18 @@ FILE_INPUT = ("-protocol_whitelist", "file", "-format_whitelist", MEDIA_DEMUXERS
 CONCAT_STEP_BYTES = 64 * 1024 * 1024
 #: The end of ffmpeg's complaints kept for the message.
 STDERR_TAIL_BYTES = 4096
-#: What ffmpeg says when the media itself cannot be joined (no attempt will do better): codecs
-#: the container cannot hold, bytes that are not media.
-_MEDIA_TROUBLE = (
-    "Could not find tag for codec", "not currently supported in container", "are supported for",
-    "Could not write header", "Invalid data found when processing input", "moov atom not found",
+#: What ffmpeg says when this worker failed it (its disk, its resources), not the media.
+_WORKER_TROUBLE = (
+    "No space left on device", "Input/output error", "Read-only file system", "Disk quota exceeded",
+    "Cannot allocate memory", "Too many open files",
 )  # fmt: skip
+#: What ffmpeg says when the container cannot hold the codecs: no download will do better.
+_CONTAINER_TROUBLE = ("Could not find tag for codec", "not currently supported in container", "are supported for")
+#: What differs from run to run in ffmpeg's words: addresses, the run's tag in file names.
+_PER_RUN = re.compile(r" @ 0x[0-9a-f]+|\.\d+\.[0-9a-f]{8}(?=\.)")
+#: Beside a stream folder, what ffmpeg said of the bytes it could not join: said again of bytes
+#: downloaded afresh, it is the media's, and final.
+JOIN_COMPLAINT = "join-failed.txt"
 
 #: Downloads a file track into a part (``base``: the bytes of the tracks before it); its size.
 FetchFile = Callable[[Track, Path, int], int]
@@ -141,10 +149,12 @@ def download_tracks(
         with haul_errors_only(t.where):
             try:
                 _join(inputs, joined, muxer, ffmpeg, timeout, folder / f"ffmpeg.{tag}.log", t)
-            except PageUnresolvable:  # the media itself: a retry would join the same bytes again
+            except (PageUnresolvable, _Unjoinable) as exc:  # a retry must not join the same bytes again
                 for own in folder.glob("track-*"):
                     shutil.rmtree(own, ignore_errors=True)
-                raise
+                if isinstance(exc, PageUnresolvable):
+                    raise
+                _judge_again(folder / JOIN_COMPLAINT, exc.complaint, t.where)
             t.main.step(DISK_STEP_SECONDS)  # the fence: a run that lost the task moves nothing
             discard_part(part)  # bytes an earlier download of another kind left, and their record
             os.replace(joined, part)
@@ -169,7 +179,7 @@ def _track(
             size = fetch_file(track, own / "media.part", base)
         return _Input(own / "media.part", FILE_INPUT, track), size, 1
     stream, keys = _stream(track, t)
-    at = next(f.url for f in stream.fragments if not f.init)  # the fragments' host, a CDN's perhaps
+    at = stream.fragments[-1].url  # where the media fragments come from, a CDN perhaps (not an init section)
     t = dataclasses.replace(t, plan=connections.plan(at))
     t.main.step(DISK_STEP_SECONDS)
     with haul_errors_only(where):
@@ -266,8 +276,10 @@ def _join(
             popen = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
             )
-        except OSError as exc:
-            raise ResolverMissing(f"{t.where}: this worker cannot run ffmpeg ({exc.strerror})") from exc
+        except OSError as exc:  # not there, not runnable: as a worker without the extra; else a passing want
+            if exc.errno in {errno.ENOENT, errno.EACCES, errno.ENOEXEC}:
+                raise ResolverMissing(f"{t.where}: this worker cannot run ffmpeg ({exc.strerror})") from exc
+            raise JoinFailed(f"{t.where}: ffmpeg could not be started ({exc.strerror})") from exc
         process = _Process(popen)
         with t.main.guard(process):
             try:
@@ -282,14 +294,37 @@ def _join(
     with log_path.open("rb") as tail:
         tail.seek(max(0, log_path.stat().st_size - STDERR_TAIL_BYTES))
         lines = tail.read().decode(errors="replace").strip().splitlines()[-3:]
-    complaint = " / ".join(lines) or f"exit status {code}"
-    if code > 0 and any(trouble in complaint for trouble in _MEDIA_TROUBLE):
+    # Without what differs from run to run (the staging path, addresses): what ffmpeg said of the media
+    complaint = _PER_RUN.sub("", " / ".join(lines).replace(str(log_path.parent), "<staging>")) or f"exit status {code}"
+    if code < 0 or any(trouble in complaint for trouble in _WORKER_TROUBLE):  # killed, a disk: worth another try
+        raise JoinFailed(f"{t.where}: ffmpeg could not join the media: {complaint}")
+    if any(trouble in complaint for trouble in _CONTAINER_TROUBLE):
         raise PageUnresolvable(
-            f"{t.where}: ffmpeg could not join the media as {muxer}: {complaint}; if the codecs do not fit the "
-            "container the file's name asks for, name it .mkv (Matroska holds them all) or choose a format that fits"
+            f"{t.where}: ffmpeg could not join the media as {muxer}: {complaint}; the codecs do not fit the "
+            "container the file's name asks for: name it .mkv (Matroska holds them all) or choose a format that fits"
         )
-    # Killed, out of memory or files, a disk that failed: this worker's trouble, worth another attempt
-    raise JoinFailed(f"{t.where}: ffmpeg could not join the media: {complaint}")
+    raise _Unjoinable(complaint)
+
+
+class _Unjoinable(Exception):
+    """ffmpeg refused the bytes (not the container): they may be bad, or the media may be."""
+
+    def __init__(self, complaint: str) -> None:
+        super().__init__(complaint)
+        self.complaint = complaint
+
+
+def _judge_again(record: Path, complaint: str, where: str) -> None:
+    """Bytes ffmpeg refused, their tracks dropped: the first time, downloaded again (a fragment
+    may have come whole but wrong); the same complaint of fresh bytes is the media's, final."""
+    try:
+        before = record.read_text()
+    except OSError:
+        before = None
+    if before == complaint:
+        raise PageUnresolvable(f"{where}: ffmpeg cannot join the media, downloaded twice: {complaint}")
+    record.write_text(complaint)
+    raise JoinFailed(f"{where}: ffmpeg could not join the media ({complaint}); downloading its tracks again")
 
 
 def _local_playlist(stream: Stream, key_names: Mapping[Key, str]) -> str:

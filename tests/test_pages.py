@@ -474,6 +474,23 @@ def test_media_the_container_cannot_hold_fails_with_what_to_do_and_keeps_nothing
     assert not list((settings.staging_dir / task.id).glob(".parts/*.hls/track-*"))  # a retry starts over
 
 
+def test_bytes_ffmpeg_refuses_are_downloaded_once_more_then_fail_the_task_with_its_words(
+    settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
+) -> None:
+    """A fragment may come whole but wrong: the first refusal drops the tracks and the next
+    attempt downloads them afresh; the same refusal of fresh bytes is the media's, final."""
+    serve(origin, presentation, "/bad")
+    origin.put("/bad/init-stream0.m4s", b"\x00" + os.urandom(2 * KIB))  # an init section that is not one
+    page = site.page("/course/bad", dash_page(origin.url("/bad/manifest.mpd")))
+    with in_process_worker(settings, store, threads=1):
+        task = wait_for(store, submit_page(client, page), timeout=60)
+    assert task.state is State.FAILED and task.attempts == 2, task.error
+    assert task.error_code == "page_unresolvable" and "downloaded twice" in task.error, task.error
+    size = (presentation / "chunk-stream0-00001.m4s").stat().st_size
+    assert origin.served["/bad/chunk-stream0-00001.m4s"] == 2 * size
+    assert not list((settings.staging_dir / task.id).glob(".parts/*.hls/track-*"))
+
+
 def test_fragments_on_another_host_get_its_cookies_and_an_error_page_among_them_fails_the_task(
     settings: Settings, store: TaskStore, client: Client, site: Site, origin: Origin, presentation: Path
 ) -> None:
