@@ -23,6 +23,8 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_WATCH_SECONDS = 7 * 24 * 3600
 #: Shortest token or signing key accepted: a short one can be guessed.
 MIN_SECRET_CHARS = 16
+#: How long a dashboard session lasts unused (seconds).
+DEFAULT_UI_IDLE_SECONDS = 30 * 60
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,13 @@ class ApiSettings:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     watch_seconds: float = DEFAULT_WATCH_SECONDS
+    #: Where the dashboard is served (HAUL_UI_PREFIX), for a reverse proxy that maps it.
+    ui_prefix: str = "/ui"
+    #: How long a dashboard session lasts unused (HAUL_UI_IDLE_SECONDS).
+    ui_idle_seconds: float = DEFAULT_UI_IDLE_SECONDS
+    #: Peers whose X-Forwarded-Proto is believed (HAUL_API_TRUSTED_PROXIES): a reverse proxy
+    #: that ends TLS says so, and the dashboard's cookie is then Secure.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def open(self) -> bool:
@@ -81,7 +90,31 @@ class ApiSettings:
                 envvars.number(env, "HAUL_API_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1024, integer=True)
             ),
             watch_seconds=envvars.number(env, "HAUL_API_WATCH_SECONDS", DEFAULT_WATCH_SECONDS, minimum=60),
+            ui_prefix=_prefix(env.get("HAUL_UI_PREFIX", "/ui")),
+            ui_idle_seconds=envvars.number(env, "HAUL_UI_IDLE_SECONDS", DEFAULT_UI_IDLE_SECONDS, minimum=1),
+            trusted_proxies=_networks(env.get("HAUL_API_TRUSTED_PROXIES", "")),
         )
+
+
+def _prefix(text: str) -> str:
+    """A URL path prefix: one leading slash, none trailing, plain characters only."""
+    prefix = "/" + text.strip().strip("/")
+    allowed = prefix.replace("/", "").replace("-", "").replace("_", "").replace(".", "")
+    if prefix == "/" or not allowed.isascii() or not allowed.isalnum():
+        raise SettingsError(f"HAUL_UI_PREFIX={text!r} must be a path such as /ui or /haul/ui")
+    return prefix
+
+
+def _networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for entry in text.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise SettingsError(
+                f"HAUL_API_TRUSTED_PROXIES: {entry!r} is not an address or network (10.0.0.5, 10.0.0.0/8)"
+            ) from None
+    return tuple(networks)
 
 
 def parse_tokens(text: str, *, write: bool, start: int) -> tuple[ApiToken, ...]:

@@ -47,7 +47,9 @@ from actors.task import KeyConflict, Task, TaskSpec
 from supervisor.api.auth import Caller, authenticate, make_watch_token, view_for
 from supervisor.api.openapi import DOCS_JS, docs_page, document
 from supervisor.api.problems import Problem, invalid_input
+from supervisor.api.sessions import Sessions
 from supervisor.api.sse import EventStreams, Hub
+from supervisor.api.ui import Dashboard
 
 log = logging.getLogger(__name__)
 
@@ -349,6 +351,7 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
         Route("/docs", api.docs, methods=["GET"]),
         Route("/docs/static/docs.js", api.docs_js, methods=["GET"]),
         Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
+        *Dashboard(settings.api, api.client, Sessions(api.redis, api.client.store.prefix, settings.api)).routes(),
     ]
     middleware = []
     if settings.api.cors_origins:

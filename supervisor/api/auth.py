@@ -14,7 +14,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Any
 
-from actors.apisettings import ApiSettings
+from actors.apisettings import ApiSettings, ApiToken
 from supervisor.api.problems import Problem
 
 WATCH_PREFIX = "w1"
@@ -67,9 +67,9 @@ def authenticate(api: ApiSettings, authorization: str | None, watch_token: str |
         scheme, _, given = authorization.partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise Problem(401, "Authorization must be 'Bearer <token>'", headers=_CHALLENGE)
-        match = _matching(api, given.strip())
+        match = matching_token(api, given.strip())
         if match is not None:
-            return match
+            return Caller(match.name, write=match.write)
         if api.open:
             return Caller("anonymous", write=True)
         raise Problem(401, "the bearer token is not one of HAUL_API_TOKENS or HAUL_API_READ_TOKENS",
@@ -84,11 +84,12 @@ def authenticate(api: ApiSettings, authorization: str | None, watch_token: str |
     raise Problem(401, "this API needs 'Authorization: Bearer <token>'", headers=_CHALLENGE)
 
 
-def _matching(api: ApiSettings, given: str) -> Caller | None:
+def matching_token(api: ApiSettings, given: str) -> ApiToken | None:
+    """The configured token ``given`` is, if any."""
     found = None
     for token in api.tokens:  # every one compared: the time does not say which matched
         if hmac.compare_digest(token.token.encode(), given.encode("utf-8", "replace")):
-            found = Caller(token.name, write=token.write)
+            found = token
     return found
 
 

@@ -1,0 +1,112 @@
+"""The dashboard's sign-in: an API token, given once in a form, becomes a session kept in Redis.
+
+The browser holds only a random session id, in an HttpOnly, SameSite=Strict cookie scoped to
+the dashboard's path, Secure when the request came over TLS (``X-Forwarded-Proto`` is believed
+only from HAUL_API_TRUSTED_PROXIES). Redis keeps the session under the id's SHA-256 (whoever
+reads Redis cannot use it), bound to the token's name and the token's own SHA-256: a token
+removed or rotated ends every session it started, and a read token's session never acts. A
+session unused for HAUL_UI_IDLE_SECONDS ends by itself (its key expires; each use renews it).
+Every form that acts carries the session's CSRF token, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from redis import asyncio as aioredis
+from starlette.requests import Request
+
+from actors.apisettings import ApiSettings
+from supervisor.api.auth import matching_token
+
+#: The cookie that holds a dashboard session's id.
+COOKIE = "haul_session"
+#: Longest session id read from a cookie (ours are 43 characters).
+MAX_SESSION_ID_CHARS = 100
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-in operator: their token's name, whether it may act, the session's CSRF token."""
+
+    key: str
+    name: str
+    write: bool
+    csrf: str
+
+    def csrf_matches(self, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(self.csrf.encode(), given.encode("utf-8", "replace"))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+
+
+class Sessions:
+    """Dashboard sessions in Redis (see the module docstring)."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, api: ApiSettings) -> None:
+        self.redis, self.prefix, self.api = redis, prefix, api
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}ui:session:{_digest(session_id)}"
+
+    async def start(self, given: str, now: float) -> tuple[str, Session] | None:
+        """A new session for whoever gave token ``given`` (its id, for the cookie); None when
+        it is not one of the API's tokens."""
+        token = matching_token(self.api, given.strip())
+        if token is None:
+            return None
+        session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        key = self._key(session_id)
+        fields = {"name": token.name, "token": _digest(token.token), "csrf": csrf, "started": str(now)}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(key, max(1, int(self.api.ui_idle_seconds)))
+            await pipe.execute()
+        return session_id, Session(key, token.name, token.write, csrf)
+
+    async def find(self, session_id: str | None) -> Session | None:
+        """The live session ``session_id`` names, renewed; None when there is none (never
+        was, ended, idle too long, or its token is no longer the API's)."""
+        if not session_id or len(session_id) > MAX_SESSION_ID_CHARS:
+            return None
+        key = self._key(session_id)
+        raw: Any = await self.redis.hgetall(key)
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        if not data.get("name"):
+            return None
+        token = next((t for t in self.api.tokens if t.name == data["name"]), None)
+        if token is None or not hmac.compare_digest(_digest(token.token), data.get("token", "")):
+            await self.redis.delete(key)  # the token was removed or rotated: its sessions end
+            return None
+        await self.redis.expire(key, max(1, int(self.api.ui_idle_seconds)))
+        return Session(key, token.name, token.write, data.get("csrf", ""))
+
+    async def end(self, session: Session) -> None:
+        await self.redis.delete(session.key)
+
+
+def over_tls(request: Request, api: ApiSettings) -> bool:
+    """Whether the browser reached the dashboard over TLS: directly, or through a trusted proxy
+    that says so."""
+    if request.url.scheme == "https":
+        return True
+    peer = request.client.host if request.client else ""
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    trusted = any(address in network for network in api.trusted_proxies)
+    # The nearest proxy, the trusted one, wrote the last value
+    forwarded = (request.headers.get("x-forwarded-proto") or "").split(",")[-1].strip().lower()
+    return trusted and forwarded == "https"
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

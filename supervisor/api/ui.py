@@ -1,0 +1,187 @@
+"""The operator dashboard, served by ``haul api`` under HAUL_UI_PREFIX (``/ui``): pages
+rendered on the server from the same client the API uses, signed in with an API token
+(:mod:`supervisor.api.sessions`).
+
+Everything shown is hostile input (task names, paths, errors, page titles): every value goes
+through :func:`html.escape`, and every answer carries a Content-Security-Policy that allows no
+inline script or style and no framing (``frame-ancestors 'none'``: a page of another site
+cannot overlay a button), ``nosniff``, ``no-referrer`` and ``no-store``. The dashboard needs
+tokens: without HAUL_API_TOKENS it answers that it is off.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from actors.apisettings import ApiSettings
+from actors.client import Client
+from actors.states import State
+from supervisor.api.sessions import COOKIE, Session, Sessions, over_tls
+
+log = logging.getLogger(__name__)
+
+#: Largest sign-in or action form read.
+MAX_FORM_BYTES = 4096
+#: What every dashboard answer allows the browser to do.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; connect-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+STATIC = Path(__file__).parent / "static"
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Dashboard:
+    """The dashboard's pages over ``client``, its sessions in ``sessions``."""
+
+    def __init__(self, api: ApiSettings, client: Client, sessions: Sessions) -> None:
+        self.api, self.client, self.sessions = api, client, sessions
+        self.prefix = api.ui_prefix
+
+    def routes(self) -> list[BaseRoute]:
+        p = self.prefix
+        return [
+            Route(f"{p}/", self._guarded(self.overview), methods=["GET"], include_in_schema=False),
+            Route(f"{p}/sign-in", self.sign_in_form, methods=["GET"], include_in_schema=False),
+            Route(f"{p}/sign-in", self.sign_in, methods=["POST"], include_in_schema=False),
+            Route(f"{p}/sign-out", self.sign_out, methods=["POST"], include_in_schema=False),
+            Route(f"{p}/static/ui.css", self.stylesheet, methods=["GET"], include_in_schema=False),
+        ]
+
+    # -- pages ------------------------------------------------------------------------------
+
+    async def sign_in_form(self, request: Request) -> Response:
+        return self._page("Sign in", self._sign_in_body(""), None)
+
+    async def sign_in(self, request: Request) -> Response:
+        if self.api.open:
+            return self._off()
+        if not _same_origin(request):  # a page of another site signing the browser in as its own
+            return self._page("Refused", "<p>Sign in from this dashboard's own page.</p>", None, status=403)
+        form = await _form(request)
+        started = await self.sessions.start(form.get("token", ""), time.time())
+        if started is None:
+            body = self._sign_in_body("That is not one of this API's tokens (HAUL_API_TOKENS, HAUL_API_READ_TOKENS).")
+            return self._page("Sign in", body, None, status=401)
+        session_id, session = started
+        log.info("ui: %s signed in", session.name)
+        response = RedirectResponse(f"{self.prefix}/", status_code=303, headers=SECURITY_HEADERS)
+        response.set_cookie(
+            COOKIE, session_id, path=self.prefix, httponly=True, samesite="strict", secure=over_tls(request, self.api)
+        )
+        return response
+
+    async def sign_out(self, request: Request) -> Response:
+        session = await self._session(request)
+        if session is None:
+            return self._to_sign_in()
+        form = await _form(request)
+        if not _same_origin(request) or not session.csrf_matches(form.get("csrf")):
+            return self._page("Refused", "<p>This form is stale or forged; reload the page.</p>", session, status=403)
+        await self.sessions.end(session)
+        log.info("ui: %s signed out", session.name)
+        response = self._to_sign_in()
+        response.delete_cookie(COOKIE, path=self.prefix)
+        return response
+
+    async def overview(self, request: Request, session: Session) -> Response:
+        counts = await run_in_threadpool(self.client.counts)
+        rows = "".join(
+            f'<tr><th scope="row">{html.escape(state.value)}</th><td>{counts.get(state, 0)}</td></tr>'
+            for state in State
+        )
+        body = f'<h1>Overview</h1><table class="counts"><caption>Tasks by state</caption>{rows}</table>'
+        return self._page("Overview", body, session)
+
+    async def stylesheet(self, request: Request) -> Response:
+        return FileResponse(STATIC / "ui.css", media_type="text/css", headers=SECURITY_HEADERS)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _guarded(self, page: Callable[[Request, Session], Awaitable[Response]]) -> Handler:
+        """``page`` for a signed-in operator; anyone else is sent to sign in."""
+
+        async def handler(request: Request) -> Response:
+            if self.api.open:
+                return self._off()
+            session = await self._session(request)
+            if session is None:
+                return self._to_sign_in()
+            return await page(request, session)
+
+        return handler
+
+    async def _session(self, request: Request) -> Session | None:
+        return await self.sessions.find(request.cookies.get(COOKIE))
+
+    def _to_sign_in(self) -> Response:
+        return RedirectResponse(f"{self.prefix}/sign-in", status_code=303, headers=SECURITY_HEADERS)
+
+    def _off(self) -> Response:
+        body = "<p>The dashboard needs tokens: set HAUL_API_TOKENS (name:token) on <code>haul api</code>.</p>"
+        return self._page("Dashboard off", body, None, status=403)
+
+    def _sign_in_body(self, problem: str) -> str:
+        said = f'<p class="problem" role="alert">{html.escape(problem)}</p>' if problem else ""
+        return (
+            f"<h1>Sign in</h1>{said}"
+            f'<form method="post" action="{html.escape(self.prefix)}/sign-in">'
+            '<label for="token">API token</label> '
+            '<input id="token" name="token" type="password" autocomplete="current-password" required> '
+            '<button type="submit">Sign in</button></form>'
+        )
+
+    def _page(self, title: str, body: str, session: Session | None, status: int = 200) -> Response:
+        """A whole page: ``body`` (already escaped) under the header; the sign-out form when signed in."""
+        prefix = html.escape(self.prefix)
+        who = ""
+        if session is not None:
+            role = "may act" if session.write else "read only"
+            who = (
+                f'<span class="who">{html.escape(session.name)} ({role})</span>'
+                f'<form method="post" action="{prefix}/sign-out" class="inline">'
+                f'<input type="hidden" name="csrf" value="{html.escape(session.csrf)}">'
+                '<button type="submit">Sign out</button></form>'
+            )
+        document = (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)} · haul</title>"
+            f'<link rel="stylesheet" href="{prefix}/static/ui.css"></head>'
+            f'<body><header><a href="{prefix}/" class="brand">haul</a>{who}</header>'
+            f"<main>{body}</main></body></html>"
+        )
+        return HTMLResponse(document, status_code=status, headers=SECURITY_HEADERS)
+
+
+def _same_origin(request: Request) -> bool:
+    """Whether a form was posted from a page of this host (a browser says where from)."""
+    origin = request.headers.get("origin")
+    return origin is None or urlsplit(origin).netloc.lower() == (request.headers.get("host") or "").lower()
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """An urlencoded form's fields (the first of each), at most MAX_FORM_BYTES read."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return {}
+    fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=16)
+    return {name: values[0] for name, values in fields.items() if values}

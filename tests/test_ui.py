@@ -1,0 +1,129 @@
+"""The dashboard's sign-in over a real ``haul api`` process (issue 18): an API token becomes a
+server-side session in a strict cookie, every action needs the session's CSRF token, a session
+ends on sign-out, when idle and when its token is removed, and every page carries a strict
+Content-Security-Policy."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from tests.apiserver import FULL, READ, Api, api_env, start_api
+from tests.processes import running
+from tests.servers import Receiver
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def env(tmp_path: Path, redis_url: str, receiver: Receiver) -> dict[str, str]:
+    return api_env(tmp_path, redis_url, receiver.url) | {"HAUL_UI_IDLE_SECONDS": "3"}
+
+
+@pytest.fixture
+def api(tmp_path: Path, env: dict[str, str]) -> Iterator[Api]:
+    started = start_api(tmp_path, env)
+    with running(started.process):
+        yield started
+
+
+def sign_in(api: Api, token: str, **headers: str) -> tuple[requests.Session, requests.Response]:
+    browser = requests.Session()
+    answer = browser.post(f"{api.url}/ui/sign-in", data={"token": token}, headers=headers, allow_redirects=False,
+                          timeout=5)  # fmt: skip
+    return browser, answer
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found, page
+    return found[1]
+
+
+def signed_in(browser: requests.Session, api: Api) -> bool:
+    answer = browser.get(f"{api.url}/ui/", allow_redirects=False, timeout=5)
+    return answer.status_code == 200
+
+
+def test_a_token_signs_in_to_a_strict_cookie_and_every_page_forbids_inline_code_and_framing(
+    api: Api, redis_url: str
+) -> None:
+    assert requests.get(f"{api.url}/ui/", allow_redirects=False, timeout=5).headers["Location"] == "/ui/sign-in"
+    browser, answer = sign_in(api, FULL)
+    assert answer.status_code == 303 and answer.headers["Location"] == "/ui/"
+    cookie = answer.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
+    assert "Secure" not in cookie  # plain http, and X-Forwarded-Proto is believed from trusted proxies only
+    page = browser.get(f"{api.url}/ui/", timeout=5)
+    assert page.status_code == 200 and "backend (may act)" in page.text and "queued" in page.text
+    policy = page.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy and "default-src 'none'" in policy
+    assert page.headers["X-Content-Type-Options"] == "nosniff" and page.headers["Cache-Control"] == "no-store"
+    assert browser.get(f"{api.url}/ui/static/ui.css", timeout=5).headers["Content-Type"].startswith("text/css")
+    # Redis keeps the session under a digest of its id: what it holds signs no one in
+    session_id = browser.cookies["haul_session"]
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    keys = list(client.scan_iter("*ui:session:*"))
+    assert len(keys) == 1 and session_id not in keys[0]
+    assert FULL not in str(client.hgetall(keys[0]))
+    client.close()
+
+
+def test_a_wrong_token_or_a_sign_in_posted_by_another_site_gets_no_session(api: Api) -> None:
+    _, wrong = sign_in(api, "not-a-token-of-this-api-at-all")
+    assert wrong.status_code == 401 and "Set-Cookie" not in wrong.headers
+    assert "not one of this API" in wrong.text and "not-a-token" not in wrong.text
+    _, forged = sign_in(api, FULL, Origin="https://evil.example")
+    assert forged.status_code == 403 and "Set-Cookie" not in forged.headers
+
+
+def test_sign_out_needs_the_sessions_csrf_token_and_ends_the_session(api: Api) -> None:
+    browser, _ = sign_in(api, FULL)
+    page = browser.get(f"{api.url}/ui/", timeout=5).text
+    forged = browser.post(f"{api.url}/ui/sign-out", data={"csrf": "guessed"}, allow_redirects=False, timeout=5)
+    assert forged.status_code == 403 and signed_in(browser, api)
+    other_site = browser.post(f"{api.url}/ui/sign-out", data={"csrf": csrf_of(page)},
+                              headers={"Origin": "https://evil.example"}, allow_redirects=False, timeout=5)  # fmt: skip
+    assert other_site.status_code == 403 and signed_in(browser, api)
+    out = browser.post(f"{api.url}/ui/sign-out", data={"csrf": csrf_of(page)}, allow_redirects=False, timeout=5)
+    assert out.status_code == 303 and out.headers["Location"] == "/ui/sign-in"
+    assert not signed_in(browser, api)
+
+
+def test_a_session_ends_when_idle_and_when_its_token_is_removed(tmp_path: Path, api: Api, env: dict[str, str]) -> None:
+    idle, _ = sign_in(api, FULL)
+    kept, _ = sign_in(api, FULL)
+    reader, _ = sign_in(api, READ)
+    assert "dashboard (read only)" in reader.get(f"{api.url}/ui/", timeout=5).text
+    for _ in range(3):  # each use renews a session; the one left alone runs out
+        time.sleep(1.2)
+        assert signed_in(kept, api)
+    assert not signed_in(idle, api)
+    # The read token is taken away: the API restarts without it, and its session ends
+    api.process.terminate()
+    (tmp_path / "again").mkdir()
+    without = start_api(tmp_path / "again", {k: v for k, v in env.items() if k != "HAUL_API_READ_TOKENS"})
+    with running(without.process):
+        assert not signed_in(reader, without)
+        assert signed_in(kept, without)
+
+
+def test_the_cookie_is_secure_when_a_trusted_proxy_says_tls(tmp_path: Path, env: dict[str, str]) -> None:
+    behind = start_api(tmp_path, env | {"HAUL_API_TRUSTED_PROXIES": "127.0.0.1/32"})
+    with running(behind.process):
+        _, answer = sign_in(behind, FULL, **{"X-Forwarded-Proto": "https"})
+        assert answer.status_code == 303 and "Secure" in answer.headers["Set-Cookie"]
+
+
+def test_without_tokens_the_dashboard_is_off(tmp_path: Path, env: dict[str, str]) -> None:
+    open_env = {k: v for k, v in env.items() if k not in {"HAUL_API_TOKENS", "HAUL_API_READ_TOKENS"}}
+    started = start_api(tmp_path, open_env)
+    with running(started.process):
+        answer = requests.get(f"{started.url}/ui/", timeout=5)
+        assert answer.status_code == 403 and "HAUL_API_TOKENS" in answer.text
