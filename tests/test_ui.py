@@ -1,7 +1,7 @@
-"""The dashboard's sign-in over a real ``haul api`` process (issue 18): an API token becomes a
+"""The dashboard over a real ``haul api`` process (issue 18): an API token becomes a
 server-side session in a strict cookie, every action needs the session's CSRF token, a session
-ends on sign-out, when idle and when its token is removed, and every page carries a strict
-Content-Security-Policy."""
+ends on sign-out, when idle and when its token is removed, every page carries a strict
+Content-Security-Policy; the tasks pages, search, retry and cancel; hostile input as text."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ import pytest
 import redis
 import requests
 
+from actors.manifest import spec_from_manifest
+from actors.states import State
+from actors.store import TaskStore
 from tests.apiserver import FULL, READ, Api, api_env, start_api
 from tests.processes import running
 from tests.servers import Receiver
@@ -127,3 +130,70 @@ def test_without_tokens_the_dashboard_is_off(tmp_path: Path, env: dict[str, str]
     with running(started.process):
         answer = requests.get(f"{started.url}/ui/", timeout=5)
         assert answer.status_code == 403 and "HAUL_API_TOKENS" in answer.text
+
+
+def make_tasks(store: TaskStore, count: int, **manifest: object) -> list[str]:
+    """``count`` queued tasks (never claimed: no worker runs here), oldest first."""
+    ids = []
+    for n in range(count):
+        files = [{"url": f"https://cdn.example/{n}.mp4", "path": f"{n}.mp4"}]
+        task_id, _ = store.create(spec_from_manifest({"files": files, **manifest}), now=time.time() + n / 1000)
+        ids.append(task_id)
+    return ids
+
+
+def test_the_tasks_page_goes_through_a_state_a_page_at_a_time_and_finds_a_task_by_id_or_key(
+    api: Api, store: TaskStore
+) -> None:
+    ids = make_tasks(store, 55)
+    time.sleep(0.1)  # after the others' times
+    keyed = make_tasks(store, 1, key="order-1234")[0]
+    browser, _ = sign_in(api, READ)
+    first = browser.get(f"{api.url}/ui/tasks", params={"state": "queued"}, timeout=5)
+    assert first.status_code == 200 and "queued</bdi> (56)" in first.text
+    older = re.search(r'href="([^"]+)" rel="next"', first.text)
+    assert older, first.text
+    second = browser.get(api.url + older[1].replace("&amp;", "&"), timeout=5)
+    shown = re.findall(r'href="/ui/tasks/([0-9a-f]{32})"', first.text + second.text)
+    assert len(shown) == 56 and set(shown) == {*ids, keyed}  # none skipped, none twice
+    assert shown[0] == keyed  # newest first
+    for wanted in (keyed, "order-1234"):
+        found = browser.get(f"{api.url}/ui/tasks", params={"q": wanted}, allow_redirects=False, timeout=5)
+        assert found.status_code == 303 and found.headers["Location"] == f"/ui/tasks/{keyed}"
+    missing = browser.get(f"{api.url}/ui/tasks", params={"q": "<b>nothing</b>"}, timeout=5)
+    assert "No task has the id or key" in missing.text and "<b>nothing</b>" not in missing.text
+
+
+def test_hostile_names_and_errors_render_as_text(api: Api, store: TaskStore) -> None:
+    [task_id] = make_tasks(store, 1, name="<script>alert(1)</script> lesson\u202egpj.exe")
+    store.client.hset(store.task_key(task_id), "error", "origin said <img src=x onerror=alert(2)>")
+    browser, _ = sign_in(api, FULL)
+    for page in (browser.get(f"{api.url}/ui/tasks/{task_id}", timeout=5),
+                 browser.get(f"{api.url}/ui/tasks", params={"state": "queued"}, timeout=5)):  # fmt: skip
+        assert "<script>alert(1)</script>" not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+        assert "<img src=x" not in page.text and "&lt;img src=x onerror=alert(2)&gt;" in page.text
+        # its direction isolated: the U+202E cannot reorder what follows it
+        assert "<bdi>&lt;script&gt;alert(1)&lt;/script&gt; lesson\u202egpj.exe</bdi>" in page.text
+
+
+def test_retry_and_cancel_are_buttons_for_a_full_token_only_each_needing_the_csrf_token(
+    api: Api, store: TaskStore
+) -> None:
+    [task_id] = make_tasks(store, 1)
+    page_url = f"{api.url}/ui/tasks/{task_id}"
+    reader, _ = sign_in(api, READ)
+    read_page = reader.get(page_url, timeout=5).text
+    assert "<button" in read_page and "Cancel</button>" not in read_page  # sign-out only
+    refused = reader.post(f"{page_url}/cancel", data={"csrf": csrf_of(read_page)}, allow_redirects=False, timeout=5)
+    assert refused.status_code == 403 and "read token" in refused.text
+    operator, _ = sign_in(api, FULL)
+    page = operator.get(page_url, timeout=5).text
+    assert "Cancel</button>" in page and "Retry</button>" not in page
+    forged = operator.post(f"{page_url}/cancel", data={}, allow_redirects=False, timeout=5)
+    assert forged.status_code == 403 and store.get(task_id).state is State.QUEUED  # type: ignore[union-attr]
+    done = operator.post(f"{page_url}/cancel", data={"csrf": csrf_of(page)}, allow_redirects=False, timeout=5)
+    assert done.status_code == 303 and store.get(task_id).state is State.CANCELED  # type: ignore[union-attr]
+    page = operator.get(page_url, timeout=5).text
+    assert "Retry</button>" in page and "Cancel</button>" not in page and "task.canceled" in page
+    again = operator.post(f"{page_url}/retry", data={"csrf": csrf_of(page)}, allow_redirects=False, timeout=5)
+    assert again.status_code == 303 and store.get(task_id).state is State.QUEUED  # type: ignore[union-attr]

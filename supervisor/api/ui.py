@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -24,12 +25,18 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 
 from actors.apisettings import ApiSettings
-from actors.client import Client
+from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
+from actors.events import EventLog
 from actors.states import State
+from actors.store import Cursor
+from actors.task import Task
+from supervisor.api import uipages
 from supervisor.api.sessions import COOKIE, Session, Sessions, over_tls
 
 log = logging.getLogger(__name__)
 
+#: Tasks a page of the tasks list shows.
+PAGE_SIZE = 50
 #: Largest sign-in or action form read.
 MAX_FORM_BYTES = 4096
 #: What every dashboard answer allows the browser to do.
@@ -58,6 +65,11 @@ class Dashboard:
         p = self.prefix
         return [
             Route(f"{p}/", self._guarded(self.overview), methods=["GET"], include_in_schema=False),
+            Route(f"{p}/tasks", self._guarded(self.tasks), methods=["GET"], include_in_schema=False),
+            Route(f"{p}/tasks/{{task_id}}", self._guarded(self.task), methods=["GET"], include_in_schema=False),
+            Route(
+                f"{p}/tasks/{{task_id}}/{{action}}", self._guarded(self.act), methods=["POST"], include_in_schema=False
+            ),
             Route(f"{p}/sign-in", self.sign_in_form, methods=["GET"], include_in_schema=False),
             Route(f"{p}/sign-in", self.sign_in, methods=["POST"], include_in_schema=False),
             Route(f"{p}/sign-out", self.sign_out, methods=["POST"], include_in_schema=False),
@@ -109,6 +121,89 @@ class Dashboard:
         body = f'<h1>Overview</h1><table class="counts"><caption>Tasks by state</caption>{rows}</table>'
         return self._page("Overview", body, session)
 
+    async def tasks(self, request: Request, session: Session) -> Response:
+        """Tasks in one state, newest first, a page at a time; or the task an id or key names."""
+        query = request.query_params
+        wanted = query.get("q", "").strip()[:200]
+        if wanted:
+            found = await run_in_threadpool(self._lookup, wanted)
+            if found is not None:
+                return RedirectResponse(f"{self.prefix}/tasks/{quote(found, safe='')}", 303, headers=SECURITY_HEADERS)
+        try:
+            state = State(query.get("state", State.DOWNLOADING.value))
+        except ValueError:
+            state = State.DOWNLOADING
+        cursor = _cursor(query.get("cursor"))
+        tasks, following = await run_in_threadpool(self.client.page, state, PAGE_SIZE, cursor)
+        counts = await run_in_threadpool(self.client.counts)
+        more = ""
+        if following is not None:
+            href = f"{self.prefix}/tasks?" + urlencode(
+                {"state": state.value, "cursor": f"{following.at!r}:{following.task_id}"}
+            )
+            more = f'<p><a href="{uipages.attr(href)}" rel="next">Older</a></p>'
+        missing = f"<p>No task has the id or key {uipages.text(wanted)}.</p>" if wanted else ""
+        body = (
+            f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted)}{missing}"
+            f"{uipages.state_tabs(self.prefix, state, counts)}"
+            f"{uipages.task_rows(self.prefix, (t.as_status() for t in tasks), time.time())}{more}"
+        )
+        return self._page("Tasks", body, session)
+
+    def _lookup(self, wanted: str) -> str | None:
+        """The id of the task whose id or idempotency key is ``wanted``."""
+        if self.client.store.get(wanted) is not None:
+            return wanted
+        try:
+            return self.client.find(wanted).id
+        except TaskNotFound:
+            return None
+
+    async def task(self, request: Request, session: Session) -> Response:
+        task_id = request.path_params["task_id"]
+        try:
+            task = await run_in_threadpool(self.client.get, task_id)
+        except TaskNotFound:
+            return self._page("No such task", f"<p>No task {uipages.text(task_id)}.</p>", session, status=404)
+        events = await run_in_threadpool(EventLog(self.client.store.client, self.client.store.prefix).of_task, task_id)
+        status = task.as_status()
+        return self._page(status["name"] or task_id, uipages.task_detail(status, events, self._actions(task, session)),
+                          session)  # fmt: skip
+
+    def _actions(self, task: Task, session: Session) -> str:
+        """The buttons an operator may press on ``task`` (none for a read token)."""
+        if not session.write:
+            return ""
+        buttons = []
+        for action, states in (("retry", uipages.RETRYABLE), ("cancel", uipages.CANCELABLE)):
+            if task.state in states:
+                target = f"{self.prefix}/tasks/{quote(task.id, safe='')}/{action}"
+                buttons.append(
+                    f'<form method="post" action="{uipages.attr(target)}" class="inline">'
+                    f'<input type="hidden" name="csrf" value="{uipages.attr(session.csrf)}">'
+                    f'<button type="submit" class="{action}">{action.capitalize()}</button></form>'
+                )
+        return f'<div class="actions">{"".join(buttons)}</div>' if buttons else ""
+
+    async def act(self, request: Request, session: Session) -> Response:
+        """Retry or cancel a task: a full token's session, its CSRF token, a page of this host."""
+        task_id, action = request.path_params["task_id"], request.path_params["action"]
+        if action not in ("retry", "cancel"):
+            return self._page("No such action", "<p>Only retry and cancel.</p>", session, status=404)
+        form = await _form(request)
+        if not _same_origin(request) or not session.csrf_matches(form.get("csrf")):
+            return self._page("Refused", "<p>This form is stale or forged; reload the page.</p>", session, status=403)
+        if not session.write:
+            return self._page("Refused", "<p>A read token cannot act.</p>", session, status=403)
+        try:
+            await run_in_threadpool(self.client.retry if action == "retry" else self.client.cancel, task_id)
+        except TaskNotFound:
+            return self._page("No such task", f"<p>No task {uipages.text(task_id)}.</p>", session, status=404)
+        except (RetryRefused, CancelRefused) as exc:
+            return self._page("Refused", f"<p>{uipages.text(exc)}</p>", session, status=409)
+        log.info("ui: task %s %s by %s", task_id, "retried" if action == "retry" else "canceled", session.name)
+        return RedirectResponse(f"{self.prefix}/tasks/{quote(task_id, safe='')}", 303, headers=SECURITY_HEADERS)
+
     async def stylesheet(self, request: Request) -> Response:
         return FileResponse(STATIC / "ui.css", media_type="text/css", headers=SECURITY_HEADERS)
 
@@ -152,8 +247,9 @@ class Dashboard:
         prefix = html.escape(self.prefix)
         who = ""
         if session is not None:
+            who += f'<nav><a href="{prefix}/">Overview</a> <a href="{prefix}/tasks">Tasks</a></nav>'
             role = "may act" if session.write else "read only"
-            who = (
+            who += (
                 f'<span class="who">{html.escape(session.name)} ({role})</span>'
                 f'<form method="post" action="{prefix}/sign-out" class="inline">'
                 f'<input type="hidden" name="csrf" value="{html.escape(session.csrf)}">'
@@ -168,6 +264,15 @@ class Dashboard:
             f"<main>{body}</main></body></html>"
         )
         return HTMLResponse(document, status_code=status, headers=SECURITY_HEADERS)
+
+
+def _cursor(text: str | None) -> Cursor | None:
+    """A page's place in a state's list (``time:task id``), as the Older link gave it."""
+    at, _, task_id = (text or "").partition(":")
+    try:
+        return Cursor(float(at), task_id) if task_id and math.isfinite(float(at)) else None
+    except ValueError:
+        return None
 
 
 def _same_origin(request: Request) -> bool:

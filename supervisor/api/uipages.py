@@ -1,0 +1,143 @@
+"""The dashboard's pages as HTML, from the same shapes the API answers with (a task's status,
+its events). Every value is hostile: each goes through :func:`text`, which escapes it and
+isolates its direction (``<bdi>``: a path holding U+202E cannot reorder what follows it)."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from actors.events import Event
+from actors.states import State
+
+#: The states the tasks page offers, in the order a task goes through them.
+STATES = tuple(State)
+#: What an operator may do to a task in each state.
+RETRYABLE = frozenset({State.FAILED, State.DEAD, State.CANCELED})
+CANCELABLE = frozenset({State.QUEUED, State.CLAIMED, State.DOWNLOADING, State.FINALIZING})
+
+
+def text(value: object) -> str:
+    """``value`` as text that reads as text: escaped, its direction isolated."""
+    return f"<bdi>{html.escape(str(value))}</bdi>"
+
+
+def attr(value: object) -> str:
+    """``value`` escaped for an attribute (quotes included)."""
+    return html.escape(str(value), quote=True)
+
+
+def size(count: int | None) -> str:
+    if count is None:
+        return "?"
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def bar(done: int, total: int | None) -> str:
+    """A progress bar (the element itself: no script, no inline style)."""
+    label = f"{size(done)} of {size(total)}" if total else size(done)
+    if not total:
+        return f'<progress aria-label="{attr(label)}"></progress> {text(label)}'
+    return f'<progress max="{total}" value="{min(done, total)}" aria-label="{attr(label)}"></progress> {text(label)}'
+
+
+def age(iso: str | None, now: float) -> str:
+    """How long ago ``iso`` (a status's UTC time) was, roughly."""
+    if not iso:
+        return ""
+    seconds = max(0.0, now - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def state_tabs(prefix: str, current: State, counts: dict[State, int]) -> str:
+    links = []
+    for state in STATES:
+        chosen = ' aria-current="page"' if state is current else ""
+        href = f"{prefix}/tasks?{urlencode({'state': state.value})}"
+        links.append(f'<a href="{attr(href)}"{chosen}>{text(state.value)} ({counts.get(state, 0)})</a>')
+    return f'<nav class="tabs">{" ".join(links)}</nav>'
+
+
+def search_form(prefix: str, query: str) -> str:
+    return (
+        f'<form method="get" action="{attr(prefix)}/tasks" class="search" role="search">'
+        '<label for="q">Task id or key</label> '
+        f'<input id="q" name="q" value="{attr(query)}" maxlength="200"> <button type="submit">Find</button></form>'
+    )
+
+
+def task_rows(prefix: str, tasks: Iterable[dict[str, Any]], now: float) -> str:
+    rows = []
+    for task in tasks:
+        link = f"{prefix}/tasks/{quote(task['id'], safe='')}"
+        total = task["bytes_total"] if task.get("bytes_total_known") else None
+        rows.append(
+            "<tr>"
+            f'<td><a href="{attr(link)}">{text(task["name"] or task["id"])}</a></td>'
+            f"<td>{text(task['state'])}</td>"
+            f"<td>{bar(task['bytes_done'], total)}</td>"
+            f"<td>{task['attempts']}</td>"
+            f"<td>{text(age(task['created_at'], now))}</td>"
+            f'<td class="error">{text(task["error"] or "")}</td>'
+            "</tr>"
+        )
+    if not rows:
+        return "<p>No tasks.</p>"
+    head = "<tr><th>task</th><th>state</th><th>progress</th><th>attempts</th><th>age</th><th>error</th></tr>"
+    return f'<table class="tasks"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def task_detail(task: dict[str, Any], events: list[Event], actions: str) -> str:
+    """A task's page: what it is, its files with their progress, its error, its history."""
+    facts = [("id", task["id"]), ("name", task["name"]), ("key", task["key"] or ""), ("state", task["state"]),
+             ("attempts", task["attempts"]), ("created", task["created_at"]), ("updated", task["updated_at"]),
+             ("worker", task["worker"] or "")]  # fmt: skip
+    dl = "".join(f"<dt>{name}</dt><dd>{text(value)}</dd>" for name, value in facts)
+    error = f'<h2>Error</h2><pre class="error">{text(task["error"])}</pre>' if task.get("error") else ""
+    files = "".join(_file_row(entry) for entry in task["files"])
+    history = "".join(
+        f"<tr><td>{text(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.at / 1000)))}</td><td>{text(e.type)}</td>"
+        f"<td>{text(_said(e))}</td></tr>"
+        for e in events
+        if e.type != "task.progress"
+    )
+    return (
+        f'<h1>{text(task["name"] or task["id"])}</h1>{actions}<dl class="facts">{dl}</dl>{error}'
+        f'<h2>Files</h2><table class="files"><thead><tr><th>path</th><th>state</th><th>progress</th>'
+        f"<th>stored</th></tr></thead><tbody>{files}</tbody></table>"
+        f'<h2>History</h2><table class="history"><thead><tr><th>when (UTC)</th><th>event</th><th>details</th></tr>'
+        f"</thead><tbody>{history}</tbody></table>"
+    )
+
+
+def _file_row(entry: dict[str, Any]) -> str:
+    state = entry.get("state", "")
+    if state == "downloading":
+        progress = bar(int(entry.get("bytes_done") or 0), entry.get("size"))
+    elif state == "done":
+        progress = "whole"
+    else:
+        progress = ""
+    stored = entry.get("location") or ""
+    return (
+        f"<tr><td>{text(entry.get('path', ''))}</td><td>{text(state)}</td><td>{progress}</td>"
+        f"<td>{text(stored)}</td></tr>"
+    )
+
+
+def _said(event: Event) -> str:
+    """What an event says beside its type, briefly."""
+    keep = ("state", "attempt", "error", "error_code", "path", "by", "format_id", "extractor")
+    return ", ".join(f"{name}: {event.data[name]}" for name in keep if event.data.get(name) not in (None, ""))
