@@ -15,11 +15,11 @@ def format_task(status: dict[str, Any]) -> str:
         f"state     {status['state']}",
         f"attempts  {status['attempts']}",
         f"files     {status['files_done']}/{status['files_total']}",
-        f"bytes     {_size(status['bytes_done'])} of {'' if status['bytes_total_known'] else 'at least '}"
-        f"{_size(status['bytes_total'])}",
+        f"bytes     {human_size(status['bytes_done'])} of {'' if status['bytes_total_known'] else 'at least '}"
+        f"{human_size(status['bytes_total'])}",
     ]
     if status.get("bytes_stored"):
-        lines.append(f"stored    {_size(status['bytes_stored'])} of {_size(status['bytes_total'])}")
+        lines.append(f"stored    {human_size(status['bytes_stored'])} of {human_size(status['bytes_total'])}")
     if status.get("key"):
         lines.append(f"key       {status['key']}")
     waiting = status.get("waiting")
@@ -63,12 +63,12 @@ def format_rows(tasks: list[Task], now: float) -> str:
     for t in tasks:
         note = t.name + (f"  [{t.error}]" if t.error else "")
         key = t.spec.key or "-"
-        age = _age(now - t.created_at)
+        age = short_age(now - t.created_at)
         lines.append(f"{t.id:<32}  {t.state.value:<11}  {key:<16}  {age:>6}  {t.attempts:>5}  {note}")
     return "\n".join(lines)
 
 
-def _age(seconds: float) -> str:
+def short_age(seconds: float) -> str:
     """A short age: 45s, 12m, 5h, 3d."""
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -76,7 +76,7 @@ def _age(seconds: float) -> str:
     return f"{max(0, int(seconds))}s"
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":

@@ -13,6 +13,7 @@ from urllib.parse import quote, urlencode
 
 from actors.events import Event
 from actors.states import State
+from supervisor.statustext import human_size, short_age
 
 #: The states the tasks page offers, in the order a task goes through them.
 STATES = tuple(State)
@@ -32,14 +33,7 @@ def attr(value: object) -> str:
 
 
 def size(count: int | None) -> str:
-    if count is None:
-        return "?"
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+    return "?" if count is None else human_size(count)
 
 
 def bar(done: int, total: int | None) -> str:
@@ -52,13 +46,7 @@ def bar(done: int, total: int | None) -> str:
 
 def age(iso: str | None, now: float) -> str:
     """How long ago ``iso`` (a status's UTC time) was, roughly."""
-    if not iso:
-        return ""
-    seconds = max(0.0, now - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
-    for unit, span in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= span:
-            return f"{seconds / span:.0f} {unit}"
-    return f"{seconds:.0f} s"
+    return short_age(now - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()) if iso else ""
 
 
 def state_tabs(prefix: str, current: State, counts: dict[State, int]) -> str:
