@@ -202,9 +202,10 @@ class Client:
     def counts(self) -> dict[State, int]:
         return self.store.counts()
 
-    def retry(self, task_id: str) -> None:
-        """Give a failed, dead or canceled task fresh attempts and queue it."""
-        result = self.store.retry(task_id, self.clock())
+    def retry(self, task_id: str, by: str = "") -> None:
+        """Give a failed, dead or canceled task fresh attempts and queue it (``by``: who, on
+        its task.retried event)."""
+        result = self.store.retry(task_id, self.clock(), by)
         if result is RetryReply.MISSING:
             raise TaskNotFound(f"task {task_id!r}")
         if result is RetryReply.NOT_ENDED:
@@ -222,11 +223,12 @@ class Client:
             )
         self.messages.claim(task_id)
 
-    def cancel(self, task_id: str) -> bool:
+    def cancel(self, task_id: str, by: str = "") -> bool:
         """Cancel a task that has not ended, unless its completion is already being announced.
         task.canceled goes to its webhook; False when its message could not be sent now (the
-        notice is recorded with the cancel, so the supervisor sends it)."""
-        result = self.store.cancel(task_id, self.clock())
+        notice is recorded with the cancel, so the supervisor sends it). ``by``: who, on its
+        task.canceled event."""
+        result = self.store.cancel(task_id, self.clock(), by)
         if result is CancelReply.MISSING:
             raise TaskNotFound(f"task {task_id!r}")
         if result is CancelReply.FINAL:

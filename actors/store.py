@@ -450,10 +450,12 @@ class TaskStore(SweepStore):
         reply = self._call("park", [self.task_key(task_id)], task_id, token, now, due, failing_since, error)
         return int(reply[1]) if StepReply(text_of(reply[0])) is StepReply.OK else None
 
-    def cancel(self, task_id: str, now: float) -> CancelReply:
+    def cancel(self, task_id: str, now: float, by: str = "") -> CancelReply:
         """Cancel a task that has not ended, unless its completion is being announced (then the
-        backend may already hold task.completed, so the task must end done)."""
-        return CancelReply(text_of(self._call("cancel", [self.task_key(task_id), self.leases_key], task_id, now)[0]))
+        backend may already hold task.completed, so the task must end done); ``by``: who (on
+        its task.canceled event)."""
+        keys = [self.task_key(task_id), self.leases_key]
+        return CancelReply(text_of(self._call("cancel", keys, task_id, now, by)[0]))
 
     def announce(self, task_id: str, token: int, *, now: float, lease_seconds: float) -> float | None:
         """Record that task.completed is about to be delivered (its lease renewed); return the
@@ -467,9 +469,10 @@ class TaskStore(SweepStore):
         reply = self._call("announce", [self.task_key(task_id), self.leases_key], task_id, token, now, lease_seconds)
         return float(reply[1]) if StepReply(text_of(reply[0])) is StepReply.OK else None
 
-    def retry(self, task_id: str, now: float) -> RetryReply:
-        """Give an ended (failed/dead/canceled) task fresh attempts."""
-        return RetryReply(text_of(self._call("retry", [self.task_key(task_id)], task_id, now)[0]))
+    def retry(self, task_id: str, now: float, by: str = "") -> RetryReply:
+        """Give an ended (failed/dead/canceled) task fresh attempts; ``by``: who (on its
+        task.retried event)."""
+        return RetryReply(text_of(self._call("retry", [self.task_key(task_id)], task_id, now, by)[0]))
 
     def begin_notice(self, task_id: str, seq: int | None, *, busy_until: float) -> NoticeTry:
         """Take one try at the notice the task owes, if ``seq`` is what its chain waits for

@@ -29,6 +29,8 @@ from supervisor.local import run_local_stack
 from supervisor.statustext import format_rows, format_task
 from supervisor.workers import run_worker
 
+#: Who an action of the command line is recorded as (the API records its token's name).
+CLI_ACTOR = "cli"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: The task's state does not allow it (a retry of a task that has not ended, a cancel of one that
@@ -227,14 +229,14 @@ def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
-    _client(settings).retry(args.task_id)
+    _client(settings).retry(args.task_id, by=CLI_ACTOR)
     print(f"task {args.task_id}: queued again")
     return 0
 
 
 def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
     """Cancel a task and send task.canceled, unless its completion is already being announced."""
-    if not _client(settings).cancel(args.task_id):
+    if not _client(settings).cancel(args.task_id, by=CLI_ACTOR):
         print(f"haul: task {args.task_id}: task.canceled not queued now; the supervisor will send it "
               "within HAUL_ORPHAN_SECONDS", file=sys.stderr)  # fmt: skip
     print(f"task {args.task_id}: canceled; task.canceled goes to its webhook")

@@ -15,6 +15,7 @@ import pytest
 import redis
 import requests
 
+from actors.events import EventLog
 from actors.states import State
 from actors.store import TaskStore
 from supervisor.api.sse import task_sse_id
@@ -81,6 +82,8 @@ def test_submit_is_idempotent_on_the_key_and_refusals_are_problem_details(api: A
     canceled = api.call("POST", f"/v1/tasks/{task['id']}/cancel")
     assert canceled.status_code == 200 and canceled.json()["state"] == "canceled"
     assert api.call("POST", f"/v1/tasks/{task['id']}/cancel").status_code == 409
+    [event] = [e for e in EventLog(store.client, store.prefix).of_task(task["id"]) if e.type == "task.canceled"]
+    assert event.data["by"] == "backend"  # the token's name, recorded on the task
     # No token ever reaches the log
     assert FULL not in api.process.output() and READ not in api.process.output()
 

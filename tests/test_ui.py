@@ -14,6 +14,7 @@ import pytest
 import redis
 import requests
 
+from actors.events import EventLog
 from actors.manifest import spec_from_manifest
 from actors.states import State
 from actors.store import TaskStore
@@ -195,5 +196,11 @@ def test_retry_and_cancel_are_buttons_for_a_full_token_only_each_needing_the_csr
     assert done.status_code == 303 and store.get(task_id).state is State.CANCELED  # type: ignore[union-attr]
     page = operator.get(page_url, timeout=5).text
     assert "Retry</button>" in page and "Cancel</button>" not in page and "task.canceled" in page
+    assert "by: ui:backend" in page  # who canceled it, recorded on the task
     again = operator.post(f"{page_url}/retry", data={"csrf": csrf_of(page)}, allow_redirects=False, timeout=5)
     assert again.status_code == 303 and store.get(task_id).state is State.QUEUED  # type: ignore[union-attr]
+    events = EventLog(store.client, store.prefix).of_task(task_id)
+    assert [(e.type, e.data.get("by")) for e in events if e.type in {"task.canceled", "task.retried"}] == [
+        ("task.canceled", "ui:backend"),
+        ("task.retried", "ui:backend"),
+    ]

@@ -323,6 +323,12 @@ local function set_state(task_key, id, old, new, now)
       table.insert(fields, stored)
     end
   end
+  local by = redis.call('HGET', task_key, 'acted_by')  -- an operator's action (retry.lua, cancel.lua)
+  if by then
+    table.insert(fields, 'by')
+    table.insert(fields, by)
+    redis.call('HDEL', task_key, 'acted_by')
+  end
   emit(task_key, id, now, kind, fields)
   if is_final(new) then
     compact_events(task_key, id)

@@ -11,6 +11,7 @@
 -- ARGV[1]  prefix
 -- ARGV[2]  task id
 -- ARGV[3]  now (seconds)
+-- ARGV[4]  who (a token's name, "cli"): on the task.canceled event as 'by'
 -- Returns {'ok'} | {'missing'} | {'final', state} | {'announcing', state}
 local id, now = ARGV[2], tonumber(ARGV[3])
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -29,6 +30,9 @@ local f = redis.call('HMGET', KEYS[1], 'lease_until', 'not_before', 'fenced_unti
 local fenced_until = math.max(now, tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0'))
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', 'canceled by an operator', 'error_code', 'canceled', 'error_file', '',
   'fenced_until', fenced_until)
+if ARGV[4] and ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'acted_by', ARGV[4])
+end
 set_state(KEYS[1], id, state, 'canceled', now)
 redis.call('ZREM', KEYS[2], id)
 return {'ok'}

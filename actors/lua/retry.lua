@@ -6,6 +6,7 @@
 -- ARGV[1]  prefix
 -- ARGV[2]  task id
 -- ARGV[3]  now (seconds)
+-- ARGV[4]  who (a token's name, "cli"): on the task.retried event as 'by'
 -- Returns {'ok', run} | {'missing'} | {'not_ended', state} | {'replaced', the task its key names}
 -- A task whose idempotency key was given to a corrected request (create.lua, replace) stays
 -- ended: retrying it would put two live tasks, old and new request, under one key.
@@ -32,6 +33,9 @@ redis.call('HSET', KEYS[1], 'attempts', 0, 'error', '', 'error_code', '', 'error
   'not_before', (fenced_until > now) and fenced_until or 0)
 redis.call('HDEL', KEYS[1], 'announcing', 'announced_at', 'notify_tries', 'fenced_until', 'ev_at', 'ev_bytes', 'ev_files',
   'finished')
+if ARGV[4] and ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'acted_by', ARGV[4])
+end
 set_state(KEYS[1], id, state, 'queued', now)
 redis.call('ZREM', prefix .. 'notify', id)
 return {'ok', run}

@@ -183,12 +183,13 @@ class Api:
     async def cancel(self, request: Request) -> Response:
         return await self._act(request, self.client.cancel, "canceled")
 
-    async def _act(self, request: Request, action: Callable[[str], object], done: str) -> Response:
-        """An operator's action on one task: 404 when it is unknown, 409 when its state refuses."""
+    async def _act(self, request: Request, action: Callable[..., object], done: str) -> Response:
+        """An operator's action on one task (recorded with the token's name): 404 when it is
+        unknown, 409 when its state refuses."""
         task_id = request.path_params["task_id"]
         caller = self.caller(request, write=True)
         try:
-            await run_in_threadpool(action, task_id)
+            await run_in_threadpool(action, task_id, caller.name)
         except TaskNotFound as exc:
             raise Problem(404, str(exc)) from exc
         except (RetryRefused, CancelRefused) as exc:

@@ -20,8 +20,8 @@ from supervisor.api.problems import Problem
 WATCH_PREFIX = "w1"
 #: What a watch token's holder (a customer's browser) is not shown: where haul fetches from
 #: and reports to (signed URLs, the backend's webhook), which worker runs the task, and the
-#: error texts, which name them (the machine-readable ``error_code`` stays).
-HIDDEN_FROM_WATCHERS = frozenset({"webhook", "worker", "lease_until", "error", "error_file", "host"})
+#: error texts, which name them (the machine-readable ``error_code`` stays), nor which operator acted.
+HIDDEN_FROM_WATCHERS = frozenset({"webhook", "worker", "lease_until", "error", "error_file", "host", "by"})
 #: Of each file in a status: its source (a URL or page) and the host its page resolved to.
 HIDDEN_FILE_FIELDS = frozenset({"url", "page"})
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="haul"'}

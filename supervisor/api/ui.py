@@ -196,7 +196,8 @@ class Dashboard:
         if not session.write:
             return self._page("Refused", "<p>A read token cannot act.</p>", session, status=403)
         try:
-            await run_in_threadpool(self.client.retry if action == "retry" else self.client.cancel, task_id)
+            await run_in_threadpool(self.client.retry if action == "retry" else self.client.cancel, task_id,
+                                    f"ui:{session.name}")  # fmt: skip
         except TaskNotFound:
             return self._page("No such task", f"<p>No task {uipages.text(task_id)}.</p>", session, status=404)
         except (RetryRefused, CancelRefused) as exc:
