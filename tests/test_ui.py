@@ -16,6 +16,7 @@ import requests
 
 from actors.events import EventLog
 from actors.manifest import spec_from_manifest
+from actors.registry import WorkerInfo, WorkerRegistry
 from actors.states import State
 from actors.store import TaskStore
 from tests.apiserver import FULL, READ, Api, api_env, start_api
@@ -204,3 +205,21 @@ def test_retry_and_cancel_are_buttons_for_a_full_token_only_each_needing_the_csr
         ("task.canceled", "ui:backend"),
         ("task.retried", "ui:backend"),
     ]
+
+
+def test_the_workers_page_shows_each_worker_its_heartbeat_and_the_tasks_it_holds(api: Api, store: TaskStore) -> None:
+    registry = WorkerRegistry(store.client, store.prefix)
+    now = time.time()
+    for host, pid in (("worker-a", 101), ("<b>worker-b</b>", 202)):
+        info = WorkerInfo(id=f"{host}:{pid}", host=host, pid=pid, queues=("claim", "finalize"), threads=4,
+                          started=now - 7200, extras=("resolve",))  # fmt: skip
+        registry.register(info, now - 3)
+    [task_id] = make_tasks(store, 1)
+    store.claim(task_id, worker="worker-a:101", now=time.time(), lease_seconds=30, max_attempts=3,
+                start=State.DOWNLOADING)  # fmt: skip
+    browser, _ = sign_in(api, READ)
+    page = browser.get(f"{api.url}/ui/workers", timeout=5).text
+    row_a = re.search(r"<tr><td><bdi>worker-a</bdi>.*?</tr>", page)
+    assert row_a and "101" in row_a[0] and "resolve" in row_a[0] and f"/ui/tasks/{task_id}" in row_a[0]
+    assert "3s</bdi> ago" in row_a[0] and "2h" in row_a[0]
+    assert "&lt;b&gt;worker-b&lt;/b&gt;" in page and "<b>worker-b</b>" not in page

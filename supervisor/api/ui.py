@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 from actors.apisettings import ApiSettings
 from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
 from actors.events import EventLog
+from actors.registry import WorkerInfo, WorkerRegistry
 from actors.states import State
 from actors.store import Cursor
 from actors.task import Task
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: Tasks a page of the tasks list shows.
 PAGE_SIZE = 50
+#: Running tasks of each state read to say which worker holds which.
+MAX_HELD_LISTED = 1000
 #: Largest sign-in or action form read.
 MAX_FORM_BYTES = 4096
 #: What every dashboard answer allows the browser to do.
@@ -66,6 +69,7 @@ class Dashboard:
         return [
             Route(f"{p}/", self._guarded(self.overview), methods=["GET"], include_in_schema=False),
             Route(f"{p}/tasks", self._guarded(self.tasks), methods=["GET"], include_in_schema=False),
+            Route(f"{p}/workers", self._guarded(self.workers), methods=["GET"], include_in_schema=False),
             Route(f"{p}/tasks/{{task_id}}", self._guarded(self.task), methods=["GET"], include_in_schema=False),
             Route(
                 f"{p}/tasks/{{task_id}}/{{action}}", self._guarded(self.act), methods=["POST"], include_in_schema=False
@@ -205,6 +209,24 @@ class Dashboard:
         log.info("ui: task %s %s by %s", task_id, "retried" if action == "retry" else "canceled", session.name)
         return RedirectResponse(f"{self.prefix}/tasks/{quote(task_id, safe='')}", 303, headers=SECURITY_HEADERS)
 
+    async def workers(self, request: Request, session: Session) -> Response:
+        """Each registered worker process, its heartbeat's age and the tasks it holds."""
+        workers, held = await run_in_threadpool(self._workers)
+        body = "<h1>Workers</h1>" + uipages.worker_rows(self.prefix, workers, held, time.time())
+        return self._page("Workers", body, session)
+
+    def _workers(self) -> tuple[list[WorkerInfo], dict[str, list[str]]]:
+        """The registry's workers, and the ids of the tasks each holds (the running ones: at
+        most every worker's threads, never a scan of all tasks)."""
+        workers = WorkerRegistry(self.client.store.client, self.client.store.prefix).workers()
+        held: dict[str, list[str]] = {}
+        for state in (State.CLAIMED, State.DOWNLOADING, State.FINALIZING):
+            for task_id in self.client.store.ids(state, MAX_HELD_LISTED):
+                task = self.client.store.get(task_id)
+                if task is not None and task.worker:
+                    held.setdefault(task.worker, []).append(task_id)
+        return sorted(workers, key=lambda w: (w.host, w.pid)), held
+
     async def stylesheet(self, request: Request) -> Response:
         return FileResponse(STATIC / "ui.css", media_type="text/css", headers=SECURITY_HEADERS)
 
@@ -248,7 +270,10 @@ class Dashboard:
         prefix = html.escape(self.prefix)
         who = ""
         if session is not None:
-            who += f'<nav><a href="{prefix}/">Overview</a> <a href="{prefix}/tasks">Tasks</a></nav>'
+            who += (
+                f'<nav><a href="{prefix}/">Overview</a> <a href="{prefix}/tasks">Tasks</a> '
+                f'<a href="{prefix}/workers">Workers</a></nav>'
+            )
             role = "may act" if session.write else "read only"
             who += (
                 f'<span class="who">{html.escape(session.name)} ({role})</span>'

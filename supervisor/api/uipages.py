@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from actors.events import Event
+from actors.registry import WorkerInfo
 from actors.states import State
 from supervisor.statustext import human_size, short_age
 
@@ -85,6 +86,26 @@ def task_rows(prefix: str, tasks: Iterable[dict[str, Any]], now: float) -> str:
         return "<p>No tasks.</p>"
     head = "<tr><th>task</th><th>state</th><th>progress</th><th>attempts</th><th>age</th><th>error</th></tr>"
     return f'<table class="tasks"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def worker_rows(prefix: str, workers: list[WorkerInfo], held: dict[str, list[str]], now: float) -> str:
+    """The workers table: who, where, how many threads, when last heard from, what it holds."""
+    if not workers:
+        return "<p>No worker is registered.</p>"
+    rows = []
+    for w in workers:
+        tasks = " ".join(
+            f'<a href="{attr(prefix)}/tasks/{attr(quote(task_id, safe=""))}">{text(task_id[:8])}</a>'
+            for task_id in held.get(w.id, [])
+        )
+        rows.append(
+            f"<tr><td>{text(w.host)}</td><td>{w.pid}</td><td>{w.threads}</td><td>{text(' '.join(w.queues))}</td>"
+            f"<td>{text(' '.join(w.extras))}</td><td>{text(short_age(now - w.seen))} ago</td>"
+            f"<td>{text(short_age(now - w.started))}</td><td>{tasks}</td></tr>"
+        )
+    head = ("<tr><th>host</th><th>pid</th><th>threads</th><th>queues</th><th>extras</th><th>heartbeat</th>"
+            "<th>up</th><th>tasks held</th></tr>")  # fmt: skip
+    return f'<table class="workers"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def task_detail(task: dict[str, Any], events: list[Event], actions: str) -> str:
