@@ -23,6 +23,10 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_WATCH_SECONDS = 7 * 24 * 3600
 #: Shortest token or signing key accepted: a short one can be guessed.
 MIN_SECRET_CHARS = 16
+#: What the command line's actions are recorded as: no token may be named so.
+RESERVED_NAME = "cli"
+#: Paths of the API the dashboard's prefix may not take.
+API_PATHS = ("/v1", "/docs", "/healthz", "/openapi.json")
 #: How long a dashboard session lasts unused (seconds).
 DEFAULT_UI_IDLE_SECONDS = 30 * 60
 
@@ -99,9 +103,12 @@ class ApiSettings:
 def _prefix(text: str) -> str:
     """A URL path prefix: one leading slash, none trailing, plain characters only."""
     prefix = "/" + text.strip().strip("/")
-    allowed = prefix.replace("/", "").replace("-", "").replace("_", "").replace(".", "")
-    if prefix == "/" or not allowed.isascii() or not allowed.isalnum():
-        raise SettingsError(f"HAUL_UI_PREFIX={text!r} must be a path such as /ui or /haul/ui")
+    segments = prefix.split("/")[1:]
+    plain = all(s and s not in {".", ".."} and s.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                and s.isascii() for s in segments)  # fmt: skip
+    taken = any(prefix == path or prefix.startswith(path + "/") for path in API_PATHS)
+    if prefix == "/" or not plain or taken:
+        raise SettingsError(f"HAUL_UI_PREFIX={text!r} must be a path of its own such as /ui or /haul/ui")
     return prefix
 
 
@@ -129,6 +136,8 @@ def parse_tokens(text: str, *, write: bool, start: int) -> tuple[ApiToken, ...]:
         # its first half, taken for a name, must not be shown.
         if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise SettingsError(f"API token #{position}: its name must be letters, digits, '-', '_' or '.'")
+        if name == RESERVED_NAME:
+            raise SettingsError(f"API token #{position}: {RESERVED_NAME!r} names the command line's actions; rename it")
         if len(token) < MIN_SECRET_CHARS:
             raise SettingsError(
                 f"API token #{position} is shorter than {MIN_SECRET_CHARS} characters; use a random one "

@@ -164,6 +164,12 @@ class EventLog:
         entries: list[Any] = self.client.xrange(self.task_key(task_id), start, "+", count) or []
         return [event_of(i, f, task_id) for i, f in entries]
 
+    def latest(self, task_id: str, count: int) -> list[Event]:
+        """The task's latest ``count`` events other than progress, oldest first."""
+        entries: list[Any] = self.client.xrevrange(self.task_key(task_id), "+", "-", count + 1) or []
+        events = [event_of(i, f, task_id) for i, f in entries]
+        return [e for e in events if e.type != "task.progress"][:count][::-1]
+
     def position(self) -> str:
         """Where the stream of all tasks ends now (to follow it from there)."""
         last: Any = self.client.xrevrange(self.all_key, "+", "-", count=1)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import redis
 
+from actors.apisettings import RESERVED_NAME
 from actors.client import CancelRefused, Client, ClientError, RetryRefused
 from actors.errors import InvalidTask
 from actors.manifest import check_accept, check_url, spec_from_manifest, spec_from_urls
@@ -30,7 +31,7 @@ from supervisor.statustext import format_rows, format_task
 from supervisor.workers import run_worker
 
 #: Who an action of the command line is recorded as (the API records its token's name).
-CLI_ACTOR = "cli"
+CLI_ACTOR = RESERVED_NAME
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 #: The task's state does not allow it (a retry of a task that has not ended, a cancel of one that

@@ -86,3 +86,20 @@ def test_without_haul_redis_url_the_redis_of_haul_up_in_this_folder_is_used(
     (other / "redis.url").write_text("http://not-redis\n")
     with pytest.raises(SettingsError, match="redis.url"):
         Settings.from_env({"HAUL_HOME": str(other)})
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"HAUL_API_TOKENS": "cli:0123456789abcdef0123"}, "names the command line"),
+        ({"HAUL_UI_PREFIX": "/v1"}, "HAUL_UI_PREFIX"),
+        ({"HAUL_UI_PREFIX": "/docs/ui"}, "HAUL_UI_PREFIX"),
+        ({"HAUL_UI_PREFIX": "/ui/.."}, "HAUL_UI_PREFIX"),
+        ({"HAUL_API_TRUSTED_PROXIES": "10.0.0.0/8 proxy.example"}, "'proxy.example' is not an address"),
+    ],
+)
+def test_dashboard_settings_that_would_break_it_are_refused(env: dict[str, str], said: str) -> None:
+    from actors.apisettings import ApiSettings
+
+    with pytest.raises(SettingsError, match=said):
+        ApiSettings.from_env(env)

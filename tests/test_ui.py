@@ -60,7 +60,12 @@ def test_a_token_signs_in_to_a_strict_cookie_and_every_page_forbids_inline_code_
     api: Api, redis_url: str
 ) -> None:
     assert requests.get(f"{api.url}/ui/", allow_redirects=False, timeout=5).headers["Location"] == "/ui/sign-in"
-    browser, answer = sign_in(api, FULL)
+    bare = requests.get(f"{api.url}/ui", allow_redirects=False, timeout=5)  # a path, never a URL from Host
+    assert bare.status_code == 303 and bare.headers["Location"] == "/ui/"
+    missing = requests.get(f"{api.url}/ui/no-such-page", timeout=5)
+    assert missing.status_code == 404 and "frame-ancestors 'none'" in missing.headers["Content-Security-Policy"]
+    # As a browser posts from the dashboard's page; X-Forwarded-Proto from a proxy it does not trust
+    browser, answer = sign_in(api, FULL, **{"Sec-Fetch-Site": "same-origin", "X-Forwarded-Proto": "https"})
     assert answer.status_code == 303 and answer.headers["Location"] == "/ui/"
     cookie = answer.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
@@ -70,6 +75,8 @@ def test_a_token_signs_in_to_a_strict_cookie_and_every_page_forbids_inline_code_
     policy = page.headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy and "default-src 'none'" in policy
     assert page.headers["X-Content-Type-Options"] == "nosniff" and page.headers["Cache-Control"] == "no-store"
+    # A page without referrers would make the browser send "Origin: null" with its own forms
+    assert page.headers["Referrer-Policy"] == "same-origin"
     assert browser.get(f"{api.url}/ui/static/ui.css", timeout=5).headers["Content-Type"].startswith("text/css")
     # Redis keeps the session under a digest of its id: what it holds signs no one in
     session_id = browser.cookies["haul_session"]
@@ -84,8 +91,12 @@ def test_a_wrong_token_or_a_sign_in_posted_by_another_site_gets_no_session(api: 
     _, wrong = sign_in(api, "not-a-token-of-this-api-at-all")
     assert wrong.status_code == 401 and "Set-Cookie" not in wrong.headers
     assert "not one of this API" in wrong.text and "not-a-token" not in wrong.text
-    _, forged = sign_in(api, FULL, Origin="https://evil.example")
-    assert forged.status_code == 403 and "Set-Cookie" not in forged.headers
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site", "Origin": "null"}):
+        _, forged = sign_in(api, FULL, **headers)
+        assert forged.status_code == 403 and "Set-Cookie" not in forged.headers
+    stuffed = requests.post(f"{api.url}/ui/sign-in", data="&".join(f"f{n}=1" for n in range(40)), timeout=5,
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    assert stuffed.status_code == 401  # not a 500
 
 
 def test_sign_out_needs_the_sessions_csrf_token_and_ends_the_session(api: Api) -> None:
@@ -102,6 +113,14 @@ def test_sign_out_needs_the_sessions_csrf_token_and_ends_the_session(api: Api) -
 
 
 def test_a_session_ends_when_idle_and_when_its_token_is_removed(tmp_path: Path, api: Api, env: dict[str, str]) -> None:
+    replaced, _ = sign_in(api, FULL)
+    earlier = replaced.cookies["haul_session"]
+    answer = replaced.post(f"{api.url}/ui/sign-in", data={"token": FULL}, allow_redirects=False, timeout=5)
+    assert answer.status_code == 303 and replaced.cookies["haul_session"] != earlier
+    assert (
+        requests.get(f"{api.url}/ui/", cookies={"haul_session": earlier}, allow_redirects=False, timeout=5).status_code
+        == 303
+    )  # signing in again ended the browser's earlier session
     idle, _ = sign_in(api, FULL)
     kept, _ = sign_in(api, FULL)
     reader, _ = sign_in(api, READ)
@@ -119,11 +138,16 @@ def test_a_session_ends_when_idle_and_when_its_token_is_removed(tmp_path: Path, 
         assert signed_in(kept, without)
 
 
-def test_the_cookie_is_secure_when_a_trusted_proxy_says_tls(tmp_path: Path, env: dict[str, str]) -> None:
+def test_behind_a_trusted_proxy_the_cookie_is_secure_and_forms_of_the_public_host_are_taken(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
     behind = start_api(tmp_path, env | {"HAUL_API_TRUSTED_PROXIES": "127.0.0.1/32"})
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "haul.example", "Origin": "https://haul.example"}
     with running(behind.process):
-        _, answer = sign_in(behind, FULL, **{"X-Forwarded-Proto": "https"})
+        browser, answer = sign_in(behind, FULL, **proxied)
         assert answer.status_code == 303 and "Secure" in answer.headers["Set-Cookie"]
+        _, other = sign_in(behind, FULL, **(proxied | {"Origin": "https://evil.example"}))
+        assert other.status_code == 403
 
 
 def test_without_tokens_the_dashboard_is_off(tmp_path: Path, env: dict[str, str]) -> None:

@@ -271,7 +271,7 @@ end
 
 -- Move task `id` from state `old` (false for a new task) to `new` at time `now`, with its event
 -- (call it after the fields the event reports, the error among them, are written).
-local function set_state(task_key, id, old, new, now)
+local function set_state(task_key, id, old, new, now, by)
   redis.call('HSET', task_key, 'state', new, 'updated_at', now)
   if old then
     redis.call('ZREM', prefix .. 'state:' .. old, id)
@@ -323,11 +323,9 @@ local function set_state(task_key, id, old, new, now)
       table.insert(fields, stored)
     end
   end
-  local by = redis.call('HGET', task_key, 'acted_by')  -- an operator's action (retry.lua, cancel.lua)
-  if by then
+  if by and by ~= '' then  -- an operator's action (retry.lua, cancel.lua): who
     table.insert(fields, 'by')
     table.insert(fields, by)
-    redis.call('HDEL', task_key, 'acted_by')
   end
   emit(task_key, id, now, kind, fields)
   if is_final(new) then

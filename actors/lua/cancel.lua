@@ -30,9 +30,6 @@ local f = redis.call('HMGET', KEYS[1], 'lease_until', 'not_before', 'fenced_unti
 local fenced_until = math.max(now, tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0'))
 redis.call('HSET', KEYS[1], 'lease_until', 0, 'error', 'canceled by an operator', 'error_code', 'canceled', 'error_file', '',
   'fenced_until', fenced_until)
-if ARGV[4] and ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[1], 'acted_by', ARGV[4])
-end
-set_state(KEYS[1], id, state, 'canceled', now)
+set_state(KEYS[1], id, state, 'canceled', now, ARGV[4])
 redis.call('ZREM', KEYS[2], id)
 return {'ok'}

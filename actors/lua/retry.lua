@@ -33,9 +33,6 @@ redis.call('HSET', KEYS[1], 'attempts', 0, 'error', '', 'error_code', '', 'error
   'not_before', (fenced_until > now) and fenced_until or 0)
 redis.call('HDEL', KEYS[1], 'announcing', 'announced_at', 'notify_tries', 'fenced_until', 'ev_at', 'ev_bytes', 'ev_files',
   'finished')
-if ARGV[4] and ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[1], 'acted_by', ARGV[4])
-end
-set_state(KEYS[1], id, state, 'queued', now)
+set_state(KEYS[1], id, state, 'queued', now, ARGV[4])
 redis.call('ZREM', prefix .. 'notify', id)
 return {'ok', run}

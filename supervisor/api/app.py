@@ -49,7 +49,7 @@ from supervisor.api.openapi import DOCS_JS, docs_page, document
 from supervisor.api.problems import Problem, invalid_input
 from supervisor.api.sessions import Sessions
 from supervisor.api.sse import EventStreams, Hub
-from supervisor.api.ui import Dashboard
+from supervisor.api.ui import Dashboard, DashboardHeaders
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +354,7 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
         Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
         *Dashboard(settings.api, api.client, Sessions(api.redis, api.client.store.prefix, settings.api)).routes(),
     ]
-    middleware = []
+    middleware = [Middleware(DashboardHeaders, prefix=settings.api.ui_prefix)]
     if settings.api.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=list(settings.api.cors_origins), allow_methods=["GET", "POST"],

@@ -31,5 +31,8 @@ def run_api(settings: Settings) -> int:
     uvicorn.run(
         create_app(settings), host=api.host, port=api.port, access_log=False, log_config=None,
         loop="uvloop", http="httptools", timeout_graceful_shutdown=5,
+        # X-Forwarded-* are believed from HAUL_API_TRUSTED_PROXIES only (the dashboard reads
+        # them itself), not from whatever uvicorn trusts by default
+        proxy_headers=False,
     )  # fmt: skip
     return 0

@@ -26,6 +26,8 @@ from supervisor.api.auth import matching_token
 
 #: The cookie that holds a dashboard session's id.
 COOKIE = "haul_session"
+#: Longest a session lasts however much it is used (then its operator signs in again).
+MAX_SESSION_SECONDS = 12 * 3600
 #: Longest session id read from a cookie (ours are 43 characters).
 MAX_SESSION_ID_CHARS = 100
 
@@ -71,9 +73,10 @@ class Sessions:
             await pipe.execute()
         return session_id, Session(key, token.name, token.write, csrf)
 
-    async def find(self, session_id: str | None) -> Session | None:
+    async def find(self, session_id: str | None, now: float) -> Session | None:
         """The live session ``session_id`` names, renewed; None when there is none (never
-        was, ended, idle too long, or its token is no longer the API's)."""
+        was, ended, idle too long, older than MAX_SESSION_SECONDS, or its token is no longer
+        the API's)."""
         if not session_id or len(session_id) > MAX_SESSION_ID_CHARS:
             return None
         key = self._key(session_id)
@@ -82,8 +85,12 @@ class Sessions:
         if not data.get("name"):
             return None
         token = next((t for t in self.api.tokens if t.name == data["name"]), None)
+        started = float(data.get("started") or 0)
         if token is None or not hmac.compare_digest(_digest(token.token), data.get("token", "")):
             await self.redis.delete(key)  # the token was removed or rotated: its sessions end
+            return None
+        if now - started > MAX_SESSION_SECONDS:  # kept alive by use, stolen or not: signs in again
+            await self.redis.delete(key)
             return None
         await self.redis.expire(key, max(1, int(self.api.ui_idle_seconds)))
         return Session(key, token.name, token.write, data.get("csrf", ""))
@@ -97,15 +104,21 @@ def over_tls(request: Request, api: ApiSettings) -> bool:
     that says so."""
     if request.url.scheme == "https":
         return True
+    return from_proxy(request, api, "x-forwarded-proto").lower() == "https"
+
+
+def from_proxy(request: Request, api: ApiSettings, header: str) -> str:
+    """What a trusted proxy (HAUL_API_TRUSTED_PROXIES) says in ``header``: the last value, its
+    own (a client may have sent one before it); "" from anyone else."""
     peer = request.client.host if request.client else ""
     try:
         address = ipaddress.ip_address(peer)
     except ValueError:
-        return False
-    trusted = any(address in network for network in api.trusted_proxies)
-    # The nearest proxy, the trusted one, wrote the last value
-    forwarded = (request.headers.get("x-forwarded-proto") or "").split(",")[-1].strip().lower()
-    return trusted and forwarded == "https"
+        return ""
+    if not any(address in network for network in api.trusted_proxies):
+        return ""
+    values = ",".join(request.headers.getlist(header)).split(",")
+    return values[-1].strip()
 
 
 def _text(value: object) -> str:

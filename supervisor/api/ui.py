@@ -5,8 +5,11 @@ rendered on the server from the same client the API uses, signed in with an API 
 Everything shown is hostile input (task names, paths, errors, page titles): every value goes
 through :func:`html.escape`, and every answer carries a Content-Security-Policy that allows no
 inline script or style and no framing (``frame-ancestors 'none'``: a page of another site
-cannot overlay a button), ``nosniff``, ``no-referrer`` and ``no-store``. The dashboard needs
-tokens: without HAUL_API_TOKENS it answers that it is off.
+cannot overlay a button), ``nosniff``, ``same-origin`` referrers (a page with none sends
+``Origin: null`` with its forms) and ``no-store``; so do the errors under its prefix. A form is
+taken only from a page of the dashboard itself (``Sec-Fetch-Site``, else ``Origin``, compared
+with the host the browser asked for, as a trusted proxy says it). The dashboard needs tokens:
+with none set (HAUL_API_TOKENS, HAUL_API_READ_TOKENS) it answers that it is off.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.apisettings import ApiSettings
 from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
@@ -30,26 +34,28 @@ from actors.events import EventLog
 from actors.registry import WorkerInfo, WorkerRegistry
 from actors.states import State
 from actors.store import Cursor
+from actors.store_base import text_of
 from actors.task import Task
 from supervisor.api import uipages
-from supervisor.api.sessions import COOKIE, Session, Sessions, over_tls
+from supervisor.api.sessions import COOKIE, Session, Sessions, from_proxy, over_tls
 
 log = logging.getLogger(__name__)
 
 #: Tasks a page of the tasks list shows.
 PAGE_SIZE = 50
-#: Running tasks of each state read to say which worker holds which.
-MAX_HELD_LISTED = 1000
+#: Leased tasks read to say which worker holds which.
+MAX_HELD_LISTED = 5000
+#: A task's latest events its page shows (progress apart).
+HISTORY_SHOWN = 200
 #: Largest sign-in or action form read.
 MAX_FORM_BYTES = 4096
 #: What every dashboard answer allows the browser to do.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; connect-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        "default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 STATIC = Path(__file__).parent / "static"
@@ -67,6 +73,7 @@ class Dashboard:
     def routes(self) -> list[BaseRoute]:
         p = self.prefix
         return [
+            Route(p, self.home, methods=["GET"], include_in_schema=False),
             Route(f"{p}/", self._guarded(self.overview), methods=["GET"], include_in_schema=False),
             Route(f"{p}/tasks", self._guarded(self.tasks), methods=["GET"], include_in_schema=False),
             Route(f"{p}/workers", self._guarded(self.workers), methods=["GET"], include_in_schema=False),
@@ -82,16 +89,24 @@ class Dashboard:
 
     # -- pages ------------------------------------------------------------------------------
 
+    async def home(self, request: Request) -> Response:
+        """The prefix without its slash: to the overview, by a path of this host (not a URL
+        built from a Host header a proxy may have rewritten)."""
+        return RedirectResponse(f"{self.prefix}/", status_code=303, headers=SECURITY_HEADERS)
+
     async def sign_in_form(self, request: Request) -> Response:
         return self._page("Sign in", self._sign_in_body(""), None)
 
     async def sign_in(self, request: Request) -> Response:
         if self.api.open:
             return self._off()
-        if not _same_origin(request):  # a page of another site signing the browser in as its own
+        if not self._same_origin(request):  # a page of another site signing the browser in as its own
             return self._page("Refused", "<p>Sign in from this dashboard's own page.</p>", None, status=403)
         form = await _form(request)
         started = await self.sessions.start(form.get("token", ""), time.time())
+        earlier = await self._session(request)
+        if started is not None and earlier is not None:  # the browser's earlier session ends here
+            await self.sessions.end(earlier)
         if started is None:
             body = self._sign_in_body("That is not one of this API's tokens (HAUL_API_TOKENS, HAUL_API_READ_TOKENS).")
             return self._page("Sign in", body, None, status=401)
@@ -108,7 +123,7 @@ class Dashboard:
         if session is None:
             return self._to_sign_in()
         form = await _form(request)
-        if not _same_origin(request) or not session.csrf_matches(form.get("csrf")):
+        if not self._same_origin(request) or not session.csrf_matches(form.get("csrf")):
             return self._page("Refused", "<p>This form is stale or forged; reload the page.</p>", session, status=403)
         await self.sessions.end(session)
         log.info("ui: %s signed out", session.name)
@@ -169,7 +184,8 @@ class Dashboard:
             task = await run_in_threadpool(self.client.get, task_id)
         except TaskNotFound:
             return self._page("No such task", f"<p>No task {uipages.text(task_id)}.</p>", session, status=404)
-        events = await run_in_threadpool(EventLog(self.client.store.client, self.client.store.prefix).of_task, task_id)
+        log_ = EventLog(self.client.store.client, self.client.store.prefix)
+        events = await run_in_threadpool(log_.latest, task_id, HISTORY_SHOWN)
         status = task.as_status()
         return self._page(status["name"] or task_id, uipages.task_detail(status, events, self._actions(task, session)),
                           session)  # fmt: skip
@@ -195,7 +211,7 @@ class Dashboard:
         if action not in ("retry", "cancel"):
             return self._page("No such action", "<p>Only retry and cancel.</p>", session, status=404)
         form = await _form(request)
-        if not _same_origin(request) or not session.csrf_matches(form.get("csrf")):
+        if not self._same_origin(request) or not session.csrf_matches(form.get("csrf")):
             return self._page("Refused", "<p>This form is stale or forged; reload the page.</p>", session, status=403)
         if not session.write:
             return self._page("Refused", "<p>A read token cannot act.</p>", session, status=403)
@@ -216,15 +232,18 @@ class Dashboard:
         return self._page("Workers", body, session)
 
     def _workers(self) -> tuple[list[WorkerInfo], dict[str, list[str]]]:
-        """The registry's workers, and the ids of the tasks each holds (the running ones: at
-        most every worker's threads, never a scan of all tasks)."""
-        workers = WorkerRegistry(self.client.store.client, self.client.store.prefix).workers()
+        """The registry's workers, and the ids of the tasks each holds: those under a lease (at
+        most every worker's threads), each task's worker read in one round trip."""
+        store = self.client.store
+        workers = WorkerRegistry(store.client, store.prefix).workers()
+        leased = [text_of(i) for i in store.client.zrange(store.leases_key, 0, MAX_HELD_LISTED - 1)]
+        pipe = store.client.pipeline(transaction=False)
+        for task_id in leased:
+            pipe.hget(store.task_key(task_id), "worker")
         held: dict[str, list[str]] = {}
-        for state in (State.CLAIMED, State.DOWNLOADING, State.FINALIZING):
-            for task_id in self.client.store.ids(state, MAX_HELD_LISTED):
-                task = self.client.store.get(task_id)
-                if task is not None and task.worker:
-                    held.setdefault(task.worker, []).append(task_id)
+        for task_id, worker in zip(leased, pipe.execute(), strict=True):
+            if worker:
+                held.setdefault(text_of(worker), []).append(task_id)
         return sorted(workers, key=lambda w: (w.host, w.pid)), held
 
     async def stylesheet(self, request: Request) -> Response:
@@ -246,7 +265,22 @@ class Dashboard:
         return handler
 
     async def _session(self, request: Request) -> Session | None:
-        return await self.sessions.find(request.cookies.get(COOKIE))
+        return await self.sessions.find(request.cookies.get(COOKIE), time.time())
+
+    def _same_origin(self, request: Request) -> bool:
+        """Whether a form was posted from a page of the dashboard itself: the browser says so
+        (``Sec-Fetch-Site``), or names a page of the host it asked for (``Origin``; the host as
+        a trusted proxy says, if one is in front). A client that says neither (not a browser of
+        this decade) is judged by the session's CSRF token alone."""
+        site = request.headers.get("sec-fetch-site")
+        if site is not None:
+            return site == "same-origin"
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True
+        asked = from_proxy(request, self.api, "x-forwarded-host") or request.headers.get("host") or ""
+        scheme = "https" if over_tls(request, self.api) else request.url.scheme
+        return _authority(origin) == _authority(f"{scheme}://{asked}")
 
     def _to_sign_in(self) -> Response:
         return RedirectResponse(f"{self.prefix}/sign-in", status_code=303, headers=SECURITY_HEADERS)
@@ -292,6 +326,29 @@ class Dashboard:
         return HTMLResponse(document, status_code=status, headers=SECURITY_HEADERS)
 
 
+class DashboardHeaders:
+    """ASGI middleware: every answer under the dashboard's prefix carries SECURITY_HEADERS,
+    the errors Starlette writes (404, 405, 503) too."""
+
+    def __init__(self, app: ASGIApp, prefix: str) -> None:
+        self.app, self.prefix = app, prefix
+        self.headers = [(name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == self.prefix or path.startswith(self.prefix + "/")):
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *(h for h in self.headers if h[0] not in present)]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def _cursor(text: str | None) -> Cursor | None:
     """A page's place in a state's list (``time:task id``), as the Older link gave it."""
     at, _, task_id = (text or "").partition(":")
@@ -301,10 +358,16 @@ def _cursor(text: str | None) -> Cursor | None:
         return None
 
 
-def _same_origin(request: Request) -> bool:
-    """Whether a form was posted from a page of this host (a browser says where from)."""
-    origin = request.headers.get("origin")
-    return origin is None or urlsplit(origin).netloc.lower() == (request.headers.get("host") or "").lower()
+def _authority(url: str) -> str:
+    """``url``'s host and port, the scheme's default port left out (``null``: nothing)."""
+    try:
+        parts = urlsplit(url)
+        host, port = (parts.hostname or "").lower(), parts.port
+    except ValueError:
+        return ""
+    if not host:
+        return ""
+    return host if port in (None, {"http": 80, "https": 443}.get(parts.scheme)) else f"{host}:{port}"
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -314,5 +377,8 @@ async def _form(request: Request) -> dict[str, str]:
         body += chunk
         if len(body) > MAX_FORM_BYTES:
             return {}
-    fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=16)
+    try:
+        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=16)
+    except ValueError:  # more fields than any of these forms has
+        return {}
     return {name: values[0] for name, values in fields.items() if values}

@@ -18,6 +18,8 @@ from supervisor.statustext import human_size, short_age
 
 #: The states the tasks page offers, in the order a task goes through them.
 STATES = tuple(State)
+#: Files a task's page lists (a course may have thousands).
+FILES_SHOWN = 500
 #: What an operator may do to a task in each state.
 RETRYABLE = frozenset({State.FAILED, State.DEAD, State.CANCELED})
 CANCELABLE = frozenset({State.QUEUED, State.CLAIMED, State.DOWNLOADING, State.FINALIZING})
@@ -115,12 +117,13 @@ def task_detail(task: dict[str, Any], events: list[Event], actions: str) -> str:
              ("worker", task["worker"] or "")]  # fmt: skip
     dl = "".join(f"<dt>{name}</dt><dd>{text(value)}</dd>" for name, value in facts)
     error = f'<h2>Error</h2><pre class="error">{text(task["error"])}</pre>' if task.get("error") else ""
-    files = "".join(_file_row(entry) for entry in task["files"])
+    files = "".join(_file_row(entry) for entry in task["files"][:FILES_SHOWN])
+    if len(task["files"]) > FILES_SHOWN:
+        files += f'<tr><td colspan="4">and {len(task["files"]) - FILES_SHOWN} more</td></tr>'
     history = "".join(
         f"<tr><td>{text(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.at / 1000)))}</td><td>{text(e.type)}</td>"
         f"<td>{text(_said(e))}</td></tr>"
         for e in events
-        if e.type != "task.progress"
     )
     return (
         f'<h1>{text(task["name"] or task["id"])}</h1>{actions}<dl class="facts">{dl}</dl>{error}'
