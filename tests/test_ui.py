@@ -20,6 +20,7 @@ from actors.registry import WorkerInfo, WorkerRegistry
 from actors.states import State
 from actors.store import TaskStore
 from tests.apiserver import FULL, READ, Api, api_env, start_api
+from tests.conftest import end_task
 from tests.processes import running
 from tests.servers import Receiver
 
@@ -247,3 +248,34 @@ def test_the_workers_page_shows_each_worker_its_heartbeat_and_the_tasks_it_holds
     assert row_a and "101" in row_a[0] and "resolve" in row_a[0] and f"/ui/tasks/{task_id}" in row_a[0]
     assert "3s</bdi> ago" in row_a[0] and "2h" in row_a[0]
     assert "&lt;b&gt;worker-b&lt;/b&gt;" in page and "<b>worker-b</b>" not in page
+
+
+def test_a_bulk_retry_takes_exactly_the_tasks_counted_at_its_confirmation_once(api: Api, store: TaskStore) -> None:
+    counted = make_tasks(store, 3)
+    for task_id in counted:
+        end_task(store, task_id, State.FAILED, now=time.time())
+    reader, _ = sign_in(api, READ)
+    read_page = reader.get(f"{api.url}/ui/tasks", params={"state": "failed"}, timeout=5).text
+    assert "Retry all" not in read_page
+    refused = reader.post(f"{api.url}/ui/bulk/confirm", data={"csrf": csrf_of(read_page), "state": "failed"},
+                          timeout=5)  # fmt: skip
+    assert refused.status_code == 403
+    operator, _ = sign_in(api, FULL)
+    page = operator.get(f"{api.url}/ui/tasks", params={"state": "failed"}, timeout=5).text
+    assert "Retry all <bdi>failed</bdi>" in page
+    confirm = operator.post(f"{api.url}/ui/bulk/confirm", data={"csrf": csrf_of(page), "state": "failed"}, timeout=5)
+    assert confirm.status_code == 200 and "Retry 3 <bdi>failed</bdi> tasks?" in confirm.text
+    assert all(store.get(t).state is State.FAILED for t in counted)  # type: ignore[union-attr]
+    [later] = make_tasks(store, 1)  # fails after the count: not taken
+    end_task(store, later, State.FAILED, now=time.time())
+    confirm_id = re.search(r'name="confirm" value="([^"]+)"', confirm.text)
+    assert confirm_id
+    form = {"csrf": csrf_of(page), "confirm": confirm_id[1]}
+    done = operator.post(f"{api.url}/ui/bulk/retry", data=form, timeout=5)
+    assert done.status_code == 200 and "3 retried" in done.text
+    assert all(store.get(t).state is State.QUEUED for t in counted)  # type: ignore[union-attr]
+    assert store.get(later).state is State.FAILED  # type: ignore[union-attr]
+    again = operator.post(f"{api.url}/ui/bulk/retry", data=form, timeout=5)
+    assert again.status_code == 409  # a confirmation is used once
+    events = EventLog(store.client, store.prefix).of_task(counted[0])
+    assert [e.data.get("by") for e in events if e.type == "task.retried"] == ["ui:backend"]

@@ -45,6 +45,7 @@ from actors.store import Cursor
 from actors.store_base import REDIS_SOCKET_TIMEOUT_SECONDS, redis_options, text_of
 from actors.task import KeyConflict, Task, TaskSpec
 from supervisor.api.auth import Caller, authenticate, make_watch_token, view_for
+from supervisor.api.bulk import BulkRetries
 from supervisor.api.openapi import DOCS_JS, docs_page, document
 from supervisor.api.problems import Problem, invalid_input
 from supervisor.api.sessions import Sessions
@@ -352,7 +353,12 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
         Route("/docs", api.docs, methods=["GET"]),
         Route("/docs/static/docs.js", api.docs_js, methods=["GET"]),
         Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
-        *Dashboard(settings.api, api.client, Sessions(api.redis, api.client.store.prefix, settings.api)).routes(),
+        *Dashboard(
+            settings.api,
+            api.client,
+            Sessions(api.redis, api.client.store.prefix, settings.api),
+            BulkRetries(api.redis, api.client.store.prefix),
+        ).routes(),
     ]
     middleware = [Middleware(DashboardHeaders, prefix=settings.api.ui_prefix)]
     if settings.api.cors_origins:

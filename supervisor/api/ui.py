@@ -36,7 +36,8 @@ from actors.states import State
 from actors.store import Cursor
 from actors.store_base import text_of
 from actors.task import Task
-from supervisor.api import uipages
+from supervisor.api import bulk, uipages
+from supervisor.api.bulk import BulkRetries
 from supervisor.api.sessions import COOKIE, Session, Sessions, from_proxy, over_tls
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Dashboard:
     """The dashboard's pages over ``client``, its sessions in ``sessions``."""
 
-    def __init__(self, api: ApiSettings, client: Client, sessions: Sessions) -> None:
-        self.api, self.client, self.sessions = api, client, sessions
+    def __init__(self, api: ApiSettings, client: Client, sessions: Sessions, bulk: BulkRetries) -> None:
+        self.api, self.client, self.sessions, self.bulk = api, client, sessions, bulk
         self.prefix = api.ui_prefix
 
     def routes(self) -> list[BaseRoute]:
@@ -77,6 +78,8 @@ class Dashboard:
             Route(f"{p}/", self._guarded(self.overview), methods=["GET"], include_in_schema=False),
             Route(f"{p}/tasks", self._guarded(self.tasks), methods=["GET"], include_in_schema=False),
             Route(f"{p}/workers", self._guarded(self.workers), methods=["GET"], include_in_schema=False),
+            Route(f"{p}/bulk/confirm", self._guarded(self.bulk_confirm), methods=["POST"], include_in_schema=False),
+            Route(f"{p}/bulk/retry", self._guarded(self.bulk_retry), methods=["POST"], include_in_schema=False),
             Route(f"{p}/tasks/{{task_id}}", self._guarded(self.task), methods=["GET"], include_in_schema=False),
             Route(
                 f"{p}/tasks/{{task_id}}/{{action}}", self._guarded(self.act), methods=["POST"], include_in_schema=False
@@ -122,9 +125,9 @@ class Dashboard:
         session = await self._session(request)
         if session is None:
             return self._to_sign_in()
-        form = await _form(request)
-        if not self._same_origin(request) or not session.csrf_matches(form.get("csrf")):
-            return self._page("Refused", "<p>This form is stale or forged; reload the page.</p>", session, status=403)
+        form = await self._posted(request, session, acting=False)
+        if isinstance(form, Response):
+            return form
         await self.sessions.end(session)
         log.info("ui: %s signed out", session.name)
         response = self._to_sign_in()
@@ -148,10 +151,7 @@ class Dashboard:
             found = await run_in_threadpool(self._lookup, wanted)
             if found is not None:
                 return RedirectResponse(f"{self.prefix}/tasks/{quote(found, safe='')}", 303, headers=SECURITY_HEADERS)
-        try:
-            state = State(query.get("state", State.DOWNLOADING.value))
-        except ValueError:
-            state = State.DOWNLOADING
+        state = _state(query.get("state")) or State.DOWNLOADING
         cursor = _cursor(query.get("cursor"))
         tasks, following = await run_in_threadpool(self.client.page, state, PAGE_SIZE, cursor)
         counts = await run_in_threadpool(self.client.counts)
@@ -162,9 +162,12 @@ class Dashboard:
             )
             more = f'<p><a href="{uipages.attr(href)}" rel="next">Older</a></p>'
         missing = f"<p>No task has the id or key {uipages.text(wanted)}.</p>" if wanted else ""
+        offer = ""
+        if session.write and state in bulk.RETRYABLE and counts.get(state):
+            offer = uipages.bulk_offer(self.prefix, state, session.csrf)
         body = (
             f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted)}{missing}"
-            f"{uipages.state_tabs(self.prefix, state, counts)}"
+            f"{uipages.state_tabs(self.prefix, state, counts)}{offer}"
             f"{uipages.task_rows(self.prefix, (t.as_status() for t in tasks), time.time())}{more}"
         )
         return self._page("Tasks", body, session)
@@ -210,11 +213,9 @@ class Dashboard:
         task_id, action = request.path_params["task_id"], request.path_params["action"]
         if action not in ("retry", "cancel"):
             return self._page("No such action", "<p>Only retry and cancel.</p>", session, status=404)
-        form = await _form(request)
-        if not self._same_origin(request) or not session.csrf_matches(form.get("csrf")):
-            return self._page("Refused", "<p>This form is stale or forged; reload the page.</p>", session, status=403)
-        if not session.write:
-            return self._page("Refused", "<p>A read token cannot act.</p>", session, status=403)
+        form = await self._posted(request, session)
+        if isinstance(form, Response):
+            return form
         try:
             await run_in_threadpool(self.client.retry if action == "retry" else self.client.cancel, task_id,
                                     f"ui:{session.name}")  # fmt: skip
@@ -263,6 +264,41 @@ class Dashboard:
             return await page(request, session)
 
         return handler
+
+    async def _posted(self, request: Request, session: Session, acting: bool = True) -> dict[str, str] | Response:
+        """The form of an action, or the refusal: not from a page of the dashboard, without the
+        session's CSRF token, or (``acting``) from a read token's session."""
+        form = await _form(request)
+        if not self._same_origin(request) or not session.csrf_matches(form.get("csrf")):
+            return self._page("Refused", "<p>This form is stale or forged; reload the page.</p>", session, status=403)
+        if acting and not session.write:
+            return self._page("Refused", "<p>A read token cannot act.</p>", session, status=403)
+        return form
+
+    async def bulk_confirm(self, request: Request, session: Session) -> Response:
+        """Count the tasks a bulk retry would take, keep exactly those, ask to confirm."""
+        form = await self._posted(request, session)
+        if isinstance(form, Response):
+            return form
+        state = _state(form.get("state"))
+        if state not in bulk.RETRYABLE:
+            return self._page("Refused", "<p>Only failed, dead or canceled tasks are retried.</p>", session, 400)
+        counted = await self.bulk.count(self.client, state, session.key, run_in_threadpool)
+        return self._page("Retry all?", uipages.bulk_confirmation(self.prefix, counted, session.csrf), session)
+
+    async def bulk_retry(self, request: Request, session: Session) -> Response:
+        """Retry exactly the tasks a confirmation counted, once."""
+        form = await self._posted(request, session)
+        if isinstance(form, Response):
+            return form
+        ids = await self.bulk.take(form.get("confirm", ""), session.key)
+        if ids is None:
+            body = "<p>This confirmation was used already or has expired; count the tasks again.</p>"
+            return self._page("Nothing retried", body, session, status=409)
+        outcome = await run_in_threadpool(bulk.retry_all, self.client, ids, f"ui:{session.name}")
+        log.info("ui: %d tasks retried in bulk by %s (%d refused, %d gone)", outcome.retried, session.name,
+                 outcome.refused, outcome.missing)  # fmt: skip
+        return self._page("Retried", uipages.bulk_outcome(self.prefix, outcome), session)
 
     async def _session(self, request: Request) -> Session | None:
         return await self.sessions.find(request.cookies.get(COOKIE), time.time())
@@ -347,6 +383,13 @@ class DashboardHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+def _state(text: str | None) -> State | None:
+    try:
+        return State(text or "")
+    except ValueError:
+        return None
 
 
 def _cursor(text: str | None) -> Cursor | None:

@@ -14,6 +14,7 @@ from urllib.parse import quote, urlencode
 from actors.events import Event
 from actors.registry import WorkerInfo
 from actors.states import State
+from supervisor.api.bulk import Counted, Outcome
 from supervisor.statustext import human_size, short_age
 
 #: The states the tasks page offers, in the order a task goes through them.
@@ -88,6 +89,40 @@ def task_rows(prefix: str, tasks: Iterable[dict[str, Any]], now: float) -> str:
         return "<p>No tasks.</p>"
     head = "<tr><th>task</th><th>state</th><th>progress</th><th>attempts</th><th>age</th><th>error</th></tr>"
     return f'<table class="tasks"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def bulk_offer(prefix: str, state: State, csrf: str) -> str:
+    """The button that counts a state's tasks for a bulk retry (nothing is retried yet)."""
+    return (
+        f'<form method="post" action="{attr(prefix)}/bulk/confirm" class="inline">'
+        f'<input type="hidden" name="csrf" value="{attr(csrf)}"><input type="hidden" name="state" '
+        f'value="{attr(state.value)}"><button type="submit">Retry all {text(state.value)}…</button></form>'
+    )
+
+
+def bulk_confirmation(prefix: str, counted: Counted, csrf: str) -> str:
+    """How many tasks a bulk retry takes, exactly those counted now, and the button that does it."""
+    count = len(counted.ids)
+    newest = f" (the newest {count} of {counted.matching})" if counted.matching > count else ""
+    back = f"{prefix}/tasks?{urlencode({'state': counted.state.value})}"
+    return (
+        f"<h1>Retry {count} {text(counted.state.value)} tasks?</h1>"
+        f"<p>These {count} tasks{newest}, counted now, and no others: a task that ends "
+        f"{text(counted.state.value)} after this count is not taken. They are queued at a measured pace.</p>"
+        f'<form method="post" action="{attr(prefix)}/bulk/retry" class="inline">'
+        f'<input type="hidden" name="csrf" value="{attr(csrf)}">'
+        f'<input type="hidden" name="confirm" value="{attr(counted.confirm_id)}">'
+        f'<button type="submit">Retry these {count}</button></form> <a href="{attr(back)}">Back</a>'
+    )
+
+
+def bulk_outcome(prefix: str, outcome: Outcome) -> str:
+    said = [f"{outcome.retried} retried"]
+    if outcome.refused:
+        said.append(f"{outcome.refused} no longer ended (retried by someone else, or replaced), left as they are")
+    if outcome.missing:
+        said.append(f"{outcome.missing} pruned meanwhile")
+    return f'<h1>Retried</h1><p>{text("; ".join(said))}.</p><p><a href="{attr(prefix)}/tasks">Tasks</a></p>'
 
 
 def worker_rows(prefix: str, workers: list[WorkerInfo], held: dict[str, list[str]], now: float) -> str:
