@@ -137,6 +137,7 @@ def test_building_haul_prints_no_setuptools_warnings(tmp_path: Path) -> None:
     (wheel,) = (tmp_path / "dist").glob("haul-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         assert "actors/lua/claim.lua" in archive.namelist()
+        assert "supervisor/api/static/ui.css" in archive.namelist()  # the dashboard's, no CDN
 
 
 def test_ops_setup_editable_install_prints_nothing(tmp_path: Path) -> None:
