@@ -140,3 +140,18 @@ def drained(redis_url: str, timeout: float = 30.0) -> None:
             broker.join(queue, timeout=int(timeout * 1000))
     finally:
         broker.close()
+
+
+def submitted(env: dict[str, str], manifest: Path) -> str:
+    """The task's id, once ``haul submit`` took the manifest: a page file is refused until a
+    worker has said in the registry that it resolves pages."""
+    deadline = time.monotonic() + 30
+    while True:
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor.cli", "submit", "--manifest", str(manifest)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if result.returncode == 0:
+            return result.stdout.strip().splitlines()[-1]
+        assert time.monotonic() < deadline and "resolve" in result.stderr, result.stderr
+        time.sleep(0.5)

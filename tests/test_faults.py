@@ -24,7 +24,7 @@ from actors.store import TaskStore
 from tests import processes
 from tests.conftest import wait_for
 from tests.media import duration_of, make_hls, serve
-from tests.processes import Process, running, wait_until
+from tests.processes import Process, running, submitted, wait_until
 from tests.redisserver import RedisServer
 from tests.servers import Delivery, Origin, Receiver, Site
 
@@ -245,21 +245,6 @@ def test_a_worker_without_the_resolve_extra_hands_a_page_file_to_one_that_has_it
     finally:
         s.close()
         site.close()
-
-
-def submitted(env: dict[str, str], manifest: Path) -> str:
-    """The task's id, once ``haul submit`` took the manifest: a page file is refused until a
-    worker has said in the registry that it resolves pages."""
-    deadline = time.monotonic() + 30
-    while True:
-        result = subprocess.run(
-            [sys.executable, "-m", "supervisor.cli", "submit", "--manifest", str(manifest)],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        if result.returncode == 0:
-            return result.stdout.strip().splitlines()[-1]
-        assert time.monotonic() < deadline and "resolve" in result.stderr, result.stderr
-        time.sleep(0.5)
 
 
 def test_redis_killed_and_restarted_with_tasks_queued_and_running(

@@ -18,10 +18,10 @@ from actors.registry import HEARTBEAT_SECONDS, MISSED_HEARTBEATS, WorkerRegistry
 from actors.store import TaskStore
 from tests import processes
 from tests.conftest import WEBHOOK_SECRET
-from tests.processes import running, wait_until
+from tests.processes import running, submitted, wait_until
 from tests.redisserver import RedisServer
 from tests.sentry_sink import SentrySink
-from tests.servers import Origin, Receiver, free_port
+from tests.servers import Origin, Receiver, Site, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -67,6 +67,38 @@ def test_worker_reports_a_permanent_failure_with_tags_and_no_secrets(
     assert task is not None and URL_PASSWORD not in task.error and SIGNED not in task.error
     assert_no_secret(sink)
     assert URL_PASSWORD not in worker.output() and SIGNED not in worker.output()
+
+
+def test_a_page_files_cookie_and_header_reach_no_sentry_event(
+    tmp_path: Path, redis_url: str, store: TaskStore, origin: Origin, receiver: Receiver, sink: SentrySink
+) -> None:
+    """A page behind a sign-in resolves with the task's cookie and header; its media is gone,
+    the task fails, and the report to Sentry holds neither."""
+    cookie, header = "SENTRYcookie0x5eed", "SENTRYheader0xcafe"
+    site = Site()
+    try:
+        site.required = ("Cookie", f"session={cookie}")
+        page = site.page("/lesson", f'<html><body><video src="{origin.url("/gone.mp4")}"></video></body></html>')
+        manifest = tmp_path / "page.json"
+        manifest.write_text(json.dumps({
+            "files": [{"page": page, "path": "lesson.mp4"}], "headers": {"X-Course-Token": header},
+            "cookies": f"# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t0\tsession\t{cookie}\n",
+        }))  # fmt: skip
+        env = processes.stack_env(tmp_path, redis_url, receiver.url, HAUL_SENTRY_DSN=sink.dsn,
+                                  HAUL_HOST_MIN_INTERVAL_SECONDS="0")  # fmt: skip
+        worker = processes.worker(env, tmp_path / "worker.log")
+        with running(worker):
+            task_id = submitted(env, manifest)
+            wait_until(lambda: store.get(task_id).state.value == "failed", 60, "the task to fail")  # type: ignore[union-attr]
+            wait_until(lambda: sink.events(), 15, "a Sentry event")
+            worker.terminate()
+        assert site.requests and all(r.headers.get("X-Course-Token") == header for r in site.requests)
+        assert "origin_404" in json.dumps(sink.events())
+        raw = sink.all_bytes()
+        assert cookie.encode() not in raw and header.encode() not in raw
+        assert cookie not in worker.output() and header not in worker.output()
+    finally:
+        site.close()
 
 
 def test_supervisor_reports_dead_tasks_failing_sweeps_and_checks_in(
