@@ -51,8 +51,9 @@ class ApiSettings:
     ui_prefix: str = "/ui"
     #: How long a dashboard session lasts unused (HAUL_UI_IDLE_SECONDS).
     ui_idle_seconds: float = DEFAULT_UI_IDLE_SECONDS
-    #: Peers whose X-Forwarded-Proto is believed (HAUL_API_TRUSTED_PROXIES): a reverse proxy
-    #: that ends TLS says so, and the dashboard's cookie is then Secure.
+    #: Peers whose X-Forwarded-Proto and X-Forwarded-Host are believed (HAUL_API_TRUSTED_PROXIES):
+    #: a reverse proxy that ends TLS says so (the dashboard's cookie is then Secure) and which
+    #: host the browser asked for (its forms are judged against it).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property

@@ -192,7 +192,7 @@ class Fetcher:
                 )
         except RangeUnsatisfiable as exc:  # asked from its end, under If-Range: the .part is whole
             version = Validator(etag=exc.etag, last_modified=exc.last_modified).if_range
-            whole = spans is None and asked and exc.size == asked == _size_of(part)
+            whole = spans is None and asked and exc.size == asked  # asked: the .part's size (resume_point)
             if not whole or version not in (None, validator.if_range):
                 raise
             if t.on_total is not None:
@@ -432,13 +432,6 @@ class Fetcher:
             check_status(response, url, where, shown)
             return response
         raise TooManyRedirects(f"{where}: more than {MAX_REDIRECTS} redirects; fix the URL")
-
-
-def _size_of(part: Path) -> int | None:
-    try:
-        return part.stat().st_size
-    except FileNotFoundError:
-        return None
 
 
 def _verified(

@@ -3,6 +3,7 @@ sandbox, the limits), and its download through the fetcher."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -67,21 +68,38 @@ class FileRun:
             return nullcontext()
         return self.lanes.connected(host, self.lane)
 
-    def fetch(self, media: FileSpec, headers: Mapping[str, str], shown: Callable[[str], str]) -> int:
-        """``media`` into the file's ``.part`` through the fetcher (resumed, split, checked); its size."""
-        hashing = self.rt.settings.file_hash == "sha256"
+    def fetch(
+        self,
+        media: FileSpec,
+        headers: Mapping[str, str],
+        shown: Callable[[str], str],
+        into: Path | None = None,
+        base: int = 0,
+    ) -> int:
+        """``media`` through the fetcher (resumed, split, checked) into the file's ``.part``, or,
+        for a track of a page's format, into ``into`` after ``base`` bytes of the tracks before
+        it (its size and sha256 are not the file's); its size."""
+        part, rules = into or self.part, self.rules()
+        if base and rules.max_bytes:
+            rules = dataclasses.replace(rules, max_bytes=max(1, rules.max_bytes - base))
+        whole = into is None
+        hashing = whole and self.rt.settings.file_hash == "sha256"
         return self.rt.fetcher.fetch(
             media,
-            self.part,
+            part,
             task_id=self.task.id,
-            on_progress=self.file.on_progress,
-            on_total=self.file.on_total,
+            on_progress=functools.partial(_offset, self.file.on_progress, base),
+            on_total=self.file.on_total if whole else None,
             guard=self.file.guard,
-            rules=self.rules(),
+            rules=rules,
             step=self.file.step,
-            on_sha256=functools.partial(self.sandbox.record_sha256, self.part) if hashing else None,
+            on_sha256=functools.partial(self.sandbox.record_sha256, part) if hashing else None,
             on_received=self.file.on_received,
-            split=self.plan(media.url),
+            split=self.plan(media.url, base),
             headers=headers,
             shown=shown,
         )
+
+
+def _offset(report: Callable[[int], None], base: int, position: int) -> None:
+    report(base + position)

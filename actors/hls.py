@@ -17,6 +17,7 @@ resolution signs anew); a stream that differs starts over, never a splice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -93,8 +94,8 @@ class Stream:
             return f"{index:05}.init.mp4"
         return f"{index:05}.{'frag' if self.dash else 'm4s' if self.fmp4 else 'ts'}"
 
-    @property
-    def fmp4(self) -> bool:
+    @functools.cached_property
+    def fmp4(self) -> bool:  # asked for every fragment's name: found once
         return any(f.init for f in self.fragments)
 
     @property

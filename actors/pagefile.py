@@ -13,6 +13,8 @@ import functools
 import itertools
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,7 +31,7 @@ from actors.progress import guard_lease
 from actors.redact import display_url
 from actors.registry import WorkerRegistry
 from actors.runtime import Runtime
-from actors.split import Connection
+from actors.split import Connection, SplitPlan
 from actors.task import FileSpec, Task
 from actors.tracks import download_tracks, haul_errors_only, muxer_for
 
@@ -83,15 +85,11 @@ def _resolve_page(run: FileRun) -> Resolved:
         _wait_turn(run)
         lane.step(s.resolve_timeout_seconds + RESOLVE_MARGIN_SECONDS, f"resolving the page of {spec.path!r}")
 
-    try:
-        found = resolve(
-            spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds,
-            limit=s.resolve_timeout_seconds, before=turn,
-            guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy, request=task.spec.request,
-        )  # fmt: skip
-    except ResolverMissing as exc:
-        exc.handback = _resolvers_elsewhere(rt)
-        raise
+    found = resolve(  # require_resolver judged before any file whether this worker can
+        spec, s.resolve_format, rt.policy, where=where, timeout=s.read_timeout_seconds,
+        limit=s.resolve_timeout_seconds, before=turn,
+        guard=functools.partial(guard_lease, rt, lane), proxy=s.proxy, request=task.spec.request,
+    )  # fmt: skip
     if not rt.store.record_resolved(task.id, run.token, run.index, found.record(), now=rt.clock()):
         raise LeaseLost(f"task {task.id}: lease lost while resolving the page of {spec.path!r}")
     log.info("task %s: %s resolved by %s to format %s on %s", task.id, spec.path, found.extractor, found.format_id,
@@ -129,27 +127,13 @@ def _fetch_tracks(run: FileRun, found: Resolved) -> int:
     its size, once hashed and synced."""
     rt, spec, file = run.rt, run.spec, run.file
     where = f"task {run.task.id}, file {spec.path!r}, the media of its page"
-    first = found.tracks[0]  # each track's own URL and headers replace these
-    plan, rules = run.plan(first.url), run.rules()
-    main = Connection(ranges=rt.fetcher, tick=file.on_progress, step=file.step,
-                      wake=plan.wake if plan is not None else _nothing, guard=file.guard)  # fmt: skip
-    transfer = StreamTransfer(
-        main, plan, rules, first.headers, file.on_received, where, run.token, _hidden(spec), first.url
-    )
-
-    def fetch_file(track: Track, track_part: Path, base: int) -> int:
-        """A file track, through the fetcher as any file (resumed, split), counted after ``base`` bytes."""
-        limited = dataclasses.replace(rules, max_bytes=max(1, rules.max_bytes - base)) if rules.max_bytes else rules
-        return rt.fetcher.fetch(
-            FileSpec(url=track.url, path=spec.path), track_part, task_id=run.task.id,
-            on_progress=lambda position: file.on_progress(base + position), guard=file.guard, rules=limited,
-            step=file.step, on_received=file.on_received, split=run.plan(track.url, base), headers=track.headers,
-            shown=_hidden(spec),
-        )  # fmt: skip
-
+    # The fragments' connection: its plan, headers and home URL are each track's (download_tracks)
+    main = Connection(ranges=rt.fetcher, tick=file.on_progress, step=file.step, wake=_nothing, guard=file.guard)
+    transfer = StreamTransfer(main, None, run.rules(), {}, file.on_received, where, run.token, _hidden(spec), "",
+                              found.cookies)  # fmt: skip
     with haul_errors_only(where):
         folder = run.sandbox.claim_fragments(run.index, run.token)
-    joined = download_tracks(found, folder, run.part, transfer, fetch_file, run, muxer_for(spec.path))
+    joined = download_tracks(found, folder, run.part, transfer, _TrackConnections(run), muxer_for(spec.path))
     size = run.part.stat().st_size
     digest = hash_file(run.part, size, lambda: file.step(DISK_STEP_SECONDS)).hexdigest()
     if spec.sha256 and digest != spec.sha256:
@@ -161,6 +145,23 @@ def _fetch_tracks(run: FileRun, found: Resolved) -> int:
     log.info("task %s: %s joined from %d track(s), %d fragment(s), %d bytes downloaded, into %d bytes", run.task.id,
              spec.path, joined.tracks, joined.fragments, joined.size, size)  # fmt: skip
     return size
+
+
+@dataclass(frozen=True)
+class _TrackConnections:
+    """What :func:`actors.tracks.download_tracks` asks of the file's run."""
+
+    run: FileRun
+
+    def hold(self, url: str) -> AbstractContextManager[None]:
+        return self.run.hold(url)
+
+    def plan(self, url: str) -> SplitPlan | None:
+        return self.run.plan(url)
+
+    def fetch_file(self, track: Track, into: Path, base: int) -> int:
+        media = FileSpec(url=track.url, path=self.run.spec.path)
+        return self.run.fetch(media, track.headers, _hidden(self.run.spec), into=into, base=base)
 
 
 def _hidden(spec: FileSpec) -> Callable[[str], str]:

@@ -75,12 +75,13 @@ def end_of_run(exc: Exception, task: Task, timing: RetryTiming, *, stopping: boo
     delay = backoff_seconds(attempt, timing.min_seconds, timing.max_seconds, rng)
     if isinstance(exc, HaulError):
         message, code, file = str(exc), exc.code, exc.file
-        if isinstance(exc, TransientError) and exc.retry_after is not None:
-            delay = min(timing.max_seconds, max(delay, exc.retry_after))
-        if isinstance(exc, TransientError) and exc.handback:
-            # Not the task's failure (a worker without the resolve extra while another has it,
-            # a media host full for long): it waits queued, and the attempt is given back.
-            return RunEnd(State.QUEUED, message, code, file, delay, refund=True)
+        if isinstance(exc, TransientError):
+            if exc.retry_after is not None:
+                delay = min(timing.max_seconds, max(delay, exc.retry_after))
+            if exc.handback:
+                # Not the task's failure (a worker without the resolve extra while another has
+                # it, a media host full for long): it waits queued, and the attempt is given back.
+                return RunEnd(State.QUEUED, message, code, file, delay, refund=True)
     else:
         message = f"task {task.id}: internal error {type(exc).__name__}: {exc} (see the worker log)"
         code, file = TransientError.code, ""

@@ -79,8 +79,11 @@ def secret_headers(options: RequestOptions | None) -> dict[str, str]:
     return {k.lower(): v for k, v in options.headers if k.lower() not in PLAIN_HEADERS} if options else {}
 
 
-def drop_secrets(headers: MutableMapping[str, str], secrets: Mapping[str, str]) -> None:
-    """Take the task's credentials ``secrets`` (from :func:`secret_headers`) out of ``headers``,
-    going to a host the task did not give them for (a site's own headers of the same name stay)."""
+def drop_secrets(headers: MutableMapping[str, str], secrets: Mapping[str, str], home: str, target: str) -> None:
+    """Take the task's credentials ``secrets`` (from :func:`secret_headers`), given for
+    ``home``'s host, out of ``headers`` going to ``target`` on another (a site's own headers of
+    the same name stay)."""
+    if same_site(home, target):
+        return
     for name in [k for k, v in headers.items() if secrets.get(k.lower()) == v]:
         del headers[name]

@@ -104,8 +104,8 @@ class Sandbox:
         return mine
 
     def claim_fragments(self, index: int, token: int) -> Path:
-        """The folder of file ``index``'s stream fragments for the run holding ``token`` (an
-        earlier run's renamed to it, as :meth:`claim_part` does with bytes)."""
+        """The folder of file ``index``'s tracks (a page's format) for the run holding ``token``
+        (an earlier run's renamed to it, as :meth:`claim_part` does with bytes)."""
         mine = self.parts_dir / f"{index}.{token}.hls"
         if mine.exists():
             return mine
@@ -139,7 +139,7 @@ class Sandbox:
         self._record(record, format_id, record.name)
 
     def drop_fragments(self, index: int) -> None:
-        """The fragments of file ``index``'s stream, once the file is whole (none: nothing)."""
+        """The tracks of file ``index``, once the file is whole (none: nothing)."""
         for folder in self.parts_dir.glob(f"{index}.*.hls"):
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -518,6 +518,19 @@ class TaskStore(SweepStore):
             pipe.zcard(self.state_key(state))
         return dict(zip(State, (int(n) for n in pipe.execute()), strict=True))
 
+    def holders(self, limit: int) -> dict[str, list[str]]:
+        """Which worker holds which task: the tasks under a lease (at most ``limit``), each
+        task's worker read in one round trip."""
+        leased = [text_of(i) for i in self.client.zrange(self.leases_key, 0, limit - 1)]
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in leased:
+            pipe.hget(self.task_key(task_id), "worker")
+        held: dict[str, list[str]] = {}
+        for task_id, worker in zip(leased, pipe.execute(), strict=True):
+            if worker:
+                held.setdefault(text_of(worker), []).append(task_id)
+        return held
+
     def ids(self, state: State, limit: int = 100) -> list[str]:
         """The most recent task ids in ``state``, newest first."""
         return [text_of(v) for v in self.client.zrevrange(self.state_key(state), 0, limit - 1)]

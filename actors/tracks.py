@@ -11,7 +11,7 @@ Then ffmpeg joins them without re-encoding (``-c copy``), reading only files hau
 an HLS track through a playlist haul writes itself (its fragments and AES-128 keys beside it,
 ``-protocol_whitelist file,crypto``), a DASH track as its fragments concatenated (init section
 first, as DASH defines), a file as it is; every input restricted to the media demuxers, with a
-timeout. The container follows the file's name (``.mkv``, ``.webm``, ``.mov``; else MP4).
+timeout. The container follows the file's name (:data:`MUXERS`; else MP4).
 ffmpeg comes from the ``imageio-ffmpeg`` wheel (a static build, no apt step), part of the
 ``resolve`` extra.
 """
@@ -27,7 +27,7 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -78,18 +78,19 @@ _PER_RUN = re.compile(r" @ 0x[0-9a-f]+|\.\d+\.[0-9a-f]{8}(?=\.)")
 #: downloaded afresh, it is the media's, and final.
 JOIN_COMPLAINT = "join-failed.txt"
 
-#: Downloads a file track into a part (``base``: the bytes of the tracks before it); its size.
-FetchFile = Callable[[Track, Path, int], int]
-
 
 class Connections(Protocol):
-    """How a track's download takes connections (:class:`actors.filerun.FileRun`)."""
+    """What a track's download asks of the file's run (:class:`actors.filerun.FileRun`)."""
 
     def hold(self, url: str) -> AbstractContextManager[None]:
         """A connection slot of ``url``'s host while the block runs (HAUL_DOWNLOAD_PER_HOST)."""
 
-    def plan(self, url: str, base: int = 0) -> SplitPlan | None:
+    def plan(self, url: str) -> SplitPlan | None:
         """How a download from ``url``'s host may open connections beside its own."""
+
+    def fetch_file(self, track: Track, into: Path, base: int) -> int:
+        """A file track into ``into`` through the fetcher (``base``: the bytes of the tracks
+        before it); its size."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,6 @@ def download_tracks(
     folder: Path,
     part: Path,
     t: StreamTransfer,
-    fetch_file: FetchFile,
     connections: Connections,
     muxer: str,
 ) -> Joined:
@@ -128,7 +128,7 @@ def download_tracks(
     before kept not asked again, then joined by ffmpeg into ``part``; each track holding a
     connection slot of the host its bytes come from, a stream's fragments several at once as
     ``connections`` allows."""
-    ffmpeg = ffmpeg_path()  # before a byte is fetched: a worker without it hands the task on
+    ffmpeg = ffmpeg_path()  # before a byte is fetched (a worker says it resolves pages only with it)
     # In the names of what this run writes to join: a run that lost the task, still joining,
     # writes only into files of its own (the folder it wrote in is renamed to its successor's).
     tag = f"{t.token}.{uuid.uuid4().hex[:8]}"
@@ -139,8 +139,8 @@ def download_tracks(
         base, fragments = 0, 0
         for n, track in enumerate(found.tracks):
             where = t.where if len(found.tracks) == 1 else f"{t.where}, track {n + 1} (format {track.format_id})"
-            tt = dataclasses.replace(t, headers=track.headers, playlist=track.url, where=where, cookies=found.cookies)
-            given, size, count = _track(track, folder / f"track-{n}", tt, fetch_file, connections, base, tag)
+            tt = dataclasses.replace(t, headers=track.headers, playlist=track.url, where=where)
+            given, size, count = _track(track, folder / f"track-{n}", tt, connections, base, tag)
             inputs.append(given)
             base, fragments = base + size, fragments + count
         timeout = max(JOIN_MIN_SECONDS, JOIN_SECONDS_PER_FRAGMENT * fragments + base / JOIN_BYTES_PER_SECOND)
@@ -166,7 +166,7 @@ def download_tracks(
 
 
 def _track(
-    track: Track, own: Path, t: StreamTransfer, fetch_file: FetchFile, connections: Connections, base: int, tag: str
+    track: Track, own: Path, t: StreamTransfer, connections: Connections, base: int, tag: str
 ) -> tuple[_Input, int, int]:
     """``track`` into its folder ``own``, after ``base`` bytes of the tracks before it: how
     ffmpeg reads it, its bytes, its fragments."""
@@ -176,7 +176,7 @@ def _track(
         with haul_errors_only(where):
             claim_track(own, "file", track.format_id, where)
         with connections.hold(track.url):
-            size = fetch_file(track, own / "media.part", base)
+            size = connections.fetch_file(track, own / "media.part", base)
         return _Input(own / "media.part", FILE_INPUT, track), size, 1
     stream, keys = _stream(track, t)
     at = stream.fragments[-1].url  # where the media fragments come from, a CDN perhaps (not an init section)

@@ -41,7 +41,7 @@ from actors.interrupt import Guard, interruptible
 from actors.netguard import DestinationPolicy
 from actors.pages import MAX_TRACKS, Resolved, Track, TrackKind, plain_title
 from actors.redact import display_url, redact_text
-from actors.requestopts import CookiesUnreadable, cookies_text, drop_secrets, same_site, secret_headers
+from actors.requestopts import CookiesUnreadable, cookies_text, drop_secrets, secret_headers
 from actors.task import RequestOptions
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,7 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
         def rebuild_auth_and_secrets(prepared: requests.PreparedRequest, response: requests.Response) -> None:
             """Before a redirect is followed: the task's credentials stay behind on another host."""
             rebuild_auth(prepared, response)  # type: ignore[no-untyped-call]
-            if not same_site(self.page, str(prepared.url)):
-                drop_secrets(prepared.headers, self.secrets)
+            drop_secrets(prepared.headers, self.secrets, self.page, str(prepared.url))
 
         session.rebuild_auth = rebuild_auth_and_secrets  # type: ignore[method-assign]
         return session
@@ -100,8 +99,7 @@ class PolicyRH(RequestsRH):  # type: ignore[misc]
         """The task's credentials go to the page's host only (an extractor may ask an API, or
         follow an embed, on another)."""
         super()._prepare_headers(request, headers)
-        if not same_site(self.page, request.url):
-            drop_secrets(headers, self.secrets)
+        drop_secrets(headers, self.secrets, self.page, request.url)
 
     def _redirect_checked(self, response: requests.Response, **kwargs: Any) -> None:
         """Before requests follows a redirect: its target passes the policy (by name too)."""
@@ -224,6 +222,7 @@ def resolve(
 ) -> Resolved:
     """The media ``page`` shows, in the format ``selector`` chooses (the rest: see
     :func:`actors.pages.resolve`)."""
+    secrets = secret_headers(request)
     params = {
         "format": selector, "noplaylist": True, "extract_flat": "in_playlist", "quiet": True, "no_warnings": True,
         "noprogress": True, "logger": _Log(where), "socket_timeout": timeout, "cachedir": False,
@@ -233,7 +232,7 @@ def resolve(
     }  # fmt: skip
     sockets = _Sockets()
     try:
-        ydl = _PolicyYoutubeDL(params, policy, where, before, sockets, page, secret_headers(request))
+        ydl = _PolicyYoutubeDL(params, policy, where, before, sockets, page, secrets)
     except (SyntaxError, ValueError) as exc:  # yt-dlp parses the selector here
         raise PageUnresolvable(f"{where}: {selector!r} is not a format selector yt-dlp understands ({exc})") from exc
     if request is not None and request.cookies:  # the task's, read from memory (never a file on disk)
@@ -267,7 +266,7 @@ def resolve(
         # The task's cookies, and those the site set while resolving, for each track's host.
         cookies = [ydl.cookiejar.get_cookie_header(track.url) for track in found.tracks]
     return dataclasses.replace(found, cookies=ydl.cookiejar.get_cookie_header, tracks=tuple(
-        dataclasses.replace(track, headers=_scoped(track, page, secret_headers(request), cookie))
+        dataclasses.replace(track, headers=_scoped(track, page, secrets, cookie))
         for track, cookie in zip(found.tracks, cookies, strict=True)
     ))  # fmt: skip
 
@@ -276,8 +275,7 @@ def _scoped(track: Track, page: str, secrets: dict[str, str], cookie: str | None
     """What to ask for ``track`` with: the site's headers (yt-dlp's, with the task's in them),
     the task's credentials only on the page's host, and the cookies the jar has for its URL."""
     headers = dict(track.headers)
-    if not same_site(page, track.url):
-        drop_secrets(headers, secrets)
+    drop_secrets(headers, secrets, page, track.url)
     return {**headers, "Cookie": cookie} if cookie else headers
 
 
@@ -392,10 +390,10 @@ def _dash_fragments(fmt: dict[str, Any], format_id: str, where: str) -> tuple[tu
     if len(listed) > MAX_FRAGMENTS:
         raise PageUnresolvable(f"{where}: format {format_id} has more than {MAX_FRAGMENTS} fragments")
     fragments = []
+    base = str(fmt.get("fragment_base_url") or fmt.get("url") or "")
     for fragment in listed:
         if fragment.get("byte_range"):
             raise PageUnresolvable(f"{where}: format {format_id}'s fragments are byte ranges, not handled yet")
-        base = str(fmt.get("fragment_base_url") or fmt.get("url") or "")
         url = str(fragment.get("url") or urljoin(base, str(fragment.get("path") or "")))
         try:
             scheme = urlsplit(url).scheme
