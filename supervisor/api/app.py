@@ -1,4 +1,5 @@
-"""The API's routes: submit, read, list, count, retry, cancel, follow events, health.
+"""The API's routes: submit, read, list, count, retry, cancel, follow events, health; and the
+dashboard's (:mod:`supervisor.api.ui`), on the same client and Redis.
 
 Every route goes through the same :class:`actors.client.Client` a Python backend uses (its
 calls run in Starlette's thread pool: a Redis round trip each), so the API holds no task logic

@@ -11,18 +11,18 @@ recorded on its task with the operator's name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from redis import asyncio as aioredis
 
 from actors.client import Client, RetryRefused, TaskNotFound
 from actors.states import State
+from actors.store import TaskStore
+from actors.store_base import text_of
+from supervisor.api.sessions import digest
 
 #: Most tasks one bulk retry acts on (the newest first).
 MAX_BULK = 1000
@@ -30,8 +30,6 @@ MAX_BULK = 1000
 CONFIRM_SECONDS = 600
 #: How fast a bulk retry queues its tasks.
 RETRIES_PER_SECOND = 200.0
-#: The states a bulk retry may take tasks from.
-RETRYABLE = (State.FAILED, State.DEAD, State.CANCELED)
 
 
 @dataclass(frozen=True)
@@ -60,17 +58,20 @@ class BulkRetries:
         self.redis, self.prefix = redis, prefix
 
     def _key(self, confirm_id: str) -> str:
-        return f"{self.prefix}ui:bulk:{hashlib.sha256(confirm_id.encode('utf-8', 'replace')).hexdigest()}"
+        return f"{self.prefix}ui:bulk:{digest(confirm_id)}"
 
-    async def count(self, client: Client, state: State, session_key: str, reader: Callable[..., Any]) -> Counted:
+    async def count(self, store: TaskStore, state: State, session_key: str) -> Counted:
         """The tasks in ``state`` now (the newest MAX_BULK), kept for confirmation by the
-        session ``session_key``; ``reader`` runs a blocking call off the event loop."""
-        ids = await reader(client.store.ids, state, MAX_BULK)
-        matching = (await reader(client.counts)).get(state, 0)
+        session ``session_key``."""
+        async with self.redis.pipeline(transaction=True) as pipe:  # the ids and the count of one moment
+            pipe.zrevrange(store.state_key(state), 0, MAX_BULK - 1)
+            pipe.zcard(store.state_key(state))
+            found, matching = await pipe.execute()
+        ids = [text_of(i) for i in found]
         confirm_id = secrets.token_urlsafe(24)
-        kept = json.dumps({"session": session_key, "state": state.value, "ids": ids})
+        kept = json.dumps({"session": session_key, "ids": ids})
         await self.redis.set(self._key(confirm_id), kept, ex=CONFIRM_SECONDS)
-        return Counted(confirm_id, ids, max(matching, len(ids)), state)
+        return Counted(confirm_id, ids, int(matching), state)
 
     async def take(self, confirm_id: str, session_key: str) -> list[str] | None:
         """The ids counted under ``confirm_id`` for this session, once; None when there is no

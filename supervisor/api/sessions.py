@@ -16,12 +16,12 @@ import hmac
 import ipaddress
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
 from redis import asyncio as aioredis
 from starlette.requests import Request
 
 from actors.apisettings import ApiSettings
+from actors.store_base import text_of
 from supervisor.api.auth import matching_token
 
 #: The cookie that holds a dashboard session's id.
@@ -45,7 +45,8 @@ class Session:
         return given is not None and hmac.compare_digest(self.csrf.encode(), given.encode("utf-8", "replace"))
 
 
-def _digest(text: str) -> str:
+def digest(text: str) -> str:
+    """What Redis keeps of a secret (a session id, a token, a confirmation): its SHA-256."""
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
 
 
@@ -56,7 +57,7 @@ class Sessions:
         self.redis, self.prefix, self.api = redis, prefix, api
 
     def _key(self, session_id: str) -> str:
-        return f"{self.prefix}ui:session:{_digest(session_id)}"
+        return f"{self.prefix}ui:session:{digest(session_id)}"
 
     async def start(self, given: str, now: float) -> tuple[str, Session] | None:
         """A new session for whoever gave token ``given`` (its id, for the cookie); None when
@@ -66,7 +67,7 @@ class Sessions:
             return None
         session_id, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         key = self._key(session_id)
-        fields = {"name": token.name, "token": _digest(token.token), "csrf": csrf, "started": str(now)}
+        fields = {"name": token.name, "token": digest(token.token), "csrf": csrf, "started": str(now)}
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
             pipe.expire(key, max(1, int(self.api.ui_idle_seconds)))
@@ -80,20 +81,25 @@ class Sessions:
         if not session_id or len(session_id) > MAX_SESSION_ID_CHARS:
             return None
         key = self._key(session_id)
-        raw: Any = await self.redis.hgetall(key)
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        async with self.redis.pipeline(transaction=False) as pipe:  # read and renew: one round trip
+            pipe.hgetall(key)
+            pipe.expire(key, max(1, int(self.api.ui_idle_seconds)))
+            raw, _ = await pipe.execute()
+        data = {text_of(k): text_of(v) for k, v in raw.items()}
         if not data.get("name"):
             return None
         token = next((t for t in self.api.tokens if t.name == data["name"]), None)
-        started = float(data.get("started") or 0)
-        if token is None or not hmac.compare_digest(_digest(token.token), data.get("token", "")):
-            await self.redis.delete(key)  # the token was removed or rotated: its sessions end
-            return None
-        if now - started > MAX_SESSION_SECONDS:  # kept alive by use, stolen or not: signs in again
+        too_old = now - float(data.get("started") or 0) > MAX_SESSION_SECONDS  # however much it is used
+        # A removed or rotated token ends its sessions
+        if token is None or too_old or not hmac.compare_digest(digest(token.token), data.get("token", "")):
             await self.redis.delete(key)
             return None
-        await self.redis.expire(key, max(1, int(self.api.ui_idle_seconds)))
         return Session(key, token.name, token.write, data.get("csrf", ""))
+
+    async def forget(self, session_id: str | None) -> None:
+        """End the session ``session_id`` names, if any (the browser signs in anew)."""
+        if session_id and len(session_id) <= MAX_SESSION_ID_CHARS:
+            await self.redis.delete(self._key(session_id))
 
     async def end(self, session: Session) -> None:
         await self.redis.delete(session.key)
@@ -119,7 +125,3 @@ def from_proxy(request: Request, api: ApiSettings, header: str) -> str:
         return ""
     values = ",".join(request.headers.getlist(header)).split(",")
     return values[-1].strip()
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

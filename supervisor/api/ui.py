@@ -32,9 +32,8 @@ from actors.apisettings import ApiSettings
 from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
 from actors.events import EventLog
 from actors.registry import WorkerInfo, WorkerRegistry
-from actors.states import State
+from actors.states import RETRYABLE_STATES, State
 from actors.store import Cursor
-from actors.store_base import text_of
 from actors.task import Task
 from supervisor.api import bulk, uipages
 from supervisor.api.bulk import BulkRetries
@@ -95,7 +94,7 @@ class Dashboard:
     async def home(self, request: Request) -> Response:
         """The prefix without its slash: to the overview, by a path of this host (not a URL
         built from a Host header a proxy may have rewritten)."""
-        return RedirectResponse(f"{self.prefix}/", status_code=303, headers=SECURITY_HEADERS)
+        return RedirectResponse(f"{self.prefix}/", status_code=303)
 
     async def sign_in_form(self, request: Request) -> Response:
         return self._page("Sign in", self._sign_in_body(""), None)
@@ -107,15 +106,14 @@ class Dashboard:
             return self._page("Refused", "<p>Sign in from this dashboard's own page.</p>", None, status=403)
         form = await _form(request)
         started = await self.sessions.start(form.get("token", ""), time.time())
-        earlier = await self._session(request)
-        if started is not None and earlier is not None:  # the browser's earlier session ends here
-            await self.sessions.end(earlier)
+        if started is not None:  # the browser's earlier session, if any, ends here
+            await self.sessions.forget(request.cookies.get(COOKIE))
         if started is None:
             body = self._sign_in_body("That is not one of this API's tokens (HAUL_API_TOKENS, HAUL_API_READ_TOKENS).")
             return self._page("Sign in", body, None, status=401)
         session_id, session = started
         log.info("ui: %s signed in", session.name)
-        response = RedirectResponse(f"{self.prefix}/", status_code=303, headers=SECURITY_HEADERS)
+        response = RedirectResponse(f"{self.prefix}/", status_code=303)
         response.set_cookie(
             COOKIE, session_id, path=self.prefix, httponly=True, samesite="strict", secure=over_tls(request, self.api)
         )
@@ -150,7 +148,7 @@ class Dashboard:
         if wanted:
             found = await run_in_threadpool(self._lookup, wanted)
             if found is not None:
-                return RedirectResponse(f"{self.prefix}/tasks/{quote(found, safe='')}", 303, headers=SECURITY_HEADERS)
+                return RedirectResponse(f"{self.prefix}/tasks/{quote(found, safe='')}", 303)
         state = _state(query.get("state")) or State.DOWNLOADING
         cursor = _cursor(query.get("cursor"))
         tasks, following = await run_in_threadpool(self.client.page, state, PAGE_SIZE, cursor)
@@ -163,12 +161,12 @@ class Dashboard:
             more = f'<p><a href="{uipages.attr(href)}" rel="next">Older</a></p>'
         missing = f"<p>No task has the id or key {uipages.text(wanted)}.</p>" if wanted else ""
         offer = ""
-        if session.write and state in bulk.RETRYABLE and counts.get(state):
+        if session.write and state in RETRYABLE_STATES and counts.get(state):
             offer = uipages.bulk_offer(self.prefix, state, session.csrf)
         body = (
             f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted)}{missing}"
             f"{uipages.state_tabs(self.prefix, state, counts)}{offer}"
-            f"{uipages.task_rows(self.prefix, (t.as_status() for t in tasks), time.time())}{more}"
+            f"{uipages.task_rows(self.prefix, tasks, time.time())}{more}"
         )
         return self._page("Tasks", body, session)
 
@@ -198,8 +196,8 @@ class Dashboard:
         if not session.write:
             return ""
         buttons = []
-        for action, states in (("retry", uipages.RETRYABLE), ("cancel", uipages.CANCELABLE)):
-            if task.state in states:
+        for action, offered in (("retry", task.state in RETRYABLE_STATES), ("cancel", not task.state.final)):
+            if offered:
                 target = f"{self.prefix}/tasks/{quote(task.id, safe='')}/{action}"
                 buttons.append(
                     f'<form method="post" action="{uipages.attr(target)}" class="inline">'
@@ -224,7 +222,7 @@ class Dashboard:
         except (RetryRefused, CancelRefused) as exc:
             return self._page("Refused", f"<p>{uipages.text(exc)}</p>", session, status=409)
         log.info("ui: task %s %s by %s", task_id, "retried" if action == "retry" else "canceled", session.name)
-        return RedirectResponse(f"{self.prefix}/tasks/{quote(task_id, safe='')}", 303, headers=SECURITY_HEADERS)
+        return RedirectResponse(f"{self.prefix}/tasks/{quote(task_id, safe='')}", 303)
 
     async def workers(self, request: Request, session: Session) -> Response:
         """Each registered worker process, its heartbeat's age and the tasks it holds."""
@@ -233,22 +231,13 @@ class Dashboard:
         return self._page("Workers", body, session)
 
     def _workers(self) -> tuple[list[WorkerInfo], dict[str, list[str]]]:
-        """The registry's workers, and the ids of the tasks each holds: those under a lease (at
-        most every worker's threads), each task's worker read in one round trip."""
+        """The registry's workers, and the ids of the tasks each holds."""
         store = self.client.store
         workers = WorkerRegistry(store.client, store.prefix).workers()
-        leased = [text_of(i) for i in store.client.zrange(store.leases_key, 0, MAX_HELD_LISTED - 1)]
-        pipe = store.client.pipeline(transaction=False)
-        for task_id in leased:
-            pipe.hget(store.task_key(task_id), "worker")
-        held: dict[str, list[str]] = {}
-        for task_id, worker in zip(leased, pipe.execute(), strict=True):
-            if worker:
-                held.setdefault(text_of(worker), []).append(task_id)
-        return sorted(workers, key=lambda w: (w.host, w.pid)), held
+        return sorted(workers, key=lambda w: (w.host, w.pid)), store.holders(MAX_HELD_LISTED)
 
     async def stylesheet(self, request: Request) -> Response:
-        return FileResponse(STATIC / "ui.css", media_type="text/css", headers=SECURITY_HEADERS)
+        return FileResponse(STATIC / "ui.css", media_type="text/css")
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -281,9 +270,9 @@ class Dashboard:
         if isinstance(form, Response):
             return form
         state = _state(form.get("state"))
-        if state not in bulk.RETRYABLE:
+        if state not in RETRYABLE_STATES:
             return self._page("Refused", "<p>Only failed, dead or canceled tasks are retried.</p>", session, 400)
-        counted = await self.bulk.count(self.client, state, session.key, run_in_threadpool)
+        counted = await self.bulk.count(self.client.store, state, session.key)
         return self._page("Retry all?", uipages.bulk_confirmation(self.prefix, counted, session.csrf), session)
 
     async def bulk_retry(self, request: Request, session: Session) -> Response:
@@ -319,7 +308,7 @@ class Dashboard:
         return _authority(origin) == _authority(f"{scheme}://{asked}")
 
     def _to_sign_in(self) -> Response:
-        return RedirectResponse(f"{self.prefix}/sign-in", status_code=303, headers=SECURITY_HEADERS)
+        return RedirectResponse(f"{self.prefix}/sign-in", status_code=303)
 
     def _off(self) -> Response:
         body = "<p>The dashboard needs tokens: set HAUL_API_TOKENS (name:token) on <code>haul api</code>.</p>"
@@ -359,12 +348,12 @@ class Dashboard:
             f'<body><header><a href="{prefix}/" class="brand">haul</a>{who}</header>'
             f"<main>{body}</main></body></html>"
         )
-        return HTMLResponse(document, status_code=status, headers=SECURITY_HEADERS)
+        return HTMLResponse(document, status_code=status)
 
 
 class DashboardHeaders:
-    """ASGI middleware: every answer under the dashboard's prefix carries SECURITY_HEADERS,
-    the errors Starlette writes (404, 405, 503) too."""
+    """ASGI middleware, the one place SECURITY_HEADERS are added: every answer under the
+    dashboard's prefix carries them, the errors Starlette writes (404, 405, 503) too."""
 
     def __init__(self, app: ASGIApp, prefix: str) -> None:
         self.app, self.prefix = app, prefix

@@ -7,23 +7,18 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from actors.events import Event
 from actors.registry import WorkerInfo
 from actors.states import State
+from actors.task import Task
 from supervisor.api.bulk import Counted, Outcome
 from supervisor.statustext import human_size, short_age
 
-#: The states the tasks page offers, in the order a task goes through them.
-STATES = tuple(State)
 #: Files a task's page lists (a course may have thousands).
 FILES_SHOWN = 500
-#: What an operator may do to a task in each state.
-RETRYABLE = frozenset({State.FAILED, State.DEAD, State.CANCELED})
-CANCELABLE = frozenset({State.QUEUED, State.CLAIMED, State.DOWNLOADING, State.FINALIZING})
 
 
 def text(value: object) -> str:
@@ -36,26 +31,17 @@ def attr(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def size(count: int | None) -> str:
-    return "?" if count is None else human_size(count)
-
-
 def bar(done: int, total: int | None) -> str:
     """A progress bar (the element itself: no script, no inline style)."""
-    label = f"{size(done)} of {size(total)}" if total else size(done)
+    label = f"{human_size(done)} of {human_size(total)}" if total else human_size(done)
     if not total:
         return f'<progress aria-label="{attr(label)}"></progress> {text(label)}'
     return f'<progress max="{total}" value="{min(done, total)}" aria-label="{attr(label)}"></progress> {text(label)}'
 
 
-def age(iso: str | None, now: float) -> str:
-    """How long ago ``iso`` (a status's UTC time) was, roughly."""
-    return short_age(now - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()) if iso else ""
-
-
 def state_tabs(prefix: str, current: State, counts: dict[State, int]) -> str:
     links = []
-    for state in STATES:
+    for state in State:  # in the order a task goes through them
         chosen = ' aria-current="page"' if state is current else ""
         href = f"{prefix}/tasks?{urlencode({'state': state.value})}"
         links.append(f'<a href="{attr(href)}"{chosen}>{text(state.value)} ({counts.get(state, 0)})</a>')
@@ -70,19 +56,19 @@ def search_form(prefix: str, query: str) -> str:
     )
 
 
-def task_rows(prefix: str, tasks: Iterable[dict[str, Any]], now: float) -> str:
+def task_rows(prefix: str, tasks: Iterable[Task], now: float) -> str:
+    """A row a task: what the list shows of it (its files' statuses are the task page's)."""
     rows = []
     for task in tasks:
-        link = f"{prefix}/tasks/{quote(task['id'], safe='')}"
-        total = task["bytes_total"] if task.get("bytes_total_known") else None
+        link = f"{prefix}/tasks/{quote(task.id, safe='')}"
         rows.append(
             "<tr>"
-            f'<td><a href="{attr(link)}">{text(task["name"] or task["id"])}</a></td>'
-            f"<td>{text(task['state'])}</td>"
-            f"<td>{bar(task['bytes_done'], total)}</td>"
-            f"<td>{task['attempts']}</td>"
-            f"<td>{text(age(task['created_at'], now))}</td>"
-            f'<td class="error">{text(task["error"] or "")}</td>'
+            f'<td><a href="{attr(link)}">{text(task.name or task.id)}</a></td>'
+            f"<td>{text(task.state.value)}</td>"
+            f"<td>{bar(task.bytes_done, task.bytes_total if task.bytes_total_known else None)}</td>"
+            f"<td>{task.attempts}</td>"
+            f"<td>{text(short_age(now - task.created_at))}</td>"
+            f'<td class="error">{text(task.error)}</td>'
             "</tr>"
         )
     if not rows:
