@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from tests.processes import Process, stack_env, wait_until
+from tests.processes import Process, running, stack_env, wait_until
 from tests.servers import free_port
 
 FULL = "ci-backend-0123456789abcdef"
@@ -45,6 +46,14 @@ def start_api(tmp_path: Path, env: dict[str, str]) -> Api:
 
     wait_until(up, 20, f"haul api to answer ({tmp_path / 'api.log'})")
     return Api(url, process)
+
+
+@contextmanager
+def running_api(tmp_path: Path, env: dict[str, str]) -> Iterator[Api]:
+    """A ``haul api`` process for the block."""
+    started = start_api(tmp_path, env)
+    with running(started.process):
+        yield started
 
 
 def api_env(tmp_path: Path, redis_url: str, webhook_url: str) -> dict[str, str]:

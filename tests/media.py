@@ -1,5 +1,6 @@
-"""Recordings made by the ffmpeg haul joins with, for the tests of page files: an HLS stream,
-a DASH presentation of separate video and audio, and what ffmpeg reads back of a joined file."""
+"""Recordings made by the ffmpeg haul joins with, for the tests of page files and the bench
+(``ops/bench/pages.py``): an HLS stream, a DASH presentation of separate video and audio, and
+what ffmpeg reads back of a joined file."""
 
 from __future__ import annotations
 
@@ -11,40 +12,39 @@ from actors.tracks import ffmpeg_path
 from tests.servers import Origin
 
 #: A test card and a tone, in H.264 and AAC, with a key frame every second.
-SOURCES = ["-f", "lavfi", "-i", "testsrc=duration={seconds}:size=160x120:rate=25", "-f", "lavfi", "-i",
+SOURCES = ["-f", "lavfi", "-i", "testsrc=duration={seconds}:size={size}:rate=25", "-f", "lavfi", "-i",
            "sine=duration={seconds}", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-c:a", "aac"]  # fmt: skip
 
 
-def _ffmpeg(seconds: int, *output: str) -> None:
-    sources = [part.format(seconds=seconds) for part in SOURCES]
-    subprocess.run([ffmpeg_path(), "-hide_banner", "-loglevel", "error", *sources, *output], check=True, timeout=60)
+def _ffmpeg(seconds: int, size: str, *output: str) -> None:
+    sources = [part.format(seconds=seconds, size=size) for part in SOURCES]
+    subprocess.run([ffmpeg_path(), "-hide_banner", "-loglevel", "error", *sources, *output], check=True, timeout=600)
 
 
-def make_hls(folder: Path, seconds: int = 10) -> None:
+def make_hls(folder: Path, seconds: int = 10, size: str = "160x120") -> None:
     """``index.m3u8`` and 1 s MPEG-TS fragments ``seg-000.ts``... in ``folder``."""
-    _ffmpeg(seconds, "-f", "hls", "-hls_time", "1", "-hls_playlist_type", "vod", "-hls_segment_filename",
+    _ffmpeg(seconds, size, "-f", "hls", "-hls_time", "1", "-hls_playlist_type", "vod", "-hls_segment_filename",
             str(folder / "seg-%03d.ts"), str(folder / "index.m3u8"))  # fmt: skip
 
 
-def make_dash(folder: Path, seconds: int = 8) -> None:
+def make_dash(folder: Path, seconds: int = 8, size: str = "160x120", video_file: bool = True) -> None:
     """``manifest.mpd`` in ``folder``: a video and an audio adaptation set (fMP4, 1 s fragments,
-    ``init-stream0.m4s``, ``chunk-stream0-00001.m4s``... for the video, stream1 the audio), and
-    ``audio.m4a``, the same sound as one file."""
-    _ffmpeg(seconds, "-f", "dash", "-seg_duration", "1", "-use_template", "1", "-use_timeline", "0",
+    ``init-stream0.m4s``, ``chunk-stream0-00001.m4s``... for the video, stream1 the audio); and
+    (``video_file``) ``video.mp4``, the same picture as one file."""
+    _ffmpeg(seconds, size, "-f", "dash", "-seg_duration", "1", "-use_template", "1", "-use_timeline", "0",
             "-adaptation_sets", "id=0,streams=v id=1,streams=a", str(folder / "manifest.mpd"))  # fmt: skip
-    _ffmpeg(seconds, "-map", "1:a", "-f", "mp4", str(folder / "audio.m4a"))
-    _ffmpeg(seconds, "-map", "0:v", "-f", "mp4", str(folder / "video.mp4"))
+    if video_file:
+        _ffmpeg(seconds, size, "-map", "0:v", "-f", "mp4", str(folder / "video.mp4"))
 
 
-def dash_with_file(manifest: str, kind: str, url: str) -> str:
-    """``manifest`` with its ``kind`` ("video" or "audio") as one file at ``url`` (a
-    representation with only a BaseURL, which yt-dlp downloads as a file) instead of fragments."""
-    set_id, codecs = ("0", "avc1.f4000b") if kind == "video" else ("1", "mp4a.40.2")
-    start = manifest.index(f'<AdaptationSet id="{set_id}"')
+def dash_with_video_file(manifest: str, url: str) -> str:
+    """``manifest`` with its video as one file at ``url`` (a representation with only a
+    BaseURL, which yt-dlp downloads as a file) instead of fragments."""
+    start = manifest.index('<AdaptationSet id="0"')
     end = manifest.index("</AdaptationSet>", start) + len("</AdaptationSet>")
     replaced = (
-        f'<AdaptationSet id="{set_id}" contentType="{kind}" mimeType="{kind}/mp4">'
-        f'<Representation id="{kind[0]}" codecs="{codecs}" bandwidth="69000"><BaseURL>{url}</BaseURL></Representation>'
+        '<AdaptationSet id="0" contentType="video" mimeType="video/mp4">'
+        f'<Representation id="v" codecs="avc1.f4000b" bandwidth="69000"><BaseURL>{url}</BaseURL></Representation>'
         "</AdaptationSet>"
     )
     return manifest[:start] + replaced + manifest[end:]

@@ -19,7 +19,7 @@ from actors.events import EventLog
 from actors.states import State
 from actors.store import TaskStore
 from supervisor.api.sse import task_sse_id
-from tests.apiserver import FULL, READ, Api, api_env, sse, start_api
+from tests.apiserver import FULL, READ, Api, api_env, running_api, sse, start_api
 from tests.conftest import small_stream_nodes
 from tests.processes import running
 from tests.redisserver import RedisServer
@@ -35,8 +35,7 @@ def env(tmp_path: Path, redis_url: str, receiver: Receiver) -> dict[str, str]:
 
 @pytest.fixture
 def api(tmp_path: Path, env: dict[str, str]) -> Iterator[Api]:
-    started = start_api(tmp_path, env)
-    with running(started.process):
+    with running_api(tmp_path, env) as started:
         yield started
 
 

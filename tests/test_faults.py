@@ -11,7 +11,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,17 +59,10 @@ class Stack:
         return processes.supervisor(self.env, self.tmp_path / "supervisor.log")
 
     def submit(self, origin: Origin, files: dict[str, bytes]) -> str:
-        import json
-
         entries = [{"url": origin.put(f"/{name}", data), "path": name} for name, data in files.items()]
         manifest = self.tmp_path / f"m{self.count}-{random.random()}.json"
         manifest.write_text(json.dumps({"files": entries}))
-        result = subprocess.run(
-            [sys.executable, "-m", "supervisor.cli", "submit", "--manifest", str(manifest)],
-            env=self.env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip().splitlines()[-1]
+        return submitted(self.env, manifest)
 
     def submit_many(self, origin: Origin, tasks: list[dict[str, bytes]]) -> list[str]:
         """Submit through the Python API path (store + claim message), faster than the CLI."""

@@ -26,7 +26,7 @@ from actors.states import State
 from actors.store import TaskStore
 from actors.task import files_from_json, first_difference, request_hash
 from tests.conftest import in_process_worker, wait_for
-from tests.media import dash_on, dash_with_file, duration_of, kinds_of_streams, make_dash, make_hls, probe, serve
+from tests.media import dash_on, dash_with_video_file, duration_of, kinds_of_streams, make_dash, make_hls, probe, serve
 from tests.processes import wait_until
 from tests.servers import Fault, Origin, Receiver, Site
 
@@ -386,7 +386,7 @@ def test_a_stream_cut_half_way_resumes_fetching_only_the_missing_fragments(
 @pytest.fixture(scope="module")
 def presentation(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An 8 s DASH presentation of separate video and audio (1 s fMP4 fragments), and its
-    sound as one file."""
+    picture as one file."""
     folder = tmp_path_factory.mktemp("dash")
     make_dash(folder)
     return folder
@@ -439,7 +439,7 @@ def test_tracks_are_each_kept_across_attempts_and_joined_into_the_container_the_
     """The video one file (cut mid-body), the audio DASH fragments (one cut): each attempt asks
     only for what is missing, the finished video file never again."""
     serve(origin, presentation, "/mixed")
-    manifest = dash_with_file((presentation / "manifest.mpd").read_text(), "video", "video.mp4")
+    manifest = dash_with_video_file((presentation / "manifest.mpd").read_text(), "video.mp4")
     origin.put("/mixed/manifest.mpd", manifest.encode())
     video = (presentation / "video.mp4").stat().st_size
     origin.fault("/mixed/video.mp4", Fault("drop", after=video // 2))

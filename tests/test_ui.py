@@ -19,9 +19,9 @@ from actors.manifest import spec_from_manifest
 from actors.registry import WorkerInfo, WorkerRegistry
 from actors.states import State
 from actors.store import TaskStore
-from tests.apiserver import FULL, READ, Api, api_env, start_api
+from supervisor.api.sessions import digest
+from tests.apiserver import FULL, READ, Api, api_env, running_api
 from tests.conftest import end_task
-from tests.processes import running
 from tests.servers import Receiver
 
 pytestmark = pytest.mark.e2e
@@ -34,8 +34,7 @@ def env(tmp_path: Path, redis_url: str, receiver: Receiver) -> dict[str, str]:
 
 @pytest.fixture
 def api(tmp_path: Path, env: dict[str, str]) -> Iterator[Api]:
-    started = start_api(tmp_path, env)
-    with running(started.process):
+    with running_api(tmp_path, env) as started:
         yield started
 
 
@@ -72,7 +71,8 @@ def test_a_token_signs_in_to_a_strict_cookie_and_every_page_forbids_inline_code_
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/ui" in cookie
     assert "Secure" not in cookie  # plain http, and X-Forwarded-Proto is believed from trusted proxies only
     page = browser.get(f"{api.url}/ui/", timeout=5)
-    assert page.status_code == 200 and "backend (may act)" in page.text and "queued" in page.text
+    assert page.status_code == 200 and "backend (may act)" in page.text
+    assert '<th scope="row">queued</th><td>0</td>' in page.text
     policy = page.headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in policy and "unsafe-inline" not in policy and "default-src 'none'" in policy
     assert page.headers["X-Content-Type-Options"] == "nosniff" and page.headers["Cache-Control"] == "no-store"
@@ -82,7 +82,7 @@ def test_a_token_signs_in_to_a_strict_cookie_and_every_page_forbids_inline_code_
     # Redis keeps the session under a digest of its id: what it holds signs no one in
     session_id = browser.cookies["haul_session"]
     client = redis.Redis.from_url(redis_url, decode_responses=True)
-    keys = list(client.scan_iter("*ui:session:*"))
+    keys = list(client.scan_iter(f"*ui:session:{digest(session_id)}"))
     assert len(keys) == 1 and session_id not in keys[0]
     assert FULL not in str(client.hgetall(keys[0]))
     client.close()
@@ -133,8 +133,7 @@ def test_a_session_ends_when_idle_and_when_its_token_is_removed(tmp_path: Path, 
     # The read token is taken away: the API restarts without it, and its session ends
     api.process.terminate()
     (tmp_path / "again").mkdir()
-    without = start_api(tmp_path / "again", {k: v for k, v in env.items() if k != "HAUL_API_READ_TOKENS"})
-    with running(without.process):
+    with running_api(tmp_path / "again", {k: v for k, v in env.items() if k != "HAUL_API_READ_TOKENS"}) as without:
         assert not signed_in(reader, without)
         assert signed_in(kept, without)
 
@@ -142,9 +141,8 @@ def test_a_session_ends_when_idle_and_when_its_token_is_removed(tmp_path: Path, 
 def test_behind_a_trusted_proxy_the_cookie_is_secure_and_forms_of_the_public_host_are_taken(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    behind = start_api(tmp_path, env | {"HAUL_API_TRUSTED_PROXIES": "127.0.0.1/32"})
     proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "haul.example", "Origin": "https://haul.example"}
-    with running(behind.process):
+    with running_api(tmp_path, env | {"HAUL_API_TRUSTED_PROXIES": "127.0.0.1/32"}) as behind:
         browser, answer = sign_in(behind, FULL, **proxied)
         assert answer.status_code == 303 and "Secure" in answer.headers["Set-Cookie"]
         _, other = sign_in(behind, FULL, **(proxied | {"Origin": "https://evil.example"}))
@@ -153,8 +151,7 @@ def test_behind_a_trusted_proxy_the_cookie_is_secure_and_forms_of_the_public_hos
 
 def test_without_tokens_the_dashboard_is_off(tmp_path: Path, env: dict[str, str]) -> None:
     open_env = {k: v for k, v in env.items() if k not in {"HAUL_API_TOKENS", "HAUL_API_READ_TOKENS"}}
-    started = start_api(tmp_path, open_env)
-    with running(started.process):
+    with running_api(tmp_path, open_env) as started:
         answer = requests.get(f"{started.url}/ui/", timeout=5)
         assert answer.status_code == 403 and "HAUL_API_TOKENS" in answer.text
 
@@ -245,15 +242,26 @@ def test_the_workers_page_shows_each_worker_its_heartbeat_and_the_tasks_it_holds
     browser, _ = sign_in(api, READ)
     page = browser.get(f"{api.url}/ui/workers", timeout=5).text
     row_a = re.search(r"<tr><td><bdi>worker-a</bdi>.*?</tr>", page)
-    assert row_a and "101" in row_a[0] and "resolve" in row_a[0] and f"/ui/tasks/{task_id}" in row_a[0]
+    assert row_a and "<td>101</td>" in row_a[0] and "resolve" in row_a[0] and f"/ui/tasks/{task_id}" in row_a[0]
     assert "3s</bdi> ago" in row_a[0] and "2h" in row_a[0]
     assert "&lt;b&gt;worker-b&lt;/b&gt;" in page and "<b>worker-b</b>" not in page
 
 
-def test_a_bulk_retry_takes_exactly_the_tasks_counted_at_its_confirmation_once(api: Api, store: TaskStore) -> None:
-    counted = make_tasks(store, 3)
-    for task_id in counted:
+def failed_tasks(store: TaskStore, count: int) -> list[str]:
+    ids = make_tasks(store, count)
+    for task_id in ids:
         end_task(store, task_id, State.FAILED, now=time.time())
+    return ids
+
+
+def confirmation_of(page: str) -> str:
+    found = re.search(r'name="confirm" value="([^"]+)"', page)
+    assert found, page
+    return found[1]
+
+
+def test_a_bulk_retry_takes_exactly_the_tasks_counted_at_its_confirmation_once(api: Api, store: TaskStore) -> None:
+    counted = failed_tasks(store, 3)
     reader, _ = sign_in(api, READ)
     read_page = reader.get(f"{api.url}/ui/tasks", params={"state": "failed"}, timeout=5).text
     assert "Retry all" not in read_page
@@ -268,9 +276,7 @@ def test_a_bulk_retry_takes_exactly_the_tasks_counted_at_its_confirmation_once(a
     assert all(store.get(t).state is State.FAILED for t in counted)  # type: ignore[union-attr]
     [later] = make_tasks(store, 1)  # fails after the count: not taken
     end_task(store, later, State.FAILED, now=time.time())
-    confirm_id = re.search(r'name="confirm" value="([^"]+)"', confirm.text)
-    assert confirm_id
-    form = {"csrf": csrf_of(page), "confirm": confirm_id[1]}
+    form = {"csrf": csrf_of(page), "confirm": confirmation_of(confirm.text)}
     done = operator.post(f"{api.url}/ui/bulk/retry", data=form, timeout=5)
     assert done.status_code == 200 and "3 retried" in done.text
     assert all(store.get(t).state is State.QUEUED for t in counted)  # type: ignore[union-attr]
@@ -279,3 +285,47 @@ def test_a_bulk_retry_takes_exactly_the_tasks_counted_at_its_confirmation_once(a
     assert again.status_code == 409  # a confirmation is used once
     events = EventLog(store.client, store.prefix).of_task(counted[0])
     assert [e.data.get("by") for e in events if e.type == "task.retried"] == ["ui:backend"]
+
+
+def test_a_session_older_than_twelve_hours_ends_however_much_it_is_used(api: Api, redis_url: str) -> None:
+    browser, _ = sign_in(api, FULL)
+    assert signed_in(browser, api)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    [key] = client.scan_iter(f"*ui:session:{digest(browser.cookies['haul_session'])}")
+    client.hset(key, "started", str(time.time() - 13 * 3600))
+    assert not signed_in(browser, api) and not client.exists(key)
+    client.close()
+
+
+def test_what_cannot_be_done_is_refused_with_a_page_not_a_500(api: Api, store: TaskStore) -> None:
+    [queued] = make_tasks(store, 1)
+    operator, _ = sign_in(api, FULL)
+    page = operator.get(f"{api.url}/ui/tasks/{queued}", timeout=5).text
+    csrf = {"csrf": csrf_of(page)}
+    assert operator.get(f"{api.url}/ui/tasks/{'f' * 32}", timeout=5).status_code == 404
+    assert operator.post(f"{api.url}/ui/tasks/{queued}/delete", data=csrf, timeout=5).status_code == 404
+    assert operator.post(f"{api.url}/ui/tasks/{'f' * 32}/cancel", data=csrf, timeout=5).status_code == 404
+    not_ended = operator.post(f"{api.url}/ui/tasks/{queued}/retry", data=csrf, timeout=5)
+    assert not_ended.status_code == 409 and "has not ended" in not_ended.text
+    assert operator.post(f"{api.url}/ui/bulk/confirm", data=csrf | {"state": "queued"}, timeout=5).status_code == 400
+    big = requests.post(f"{api.url}/ui/sign-in", data={"token": FULL + "x" * 5000}, timeout=5)
+    assert big.status_code == 401  # past MAX_FORM_BYTES nothing is read
+    odd = operator.get(f"{api.url}/ui/tasks", params={"state": "queued", "cursor": "nan:zz"}, timeout=5)
+    assert odd.status_code == 200 and f"/ui/tasks/{queued}" in odd.text  # the first page
+
+
+def test_a_bulk_confirmation_is_its_sessions_only_and_says_what_it_could_not_retry(api: Api, store: TaskStore) -> None:
+    counted = failed_tasks(store, 2)
+    first, _ = sign_in(api, FULL)
+    page = first.get(f"{api.url}/ui/tasks", params={"state": "failed"}, timeout=5).text
+    confirm = first.post(f"{api.url}/ui/bulk/confirm", data={"csrf": csrf_of(page), "state": "failed"}, timeout=5)
+    other, _ = sign_in(api, FULL)
+    other_page = other.get(f"{api.url}/ui/", timeout=5).text
+    stolen_form = {"csrf": csrf_of(other_page), "confirm": confirmation_of(confirm.text)}
+    stolen = other.post(f"{api.url}/ui/bulk/retry", data=stolen_form, timeout=5)
+    assert stolen.status_code == 409  # and the confirmation is spent
+    again = first.post(f"{api.url}/ui/bulk/confirm", data={"csrf": csrf_of(page), "state": "failed"}, timeout=5)
+    store.retry(counted[0], time.time())  # someone else retried one meanwhile
+    done = first.post(f"{api.url}/ui/bulk/retry", data={"csrf": csrf_of(page), "confirm": confirmation_of(again.text)},
+                      timeout=5)  # fmt: skip
+    assert done.status_code == 200 and "1 retried" in done.text and "1 no longer ended" in done.text

@@ -15,43 +15,28 @@ from pathlib import Path
 from typing import Any
 
 from ops.bench.harness import Bench, Worker, med, ratio_runs, wait_done
+from tests import media
 
 #: The recording: minutes of 640x360 video and sound, cut in fragments of a second.
 SECONDS = 300
 #: Fragments at once, on both sides (haul: HAUL_SPLIT; yt-dlp: -N).
 AT_ONCE = 4
-#: The recording's sources and codecs, as ffmpeg's arguments.
-SOURCES = [
-    "-f", "lavfi", "-i", f"testsrc=duration={SECONDS}:size=640x360:rate=25", "-f", "lavfi", "-i",
-    f"sine=duration={SECONDS}", "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-c:a", "aac",
-]  # fmt: skip
+#: The recording's picture.
+SIZE = "640x360"
 
 
 def make_hls(folder: Path) -> tuple[str, int]:
-    """An HLS stream in ``folder``: its playlist's name, and its fragments."""
-    from actors.tracks import ffmpeg_path
-
+    """An HLS stream in ``folder`` (made once): its playlist's name, and its fragments."""
     if not (folder / "index.m3u8").exists():
-        subprocess.run(
-            [ffmpeg_path(), "-hide_banner", "-loglevel", "error", *SOURCES, "-f", "hls", "-hls_time", "1",
-             "-hls_playlist_type", "vod", "-hls_segment_filename", str(folder / "seg-%04d.ts"),
-             str(folder / "index.m3u8")],
-            check=True,
-        )  # fmt: skip
+        media.make_hls(folder, SECONDS, SIZE)
     return "index.m3u8", len(list(folder.glob("seg-*.ts")))
 
 
 def make_dash(folder: Path) -> tuple[str, int]:
-    """A DASH presentation in ``folder``, video and audio apart: its manifest's name, and its fragments."""
-    from actors.tracks import ffmpeg_path
-
+    """A DASH presentation in ``folder`` (made once), video and audio apart: its manifest's
+    name, and its fragments."""
     if not (folder / "manifest.mpd").exists():
-        subprocess.run(
-            [ffmpeg_path(), "-hide_banner", "-loglevel", "error", *SOURCES, "-f", "dash", "-seg_duration", "1",
-             "-use_template", "1", "-use_timeline", "0", "-adaptation_sets", "id=0,streams=v id=1,streams=a",
-             str(folder / "manifest.mpd")],
-            check=True,
-        )  # fmt: skip
+        media.make_dash(folder, SECONDS, SIZE, video_file=False)
     return "manifest.mpd", len(list(folder.glob("chunk-*.m4s")))
 
 
