@@ -199,6 +199,21 @@ class Client:
         tasks = [t for t in (self.store.get(i) for i, _ in entries[:limit]) if t is not None]
         return tasks, (Cursor(entries[limit - 1][1], entries[limit - 1][0]) if len(entries) > limit else None)
 
+    def by_name(self, prefix: str, limit: int, after: str | None = None) -> tuple[builtins.list[Task], str | None]:
+        """Up to ``limit`` tasks whose name starts with ``prefix`` (any case), in name order,
+        after the cursor ``after``; and the cursor of the next page (None at the end). Two round
+        trips: the index, then the tasks. A task pruned meanwhile is left out, so a page may be
+        short of ``limit`` with more to come. An empty prefix raises ValueError."""
+        task_ids, cursor = self.store.tasks_by_name(prefix, limit, after)
+        return [t for t in self.store.get_many(task_ids) if t is not None], cursor
+
+    def by_host(self, host: str, limit: int, before: Cursor | None = None) -> tuple[builtins.list[Task], Cursor | None]:
+        """Up to ``limit`` tasks with a file on ``host`` (a hostname, any case), newest first,
+        older than the cursor ``before``; and the cursor of the next page (None at the end). A
+        task pruned meanwhile is left out, as in :meth:`by_name`."""
+        task_ids, cursor = self.store.tasks_by_host(host, limit, before)
+        return [t for t in self.store.get_many(task_ids) if t is not None], cursor
+
     def counts(self) -> dict[State, int]:
         return self.store.counts()
 

@@ -15,11 +15,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from actors.stagemeter import Tallies
 from actors.states import CancelReply, ClaimReply, CreateReply, RetryReply, State, StepReply
 from actors.store_base import text_of
+from actors.store_index import MAX_INDEXED_HOSTS, name_member, name_range, task_hosts, task_id_of
 from actors.store_sweeps import SweepStore
 from actors.task import (
     DEFAULT_ACCEPT,
@@ -177,7 +177,8 @@ class TaskStore(SweepStore):
     ) -> tuple[list[str], list[Any]]:
         """create.lua's KEYS and ARGV for ``spec`` as task ``task_id``, also for a caller that
         runs the script on a connection of its own (:meth:`script_text`; the API does, from its
-        event loop) and goes on with :meth:`create` for any answer other than ``created``."""
+        event loop) and goes on with :meth:`create` for any answer other than ``created``. The
+        task's search index entries (:mod:`actors.store_index`) are written in the same step."""
         described: dict[str, Any] = {"files": [f.to_json() for f in spec.files]}
         if spec.name:
             described["name"] = spec.name
@@ -188,9 +189,10 @@ class TaskStore(SweepStore):
         if spec.request is not None:  # secrets: read back by workers only, never shown
             described["request"] = spec.request.to_json()
         asked = request_hash(spec)
+        hosts = task_hosts(spec.files)
         fields: dict[str, Any] = {
             "key": spec.key or "",
-            "hosts": " ".join(sorted({urlsplit(f.url).hostname or "" for f in spec.files})),
+            "hosts": " ".join(hosts),
             "bytes_total": spec.known_bytes,
             "bytes_done": 0,
             "files_done": 0,
@@ -200,13 +202,15 @@ class TaskStore(SweepStore):
             "created_at": now,
             "request_hash": asked,
         }
-        keys = [self.task_key(task_id), self.spec_key(task_id)]
+        indexed = [self.host_index_key(host) for host in hosts[:MAX_INDEXED_HOSTS]]
+        keys = [self.task_key(task_id), self.spec_key(task_id), self.name_index_key, self.name_members_key, *indexed]
         keys += [claim.queue_key, claim.bodies_key] if claim else []
         keys += [f"{self.prefix}key:{spec.key}"] if spec.key else []
         message = [claim.redis_id, claim.body] if claim else ["", ""]
+        index = [name_member(spec.name, task_id), len(indexed)]
         flat = [item for pair in fields.items() for item in pair]
         spec_json = json.dumps(described, separators=(",", ":"))
-        return keys, self._argv((task_id, now, spec_json, asked, "1" if replace else "0", *message, *flat))
+        return keys, self._argv((task_id, now, spec_json, asked, "1" if replace else "0", *message, *index, *flat))
 
     def claim(
         self,
@@ -365,8 +369,9 @@ class TaskStore(SweepStore):
         self, renewals: Sequence[Renewal], *, now: float, lease_seconds: float, tallies: Tallies | None = None
     ) -> list[bool]:
         """Renew several leases (writing progress where given) in one pipelined round trip,
-        adding ``tallies`` (:mod:`actors.stagemeter`) to the stage totals in the same trip; for
-        each lease, False when its token is stale or the task is no longer active."""
+        adding ``tallies`` (:mod:`actors.stagemeter`) to the stage totals and their bytes to the
+        current minute's figures (:mod:`actors.store_figures`) in the same trip; for each lease,
+        False when its token is stale or the task is no longer active."""
         pipe = self.client.pipeline(transaction=False)
         for r in renewals:
             keys = [self.task_key(r.task_id), self.leases_key]
@@ -378,6 +383,7 @@ class TaskStore(SweepStore):
                 pipe.hincrby(self.stage_totals_key, f"{stage}:bytes", moved)
             if seconds:
                 pipe.hincrbyfloat(self.stage_totals_key, f"{stage}:seconds", round(seconds, 6))
+        self.add_minute_bytes(pipe, now, tallies or {})
         return [bool(written) for written in pipe.execute()[: len(renewals)]]
 
     def release(
@@ -496,15 +502,26 @@ class TaskStore(SweepStore):
         return bool(self._call("notify_end", keys, task_id, run, "" if seq is None else seq))
 
     def get(self, task_id: str) -> Task | None:
+        return self.get_many([task_id])[0]
+
+    def get_many(self, task_ids: Sequence[str]) -> list[Task | None]:
+        """Tasks by id, read in one pipelined round trip; None for an id whose record is gone (a
+        page or an index may list a task pruned since)."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.task_key(task_id))
-        pipe.get(self.spec_key(task_id))
-        pipe.zscore(f"{self.prefix}resting", task_id)
-        pipe.get(f"{self.prefix}stored:{task_id}")
-        raw, described_json, resting_until, stored_json = pipe.execute()
-        if not raw or described_json is None:
-            return None
-        return _task_from(task_id, raw, described_json, float(resting_until or 0), stored_json)
+        for task_id in task_ids:
+            pipe.hgetall(self.task_key(task_id))
+            pipe.get(self.spec_key(task_id))
+            pipe.zscore(f"{self.prefix}resting", task_id)
+            pipe.get(f"{self.prefix}stored:{task_id}")
+        replies = pipe.execute() if task_ids else []
+        tasks: list[Task | None] = []
+        for at, task_id in enumerate(task_ids):
+            raw, described_json, resting_until, stored_json = replies[4 * at : 4 * at + 4]
+            if not raw or described_json is None:
+                tasks.append(None)
+            else:
+                tasks.append(_task_from(task_id, raw, described_json, float(resting_until or 0), stored_json))
+        return tasks
 
     def id_by_key(self, key: str) -> str | None:
         """The id of the task an idempotency key names now (the newest, after a replace)."""
@@ -539,7 +556,32 @@ class TaskStore(SweepStore):
         """Up to ``limit`` (id, time entered) of tasks in ``state``, newest first, after the
         cursor ``after``. Tasks that entered in the same millisecond share a score and are
         listed by id, descending: the cursor's id places it among them, so none is skipped."""
-        key = self.state_key(state)
+        return self._newest(self.state_key(state), limit, after)
+
+    def tasks_by_name(self, prefix: str, limit: int, after: str | None = None) -> tuple[list[str], str | None]:
+        """Ids of up to ``limit`` tasks whose name starts with ``prefix``, casefolded (``khóa``
+        finds "Khóa học"), in name order, from the name index in one command; and the cursor of
+        the next page (pass it as ``after``; None at the end). An empty prefix raises ValueError.
+        A task pruned since may be listed: reading it finds nothing."""
+        _check_limit(limit)
+        low, high = name_range(prefix, after)
+        found = self.client.zrangebylex(self.name_index_key, low, high, start=0, num=limit + 1)
+        members = [text_of(m) for m in found]
+        return [task_id_of(m) for m in members[:limit]], (members[limit - 1] if len(members) > limit else None)
+
+    def tasks_by_host(self, host: str, limit: int, before: Cursor | None = None) -> tuple[list[str], Cursor | None]:
+        """Ids of up to ``limit`` tasks with a file on ``host`` (a hostname, any case: no port),
+        newest first, older than the cursor ``before`` (as :meth:`page`); and the cursor of the
+        next page (None at the end). A host no task names has none. A task pruned since may be
+        listed: reading it finds nothing."""
+        _check_limit(limit)
+        entries = self._newest(self.host_index_key(host.lower()), limit + 1, before)
+        last = entries[limit - 1] if len(entries) > limit else None
+        return [task_id for task_id, _ in entries[:limit]], (Cursor(last[1], last[0]) if last else None)
+
+    def _newest(self, key: str, limit: int, after: Cursor | None) -> list[tuple[str, float]]:
+        """Up to ``limit`` (member, score) of the sorted set ``key``, highest score first, past
+        ``after`` (equal scores: by member, descending)."""
         found: Any
         if after is None:
             found = self.client.zrevrange(key, 0, limit - 1, withscores=True)
@@ -548,6 +590,11 @@ class TaskStore(SweepStore):
         found = self.client.zrevrangebyscore(key, after.at, "-inf", start=0, num=limit + ties, withscores=True)
         entries = [(text_of(m), float(s)) for m, s in found]
         return [(i, s) for i, s in entries if s < after.at or (s == after.at and i < after.task_id)][:limit]
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"a page holds at least one task (limit {limit})")
 
 
 def _task_from(

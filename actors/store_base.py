@@ -11,6 +11,8 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:notify          sorted set: failed/dead/canceled tasks whose task.failed or task.canceled is
                          owed, by when its next try is due (see actors/notify.py)
     haul:supervisor:leader  string with TTL: the supervisor replica that runs the sweeps
+    haul:supervisor:report  hash with TTL: the leader's last sweep and configuration problems, for
+                         the operator dashboard (actors/store_figures.py)
     haul:slots:<stage>   sorted sets: stage slots, by the lease deadline of their holder
     haul:slots:host:<h>  the same per origin host; a task's run that downloads several files from
                          one host at once holds one member more per connection ('<id>#<n>')
@@ -25,13 +27,20 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:stats:refused   hash: claims answered full, by reason (haul_claims_refused_total)
     haul:stats:stages    hash: <stage>:bytes and <stage>:seconds, added by every worker's lease
                          keeper (haul_stage_bytes_total, haul_stage_seconds_total)
+    haul:stats:minute:<m>  hash with TTL: tasks done, failed, dead and bytes moved in minute <m>
+                         since the epoch, for the operator dashboard (actors/store_figures.py)
     haul:uploads:<id>    hash: file index -> the multipart upload in progress (JSON: key, upload
                          id, part size), kept by the run holding the task (actors/store_uploads.py)
     haul:uploading       set: the tasks that have such records
+    haul:index:name      sorted set: '<casefolded name>\\0<id>', all scores 0 (name prefix search)
+    haul:index:names     hash: task id -> its member of index:name (for prune)
+    haul:index:host:<h>  sorted set: ids of the tasks with a file on <h>, by created_at
+                         (:mod:`actors.store_index`)
 
 Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter. The
 operations are :class:`actors.store.TaskStore` (a task's runs and reads) on top of
-:class:`actors.store_sweeps.SweepStore` (what the supervisor's sweeps and metrics need).
+:class:`actors.store_sweeps.SweepStore` (what the supervisor's sweeps and metrics need), on top
+of :class:`actors.store_figures.FigureStore` (what the operator dashboard reads).
 """
 
 from __future__ import annotations
@@ -73,7 +82,7 @@ def text_of(value: Any) -> str:
 
 class StoreBase:
     """The keys, under one prefix, and the scripts; the only code besides the worker registry
-    that knows haul's Redis layout is this class and its two subclasses."""
+    that knows haul's Redis layout is this class and its subclasses."""
 
     def __init__(self, client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
         self.client = client
@@ -106,6 +115,7 @@ class StoreBase:
                 "finalize_resend",
                 "upload",
                 "upload_drop",
+                "report",
             )  # fmt: skip
         }
 
@@ -123,6 +133,17 @@ class StoreBase:
 
     def state_key(self, state: State) -> str:
         return f"{self.prefix}state:{state.value}"
+
+    @property
+    def name_index_key(self) -> str:
+        return f"{self.prefix}index:name"
+
+    @property
+    def name_members_key(self) -> str:
+        return f"{self.prefix}index:names"
+
+    def host_index_key(self, host: str) -> str:
+        return f"{self.prefix}index:host:{host}"
 
     @property
     def leases_key(self) -> str:

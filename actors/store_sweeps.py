@@ -8,10 +8,12 @@ from typing import Any
 
 from actors.stagemeter import STAGES, Tallies
 from actors.states import FINAL_STATES, RequeueReply, State
-from actors.store_base import StoreBase, text_of
+from actors.store_base import text_of
+from actors.store_figures import FigureStore, lock_of
+from actors.store_index import MAX_INDEXED_HOSTS
 
 
-class SweepStore(StoreBase):
+class SweepStore(FigureStore):
     """Bounded reads and guarded writes for the supervisor's sweeps (see supervisor/sweeps.py)."""
 
     def requeue_expired(self, task_ids: list[str], *, now: float, max_attempts: int) -> list[RequeueReply | Exception]:
@@ -61,9 +63,7 @@ class SweepStore(StoreBase):
         pipe.get(self.leader_key)
         pipe.pttl(self.leader_key)
         holder, pttl = pipe.execute()
-        if holder is None:
-            return None, None
-        return text_of(holder), (pttl / 1000 if pttl >= 0 else None)
+        return lock_of(holder, pttl)
 
     def leader(self) -> str | None:
         value = self.client.get(self.leader_key)
@@ -143,13 +143,15 @@ class SweepStore(StoreBase):
         self, state: State, *, cutoff: float, limit: int, skip: int = 0
     ) -> tuple[list[tuple[str, State]], int, bool]:
         """Delete up to ``limit`` records of tasks that ended in ``state`` before ``cutoff``, in
-        one script call (prune.lua lists what goes with each and what is kept).
+        one script call (prune.lua lists what goes with each, its search index entries among
+        them, and what is kept).
 
         Returns (id, state) of each deleted record; how many entries that ended before the
         cutoff were kept (a notice still owed, say), to pass as ``skip`` to the sweep's next
         batch; and whether more may be left. It looks at 4 x ``limit`` entries at most, so a
         long run of kept records at the head of the set is crossed in bounded steps.
         """
-        reply = self._call("prune", [self.state_key(state)], cutoff, max(limit, 1), 4 * max(limit, 1), skip)
+        bounds = (max(limit, 1), 4 * max(limit, 1), skip, MAX_INDEXED_HOSTS)
+        reply = self._call("prune", [self.state_key(state)], cutoff, *bounds)
         pairs = zip(reply[2::2], reply[3::2], strict=True)
         return [(text_of(task_id), State(text_of(s))) for task_id, s in pairs], int(reply[0]), bool(reply[1])

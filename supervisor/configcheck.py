@@ -3,7 +3,8 @@ whether Redis keeps what it acknowledged.
 
 A limit or timing problem is logged and sent to Sentry once, when it appears; a persistence
 problem is a health problem instead (``/healthz`` says it, and its incident is the Sentry
-event), so it is kept here for :mod:`supervisor.health` to read.
+event), so it is kept here for :mod:`supervisor.health` to read. What the last check found is
+kept too (``last``): the leader publishes it for the operator dashboard (supervisor/report.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from actors.registry import WorkerRegistry
 from actors.settings import Settings
@@ -25,6 +27,14 @@ log = logging.getLogger(__name__)
 STORAGE_PROBE_SECONDS = 600.0
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What one check found, and when (seconds since the epoch)."""
+
+    at: float
+    problems: tuple[str, ...]
+
+
 class ConfigCheck:
     """What the last check found, and which problems were already reported."""
 
@@ -35,12 +45,15 @@ class ConfigCheck:
         registry: WorkerRegistry,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings, self.store, self.registry, self.metrics = settings, store, registry, metrics
         #: Redis's persistence as last read, or None before the first read.
         self.persistence: limits.Persistence | None = None
+        #: What the last complete check found, or None before the first.
+        self.last: Checked | None = None
         self._reported: set[str] = set()
-        self.clock = clock
+        self.clock, self.wall_clock = clock, wall_clock
         self._storage: tuple[float, list[str]] | None = None  # (when probed, problems found)
 
     def storage_problems(self) -> list[str]:
@@ -73,6 +86,7 @@ class ConfigCheck:
                 if problem in problems:
                     alerts.config_problem(problem)
         self._reported = set(problems + persistence)
+        self.last = Checked(self.wall_clock(), tuple(problems + persistence))
         return problems + persistence
 
     def check_persistence(self) -> None:

@@ -70,7 +70,7 @@ class Supervisor:
                 "staging_bytes": settings.staging_max_bytes,
             },
         )
-        self.config = ConfigCheck(settings, store, self.registry, self.metrics)
+        self.config = ConfigCheck(settings, store, self.registry, self.metrics, wall_clock=clock)
         self.jobs = SweepJobs(settings, store, self.registry, messages, self.lead, self.metrics, self.config, clock)
         self.scheduler = BackgroundScheduler(job_defaults={"max_instances": 1, "coalesce": True})
         self.scheduler.add_listener(self._job_failed, EVENT_JOB_ERROR)

@@ -4,7 +4,8 @@
 A job runs only while this replica holds the leader lock (:meth:`Leadership.holds_lock`), and
 the messages it sends are fenced by the lock, so a sweep that outlives it sends nothing more.
 What each sweep does to the tasks is :mod:`supervisor.sweeps`; the configuration check is
-:mod:`supervisor.configcheck`.
+:mod:`supervisor.configcheck`. After a requeue sweep and a configuration check the leader
+publishes its report for the operator dashboard (:mod:`supervisor.report`).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from actors.messages import Messages
+from actors.redact import secrets_of
 from actors.registry import WorkerRegistry
 from actors.settings import Settings
 from actors.storage import LocalStorage
 from actors.store import TaskStore
 from actors.store_uploads import abandoned_uploads, drop_uploads
-from supervisor import alerts, sweeps
+from supervisor import alerts, report, sweeps
 from supervisor.configcheck import ConfigCheck
 from supervisor.leadership import Leadership
 from supervisor.metrics import Metrics
@@ -76,6 +78,7 @@ class SweepJobs:
         #: clock() when requeue_stuck last ended (health, and the last-sweep metric), or None.
         self.last_sweep: float | None = None
         self._storage: S3Storage | None = None
+        self._secrets = secrets_of(settings)
 
     def by_name(self) -> dict[str, Callable[[], None]]:
         """Every sweep by its job name (the monitor is ``haul-`` and the name with dashes)."""
@@ -106,6 +109,7 @@ class SweepJobs:
         self.metrics.requeues.labels("lease_expired").inc(outcome["queued"])
         self.metrics.requeues.labels("unsent").inc(outcome["resent"])
         self.last_sweep = self.clock()
+        self._publish()
 
     @_sweep
     def rescue_orphans(self, now: float) -> None:
@@ -136,6 +140,7 @@ class SweepJobs:
     def check_config(self, now: float) -> None:
         """The limits and timing against the registered workers, and Redis's persistence."""
         self.config.run()
+        self._publish()
 
     @_sweep
     def prune(self, now: float) -> None:
@@ -185,6 +190,13 @@ class SweepJobs:
             assert isinstance(storage, S3Storage)
             self._storage = storage
         return self._storage
+
+    def _publish(self) -> None:
+        """The dashboard's report: this leader's last sweep and configuration problems."""
+        report.publish(
+            self.store, self.lead.node_id, sweep_seconds=self.settings.sweep_seconds, last_sweep=self.last_sweep,
+            checked=self.config.last, secrets=self._secrets,
+        )  # fmt: skip
 
     def _orphan_seconds(self) -> float:
         return max(self.settings.orphan_seconds, 3 * self.settings.sweep_seconds)

@@ -63,6 +63,10 @@ def test_a_dropped_connection_resumes_and_the_origin_serves_the_file_about_once(
     totals = store.stage_totals()
     assert totals["download"][0] == origin.served["/big.mp4"]
     assert totals["download"][1] > 0 and totals["finalize"][1] > 0
+    # ... and to the dashboard's minutes in the same ticks: the same bytes, minute by minute
+    minutes = store.throughput(time.time())
+    assert sum(m.download_bytes for m in minutes) == totals["download"][0]
+    assert sum(m.finalize_bytes for m in minutes) == totals["finalize"][0]
 
 
 def test_a_file_changed_between_attempts_ends_as_the_new_file(

@@ -19,6 +19,9 @@
 --                          be sent yet, by when they were queued (supervisor/sweeps.py)
 --   $prefix stats:dead     counter: transitions into 'dead' ever (haul_dead_tasks_total)
 --   $prefix stats:refused  hash: claims answered 'full', by reason (haul_claims_refused_total)
+--   $prefix stats:minute:$minute  hash: tasks that became done, failed or dead in that minute
+--                          (since the epoch), by state; the lease keepers add '<stage>:bytes' to it
+--                          (actors/store_figures.py); it expires MINUTE_TTL seconds after its last write
 --   $prefix events         stream: every task's events, trimmed to about events_retain entries
 --   $prefix events:$id     stream: one task's events, never trimmed (its latest task.progress
 --                          replaces the one before it); pruned with the task (actors/events.py)
@@ -269,6 +272,17 @@ local function progress_event(task_key, id, now, force)
   redis.call('HSET', task_key, 'ev_at', now, 'ev_bytes', moved)
 end
 
+-- How long a minute's figures are kept after their last write (seconds): actors/store_figures.py's
+-- MINUTE_TTL_SECONDS, which the lease keepers use for the bytes (tests/test_figures.py checks).
+local MINUTE_TTL = 900
+
+-- Add `n` to `field` of the figures of the minute `now` falls in (read by the operator dashboard).
+local function count_minute(now, field, n)
+  local key = prefix .. 'stats:minute:' .. string.format('%d', math.floor(tonumber(now) / 60))
+  redis.call('HINCRBY', key, field, n)
+  redis.call('EXPIRE', key, MINUTE_TTL)
+end
+
 -- Move task `id` from state `old` (false for a new task) to `new` at time `now`, with its event
 -- (call it after the fields the event reports, the error among them, are written).
 local function set_state(task_key, id, old, new, now, by)
@@ -294,6 +308,9 @@ local function set_state(task_key, id, old, new, now, by)
   end
   if old == new then
     return
+  end
+  if new == 'done' or new == 'failed' or new == 'dead' then  -- the dashboard's tasks per minute
+    count_minute(now, new, 1)
   end
   local t = redis.call('HMGET', task_key, 'attempts', 'error', 'error_code', 'error_file', 'not_before', 'state',
     'run', 'worker')
