@@ -52,6 +52,7 @@ from supervisor.api.problems import Problem, invalid_input
 from supervisor.api.sessions import Sessions
 from supervisor.api.sse import EventStreams, Hub
 from supervisor.api.ui import Dashboard, DashboardHeaders
+from supervisor.api.uilive import LiveUpdates
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +360,7 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
             api.client,
             Sessions(api.redis, api.client.store.prefix, settings.api),
             BulkRetries(api.redis, api.client.store.prefix),
+            LiveUpdates(api.hub, api.client),
         ).routes(),
     ]
     middleware = [Middleware(DashboardHeaders, prefix=settings.api.ui_prefix)]

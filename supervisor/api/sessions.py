@@ -74,17 +74,19 @@ class Sessions:
             await pipe.execute()
         return session_id, Session(key, token.name, token.write, csrf)
 
-    async def find(self, session_id: str | None, now: float) -> Session | None:
-        """The live session ``session_id`` names, renewed; None when there is none (never
-        was, ended, idle too long, older than MAX_SESSION_SECONDS, or its token is no longer
-        the API's)."""
+    async def find(self, session_id: str | None, now: float, *, renew: bool = True) -> Session | None:
+        """The live session ``session_id`` names, renewed (``renew``: an operator's request,
+        not a page's live updates, which must not keep an idle session alive); None when there
+        is none (never was, ended, idle too long, older than MAX_SESSION_SECONDS, or its token
+        is no longer the API's)."""
         if not session_id or len(session_id) > MAX_SESSION_ID_CHARS:
             return None
         key = self._key(session_id)
         async with self.redis.pipeline(transaction=False) as pipe:  # read and renew: one round trip
             pipe.hgetall(key)
-            pipe.expire(key, max(1, int(self.api.ui_idle_seconds)))
-            raw, _ = await pipe.execute()
+            if renew:
+                pipe.expire(key, max(1, int(self.api.ui_idle_seconds)))
+            raw = (await pipe.execute())[0]
         data = {text_of(k): text_of(v) for k, v in raw.items()}
         if not data.get("name"):
             return None

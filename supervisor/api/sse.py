@@ -33,7 +33,7 @@ import redis
 import redis.asyncio as aioredis
 from starlette.responses import Response, StreamingResponse
 
-from actors.events import Event, event_of, stream_id_key
+from actors.events import STATE_EVENTS, Event, event_of, stream_id_key
 from actors.states import FINAL_STATES
 from actors.store_base import REDIS_SOCKET_TIMEOUT_SECONDS, redis_options, text_of
 from supervisor.api.auth import watcher_view
@@ -83,9 +83,10 @@ def entry_of(event_id: str | None, mark: str, task_id: str = "") -> str | None:
 
 @dataclass(eq=False)
 class Subscription:
-    """One subscriber's queue of live events, and whether it fell too far behind."""
+    """One subscriber's queue of live events (of the tasks it follows; None: of every task),
+    and whether it fell too far behind."""
 
-    task_id: str | None
+    task_ids: tuple[str | None, ...]
     queue: asyncio.Queue[Event] = field(default_factory=lambda: asyncio.Queue(QUEUE_EVENTS))
     overflowed: bool = False
 
@@ -103,6 +104,8 @@ class Hub:
         #: Set once the hub knows where it reads from: a stream opened before that could miss
         #: an event between its replay and the hub's first read.
         self.ready = asyncio.Event()
+        #: State changes read so far: a view of the counts by state reads them again when it moved.
+        self.state_changes = 0
 
     async def start(self) -> None:
         """Read where the stream ends before the API takes its first request: an event appended
@@ -140,17 +143,20 @@ class Hub:
                 await self._reader
         await self.client.aclose()
 
-    def subscribe(self, task_id: str | None) -> Subscription:
-        sub = Subscription(task_id)
-        self.subscribers.setdefault(task_id, set()).add(sub)
+    def subscribe(self, *task_ids: str | None) -> Subscription:
+        """A queue of the events of ``task_ids`` (None: of every task), one queue however many."""
+        sub = Subscription(tuple(dict.fromkeys(task_ids)))
+        for task_id in sub.task_ids:
+            self.subscribers.setdefault(task_id, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        group = self.subscribers.get(sub.task_id)
-        if group is not None:
-            group.discard(sub)
-            if not group:
-                del self.subscribers[sub.task_id]
+        for task_id in sub.task_ids:
+            group = self.subscribers.get(task_id)
+            if group is not None:
+                group.discard(sub)
+                if not group:
+                    del self.subscribers[task_id]
 
     async def _run(self, position: str | None) -> None:
         while True:
@@ -173,6 +179,8 @@ class Hub:
                         log.exception("api: event %s could not be read; skipped", position)
 
     def _dispatch(self, event: Event) -> None:
+        if event.type in STATE_EVENTS:
+            self.state_changes += 1
         for group in (self.subscribers.get(event.task_id, ()), self.subscribers.get(None, ())):
             for sub in group:
                 if sub.overflowed:

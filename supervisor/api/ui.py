@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,14 +35,17 @@ from actors.registry import WorkerInfo, WorkerRegistry
 from actors.states import RETRYABLE_STATES, State
 from actors.store import Cursor
 from actors.task import Task
-from supervisor.api import bulk, uipages
+from supervisor.api import bulk, uilive, uipages
 from supervisor.api.bulk import BulkRetries
 from supervisor.api.sessions import COOKIE, Session, Sessions, from_proxy, over_tls
+from supervisor.api.sse import SSE_HEADERS
+from supervisor.api.uilive import LiveUpdates
 
 log = logging.getLogger(__name__)
 
-#: Tasks a page of the tasks list shows.
+#: Tasks a page of the tasks list shows, unless asked for another of PAGE_SIZES.
 PAGE_SIZE = 50
+PAGE_SIZES = (50, 100, 200)
 #: Leased tasks read to say which worker holds which.
 MAX_HELD_LISTED = 5000
 #: A task's latest events its page shows (progress apart).
@@ -52,13 +55,15 @@ MAX_FORM_BYTES = 4096
 #: What every dashboard answer allows the browser to do.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+        "default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 STATIC = Path(__file__).parent / "static"
+ASSET_TYPES = {"css": "text/css", "js": "text/javascript"}
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -66,8 +71,10 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Dashboard:
     """The dashboard's pages over ``client``, its sessions in ``sessions``."""
 
-    def __init__(self, api: ApiSettings, client: Client, sessions: Sessions, bulk: BulkRetries) -> None:
-        self.api, self.client, self.sessions, self.bulk = api, client, sessions, bulk
+    def __init__(
+        self, api: ApiSettings, client: Client, sessions: Sessions, bulk: BulkRetries, live: LiveUpdates
+    ) -> None:
+        self.api, self.client, self.sessions, self.bulk, self.live = api, client, sessions, bulk, live
         self.prefix = api.ui_prefix
 
     def routes(self) -> list[BaseRoute]:
@@ -86,7 +93,9 @@ class Dashboard:
             Route(f"{p}/sign-in", self.sign_in_form, methods=["GET"], include_in_schema=False),
             Route(f"{p}/sign-in", self.sign_in, methods=["POST"], include_in_schema=False),
             Route(f"{p}/sign-out", self.sign_out, methods=["POST"], include_in_schema=False),
-            Route(f"{p}/static/ui.css", self.stylesheet, methods=["GET"], include_in_schema=False),
+            Route(f"{p}/live", self.live_updates, methods=["GET"], include_in_schema=False),
+            Route(f"{p}/static/ui.css", self.asset, methods=["GET"], include_in_schema=False),
+            Route(f"{p}/static/ui.js", self.asset, methods=["GET"], include_in_schema=False),
         ]
 
     # -- pages ------------------------------------------------------------------------------
@@ -134,12 +143,8 @@ class Dashboard:
 
     async def overview(self, request: Request, session: Session) -> Response:
         counts = await run_in_threadpool(self.client.counts)
-        rows = "".join(
-            f'<tr><th scope="row">{html.escape(state.value)}</th><td>{counts.get(state, 0)}</td></tr>'
-            for state in State
-        )
-        body = f'<h1>Overview</h1><table class="counts"><caption>Tasks by state</caption>{rows}</table>'
-        return self._page("Overview", body, session)
+        body = f"<h1>Overview</h1>{uipages.counts_table(counts)}"
+        return self._page("Overview", body, session, live=self._live_url([], counts=True))
 
     async def tasks(self, request: Request, session: Session) -> Response:
         """Tasks in one state, newest first, a page at a time; or the task an id or key names."""
@@ -151,12 +156,13 @@ class Dashboard:
                 return RedirectResponse(f"{self.prefix}/tasks/{quote(found, safe='')}", 303)
         state = _state(query.get("state")) or State.DOWNLOADING
         cursor = _cursor(query.get("cursor"))
-        tasks, following = await run_in_threadpool(self.client.page, state, PAGE_SIZE, cursor)
+        size = _page_size(query.get("per"))
+        tasks, following = await run_in_threadpool(self.client.page, state, size, cursor)
         counts = await run_in_threadpool(self.client.counts)
         more = ""
         if following is not None:
             href = f"{self.prefix}/tasks?" + urlencode(
-                {"state": state.value, "cursor": f"{following.at!r}:{following.task_id}"}
+                {"state": state.value, "per": size, "cursor": f"{following.at!r}:{following.task_id}"}
             )
             more = f'<p><a href="{uipages.attr(href)}" rel="next">Older</a></p>'
         missing = f"<p>No task has the id or key {uipages.text(wanted)}.</p>" if wanted else ""
@@ -168,7 +174,7 @@ class Dashboard:
             f"{uipages.state_tabs(self.prefix, state, counts)}{offer}"
             f"{uipages.task_rows(self.prefix, tasks, time.time())}{more}"
         )
-        return self._page("Tasks", body, session)
+        return self._page("Tasks", body, session, live=self._live_url([t.id for t in tasks], counts=True))
 
     def _lookup(self, wanted: str) -> str | None:
         """The id of the task whose id or idempotency key is ``wanted``."""
@@ -188,23 +194,23 @@ class Dashboard:
         log_ = EventLog(self.client.store.client, self.client.store.prefix)
         events = await run_in_threadpool(log_.latest, task_id, HISTORY_SHOWN)
         status = task.as_status()
-        return self._page(status["name"] or task_id, uipages.task_detail(status, events, self._actions(task, session)),
-                          session)  # fmt: skip
+        body = uipages.task_detail(status, events, self._actions(task, session))
+        return self._page(status["name"] or task_id, body, session, live=self._live_url([task_id], counts=False))
 
     def _actions(self, task: Task, session: Session) -> str:
-        """The buttons an operator may press on ``task`` (none for a read token)."""
+        """The buttons an operator may press on ``task`` (none for a read token); the one its
+        state does not allow is hidden, and shown by the live updates once it does."""
         if not session.write:
             return ""
         buttons = []
         for action, offered in (("retry", task.state in RETRYABLE_STATES), ("cancel", not task.state.final)):
-            if offered:
-                target = f"{self.prefix}/tasks/{quote(task.id, safe='')}/{action}"
-                buttons.append(
-                    f'<form method="post" action="{uipages.attr(target)}" class="inline">'
-                    f'<input type="hidden" name="csrf" value="{uipages.attr(session.csrf)}">'
-                    f'<button type="submit" class="{action}">{action.capitalize()}</button></form>'
-                )
-        return f'<div class="actions">{"".join(buttons)}</div>' if buttons else ""
+            target = f"{self.prefix}/tasks/{quote(task.id, safe='')}/{action}"
+            buttons.append(
+                f'<form method="post" action="{uipages.attr(target)}" class="inline" data-offer="{action}"'
+                f'{"" if offered else " hidden"}><input type="hidden" name="csrf" value="{uipages.attr(session.csrf)}">'
+                f'<button type="submit" class="{action}">{action.capitalize()}</button></form>'
+            )
+        return f'<div class="actions">{"".join(buttons)}</div>'
 
     async def act(self, request: Request, session: Session) -> Response:
         """Retry or cancel a task: a full token's session, its CSRF token, a page of this host."""
@@ -236,8 +242,31 @@ class Dashboard:
         workers = WorkerRegistry(store.client, store.prefix).workers()
         return sorted(workers, key=lambda w: (w.host, w.pid)), store.holders(MAX_HELD_LISTED)
 
-    async def stylesheet(self, request: Request) -> Response:
-        return FileResponse(STATIC / "ui.css", media_type="text/css")
+    async def asset(self, request: Request) -> Response:
+        """The stylesheet or the script, shipped in the package (no CDN, no build step)."""
+        name = request.url.path.rpartition("/")[2]
+        return FileResponse(STATIC / name, media_type=ASSET_TYPES[name.rpartition(".")[2]])
+
+    async def live_updates(self, request: Request) -> Response:
+        """The live updates of a page (:mod:`supervisor.api.uilive`): the tasks it names
+        (``task``, repeated) and the counts by state (``counts=1``). Without a session: 204,
+        which an EventSource takes as the end."""
+        if self.api.open:
+            return Response(status_code=204)
+        session_id = request.cookies.get(COOKIE)
+        if await self.sessions.find(session_id, time.time(), renew=False) is None:
+            return Response(status_code=204)
+
+        async def alive() -> bool:
+            return await self.sessions.find(session_id, time.time(), renew=False) is not None
+
+        followed = list(dict.fromkeys(request.query_params.getlist("task")))[: uilive.MAX_FOLLOWED]
+        frames = await self.live.stream(followed, request.query_params.get("counts") == "1", alive)
+        return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    def _live_url(self, task_ids: list[str], counts: bool) -> str:
+        query = [("task", task_id) for task_id in task_ids] + ([("counts", "1")] if counts else [])
+        return f"{self.prefix}/live?{urlencode(query)}"
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -324,8 +353,11 @@ class Dashboard:
             '<button type="submit">Sign in</button></form>'
         )
 
-    def _page(self, title: str, body: str, session: Session | None, status: int = 200) -> Response:
-        """A whole page: ``body`` (already escaped) under the header; the sign-out form when signed in."""
+    def _page(
+        self, title: str, body: str, session: Session | None, status: int = 200, live: str | None = None
+    ) -> Response:
+        """A whole page: ``body`` (already escaped) under the header; the sign-out form when
+        signed in; with ``live``, the URL of its live updates and the script that reads them."""
         prefix = html.escape(self.prefix)
         who = ""
         if session is not None:
@@ -344,9 +376,11 @@ class Dashboard:
             '<!doctype html><html lang="en"><head><meta charset="utf-8">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{html.escape(title)} · haul</title>"
-            f'<link rel="stylesheet" href="{prefix}/static/ui.css"></head>'
-            f'<body><header><a href="{prefix}/" class="brand">haul</a>{who}</header>'
-            f"<main>{body}</main></body></html>"
+            f'<link rel="stylesheet" href="{prefix}/static/ui.css">'
+            + (f'<script src="{prefix}/static/ui.js" defer></script>' if live else "")
+            + f'</head><body><header><a href="{prefix}/" class="brand">haul</a>{who}</header>'
+            + (f'<main data-live="{html.escape(live)}">' if live else "<main>")
+            + f"{body}</main></body></html>"
         )
         return HTMLResponse(document, status_code=status)
 
@@ -379,6 +413,11 @@ def _state(text: str | None) -> State | None:
         return State(text or "")
     except ValueError:
         return None
+
+
+def _page_size(text: str | None) -> int:
+    """The page size asked for, if it is one of PAGE_SIZES."""
+    return int(text) if text in {str(size) for size in PAGE_SIZES} else PAGE_SIZE
 
 
 def _cursor(text: str | None) -> Cursor | None:

@@ -19,6 +19,8 @@ from supervisor.statustext import human_size, short_age
 
 #: Files a task's page lists (a course may have thousands).
 FILES_SHOWN = 500
+#: What a task's history says of each event beside its type (the live updates say the same).
+HISTORY_FIELDS = ("state", "attempt", "error", "error_code", "path", "by", "worker", "format_id", "extractor")
 
 
 def text(value: object) -> str:
@@ -32,11 +34,28 @@ def attr(value: object) -> str:
 
 
 def bar(done: int, total: int | None) -> str:
-    """A progress bar (the element itself: no script, no inline style)."""
+    """A progress bar and its label, as the page's script updates them (no inline style)."""
     label = f"{human_size(done)} of {human_size(total)}" if total else human_size(done)
-    if not total:
-        return f'<progress aria-label="{attr(label)}"></progress> {text(label)}'
-    return f'<progress max="{total}" value="{min(done, total)}" aria-label="{attr(label)}"></progress> {text(label)}'
+    shown = f'<bdi data-label="">{html.escape(label)}</bdi>'
+    if not total:  # a size not known yet: an empty bar (an indeterminate one animates for ever)
+        return f'<progress data-field="bar" max="1" value="0" aria-label="{attr(label)}"></progress> {shown}'
+    return (
+        f'<progress data-field="bar" max="{total}" value="{min(done, total)}" aria-label="{attr(label)}"></progress>'
+        f" {shown}"
+    )
+
+
+def field(name: str, value: object) -> str:
+    """``value`` as :func:`text`, marked as the figure ``name`` the live updates replace."""
+    return f'<bdi data-field="{name}">{html.escape(str(value))}</bdi>'
+
+
+def counts_table(counts: dict[State, int]) -> str:
+    rows = "".join(
+        f'<tr><th scope="row">{text(state.value)}</th><td data-count="{state.value}">{counts.get(state, 0)}</td></tr>'
+        for state in State
+    )
+    return f'<table class="counts"><caption>Tasks by state</caption>{rows}</table>'
 
 
 def state_tabs(prefix: str, current: State, counts: dict[State, int]) -> str:
@@ -44,7 +63,8 @@ def state_tabs(prefix: str, current: State, counts: dict[State, int]) -> str:
     for state in State:  # in the order a task goes through them
         chosen = ' aria-current="page"' if state is current else ""
         href = f"{prefix}/tasks?{urlencode({'state': state.value})}"
-        links.append(f'<a href="{attr(href)}"{chosen}>{text(state.value)} ({counts.get(state, 0)})</a>')
+        count = f'<span data-count="{state.value}">{counts.get(state, 0)}</span>'
+        links.append(f'<a href="{attr(href)}"{chosen}>{text(state.value)} ({count})</a>')
     return f'<nav class="tabs">{" ".join(links)}</nav>'
 
 
@@ -61,14 +81,15 @@ def task_rows(prefix: str, tasks: Iterable[Task], now: float) -> str:
     rows = []
     for task in tasks:
         link = f"{prefix}/tasks/{quote(task.id, safe='')}"
+        total = task.bytes_total if task.bytes_total_known else None
         rows.append(
-            "<tr>"
+            f'<tr data-task="{attr(task.id)}" data-total="{total or 0}">'
             f'<td><a href="{attr(link)}">{text(task.name or task.id)}</a></td>'
-            f"<td>{text(task.state.value)}</td>"
-            f"<td>{bar(task.bytes_done, task.bytes_total if task.bytes_total_known else None)}</td>"
-            f"<td>{task.attempts}</td>"
+            f"<td>{field('state', task.state.value)}</td>"
+            f"<td>{bar(task.bytes_done, total)}</td>"
+            f"<td>{field('attempts', task.attempts)}</td>"
             f"<td>{text(short_age(now - task.created_at))}</td>"
-            f'<td class="error">{text(task.error)}</td>'
+            f'<td class="error">{field("error", task.error)}</td>'
             "</tr>"
         )
     if not rows:
@@ -132,13 +153,21 @@ def worker_rows(prefix: str, workers: list[WorkerInfo], held: dict[str, list[str
 
 
 def task_detail(task: dict[str, Any], events: list[Event], actions: str) -> str:
-    """A task's page: what it is, its files with their progress, its error, its history."""
-    facts = [("id", task["id"]), ("name", task["name"]), ("key", task["key"] or ""), ("state", task["state"]),
-             ("attempts", task["attempts"]), ("created", task["created_at"]), ("updated", task["updated_at"]),
-             ("worker", task["worker"] or "")]  # fmt: skip
-    dl = "".join(f"<dt>{name}</dt><dd>{text(value)}</dd>" for name, value in facts)
-    error = f'<h2>Error</h2><pre class="error">{text(task["error"])}</pre>' if task.get("error") else ""
-    files = "".join(_file_row(entry) for entry in task["files"][:FILES_SHOWN])
+    """A task's page: what it is, its files with their progress, its error, its history; the
+    figures that change marked for the live updates."""
+    total = task["bytes_total"] if task["bytes_total_known"] else 0
+    facts = [("id", text(task["id"])), ("name", text(task["name"])), ("key", text(task["key"] or "")),
+             ("state", field("state", task["state"])), ("attempts", field("attempts", task["attempts"])),
+             ("created", text(task["created_at"])), ("updated", text(task["updated_at"])),
+             ("worker", text(task["worker"] or "")),
+             ("progress", bar(task["bytes_done"], total or None))]  # fmt: skip
+    dl = "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in facts)
+    hidden = "" if task.get("error") else " hidden"
+    error = (
+        f'<section data-when-error=""{hidden}><h2>Error</h2>'
+        f'<pre class="error">{field("error", task.get("error") or "")}</pre></section>'
+    )
+    files = "".join(_file_row(index, entry) for index, entry in enumerate(task["files"][:FILES_SHOWN]))
     if len(task["files"]) > FILES_SHOWN:
         files += f'<tr><td colspan="4">and {len(task["files"]) - FILES_SHOWN} more</td></tr>'
     history = "".join(
@@ -147,15 +176,16 @@ def task_detail(task: dict[str, Any], events: list[Event], actions: str) -> str:
         for e in events
     )
     return (
+        f'<article data-task="{attr(task["id"])}" data-total="{total}">'
         f'<h1>{text(task["name"] or task["id"])}</h1>{actions}<dl class="facts">{dl}</dl>{error}'
         f'<h2>Files</h2><table class="files"><thead><tr><th>path</th><th>state</th><th>progress</th>'
         f"<th>stored</th></tr></thead><tbody>{files}</tbody></table>"
         f'<h2>History</h2><table class="history"><thead><tr><th>when (UTC)</th><th>event</th><th>details</th></tr>'
-        f"</thead><tbody>{history}</tbody></table>"
+        f'</thead><tbody data-field="history">{history}</tbody></table></article>'
     )
 
 
-def _file_row(entry: dict[str, Any]) -> str:
+def _file_row(index: int, entry: dict[str, Any]) -> str:
     state = entry.get("state", "")
     if state == "downloading":
         progress = bar(int(entry.get("bytes_done") or 0), entry.get("size"))
@@ -165,12 +195,11 @@ def _file_row(entry: dict[str, Any]) -> str:
         progress = ""
     stored = entry.get("location") or ""
     return (
-        f"<tr><td>{text(entry.get('path', ''))}</td><td>{text(state)}</td><td>{progress}</td>"
-        f"<td>{text(stored)}</td></tr>"
+        f'<tr data-file="{index}" data-size="{int(entry.get("size") or 0)}"><td>{text(entry.get("path", ""))}</td>'
+        f'<td>{field("state", state)}</td><td data-field="progress">{progress}</td><td>{text(stored)}</td></tr>'
     )
 
 
 def _said(event: Event) -> str:
     """What an event says beside its type, briefly."""
-    keep = ("state", "attempt", "error", "error_code", "path", "by", "format_id", "extractor")
-    return ", ".join(f"{name}: {event.data[name]}" for name in keep if event.data.get(name) not in (None, ""))
+    return ", ".join(f"{name}: {event.data[name]}" for name in HISTORY_FIELDS if event.data.get(name) not in (None, ""))

@@ -1,0 +1,171 @@
+"use strict";
+// haul's dashboard: a page's live updates. One EventSource per page (<prefix>/live, which sends
+// at most one frame each half second); frames are merged until the browser next paints, then
+// applied at once. Received text goes in through textContent only: nothing becomes markup.
+(() => {
+  const main = document.querySelector("main[data-live]");
+  if (!main || !("EventSource" in window)) return;
+  const RETRYABLE = new Set(["failed", "dead", "canceled"]);
+  const FINAL = new Set(["done", "failed", "dead", "canceled"]);
+  const UNITS = ["B", "KiB", "MiB", "GiB"];
+  const views = new Map();
+  for (const el of document.querySelectorAll("[data-task]")) views.set(el.dataset.task, el);
+  const pending = new Map();
+  let counts = null;
+  let painting = false;
+
+  let pause = 5000;
+  listen();
+
+  // An EventSource reconnects by itself after a dropped connection, but not after an answer
+  // other than 200 (a restarting API's 503, a signed-out session's 204): this opens it again,
+  // less often each time, until the stream says it ended.
+  function listen() {
+    const source = new EventSource(main.dataset.live);
+    source.addEventListener("open", () => (pause = 5000));
+    source.addEventListener("tasks", (e) => {
+      for (const [id, patch] of Object.entries(JSON.parse(e.data))) {
+        const before = pending.get(id);
+        pending.set(id, before ? combine(before, patch) : patch);
+      }
+      soon();
+    });
+    source.addEventListener("counts", (e) => {
+      counts = JSON.parse(e.data);
+      soon();
+    });
+    source.addEventListener("ended", () => {
+      source.close();
+      pause = 0;
+    });
+    source.addEventListener("error", () => {
+      if (source.readyState !== EventSource.CLOSED || !pause) return;
+      setTimeout(listen, pause);
+      pause = Math.min(pause * 2, 60000);
+    });
+  }
+
+  function combine(a, b) {
+    const out = Object.assign({}, a, b);
+    if (a.files && b.files && !("*" in b.files)) out.files = Object.assign({}, a.files, b.files);
+    if (a.history && b.history) out.history = a.history.concat(b.history);
+    return out;
+  }
+
+  function soon() {
+    if (!painting) {
+      painting = true;
+      requestAnimationFrame(paintAll);
+    }
+  }
+
+  function paintAll() {
+    painting = false;
+    for (const [id, patch] of pending) {
+      const view = views.get(id);
+      if (view) paint(view, patch);
+    }
+    pending.clear();
+    if (counts) {
+      for (const el of document.querySelectorAll("[data-count]")) el.textContent = counts[el.dataset.count] ?? 0;
+      counts = null;
+    }
+  }
+
+  function paint(view, p) {
+    if (p.state !== undefined) {
+      put(view, "state", p.state);
+      for (const form of view.querySelectorAll("[data-offer]")) {
+        const offered = form.dataset.offer === "retry" ? RETRYABLE.has(p.state) : !FINAL.has(p.state);
+        form.hidden = !offered;
+      }
+    }
+    if (p.attempts !== undefined) put(view, "attempts", p.attempts);
+    if (p.error) {
+      put(view, "error", p.error);
+      for (const el of view.querySelectorAll("[data-when-error]")) el.hidden = false;
+    }
+    if (p.bytes_total) view.dataset.total = p.bytes_total;
+    if (p.bytes_done !== undefined) {
+      for (const bar of own(view, "bar")) progress(bar, p.bytes_done, Number(view.dataset.total || 0));
+    }
+    if (p.files) files(view, p.files);
+    if (p.history) history(view, p.history);
+  }
+
+  // The view's own fields: a task's, not those of its files' rows (which are views of their own).
+  function own(view, field) {
+    return [...view.querySelectorAll(`[data-field="${field}"]`)].filter(
+      (el) => el.closest("[data-file], [data-task]") === view,
+    );
+  }
+
+  function put(view, field, value) {
+    for (const el of own(view, field)) el.textContent = value;
+  }
+
+  // A <progress> and the label beside it (<bdi data-label>), as the server renders them.
+  function progress(bar, done, total) {
+    const label = bar.parentElement.querySelector("[data-label]");
+    if (total) {
+      bar.max = total;
+      bar.value = Math.min(done, total);
+      if (label) label.textContent = `${size(done)} of ${size(total)}`;
+    } else {
+      bar.max = 1;
+      bar.value = 0;
+      if (label) label.textContent = size(done);
+    }
+    bar.setAttribute("aria-label", label ? label.textContent : "");
+  }
+
+  function files(view, changed) {
+    const rows = view.querySelectorAll("[data-file]");
+    const all = changed["*"];
+    for (const row of rows) {
+      const change = changed[row.dataset.file] || all;
+      if (!change) continue;
+      put(row, "state", change.state);
+      const cell = row.querySelector('[data-field="progress"]');
+      if (change.state === "downloading") {
+        let bar = cell.querySelector("progress");
+        if (!bar) {
+          cell.textContent = "";
+          bar = document.createElement("progress");
+          const label = document.createElement("bdi");
+          label.dataset.label = "";
+          cell.append(bar, " ", label);
+        }
+        progress(bar, change.bytes_done || 0, Number(row.dataset.size || 0));
+      } else {
+        cell.textContent = change.state === "done" ? "whole" : "";
+      }
+    }
+  }
+
+  function history(view, entries) {
+    const body = view.querySelector('[data-field="history"]');
+    if (!body) return;
+    for (const entry of entries) {
+      const row = body.insertRow();
+      const said = Object.entries(entry)
+        .filter(([name]) => name !== "at" && name !== "type")
+        .map(([name, value]) => `${name}: ${value}`)
+        .join(", ");
+      for (const text of [new Date(entry.at).toISOString().slice(0, 19).replace("T", " "), entry.type, said]) {
+        const bdi = document.createElement("bdi");
+        bdi.textContent = text;
+        row.insertCell().append(bdi);
+      }
+    }
+  }
+
+  function size(n) {
+    let value = n;
+    for (const unit of UNITS) {
+      if (value < 1024 || unit === "GiB") return unit === "B" ? `${Math.round(value)} B` : `${value.toFixed(1)} ${unit}`;
+      value /= 1024;
+    }
+    return `${n} B`;
+  }
+})();

@@ -1,0 +1,163 @@
+"""The dashboard's live updates: one Server-Sent Events stream per open page, saying what
+changed in the tasks the page shows (and, for pages that show them, the counts by state).
+
+However fast events come, a page gets at most one frame per TICK_SECONDS: the events of a
+tick are merged per task into the latest of each figure (a patch), and the counts are read
+again only when a state changed. The script on the page (``static/ui.js``) merges frames again
+until the browser next paints, so a hidden tab does no work at all.
+
+A stream starts with the followed tasks as the store has them, read after the position of
+the stream of all tasks was noted: an event at or before that position is already in what
+was read and is skipped, one after it is applied over it, in order. A page opened a while ago
+is thus brought up to date, and nothing between its render and its stream is missed.
+
+A stream does not keep its session alive (it is not the operator's doing); it ends when the
+session does, checked every SESSION_CHECK_SECONDS, and a stream asked for without a session is
+answered 204, which tells an EventSource not to reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from actors.client import Client
+from actors.events import STATE_EVENTS, Event, stream_id_key
+from actors.states import State
+from actors.store_base import text_of
+from actors.task import Task
+from supervisor.api.sse import KEEPALIVE_SECONDS, RETRY_MS, Hub, Subscription
+from supervisor.api.uipages import HISTORY_FIELDS
+
+#: Longest a change waits before its page hears of it (seconds): one frame a tick at most.
+TICK_SECONDS = 0.5
+#: Most tasks one stream follows (a page of the tasks list shows fewer).
+MAX_FOLLOWED = 200
+#: How often a stream checks that its session still lives (seconds).
+SESSION_CHECK_SECONDS = 30.0
+
+Patch = dict[str, Any]
+#: Whether the page's session still lives (read without renewing it).
+Alive = Callable[[], Awaitable[bool]]
+
+
+def patch_of(task: Task, files: bool) -> Patch:
+    """What a page shows of ``task`` that changes (``files``: each file's too, for its page)."""
+    patch: Patch = {
+        "state": task.state.value,
+        "attempts": task.attempts,
+        "bytes_done": task.bytes_done,
+        "bytes_total": task.bytes_total if task.bytes_total_known else 0,
+        "files_done": task.files_done,
+        "error": task.error,
+    }
+    if files:
+        patch["files"] = {
+            str(index): {"state": entry["state"], "bytes_done": entry.get("bytes_done", 0)}
+            for index, entry in enumerate(task.as_status()["files"])
+        }
+    return patch
+
+
+def merge(patch: Patch, event: Event, files: bool) -> None:
+    """Apply ``event`` to ``patch``, the task's changes of this tick."""
+    data = event.data
+    if "state" in data:
+        patch["state"] = data["state"]
+    if "attempt" in data and event.type in STATE_EVENTS:
+        patch["attempts"] = data["attempt"]
+    if data.get("error"):
+        patch["error"] = data["error"]
+    if event.type == "task.progress":
+        for name in ("bytes_done", "bytes_total", "files_done"):
+            if name in data:
+                patch[name] = data[name]
+        if files:
+            for entry in data.get("active", ()):
+                shown = {"state": "downloading", "bytes_done": entry["bytes_done"]}
+                patch.setdefault("files", {})[str(entry["index"])] = shown
+    elif event.type == "file.completed":
+        if "bytes_done" in data:
+            patch["bytes_done"] = data["bytes_done"]
+        if files:
+            patch.setdefault("files", {})[str(data["index"])] = {"state": "done"}
+    elif event.type in STATE_EVENTS and files:
+        told = {name: data[name] for name in HISTORY_FIELDS if data.get(name) not in (None, "")}
+        patch.setdefault("history", []).append({"at": event.at, "type": event.type, **told})
+        if data["state"] in (State.FINALIZING.value, State.DONE.value):
+            patch["files"] = {"*": {"state": "done"}}
+
+
+def frame(name: str, data: Any) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class LiveUpdates:
+    """The streams of open pages, over the API's one event hub and its store client."""
+
+    def __init__(self, hub: Hub, client: Client) -> None:
+        self.hub, self.client = hub, client
+
+    async def stream(self, task_ids: Sequence[str], counts: bool, alive: Alive) -> AsyncIterator[str]:
+        """The frames of a page that follows ``task_ids`` (and the ``counts``), while ``alive()``."""
+        await self.hub.wait_ready()
+        files = len(task_ids) == 1  # a task's own page shows its files and history
+        sub = self.hub.subscribe(*task_ids)  # before the snapshot: nothing after it is missed
+        return self._frames(sub, task_ids, counts, files, alive)
+
+    async def _frames(
+        self, sub: Subscription, task_ids: Sequence[str], counts: bool, files: bool, alive: Alive
+    ) -> AsyncIterator[str]:
+        try:
+            yield f"retry: {RETRY_MS}\n\n"
+            seen, snapshot = await run_in_threadpool(self._snapshot, task_ids, files)
+            if snapshot:
+                yield frame("tasks", snapshot)
+            changes = self.hub.state_changes
+            if counts:
+                yield frame("counts", await self._counts())
+            checked = quiet_since = time.monotonic()
+            while True:
+                await asyncio.sleep(TICK_SECONDS)
+                patches: dict[str, Patch] = {}
+                while not sub.queue.empty():
+                    event = sub.queue.get_nowait()
+                    if stream_id_key(event.id) > seen:
+                        merge(patches.setdefault(event.task_id, {}), event, files)
+                now = time.monotonic()
+                if patches:
+                    yield frame("tasks", patches)
+                    quiet_since = now
+                if counts and self.hub.state_changes != changes:
+                    changes = self.hub.state_changes
+                    yield frame("counts", await self._counts())
+                    quiet_since = now
+                if sub.overflowed:  # fell behind: the EventSource reconnects and reads anew
+                    return
+                if now - checked >= SESSION_CHECK_SECONDS:
+                    checked = now
+                    if not await alive():
+                        yield frame("ended", {"reason": "signed out"})
+                        return
+                if now - quiet_since >= KEEPALIVE_SECONDS:
+                    quiet_since = now
+                    yield ": keep-alive\n\n"
+        finally:
+            self.hub.unsubscribe(sub)
+
+    def _snapshot(self, task_ids: Sequence[str], files: bool) -> tuple[tuple[int, int], dict[str, Patch]]:
+        """Where the stream of all tasks ends now, then the followed tasks as stored."""
+        store = self.client.store
+        last: Any = store.client.xrevrange(f"{store.prefix}events", "+", "-", count=1)
+        seen = stream_id_key(text_of(last[0][0])) if last else (0, 0)
+        tasks = (store.get(task_id) for task_id in task_ids)
+        return seen, {task.id: patch_of(task, files) for task in tasks if task is not None}
+
+    async def _counts(self) -> dict[str, int]:
+        found = await run_in_threadpool(self.client.counts)
+        return {state.value: count for state, count in found.items()}
