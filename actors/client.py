@@ -196,7 +196,7 @@ class Client:
         """Up to ``limit`` tasks in ``state``, newest first, after ``after``; and the cursor of
         the next page (None at the end)."""
         entries = self.store.page(state, limit + 1, after)
-        tasks = [t for t in (self.store.get(i) for i, _ in entries[:limit]) if t is not None]
+        tasks = [t for t in self.store.get_many([i for i, _ in entries[:limit]]) if t is not None]
         return tasks, (Cursor(entries[limit - 1][1], entries[limit - 1][0]) if len(entries) > limit else None)
 
     def by_name(self, prefix: str, limit: int, after: str | None = None) -> tuple[builtins.list[Task], str | None]:

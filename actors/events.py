@@ -170,6 +170,13 @@ class EventLog:
         events = [event_of(i, f, task_id) for i, f in entries]
         return [e for e in events if e.type != "task.progress"][:count][::-1]
 
+    def after(self, task_id: str, since: str, count: int) -> list[Event]:
+        """The task's events after entry ``since`` ("": from its start), progress apart, at
+        most ``count``, oldest first (what a view of the task rendered before lacks)."""
+        start = f"({since}" if since else "-"
+        entries: list[Any] = self.client.xrange(self.task_key(task_id), start, "+", count + 1) or []  # one progress
+        return [e for e in (event_of(i, f, task_id) for i, f in entries) if e.type != "task.progress"][:count]
+
     def position(self) -> str:
         """Where the stream of all tasks ends now (to follow it from there)."""
         last: Any = self.client.xrevrange(self.all_key, "+", "-", count=1)

@@ -102,12 +102,20 @@ def test_a_tasks_bar_moves_to_done_and_the_counts_follow_without_a_reload(
     final = bar_of(page)
     assert final["value"] == final["max"] == 3 * 1024 * 1024
     assert page.locator('[data-file="0"] [data-field="state"]').inner_text() == "done"
-    assert "task.completed" in page.locator('[data-field="history"]').inner_text()
+    # Every state change once, those between the page's render and its stream included
+    kinds = page.locator('[data-field="history"] tr td:nth-child(2)').all_inner_texts()
+    assert kinds[0] == "task.queued" and kinds[-2:] == ["task.finalizing", "task.completed"]
+    assert "task.started" in kinds and len(kinds) == len(set(kinds))
     assert page.evaluate("window.haulMarker") == 1
     overview.wait_for_function(
         "n => document.querySelector('[data-count=\"done\"]').textContent === String(n)",
         arg=done_before + 1, timeout=WAIT_MS,
     )  # fmt: skip
+    overview.wait_for_function(  # the throughput table, read again every few seconds
+        "() => [...document.querySelectorAll('table[data-table=\"throughput\"] tbody tr td:nth-child(2)')]"
+        ".reduce((n, cell) => n + Number(cell.textContent), 0) >= 1",
+        timeout=WAIT_MS,
+    )
     assert overview.evaluate("performance.getEntriesByType('navigation').length") == 1
     screenshot(page, "task-done")
     screenshot(overview, "overview")
@@ -170,6 +178,12 @@ def test_search_by_key_and_a_read_token_sees_no_buttons_and_forged_posts_are_ref
     reader.fill("#q", "order-1234")
     reader.click("form.search button")
     reader.wait_for_url(f"{api.url}/ui/tasks/{task_id}")
+    reader.goto(f"{api.url}/ui/tasks")
+    reader.select_option("#by", "name")
+    reader.fill("#q", "order 12")
+    reader.click("form.search button")
+    assert reader.locator("tr[data-task]").evaluate_all("rows => rows.map(r => r.dataset.task)") == [task_id]
+    reader.goto(f"{api.url}/ui/tasks/{task_id}")
     assert shown(reader, "state") == "queued"
     assert reader.locator("form[data-offer]").count() == 0
     assert reader.get_by_role("button").all_inner_texts() == ["Sign out"]
@@ -231,7 +245,8 @@ def test_hostile_names_and_paths_render_as_text_and_the_pages_fit_a_phone(
     )
     screenshot(page, "phone-task")
     assert wide == []
-    page.goto(f"{api.url}/ui/tasks?state=queued")
-    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    for shown_page in ("/ui/tasks?state=queued", "/ui/", "/ui/workers"):
+        page.goto(api.url + shown_page)
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], shown_page
     assert dialogs == []
     screenshot(page, "phone-tasks")

@@ -188,6 +188,54 @@ def test_the_tasks_page_goes_through_a_state_a_page_at_a_time_and_finds_a_task_b
     assert "No task has the id or key" in missing.text and "<b>nothing</b>" not in missing.text
 
 
+def test_tasks_are_found_by_the_start_of_their_name_and_by_their_origin_host(api: Api, store: TaskStore) -> None:
+    def create(name: str, url: str) -> str:
+        created.append(time.time() + len(created) / 100)  # one after the other
+        task_id, _ = store.create(spec_from_manifest({"name": name, "files": [{"url": url, "path": "a.mp4"}]}),
+                                  now=created[-1])  # fmt: skip
+        return task_id
+
+    created: list[float] = []
+    first = create("Khóa học 1", "https://media.example/1.mp4")
+    second = create("KHÓA HỌC 2", "https://cdn.example/2.mp4")
+    other = create("Other <b>course</b>", "https://cdn.example:8443/3.mp4")
+    browser, _ = sign_in(api, READ)
+
+    def found(by: str, wanted: str) -> list[str]:
+        page = browser.get(f"{api.url}/ui/tasks", params={"q": wanted, "by": by}, timeout=5)
+        assert page.status_code == 200
+        return re.findall(r'<tr data-task="([0-9a-f]{32})"', page.text)
+
+    assert found("name", "khóa học") == [first, second]  # in name order, any case
+    assert found("name", "Other <b>") == [other]
+    assert found("name", "nothing") == []
+    assert found("host", "CDN.example") == [other, second]  # newest first; the port is not the host's
+    assert found("host", "media.example") == [first]
+    assert found("host", "169.254.169.254") == []
+
+
+def test_the_overview_shows_throughput_slots_staged_bytes_and_the_supervisors_report(
+    api: Api, store: TaskStore
+) -> None:
+    browser, _ = sign_in(api, READ)
+    page = browser.get(f"{api.url}/ui/", timeout=5).text
+    assert "none: no supervisor reported lately" in page  # none runs here
+    now = time.time()
+    for task_id in make_tasks(store, 2):
+        end_task(store, task_id, State.DONE, now=now)
+    assert store.hold_leadership("node-a", 30)
+    problem = "HAUL_LEASE_SECONDS=5 is shorter than <b>the</b> renewal"
+    assert store.publish_report("node-a", ttl_seconds=60, last_sweep=now - 3, checked_at=now - 3, problems=[problem])
+    page = browser.get(f"{api.url}/ui/", timeout=5).text
+    minute = time.strftime("%H:%M", time.gmtime(now))
+    assert f'<tr><th scope="row"><bdi>{minute}</bdi></th><td><bdi>2</bdi></td><td><bdi>0</bdi></td>' in page
+    assert '<tr><th scope="row"><bdi>download</bdi></th><td><bdi>0</bdi></td><td><bdi>no limit</bdi></td>' in page
+    assert '<th scope="row"><bdi>staged bytes</bdi></th><td><bdi>0 B</bdi></td>' in page
+    assert '<th scope="row"><bdi>leader</bdi></th><td><bdi>node-a</bdi></td>' in page
+    assert '<th scope="row"><bdi>last sweep</bdi></th><td><bdi>3s ago</bdi></td>' in page
+    assert "&lt;b&gt;the&lt;/b&gt; renewal" in page and "<b>the</b>" not in page
+
+
 def test_hostile_names_and_errors_render_as_text(api: Api, store: TaskStore) -> None:
     [task_id] = make_tasks(store, 1, name="<script>alert(1)</script> lesson\u202egpj.exe")
     store.client.hset(store.task_key(task_id), "error", "origin said <img src=x onerror=alert(2)>")

@@ -356,7 +356,7 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
         Route("/docs/static/docs.js", api.docs_js, methods=["GET"]),
         Mount("/docs/static", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path)),
         *Dashboard(
-            settings.api,
+            settings,
             api.client,
             Sessions(api.redis, api.client.store.prefix, settings.api),
             BulkRetries(api.redis, api.client.store.prefix),

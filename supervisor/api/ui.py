@@ -28,10 +28,10 @@ from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actors.apisettings import ApiSettings
 from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
 from actors.events import EventLog
 from actors.registry import WorkerInfo, WorkerRegistry
+from actors.settings import Settings
 from actors.states import RETRYABLE_STATES, State
 from actors.store import Cursor
 from actors.task import Task
@@ -39,17 +39,19 @@ from supervisor.api import bulk, uilive, uipages
 from supervisor.api.bulk import BulkRetries
 from supervisor.api.sessions import COOKIE, Session, Sessions, from_proxy, over_tls
 from supervisor.api.sse import SSE_HEADERS
-from supervisor.api.uilive import LiveUpdates
+from supervisor.api.uilive import LiveUpdates, View
 
 log = logging.getLogger(__name__)
 
 #: Tasks a page of the tasks list shows, unless asked for another of PAGE_SIZES.
 PAGE_SIZE = 50
 PAGE_SIZES = (50, 100, 200)
+#: The searches of the tasks page: an id or key (one task), a name's start, an origin host.
+SEARCHES = ("key", "name", "host")
+#: Minutes of throughput the overview shows (and the current one).
+THROUGHPUT_MINUTES = 5
 #: Leased tasks read to say which worker holds which.
 MAX_HELD_LISTED = 5000
-#: A task's latest events its page shows (progress apart).
-HISTORY_SHOWN = 200
 #: Largest sign-in or action form read.
 MAX_FORM_BYTES = 4096
 #: What every dashboard answer allows the browser to do.
@@ -72,10 +74,11 @@ class Dashboard:
     """The dashboard's pages over ``client``, its sessions in ``sessions``."""
 
     def __init__(
-        self, api: ApiSettings, client: Client, sessions: Sessions, bulk: BulkRetries, live: LiveUpdates
+        self, settings: Settings, client: Client, sessions: Sessions, bulk: BulkRetries, live: LiveUpdates
     ) -> None:
-        self.api, self.client, self.sessions, self.bulk, self.live = api, client, sessions, bulk, live
-        self.prefix = api.ui_prefix
+        self.settings, self.api = settings, settings.api
+        self.client, self.sessions, self.bulk, self.live = client, sessions, bulk, live
+        self.prefix = self.api.ui_prefix
 
     def routes(self) -> list[BaseRoute]:
         p = self.prefix
@@ -142,14 +145,36 @@ class Dashboard:
         return response
 
     async def overview(self, request: Request, session: Session) -> Response:
-        counts = await run_in_threadpool(self.client.counts)
-        body = f"<h1>Overview</h1>{uipages.counts_table(counts)}"
-        return self._page("Overview", body, session, live=self._live_url([], counts=True))
+        figures = await run_in_threadpool(self._figures, time.time())
+        body = f"<h1>Overview</h1>{uipages.overview(figures, self._limits())}"
+        return self._page("Overview", body, session, live=self._live_url([], counts=True, overview=True))
+
+    def _figures(self, now: float) -> uipages.Figures:
+        """What the overview shows, read from Redis: a few known keys, never a scan."""
+        store = self.client.store
+        return uipages.Figures(
+            now=now,
+            counts=store.counts(),
+            minutes=store.throughput(now, THROUGHPUT_MINUTES),
+            slots=store.slots_in_use(now),
+            staged_bytes=store.staged_bytes(),
+            report=store.supervisor_report(),
+        )
+
+    def _limits(self) -> dict[str, int]:
+        """The stage limits as this process is configured (0: none); workers should agree,
+        which the supervisor's configuration check says when they do not."""
+        s = self.settings
+        return {"download": s.download_concurrency, "finalize": s.finalize_concurrency,
+                "host": s.download_per_host, "staging_bytes": s.staging_max_bytes}  # fmt: skip
 
     async def tasks(self, request: Request, session: Session) -> Response:
         """Tasks in one state, newest first, a page at a time; or the task an id or key names."""
         query = request.query_params
         wanted = query.get("q", "").strip()[:200]
+        by = str(query.get("by")) if query.get("by") in SEARCHES else "key"
+        if wanted and by != "key":
+            return await self._found(request, session, wanted, by)
         if wanted:
             found = await run_in_threadpool(self._lookup, wanted)
             if found is not None:
@@ -170,11 +195,36 @@ class Dashboard:
         if session.write and state in RETRYABLE_STATES and counts.get(state):
             offer = uipages.bulk_offer(self.prefix, state, session.csrf)
         body = (
-            f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted)}{missing}"
+            f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted, by)}{missing}"
             f"{uipages.state_tabs(self.prefix, state, counts)}{offer}"
             f"{uipages.task_rows(self.prefix, tasks, time.time())}{more}"
         )
         return self._page("Tasks", body, session, live=self._live_url([t.id for t in tasks], counts=True))
+
+    async def _found(self, request: Request, session: Session, wanted: str, by: str) -> Response:
+        """The tasks whose name starts with ``wanted`` (in name order), or with a file on the
+        host ``wanted`` (newest first): from the store's indexes, a page at a time."""
+        query = request.query_params
+        size = _page_size(query.get("per"))
+        following: str | None = None
+        if by == "name":
+            tasks, after = await run_in_threadpool(self.client.by_name, wanted, size, query.get("after") or None)
+            following = after and urlencode({"q": wanted, "by": by, "per": size, "after": after})
+        else:
+            host = wanted.lower()
+            tasks, cursor = await run_in_threadpool(self.client.by_host, host, size, _cursor(query.get("cursor")))
+            if cursor is not None:
+                at = f"{cursor.at!r}:{cursor.task_id}"
+                following = urlencode({"q": wanted, "by": by, "per": size, "cursor": at})
+        href = uipages.attr(f"{self.prefix}/tasks?{following}")
+        more = f'<p><a href="{href}" rel="next">More</a></p>' if following else ""
+        said = "whose name starts with" if by == "name" else "with a file on"
+        body = (
+            f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted, by)}"
+            f"<p>Tasks {said} {uipages.text(wanted)}:</p>"
+            f"{uipages.task_rows(self.prefix, tasks, time.time())}{more}"
+        )
+        return self._page("Tasks", body, session, live=self._live_url([t.id for t in tasks], counts=False))
 
     def _lookup(self, wanted: str) -> str | None:
         """The id of the task whose id or idempotency key is ``wanted``."""
@@ -192,10 +242,11 @@ class Dashboard:
         except TaskNotFound:
             return self._page("No such task", f"<p>No task {uipages.text(task_id)}.</p>", session, status=404)
         log_ = EventLog(self.client.store.client, self.client.store.prefix)
-        events = await run_in_threadpool(log_.latest, task_id, HISTORY_SHOWN)
+        events = await run_in_threadpool(log_.latest, task_id, uipages.HISTORY_SHOWN)
         status = task.as_status()
         body = uipages.task_detail(status, events, self._actions(task, session))
-        return self._page(status["name"] or task_id, body, session, live=self._live_url([task_id], counts=False))
+        live = self._live_url([task_id], counts=False, since=events[-1].id if events else "")
+        return self._page(status["name"] or task_id, body, session, live=live)
 
     def _actions(self, task: Task, session: Session) -> str:
         """The buttons an operator may press on ``task`` (none for a read token); the one its
@@ -260,12 +311,23 @@ class Dashboard:
         async def alive() -> bool:
             return await self.sessions.find(session_id, time.time(), renew=False) is not None
 
-        followed = list(dict.fromkeys(request.query_params.getlist("task")))[: uilive.MAX_FOLLOWED]
-        frames = await self.live.stream(followed, request.query_params.get("counts") == "1", alive)
+        query = request.query_params
+        view = View(
+            task_ids=tuple(dict.fromkeys(query.getlist("task")))[: uilive.MAX_FOLLOWED],
+            counts=query.get("counts") == "1",
+            since=query.get("since"),
+            tables=self._overview_rows if query.get("overview") == "1" else None,
+        )
+        frames = await self.live.stream(view, alive)
         return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
-    def _live_url(self, task_ids: list[str], counts: bool) -> str:
+    def _overview_rows(self) -> dict[str, uipages.Rows]:
+        return uipages.overview_rows(self._figures(time.time()), self._limits())
+
+    def _live_url(self, task_ids: list[str], counts: bool, since: str | None = None, overview: bool = False) -> str:
+        """The URL of a page's live updates (:meth:`live_updates` reads it back)."""
         query = [("task", task_id) for task_id in task_ids] + ([("counts", "1")] if counts else [])
+        query += ([("since", since)] if since is not None else []) + ([("overview", "1")] if overview else [])
         return f"{self.prefix}/live?{urlencode(query)}"
 
     # -- plumbing ---------------------------------------------------------------------------

@@ -21,23 +21,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
 from actors.client import Client
-from actors.events import STATE_EVENTS, Event, stream_id_key
+from actors.events import STATE_EVENTS, Event, EventLog, stream_id_key
 from actors.states import State
 from actors.store_base import text_of
 from actors.task import Task
 from supervisor.api.sse import KEEPALIVE_SECONDS, RETRY_MS, Hub, Subscription
-from supervisor.api.uipages import HISTORY_FIELDS
+from supervisor.api.uipages import HISTORY_FIELDS, HISTORY_SHOWN, Rows
 
 #: Longest a change waits before its page hears of it (seconds): one frame a tick at most.
 TICK_SECONDS = 0.5
 #: Most tasks one stream follows (a page of the tasks list shows fewer).
 MAX_FOLLOWED = 200
+#: How often the overview's tables are read again (seconds).
+TABLES_SECONDS = 5.0
 #: How often a stream checks that its session still lives (seconds).
 SESSION_CHECK_SECONDS = 30.0
 
@@ -87,14 +90,38 @@ def merge(patch: Patch, event: Event, files: bool) -> None:
         if files:
             patch.setdefault("files", {})[str(data["index"])] = {"state": "done"}
     elif event.type in STATE_EVENTS and files:
-        told = {name: data[name] for name in HISTORY_FIELDS if data.get(name) not in (None, "")}
-        patch.setdefault("history", []).append({"at": event.at, "type": event.type, **told})
+        patch.setdefault("history", []).append(history_of(event))
         if data["state"] in (State.FINALIZING.value, State.DONE.value):
             patch["files"] = {"*": {"state": "done"}}
+        if event.type == "task.completed":  # where each file went, by path
+            patch["stored"] = {entry.get("path", ""): entry.get("location", "") for entry in data.get("files", ())}
+
+
+def history_of(event: Event) -> dict[str, Any]:
+    """A state change as the task page's history shows it, with its place in the task's stream
+    (``tid``), by which the page skips one it shows already."""
+    told = {name: event.data[name] for name in HISTORY_FIELDS if event.data.get(name) not in (None, "")}
+    return {"tid": event.task_stream_id or event.id, "at": event.at, "type": event.type, **told}
 
 
 def frame(name: str, data: Any) -> str:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+@dataclass(frozen=True)
+class View:
+    """What an open page shows that changes: the tasks it lists (one: a task's own page, with
+    its files and history after ``since``, the last event it was rendered with), the counts by
+    state, and the rows of tables that ``tables`` reads again every TABLES_SECONDS."""
+
+    task_ids: tuple[str, ...] = ()
+    counts: bool = False
+    since: str | None = None
+    tables: Callable[[], dict[str, Rows]] | None = None
+
+    @property
+    def files(self) -> bool:
+        return len(self.task_ids) == 1
 
 
 class LiveUpdates:
@@ -103,40 +130,40 @@ class LiveUpdates:
     def __init__(self, hub: Hub, client: Client) -> None:
         self.hub, self.client = hub, client
 
-    async def stream(self, task_ids: Sequence[str], counts: bool, alive: Alive) -> AsyncIterator[str]:
-        """The frames of a page that follows ``task_ids`` (and the ``counts``), while ``alive()``."""
+    async def stream(self, view: View, alive: Alive) -> AsyncIterator[str]:
+        """The frames of an open page that shows ``view``, while ``alive()``."""
         await self.hub.wait_ready()
-        files = len(task_ids) == 1  # a task's own page shows its files and history
-        sub = self.hub.subscribe(*task_ids)  # before the snapshot: nothing after it is missed
-        return self._frames(sub, task_ids, counts, files, alive)
+        sub = self.hub.subscribe(*view.task_ids)  # before the snapshot: nothing after it is missed
+        return self._frames(sub, view, alive)
 
-    async def _frames(
-        self, sub: Subscription, task_ids: Sequence[str], counts: bool, files: bool, alive: Alive
-    ) -> AsyncIterator[str]:
+    async def _frames(self, sub: Subscription, view: View, alive: Alive) -> AsyncIterator[str]:
         try:
             yield f"retry: {RETRY_MS}\n\n"
-            seen, snapshot = await run_in_threadpool(self._snapshot, task_ids, files)
+            seen, snapshot = await run_in_threadpool(self._snapshot, view)
             if snapshot:
                 yield frame("tasks", snapshot)
             changes = self.hub.state_changes
-            if counts:
+            if view.counts:
                 yield frame("counts", await self._counts())
-            checked = quiet_since = time.monotonic()
+            checked = quiet_since = tabled = time.monotonic()
             while True:
                 await asyncio.sleep(TICK_SECONDS)
                 patches: dict[str, Patch] = {}
                 while not sub.queue.empty():
                     event = sub.queue.get_nowait()
                     if stream_id_key(event.id) > seen:
-                        merge(patches.setdefault(event.task_id, {}), event, files)
+                        merge(patches.setdefault(event.task_id, {}), event, view.files)
                 now = time.monotonic()
                 if patches:
                     yield frame("tasks", patches)
                     quiet_since = now
-                if counts and self.hub.state_changes != changes:
+                if view.counts and self.hub.state_changes != changes:
                     changes = self.hub.state_changes
                     yield frame("counts", await self._counts())
                     quiet_since = now
+                if view.tables is not None and now - tabled >= TABLES_SECONDS:
+                    tabled = quiet_since = now
+                    yield frame("tables", await run_in_threadpool(view.tables))
                 if sub.overflowed:  # fell behind: the EventSource reconnects and reads anew
                     return
                 if now - checked >= SESSION_CHECK_SECONDS:
@@ -150,13 +177,22 @@ class LiveUpdates:
         finally:
             self.hub.unsubscribe(sub)
 
-    def _snapshot(self, task_ids: Sequence[str], files: bool) -> tuple[tuple[int, int], dict[str, Patch]]:
-        """Where the stream of all tasks ends now, then the followed tasks as stored."""
+    def _snapshot(self, view: View) -> tuple[tuple[int, int], dict[str, Patch]]:
+        """Where the stream of all tasks ends now, then the followed tasks as stored; for a
+        task's own page, its events after the one it was rendered with (the page skips any it
+        has: an event may be both here and in what follows)."""
         store = self.client.store
         last: Any = store.client.xrevrange(f"{store.prefix}events", "+", "-", count=1)
         seen = stream_id_key(text_of(last[0][0])) if last else (0, 0)
-        tasks = (store.get(task_id) for task_id in task_ids)
-        return seen, {task.id: patch_of(task, files) for task in tasks if task is not None}
+        tasks = [task for task in store.get_many(view.task_ids) if task is not None]
+        patches = {task.id: patch_of(task, view.files) for task in tasks}
+        if view.files and tasks and view.since is not None:
+            log = EventLog(store.client, store.prefix)
+            missed = log.after(tasks[0].id, view.since, HISTORY_SHOWN)
+            history = [history_of(e) for e in missed if e.type in STATE_EVENTS]
+            if history:
+                patches[tasks[0].id]["history"] = history
+        return seen, patches
 
     async def _counts(self) -> dict[str, int]:
         found = await run_in_threadpool(self.client.counts)

@@ -7,18 +7,25 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from actors.events import Event
 from actors.registry import WorkerInfo
 from actors.states import State
+from actors.store_figures import MinuteFigures, SupervisorReport
 from actors.task import Task
 from supervisor.api.bulk import Counted, Outcome
 from supervisor.statustext import human_size, short_age
 
 #: Files a task's page lists (a course may have thousands).
 FILES_SHOWN = 500
+#: Origin hosts the overview lists with their slots in use (the busiest first would need a sort
+#: of every host; these are in name order).
+HOSTS_SHOWN = 20
+#: A task's latest events its page shows (progress apart).
+HISTORY_SHOWN = 200
 #: What a task's history says of each event beside its type (the live updates say the same).
 HISTORY_FIELDS = ("state", "attempt", "error", "error_code", "path", "by", "worker", "format_id", "extractor")
 
@@ -68,12 +75,112 @@ def state_tabs(prefix: str, current: State, counts: dict[State, int]) -> str:
     return f'<nav class="tabs">{" ".join(links)}</nav>'
 
 
-def search_form(prefix: str, query: str) -> str:
+#: The searches the tasks page offers, as its form names them.
+SEARCH_LABELS = {"key": "id or key", "name": "name starts with", "host": "origin host"}
+
+
+def search_form(prefix: str, query: str, by: str = "key") -> str:
+    options = "".join(
+        f'<option value="{name}"{" selected" if name == by else ""}>{label}</option>'
+        for name, label in SEARCH_LABELS.items()
+    )
     return (
         f'<form method="get" action="{attr(prefix)}/tasks" class="search" role="search">'
-        '<label for="q">Task id or key</label> '
-        f'<input id="q" name="q" value="{attr(query)}" maxlength="200"> <button type="submit">Find</button></form>'
+        f'<label for="by">Find a task by</label> <select id="by" name="by">{options}</select> '
+        f'<input id="q" name="q" value="{attr(query)}" maxlength="200" aria-label="what to find" required> '
+        '<button type="submit">Find</button></form>'
     )
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What the overview shows, as read at ``now``."""
+
+    now: float
+    counts: dict[State, int]
+    minutes: list[MinuteFigures]
+    slots: dict[str, int]
+    staged_bytes: int
+    report: SupervisorReport | None
+
+
+#: The overview's tables: name, caption and column heads (the first column heads its rows).
+OVERVIEW_TABLES = {
+    "throughput": ("Per minute (UTC; newest first)", ("minute", "done", "failed", "downloaded", "stored")),
+    "stages": ("Stage slots in use", ("stage", "in use", "limit")),
+    "supervisor": ("Supervisor", ("", "")),
+}
+
+Rows = list[list[str]]
+
+
+def overview(figures: Figures, limits: dict[str, int]) -> str:
+    """The overview: counts by state, throughput by minute, stage slots against their limits
+    and staged bytes, the supervisor's leader, last sweep and configuration problems; each
+    table marked for the live updates, which replace its rows."""
+    tables = "".join(_table(name, rows) for name, rows in overview_rows(figures, limits).items())
+    return f'<div class="panels">{counts_table(figures.counts)}{tables}</div>'
+
+
+def overview_rows(figures: Figures, limits: dict[str, int]) -> dict[str, Rows]:
+    """The rows of each of the overview's tables, as text (escaped where they are shown)."""
+    return {
+        "throughput": _throughput(figures.minutes),
+        "stages": _stages(figures.slots, figures.staged_bytes, limits),
+        "supervisor": _supervisor(figures.report, figures.now),
+    }
+
+
+def _table(name: str, rows: Rows) -> str:
+    caption, heads = OVERVIEW_TABLES[name]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in heads) if any(heads) else ""
+    body = "".join(
+        f'<tr><th scope="row">{text(row[0])}</th>{"".join(f"<td>{text(cell)}</td>" for cell in row[1:])}</tr>'
+        for row in rows
+    )
+    return (
+        f'<table class="{name}" data-table="{name}"><caption>{html.escape(caption)}</caption>'
+        f"{f'<thead><tr>{head}</tr></thead>' if head else ''}<tbody>{body}</tbody></table>"
+    )
+
+
+def _throughput(minutes: list[MinuteFigures]) -> Rows:
+    return [
+        [time.strftime("%H:%M", time.gmtime(m.start)), str(m.done), str(m.failed + m.dead),
+         human_size(m.download_bytes), human_size(m.finalize_bytes)]
+        for m in reversed(minutes)
+    ]  # fmt: skip
+
+
+def _stages(slots: dict[str, int], staged: int, limits: dict[str, int]) -> Rows:
+    def limit(n: int, shown: str) -> str:
+        return f"of {shown}" if n else "no limit"
+
+    hosts = sorted((name.removeprefix("host:"), n) for name, n in slots.items() if name.startswith("host:") and n)
+    return [
+        ["download", str(slots.get("download", 0)), limit(limits["download"], str(limits["download"]))],
+        ["finalize", str(slots.get("finalize", 0)), limit(limits["finalize"], str(limits["finalize"]))],
+        *([host, str(n), limit(limits["host"], str(limits["host"]))] for host, n in hosts[:HOSTS_SHOWN]),
+        ["staged bytes", human_size(staged), limit(limits["staging_bytes"], human_size(limits["staging_bytes"]))],
+    ]
+
+
+def _supervisor(report: SupervisorReport | None, now: float) -> Rows:
+    if report is None:
+        return [["leader", "none: no supervisor reported lately, so stuck tasks are not requeued; "
+                 "is `haul supervisor` running?"]]  # fmt: skip
+    leader = report.leader or "none (the lock is free)"
+    if report.leader and not report.from_leader:
+        leader += f" (this report is {report.node}'s, the leader before)"
+    sweep = f"{short_age(now - report.last_sweep)} ago" if report.last_sweep else "not yet"
+    rows = [["leader", leader], ["last sweep", sweep]]
+    if report.problems:
+        rows += [["problem", problem] for problem in report.problems]
+    elif report.checked_at:
+        rows.append(["problems", f"none found ({short_age(now - report.checked_at)} ago)"])
+    else:
+        rows.append(["problems", "not checked yet"])
+    return rows
 
 
 def task_rows(prefix: str, tasks: Iterable[Task], now: float) -> str:
@@ -181,7 +288,8 @@ def task_detail(task: dict[str, Any], events: list[Event], actions: str) -> str:
         f'<h2>Files</h2><table class="files"><thead><tr><th>path</th><th>state</th><th>progress</th>'
         f"<th>stored</th></tr></thead><tbody>{files}</tbody></table>"
         f'<h2>History</h2><table class="history"><thead><tr><th>when (UTC)</th><th>event</th><th>details</th></tr>'
-        f'</thead><tbody data-field="history">{history}</tbody></table></article>'
+        f'</thead><tbody data-field="history" data-last="{attr(events[-1].id if events else "")}">{history}</tbody>'
+        "</table></article>"
     )
 
 
@@ -194,9 +302,11 @@ def _file_row(index: int, entry: dict[str, Any]) -> str:
     else:
         progress = ""
     stored = entry.get("location") or ""
+    path = entry.get("path", "")
     return (
-        f'<tr data-file="{index}" data-size="{int(entry.get("size") or 0)}"><td>{text(entry.get("path", ""))}</td>'
-        f'<td>{field("state", state)}</td><td data-field="progress">{progress}</td><td>{text(stored)}</td></tr>'
+        f'<tr data-file="{index}" data-path="{attr(path)}" data-size="{int(entry.get("size") or 0)}">'
+        f'<td>{text(path)}</td><td>{field("state", state)}</td><td data-field="progress">{progress}</td>'
+        f"<td>{field('stored', stored)}</td></tr>"
     )
 
 

@@ -12,6 +12,7 @@
   for (const el of document.querySelectorAll("[data-task]")) views.set(el.dataset.task, el);
   const pending = new Map();
   let counts = null;
+  let tables = null;
   let painting = false;
 
   let pause = 5000;
@@ -34,6 +35,10 @@
       counts = JSON.parse(e.data);
       soon();
     });
+    source.addEventListener("tables", (e) => {
+      tables = JSON.parse(e.data);
+      soon();
+    });
     source.addEventListener("ended", () => {
       source.close();
       pause = 0;
@@ -49,6 +54,7 @@
     const out = Object.assign({}, a, b);
     if (a.files && b.files && !("*" in b.files)) out.files = Object.assign({}, a.files, b.files);
     if (a.history && b.history) out.history = a.history.concat(b.history);
+    if (a.stored && b.stored) out.stored = Object.assign({}, a.stored, b.stored);
     return out;
   }
 
@@ -70,6 +76,27 @@
       for (const el of document.querySelectorAll("[data-count]")) el.textContent = counts[el.dataset.count] ?? 0;
       counts = null;
     }
+    if (tables) {
+      for (const [name, rows] of Object.entries(tables)) {
+        const body = document.querySelector(`table[data-table="${name}"] tbody`);
+        if (body) body.replaceChildren(...rows.map(tableRow));
+      }
+      tables = null;
+    }
+  }
+
+  // A row of an overview table: its first cell heads it, as the server renders them.
+  function tableRow(cells) {
+    const row = document.createElement("tr");
+    cells.forEach((text, at) => {
+      const cell = document.createElement(at ? "td" : "th");
+      if (!at) cell.scope = "row";
+      const bdi = document.createElement("bdi");
+      bdi.textContent = text;
+      cell.append(bdi);
+      row.append(cell);
+    });
+    return row;
   }
 
   function paint(view, p) {
@@ -90,6 +117,11 @@
       for (const bar of own(view, "bar")) progress(bar, p.bytes_done, Number(view.dataset.total || 0));
     }
     if (p.files) files(view, p.files);
+    if (p.stored) {
+      for (const row of view.querySelectorAll("[data-file]")) {
+        if (row.dataset.path in p.stored) put(row, "stored", p.stored[row.dataset.path]);
+      }
+    }
     if (p.history) history(view, p.history);
   }
 
@@ -143,13 +175,16 @@
     }
   }
 
+  // State changes after the last one shown (the stream may repeat one the page has).
   function history(view, entries) {
     const body = view.querySelector('[data-field="history"]');
     if (!body) return;
     for (const entry of entries) {
+      if (!after(entry.tid, body.dataset.last)) continue;
+      body.dataset.last = entry.tid;
       const row = body.insertRow();
       const said = Object.entries(entry)
-        .filter(([name]) => name !== "at" && name !== "type")
+        .filter(([name]) => !["tid", "at", "type"].includes(name))
         .map(([name, value]) => `${name}: ${value}`)
         .join(", ");
       for (const text of [new Date(entry.at).toISOString().slice(0, 19).replace("T", " "), entry.type, said]) {
@@ -158,6 +193,14 @@
         row.insertCell().append(bdi);
       }
     }
+  }
+
+  // Whether stream entry id `a` ("ms-seq") comes after `b` ("": before every entry).
+  function after(a, b) {
+    if (!b) return true;
+    const [am, as] = a.split("-").map(Number);
+    const [bm, bs] = b.split("-").map(Number);
+    return am > bm || (am === bm && as > bs);
   }
 
   function size(n) {
