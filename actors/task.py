@@ -225,18 +225,21 @@ class Task:
 
     def _files_status(self) -> list[dict[str, Any]]:
         """Each file as asked for, with how far it is (``state``: ``done``, ``downloading``
-        with its ``bytes_done`` and ``connections``, or ``waiting``); once stored, with where
+        with its ``bytes_done``, ``connections`` and, once the origin said it, ``bytes_total``;
+        or ``waiting``); once stored, with where
         (and its link) as task.completed said."""
         stored = {entry.get("path"): entry for entry in self.stored}
         finished = set(self.finished) if self.finished else set(range(self.files_done))
-        active = {index: (done, conns) for index, done, _, conns in self.active} if self.connections else {}
+        active = {index: (done, total, conns) for index, done, total, conns in self.active} if self.connections else {}
         entries = []
         for index, f in enumerate(self.spec.files):
             if self.state in (State.FINALIZING, State.DONE) or index in finished:
                 progress: dict[str, Any] = {"state": "done"}
             elif index in active:
-                done, conns = active[index]
+                done, total, conns = active[index]
                 progress = {"state": "downloading", "bytes_done": done, "connections": conns}
+                if total:  # the origin said its size
+                    progress["bytes_total"] = total
             else:
                 progress = {"state": "waiting"}
             resolved = {"resolved": dict(self.resolved[index])} if index in self.resolved else {}

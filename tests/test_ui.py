@@ -33,8 +33,8 @@ def env(tmp_path: Path, redis_url: str, receiver: Receiver) -> dict[str, str]:
 
 
 @pytest.fixture
-def api(tmp_path: Path, env: dict[str, str]) -> Iterator[Api]:
-    with running_api(tmp_path, env) as started:
+def api(tmp_path: Path, env: dict[str, str], store: TaskStore) -> Iterator[Api]:
+    with running_api(tmp_path, env) as started:  # on an empty Redis (``store`` flushes it)
         yield started
 
 

@@ -92,7 +92,7 @@ _SCHEMAS: dict[str, Any] = {
             "connections": {"type": "integer", "description": "connections to origins open now"},
             "files": {"type": "array", "items": {"type": "object"},
                       "description": "each with its state (done, downloading, waiting) and, downloading, "
-                                     "bytes_done and connections"},
+                                     "bytes_done, connections and (once known) bytes_total"},
             "watch_token": {"type": "string", "description": "only in the answer to a submit"},
         },
     },

@@ -61,9 +61,10 @@ def patch_of(task: Task, files: bool) -> Patch:
     }
     if files:
         patch["files"] = {
-            str(index): {"state": entry["state"], "bytes_done": entry.get("bytes_done", 0)}
+            str(index): {"state": entry["state"], "bytes_done": entry.get("bytes_done", 0),
+                         "bytes_total": entry.get("bytes_total", 0)}
             for index, entry in enumerate(task.as_status()["files"])
-        }
+        }  # fmt: skip
     return patch
 
 
@@ -82,7 +83,7 @@ def merge(patch: Patch, event: Event, files: bool) -> None:
                 patch[name] = data[name]
         if files:
             for entry in data.get("active", ()):
-                shown = {"state": "downloading", "bytes_done": entry["bytes_done"]}
+                shown = {"state": "downloading", "bytes_done": entry["bytes_done"], "bytes_total": entry["bytes_total"]}
                 patch.setdefault("files", {})[str(entry["index"])] = shown
     elif event.type == "file.completed":
         if "bytes_done" in data:

@@ -296,7 +296,7 @@ def task_detail(task: dict[str, Any], events: list[Event], actions: str) -> str:
 def _file_row(index: int, entry: dict[str, Any]) -> str:
     state = entry.get("state", "")
     if state == "downloading":
-        progress = bar(int(entry.get("bytes_done") or 0), entry.get("size"))
+        progress = bar(int(entry.get("bytes_done") or 0), entry.get("bytes_total") or entry.get("size"))
     elif state == "done":
         progress = "whole"
     else:

@@ -168,7 +168,7 @@
           label.dataset.label = "";
           cell.append(bar, " ", label);
         }
-        progress(bar, change.bytes_done || 0, Number(row.dataset.size || 0));
+        progress(bar, change.bytes_done || 0, change.bytes_total || Number(row.dataset.size || 0));
       } else {
         cell.textContent = change.state === "done" ? "whole" : "";
       }
