@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from actors.deliveries import DeliveryRecorder
 from actors.ending import end_run, timing
 from actors.errors import (
     LeaseLost,
@@ -98,13 +99,14 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
     lease.tally.enter(FINALIZE)
     in_storage = StoredBytes(lease)
     lease.stored = in_storage.value
+    url = task.spec.webhook or rt.settings.webhook_url
+    tries = rt.deliveries(task_id, url or "")
     try:
         stored = rt.storage.commit(
             sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=lambda: _fence(rt, lease, step),
             sha256=rt.settings.file_hash == "sha256", task_key=task.spec.key,
             ledger=UploadLedger(rt.store, task_id, token), on_stored=in_storage.add,
         )  # fmt: skip
-        url = task.spec.webhook or rt.settings.webhook_url
         if url:
             lease.check()
             announced_at = rt.store.announce(task_id, token, now=rt.clock(), lease_seconds=rt.settings.lease_seconds)
@@ -115,7 +117,7 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
             with interruptible(lambda closeable: guard_lease(rt, lease, closeable)):
                 rt.webhooks.deliver(
                     url, event, now=rt.clock(), task_id=task_id,
-                    on_try=lambda seconds: step(seconds, "delivering task.completed"),
+                    on_try=lambda seconds: step(seconds, "delivering task.completed"), on_answer=tries.add,
                 )  # fmt: skip
         else:
             log.warning("task %s: no webhook URL (task or HAUL_WEBHOOK_URL); nobody is told it is done", task_id)
@@ -126,15 +128,17 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
         if reached is None:
             raise LeaseLost(f"task {task_id}: lease lost before it could be marked done")
     except (StorageUnavailable, WebhookUndelivered) as exc:
-        return _park(rt, task, token, exc, failing_since or rt.clock())
+        return _park(rt, task, token, exc, failing_since or rt.clock(), tries)
     except PermanentError as exc:
         if not announced:
             return end_run(rt, task, token, exc)
         # e.g. a receiver refused at connect time after an earlier try that may have been stored
-        return _park(rt, task, token, WebhookUndelivered(str(exc)), failing_since or rt.clock())
+        return _park(rt, task, token, WebhookUndelivered(str(exc)), failing_since or rt.clock(), tries)
     except Exception as exc:
         # Announced in this run: the store keeps the task queued, and the error must say so.
         return end_run(rt, dataclasses.replace(task, announced=announced), token, exc)
+    finally:
+        tries.settle(gave_up=False)  # unless _park gave the event up: the next run tries again
     sandbox.remove(task.spec.files)
     log.info("task %s: done, %d file(s), %d bytes in %s, announced: %s", task_id, len(stored),
              sum(f["size"] for f in stored), rt.storage.describe(), bool(url))  # fmt: skip
@@ -158,8 +162,11 @@ def _fence(rt: Runtime, lease: Lease, step: Callable[[float, str], None]) -> Non
     rt.leases.confirm(lease)
 
 
-def _park(rt: Runtime, task: Task, token: int, exc: TransientError, failing_since: float) -> Outcome:
-    """Keep a finished task ``finalizing`` and try again after a pause that grows with the outage."""
+def _park(
+    rt: Runtime, task: Task, token: int, exc: TransientError, failing_since: float, tries: DeliveryRecorder
+) -> Outcome:
+    """Keep a finished task ``finalizing`` and try again after a pause that grows with the outage;
+    past HAUL_FINALIZE_GIVE_UP_SECONDS, end it dead, its last delivery try recorded as given up."""
     s = rt.settings
     now = rt.clock()
     if now - failing_since > s.finalize_give_up_seconds:
@@ -171,6 +178,7 @@ def _park(rt: Runtime, task: Task, token: int, exc: TransientError, failing_sinc
         log.error("task %s: dead: %s", task.id, message)
         if reached is None:
             return NOTHING
+        tries.settle(gave_up=True)
         report_task(
             message, kind="dead", task_id=task.id, stage="finalizing", attempt=task.attempts, file=exc.file,
             storage=rt.storage.describe() if isinstance(exc, StorageUnavailable) else None, error_code=exc.code,

@@ -19,6 +19,7 @@ import logging
 import random
 from dataclasses import dataclass
 
+from actors.deliveries import DeliveryRecorder
 from actors.errors import PermanentError, WebhookUndelivered
 from actors.redact import display_url
 from actors.runtime import Runtime
@@ -88,22 +89,25 @@ def try_notice(rt: Runtime, task_id: str, seq: int | None) -> NextTry | None:
     # error_code / error_file: the record's fields, which release, claim, requeue and cancel write.
     ended = ended_fields(task, task.error_code, task.error_file)
     event = make_event(task, kind, [f.to_json() for f in task.spec.files], task.error, task.updated_at, ended)
-    try:
-        rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id, tries=1)
-    except PermanentError as exc:  # a forbidden receiver: retrying cannot help
-        _give_up(rt, task, begun, url, kind, f"{exc}; retrying cannot help")
-        return None
-    except WebhookUndelivered as exc:  # the receiver's answer, a timeout, a reset
-        return _later(rt, task, begun, url, kind, exc)
-    except Exception as exc:  # a bug: keep the chain going, with a traceback in the log
-        log.exception("task %s: unexpected error while delivering %s; will try again", task_id, kind)
-        return _later(rt, task, begun, url, kind, exc)
+    with rt.deliveries(task_id, url, first_try=begun.tries) as tries:  # the try's record, once decided
+        try:
+            rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id, tries=1, on_answer=tries.add)
+        except PermanentError as exc:  # a forbidden receiver: retrying cannot help
+            _give_up(rt, task, begun, url, kind, f"{exc}; retrying cannot help", tries)
+            return None
+        except WebhookUndelivered as exc:  # the receiver's answer, a timeout, a reset
+            return _later(rt, task, begun, url, kind, exc, tries)
+        except Exception as exc:  # a bug: keep the chain going, with a traceback in the log
+            log.exception("task %s: unexpected error while delivering %s; will try again", task_id, kind)
+            return _later(rt, task, begun, url, kind, exc, tries)
     if rt.store.end_notice(task_id, begun.run):
         log.info("task %s: %s delivered to %s (try %d)", task_id, kind, display_url(url), begun.tries)
     return None
 
 
-def _later(rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, exc: Exception) -> NextTry | None:
+def _later(
+    rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, exc: Exception, tries: DeliveryRecorder
+) -> NextTry | None:
     """Record when the next try is due, or give the notice up once its time is over."""
     s = rt.settings
     now = rt.clock()
@@ -113,7 +117,7 @@ def _later(rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, exc: 
             f"{now - task.updated_at:.0f}s since the task ended, past "
             f"HAUL_FINALIZE_GIVE_UP_SECONDS={s.finalize_give_up_seconds:g}; last error: {exc}"
         )
-        _give_up(rt, task, begun, url, kind, reason)
+        _give_up(rt, task, begun, url, kind, reason, tries)
         return None
     # The last try falls on the deadline (or one shortest pause after it); it is not skipped.
     due = max(now + MIN_PAUSE_SECONDS, min(now + pause_seconds(begun.tries, s), deadline))
@@ -123,10 +127,13 @@ def _later(rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, exc: 
     return NextTry(begun.seq, due - now)
 
 
-def _give_up(rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, reason: str) -> None:
-    """Stop trying: the backend was never told, so say so loudly (log and Sentry)."""
+def _give_up(
+    rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, reason: str, tries: DeliveryRecorder
+) -> None:
+    """Stop trying: the backend was never told, so say so loudly (log, Sentry, the try's record)."""
     if not rt.store.end_notice(task.id, begun.run, begun.seq):
         return  # delivered or retried meanwhile
+    tries.settle(gave_up=True)
     message = (
         f"task {task.id}: {kind} to {display_url(url)} given up after {begun.tries} tries ({reason}). "
         f"The backend was never told the task is {task.state}; fix the receiver and tell the backend "

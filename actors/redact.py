@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from actors.settings import Settings
 
@@ -34,6 +34,15 @@ def secrets_of(settings: Settings) -> list[str]:
         values.append(settings.sentry_dsn)
     values.extend(settings.s3.secrets())
     values.extend(settings.api.secrets())
+    return [v for v in values if len(v) >= 4]
+
+
+def secrets_in_url(url: str) -> list[str]:
+    """A URL's own secrets (user name, password, query values), for text that may quote them
+    without the URL around them: a receiver's answer echoing ``/hook?token=...``, say."""
+    parts = urlsplit(url)
+    values = [parts.username or "", parts.password or "", parts.query]
+    values += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
     return [v for v in values if len(v) >= 4]
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 
 import requests
 
+from actors.deliveries import DeliveryRecorder
 from actors.fetch import Fetcher
 from actors.interrupt import Interrupter
 from actors.lease import LeaseKeeper
 from actors.netguard import DestinationPolicy
+from actors.redact import secrets_in_url, secrets_of
 from actors.settings import Settings
 from actors.storage import LocalStorage, Storage
 from actors.store import TaskStore
@@ -128,11 +130,17 @@ class Runtime:
                 self.webhook_policy,
                 timeout=(self.settings.connect_timeout_seconds, self.settings.read_timeout_seconds),
                 backoff_seconds=min(DEFAULT_DELIVERY_BACKOFF_SECONDS, self.settings.retry_min_seconds),
+                clock=self.clock,
             )
             self._local.webhooks = sender
             with self._beside_lock:
                 self._sessions.append(sender.session)
         return sender
+
+    def deliveries(self, task_id: str, url: str, first_try: int = 1) -> DeliveryRecorder:
+        """Where the tries of one delivery to ``url`` are recorded for the dashboard, with this
+        worker's secrets and the URL's own (its password, its query values) kept out."""
+        return DeliveryRecorder(self.store, task_id, [*secrets_of(self.settings), *secrets_in_url(url)], first_try)
 
 
 def open_storage(settings: Settings) -> Storage:

@@ -3,7 +3,8 @@
 Each operation that reads then writes is one Lua script in ``actors/lua/`` (its header lists
 KEYS and ARGV, :mod:`actors.store_base` the keys). This class holds a task's life from its
 creation through its runs to its notices, and the reads of a task; the supervisor's side is
-:class:`actors.store_sweeps.SweepStore`, which it extends. The module runs past 300 lines
+:class:`actors.store_sweeps.SweepStore`, which it extends, with each task's webhook tries
+(:class:`actors.store_deliveries.DeliveryStore`). The module runs past 300 lines
 because each of the twenty-odd operations is a typed wrapper over one script, and a task's
 run reads best in one place.
 """
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from actors.stagemeter import Tallies
 from actors.states import CancelReply, ClaimReply, CreateReply, RetryReply, State, StepReply
 from actors.store_base import text_of
+from actors.store_deliveries import DeliveryStore
 from actors.store_index import MAX_INDEXED_HOSTS, name_member, name_range, task_hosts, task_id_of
 from actors.store_sweeps import SweepStore
 from actors.task import (
@@ -128,7 +130,7 @@ class Claim:
         return self.outcome is ClaimReply.OK
 
 
-class TaskStore(SweepStore):
+class TaskStore(SweepStore, DeliveryStore):
     """Typed operations on tasks, each one round trip."""
 
     def create(

@@ -32,6 +32,8 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:uploads:<id>    hash: file index -> the multipart upload in progress (JSON: key, upload
                          id, part size), kept by the run holding the task (actors/store_uploads.py)
     haul:uploading       set: the tasks that have such records
+    haul:deliveries:<id> list: the task's latest webhook tries and their answers, newest first
+                         (JSON each; written by the worker that tried, :mod:`actors.store_deliveries`)
     haul:index:name      sorted set: '<casefolded name>\\0<id>', all scores 0 (name prefix search)
     haul:index:names     hash: task id -> its member of index:name (for prune)
     haul:index:host:<h>  sorted set: ids of the tasks with a file on <h>, by created_at
@@ -40,7 +42,8 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
 Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter. The
 operations are :class:`actors.store.TaskStore` (a task's runs and reads) on top of
 :class:`actors.store_sweeps.SweepStore` (what the supervisor's sweeps and metrics need), on top
-of :class:`actors.store_figures.FigureStore` (what the operator dashboard reads).
+of :class:`actors.store_figures.FigureStore` (what the operator dashboard reads), beside
+:class:`actors.store_deliveries.DeliveryStore` (each task's webhook tries, for the same).
 """
 
 from __future__ import annotations

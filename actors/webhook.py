@@ -21,6 +21,7 @@ import requests
 from standardwebhooks import Webhook
 
 from actors.connections import refused_at_connect, shutter_of
+from actors.deliveries import Delivery, DeliveryOutcome
 from actors.errors import ForbiddenDestination, WebhookUndelivered
 from actors.interrupt import guarded
 from actors.netguard import DestinationPolicy
@@ -39,6 +40,12 @@ DEFAULT_DELIVERY_TRIES = 5
 DEFAULT_DELIVERY_BACKOFF_SECONDS = 0.5
 #: Answers worth another try at once; any other non-2xx answer is retried with the task's backoff.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+#: Bytes of a non-2xx answer's body read for the try's record: more than the record keeps
+#: (actors/deliveries.py), so a secret the receiver echoes near the cut is read whole, redacted.
+ANSWER_EXCERPT_BYTES = 2048
+
+#: Told each try's answer as it ends, and whether the call makes no other try after it.
+OnAnswer = Callable[[Delivery, bool], None]
 
 
 @dataclass(frozen=True)
@@ -117,12 +124,15 @@ class WebhookSender:
         timeout: tuple[float, float],
         backoff_seconds: float = DEFAULT_DELIVERY_BACKOFF_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._secrets = tuple(secrets)
         self.policy = policy
         self.timeout = timeout
         self.backoff_seconds = backoff_seconds
         self.sleep = sleep
+        #: When each try begins, for its record (seconds since the epoch).
+        self.clock = clock
         self.session = policy.session()
 
     @property
@@ -139,35 +149,56 @@ class WebhookSender:
         task_id: str,
         tries: int = DEFAULT_DELIVERY_TRIES,
         on_try: Callable[[float], None] | None = None,
+        on_answer: OnAnswer | None = None,
     ) -> None:
-        """Deliver ``event`` to ``url`` or raise :class:`WebhookUndelivered` saying why.
+        """Deliver ``event`` to ``url`` or raise :class:`WebhookUndelivered` saying why
+        (:class:`ForbiddenDestination` for a receiver haul must not contact).
 
         ``on_try(seconds)`` is called before each try with the longest it may take; raising
-        there stops the delivery before the request is sent.
+        there stops the delivery before the request is sent. ``on_answer(delivery, last)`` is
+        told how each try ended (numbered from 1 in this call), before any retry or raise:
+        the caller records it (:class:`actors.deliveries.DeliveryRecorder`).
         """
         where = f"task {task_id}: webhook {event.type} (id {event.id}) to {display_url(url)}"
+        tell = _Teller(on_answer, event.type, display_url(url))
         if not self._secrets:
+            tell(self.clock(), 1, DeliveryOutcome.FAILED, detail="no signing secret (HAUL_WEBHOOK_SECRET)", last=True)
             raise WebhookUndelivered(
                 f"{where}: no signing secret is configured; set HAUL_WEBHOOK_SECRET or HAUL_WEBHOOK_SECRET_FILE",
                 code="no_webhook_secret",
             )
-        self.policy.check(url, purpose=where)
+        try:
+            self.policy.check(url, purpose=where)
+        except ForbiddenDestination as exc:
+            tell(self.clock(), 1, DeliveryOutcome.REFUSED, detail=str(exc).removeprefix(f"{where}: "), last=True)
+            raise
         pause = self.backoff_seconds
         for attempt in range(1, tries + 1):
             if on_try is not None:
                 on_try(self.call_seconds)
+            at, started = self.clock(), time.monotonic()
             try:
-                self._post(url, event, now, where)
-                log.debug("%s: delivered", where)
-                return
-            except _Retryable as exc:
-                if attempt == tries:
+                status = self._post(url, event, now, where)
+            except _Failed as exc:
+                last = attempt == tries or not isinstance(exc, _Retryable)
+                tell(at, attempt, DeliveryOutcome.FAILED, exc.status, started, exc.detail, last=last)
+                if not isinstance(exc, _Retryable):
+                    raise
+                if last:
                     raise WebhookUndelivered(str(exc)) from exc.__cause__
                 log.info("%s; trying again in %.1fs", exc, pause)
+            except ForbiddenDestination:
+                tell(at, attempt, DeliveryOutcome.REFUSED, detail=_REFUSED_AT_CONNECT, last=True)
+                raise
+            else:
+                tell(at, attempt, DeliveryOutcome.DELIVERED, status, started, last=True)
+                log.debug("%s: delivered", where)
+                return
             self.sleep(pause)
             pause *= 2
 
-    def _post(self, url: str, event: Event, now: float, where: str) -> None:
+    def _post(self, url: str, event: Event, now: float, where: str) -> int:
+        """One try: the status of a 2xx answer, or raise :class:`_Failed` (or ForbiddenDestination)."""
         timestamp = datetime.fromtimestamp(int(now), tz=UTC)
         headers = {
             "content-type": "application/json",
@@ -182,10 +213,12 @@ class WebhookSender:
             )
         except requests.RequestException as exc:
             if refused_at_connect(exc):
-                raise ForbiddenDestination(f"{where}: resolved to a non-public address at connect time") from exc
-            raise _Retryable(f"{where}: delivery failed ({type(exc).__name__})") from exc
+                raise ForbiddenDestination(f"{where}: {_REFUSED_AT_CONNECT}") from exc
+            # The exception's own text is left out: it quotes the request's path and query.
+            raise _Retryable(f"{where}: delivery failed ({type(exc).__name__})", None, _failure(exc)) from exc
         with response:
-            if 200 <= response.status_code < 300:
+            status = response.status_code
+            if 200 <= status < 300:
                 # Accepted. The body is read only to keep the connection for the next event,
                 # interruptibly: a receiver that drips it must not hold the thread.
                 with guarded(shutter_of(response)):
@@ -193,15 +226,68 @@ class WebhookSender:
                         response.content  # noqa: B018
                     except requests.RequestException:
                         pass
-                return
-            message = (
-                f"{where}: the receiver answered {response.status_code} {response.reason}; "
-                "it must answer 2xx once it has stored the event"
-            )
-            if response.status_code in RETRY_STATUSES:
-                raise _Retryable(message)
-            raise WebhookUndelivered(message)
+                return status
+            answered = f"{status} {response.reason or ''}".strip()
+            message = f"{where}: the receiver answered {answered}; it must answer 2xx once it has stored the event"
+            excerpt = _excerpt(response)
+            detail = f"{answered}: {excerpt}" if excerpt else answered
+            if status in RETRY_STATUSES:
+                raise _Retryable(message, status, detail)
+            raise _Failed(message, status, detail)
 
 
-class _Retryable(WebhookUndelivered):
+_REFUSED_AT_CONNECT = "resolved to a non-public address at connect time"
+
+
+def _failure(exc: requests.RequestException) -> str:
+    """A try that got no answer, in a few words (no URL: the record shows it apart)."""
+    if isinstance(exc, requests.Timeout):
+        return f"timeout: no answer in time ({type(exc).__name__})"
+    return f"connection failed ({type(exc).__name__})"
+
+
+def _excerpt(response: requests.Response) -> str:
+    """The start of a refusing answer's body (interruptibly, as the 2xx body): what the
+    receiver says is wrong; '' when it says nothing or the body cannot be read."""
+    with guarded(shutter_of(response)):
+        try:
+            head = next(response.iter_content(ANSWER_EXCERPT_BYTES), b"")
+        except requests.RequestException:
+            return ""
+    return head.decode("utf-8", "replace") if isinstance(head, bytes) else str(head)
+
+
+class _Teller:
+    """Tells ``on_answer`` how each try of one delivery ended."""
+
+    def __init__(self, on_answer: OnAnswer | None, event_type: str, shown_url: str) -> None:
+        self.on_answer, self.event_type, self.url = on_answer, event_type, shown_url
+
+    def __call__(
+        self,
+        at: float,
+        attempt: int,
+        outcome: DeliveryOutcome,
+        status: int | None = None,
+        started: float | None = None,
+        detail: str = "",
+        *,
+        last: bool,
+    ) -> None:
+        if self.on_answer is None:
+            return
+        elapsed = None if started is None else round((time.monotonic() - started) * 1000)
+        self.on_answer(Delivery(at, self.event_type, self.url, attempt, outcome, status, elapsed, detail), last)
+
+
+class _Failed(WebhookUndelivered):
+    """A try that failed: the receiver's ``status`` (None: no answer) and what went wrong in
+    a few words (``detail``, for the try's record)."""
+
+    def __init__(self, message: str, status: int | None, detail: str) -> None:
+        super().__init__(message)
+        self.status, self.detail = status, detail
+
+
+class _Retryable(_Failed):
     """A failed try worth repeating within this delivery."""

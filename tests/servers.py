@@ -445,6 +445,8 @@ class Receiver(_Running):
         #: Random 500s (share of deliveries), and an outage: 503 until this time.
         self.fail_share = 0.0
         self.down_until = 0.0
+        #: The body of every answer (a receiver that explains its refusals, or echoes too much).
+        self.answer_body = b""
         self.rng = random.Random(11)
         self.lock = threading.Lock()
         super().__init__(_ReceiverHandler)
@@ -489,9 +491,11 @@ class _ReceiverHandler(_Quiet):
             receiver.on_delivery(delivery)
         with receiver.lock:
             receiver.deliveries.append(delivery)
+        body = b"" if answer in (204, 304) else receiver.answer_body  # those answers have no body
         self.send_response(answer)
-        self.send_header("Content-Length", "0")
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
 
 
 def _end(sock: socket.socket, how: int) -> None:

@@ -1,6 +1,7 @@
 -- Delete a batch of ended tasks of one final state once their retention period is over: the
--- record, its spec, its record of unfinished uploads, its event stream, its idempotency key while the key still
--- names this task, its staged bytes, its state entry and its entries in the search indexes
+-- record, its spec, its record of unfinished uploads, its event stream, where its files were
+-- stored, its list of webhook tries, its idempotency key while the key still names this task,
+-- its staged bytes, its state entry and its entries in the search indexes
 -- (actors/store_index.py). One call serves a batch, so a sweep removes thousands a second.
 -- KEYS[1]  $prefix state:$state (a final state)
 -- ARGV[1]  prefix
@@ -57,6 +58,7 @@ local function prunable(id, keys, hosts)
   table.insert(keys, prefix .. 'uploads:' .. id)
   table.insert(keys, prefix .. 'events:' .. id)
   table.insert(keys, prefix .. 'stored:' .. id)
+  table.insert(keys, prefix .. 'deliveries:' .. id)
   table.insert(hosts, t[4] or '')
   redis.call('SREM', prefix .. 'uploading', id)
   if redis.call('HEXISTS', staged, id) == 1 then  -- done tasks' were dropped as they ended
@@ -103,7 +105,7 @@ local function unindex(gone, hosts)
 end
 
 while more == 0 do
-  local want = math.min(limit, scan - looked, 1000)  -- a chunk's DEL stays well within unpack()'s reach
+  local want = math.min(limit, scan - looked, 1000)  -- a chunk's DEL: 7 keys a record at most, within unpack()'s 8000
   local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', skip, want)
   local keys, gone, hosts = {}, {}, {}
   for _, id in ipairs(ids) do
