@@ -106,6 +106,12 @@ def test_a_tasks_bar_moves_to_done_and_the_counts_follow_without_a_reload(
     kinds = page.locator('[data-field="history"] tr td:nth-child(2)').all_inner_texts()
     assert kinds[0] == "task.queued" and kinds[-2:] == ["task.finalizing", "task.completed"]
     assert "task.started" in kinds and len(kinds) == len(set(kinds))
+    page.wait_for_function(  # the webhook's try, read again every few seconds
+        "() => document.querySelector('table[data-table=\"deliveries\"] tbody').textContent.includes('task.completed')",
+        timeout=WAIT_MS,
+    )
+    answer = page.locator('table[data-table="deliveries"] tbody tr td').last.inner_text()
+    assert answer.startswith("delivered, 2"), answer
     assert page.evaluate("window.haulMarker") == 1
     overview.wait_for_function(
         "n => document.querySelector('[data-count=\"done\"]').textContent === String(n)",

@@ -14,6 +14,7 @@ import pytest
 import redis
 import requests
 
+from actors.deliveries import Delivery, DeliveryOutcome
 from actors.events import EventLog
 from actors.manifest import spec_from_manifest
 from actors.registry import WorkerInfo, WorkerRegistry
@@ -239,13 +240,19 @@ def test_the_overview_shows_throughput_slots_staged_bytes_and_the_supervisors_re
 def test_hostile_names_and_errors_render_as_text(api: Api, store: TaskStore) -> None:
     [task_id] = make_tasks(store, 1, name="<script>alert(1)</script> lesson\u202egpj.exe")
     store.client.hset(store.task_key(task_id), "error", "origin said <img src=x onerror=alert(2)>")
+    hostile = "400 Bad Request: <img src=x onerror=alert(2)>"
+    answered = Delivery(at=time.time(), type="task.failed", url="https://hooks.example/in", attempt=1,
+                        outcome=DeliveryOutcome.FAILED, status=400, detail=hostile)  # fmt: skip
+    store.record_delivery(task_id, answered, secrets=())
     browser, _ = sign_in(api, FULL)
-    for page in (browser.get(f"{api.url}/ui/tasks/{task_id}", timeout=5),
+    page_of_task = browser.get(f"{api.url}/ui/tasks/{task_id}", timeout=5)
+    for page in (page_of_task,
                  browser.get(f"{api.url}/ui/tasks", params={"state": "queued"}, timeout=5)):  # fmt: skip
         assert "<script>alert(1)</script>" not in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
         assert "<img src=x" not in page.text and "&lt;img src=x onerror=alert(2)&gt;" in page.text
         # its direction isolated: the U+202E cannot reorder what follows it
         assert "<bdi>&lt;script&gt;alert(1)&lt;/script&gt; lesson\u202egpj.exe</bdi>" in page.text
+    assert "failed, 400: 400 Bad Request: &lt;img src=x onerror=alert(2)&gt;" in page_of_task.text
 
 
 def test_retry_and_cancel_are_buttons_for_a_full_token_only_each_needing_the_csrf_token(

@@ -147,7 +147,7 @@ class Dashboard:
     async def overview(self, request: Request, session: Session) -> Response:
         figures = await run_in_threadpool(self._figures, time.time())
         body = f"<h1>Overview</h1>{uipages.overview(figures, self._limits())}"
-        return self._page("Overview", body, session, live=self._live_url([], counts=True, overview=True))
+        return self._page("Overview", body, session, live=self._live_url([], counts=True, tables="overview"))
 
     def _figures(self, now: float) -> uipages.Figures:
         """What the overview shows, read from Redis: a few known keys, never a scan."""
@@ -243,9 +243,10 @@ class Dashboard:
             return self._page("No such task", f"<p>No task {uipages.text(task_id)}.</p>", session, status=404)
         log_ = EventLog(self.client.store.client, self.client.store.prefix)
         events = await run_in_threadpool(log_.latest, task_id, uipages.HISTORY_SHOWN)
+        deliveries = await run_in_threadpool(self._delivery_rows, task_id)
         status = task.as_status()
-        body = uipages.task_detail(status, events, self._actions(task, session))
-        live = self._live_url([task_id], counts=False, since=events[-1].id if events else "")
+        body = uipages.task_detail(status, events, deliveries, self._actions(task, session))
+        live = self._live_url([task_id], counts=False, since=events[-1].id if events else "", tables="deliveries")
         return self._page(status["name"] or task_id, body, session, live=live)
 
     def _actions(self, task: Task, session: Session) -> str:
@@ -312,22 +313,29 @@ class Dashboard:
             return await self.sessions.find(session_id, time.time(), renew=False) is not None
 
         query = request.query_params
-        view = View(
-            task_ids=tuple(dict.fromkeys(query.getlist("task")))[: uilive.MAX_FOLLOWED],
-            counts=query.get("counts") == "1",
-            since=query.get("since"),
-            tables=self._overview_rows if query.get("overview") == "1" else None,
-        )
+        task_ids = tuple(dict.fromkeys(query.getlist("task")))[: uilive.MAX_FOLLOWED]
+        tables: Callable[[], dict[str, uipages.Rows]] | None = None
+        if query.get("tables") == "overview":
+            tables = self._overview_rows
+        elif query.get("tables") == "deliveries" and len(task_ids) == 1:
+            tables = self._deliveries_table(task_ids[0])
+        view = View(task_ids=task_ids, counts=query.get("counts") == "1", since=query.get("since"), tables=tables)
         frames = await self.live.stream(view, alive)
         return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
     def _overview_rows(self) -> dict[str, uipages.Rows]:
         return uipages.overview_rows(self._figures(time.time()), self._limits())
 
-    def _live_url(self, task_ids: list[str], counts: bool, since: str | None = None, overview: bool = False) -> str:
+    def _delivery_rows(self, task_id: str) -> uipages.Rows:
+        return uipages.delivery_rows(self.client.store.deliveries(task_id))
+
+    def _deliveries_table(self, task_id: str) -> Callable[[], dict[str, uipages.Rows]]:
+        return lambda: {"deliveries": self._delivery_rows(task_id)}
+
+    def _live_url(self, task_ids: list[str], counts: bool, since: str | None = None, tables: str | None = None) -> str:
         """The URL of a page's live updates (:meth:`live_updates` reads it back)."""
         query = [("task", task_id) for task_id in task_ids] + ([("counts", "1")] if counts else [])
-        query += ([("since", since)] if since is not None else []) + ([("overview", "1")] if overview else [])
+        query += ([("since", since)] if since is not None else []) + ([("tables", tables)] if tables else [])
         return f"{self.prefix}/live?{urlencode(query)}"
 
     # -- plumbing ---------------------------------------------------------------------------

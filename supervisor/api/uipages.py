@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from actors.deliveries import Delivery
 from actors.events import Event
 from actors.registry import WorkerInfo
 from actors.states import State
@@ -104,11 +105,13 @@ class Figures:
     report: SupervisorReport | None
 
 
-#: The overview's tables: name, caption and column heads (the first column heads its rows).
-OVERVIEW_TABLES = {
+#: The tables the live updates replace the rows of: name, caption and column heads (the first
+#: column heads its rows).
+TABLES = {
     "throughput": ("Per minute (UTC; newest first)", ("minute", "done", "failed", "downloaded", "stored")),
     "stages": ("Stage slots in use", ("stage", "in use", "limit")),
     "supervisor": ("Supervisor", ("", "")),
+    "deliveries": ("Webhook deliveries (newest first)", ("when (UTC)", "event", "to", "try", "answer")),
 }
 
 Rows = list[list[str]]
@@ -118,7 +121,7 @@ def overview(figures: Figures, limits: dict[str, int]) -> str:
     """The overview: counts by state, throughput by minute, stage slots against their limits
     and staged bytes, the supervisor's leader, last sweep and configuration problems; each
     table marked for the live updates, which replace its rows."""
-    tables = "".join(_table(name, rows) for name, rows in overview_rows(figures, limits).items())
+    tables = "".join(table(name, rows) for name, rows in overview_rows(figures, limits).items())
     return f'<div class="panels">{counts_table(figures.counts)}{tables}</div>'
 
 
@@ -131,8 +134,9 @@ def overview_rows(figures: Figures, limits: dict[str, int]) -> dict[str, Rows]:
     }
 
 
-def _table(name: str, rows: Rows) -> str:
-    caption, heads = OVERVIEW_TABLES[name]
+def table(name: str, rows: Rows) -> str:
+    """One of TABLES with ``rows``, each value escaped and direction-isolated."""
+    caption, heads = TABLES[name]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in heads) if any(heads) else ""
     body = "".join(
         f'<tr><th scope="row">{text(row[0])}</th>{"".join(f"<td>{text(cell)}</td>" for cell in row[1:])}</tr>'
@@ -142,6 +146,26 @@ def _table(name: str, rows: Rows) -> str:
         f'<table class="{name}" data-table="{name}"><caption>{html.escape(caption)}</caption>'
         f"{f'<thead><tr>{head}</tr></thead>' if head else ''}<tbody>{body}</tbody></table>"
     )
+
+
+def delivery_rows(deliveries: Iterable[Delivery]) -> Rows:
+    """A task's webhook tries as its page shows them: when, which event, to where (as logs show
+    the URL: no credentials, no query), which try, and what the receiver answered."""
+    return [
+        [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.at)), d.type, d.url, str(d.attempt), _answer(d)]
+        for d in deliveries
+    ]
+
+
+def _answer(d: Delivery) -> str:
+    said = d.outcome.value
+    if d.status is not None:
+        said += f", {d.status}"
+    if d.elapsed_ms is not None:
+        said += f" in {d.elapsed_ms} ms"
+    if d.detail:
+        said += f": {d.detail}"
+    return said + ("; haul gave up" if d.gave_up else "")
 
 
 def _throughput(minutes: list[MinuteFigures]) -> Rows:
@@ -259,9 +283,9 @@ def worker_rows(prefix: str, workers: list[WorkerInfo], held: dict[str, list[str
     return f'<table class="workers"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def task_detail(task: dict[str, Any], events: list[Event], actions: str) -> str:
-    """A task's page: what it is, its files with their progress, its error, its history; the
-    figures that change marked for the live updates."""
+def task_detail(task: dict[str, Any], events: list[Event], deliveries: Rows, actions: str) -> str:
+    """A task's page: what it is, its files with their progress, its error, its history, its
+    webhook deliveries; the figures that change marked for the live updates."""
     total = task["bytes_total"] if task["bytes_total_known"] else 0
     facts = [("id", text(task["id"])), ("name", text(task["name"])), ("key", text(task["key"] or "")),
              ("state", field("state", task["state"])), ("attempts", field("attempts", task["attempts"])),
@@ -289,7 +313,7 @@ def task_detail(task: dict[str, Any], events: list[Event], actions: str) -> str:
         f"<th>stored</th></tr></thead><tbody>{files}</tbody></table>"
         f'<h2>History</h2><table class="history"><thead><tr><th>when (UTC)</th><th>event</th><th>details</th></tr>'
         f'</thead><tbody data-field="history" data-last="{attr(events[-1].id if events else "")}">{history}</tbody>'
-        "</table></article>"
+        f"</table><h2>Webhooks</h2>{table('deliveries', deliveries)}</article>"
     )
 
 

@@ -119,7 +119,7 @@
     if (p.files) files(view, p.files);
     if (p.stored) {
       for (const row of view.querySelectorAll("[data-file]")) {
-        if (row.dataset.path in p.stored) put(row, "stored", p.stored[row.dataset.path]);
+        if (Object.hasOwn(p.stored, row.dataset.path)) put(row, "stored", p.stored[row.dataset.path]);
       }
     }
     if (p.history) history(view, p.history);
