@@ -45,9 +45,10 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
-def start_api(bench: Bench) -> tuple[subprocess.Popen[bytes], int]:
+def start_api(bench: Bench, **extra: str) -> tuple[subprocess.Popen[bytes], int]:
+    """``haul api`` on a free port, with the bench's token (and ``extra`` settings)."""
     port = free_port()
-    env = bench.env(HAUL_API_PORT=str(port), HAUL_API_TOKENS=f"bench:{TOKEN}")
+    env = bench.env(HAUL_API_PORT=str(port), HAUL_API_TOKENS=f"bench:{TOKEN}", **extra)
     api = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "api"], env=env, cwd=REPO,
                            stdout=(bench.root / "api.log").open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
     wait_port(port, "haul api", process=api)

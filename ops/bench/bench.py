@@ -7,6 +7,7 @@ with the two sides alternating. Prints a table and writes ops/bench/results.json
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ from typing import Any
 from ops.bench.api import bench_api_events, bench_api_submit
 from ops.bench.control_plane import bench_prune, bench_redis, bench_scrape, bench_sweep
 from ops.bench.course import bench_course, bench_course_default, bench_split
+from ops.bench.dashboard import bench_dashboard_live, bench_dashboard_pages
 from ops.bench.harness import HERE, Bench
 from ops.bench.pages import bench_dash, bench_hls
 from ops.bench.storage import bench_upload
@@ -59,6 +61,8 @@ BENCHMARKS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "split": bench_split,
     "hls": bench_hls,
     "dash": bench_dash,
+    "dashboard_pages": bench_dashboard_pages,
+    "dashboard_live": bench_dashboard_live,
 }
 
 
@@ -66,7 +70,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHMARKS), help="run just these")
     parser.add_argument("--runs", type=int, default=5, help="rounds per comparison (median reported)")
+    parser.add_argument("--seconds", type=float, default=60, help="dashboard_live's window (seconds)")
     args = parser.parse_args()
+    benchmarks: dict[str, Callable[[Bench], dict[str, Any]]] = {
+        **BENCHMARKS,
+        "dashboard_live": functools.partial(bench_dashboard_live, seconds=args.seconds),
+    }
     bench = Bench(args.runs)
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
@@ -74,9 +83,9 @@ def main() -> None:
         "runs": args.runs,
     }
     try:
-        for name in args.only or list(BENCHMARKS):
+        for name in args.only or list(benchmarks):
             started = time.monotonic()
-            results[name] = BENCHMARKS[name](bench)
+            results[name] = benchmarks[name](bench)
             print(f"{name} ({time.monotonic() - started:.0f}s)", flush=True)
             for key, value in results[name].items():
                 print(f"  {key}: {value}", flush=True)

@@ -73,7 +73,7 @@
     }
     pending.clear();
     if (counts) {
-      for (const el of document.querySelectorAll("[data-count]")) el.textContent = counts[el.dataset.count] ?? 0;
+      for (const el of document.querySelectorAll("[data-count]")) text(el, counts[el.dataset.count] ?? 0);
       counts = null;
     }
     if (tables) {
@@ -88,15 +88,18 @@
   // A row of an overview table: its first cell heads it, as the server renders them.
   function tableRow(cells) {
     const row = document.createElement("tr");
-    cells.forEach((text, at) => {
-      const cell = document.createElement(at ? "td" : "th");
-      if (!at) cell.scope = "row";
-      const bdi = document.createElement("bdi");
-      bdi.textContent = text;
-      cell.append(bdi);
-      row.append(cell);
-    });
+    cells.forEach((value, at) => cell(row, value, at === 0));
     return row;
+  }
+
+  // A cell holding `value` as text, its direction isolated, as the server renders cells.
+  function cell(row, value, heading = false) {
+    const el = document.createElement(heading ? "th" : "td");
+    if (heading) el.scope = "row";
+    const bdi = document.createElement("bdi");
+    bdi.textContent = value;
+    el.append(bdi);
+    row.append(el);
   }
 
   function paint(view, p) {
@@ -104,7 +107,7 @@
       put(view, "state", p.state);
       for (const form of view.querySelectorAll("[data-offer]")) {
         const offered = form.dataset.offer === "retry" ? RETRYABLE.has(p.state) : !FINAL.has(p.state);
-        form.hidden = !offered;
+        if (form.hidden === offered) form.hidden = !offered;
       }
     }
     if (p.attempts !== undefined) put(view, "attempts", p.attempts);
@@ -133,22 +136,25 @@
   }
 
   function put(view, field, value) {
-    for (const el of own(view, field)) el.textContent = value;
+    for (const el of own(view, field)) text(el, value);
+  }
+
+  // Writes only what changed: a rewritten text lays its box out again even when it reads the same.
+  function text(el, value) {
+    const shown = String(value);
+    if (el.textContent !== shown) el.textContent = shown;
   }
 
   // A <progress> and the label beside it (<bdi data-label>), as the server renders them.
   function progress(bar, done, total) {
     const label = bar.parentElement.querySelector("[data-label]");
-    if (total) {
-      bar.max = total;
-      bar.value = Math.min(done, total);
-      if (label) label.textContent = `${size(done)} of ${size(total)}`;
-    } else {
-      bar.max = 1;
-      bar.value = 0;
-      if (label) label.textContent = size(done);
+    const [max, value] = total ? [total, Math.min(done, total)] : [1, 0];
+    if (bar.max !== max) bar.max = max;
+    if (bar.value !== value) bar.value = value;
+    if (label) {
+      text(label, total ? `${size(done)} of ${size(total)}` : size(done));
+      if (bar.getAttribute("aria-label") !== label.textContent) bar.setAttribute("aria-label", label.textContent);
     }
-    bar.setAttribute("aria-label", label ? label.textContent : "");
   }
 
   function files(view, changed) {
@@ -170,7 +176,7 @@
         }
         progress(bar, change.bytes_done || 0, change.bytes_total || Number(row.dataset.size || 0));
       } else {
-        cell.textContent = change.state === "done" ? "whole" : "";
+        text(cell, change.state === "done" ? "whole" : "");
       }
     }
   }
@@ -187,10 +193,8 @@
         .filter(([name]) => !["tid", "at", "type"].includes(name))
         .map(([name, value]) => `${name}: ${value}`)
         .join(", ");
-      for (const text of [new Date(entry.at).toISOString().slice(0, 19).replace("T", " "), entry.type, said]) {
-        const bdi = document.createElement("bdi");
-        bdi.textContent = text;
-        row.insertCell().append(bdi);
+      for (const value of [new Date(entry.at).toISOString().slice(0, 19).replace("T", " "), entry.type, said]) {
+        cell(row, value);
       }
     }
   }
