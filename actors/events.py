@@ -57,6 +57,8 @@ STATE_EVENTS = frozenset({*EVENT_OF_STATE.values(), "task.retried"})
 #: Events after which nothing follows unless an operator retries the task.
 FINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled"})
 
+#: Entries of a task's stream read per round trip while looking for its state changes.
+STATE_PAGE = 500
 #: Default retention: entries of the stream of all tasks.
 DEFAULT_RETAIN = 100_000
 
@@ -132,6 +134,11 @@ def event_of(entry_id: Any, fields: dict[Any, Any], task_id: str = "") -> Event:
     )
 
 
+def _state_events(entries: Any, task_id: str) -> list[Event]:
+    """The state changes among a task stream's ``entries`` (as XRANGE answers)."""
+    return [e for e in (event_of(i, f, task_id) for i, f in entries) if e.type in STATE_EVENTS]
+
+
 def stream_id_key(entry_id: str) -> tuple[int, int]:
     """A stream entry id (``ms-seq``) as numbers, for ordering."""
     ms, _, seq = entry_id.partition("-")
@@ -164,18 +171,29 @@ class EventLog:
         entries: list[Any] = self.client.xrange(self.task_key(task_id), start, "+", count) or []
         return [event_of(i, f, task_id) for i, f in entries]
 
-    def latest(self, task_id: str, count: int) -> list[Event]:
-        """The task's latest ``count`` events other than progress, oldest first."""
-        entries: list[Any] = self.client.xrevrange(self.task_key(task_id), "+", "-", count + 1) or []
-        events = [event_of(i, f, task_id) for i, f in entries]
-        return [e for e in events if e.type != "task.progress"][:count][::-1]
-
-    def after(self, task_id: str, since: str, count: int) -> list[Event]:
-        """The task's events after entry ``since`` ("": from its start), progress apart, at
-        most ``count``, oldest first (what a view of the task rendered before lacks)."""
-        start = f"({since}" if since else "-"
-        entries: list[Any] = self.client.xrange(self.task_key(task_id), start, "+", count + 1) or []  # one progress
-        return [e for e in (event_of(i, f, task_id) for i, f in entries) if e.type != "task.progress"][:count]
+    def state_changes(self, task_id: str, count: int, since: str = "") -> list[Event]:
+        """The task's state changes (STATE_EVENTS), oldest first: its latest ``count``; with
+        ``since`` (an id of its stream), the first ``count`` after it. Read a page of entries at
+        a time, as a course's file events may outnumber them a thousand to one."""
+        key, found = self.task_key(task_id), list[Event]()
+        entries: Any
+        if since:
+            start = f"({since}"
+            while len(found) < count:
+                entries = self.client.xrange(key, start, "+", STATE_PAGE) or []
+                found += _state_events(entries, task_id)
+                if len(entries) < STATE_PAGE:
+                    break
+                start = f"({text_of(entries[-1][0])}"
+            return found[:count]
+        end = "+"
+        while len(found) < count:
+            entries = self.client.xrevrange(key, end, "-", STATE_PAGE) or []
+            found += _state_events(entries, task_id)
+            if len(entries) < STATE_PAGE:
+                break
+            end = f"({text_of(entries[-1][0])}"
+        return found[:count][::-1]
 
     def position(self) -> str:
         """Where the stream of all tasks ends now (to follow it from there)."""

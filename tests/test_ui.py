@@ -21,7 +21,7 @@ from actors.registry import WorkerInfo, WorkerRegistry
 from actors.states import State
 from actors.store import TaskStore
 from supervisor.api.sessions import digest
-from tests.apiserver import FULL, READ, Api, api_env, running_api
+from tests.apiserver import FULL, READ, Api, api_env, running_api, sse
 from tests.conftest import end_task
 from tests.servers import Receiver
 
@@ -385,3 +385,55 @@ def test_a_bulk_confirmation_is_its_sessions_only_and_says_what_it_could_not_ret
     done = first.post(f"{api.url}/ui/bulk/retry", data={"csrf": csrf_of(page), "confirm": confirmation_of(again.text)},
                       timeout=5)  # fmt: skip
     assert done.status_code == 200 and "1 retried" in done.text and "1 no longer ended" in done.text
+
+
+def live(browser: requests.Session, api: Api, **query: str | list[str]) -> requests.Response:
+    return browser.get(f"{api.url}/ui/live", params=query, stream=True, timeout=10)
+
+
+def test_live_updates_need_a_session_do_not_keep_it_alive_and_end_with_it(api: Api, store: TaskStore) -> None:
+    [task_id] = make_tasks(store, 1)
+    assert requests.get(f"{api.url}/ui/live", params={"task": task_id}, timeout=5).status_code == 204
+    browser, _ = sign_in(api, READ)
+    with live(browser, api, task=task_id, counts="1") as stream:
+        assert stream.status_code == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+        frames = sse(stream)
+        _, name, data = next(frames)
+        assert name == "tasks" and data[task_id]["state"] == "queued"
+        assert next(frames)[1] == "counts"
+        started = time.monotonic()
+        # HAUL_UI_IDLE_SECONDS is 3 here: the stream is no use of the session, which ends
+        assert next(name for _, name, _ in frames if name == "ended")
+        assert time.monotonic() - started < 8
+    assert not signed_in(browser, api)
+
+
+def test_a_task_pages_stream_sends_each_change_after_its_render_once_and_a_retry_clears_the_error(
+    api: Api, store: TaskStore
+) -> None:
+    [task_id] = make_tasks(store, 1)
+    [queued] = EventLog(store.client, store.prefix).state_changes(task_id, 10)
+    browser, _ = sign_in(api, READ)
+    with live(browser, api, task=task_id, since=queued.id) as stream:
+        frames = sse(stream)
+        _, name, snapshot = next(frames)
+        assert name == "tasks" and "history" not in snapshot[task_id]  # nothing after the render yet
+        assert snapshot[task_id]["files"] == {"0": {"state": "waiting", "bytes_done": 0, "bytes_total": 0}}
+        run = store.claim(task_id, worker="w", now=time.time(), lease_seconds=30, max_attempts=1,
+                          start=State.DOWNLOADING)  # fmt: skip
+        assert run.ok
+        store.release(task_id, run.token, State.FAILED, now=time.time(), max_attempts=1,
+                      error="origin said https://cdn.example/a.mp4?X-Amz-Signature=s3cr3t is gone")  # fmt: skip
+        store.retry(task_id, time.time(), "backend")
+        patches = []
+        for _, name, data in frames:
+            if name == "tasks":
+                patches.append(data[task_id])
+                if data[task_id].get("state") == "queued":
+                    break
+    history = [entry for patch in patches for entry in patch.get("history", [])]
+    assert [entry["type"] for entry in history] == ["task.started", "task.failed", "task.retried"]
+    assert len({entry["tid"] for entry in history}) == 3 and history[1]["error"].endswith("?[redacted] is gone")
+    assert "s3cr3t" not in str(patches)
+    last = patches[-1]
+    assert last["error"] == "" and last["files"] == {"~": {"state": "waiting"}}

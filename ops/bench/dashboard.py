@@ -277,7 +277,7 @@ def bench_dashboard_pages(bench: Bench) -> dict[str, Any]:
              "supervisor_report": own.store.supervisor_report}),
         "a done task's page": (
             f"/ui/tasks/{done_id}", 1,
-            {"get": lambda: own.get(done_id), "events": lambda: events.latest(done_id, 200)}),
+            {"get": lambda: own.get(done_id), "events": lambda: events.state_changes(done_id, 200)}),
     }  # fmt: skip
     api, port = start_api(bench, HAUL_REDIS_URL=redis_url)
     url = f"http://127.0.0.1:{port}"

@@ -40,6 +40,7 @@ from starlette.staticfiles import StaticFiles
 from actors.client import CancelRefused, Client, RetryRefused, TaskNotFound
 from actors.errors import InvalidTask
 from actors.manifest import spec_from_manifest, spec_from_urls
+from actors.redact import redact_text, secrets_of
 from actors.settings import Settings
 from actors.states import CreateReply, State
 from actors.store import Cursor
@@ -360,7 +361,12 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
             api.client,
             Sessions(api.redis, api.client.store.prefix, settings.api),
             BulkRetries(api.redis, api.client.store.prefix),
-            LiveUpdates(api.hub, api.client),
+            LiveUpdates(
+                api.hub,
+                api.client,
+                functools.partial(redact_text, secrets=secrets_of(settings)),
+                settings.api.ui_idle_seconds,
+            ),
         ).routes(),
     ]
     middleware = [Middleware(DashboardHeaders, prefix=settings.api.ui_prefix)]

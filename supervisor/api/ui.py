@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -171,7 +172,7 @@ class Dashboard:
     async def tasks(self, request: Request, session: Session) -> Response:
         """Tasks in one state, newest first, a page at a time; or the task an id or key names."""
         query = request.query_params
-        wanted = query.get("q", "").strip()[:200]
+        wanted = "".join(ch for ch in query.get("q", "") if ch.isprintable()).strip()[:200]
         by = str(query.get("by")) if query.get("by") in SEARCHES else "key"
         if wanted and by != "key":
             return await self._found(request, session, wanted, by)
@@ -197,7 +198,7 @@ class Dashboard:
         body = (
             f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted, by)}{missing}"
             f"{uipages.state_tabs(self.prefix, state, counts)}{offer}"
-            f"{uipages.task_rows(self.prefix, tasks, time.time())}{more}"
+            f"{uipages.task_rows(self.prefix, tasks, time.time(), self.live.redact)}{more}"
         )
         return self._page("Tasks", body, session, live=self._live_url([t.id for t in tasks], counts=True))
 
@@ -222,9 +223,10 @@ class Dashboard:
         body = (
             f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted, by)}"
             f"<p>Tasks {said} {uipages.text(wanted)}:</p>"
-            f"{uipages.task_rows(self.prefix, tasks, time.time())}{more}"
+            f"{uipages.task_rows(self.prefix, tasks, time.time(), self.live.redact)}{more}"
         )
-        return self._page("Tasks", body, session, live=self._live_url([t.id for t in tasks], counts=False))
+        live = self._live_url([t.id for t in tasks], counts=False) if tasks else None
+        return self._page("Tasks", body, session, live=live)
 
     def _lookup(self, wanted: str) -> str | None:
         """The id of the task whose id or idempotency key is ``wanted``."""
@@ -242,10 +244,10 @@ class Dashboard:
         except TaskNotFound:
             return self._page("No such task", f"<p>No task {uipages.text(task_id)}.</p>", session, status=404)
         log_ = EventLog(self.client.store.client, self.client.store.prefix)
-        events = await run_in_threadpool(log_.latest, task_id, uipages.HISTORY_SHOWN)
+        events = await run_in_threadpool(log_.state_changes, task_id, uipages.HISTORY_SHOWN)
         deliveries = await run_in_threadpool(self._delivery_rows, task_id)
         status = task.as_status()
-        body = uipages.task_detail(status, events, deliveries, self._actions(task, session))
+        body = uipages.task_detail(status, events, deliveries, self._actions(task, session), self.live.redact)
         live = self._live_url([task_id], counts=False, since=events[-1].id if events else "", tables="deliveries")
         return self._page(status["name"] or task_id, body, session, live=live)
 
@@ -319,7 +321,10 @@ class Dashboard:
             tables = self._overview_rows
         elif query.get("tables") == "deliveries" and len(task_ids) == 1:
             tables = self._deliveries_table(task_ids[0])
-        view = View(task_ids=task_ids, counts=query.get("counts") == "1", since=query.get("since"), tables=tables)
+        since = query.get("since")
+        if since and not re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", since):  # not a stream's entry: all of it
+            since = ""
+        view = View(task_ids=task_ids, counts=query.get("counts") == "1", since=since, tables=tables)
         frames = await self.live.stream(view, alive)
         return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -406,6 +411,13 @@ class Dashboard:
         scheme = "https" if over_tls(request, self.api) else request.url.scheme
         return _authority(origin) == _authority(f"{scheme}://{asked}")
 
+    def _ended_notice(self) -> str:
+        """What a live page shows once its session ended (hidden until then)."""
+        return (
+            '<p class="problem" role="status" data-live-ended="" hidden>Live updates stopped: the session ended. '
+            f'<a href="{html.escape(self.prefix)}/sign-in">Sign in</a> again.</p>'
+        )
+
     def _to_sign_in(self) -> Response:
         return RedirectResponse(f"{self.prefix}/sign-in", status_code=303)
 
@@ -449,7 +461,7 @@ class Dashboard:
             f'<link rel="stylesheet" href="{prefix}/static/ui.css">'
             + (f'<script src="{prefix}/static/ui.js" defer></script>' if live else "")
             + f'</head><body><header><a href="{prefix}/" class="brand">haul</a>{who}</header>'
-            + (f'<main data-live="{html.escape(live)}">' if live else "<main>")
+            + (f'<main data-live="{html.escape(live)}">{self._ended_notice()}' if live else "<main>")
             + f"{body}</main></body></html>"
         )
         return HTMLResponse(document, status_code=status)

@@ -12,8 +12,9 @@ was read and is skipped, one after it is applied over it, in order. A page opene
 is thus brought up to date, and nothing between its render and its stream is missed.
 
 A stream does not keep its session alive (it is not the operator's doing); it ends when the
-session does, checked every SESSION_CHECK_SECONDS, and a stream asked for without a session is
-answered 204, which tells an EventSource not to reconnect.
+session does, checked every SESSION_CHECK_SECONDS (or half the idle timeout, if shorter); a
+stream asked for without a session is answered 204, which tells an EventSource not to
+reconnect (the page's script then finds out whether it was signed out).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from actors.events import STATE_EVENTS, Event, EventLog, stream_id_key
 from actors.states import State
 from actors.store_base import text_of
 from actors.task import Task
-from supervisor.api.sse import KEEPALIVE_SECONDS, RETRY_MS, Hub, Subscription
-from supervisor.api.uipages import HISTORY_FIELDS, HISTORY_SHOWN, Rows
+from supervisor.api.sse import KEEPALIVE_SECONDS, RETRY_MS, Hub
+from supervisor.api.uipages import FILES_SHOWN, HISTORY_FIELDS, HISTORY_SHOWN, Redact, Rows
 
 #: Longest a change waits before its page hears of it (seconds): one frame a tick at most.
 TICK_SECONDS = 0.5
@@ -47,9 +48,12 @@ SESSION_CHECK_SECONDS = 30.0
 Patch = dict[str, Any]
 #: Whether the page's session still lives (read without renewing it).
 Alive = Callable[[], Awaitable[bool]]
+#: The files a patch names by these marks instead of an index: all of them; those not whole.
+EVERY_FILE, EVERY_UNFINISHED_FILE = "*", "~"
+ACTIVE = frozenset(state.value for state in State if state.active)
 
 
-def patch_of(task: Task, files: bool) -> Patch:
+def patch_of(task: Task, files: bool, redact: Redact) -> Patch:
     """What a page shows of ``task`` that changes (``files``: each file's too, for its page)."""
     patch: Patch = {
         "state": task.state.value,
@@ -57,26 +61,28 @@ def patch_of(task: Task, files: bool) -> Patch:
         "bytes_done": task.bytes_done,
         "bytes_total": task.bytes_total if task.bytes_total_known else 0,
         "files_done": task.files_done,
-        "error": task.error,
+        "error": redact(task.error),
     }
     if files:
         patch["files"] = {
             str(index): {"state": entry["state"], "bytes_done": entry.get("bytes_done", 0),
                          "bytes_total": entry.get("bytes_total", 0)}
-            for index, entry in enumerate(task.as_status()["files"])
+            for index, entry in enumerate(task.as_status()["files"][:FILES_SHOWN])
         }  # fmt: skip
     return patch
 
 
-def merge(patch: Patch, event: Event, files: bool) -> None:
+def merge(patch: Patch, event: Event, files: bool, redact: Redact) -> None:
     """Apply ``event`` to ``patch``, the task's changes of this tick."""
     data = event.data
     if "state" in data:
         patch["state"] = data["state"]
     if "attempt" in data and event.type in STATE_EVENTS:
         patch["attempts"] = data["attempt"]
-    if data.get("error"):
-        patch["error"] = data["error"]
+    if event.type == "task.retried":  # the retry clears the task's last error
+        patch["error"] = ""
+    elif data.get("error"):
+        patch["error"] = redact(data["error"])
     if event.type == "task.progress":
         for name in ("bytes_done", "bytes_total", "files_done"):
             if name in data:
@@ -91,17 +97,22 @@ def merge(patch: Patch, event: Event, files: bool) -> None:
         if files:
             patch.setdefault("files", {})[str(data["index"])] = {"state": "done"}
     elif event.type in STATE_EVENTS and files:
-        patch.setdefault("history", []).append(history_of(event))
+        patch.setdefault("history", []).append(history_of(event, redact))
         if data["state"] in (State.FINALIZING.value, State.DONE.value):
-            patch["files"] = {"*": {"state": "done"}}
+            patch["files"] = {EVERY_FILE: {"state": "done"}}
+        elif data["state"] not in ACTIVE:  # nothing downloads now: what was not whole waits
+            kept = {index: shown for index, shown in patch.get("files", {}).items() if shown.get("state") == "done"}
+            patch["files"] = kept | {EVERY_UNFINISHED_FILE: {"state": "waiting"}}
         if event.type == "task.completed":  # where each file went, by path
             patch["stored"] = {entry.get("path", ""): entry.get("location", "") for entry in data.get("files", ())}
 
 
-def history_of(event: Event) -> dict[str, Any]:
+def history_of(event: Event, redact: Redact) -> dict[str, Any]:
     """A state change as the task page's history shows it, with its place in the task's stream
     (``tid``), by which the page skips one it shows already."""
     told = {name: event.data[name] for name in HISTORY_FIELDS if event.data.get(name) not in (None, "")}
+    if "error" in told:
+        told["error"] = redact(str(told["error"]))
     return {"tid": event.task_stream_id or event.id, "at": event.at, "type": event.type, **told}
 
 
@@ -111,9 +122,10 @@ def frame(name: str, data: Any) -> str:
 
 @dataclass(frozen=True)
 class View:
-    """What an open page shows that changes: the tasks it lists (one: a task's own page, with
-    its files and history after ``since``, the last event it was rendered with), the counts by
-    state, and the rows of tables that ``tables`` reads again every TABLES_SECONDS."""
+    """What an open page shows that changes: the tasks it lists (or, with ``since``, the one
+    whose page it is, with its files and its history after ``since``, the last state change it
+    was rendered with: "" for none), the counts by state, and the rows of tables that
+    ``tables`` reads again every TABLES_SECONDS."""
 
     task_ids: tuple[str, ...] = ()
     counts: bool = False
@@ -122,22 +134,24 @@ class View:
 
     @property
     def files(self) -> bool:
-        return len(self.task_ids) == 1
+        return self.since is not None and len(self.task_ids) == 1
 
 
 class LiveUpdates:
     """The streams of open pages, over the API's one event hub and its store client."""
 
-    def __init__(self, hub: Hub, client: Client) -> None:
-        self.hub, self.client = hub, client
+    def __init__(self, hub: Hub, client: Client, redact: Redact, idle_seconds: float) -> None:
+        self.hub, self.client, self.redact = hub, client, redact
+        #: A session idle this long ends: a stream notices within half of it (at most SESSION_CHECK_SECONDS).
+        self.check_seconds = min(SESSION_CHECK_SECONDS, max(idle_seconds / 2, TICK_SECONDS))
 
     async def stream(self, view: View, alive: Alive) -> AsyncIterator[str]:
         """The frames of an open page that shows ``view``, while ``alive()``."""
         await self.hub.wait_ready()
-        sub = self.hub.subscribe(*view.task_ids)  # before the snapshot: nothing after it is missed
-        return self._frames(sub, view, alive)
+        return self._frames(view, alive)
 
-    async def _frames(self, sub: Subscription, view: View, alive: Alive) -> AsyncIterator[str]:
+    async def _frames(self, view: View, alive: Alive) -> AsyncIterator[str]:
+        sub = self.hub.subscribe(*view.task_ids)  # before the snapshot: nothing after it is missed
         try:
             yield f"retry: {RETRY_MS}\n\n"
             seen, snapshot = await run_in_threadpool(self._snapshot, view)
@@ -153,7 +167,7 @@ class LiveUpdates:
                 while not sub.queue.empty():
                     event = sub.queue.get_nowait()
                     if stream_id_key(event.id) > seen:
-                        merge(patches.setdefault(event.task_id, {}), event, view.files)
+                        merge(patches.setdefault(event.task_id, {}), event, view.files, self.redact)
                 now = time.monotonic()
                 if patches:
                     yield frame("tasks", patches)
@@ -167,7 +181,7 @@ class LiveUpdates:
                     yield frame("tables", await run_in_threadpool(view.tables))
                 if sub.overflowed:  # fell behind: the EventSource reconnects and reads anew
                     return
-                if now - checked >= SESSION_CHECK_SECONDS:
+                if now - checked >= self.check_seconds:
                     checked = now
                     if not await alive():
                         yield frame("ended", {"reason": "signed out"})
@@ -186,11 +200,11 @@ class LiveUpdates:
         last: Any = store.client.xrevrange(f"{store.prefix}events", "+", "-", count=1)
         seen = stream_id_key(text_of(last[0][0])) if last else (0, 0)
         tasks = [task for task in store.get_many(view.task_ids) if task is not None]
-        patches = {task.id: patch_of(task, view.files) for task in tasks}
+        patches = {task.id: patch_of(task, view.files, self.redact) for task in tasks}
         if view.files and tasks and view.since is not None:
             log = EventLog(store.client, store.prefix)
-            missed = log.after(tasks[0].id, view.since, HISTORY_SHOWN)
-            history = [history_of(e) for e in missed if e.type in STATE_EVENTS]
+            changes = log.state_changes(tasks[0].id, HISTORY_SHOWN, view.since)
+            history = [history_of(e, self.redact) for e in changes]
             if history:
                 patches[tasks[0].id]["history"] = history
         return seen, patches

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from actors.deliveries import Delivery
 from actors.events import Event
@@ -115,6 +115,8 @@ TABLES = {
 }
 
 Rows = list[list[str]]
+#: Text as the dashboard may show it: the configured secrets, URL credentials and queries out.
+Redact = Callable[[str], str]
 
 
 def overview(figures: Figures, limits: dict[str, int]) -> str:
@@ -152,9 +154,17 @@ def delivery_rows(deliveries: Iterable[Delivery]) -> Rows:
     """A task's webhook tries as its page shows them: when, which event, to where (as logs show
     the URL: no credentials, no query), which try, and what the receiver answered."""
     return [
-        [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.at)), d.type, d.url, str(d.attempt), _answer(d)]
+        [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.at)), d.type, receiver(d.url), str(d.attempt), _answer(d)]
         for d in deliveries
     ]
+
+
+def receiver(url: str) -> str:
+    """Where a webhook went, as the dashboard shows it: its scheme and host only, as receivers
+    (Slack's, Discord's) keep their secret in the path."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}" + ("/…" if parts.path.strip("/") else "/")
 
 
 def _answer(d: Delivery) -> str:
@@ -207,7 +217,7 @@ def _supervisor(report: SupervisorReport | None, now: float) -> Rows:
     return rows
 
 
-def task_rows(prefix: str, tasks: Iterable[Task], now: float) -> str:
+def task_rows(prefix: str, tasks: Iterable[Task], now: float, redact: Redact) -> str:
     """A row a task: what the list shows of it (its files' statuses are the task page's)."""
     rows = []
     for task in tasks:
@@ -220,7 +230,7 @@ def task_rows(prefix: str, tasks: Iterable[Task], now: float) -> str:
             f"<td>{bar(task.bytes_done, total)}</td>"
             f"<td>{field('attempts', task.attempts)}</td>"
             f"<td>{text(short_age(now - task.created_at))}</td>"
-            f'<td class="error">{field("error", task.error)}</td>'
+            f'<td class="error">{field("error", redact(task.error))}</td>'
             "</tr>"
         )
     if not rows:
@@ -283,9 +293,10 @@ def worker_rows(prefix: str, workers: list[WorkerInfo], held: dict[str, list[str
     return f'<table class="workers"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def task_detail(task: dict[str, Any], events: list[Event], deliveries: Rows, actions: str) -> str:
-    """A task's page: what it is, its files with their progress, its error, its history, its
-    webhook deliveries; the figures that change marked for the live updates."""
+def task_detail(task: dict[str, Any], events: list[Event], deliveries: Rows, actions: str, redact: Redact) -> str:
+    """A task's page: what it is, its files with their progress, its error (``redact``ed, as
+    its history), its history, its webhook deliveries; the figures that change marked for the
+    live updates."""
     total = task["bytes_total"] if task["bytes_total_known"] else 0
     facts = [("id", text(task["id"])), ("name", text(task["name"])), ("key", text(task["key"] or "")),
              ("state", field("state", task["state"])), ("attempts", field("attempts", task["attempts"])),
@@ -296,14 +307,14 @@ def task_detail(task: dict[str, Any], events: list[Event], deliveries: Rows, act
     hidden = "" if task.get("error") else " hidden"
     error = (
         f'<section data-when-error=""{hidden}><h2>Error</h2>'
-        f'<pre class="error">{field("error", task.get("error") or "")}</pre></section>'
+        f'<pre class="error">{field("error", redact(task.get("error") or ""))}</pre></section>'
     )
     files = "".join(_file_row(index, entry) for index, entry in enumerate(task["files"][:FILES_SHOWN]))
     if len(task["files"]) > FILES_SHOWN:
         files += f'<tr><td colspan="4">and {len(task["files"]) - FILES_SHOWN} more</td></tr>'
     history = "".join(
         f"<tr><td>{text(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.at / 1000)))}</td><td>{text(e.type)}</td>"
-        f"<td>{text(_said(e))}</td></tr>"
+        f"<td>{text(redact(_said(e)))}</td></tr>"
         for e in events
     )
     return (

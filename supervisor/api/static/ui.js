@@ -19,8 +19,9 @@
   listen();
 
   // An EventSource reconnects by itself after a dropped connection, but not after an answer
-  // other than 200 (a restarting API's 503, a signed-out session's 204): this opens it again,
-  // less often each time, until the stream says it ended.
+  // other than 200 (a restarting API's 503, a signed-out session's 204). This asks for the page
+  // itself: sent to sign in, it says updates stopped; otherwise it opens the stream again, less
+  // often each time.
   function listen() {
     const source = new EventSource(main.dataset.live);
     source.addEventListener("open", () => (pause = 5000));
@@ -41,18 +42,35 @@
     });
     source.addEventListener("ended", () => {
       source.close();
-      pause = 0;
+      stopped();
     });
     source.addEventListener("error", () => {
       if (source.readyState !== EventSource.CLOSED || !pause) return;
-      setTimeout(listen, pause);
-      pause = Math.min(pause * 2, 60000);
+      fetch(location.href, { redirect: "manual", cache: "no-store" }).then(
+        (answer) => (answer.type === "opaqueredirect" ? stopped() : later()),
+        later,
+      );
     });
   }
 
+  function later() {
+    setTimeout(listen, pause);
+    pause = Math.min(pause * 2, 60000);
+  }
+
+  function stopped() {
+    pause = 0;
+    for (const el of document.querySelectorAll("[data-live-ended]")) el.hidden = false;
+  }
+
+  // Two patches of a task as one, the later `b` winning: its "*" (every file) replaces what
+  // `a` said of the files, its "~" (those not whole) all but what `a` said was done.
   function combine(a, b) {
     const out = Object.assign({}, a, b);
-    if (a.files && b.files && !("*" in b.files)) out.files = Object.assign({}, a.files, b.files);
+    if (a.files && b.files && !("*" in b.files)) {
+      const kept = "~" in b.files ? Object.entries(a.files).filter(([, f]) => f.state === "done") : Object.entries(a.files);
+      out.files = Object.assign(Object.fromEntries(kept), b.files);
+    }
     if (a.history && b.history) out.history = a.history.concat(b.history);
     if (a.stored && b.stored) out.stored = Object.assign({}, a.stored, b.stored);
     return out;
@@ -111,9 +129,9 @@
       }
     }
     if (p.attempts !== undefined) put(view, "attempts", p.attempts);
-    if (p.error) {
+    if ("error" in p) {
       put(view, "error", p.error);
-      for (const el of view.querySelectorAll("[data-when-error]")) el.hidden = false;
+      for (const el of view.querySelectorAll("[data-when-error]")) el.hidden = !p.error;
     }
     if (p.bytes_total) view.dataset.total = p.bytes_total;
     if (p.bytes_done !== undefined) {
@@ -160,8 +178,10 @@
   function files(view, changed) {
     const rows = view.querySelectorAll("[data-file]");
     const all = changed["*"];
+    const unfinished = changed["~"];
     for (const row of rows) {
-      const change = changed[row.dataset.file] || all;
+      let change = changed[row.dataset.file] || all;
+      if (!change && unfinished && own(row, "state").some((el) => el.textContent !== "done")) change = unfinished;
       if (!change) continue;
       put(row, "state", change.state);
       const cell = row.querySelector('[data-field="progress"]');
