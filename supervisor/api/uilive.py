@@ -142,6 +142,8 @@ class LiveUpdates:
 
     def __init__(self, hub: Hub, client: Client, redact: Redact, idle_seconds: float) -> None:
         self.hub, self.client, self.redact = hub, client, redact
+        self._counting = asyncio.Lock()
+        self._counted: tuple[int, dict[str, int]] | None = None
         #: A session idle this long ends: a stream notices within half of it (at most SESSION_CHECK_SECONDS).
         self.check_seconds = min(SESSION_CHECK_SECONDS, max(idle_seconds / 2, TICK_SECONDS))
 
@@ -161,6 +163,7 @@ class LiveUpdates:
             if view.counts:
                 yield frame("counts", await self._counts())
             checked = quiet_since = tabled = time.monotonic()
+            sent_rows = ""
             while True:
                 await asyncio.sleep(TICK_SECONDS)
                 patches: dict[str, Patch] = {}
@@ -177,8 +180,11 @@ class LiveUpdates:
                     yield frame("counts", await self._counts())
                     quiet_since = now
                 if view.tables is not None and now - tabled >= TABLES_SECONDS:
-                    tabled = quiet_since = now
-                    yield frame("tables", await run_in_threadpool(view.tables))
+                    tabled = now
+                    rows = frame("tables", await run_in_threadpool(view.tables))
+                    if rows != sent_rows:  # rows rewritten alike would drop what the operator selected
+                        sent_rows, quiet_since = rows, now
+                        yield rows
                 if sub.overflowed:  # fell behind: the EventSource reconnects and reads anew
                     return
                 if now - checked >= self.check_seconds:
@@ -210,5 +216,10 @@ class LiveUpdates:
         return seen, patches
 
     async def _counts(self) -> dict[str, int]:
-        found = await run_in_threadpool(self.client.counts)
-        return {state.value: count for state, count in found.items()}
+        """The counts by state, read once per state change whatever the number of open pages."""
+        async with self._counting:
+            changes = self.hub.state_changes
+            if self._counted is None or self._counted[0] != changes:
+                found = await run_in_threadpool(self.client.counts)
+                self._counted = changes, {state.value: count for state, count in found.items()}
+            return self._counted[1]
