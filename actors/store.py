@@ -4,7 +4,8 @@ Each operation that reads then writes is one Lua script in ``actors/lua/`` (its 
 KEYS and ARGV, :mod:`actors.store_base` the keys). This class holds a task's life from its
 creation through its runs to its notices, and the reads of a task; the supervisor's side is
 :class:`actors.store_sweeps.SweepStore`, which it extends, with each task's webhook tries
-(:class:`actors.store_deliveries.DeliveryStore`). The module runs past 300 lines
+(:class:`actors.store_deliveries.DeliveryStore`), and the walks that bring the search indexes up
+to date (:class:`actors.store_backfill.BackfillStore`). The module runs past 300 lines
 because each of the twenty-odd operations is a typed wrapper over one script, and a task's
 run reads best in one place.
 """
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.stagemeter import Tallies
 from actors.states import CancelReply, ClaimReply, CreateReply, RetryReply, State, StepReply
+from actors.store_backfill import BackfillStore
 from actors.store_base import text_of
 from actors.store_deliveries import DeliveryStore
 from actors.store_index import MAX_INDEXED_HOSTS, name_member, name_range, task_hosts, task_id_of
@@ -130,7 +132,7 @@ class Claim:
         return self.outcome is ClaimReply.OK
 
 
-class TaskStore(SweepStore, DeliveryStore):
+class TaskStore(SweepStore, DeliveryStore, BackfillStore):
     """Typed operations on tasks, each one round trip."""
 
     def create(

@@ -38,12 +38,15 @@ KEYS and ARGV); ``_lib.lua`` is prepended to each. Keys, all under one prefix::
     haul:index:names     hash: task id -> its member of index:name (for prune)
     haul:index:host:<h>  sorted set: ids of the tasks with a file on <h>, by created_at
                          (:mod:`actors.store_index`)
+    haul:index:backfill  hash: how far the walk that brings those indexes up to date got, and
+                         when it finished (:mod:`actors.store_backfill`)
 
 Every call that depends on time takes ``now`` (seconds since the epoch) as a parameter. The
 operations are :class:`actors.store.TaskStore` (a task's runs and reads) on top of
 :class:`actors.store_sweeps.SweepStore` (what the supervisor's sweeps and metrics need), on top
 of :class:`actors.store_figures.FigureStore` (what the operator dashboard reads), beside
-:class:`actors.store_deliveries.DeliveryStore` (each task's webhook tries, for the same).
+:class:`actors.store_deliveries.DeliveryStore` (each task's webhook tries, for the same) and
+:class:`actors.store_backfill.BackfillStore` (the indexes brought up to date after an upgrade).
 """
 
 from __future__ import annotations

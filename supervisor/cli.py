@@ -25,6 +25,7 @@ from actors.errors import InvalidTask
 from actors.manifest import check_accept, check_url, spec_from_manifest, spec_from_urls
 from actors.settings import Settings, SettingsError
 from actors.states import State
+from actors.store import TaskStore
 from actors.task import TaskSpec
 from supervisor.local import run_local_stack
 from supervisor.statustext import format_rows, format_task
@@ -87,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("api", help="serve the HTTP API (HAUL_API_HOST:HAUL_API_PORT, default 127.0.0.1:9320)")
     commands.add_parser("up", help="a local stack: its own Redis (or HAUL_REDIS_URL's), workers, supervisor")
 
+    reindex = commands.add_parser(
+        "reindex", help="bring the search indexes up to date now, after an upgrade (the supervisor does it slowly)"
+    )
+    reindex.add_argument("--again", action="store_true", help="start over, even if it finished before")
+
     webhook = commands.add_parser("webhook", help="webhook helpers")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)
     webhook_commands.add_parser("new-secret", help="print a new Standard Webhooks secret (whsec_...)")
@@ -139,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_api(settings)
         handler = {
             "submit": cmd_submit, "status": cmd_status, "retry": cmd_retry, "cancel": cmd_cancel, "watch": cmd_watch,
+            "reindex": cmd_reindex,
         }  # fmt: skip
         return handler[args.command](settings, args)
     except (SettingsError, InvalidTask) as exc:
@@ -241,6 +248,27 @@ def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
         print(f"haul: task {args.task_id}: task.canceled not queued now; the supervisor will send it "
               "within HAUL_ORPHAN_SECONDS", file=sys.stderr)  # fmt: skip
     print(f"task {args.task_id}: canceled; task.canceled goes to its webhook")
+    return 0
+
+
+def cmd_reindex(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the search indexes' backfill to its end in the foreground (the supervisor's job does
+    it a few batches a sweep), from where it stopped, or from scratch with --again."""
+    from supervisor.backfill import advance
+
+    store = TaskStore.from_url(settings.redis_url)
+    if args.again:
+        store.reset_backfill()
+    shown, phase = 0.0, ""
+    while (state := advance(store, time.time(), batches=1)) is not None:
+        if state.done or state.phase != phase or time.monotonic() - shown >= 1:  # a line a second at most
+            print(f"{state.phase}: {state.indexed} task(s) indexed, {state.dropped} entr(ies) of gone tasks dropped",
+                  flush=True)  # fmt: skip
+            shown, phase = time.monotonic(), state.phase
+        if state.done:
+            return 0
+    done_at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store.backfill_done_at() or 0))
+    print(f"the search indexes were brought up to date at {done_at}; nothing to do (--again runs it again)")
     return 0
 
 

@@ -4,8 +4,9 @@
 A job runs only while this replica holds the leader lock (:meth:`Leadership.holds_lock`), and
 the messages it sends are fenced by the lock, so a sweep that outlives it sends nothing more.
 What each sweep does to the tasks is :mod:`supervisor.sweeps`; the configuration check is
-:mod:`supervisor.configcheck`. After a requeue sweep and a configuration check the leader
-publishes its report for the operator dashboard (:mod:`supervisor.report`).
+:mod:`supervisor.configcheck`; the search indexes' one-off backfill :mod:`supervisor.backfill`.
+After a requeue sweep and a configuration check the leader publishes its report for the operator
+dashboard (:mod:`supervisor.report`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from actors.settings import Settings
 from actors.storage import LocalStorage
 from actors.store import TaskStore
 from actors.store_uploads import abandoned_uploads, drop_uploads
-from supervisor import alerts, report, sweeps
+from supervisor import alerts, backfill, report, sweeps
 from supervisor.configcheck import ConfigCheck
 from supervisor.leadership import Leadership
 from supervisor.metrics import Metrics
@@ -90,6 +91,7 @@ class SweepJobs:
             "watch_workers": self.watch_workers,
             "check_config": self.check_config,
             "prune": self.prune,
+            "backfill_indexes": self.backfill_indexes,
             **({"abort_uploads": self.abort_uploads} if self._in_bucket() else {}),
         }
 
@@ -151,6 +153,12 @@ class SweepJobs:
             outcome["storage_temporaries"] = temporaries
         if outcome:
             log.info("pruned: %s", dict(outcome))
+
+    @_sweep
+    def backfill_indexes(self, now: float) -> None:
+        """Tasks stored before the search indexes (an upgrade) are added to them, and entries of
+        records deleted without theirs dropped: a few batches a run until done, then one HGET."""
+        backfill.advance(self.store, now, batches=backfill.DEFAULT_BACKFILL_BATCHES)
 
     @_sweep
     def abort_uploads(self, now: float) -> None:
