@@ -39,8 +39,10 @@ def scene(store: TaskStore, origin: Origin, api: Api) -> tuple[str, str]:
         return store.create(spec, now=time.time())[0]
 
     for course in range(1, 4):
-        task_id = create(f"Photography basics, cohort {course}", course, 64 * 1024, f"order-10{course}")
-        end_task(store, task_id, State.DONE, now=time.time())
+        manifest = {"name": f"Photography basics, cohort {course}", "files": files(course, 64 * 1024)}
+        key = {"Idempotency-Key": f"order-10{course}"}
+        api.call("POST", "/v1/tasks", json=manifest, headers=key).raise_for_status()
+    wait_until(lambda: store.counts()[State.DONE] == 3, 60, "the first courses to be stored")
     dead = create("Watercolour for beginners", 4, 64 * 1024, "order-204")
     end_task(store, dead, State.DEAD, now=time.time(), max_attempts=1)
     store.client.hset(store.task_key(dead), "error", "origin answered 503 Service Unavailable for 03 First steps.mp4")
@@ -61,17 +63,18 @@ def main() -> None:
     folder = parser.parse_args().to
     with tempfile.TemporaryDirectory(prefix="haul-screenshots-") as temporary:
         tmp = Path(temporary)
-        redis_server = RedisServer(tmp / "redis")
+        redis_server = RedisServer(tmp / "redis", appendonly=True)
         redis_server.start()
         origin, receiver = Origin(), Receiver(WEBHOOK_SECRET)
         origin.rate, origin.shared_rate = 200 * 1024, True  # a file's connections share 200 KiB/s
         env = api_env(tmp, redis_server.url, receiver.url) | {"HAUL_SWEEP_SECONDS": "2"}
         store = TaskStore.from_url(redis_server.url)
         try:
-            with running_api(tmp, env) as api, running(supervisor(env, tmp / "supervisor.log")):
+            processes = (supervisor(env, tmp / "supervisor.log"), worker(env, tmp / "worker.log", threads=2))
+            with running_api(tmp, env) as api, running(*processes):
                 wait_until(lambda: store.supervisor_report() is not None, 30, "the supervisor's first report")
                 downloading, dead = scene(store, origin, api)
-                with running(worker(env, tmp / "worker.log", threads=2)), chromium() as browser:
+                with chromium() as browser:
                     wait_until(lambda: (t := store.get(downloading)) is not None and t.bytes_done > 8 << 20, 60,
                                "the course to be part-way")  # fmt: skip
                     page = signed_in(browser, api.url, FULL)

@@ -153,10 +153,11 @@ def table(name: str, rows: Rows) -> str:
 def delivery_rows(deliveries: Iterable[Delivery]) -> Rows:
     """A task's webhook tries as its page shows them: when, which event, to where (as logs show
     the URL: no credentials, no query), which try, and what the receiver answered."""
-    return [
+    rows = [
         [time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(d.at)), d.type, receiver(d.url), str(d.attempt), _answer(d)]
         for d in deliveries
     ]
+    return rows or [["none yet", "", "", "", ""]]
 
 
 def receiver(url: str) -> str:
