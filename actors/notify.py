@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from actors.deliveries import DeliveryRecorder
 from actors.errors import PermanentError, WebhookUndelivered
+from actors.interrupt import Interrupter, interruptible
 from actors.redact import display_url
 from actors.runtime import Runtime
 from actors.sentry import report_task
@@ -51,6 +55,22 @@ class NextTry:
 def event_type(state: State) -> str:
     """The event a task in an ended ``state`` owes its backend."""
     return CANCELED if state is State.CANCELED else FAILED
+
+
+@contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Wake the block's HTTP calls once ``seconds`` passed: a receiver that drips its answer
+    (headers or body) must not hold the thread past the try's time, after which the notice is
+    taken for lost and sent again."""
+    deadline = Interrupter()
+    timer = threading.Timer(seconds, deadline.fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        with interruptible(deadline.guard):
+            yield
+    finally:
+        timer.cancel()
 
 
 def try_seconds(settings: Settings) -> float:
@@ -89,7 +109,7 @@ def try_notice(rt: Runtime, task_id: str, seq: int | None) -> NextTry | None:
     # error_code / error_file: the record's fields, which release, claim, requeue and cancel write.
     ended = ended_fields(task, task.error_code, task.error_file)
     event = make_event(task, kind, [f.to_json() for f in task.spec.files], task.error, task.updated_at, ended)
-    with rt.deliveries(task_id, url, first_try=begun.tries) as tries:  # the try's record, once decided
+    with rt.deliveries(task_id, url, first_try=begun.tries) as tries, within(try_seconds(s)):
         try:
             rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id, tries=1, on_answer=tries.add)
         except PermanentError as exc:  # a forbidden receiver: retrying cannot help

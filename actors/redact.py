@@ -6,13 +6,16 @@ Origin URLs often carry credentials (``https://user:pass@host``) or signed query
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 from collections.abc import Iterable
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from actors.settings import Settings
 
+#: A URL path's segments this long are taken for secrets where its answers are recorded.
+PATH_SECRET_CHARS = 12
 #: What replaces a secret or a query string.
 REDACTED = "[redacted]"
 #: A URL's userinfo: everything from ``//`` to the authority's LAST ``@`` before the first
@@ -38,11 +41,19 @@ def secrets_of(settings: Settings) -> list[str]:
 
 
 def secrets_in_url(url: str) -> list[str]:
-    """A URL's own secrets (user name, password, query values), for text that may quote them
-    without the URL around them: a receiver's answer echoing ``/hook?token=...``, say."""
+    """A URL's own secrets, for text that may quote them without the URL around them (a
+    receiver's answer echoing ``/hook?token=...`` or its request's headers, say): the user name
+    and password, and the Basic credentials requests makes of them; the query and its values,
+    decoded and as sent; and the path's long segments (Slack and Discord keep their token
+    there)."""
     parts = urlsplit(url)
     values = [parts.username or "", parts.password or "", parts.query]
+    if parts.username or parts.password:
+        pair = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+        values.append(base64.b64encode(pair).decode())
     values += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
+    values += [item.partition("=")[2] for item in parts.query.split("&")]
+    values += [segment for segment in parts.path.split("/") if len(segment) >= PATH_SECRET_CHARS]
     return [v for v in values if len(v) >= 4]
 
 

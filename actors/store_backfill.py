@@ -72,6 +72,9 @@ class Backfill:
     dropped: int = 0
     started_at: float | None = None
     done_at: float | None = None
+    #: The Redis server the cursors are of (its run id): SCAN cursors mean nothing to another
+    #: (a restart reseeds the hash table; a promoted replica has its own).
+    server: str = ""
 
     @property
     def done(self) -> bool:
@@ -117,6 +120,7 @@ class BackfillStore(StoreBase):
             dropped=int(fields.get("dropped") or 0),
             started_at=float(fields["started_at"]) if fields.get("started_at") else None,
             done_at=float(fields["done_at"]) if fields.get("done_at") else None,
+            server=fields.get("server", ""),
         )
 
     def save_backfill(self, state: Backfill) -> None:
@@ -131,8 +135,14 @@ class BackfillStore(StoreBase):
                 "dropped": state.dropped,
                 "started_at": "" if state.started_at is None else f"{state.started_at:.3f}",
                 "done_at": "" if state.done_at is None else f"{state.done_at:.3f}",
+                "server": state.server,
             },
         )
+
+    def server_run_id(self) -> str:
+        """The Redis server's run id: it changes with every start of the server."""
+        info: dict[str, Any] = self.client.info("server")
+        return str(info.get("run_id", ""))
 
     def reset_backfill(self) -> None:
         """Forget the backfill's position and that it finished: the next batch starts over."""

@@ -97,6 +97,7 @@ class StoreBase:
             name: client.register_script(_load_script(name))
             for name in (
                 "create",
+                "delivery",
                 "claim",
                 "connection",
                 "resolved",

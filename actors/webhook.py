@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import requests
+import urllib3
 from standardwebhooks import Webhook
 
 from actors.connections import refused_at_connect, shutter_of
@@ -247,13 +248,20 @@ def _failure(exc: requests.RequestException) -> str:
 
 
 def _excerpt(response: requests.Response) -> str:
-    """The start of a refusing answer's body (interruptibly, as the 2xx body): what the
-    receiver says is wrong; '' when it says nothing or the body cannot be read."""
+    """The start of a refusing answer's body: what the receiver says is wrong; '' when it says
+    nothing, cannot be read, or is compressed (decoding could read on without bound). One read
+    of the socket at most (interruptibly, as the 2xx body): a dripped body costs one read
+    timeout, never one per byte."""
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        return ""
     with guarded(shutter_of(response)):
         try:
-            head = next(response.iter_content(ANSWER_EXCERPT_BYTES), b"")
-        except requests.RequestException:
+            head = response.raw.read1(ANSWER_EXCERPT_BYTES, decode_content=False)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError):
             return ""
+    if len(head) >= ANSWER_EXCERPT_BYTES:  # cut at its last whitespace: never half a token, which no redaction knows
+        cut = max(head.rfind(sep) for sep in (b" ", b"\n", b"\t"))
+        head = head[:cut] if cut > 0 else b""
     return head.decode("utf-8", "replace") if isinstance(head, bytes) else str(head)
 
 

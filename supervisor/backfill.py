@@ -33,10 +33,14 @@ def advance(store: TaskStore, now: float, *, batches: int, batch: int = DEFAULT_
     reached, or None when the backfill had finished before (then this was one HGET)."""
     if store.backfill_done_at() is not None:
         return None
-    state = store.backfill()
+    state, server = store.backfill(), store.server_run_id()
     if state.started_at is None:
         log.info("index backfill: starting; tasks stored before the search indexes go in, entries of gone ones out")
         state = replace(state, started_at=now)
+    elif state.server != server:  # Redis restarted: its cursors no longer say where the walk was
+        log.info("index backfill: Redis restarted; the %s walk starts over", state.phase.value)
+        state = replace(state, cursor=0, pending=())
+    state = replace(state, server=server)
     for _ in range(batches):
         state = step(store, state, batch)
         if state.done:

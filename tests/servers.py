@@ -447,6 +447,8 @@ class Receiver(_Running):
         self.down_until = 0.0
         #: The body of every answer (a receiver that explains its refusals, or echoes too much).
         self.answer_body = b""
+        #: Seconds between the answer body's bytes (0: all at once): a receiver that drips it.
+        self.drip_seconds = 0.0
         self.rng = random.Random(11)
         self.lock = threading.Lock()
         super().__init__(_ReceiverHandler)
@@ -495,7 +497,17 @@ class _ReceiverHandler(_Quiet):
         self.send_response(answer)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not receiver.drip_seconds:
+            self.wfile.write(body)
+            return
+        self.wfile.flush()
+        try:
+            for byte in body:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(receiver.drip_seconds)
+        except OSError:  # the sender stopped reading
+            pass
 
 
 def _end(sock: socket.socket, how: int) -> None:

@@ -197,6 +197,22 @@ def test_an_interrupted_backfill_goes_on_from_its_saved_position(store: TaskStor
 
 
 @pytest.mark.fast
+def test_a_walk_whose_redis_restarted_starts_its_phase_over(store: TaskStore) -> None:
+    # Given a task walk stopped midway, its cursor saved from another Redis server (a restart
+    # reseeds the hash table: a SCAN cursor of before may skip keys)
+    tasks = [new(store, "Lesson", at=NOW + n) for n in range(300)]
+    unindexed(store, *tasks)
+    first = backfill.advance(store, NOW, batches=1, batch=20)
+    assert first is not None and first.cursor != 0 and first.indexed > 0 and first.server == store.server_run_id()
+    store.client.hset(store.backfill_key, "server", "a-server-gone-since")
+    # When it goes on
+    done = to_the_end(store, batch=20)
+    # Then the task walk started over from its start: every task is found, the first batch's twice
+    assert done.done and done.server == store.server_run_id() and done.indexed == 300 + first.indexed
+    assert sorted(store.tasks_by_name("lesson", 1000)[0]) == sorted(tasks)
+
+
+@pytest.mark.fast
 def test_a_host_walk_step_looks_at_a_bounded_number_of_entries(store: TaskStore) -> None:
     # Given 200 host sets, one of them of 500 tasks
     for n in range(200):

@@ -14,6 +14,7 @@ from actors.deliveries import DELIVERIES_KEPT, DETAIL_CHARS, Delivery, DeliveryO
 from actors.errors import WebhookUndelivered
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.netguard import DestinationPolicy
+from actors.notify import within
 from actors.settings import Settings
 from actors.states import State
 from actors.store import TaskStore
@@ -180,17 +181,48 @@ def test_a_redis_error_while_recording_does_not_fail_the_delivery(
 
 
 @pytest.mark.fast
-def test_the_list_keeps_the_latest_twenty(store: TaskStore) -> None:
+def test_a_dripped_refusal_or_acceptance_holds_a_try_for_one_read_or_the_try_time_not_per_byte(
+    store: TaskStore, receiver: Receiver
+) -> None:
+    # Given a receiver that drips a 5,000-byte answer, a byte every 50 ms (each read well
+    # within the 1 s read timeout: 250 s to read it all)
+    task_id, _ = store.create(spec_from_urls(["https://cdn.example.com/a.mp4"]), now=NOW)
+    task = store.get(task_id)
+    assert task is not None
+    sender = WebhookSender((WEBHOOK_SECRET,), DestinationPolicy(True), timeout=(2, 1))
+    receiver.answer_body, receiver.drip_seconds = b"no " * 1700, 0.05
+    event = make_event(task, COMPLETED, [], None, time.time())
+    # When it refuses: the excerpt is one read of what came, not 2 KB of drops
+    receiver.statuses.append(503)
+    started = time.monotonic()
+    with pytest.raises(WebhookUndelivered):
+        sender.deliver(receiver.url, event, now=time.time(), task_id=task_id, tries=1)
+    assert time.monotonic() - started < 3
+    # When it accepts, on the notice path: the try's time ends the body's read
+    receiver.statuses.append(200)
+    started = time.monotonic()
+    with within(1.0):
+        sender.deliver(receiver.url, event, now=time.time(), task_id=task_id, tries=1)
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.fast
+def test_the_list_keeps_the_latest_twenty_and_a_gone_task_gets_none(store: TaskStore) -> None:
+    t1, _ = store.create(spec_from_urls(["https://cdn.example.com/a.mp4"]), now=NOW)
     for n in range(1, 26):
         try_n = Delivery(NOW + n, COMPLETED, "http://h/hook", n, DeliveryOutcome.FAILED, 503, 10, "503")
-        store.record_delivery("t1", try_n, secrets=())
-    kept = store.deliveries("t1")
+        assert store.record_delivery(t1, try_n, secrets=())
+    kept = store.deliveries(t1)
     assert [d.attempt for d in kept] == list(range(25, 5, -1)) and len(kept) == DELIVERIES_KEPT
-    assert store.client.llen(store.deliveries_key("t1")) == DELIVERIES_KEPT
-    assert [d.attempt for d in store.deliveries("t1", limit=3)] == [25, 24, 23]
+    assert store.client.llen(store.deliveries_key(t1)) == DELIVERIES_KEPT
+    assert [d.attempt for d in store.deliveries(t1, limit=3)] == [25, 24, 23]
     assert kept[0] == Delivery(NOW + 25, COMPLETED, "http://h/hook", 25, DeliveryOutcome.FAILED, 503, 10, "503")
     with pytest.raises(ValueError, match="limit must be at least 1"):
-        store.deliveries("t1", limit=0)
+        store.deliveries(t1, limit=0)
+    # A try that ends after prune took its task leaves no list behind
+    late = Delivery(NOW, COMPLETED, "http://h/hook", 1, DeliveryOutcome.FAILED, 503, 10, "503", gave_up=True)
+    assert not store.record_delivery("pruned-task", late, secrets=())
+    assert not store.client.exists(store.deliveries_key("pruned-task"))
 
 
 @pytest.mark.fast

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 
 import pytest
 
-from actors.redact import display_url, install_log_redaction, redact_text
+from actors.redact import display_url, install_log_redaction, redact_text, secrets_in_url
 
 pytestmark = pytest.mark.fast
 
@@ -52,3 +53,13 @@ def test_log_records_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
     finally:
         logging.setLogRecordFactory(previous)
     assert caplog.messages == ["fetching https://***@h/a?[redacted] with [redacted]"]
+
+
+def test_a_urls_own_secrets_include_basic_credentials_raw_query_values_and_long_path_segments() -> None:
+    url = "https://hook-user:pw%40567@hooks.example.com/services/T0001/B0002/abcdefghijkl1234?token=ab%2Bcd&x=y"
+    found = secrets_in_url(url)
+    basic = base64.b64encode(b"hook-user:pw@567").decode()  # what requests sends as Authorization
+    assert {"hook-user", "pw%40567", basic, "ab+cd", "ab%2Bcd", "abcdefghijkl1234"} <= set(found)
+    echoed = f"401: got Authorization: Basic {basic} for /services/T0001/B0002/abcdefghijkl1234 token=ab%2Bcd"
+    shown = "401: got Authorization: Basic [redacted] for /services/T0001/B0002/[redacted] token=[redacted]"
+    assert redact_text(echoed, found) == shown

@@ -395,6 +395,7 @@ def test_live_updates_need_a_session_do_not_keep_it_alive_and_end_with_it(api: A
     [task_id] = make_tasks(store, 1)
     assert requests.get(f"{api.url}/ui/live", params={"task": task_id}, timeout=5).status_code == 204
     browser, _ = sign_in(api, READ)
+    assert browser.get(f"{api.url}/ui/live", params={"probe": "1"}, timeout=5).status_code == 200
     with live(browser, api, task=task_id, counts="1") as stream:
         assert stream.status_code == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
         frames = sse(stream)
@@ -405,6 +406,8 @@ def test_live_updates_need_a_session_do_not_keep_it_alive_and_end_with_it(api: A
         # HAUL_UI_IDLE_SECONDS is 3 here: the stream is no use of the session, which ends
         assert next(name for _, name, _ in frames if name == "ended")
         assert time.monotonic() - started < 8
+    # The page's script asks whether to open its stream again: not once the session ended
+    assert browser.get(f"{api.url}/ui/live", params={"probe": "1"}, timeout=5).status_code == 401
     assert not signed_in(browser, api)
 
 

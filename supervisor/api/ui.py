@@ -304,11 +304,15 @@ class Dashboard:
     async def live_updates(self, request: Request) -> Response:
         """The live updates of a page (:mod:`supervisor.api.uilive`): the tasks it names
         (``task``, repeated) and the counts by state (``counts=1``). Without a session: 204,
-        which an EventSource takes as the end."""
+        which an EventSource takes as the end; ``probe=1`` answers 200 or 401 (whether a
+        session is live, without renewing it) and streams nothing."""
         if self.api.open:
             return Response(status_code=204)
         session_id = request.cookies.get(COOKIE)
-        if await self.sessions.find(session_id, time.time(), renew=False) is None:
+        signed_in = await self.sessions.find(session_id, time.time(), renew=False) is not None
+        if request.query_params.get("probe") == "1":  # the page asks whether its stream can go on
+            return Response(status_code=200 if signed_in else 401)
+        if not signed_in:
             return Response(status_code=204)
 
         async def alive() -> bool:

@@ -143,7 +143,7 @@ class LiveUpdates:
     def __init__(self, hub: Hub, client: Client, redact: Redact, idle_seconds: float) -> None:
         self.hub, self.client, self.redact = hub, client, redact
         self._counting = asyncio.Lock()
-        self._counted: tuple[int, dict[str, int]] | None = None
+        self._counted: tuple[int, float, dict[str, int]] | None = None
         #: A session idle this long ends: a stream notices within half of it (at most SESSION_CHECK_SECONDS).
         self.check_seconds = min(SESSION_CHECK_SECONDS, max(idle_seconds / 2, TICK_SECONDS))
 
@@ -216,10 +216,11 @@ class LiveUpdates:
         return seen, patches
 
     async def _counts(self) -> dict[str, int]:
-        """The counts by state, read once per state change whatever the number of open pages."""
+        """The counts by state, read once per state change whatever the number of open pages,
+        and at least every TABLES_SECONDS (prune and a Redis restart change them without one)."""
         async with self._counting:
-            changes = self.hub.state_changes
-            if self._counted is None or self._counted[0] != changes:
+            changes, now = self.hub.state_changes, time.monotonic()
+            if self._counted is None or self._counted[0] != changes or now - self._counted[1] >= TABLES_SECONDS:
                 found = await run_in_threadpool(self.client.counts)
-                self._counted = changes, {state.value: count for state, count in found.items()}
-            return self._counted[1]
+                self._counted = changes, now, {state.value: count for state, count in found.items()}
+            return self._counted[2]

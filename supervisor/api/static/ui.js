@@ -19,9 +19,9 @@
   listen();
 
   // An EventSource reconnects by itself after a dropped connection, but not after an answer
-  // other than 200 (a restarting API's 503, a signed-out session's 204). This asks for the page
-  // itself: sent to sign in, it says updates stopped; otherwise it opens the stream again, less
-  // often each time.
+  // other than 200 (a restarting API's 503, a signed-out session's 204). This asks the stream's
+  // address whether the session lives (without renewing it): if not, it says updates stopped;
+  // otherwise it opens the stream again, less often each time.
   function listen() {
     const source = new EventSource(main.dataset.live);
     source.addEventListener("open", () => (pause = 5000));
@@ -46,8 +46,8 @@
     });
     source.addEventListener("error", () => {
       if (source.readyState !== EventSource.CLOSED || !pause) return;
-      fetch(location.href, { redirect: "manual", cache: "no-store" }).then(
-        (answer) => (answer.type === "opaqueredirect" ? stopped() : later()),
+      fetch(`${main.dataset.live}&probe=1`, { cache: "no-store" }).then(
+        (answer) => (answer.status === 401 ? stopped() : later()),
         later,
       );
     });
