@@ -175,25 +175,16 @@ class EventLog:
         """The task's state changes (STATE_EVENTS), oldest first: its latest ``count``; with
         ``since`` (an id of its stream), the first ``count`` after it. Read a page of entries at
         a time, as a course's file events may outnumber them a thousand to one."""
-        key, found = self.task_key(task_id), list[Event]()
-        entries: Any
-        if since:
-            start = f"({since}"
-            while len(found) < count:
-                entries = self.client.xrange(key, start, "+", STATE_PAGE) or []
-                found += _state_events(entries, task_id)
-                if len(entries) < STATE_PAGE:
-                    break
-                start = f"({text_of(entries[-1][0])}"
-            return found[:count]
-        end = "+"
+        key, found, forward = self.task_key(task_id), list[Event](), bool(since)
+        bound = f"({since}" if forward else "+"
         while len(found) < count:
-            entries = self.client.xrevrange(key, end, "-", STATE_PAGE) or []
+            page = self.client.xrange if forward else self.client.xrevrange
+            entries: Any = page(key, bound, "+" if forward else "-", STATE_PAGE) or []
             found += _state_events(entries, task_id)
             if len(entries) < STATE_PAGE:
                 break
-            end = f"({text_of(entries[-1][0])}"
-        return found[:count][::-1]
+            bound = f"({text_of(entries[-1][0])}"
+        return found[:count] if forward else found[:count][::-1]
 
     def position(self) -> str:
         """Where the stream of all tasks ends now (to follow it from there)."""

@@ -14,6 +14,7 @@ from actors.events import EVENT_OF_STATE, Event, EventLog
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.states import TRANSITIONS, RetryReply, State
 from actors.store import TaskStore
+from actors.store_base import text_of
 from tests.conftest import InProcessWorker, end_task, small_stream_nodes, submit_spec, wait_for
 from tests.servers import Fault, Origin, Receiver
 
@@ -163,3 +164,20 @@ def test_prune_takes_a_tasks_event_stream_with_its_record(store: TaskStore) -> N
     assert store.client.exists(f"{store.prefix}events:{task_id}")
     store.prune_batch(State.FAILED, cutoff=time.time(), limit=10)
     assert not store.client.exists(f"{store.prefix}events:{task_id}")
+
+
+def test_a_tasks_state_changes_are_found_among_a_thousand_file_events_a_page_at_a_time(store: TaskStore) -> None:
+    # Given a task's stream of 1,203 entries: a state change first, then one after 600 file
+    # events and one after 1,200 (a course's stream; pages of STATE_PAGE = 500 entries)
+    log = EventLog(store.client, store.prefix)
+    key = log.task_key("t1")
+    ids = []
+    for n in range(1203):
+        kind = "task.queued" if n in (0, 601, 1202) else "file.completed"
+        ids.append(text_of(store.client.xadd(key, {"type": kind, "at": str(n), "state": "queued", "index": str(n)})))
+    # Then the latest ones come oldest first, however far apart; after an id, the first ones
+    assert [e.id for e in log.state_changes("t1", 10)] == [ids[0], ids[601], ids[1202]]
+    assert [e.id for e in log.state_changes("t1", 2)] == [ids[601], ids[1202]]
+    assert [e.id for e in log.state_changes("t1", 10, since=ids[0])] == [ids[601], ids[1202]]
+    assert [e.id for e in log.state_changes("t1", 1, since=ids[0])] == [ids[601]]
+    assert log.state_changes("t1", 10, since=ids[1202]) == []
