@@ -93,6 +93,15 @@ class _Entries:
     created_at: float
 
 
+#: A spec this long (bytes) is read on its own rather than in its batch's round trip.
+LARGE_SPEC_BYTES = 256 * 1024
+
+
+def _int(reply: Any) -> int:
+    """A pipelined integer reply, 0 for an error (a key of another type)."""
+    return 0 if isinstance(reply, Exception) else int(reply or 0)
+
+
 class BackfillStore(StoreBase):
     """The bounded walks that bring the search indexes up to date, and their saved position."""
 
@@ -237,18 +246,25 @@ class BackfillStore(StoreBase):
         return int(cursor), walk, dropped
 
     def _entries(self, ids: list[str]) -> list[_Entries]:
-        """The index entries of the records ``ids`` that are whole, read in one round trip."""
+        """The index entries of the records ``ids`` that are whole, read in one round trip; a
+        spec over LARGE_SPEC_BYTES (a course of thousands of files) in one of its own, so a
+        batch holds at most one of them at a time."""
         pipe = self.client.pipeline(transaction=False)
         for task_id in ids:
             pipe.hmget(self.task_key(task_id), "state", "hosts", "created_at")
-            pipe.get(self.spec_key(task_id))
+            pipe.strlen(self.spec_key(task_id))
             pipe.hget(self.name_members_key, task_id)
         replies = pipe.execute(raise_on_error=False) if ids else []
+        small = [task_id for at, task_id in enumerate(ids) if 0 < _int(replies[3 * at + 1]) <= LARGE_SPEC_BYTES]
+        specs = dict(zip(small, self.client.mget([self.spec_key(i) for i in small]), strict=True)) if small else {}
         entries = []
         for at, task_id in enumerate(ids):
-            fields, described, old = replies[3 * at : 3 * at + 3]
-            if isinstance(fields, Exception) or fields[0] is None or described is None:
+            fields, size, old = replies[3 * at : 3 * at + 3]
+            if isinstance(fields, Exception) or fields[0] is None or not _int(size):
                 continue  # not a task's hash, or a record half gone
+            described = specs[task_id] if task_id in specs else self.client.get(self.spec_key(task_id))
+            if described is None:
+                continue  # deleted since
             try:
                 member = name_member(str(json.loads(described).get("name") or ""), task_id)
             except (ValueError, AttributeError):

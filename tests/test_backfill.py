@@ -13,7 +13,7 @@ import redis
 
 from actors.manifest import spec_from_urls
 from actors.store import TaskStore
-from actors.store_backfill import Backfill, Phase
+from actors.store_backfill import LARGE_SPEC_BYTES, Backfill, Phase
 from actors.store_base import text_of
 from actors.store_index import MAX_INDEXED_HOSTS
 from supervisor import backfill
@@ -194,6 +194,20 @@ def test_an_interrupted_backfill_goes_on_from_its_saved_position(store: TaskStor
     assert (Phase.HOSTS, True) in phases
     assert sorted(store.tasks_by_name("lesson", 1000)[0]) == sorted(tasks[100:])
     assert store.client.zcard(store.host_index_key("cdn.example.com")) == 200
+
+
+@pytest.mark.fast
+def test_a_course_whose_spec_is_large_is_read_on_its_own_and_indexed(store: TaskStore) -> None:
+    # Given a course of 3,000 lessons (a spec past LARGE_SPEC_BYTES) beside a small task
+    urls = tuple(f"https://media{n % 3}.example.com/course/lesson-{n:05d}-{'x' * 60}.mp4" for n in range(3000))
+    course, small = new(store, "Khóa học lớn", urls), new(store, "Small")
+    assert store.client.strlen(store.spec_key(course)) > LARGE_SPEC_BYTES
+    unindexed(store, course, small)
+    # When the backfill runs
+    assert to_the_end(store).done
+    # Then both are found again, by name and by each of the course's hosts
+    assert store.tasks_by_name("khóa", 10)[0] == [course] and store.tasks_by_name("small", 10)[0] == [small]
+    assert all(store.tasks_by_host(f"media{n}.example.com", 10)[0] == [course] for n in range(3))
 
 
 @pytest.mark.fast
