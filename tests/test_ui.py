@@ -343,6 +343,32 @@ def test_a_bulk_retry_takes_exactly_the_tasks_counted_at_its_confirmation_once(a
     assert [e.data.get("by") for e in events if e.type == "task.retried"] == ["ui:backend"]
 
 
+def test_a_bulk_retry_of_one_hosts_failures_takes_only_those(api: Api, store: TaskStore) -> None:
+    def failed_on(host: str) -> str:
+        manifest = {"files": [{"url": f"https://{host}/a.mp4", "path": "a.mp4"}]}
+        task_id, _ = store.create(spec_from_manifest(manifest), now=time.time())
+        end_task(store, task_id, State.FAILED, now=time.time())
+        return task_id
+
+    down = [failed_on("cdn3.example.com") for _ in range(3)]
+    elsewhere = failed_on("cdn4.example.com")
+    [dead] = make_tasks(store, 1, files=[{"url": "https://cdn3.example.com/b.mp4", "path": "b.mp4"}])
+    end_task(store, dead, State.DEAD, now=time.time(), max_attempts=1)
+    operator, _ = sign_in(api, FULL)
+    page = operator.get(f"{api.url}/ui/tasks", params={"q": "CDN3.example.com", "by": "host"}, timeout=5).text
+    assert "Retry all <bdi>failed</bdi> from <bdi>cdn3.example.com</bdi>" in page
+    form = {"csrf": csrf_of(page), "state": "failed", "host": "cdn3.example.com"}
+    confirm = operator.post(f"{api.url}/ui/bulk/confirm", data=form, timeout=5)
+    assert "Retry 3 <bdi>failed</bdi> tasks with a file on <bdi>cdn3.example.com</bdi>?" in confirm.text
+    done = operator.post(f"{api.url}/ui/bulk/retry", data={"csrf": form["csrf"],
+                         "confirm": confirmation_of(confirm.text)}, timeout=5)  # fmt: skip
+    assert "3 retried" in done.text
+    assert [store.get(t).state for t in down] == [State.QUEUED] * 3  # type: ignore[union-attr]
+    assert store.get(elsewhere).state is State.FAILED and store.get(dead).state is State.DEAD  # type: ignore[union-attr]
+    odd = operator.post(f"{api.url}/ui/bulk/confirm", data=form | {"host": "<b>x</b>"}, timeout=5)
+    assert odd.status_code == 400
+
+
 def test_a_session_older_than_twelve_hours_ends_however_much_it_is_used(api: Api, redis_url: str) -> None:
     browser, _ = sign_in(api, FULL)
     assert signed_in(browser, api)

@@ -1,4 +1,5 @@
-"""Bulk retry from the dashboard: "retry all failed (or dead, or canceled) tasks" in two steps.
+"""Bulk retry from the dashboard: "retry all failed (or dead, or canceled) tasks", of every
+origin or of one host, in two steps.
 
 The first step counts the tasks the filter matches now (at most MAX_BULK, the newest) and keeps
 exactly those ids in Redis under a random confirmation id, bound to the session that asked,
@@ -30,6 +31,10 @@ MAX_BULK = 1000
 CONFIRM_SECONDS = 600
 #: How fast a bulk retry queues its tasks.
 RETRIES_PER_SECOND = 200.0
+#: Most entries of a host's index one count looks through (newest first) for tasks in the state.
+MAX_HOST_SCANNED = 20_000
+#: Entries of a host's index read per round trip while counting.
+HOST_PAGE = 500
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,10 @@ class Counted:
     ids: list[str]
     matching: int
     state: State
+    #: The origin host the count was of (None: every origin).
+    host: str | None = None
+    #: Whether ``matching`` is every match: a host's count stops after MAX_HOST_SCANNED entries.
+    exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,18 +69,41 @@ class BulkRetries:
     def _key(self, confirm_id: str) -> str:
         return f"{self.prefix}ui:bulk:{digest(confirm_id)}"
 
-    async def count(self, store: TaskStore, state: State, session_key: str) -> Counted:
-        """The tasks in ``state`` now (the newest MAX_BULK), kept for confirmation by the
-        session ``session_key``."""
-        async with self.redis.pipeline(transaction=True) as pipe:  # the ids and the count of one moment
-            pipe.zrevrange(store.state_key(state), 0, MAX_BULK - 1)
-            pipe.zcard(store.state_key(state))
-            found, matching = await pipe.execute()
-        ids = [text_of(i) for i in found]
+    async def count(self, store: TaskStore, state: State, session_key: str, host: str | None = None) -> Counted:
+        """The tasks in ``state`` now (the newest MAX_BULK; with ``host``, of those with a file
+        on it), kept for confirmation by the session ``session_key``."""
+        if host is None:
+            async with self.redis.pipeline(transaction=True) as pipe:  # the ids and the count of one moment
+                pipe.zrevrange(store.state_key(state), 0, MAX_BULK - 1)
+                pipe.zcard(store.state_key(state))
+                found, matching = await pipe.execute()
+            ids, exact = [text_of(i) for i in found], True
+        else:
+            ids, matching, exact = await self._of_host(store, state, host)
         confirm_id = secrets.token_urlsafe(24)
         kept = json.dumps({"session": session_key, "ids": ids})
         await self.redis.set(self._key(confirm_id), kept, ex=CONFIRM_SECONDS)
-        return Counted(confirm_id, ids, int(matching), state)
+        return Counted(confirm_id, ids, int(matching), state, host, exact)
+
+    async def _of_host(self, store: TaskStore, state: State, host: str) -> tuple[list[str], int, bool]:
+        """The newest MAX_BULK tasks in ``state`` among a host's (its index, newest first, a page
+        at a time, each page's states read in one round trip), how many match among those looked
+        at, and whether that was all of the host's (at most MAX_HOST_SCANNED are)."""
+        key, ids, matching = store.host_index_key(host), list[str](), 0
+        for start in range(0, MAX_HOST_SCANNED, HOST_PAGE):
+            page = [text_of(i) for i in await self.redis.zrevrange(key, start, start + HOST_PAGE - 1)]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for task_id in page:
+                    pipe.hget(store.task_key(task_id), "state")
+                states = await pipe.execute() if page else []
+            for task_id, found in zip(page, states, strict=True):
+                if found is not None and text_of(found) == state.value:
+                    matching += 1
+                    if len(ids) < MAX_BULK:
+                        ids.append(task_id)
+            if len(page) < HOST_PAGE:
+                return ids, matching, True
+        return ids, matching, False
 
     async def take(self, confirm_id: str, session_key: str) -> list[str] | None:
         """The ids counted under ``confirm_id`` for this session, once; None when there is no

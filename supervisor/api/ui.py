@@ -225,6 +225,10 @@ class Dashboard:
             f"<p>Tasks {said} {uipages.text(wanted)}:</p>"
             f"{uipages.task_rows(self.prefix, tasks, time.time(), self.live.redact)}{more}"
         )
+        if by == "host" and session.write:  # an origin's outage over: its failures retried together
+            offers = "".join(uipages.bulk_offer(self.prefix, state, session.csrf, wanted.lower())
+                             for state in sorted(RETRYABLE_STATES, key=list(State).index))  # fmt: skip
+            body += f'<div class="actions">{offers}</div>'
         live = self._live_url([t.id for t in tasks], counts=False) if tasks else None
         return self._page("Tasks", body, session, live=live)
 
@@ -380,7 +384,10 @@ class Dashboard:
         state = _state(form.get("state"))
         if state not in RETRYABLE_STATES:
             return self._page("Refused", "<p>Only failed, dead or canceled tasks are retried.</p>", session, 400)
-        counted = await self.bulk.count(self.client.store, state, session.key)
+        host = (form.get("host") or "").strip().lower() or None
+        if host is not None and not re.fullmatch(r"[a-z0-9._:\[\]-]{1,253}", host):
+            return self._page("Refused", "<p>That is not a host name.</p>", session, 400)
+        counted = await self.bulk.count(self.client.store, state, session.key, host)
         return self._page("Retry all?", uipages.bulk_confirmation(self.prefix, counted, session.csrf), session)
 
     async def bulk_retry(self, request: Request, session: Session) -> Response:

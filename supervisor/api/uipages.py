@@ -240,22 +240,29 @@ def task_rows(prefix: str, tasks: Iterable[Task], now: float, redact: Redact) ->
     return f'<table class="tasks"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
 
 
-def bulk_offer(prefix: str, state: State, csrf: str) -> str:
-    """The button that counts a state's tasks for a bulk retry (nothing is retried yet)."""
+def bulk_offer(prefix: str, state: State, csrf: str, host: str | None = None) -> str:
+    """The button that counts a state's tasks (with ``host``, those with a file on it) for a
+    bulk retry; nothing is retried yet."""
+    on_host = f'<input type="hidden" name="host" value="{attr(host)}">' if host else ""
+    said = f" from {text(host)}" if host else ""
     return (
         f'<form method="post" action="{attr(prefix)}/bulk/confirm" class="inline">'
         f'<input type="hidden" name="csrf" value="{attr(csrf)}"><input type="hidden" name="state" '
-        f'value="{attr(state.value)}"><button type="submit">Retry all {text(state.value)}…</button></form>'
+        f'value="{attr(state.value)}">{on_host}'
+        f'<button type="submit">Retry all {text(state.value)}{said}…</button></form>'
     )
 
 
 def bulk_confirmation(prefix: str, counted: Counted, csrf: str) -> str:
     """How many tasks a bulk retry takes, exactly those counted now, and the button that does it."""
     count = len(counted.ids)
-    newest = f" (the newest {count} of {counted.matching})" if counted.matching > count else ""
-    back = f"{prefix}/tasks?{urlencode({'state': counted.state.value})}"
+    of_all = str(counted.matching) if counted.exact else f"at least {counted.matching}"
+    newest = f" (the newest {count} of {of_all})" if counted.matching > count or not counted.exact else ""
+    where = f" with a file on {text(counted.host)}" if counted.host else ""
+    filtered = {"q": counted.host, "by": "host"} if counted.host else {"state": counted.state.value}
+    back = f"{prefix}/tasks?{urlencode(filtered)}"
     return (
-        f"<h1>Retry {count} {text(counted.state.value)} tasks?</h1>"
+        f"<h1>Retry {count} {text(counted.state.value)} tasks{where}?</h1>"
         f"<p>These {count} tasks{newest}, counted now, and no others: a task that ends "
         f"{text(counted.state.value)} after this count is not taken. They are queued at a measured pace.</p>"
         f'<form method="post" action="{attr(prefix)}/bulk/retry" class="inline">'
