@@ -190,13 +190,13 @@ class Client:
 
     def list(self, state: State, limit: int = 50) -> list[Task]:
         """The newest tasks in ``state``, newest first."""
-        return [t for t in (self.store.get(i) for i in self.store.ids(state, limit)) if t is not None]
+        return self._tasks(self.store.ids(state, limit))
 
     def page(self, state: State, limit: int, after: Cursor | None = None) -> tuple[builtins.list[Task], Cursor | None]:
         """Up to ``limit`` tasks in ``state``, newest first, after ``after``; and the cursor of
         the next page (None at the end)."""
         entries = self.store.page(state, limit + 1, after)
-        tasks = [t for t in self.store.get_many([i for i, _ in entries[:limit]]) if t is not None]
+        tasks = self._tasks([i for i, _ in entries[:limit]])
         return tasks, (Cursor(entries[limit - 1][1], entries[limit - 1][0]) if len(entries) > limit else None)
 
     def by_name(self, prefix: str, limit: int, after: str | None = None) -> tuple[builtins.list[Task], str | None]:
@@ -205,17 +205,21 @@ class Client:
         trips: the index, then the tasks. A task pruned meanwhile is left out, so a page may be
         short of ``limit`` with more to come. An empty prefix raises ValueError."""
         task_ids, cursor = self.store.tasks_by_name(prefix, limit, after)
-        return [t for t in self.store.get_many(task_ids) if t is not None], cursor
+        return self._tasks(task_ids), cursor
 
     def by_host(self, host: str, limit: int, before: Cursor | None = None) -> tuple[builtins.list[Task], Cursor | None]:
         """Up to ``limit`` tasks with a file on ``host`` (a hostname, any case), newest first,
         older than the cursor ``before``; and the cursor of the next page (None at the end). A
         task pruned meanwhile is left out, as in :meth:`by_name`."""
         task_ids, cursor = self.store.tasks_by_host(host, limit, before)
-        return [t for t in self.store.get_many(task_ids) if t is not None], cursor
+        return self._tasks(task_ids), cursor
 
     def counts(self) -> dict[State, int]:
         return self.store.counts()
+
+    def _tasks(self, task_ids: Sequence[str]) -> builtins.list[Task]:
+        """The tasks ``task_ids`` name, read in one round trip; one pruned meanwhile left out."""
+        return [t for t in self.store.get_many(task_ids) if t is not None]
 
     def retry(self, task_id: str, by: str = "") -> None:
         """Give a failed, dead or canceled task fresh attempts and queue it (``by``: who, on

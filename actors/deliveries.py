@@ -4,8 +4,9 @@
 as it ends; the caller, which knows the try's number in its chain and whether haul gives the
 event up, writes them through a :class:`DeliveryRecorder`. The store keeps the latest
 :data:`DELIVERIES_KEPT` per task (:mod:`actors.store_deliveries`). What is stored is shown to
-anyone who can read the dashboard: the URL as :func:`actors.redact.display_url` shows it, and a
-reason text redacted and cut short, since it may quote the receiver's body.
+anyone who can read the dashboard: the URL and a reason text redacted of the settings' secrets
+and the URL's own (:func:`actors.redact.secrets_in_url`: credentials, query, long path
+segments), the reason cut short, since it may quote the receiver's body.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Delivery:
     at: float
     #: The event type: task.completed, task.failed or task.canceled.
     type: str
-    #: The receiver's URL without credentials or query string.
+    #: The receiver's URL without credentials, query string or long path segments.
     url: str
     #: The try's number: in a notice's chain (task.failed, task.canceled), or in the run that
     #: delivers task.completed (a finalize parked and run again counts from 1 again).

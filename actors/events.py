@@ -57,8 +57,9 @@ STATE_EVENTS = frozenset({*EVENT_OF_STATE.values(), "task.retried"})
 #: Events after which nothing follows unless an operator retries the task.
 FINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled"})
 
-#: Entries of a task's stream read per round trip while looking for its state changes.
-STATE_PAGE = 500
+#: Entries of a task's stream read per round trip while looking for its state changes, and
+#: the most pages read (a course of 10,000 files, with room for its retries).
+STATE_PAGE, MAX_STATE_PAGES = 500, 40
 #: Default retention: entries of the stream of all tasks.
 DEFAULT_RETAIN = 100_000
 
@@ -174,12 +175,15 @@ class EventLog:
     def state_changes(self, task_id: str, count: int, since: str = "") -> list[Event]:
         """The task's state changes (STATE_EVENTS), oldest first: its latest ``count``; with
         ``since`` (an id of its stream), the first ``count`` after it. Read a page of entries at
-        a time, as a course's file events may outnumber them a thousand to one."""
+        a time, as a course's file events may outnumber them a thousand to one; at most
+        MAX_STATE_PAGES pages (a task's page shows what they hold)."""
         key, found, forward = self.task_key(task_id), list[Event](), bool(since)
         bound = f"({since}" if forward else "+"
-        while len(found) < count:
-            page = self.client.xrange if forward else self.client.xrevrange
-            entries: Any = page(key, bound, "+" if forward else "-", STATE_PAGE) or []
+        for _ in range(MAX_STATE_PAGES):
+            if len(found) >= count:
+                break
+            read = self.client.xrange if forward else self.client.xrevrange
+            entries: Any = read(key, bound, "+" if forward else "-", STATE_PAGE) or []
             found += _state_events(entries, task_id)
             if len(entries) < STATE_PAGE:
                 break

@@ -100,7 +100,7 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
     in_storage = StoredBytes(lease)
     lease.stored = in_storage.value
     url = task.spec.webhook or rt.settings.webhook_url
-    tries = rt.deliveries(task_id, url or "")
+    recorder = rt.delivery_recorder(task_id, url or "")
     try:
         stored = rt.storage.commit(
             sandbox, task.spec.files, step=lambda s: step(s, "storing"), fence=lambda: _fence(rt, lease, step),
@@ -117,7 +117,7 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
             with interruptible(lambda closeable: guard_lease(rt, lease, closeable)):
                 rt.webhooks.deliver(
                     url, event, now=rt.clock(), task_id=task_id,
-                    on_try=lambda seconds: step(seconds, "delivering task.completed"), on_answer=tries.add,
+                    on_try=lambda seconds: step(seconds, "delivering task.completed"), on_answer=recorder.add,
                 )  # fmt: skip
         else:
             log.warning("task %s: no webhook URL (task or HAUL_WEBHOOK_URL); nobody is told it is done", task_id)
@@ -128,17 +128,17 @@ def finish_task(rt: Runtime, task: Task, lease: Lease, failing_since: float = 0.
         if reached is None:
             raise LeaseLost(f"task {task_id}: lease lost before it could be marked done")
     except (StorageUnavailable, WebhookUndelivered) as exc:
-        return _park(rt, task, token, exc, failing_since or rt.clock(), tries)
+        return _park(rt, task, token, exc, failing_since or rt.clock(), recorder)
     except PermanentError as exc:
         if not announced:
             return end_run(rt, task, token, exc)
         # e.g. a receiver refused at connect time after an earlier try that may have been stored
-        return _park(rt, task, token, WebhookUndelivered(str(exc)), failing_since or rt.clock(), tries)
+        return _park(rt, task, token, WebhookUndelivered(str(exc)), failing_since or rt.clock(), recorder)
     except Exception as exc:
         # Announced in this run: the store keeps the task queued, and the error must say so.
         return end_run(rt, dataclasses.replace(task, announced=announced), token, exc)
     finally:
-        tries.settle(gave_up=False)  # unless _park gave the event up: the next run tries again
+        recorder.settle(gave_up=False)  # unless _park gave the event up: the next run tries again
     sandbox.remove(task.spec.files)
     log.info("task %s: done, %d file(s), %d bytes in %s, announced: %s", task_id, len(stored),
              sum(f["size"] for f in stored), rt.storage.describe(), bool(url))  # fmt: skip
@@ -163,7 +163,7 @@ def _fence(rt: Runtime, lease: Lease, step: Callable[[float, str], None]) -> Non
 
 
 def _park(
-    rt: Runtime, task: Task, token: int, exc: TransientError, failing_since: float, tries: DeliveryRecorder
+    rt: Runtime, task: Task, token: int, exc: TransientError, failing_since: float, recorder: DeliveryRecorder
 ) -> Outcome:
     """Keep a finished task ``finalizing`` and try again after a pause that grows with the outage;
     past HAUL_FINALIZE_GIVE_UP_SECONDS, end it dead, its last delivery try recorded as given up."""
@@ -178,7 +178,7 @@ def _park(
         log.error("task %s: dead: %s", task.id, message)
         if reached is None:
             return NOTHING
-        tries.settle(gave_up=True)
+        recorder.settle(gave_up=True)
         report_task(
             message, kind="dead", task_id=task.id, stage="finalizing", attempt=task.attempts, file=exc.file,
             storage=rt.storage.describe() if isinstance(exc, StorageUnavailable) else None, error_code=exc.code,

@@ -90,6 +90,21 @@ def interruptible(guard: Guard | None) -> Iterator[None]:
 
 
 @contextmanager
+def within(seconds: float) -> Iterator[None]:
+    """Wake the block's HTTP calls once ``seconds`` passed: a peer that drips its answer
+    (headers or body) must not hold the thread past the time its caller gave it."""
+    deadline = Interrupter()
+    timer = threading.Timer(seconds, deadline.fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        with interruptible(deadline.guard):
+            yield
+    finally:
+        timer.cancel()
+
+
+@contextmanager
 def waiting_on(sock: socket.socket | None) -> Iterator[SocketShutter]:
     """Register ``sock`` with this thread's guard (if any) while the block waits on it."""
     shutter = SocketShutter(sock)

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from actors.deliveries import DeliveryRecorder
 from actors.errors import PermanentError, WebhookUndelivered
-from actors.interrupt import Interrupter, interruptible
+from actors.interrupt import within
 from actors.redact import display_url
 from actors.runtime import Runtime
 from actors.sentry import report_task
@@ -55,22 +52,6 @@ class NextTry:
 def event_type(state: State) -> str:
     """The event a task in an ended ``state`` owes its backend."""
     return CANCELED if state is State.CANCELED else FAILED
-
-
-@contextmanager
-def within(seconds: float) -> Iterator[None]:
-    """Wake the block's HTTP calls once ``seconds`` passed: a receiver that drips its answer
-    (headers or body) must not hold the thread past the try's time, after which the notice is
-    taken for lost and sent again."""
-    deadline = Interrupter()
-    timer = threading.Timer(seconds, deadline.fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        with interruptible(deadline.guard):
-            yield
-    finally:
-        timer.cancel()
 
 
 def try_seconds(settings: Settings) -> float:
@@ -109,24 +90,24 @@ def try_notice(rt: Runtime, task_id: str, seq: int | None) -> NextTry | None:
     # error_code / error_file: the record's fields, which release, claim, requeue and cancel write.
     ended = ended_fields(task, task.error_code, task.error_file)
     event = make_event(task, kind, [f.to_json() for f in task.spec.files], task.error, task.updated_at, ended)
-    with rt.deliveries(task_id, url, first_try=begun.tries) as tries, within(try_seconds(s)):
+    with rt.delivery_recorder(task_id, url, first_try=begun.tries) as recorder, within(try_seconds(s)):
         try:
-            rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id, tries=1, on_answer=tries.add)
+            rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id, tries=1, on_answer=recorder.add)
         except PermanentError as exc:  # a forbidden receiver: retrying cannot help
-            _give_up(rt, task, begun, url, kind, f"{exc}; retrying cannot help", tries)
+            _give_up(rt, task, begun, url, kind, f"{exc}; retrying cannot help", recorder)
             return None
         except WebhookUndelivered as exc:  # the receiver's answer, a timeout, a reset
-            return _later(rt, task, begun, url, kind, exc, tries)
+            return _later(rt, task, begun, url, kind, exc, recorder)
         except Exception as exc:  # a bug: keep the chain going, with a traceback in the log
             log.exception("task %s: unexpected error while delivering %s; will try again", task_id, kind)
-            return _later(rt, task, begun, url, kind, exc, tries)
+            return _later(rt, task, begun, url, kind, exc, recorder)
     if rt.store.end_notice(task_id, begun.run):
         log.info("task %s: %s delivered to %s (try %d)", task_id, kind, display_url(url), begun.tries)
     return None
 
 
 def _later(
-    rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, exc: Exception, tries: DeliveryRecorder
+    rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, exc: Exception, recorder: DeliveryRecorder
 ) -> NextTry | None:
     """Record when the next try is due, or give the notice up once its time is over."""
     s = rt.settings
@@ -137,7 +118,7 @@ def _later(
             f"{now - task.updated_at:.0f}s since the task ended, past "
             f"HAUL_FINALIZE_GIVE_UP_SECONDS={s.finalize_give_up_seconds:g}; last error: {exc}"
         )
-        _give_up(rt, task, begun, url, kind, reason, tries)
+        _give_up(rt, task, begun, url, kind, reason, recorder)
         return None
     # The last try falls on the deadline (or one shortest pause after it); it is not skipped.
     due = max(now + MIN_PAUSE_SECONDS, min(now + pause_seconds(begun.tries, s), deadline))
@@ -148,12 +129,12 @@ def _later(
 
 
 def _give_up(
-    rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, reason: str, tries: DeliveryRecorder
+    rt: Runtime, task: Task, begun: NoticeTry, url: str, kind: str, reason: str, recorder: DeliveryRecorder
 ) -> None:
     """Stop trying: the backend was never told, so say so loudly (log, Sentry, the try's record)."""
     if not rt.store.end_notice(task.id, begun.run, begun.seq):
         return  # delivered or retried meanwhile
-    tries.settle(gave_up=True)
+    recorder.settle(gave_up=True)
     message = (
         f"task {task.id}: {kind} to {display_url(url)} given up after {begun.tries} tries ({reason}). "
         f"The backend was never told the task is {task.state}; fix the receiver and tell the backend "

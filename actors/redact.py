@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from actors.settings import Settings
 
+#: Shorter values are not taken for secrets (they would redact ordinary words and numbers).
+MIN_SECRET_CHARS = 4
 #: A URL path's segments this long are taken for secrets where its answers are recorded.
 PATH_SECRET_CHARS = 12
 #: What replaces a secret or a query string.
@@ -37,7 +39,7 @@ def secrets_of(settings: Settings) -> list[str]:
         values.append(settings.sentry_dsn)
     values.extend(settings.s3.secrets())
     values.extend(settings.api.secrets())
-    return [v for v in values if len(v) >= 4]
+    return [v for v in values if len(v) >= MIN_SECRET_CHARS]
 
 
 def secrets_in_url(url: str) -> list[str]:
@@ -54,7 +56,7 @@ def secrets_in_url(url: str) -> list[str]:
     values += [value for _, value in parse_qsl(parts.query, keep_blank_values=True)]
     values += [item.partition("=")[2] for item in parts.query.split("&")]
     values += [segment for segment in parts.path.split("/") if len(segment) >= PATH_SECRET_CHARS]
-    return [v for v in values if len(v) >= 4]
+    return [v for v in values if len(v) >= MIN_SECRET_CHARS]
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:

@@ -137,9 +137,9 @@ class Runtime:
                 self._sessions.append(sender.session)
         return sender
 
-    def deliveries(self, task_id: str, url: str, first_try: int = 1) -> DeliveryRecorder:
+    def delivery_recorder(self, task_id: str, url: str, first_try: int = 1) -> DeliveryRecorder:
         """Where the tries of one delivery to ``url`` are recorded for the dashboard, with this
-        worker's secrets and the URL's own (its password, its query values) kept out."""
+        worker's secrets and the URL's own kept out (:func:`actors.redact.secrets_in_url`)."""
         return DeliveryRecorder(self.store, task_id, [*secrets_of(self.settings), *secrets_in_url(url)], first_try)
 
 

@@ -13,7 +13,8 @@ and where the walk stands, so a restart or a new leader resumes it::
                          ZSCAN cursor; pending (hosts only), JSON [[key, ZSCAN cursor], ...] of
                          the host sets of the last SCAN page not walked through yet; indexed and
                          dropped, the counts so far; started_at and done_at (seconds since the
-                         epoch)
+                         epoch); server, the run id of the Redis the cursors are of (another
+                         one's start the phase over)
 
 Pipelined plain commands, not a script: the name member is casefolded in Python (Lua cannot),
 and every write is idempotent (ZADD and HSET of what create.lua writes, ZREM of an entry whose
@@ -164,8 +165,9 @@ class BackfillStore(StoreBase):
         the next cursor (0: the scan is over) and how many tasks were indexed.
 
         A record half gone (no spec, or no state: a prune or a delete under way) is left out.
-        Three round trips at most: the read, the writes, and, for a record deleted between the
-        two (pruned meanwhile), taking its entries back out. Each write is followed in the same
+        Round trips: the SCAN, the records' fields, their specs (one more per spec over
+        LARGE_SPEC_BYTES), the writes, and, for a record deleted between the reads and the
+        writes (pruned meanwhile), taking its entries back out. Each write is followed in the same
         pipeline by a check that the record is still there, so a prune after that check sees
         the entries and removes them, and a prune before it is caught by it."""
         start = self.task_key("")

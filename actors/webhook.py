@@ -262,7 +262,7 @@ def _excerpt(response: requests.Response) -> str:
     if len(head) >= ANSWER_EXCERPT_BYTES:  # cut at its last whitespace: never half a token, which no redaction knows
         cut = max(head.rfind(sep) for sep in (b" ", b"\n", b"\t"))
         head = head[:cut] if cut > 0 else b""
-    return head.decode("utf-8", "replace") if isinstance(head, bytes) else str(head)
+    return head.decode("utf-8", "replace")
 
 
 class _Teller:

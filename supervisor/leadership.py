@@ -35,7 +35,8 @@ ELECTIONS_PER_LOCK = 3
 #: The leader acts only until this share of the lock's TTL has passed since its last renewal,
 #: by its own clock (the rest absorbs drift against Redis's clock), like a worker's lease fence.
 LOCK_SAFETY = 0.8
-#: Sweeps whose running too long costs the lock (prune may remove large sandboxes: left out).
+#: Sweeps whose running too long costs the lock (prune may remove large sandboxes, and
+#: backfill_indexes read a course's large spec: both left out).
 WATCHED_SWEEPS = (
     "requeue_stuck", "rescue_orphans", "resend_finalizes", "resend_notices", "watch_workers", "check_config",
 )  # fmt: skip

@@ -12,9 +12,9 @@ import redis
 
 from actors.deliveries import DELIVERIES_KEPT, DETAIL_CHARS, Delivery, DeliveryOutcome, DeliveryRecorder
 from actors.errors import WebhookUndelivered
+from actors.interrupt import within
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.netguard import DestinationPolicy
-from actors.notify import within
 from actors.settings import Settings
 from actors.states import State
 from actors.store import TaskStore
@@ -184,7 +184,7 @@ def test_a_redis_error_while_recording_does_not_fail_the_delivery(
 def test_a_dripped_refusal_or_acceptance_holds_a_try_for_one_read_or_the_try_time_not_per_byte(
     store: TaskStore, receiver: Receiver
 ) -> None:
-    # Given a receiver that drips a 5,000-byte answer, a byte every 50 ms (each read well
+    # Given a receiver that drips a 5,100-byte answer, a byte every 50 ms (each read well
     # within the 1 s read timeout: 250 s to read it all)
     task_id, _ = store.create(spec_from_urls(["https://cdn.example.com/a.mp4"]), now=NOW)
     task = store.get(task_id)

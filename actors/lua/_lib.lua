@@ -25,8 +25,11 @@
 --   $prefix events         stream: every task's events, trimmed to about events_retain entries
 --   $prefix events:$id     stream: one task's events, never trimmed (its latest task.progress
 --                          replaces the one before it); pruned with the task (actors/events.py)
---   $prefix deliveries:$id list: one task's latest webhook tries, newest first, written by workers
---                          (actors/store_deliveries.py); pruned with the task
+--   $prefix deliveries:$id list: one task's latest webhook tries, newest first, written through
+--                          delivery.lua while the task is stored (actors/store_deliveries.py);
+--                          pruned with the task
+--   $prefix index:name, index:names, index:host:$host  the search indexes (actors/store_index.py):
+--                          written by create.lua, removed by prune.lua
 --   $prefix config         hash: events_retain (written by the supervisor at start from
 --                          HAUL_EVENTS_RETAIN)
 

@@ -39,7 +39,8 @@ local function prunable(id, keys, hosts)
     for _, s in ipairs(FINAL_STATES) do
       redis.call('ZREM', prefix .. 'state:' .. s, id)
     end
-    local member = redis.call('HGET', name_members, id)  -- its hosts are gone with the record
+    -- Its hosts are gone with the record: its host index entries stay until a backfill drops them
+    local member = redis.call('HGET', name_members, id)
     if member then
       redis.call('ZREM', name_index, member)
       redis.call('HDEL', name_members, id)

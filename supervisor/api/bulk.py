@@ -103,7 +103,7 @@ class BulkRetries:
                         ids.append(task_id)
             if len(page) < HOST_PAGE:
                 return ids, matching, True
-        return ids, matching, False
+        return ids, matching, int(await self.redis.zcard(key)) <= MAX_HOST_SCANNED
 
     async def take(self, confirm_id: str, session_key: str) -> list[str] | None:
         """The ids counted under ``confirm_id`` for this session, once; None when there is no

@@ -61,8 +61,11 @@ FINAL = frozenset(state.value for state in FINAL_STATES)
 Snapshot = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def frame(event_id: str, name: str, data: Any) -> str:
-    return f"id: {event_id}\nevent: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def frame(event_id: str | None, name: str, data: Any) -> str:
+    """One event of a stream (``event_id`` None: without an id, as the dashboard's, which a
+    reconnect reads afresh rather than resuming)."""
+    place = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{place}event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def task_sse_id(task_id: str, entry_id: str) -> str:

@@ -79,6 +79,8 @@ class Dashboard:
     ) -> None:
         self.settings, self.api = settings, settings.api
         self.client, self.sessions, self.bulk, self.live = client, sessions, bulk, live
+        #: What every error, answer and history line shown goes through (the live updates' too).
+        self.redact = live.redact
         self.prefix = self.api.ui_prefix
 
     def routes(self) -> list[BaseRoute]:
@@ -198,7 +200,7 @@ class Dashboard:
         body = (
             f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted, by)}{missing}"
             f"{uipages.state_tabs(self.prefix, state, counts)}{offer}"
-            f"{uipages.task_rows(self.prefix, tasks, time.time(), self.live.redact)}{more}"
+            f"{uipages.task_rows(self.prefix, tasks, time.time(), self.redact)}{more}"
         )
         return self._page("Tasks", body, session, live=self._live_url([t.id for t in tasks], counts=True))
 
@@ -223,7 +225,7 @@ class Dashboard:
         body = (
             f"<h1>Tasks</h1>{uipages.search_form(self.prefix, wanted, by)}"
             f"<p>Tasks {said} {uipages.text(wanted)}:</p>"
-            f"{uipages.task_rows(self.prefix, tasks, time.time(), self.live.redact)}{more}"
+            f"{uipages.task_rows(self.prefix, tasks, time.time(), self.redact)}{more}"
         )
         if by == "host" and session.write:  # an origin's outage over: its failures retried together
             offers = "".join(uipages.bulk_offer(self.prefix, state, session.csrf, wanted.lower())
@@ -251,7 +253,7 @@ class Dashboard:
         events = await run_in_threadpool(log_.state_changes, task_id, uipages.HISTORY_SHOWN)
         deliveries = await run_in_threadpool(self._delivery_rows, task_id)
         status = task.as_status()
-        body = uipages.task_detail(status, events, deliveries, self._actions(task, session), self.live.redact)
+        body = uipages.task_detail(status, events, deliveries, self._actions(task, session), self.redact)
         live = self._live_url([task_id], counts=False, since=events[-1].id if events else "", tables="deliveries")
         return self._page(status["name"] or task_id, body, session, live=live)
 
@@ -307,9 +309,11 @@ class Dashboard:
 
     async def live_updates(self, request: Request) -> Response:
         """The live updates of a page (:mod:`supervisor.api.uilive`): the tasks it names
-        (``task``, repeated) and the counts by state (``counts=1``). Without a session: 204,
-        which an EventSource takes as the end; ``probe=1`` answers 200 or 401 (whether a
-        session is live, without renewing it) and streams nothing."""
+        (``task``, repeated; with ``since``, the one whose page it is and its state changes
+        after that entry), the counts by state (``counts=1``), and a group of tables read again
+        (``tables``: ``overview``, or ``deliveries`` of a task's page). Without a session, or
+        with no tokens set: 204, which an EventSource takes as the end; ``probe=1`` answers 200
+        or 401 (whether the session lives, without renewing it) and streams nothing."""
         if self.api.open:
             return Response(status_code=204)
         session_id = request.cookies.get(COOKIE)
@@ -332,7 +336,7 @@ class Dashboard:
         since = query.get("since")
         if since and not re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", since):  # not a stream's entry: all of it
             since = ""
-        view = View(task_ids=task_ids, counts=query.get("counts") == "1", since=since, tables=tables)
+        view = View(task_ids=task_ids, counts=query.get("counts") == "1", since=since, read_tables=tables)
         frames = await self.live.stream(view, alive)
         return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
 

@@ -1,10 +1,11 @@
 """The dashboard's live updates: one Server-Sent Events stream per open page, saying what
 changed in the tasks the page shows (and, for pages that show them, the counts by state).
 
-However fast events come, a page gets at most one frame per TICK_SECONDS: the events of a
-tick are merged per task into the latest of each figure (a patch), and the counts are read
-again only when a state changed. The script on the page (``static/ui.js``) merges frames again
-until the browser next paints, so a hidden tab does no work at all.
+However fast events come, a page hears once per TICK_SECONDS at most: the events of a tick are
+merged per task into the latest of each figure (a patch; one frame for all its tasks), and the
+counts are sent when a state changed, or when they moved without one (prune, a Redis restart).
+The script on the page (``static/ui.js``) merges frames again until the browser next paints, so
+a hidden tab does no work at all.
 
 A stream starts with the followed tasks as the store has them, read after the position of
 the stream of all tasks was noted: an event at or before that position is already in what
@@ -20,7 +21,6 @@ reconnect (the page's script then finds out whether it was signed out).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -31,17 +31,17 @@ from starlette.concurrency import run_in_threadpool
 from actors.client import Client
 from actors.events import STATE_EVENTS, Event, EventLog, stream_id_key
 from actors.states import State
-from actors.store_base import text_of
 from actors.task import Task
 from supervisor.api.sse import KEEPALIVE_SECONDS, RETRY_MS, Hub
-from supervisor.api.uipages import FILES_SHOWN, HISTORY_FIELDS, HISTORY_SHOWN, Redact, Rows
+from supervisor.api.sse import frame as sse_frame
+from supervisor.api.uipages import FILES_SHOWN, HISTORY_SHOWN, Redact, Rows, said
 
-#: Longest a change waits before its page hears of it (seconds): one frame a tick at most.
+#: Longest a change waits before its page hears of it (seconds): one batch of frames a tick at most.
 TICK_SECONDS = 0.5
-#: Most tasks one stream follows (a page of the tasks list shows fewer).
+#: Most tasks one stream follows (as many as the tasks list's largest page).
 MAX_FOLLOWED = 200
-#: How often the overview's tables are read again (seconds).
-TABLES_SECONDS = 5.0
+#: How often a page's tables, and its counts without a state change, are read again (seconds).
+REREAD_SECONDS = 5.0
 #: How often a stream checks that its session still lives (seconds).
 SESSION_CHECK_SECONDS = 30.0
 
@@ -108,16 +108,15 @@ def merge(patch: Patch, event: Event, files: bool, redact: Redact) -> None:
 
 
 def history_of(event: Event, redact: Redact) -> dict[str, Any]:
-    """A state change as the task page's history shows it, with its place in the task's stream
-    (``tid``), by which the page skips one it shows already."""
-    told = {name: event.data[name] for name in HISTORY_FIELDS if event.data.get(name) not in (None, "")}
-    if "error" in told:
-        told["error"] = redact(str(told["error"]))
-    return {"tid": event.task_stream_id or event.id, "at": event.at, "type": event.type, **told}
+    """A state change as the task page's history shows it (what it says, as the page renders
+    it), with its place in the task's stream (``tid``), by which the page skips one it shows
+    already."""
+    return {"tid": event.task_stream_id or event.id, "at": event.at, "type": event.type,
+            "said": said(event.data, redact)}  # fmt: skip
 
 
 def frame(name: str, data: Any) -> str:
-    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+    return sse_frame(None, name, data)
 
 
 @dataclass(frozen=True)
@@ -125,12 +124,12 @@ class View:
     """What an open page shows that changes: the tasks it lists (or, with ``since``, the one
     whose page it is, with its files and its history after ``since``, the last state change it
     was rendered with: "" for none), the counts by state, and the rows of tables that
-    ``tables`` reads again every TABLES_SECONDS."""
+    ``read_tables`` reads again every REREAD_SECONDS."""
 
     task_ids: tuple[str, ...] = ()
     counts: bool = False
     since: str | None = None
-    tables: Callable[[], dict[str, Rows]] | None = None
+    read_tables: Callable[[], dict[str, Rows]] | None = None
 
     @property
     def files(self) -> bool:
@@ -159,11 +158,11 @@ class LiveUpdates:
             seen, snapshot = await run_in_threadpool(self._snapshot, view)
             if snapshot:
                 yield frame("tasks", snapshot)
-            changes = self.hub.state_changes
+            changes, counts = self.hub.state_changes, await self._counts() if view.counts else {}
             if view.counts:
-                yield frame("counts", await self._counts())
-            checked = quiet_since = tabled = time.monotonic()
-            sent_rows = ""
+                yield frame("counts", counts)
+            checked = quiet_since = tabled = counted = time.monotonic()
+            shown: dict[str, Rows] = {}
             while True:
                 await asyncio.sleep(TICK_SECONDS)
                 patches: dict[str, Patch] = {}
@@ -175,16 +174,20 @@ class LiveUpdates:
                 if patches:
                     yield frame("tasks", patches)
                     quiet_since = now
-                if view.counts and self.hub.state_changes != changes:
-                    changes = self.hub.state_changes
-                    yield frame("counts", await self._counts())
-                    quiet_since = now
-                if view.tables is not None and now - tabled >= TABLES_SECONDS:
+                if view.counts and (self.hub.state_changes != changes or now - counted >= REREAD_SECONDS):
+                    changes, counted, before = self.hub.state_changes, now, counts
+                    counts = await self._counts()
+                    if counts != before:
+                        yield frame("counts", counts)
+                        quiet_since = now
+                if view.read_tables is not None and now - tabled >= REREAD_SECONDS:
                     tabled = now
-                    rows = frame("tables", await run_in_threadpool(view.tables))
-                    if rows != sent_rows:  # rows rewritten alike would drop what the operator selected
-                        sent_rows, quiet_since = rows, now
-                        yield rows
+                    tables = await run_in_threadpool(view.read_tables)
+                    changed = {name: rows for name, rows in tables.items() if shown.get(name) != rows}
+                    if changed:  # rows rewritten alike would drop what the operator selected
+                        shown |= changed
+                        quiet_since = now
+                        yield frame("tables", changed)
                 if sub.overflowed:  # fell behind: the EventSource reconnects and reads anew
                     return
                 if now - checked >= self.check_seconds:
@@ -203,12 +206,11 @@ class LiveUpdates:
         task's own page, its events after the one it was rendered with (the page skips any it
         has: an event may be both here and in what follows)."""
         store = self.client.store
-        last: Any = store.client.xrevrange(f"{store.prefix}events", "+", "-", count=1)
-        seen = stream_id_key(text_of(last[0][0])) if last else (0, 0)
+        log = EventLog(store.client, store.prefix)
+        seen = stream_id_key(log.position())
         tasks = [task for task in store.get_many(view.task_ids) if task is not None]
         patches = {task.id: patch_of(task, view.files, self.redact) for task in tasks}
-        if view.files and tasks and view.since is not None:
-            log = EventLog(store.client, store.prefix)
+        if view.files and tasks and view.since is not None:  # since: for mypy, which files implies
             changes = log.state_changes(tasks[0].id, HISTORY_SHOWN, view.since)
             history = [history_of(e, self.redact) for e in changes]
             if history:
@@ -217,10 +219,10 @@ class LiveUpdates:
 
     async def _counts(self) -> dict[str, int]:
         """The counts by state, read once per state change whatever the number of open pages,
-        and at least every TABLES_SECONDS (prune and a Redis restart change them without one)."""
+        and at least every REREAD_SECONDS (prune and a Redis restart change them without one)."""
         async with self._counting:
             changes, now = self.hub.state_changes, time.monotonic()
-            if self._counted is None or self._counted[0] != changes or now - self._counted[1] >= TABLES_SECONDS:
+            if self._counted is None or self._counted[0] != changes or now - self._counted[1] >= REREAD_SECONDS:
                 found = await run_in_threadpool(self.client.counts)
                 self._counted = changes, now, {state.value: count for state, count in found.items()}
             return self._counted[2]

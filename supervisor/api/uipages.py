@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -25,7 +25,7 @@ FILES_SHOWN = 500
 #: Origin hosts the overview lists with their slots in use (the busiest first would need a sort
 #: of every host; these are in name order).
 HOSTS_SHOWN = 20
-#: A task's latest events its page shows (progress apart).
+#: A task's latest state changes its page shows.
 HISTORY_SHOWN = 200
 #: What a task's history says of each event beside its type (the live updates say the same).
 HISTORY_FIELDS = ("state", "attempt", "error", "error_code", "path", "by", "worker", "format_id", "extractor")
@@ -322,7 +322,7 @@ def task_detail(task: dict[str, Any], events: list[Event], deliveries: Rows, act
         files += f'<tr><td colspan="4">and {len(task["files"]) - FILES_SHOWN} more</td></tr>'
     history = "".join(
         f"<tr><td>{text(time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.at / 1000)))}</td><td>{text(e.type)}</td>"
-        f"<td>{text(redact(_said(e)))}</td></tr>"
+        f"<td>{text(said(e.data, redact))}</td></tr>"
         for e in events
     )
     return (
@@ -353,6 +353,8 @@ def _file_row(index: int, entry: dict[str, Any]) -> str:
     )
 
 
-def _said(event: Event) -> str:
-    """What an event says beside its type, briefly."""
-    return ", ".join(f"{name}: {event.data[name]}" for name in HISTORY_FIELDS if event.data.get(name) not in (None, ""))
+def said(data: Mapping[str, Any], redact: Redact) -> str:
+    """What a state change says beside its type, briefly, redacted (the page's render and its
+    live updates say it alike)."""
+    told = ", ".join(f"{name}: {data[name]}" for name in HISTORY_FIELDS if data.get(name) not in (None, ""))
+    return redact(told)

@@ -1,6 +1,6 @@
 "use strict";
 // haul's dashboard: a page's live updates. One EventSource per page (<prefix>/live, which sends
-// at most one frame each half second); frames are merged until the browser next paints, then
+// what changed once each half second at most); frames are merged until the browser next paints, then
 // applied at once. Received text goes in through textContent only: nothing becomes markup.
 (() => {
   const main = document.querySelector("main[data-live]");
@@ -103,7 +103,8 @@
     }
   }
 
-  // A row of an overview table: its first cell heads it, as the server renders them.
+  // A row of a table the stream sends whole (the overview's, a task's webhooks): its first cell
+  // heads it, as the server renders them.
   function tableRow(cells) {
     const row = document.createElement("tr");
     cells.forEach((value, at) => cell(row, value, at === 0));
@@ -209,11 +210,7 @@
       if (!after(entry.tid, body.dataset.last)) continue;
       body.dataset.last = entry.tid;
       const row = body.insertRow();
-      const said = Object.entries(entry)
-        .filter(([name]) => !["tid", "at", "type"].includes(name))
-        .map(([name, value]) => `${name}: ${value}`)
-        .join(", ");
-      for (const value of [new Date(entry.at).toISOString().slice(0, 19).replace("T", " "), entry.type, said]) {
+      for (const value of [new Date(entry.at).toISOString().slice(0, 19).replace("T", " "), entry.type, entry.said]) {
         cell(row, value);
       }
     }
@@ -233,6 +230,5 @@
       if (value < 1024 || unit === "GiB") return unit === "B" ? `${Math.round(value)} B` : `${value.toFixed(1)} ${unit}`;
       value /= 1024;
     }
-    return `${n} B`;
   }
 })();
