@@ -5,6 +5,7 @@ Content-Security-Policy; the tasks pages, search, retry and cancel; hostile inpu
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -468,3 +469,16 @@ def test_a_task_pages_stream_sends_each_change_after_its_render_once_and_a_retry
     assert "s3cr3t" not in str(patches)
     last = patches[-1]
     assert last["error"] == "" and last["files"] == {"~": {"state": "waiting"}}
+
+
+def test_a_stored_files_link_is_offered_when_it_is_a_web_address_only(api: Api, store: TaskStore) -> None:
+    [task_id] = make_tasks(store, 1, files=[{"url": "https://cdn.example/0.mp4", "path": "a.mp4"},
+                                            {"url": "https://cdn.example/1.mp4", "path": "b.mp4"}])  # fmt: skip
+    end_task(store, task_id, State.DONE, now=time.time())
+    stored = [{"path": "a.mp4", "location": "s3://bucket/a.mp4", "link": "https://bucket.example/a.mp4?sig=1"},
+              {"path": "b.mp4", "location": "s3://bucket/b.mp4", "link": "javascript:alert(3)"}]  # fmt: skip
+    store.client.set(f"{store.prefix}stored:{task_id}", json.dumps(stored))
+    browser, _ = sign_in(api, READ)
+    page = browser.get(f"{api.url}/ui/tasks/{task_id}", timeout=5).text
+    assert '<a href="https://bucket.example/a.mp4?sig=1" rel="noreferrer noopener" target="_blank">link</a>' in page
+    assert "javascript:" not in page and page.count(">link</a>") == 1

@@ -346,11 +346,18 @@ def _file_row(index: int, entry: dict[str, Any]) -> str:
         progress = ""
     stored = entry.get("location") or ""
     path = entry.get("path", "")
+    link = str(entry.get("link") or "")
+    opened = f' <a href="{attr(link)}" rel="noreferrer noopener" target="_blank">link</a>' if _web(link) else ""
     return (
         f'<tr data-file="{index}" data-path="{attr(path)}" data-size="{int(entry.get("size") or 0)}">'
         f'<td>{text(path)}</td><td>{field("state", state)}</td><td data-field="progress">{progress}</td>'
-        f"<td>{field('stored', stored)}</td></tr>"
+        f"<td>{field('stored', stored)}{opened}</td></tr>"
     )
+
+
+def _web(url: str) -> bool:
+    """Whether ``url`` may be a link on the page: http(s) only (never ``javascript:``)."""
+    return urlsplit(url).scheme in ("http", "https")
 
 
 def said(data: Mapping[str, Any], redact: Redact) -> str:
