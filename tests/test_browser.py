@@ -16,10 +16,11 @@ from playwright.sync_api import Browser, Dialog, Page
 
 from actors.states import State
 from actors.store import TaskStore
-from tests.apiserver import FULL, READ, Api, api_env, running_api
+from tests.apiserver import FULL, READ, Api, api_env, running_api, start_api
 from tests.browser import PHONE, chromium, screenshot, signed_in
 from tests.conftest import end_task
-from tests.processes import running, worker
+from tests.processes import running, wait_until, worker
+from tests.redisserver import RedisServer
 from tests.servers import Origin, Receiver, Site
 
 pytestmark = pytest.mark.e2e
@@ -269,3 +270,30 @@ def test_hostile_names_and_paths_render_as_text_and_the_pages_fit_a_phone(
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], shown_page
     assert dialogs == []
     screenshot(page, "phone-tasks")
+
+
+def test_an_open_page_goes_on_after_redis_restarts(browser: Browser, tmp_path: Path, receiver: Receiver) -> None:
+    # Given an overview open on a stack whose Redis keeps an append-only file
+    server = RedisServer(tmp_path / "redis", appendonly=True)
+    server.start()
+    try:
+        started = start_api(tmp_path, api_env(tmp_path, server.url, receiver.url))
+        with running(started.process):
+            page = signed_in(browser, started.url, FULL)
+            page.evaluate("window.haulMarker = 1")
+            course = {"urls": ["https://cdn.example.com/a.mp4"]}
+            assert started.call("POST", "/v1/tasks", json=course).status_code == 201
+            queued = '[data-count="queued"]'
+            page.wait_for_function(f"() => document.querySelector('{queued}').textContent === '1'", timeout=WAIT_MS)
+            # When Redis dies under it (the stream breaks, its reconnects are answered 503) and comes back
+            server.kill()
+            wait_until(lambda: "cannot read the event stream" in started.process.output(), 20, "the hub to lose Redis")
+            time.sleep(2)  # the page's stream broken, and its reconnects refused meanwhile
+            server.start()
+            assert started.call("POST", "/v1/tasks", json=course).status_code == 201
+            # Then the same page, never reloaded, shows the new task, and does not say it was signed out
+            page.wait_for_function(f"() => document.querySelector('{queued}').textContent === '2'", timeout=WAIT_MS)
+            assert page.evaluate("window.haulMarker") == 1 and page.locator("[data-live-ended]").is_hidden()
+            screenshot(page, "after-redis-restart")
+    finally:
+        server.stop()
