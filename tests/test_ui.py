@@ -369,6 +369,9 @@ def test_a_bulk_retry_of_one_hosts_failures_takes_only_those(api: Api, store: Ta
     assert store.get(elsewhere).state is State.FAILED and store.get(dead).state is State.DEAD  # type: ignore[union-attr]
     odd = operator.post(f"{api.url}/ui/bulk/confirm", data=form | {"host": "<b>x</b>"}, timeout=5)
     assert odd.status_code == 400
+    none = operator.post(f"{api.url}/ui/bulk/confirm", data=form | {"state": "canceled"}, timeout=5)
+    assert "No task is <bdi>canceled</bdi> with a file on <bdi>cdn3.example.com</bdi> now." in none.text
+    assert "Retry these" not in none.text
 
 
 def test_a_session_older_than_twelve_hours_ends_however_much_it_is_used(api: Api, redis_url: str) -> None:

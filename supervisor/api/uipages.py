@@ -261,6 +261,9 @@ def bulk_confirmation(prefix: str, counted: Counted, csrf: str) -> str:
     where = f" with a file on {text(counted.host)}" if counted.host else ""
     filtered = {"q": counted.host, "by": "host"} if counted.host else {"state": counted.state.value}
     back = f"{prefix}/tasks?{urlencode(filtered)}"
+    if not counted.ids:
+        return (f"<h1>Nothing to retry</h1><p>No task is {text(counted.state.value)}{where} now.</p>"
+                f'<p><a href="{attr(back)}">Back</a></p>')  # fmt: skip
     return (
         f"<h1>Retry {count} {text(counted.state.value)} tasks{where}?</h1>"
         f"<p>These {count} tasks{newest}, counted now, and no others: a task that ends "
