@@ -52,11 +52,13 @@ class Interrupter:
         self.interrupt()
 
     def interrupt(self) -> None:
-        """Close what is registered now (the step that is blocked), and nothing later."""
+        """Close what is registered now (the step that is blocked), and nothing later. Under the
+        lock (closing only shuts a socket down or signals a process): a block leaving its guard
+        meanwhile waits, so nothing it goes on to use, a connection back in its pool, is closed
+        after it left."""
         with self._lock:
-            pending = list(self._open)
-        for closeable in pending:
-            _close(closeable)
+            for closeable in list(self._open):
+                _close(closeable)
 
 
 class SocketShutter:
@@ -92,13 +94,21 @@ def interruptible(guard: Guard | None) -> Iterator[None]:
 @contextmanager
 def within(seconds: float) -> Iterator[None]:
     """Wake the block's HTTP calls once ``seconds`` passed: a peer that drips its answer
-    (headers or body) must not hold the thread past the time its caller gave it."""
+    (headers or body) must not hold the thread past the time its caller gave it. The thread's
+    own guard (a stop, a lost lease), if any, wakes them too."""
     deadline = Interrupter()
+    outer: Guard | None = getattr(_local, "guard", None)
+
+    @contextmanager
+    def guard(closeable: Any) -> Iterator[None]:
+        with deadline.guard(closeable), outer(closeable) if outer is not None else nullcontext():
+            yield
+
     timer = threading.Timer(seconds, deadline.fire)
     timer.daemon = True
     timer.start()
     try:
-        with interruptible(deadline.guard):
+        with interruptible(guard):
             yield
     finally:
         timer.cancel()

@@ -90,9 +90,10 @@ def try_notice(rt: Runtime, task_id: str, seq: int | None) -> NextTry | None:
     # error_code / error_file: the record's fields, which release, claim, requeue and cancel write.
     ended = ended_fields(task, task.error_code, task.error_file)
     event = make_event(task, kind, [f.to_json() for f in task.spec.files], task.error, task.updated_at, ended)
-    with rt.delivery_recorder(task_id, url, first_try=begun.tries) as recorder, within(try_seconds(s)):
+    with rt.delivery_recorder(task_id, url, first_try=begun.tries) as recorder:
         try:
-            rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id, tries=1, on_answer=recorder.add)
+            with within(try_seconds(s)):
+                rt.webhooks.deliver(url, event, now=rt.clock(), task_id=task_id, tries=1, on_answer=recorder.add)
         except PermanentError as exc:  # a forbidden receiver: retrying cannot help
             _give_up(rt, task, begun, url, kind, f"{exc}; retrying cannot help", recorder)
             return None

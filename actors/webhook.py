@@ -44,6 +44,8 @@ RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 #: Bytes of a non-2xx answer's body read for the try's record: more than the record keeps
 #: (actors/deliveries.py), so a secret the receiver echoes near the cut is read whole, redacted.
 ANSWER_EXCERPT_BYTES = 2048
+#: Longest 2xx body read to keep its connection for the next event (a receiver's "ok").
+ACCEPTED_BODY_BYTES = 64 * 1024
 
 #: Told each try's answer as it ends, and whether the call makes no other try after it.
 OnAnswer = Callable[[Delivery, bool], None]
@@ -220,13 +222,16 @@ class WebhookSender:
         with response:
             status = response.status_code
             if 200 <= status < 300:
-                # Accepted. The body is read only to keep the connection for the next event,
-                # interruptibly: a receiver that drips it must not hold the thread.
-                with guarded(shutter_of(response)):
-                    try:
-                        response.content  # noqa: B018
-                    except requests.RequestException:
-                        pass
+                # Accepted. A short plain body is read only to keep the connection for the next
+                # event, interruptibly (a receiver that drips it must not hold the thread); any
+                # other is left unread, the connection closed (a huge or compressed one must not
+                # fill the worker's memory).
+                if _short_and_plain(response):
+                    with guarded(shutter_of(response)):
+                        try:
+                            response.content  # noqa: B018
+                        except requests.RequestException:
+                            pass
                 return status
             answered = f"{status} {response.reason or ''}".strip()
             message = f"{where}: the receiver answered {answered}; it must answer 2xx once it has stored the event"
@@ -247,13 +252,20 @@ def _failure(exc: requests.RequestException) -> str:
     return f"connection failed ({type(exc).__name__})"
 
 
+def _short_and_plain(response: requests.Response) -> bool:
+    """Whether an answer says it is at most ACCEPTED_BODY_BYTES long and not compressed."""
+    length = response.headers.get("content-length", "")
+    plain = response.headers.get("content-encoding", "identity").lower() == "identity"
+    return plain and length.isdigit() and int(length) <= ACCEPTED_BODY_BYTES
+
+
 def _excerpt(response: requests.Response) -> str:
     """The start of a refusing answer's body: what the receiver says is wrong; '' when it says
     nothing, cannot be read, or is compressed (decoding could read on without bound). One read
     of the socket at most (interruptibly, as the 2xx body): a dripped body costs one read
     timeout, never one per byte."""
     if response.headers.get("content-encoding", "identity").lower() != "identity":
-        return ""
+        return ""  # decoding could read on without bound
     with guarded(shutter_of(response)):
         try:
             head = response.raw.read1(ANSWER_EXCERPT_BYTES, decode_content=False)

@@ -3,6 +3,7 @@ actors/store_deliveries.py): real Redis, real receivers on 127.0.0.1, an in-proc
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,7 +13,7 @@ import redis
 
 from actors.deliveries import DELIVERIES_KEPT, DETAIL_CHARS, Delivery, DeliveryOutcome, DeliveryRecorder
 from actors.errors import WebhookUndelivered
-from actors.interrupt import within
+from actors.interrupt import Interrupter, interruptible, within
 from actors.manifest import spec_from_manifest, spec_from_urls
 from actors.netguard import DestinationPolicy
 from actors.settings import Settings
@@ -203,6 +204,20 @@ def test_a_dripped_refusal_or_acceptance_holds_a_try_for_one_read_or_the_try_tim
     started = time.monotonic()
     with within(1.0):
         sender.deliver(receiver.url, event, now=time.time(), task_id=task_id, tries=1)
+    assert time.monotonic() - started < 3
+    # ... and so does the thread's own guard (a stop, a lost lease), however long the try's time
+    stop = Interrupter()
+    receiver.statuses.append(200)
+    started = time.monotonic()
+    threading.Timer(1.0, stop.fire).start()
+    with interruptible(stop.guard), within(60):
+        sender.deliver(receiver.url, event, now=time.time(), task_id=task_id, tries=1)
+    assert time.monotonic() - started < 3
+    # When it accepts with a body longer than a receiver's "ok": the body is not read at all
+    receiver.answer_body = b"ok " * 30_000
+    receiver.statuses.append(200)
+    started = time.monotonic()
+    sender.deliver(receiver.url, event, now=time.time(), task_id=task_id, tries=1)
     assert time.monotonic() - started < 3
 
 
